@@ -1,0 +1,519 @@
+//! Dirty-page tracking for one memory slot, in the `KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG`
+//! shape: one bit per 4 KiB page of the slot.
+//!
+//! Three modes behind one interface ([`DirtyLog`]):
+//! - [`Mode::AdScan`]: the EPT leaves' dirty flags are the log. A harvest walks the tables,
+//!   visiting only subtrees whose upper-level accessed flag is set, and clears D (and A above).
+//! - [`Mode::Pml`]: the processor logs the GPA of every write that sets a leaf D flag from 0 to 1
+//!   into a 512-entry buffer ([`pml`]); draining it marks a software bitmap. Clearing re-arms the
+//!   pages by clearing D.
+//! - [`Mode::WriteProtect`]: tracked leaves lose W; the first write is an EPT violation whose
+//!   handler marks the page and gives W back ([`DirtyLog::on_write_violation`]).
+//!
+//! Every clear of D, A or W raises the EPT's INVEPT obligation: SDM 29.4.3.4 (INVEPT
+//! guidelines): after software clears an A/D flag or a permission, cached translations may
+//! still carry the old value, so a later write could go unrecorded (the lost-dirty-page bug).
+//! The harvest is complete only after the caller INVEPTs on every CPU that may cache the EPT and
+//! calls [`crate::ept::Ept::invept_done`].
+//!
+//! Precondition of every method that clears: no vCPU using the EPT is in VMX non-root operation
+//! (the VM kicks them out first), so entries are updated with plain loads and stores.
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::ept::{bits, level_span, Ept, EptEntry, PAGE_SIZE, SW_WRITABLE};
+use crate::error::Error;
+use crate::platform::Platform;
+
+/// The dirty-tracking mode of a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Mode {
+    /// Scan EPT dirty flags (EPTP bit 6).
+    AdScan = 1,
+    /// Page-modification logging (secondary control bit 17, needs A/D).
+    Pml = 2,
+    /// Write-protect the leaves and log EPT violations.
+    WriteProtect = 3,
+}
+
+impl Mode {
+    /// Short name, as the user tool prints it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::AdScan => "ad",
+            Mode::Pml => "pml",
+            Mode::WriteProtect => "wp",
+        }
+    }
+}
+
+/// Pages one bitmap page tracks (4096 bytes * 8).
+pub const BITS_PER_PAGE: u64 = 32768;
+/// Largest slot a dirty log tracks: one directory page of 512 bitmap pages, 64 GiB.
+pub const MAX_TRACKED_PAGES: u64 = 512 * BITS_PER_PAGE;
+
+/// A bitmap whose storage comes from platform pages: a directory page of up to 512 bitmap-page
+/// addresses, each bitmap page 32768 bits.
+#[derive(Debug)]
+pub struct PagedBitmap {
+    dir: u64,
+    bits: u64,
+}
+
+impl PagedBitmap {
+    /// A zeroed bitmap of `bits` bits (at most [`MAX_TRACKED_PAGES`]); all pages or none.
+    pub fn new<P: Platform + ?Sized>(p: &P, bits: u64) -> Result<PagedBitmap, Error> {
+        if bits == 0 || bits > MAX_TRACKED_PAGES {
+            return Err(Error::SlotTooLarge);
+        }
+        let dir = p.alloc_page().ok_or(Error::OutOfMemory)?;
+        let n = bits.div_ceil(BITS_PER_PAGE) as usize;
+        for i in 0..n {
+            match p.alloc_page() {
+                Some(pg) => p.page(dir)[i].store(pg, Relaxed),
+                None => {
+                    let partial = PagedBitmap { dir, bits: i as u64 * BITS_PER_PAGE };
+                    partial.free(p);
+                    return Err(Error::OutOfMemory);
+                }
+            }
+        }
+        Ok(PagedBitmap { dir, bits })
+    }
+
+    /// Pages the bitmap holds (directory included).
+    pub fn pages(&self) -> usize {
+        1 + self.bits.div_ceil(BITS_PER_PAGE) as usize
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    /// True when the bitmap has no bits (never, by construction).
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    fn word<'a, P: Platform + ?Sized>(&self, p: &'a P, word: u64) -> &'a AtomicU64 {
+        let page = p.page(self.dir)[(word / 512) as usize].load(Relaxed);
+        &p.page(page)[(word % 512) as usize]
+    }
+
+    /// Sets bit `i` (ignored when out of range).
+    pub fn set<P: Platform + ?Sized>(&self, p: &P, i: u64) {
+        if i < self.bits {
+            self.word(p, i / 64).fetch_or(1 << (i % 64), Relaxed);
+        }
+    }
+
+    /// Reads bit `i`.
+    pub fn get<P: Platform + ?Sized>(&self, p: &P, i: u64) -> bool {
+        i < self.bits && self.word(p, i / 64).load(Relaxed) & (1 << (i % 64)) != 0
+    }
+
+    /// Word `w` (bits 64w..64w+63).
+    pub fn load_word<P: Platform + ?Sized>(&self, p: &P, w: u64) -> u64 {
+        if w * 64 >= self.bits {
+            return 0;
+        }
+        self.word(p, w).load(Relaxed)
+    }
+
+    /// Clears the bits of `mask` in word `w`; returns the bits that were set among them.
+    pub fn clear_word<P: Platform + ?Sized>(&self, p: &P, w: u64, mask: u64) -> u64 {
+        if w * 64 >= self.bits {
+            return 0;
+        }
+        self.word(p, w).fetch_and(!mask, Relaxed) & mask
+    }
+
+    /// Returns the pages to the platform.
+    pub fn free<P: Platform + ?Sized>(self, p: &P) {
+        let n = self.bits.div_ceil(BITS_PER_PAGE) as usize;
+        for i in 0..n {
+            let pg = p.page(self.dir)[i].load(Relaxed);
+            if pg != 0 {
+                p.free_page(pg);
+            }
+        }
+        p.free_page(self.dir);
+    }
+}
+
+/// The page-modification log (SDM 29.3.6 "Page-Modification Logging").
+pub mod pml {
+    use super::*;
+
+    /// Entries in the 4 KiB PML buffer.
+    pub const ENTRIES: u16 = 512;
+    /// The PML index after a reset: the processor logs at the index, then decrements it.
+    pub const INDEX_RESET: u16 = 511;
+
+    /// Calls `f(gpa)` for every GPA the processor logged since the index was `INDEX_RESET`,
+    /// oldest first, and returns how many there were. `index` is the guest PML index field
+    /// (VMCS 0x0812). An index above 511 means the buffer is full: after logging at index 0 the
+    /// processor decrements it to 0xFFFF (SDM 29.3.6). The caller then writes back INDEX_RESET.
+    ///
+    /// The low 12 bits are masked: real processors log 4 KiB-aligned GPAs, Bochs 2.7 does not.
+    pub fn drain<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, buffer: u64, index: u16, mut f: F) -> usize {
+        let first = if index >= ENTRIES { 0 } else { index as usize + 1 };
+        let page = p.page(buffer);
+        let mut n = 0;
+        for i in (first..ENTRIES as usize).rev() {
+            f(page[i].load(Relaxed) & !(PAGE_SIZE - 1));
+            n += 1;
+        }
+        n
+    }
+}
+
+/// The dirty log of one memory slot.
+#[derive(Debug)]
+pub struct DirtyLog {
+    mode: Mode,
+    base: u64,
+    pages: u64,
+    /// The software log of PML and write-protect (A/D scan keeps its log in the EPT).
+    bitmap: Option<PagedBitmap>,
+}
+
+impl DirtyLog {
+    /// A dirty log for the slot `[base, base + pages * 4 KiB)`.
+    pub fn new<P: Platform + ?Sized>(p: &P, mode: Mode, base: u64, pages: u64) -> Result<DirtyLog, Error> {
+        if base % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        if pages == 0 || base.checked_add(pages.saturating_mul(PAGE_SIZE)).is_none() {
+            return Err(Error::EmptyOrWrappingRange);
+        }
+        if pages > MAX_TRACKED_PAGES {
+            return Err(Error::SlotTooLarge);
+        }
+        let bitmap = match mode {
+            Mode::AdScan => None,
+            Mode::Pml | Mode::WriteProtect => Some(PagedBitmap::new(p, pages)?),
+        };
+        Ok(DirtyLog { mode, base, pages, bitmap })
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// First guest-physical address of the slot.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Pages in the slot.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Pages the log itself holds (its bitmap).
+    pub fn pages_held(&self) -> usize {
+        self.bitmap.as_ref().map_or(0, |b| b.pages())
+    }
+
+    fn end(&self) -> u64 {
+        self.base + self.pages * PAGE_SIZE
+    }
+
+    /// True when `gpa` lies in the slot.
+    pub fn contains(&self, gpa: u64) -> bool {
+        gpa >= self.base && gpa < self.end()
+    }
+
+    /// Starts logging: splits large leaves of the slot to 4 KiB (KVM's eager split; a bit is
+    /// one 4 KiB page, so one write must not report 512 pages) and cleans the slot: D and the
+    /// upper A flags cleared (A/D, PML) or W removed (write-protect). Raises the INVEPT obligation.
+    pub fn enable<P: Platform + ?Sized>(&mut self, p: &P, ept: &mut Ept) -> Result<(), Error> {
+        ept.split_range(p, self.base, self.pages * PAGE_SIZE)?;
+        match self.mode {
+            Mode::AdScan | Mode::Pml => {
+                let mut sink = |_: u64| {};
+                scan_ad(p, ept, self.base, self.end(), ScanOp::Clear { prune: false }, &mut sink);
+            }
+            Mode::WriteProtect => {
+                ept.for_each_leaf(p, self.base, self.end(), &mut |_, _, w: &AtomicU64| {
+                    let v = w.load(Relaxed);
+                    if v & bits::W != 0 {
+                        w.store((v & !bits::W) | SW_WRITABLE, Relaxed);
+                    }
+                });
+            }
+        }
+        ept.require_invept();
+        Ok(())
+    }
+
+    /// Stops logging: write-protect gives W back to every writable page. Large pages are not
+    /// rebuilt.
+    pub fn disable<P: Platform + ?Sized>(&mut self, p: &P, ept: &mut Ept) {
+        if self.mode == Mode::WriteProtect {
+            ept.for_each_leaf(p, self.base, self.end(), &mut |_, _, w: &AtomicU64| {
+                let v = w.load(Relaxed);
+                if v & SW_WRITABLE != 0 {
+                    w.store(v | bits::W, Relaxed);
+                }
+            });
+        }
+    }
+
+    /// Marks the page of `gpa` dirty in the software log (PML drain, write-protect fault).
+    /// Returns false when `gpa` is outside the slot or the mode keeps no software log.
+    pub fn mark<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> bool {
+        match &self.bitmap {
+            Some(b) if self.contains(gpa) => {
+                b.set(p, (gpa - self.base) / PAGE_SIZE);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Write-protect mode: an EPT violation on a write to `gpa`. If the leaf is present, was
+    /// write-protected by this log (SW_WRITABLE) and lacks W, the page is logged and W restored.
+    /// No INVEPT is needed: the violation invalidated the cached translations for the faulting
+    /// address (SDM 29.4.3.1 "Operations that Invalidate Cached Mappings").
+    /// Returns false when the fault is not ours to resolve.
+    pub fn on_write_violation<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
+        if self.mode != Mode::WriteProtect || !self.contains(gpa) {
+            return false;
+        }
+        let Some((word, _)) = ept.leaf(p, gpa) else { return false };
+        let v = word.load(Relaxed);
+        if v & SW_WRITABLE == 0 || v & bits::W != 0 {
+            return false;
+        }
+        word.fetch_or(bits::W, Relaxed);
+        self.mark(p, gpa)
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: ORs nothing, overwrites `out[..pages/64]` with the pages written
+    /// since they were last cleared. PML: drain the buffers first. Does not clear.
+    pub fn get<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, out: &mut [u64]) -> Result<(), Error> {
+        let words = self.pages.div_ceil(64) as usize;
+        let out = out.get_mut(..words).ok_or(Error::BitmapTooSmall)?;
+        out.fill(0);
+        match &self.bitmap {
+            None => {
+                let base = self.base;
+                scan_ad(p, ept, self.base, self.end(), ScanOp::Read, &mut |gpa| {
+                    let i = (gpa - base) / PAGE_SIZE;
+                    out[(i / 64) as usize] |= 1 << (i % 64);
+                });
+            }
+            Some(b) => {
+                for (w, o) in out.iter_mut().enumerate() {
+                    *o = b.load_word(p, w as u64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG`: clears the pages `first + i` for every bit `i` set in `mask`,
+    /// `i < num`. `first` and `num` must be multiples of 64 unless the range ends at the slot end.
+    /// Re-arms the cleared pages (D cleared, or W removed) and raises the INVEPT obligation.
+    pub fn clear<P: Platform + ?Sized>(&self, p: &P, ept: &mut Ept, first: u64, num: u64, mask: &[u64]) -> Result<(), Error> {
+        let end = first.checked_add(num).ok_or(Error::InvalidDirtyLogRange)?;
+        if first % 64 != 0 || end > self.pages || (num % 64 != 0 && end != self.pages) {
+            return Err(Error::InvalidDirtyLogRange);
+        }
+        if (mask.len() as u64) < num.div_ceil(64) {
+            return Err(Error::BitmapTooSmall);
+        }
+        let mut any = false;
+        for w in 0..num.div_ceil(64) {
+            let valid = if (w + 1) * 64 <= num { u64::MAX } else { (1u64 << (num % 64)) - 1 };
+            let m = mask[w as usize] & valid;
+            if m == 0 {
+                continue;
+            }
+            let word = first / 64 + w;
+            let cleared = match &self.bitmap {
+                Some(b) => b.clear_word(p, word, m),
+                None => m,
+            };
+            let mut bitsleft = cleared;
+            while bitsleft != 0 {
+                let bit = u64::from(bitsleft.trailing_zeros());
+                bitsleft &= bitsleft - 1;
+                let gpa = self.base + (word * 64 + bit) * PAGE_SIZE;
+                any |= self.rearm(p, ept, gpa);
+            }
+        }
+        if any {
+            ept.require_invept();
+        }
+        Ok(())
+    }
+
+    /// Re-arms tracking of one page. Returns true if an entry changed.
+    fn rearm<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
+        let Some((word, level)) = ept.leaf(p, gpa) else { return false };
+        let v = word.load(Relaxed);
+        match self.mode {
+            Mode::AdScan | Mode::Pml => {
+                if v & bits::D != 0 && level == 1 {
+                    word.store(v & !bits::D, Relaxed);
+                    return true;
+                }
+                false
+            }
+            Mode::WriteProtect => {
+                if v & bits::W != 0 && level == 1 {
+                    word.store((v & !bits::W) | SW_WRITABLE, Relaxed);
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    /// Get and clear in one pass over the whole slot: `out` receives the pages written since the
+    /// last harvest, and they are re-armed. For A/D this is the pruned scan.
+    pub fn harvest<P: Platform + ?Sized>(&self, p: &P, ept: &mut Ept, out: &mut [u64]) -> Result<(), Error> {
+        let words = self.pages.div_ceil(64) as usize;
+        let out = out.get_mut(..words).ok_or(Error::BitmapTooSmall)?;
+        out.fill(0);
+        match &self.bitmap {
+            None => {
+                let base = self.base;
+                scan_ad(p, ept, self.base, self.end(), ScanOp::Clear { prune: true }, &mut |gpa| {
+                    let i = (gpa - base) / PAGE_SIZE;
+                    out[(i / 64) as usize] |= 1 << (i % 64);
+                });
+            }
+            Some(b) => {
+                for (w, o) in out.iter_mut().enumerate() {
+                    let v = b.clear_word(p, w as u64, u64::MAX);
+                    *o = v;
+                    let mut left = v;
+                    while left != 0 {
+                        let bit = u64::from(left.trailing_zeros());
+                        left &= left - 1;
+                        self.rearm(p, ept, self.base + (w as u64 * 64 + bit) * PAGE_SIZE);
+                    }
+                }
+            }
+        }
+        ept.require_invept();
+        Ok(())
+    }
+
+    /// Returns the log's pages to the platform.
+    pub fn free<P: Platform + ?Sized>(self, p: &P) {
+        if let Some(b) = self.bitmap {
+            b.free(p);
+        }
+    }
+}
+
+/// What [`scan_ad`] does to the flags it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanOp {
+    /// Report leaves with D=1; change nothing.
+    Read,
+    /// Report and clear D, and clear A in upper entries whose span lies inside the range.
+    /// With `prune`, skip subtrees whose upper entry has A=0.
+    Clear {
+        /// Skip subtrees whose A flag is clear.
+        prune: bool,
+    },
+}
+
+/// Scans the leaves of `[gpa, end)` for D=1 and reports every dirty 4 KiB page to `f` (a large
+/// leaf reports each of its pages inside the range).
+///
+/// The pruning rests on SDM 29.3.5: the processor sets A in every EPT entry it uses for a
+/// translation, so a write that sets a leaf's D also sets A in the PML4E, PDPTE and PDE above
+/// it, once caches were invalidated after A was cleared. An upper entry with A=0 has no leaf
+/// below it dirtied since its A was last cleared, and A is only cleared together with every
+/// D below it. A `Read` scan also prunes: it relies on the same invariant.
+pub fn scan_ad<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+    scan_table(p, ept.pml4(), 4, 0, gpa, end, op, f)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scan_table<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+    let span = level_span(level);
+    let t = p.page(table);
+    let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+    let last = (((end - 1 - base) / span) as usize).min(511);
+    if level == 1 {
+        // The hot loop: one load per leaf, a store only for dirty ones.
+        for (i, word) in t.iter().enumerate().take(last + 1).skip(first) {
+            let v = word.load(Relaxed);
+            if v & bits::D != 0 && v & bits::RWX != 0 {
+                if let ScanOp::Clear { .. } = op {
+                    word.store(v & !bits::D, Relaxed);
+                }
+                f(base + i as u64 * PAGE_SIZE);
+            }
+        }
+        return;
+    }
+    let prune = match op {
+        ScanOp::Read => true,
+        ScanOp::Clear { prune } => prune,
+    };
+    for (i, word) in t.iter().enumerate().take(last + 1).skip(first) {
+        let v = word.load(Relaxed);
+        let e = EptEntry(v);
+        if !e.present() {
+            continue;
+        }
+        let s = base + i as u64 * span;
+        let (lo, hi) = (gpa.max(s), end.min(s + span));
+        if e.large() {
+            if e.dirty() {
+                if let ScanOp::Clear { .. } = op {
+                    // A large leaf is only cleared when it lies wholly in the range; otherwise
+                    // clearing D would lose the pages outside it.
+                    if lo == s && hi == s + span {
+                        word.store(v & !bits::D, Relaxed);
+                    }
+                }
+                let mut g = lo;
+                while g < hi {
+                    f(g);
+                    g += PAGE_SIZE;
+                }
+            }
+            continue;
+        }
+        if prune && v & bits::A == 0 {
+            continue;
+        }
+        let whole = lo == s && hi == s + span;
+        if let ScanOp::Clear { .. } = op {
+            if whole && v & bits::A != 0 {
+                word.store(v & !bits::A, Relaxed);
+            }
+        }
+        scan_table(p, e.addr(), level - 1, s, lo, hi, op, f);
+    }
+}
+
+/// A naive scan for comparison (benchmarks and tests): reads every leaf of the range, clears D,
+/// no pruning and no A bookkeeping.
+pub fn scan_naive<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, f: &mut F) {
+    ept.for_each_leaf(p, gpa, end, &mut |g, level, w: &AtomicU64| {
+        let v = w.load(Relaxed);
+        if v & bits::D != 0 {
+            w.store(v & !bits::D, Relaxed);
+            let span = level_span(level);
+            let mut x = g.max(gpa);
+            while x < (g + span).min(end) {
+                f(x);
+                x += PAGE_SIZE;
+            }
+        }
+    });
+}

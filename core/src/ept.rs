@@ -1,0 +1,696 @@
+//! Extended page tables (SDM Vol. 3C 29.3, "The Extended Page Table Mechanism (EPT)").
+//!
+//! An [`Ept`] owns its table pages through the [`Platform`]. It maps guest-physical ranges with
+//! 4 KiB, 2 MiB and 1 GiB leaves, unmaps, changes permissions, splits large leaves and walks.
+//! Every operation that removes or narrows a translation raises the INVEPT obligation
+//! ([`Ept::needs_invept`]); table pages it stops using are only freed in [`Ept::invept_done`],
+//! so no processor can reach a freed page through a stale paging-structure cache.
+//!
+//! Invariant kept by every operation: no table except the PML4 is empty. `unmap` prunes empty
+//! tables, which lets `map` roll back a failed allocation to exactly the previous tables.
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use bitfield::bitfield;
+
+use crate::error::Error;
+use crate::platform::{PageWords, Platform};
+
+/// 4 KiB.
+pub const PAGE_SIZE: u64 = 1 << 12;
+/// 2 MiB, the span of an EPT PDE.
+pub const PAGE_SIZE_2M: u64 = 1 << 21;
+/// 1 GiB, the span of an EPT PDPTE.
+pub const PAGE_SIZE_1G: u64 = 1 << 30;
+/// A 4-level EPT translates 48-bit guest-physical addresses (SDM 29.3.2).
+pub const GPA_LIMIT: u64 = 1 << 48;
+
+/// Software-available bit 52 of a leaf: the page is writable, even while write-protect dirty
+/// logging has cleared W (SDM 29.3.2: bits 62:52 are ignored by the processor).
+pub const SW_WRITABLE: u64 = 1 << 52;
+
+bitfield! {
+    /// EPT pointer (SDM 25.6.11, "Extended-Page-Table Pointer (EPTP)").
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub struct Eptp(u64);
+    impl Debug;
+    /// Bits 2:0: memory type of the paging structures (0 = UC, 6 = WB).
+    pub u8, memory_type, set_memory_type: 2, 0;
+    /// Bits 5:3: page-walk length minus one (3 for 4 levels).
+    pub u8, walk_length_minus_1, set_walk_length_minus_1: 5, 3;
+    /// Bit 6: enables EPT accessed and dirty flags (only if IA32_VMX_EPT_VPID_CAP bit 21).
+    pub ad_enabled, set_ad_enabled: 6;
+    /// Bits 51:12: physical frame of the EPT PML4 table.
+    pub u64, pml4_pfn, set_pml4_pfn: 51, 12;
+}
+
+impl Eptp {
+    /// WB paging structures, 4-level walk, A/D flags when `ad` (which the caller took from the
+    /// capability MSR, never blindly).
+    pub fn new(pml4_hpa: u64, ad: bool) -> Eptp {
+        let mut e = Eptp(0);
+        e.set_memory_type(MemoryType::WriteBack as u8);
+        e.set_walk_length_minus_1(3);
+        e.set_ad_enabled(ad);
+        e.set_pml4_pfn(pml4_hpa >> 12);
+        e
+    }
+}
+
+bitfield! {
+    /// One EPT paging-structure entry (SDM 29.3.2, Tables 29-1..29-6). The same layout serves
+    /// every level; `memory_type`, `ignore_pat` and `dirty` only mean something on leaves, and
+    /// `large` only on PDPTEs and PDEs.
+    #[derive(Clone, Copy, PartialEq, Eq, Default)]
+    pub struct EptEntry(u64);
+    impl Debug;
+    /// Bit 0: read access.
+    pub read, set_read: 0;
+    /// Bit 1: write access.
+    pub write, set_write: 1;
+    /// Bit 2: execute access (supervisor-mode with mode-based execute control).
+    pub execute, set_execute: 2;
+    /// Bits 5:3: EPT memory type of a leaf.
+    pub u8, memory_type, set_memory_type: 5, 3;
+    /// Bit 6: ignore the guest PAT (leaf).
+    pub ignore_pat, set_ignore_pat: 6;
+    /// Bit 7: this PDPTE/PDE maps a 1 GiB/2 MiB page.
+    pub large, set_large: 7;
+    /// Bit 8: accessed (with EPTP bit 6; SDM 29.3.5).
+    pub accessed, set_accessed: 8;
+    /// Bit 9: dirty, leaves only (with EPTP bit 6; SDM 29.3.5).
+    pub dirty, set_dirty: 9;
+    /// Bits 51:12: physical frame of the next table or of the page.
+    pub u64, pfn, set_pfn: 51, 12;
+}
+
+/// EPT PML4 entry (level 4).
+pub type Pml4e = EptEntry;
+/// EPT page-directory-pointer-table entry (level 3).
+pub type Pdpte = EptEntry;
+/// EPT page-directory entry (level 2).
+pub type Pde = EptEntry;
+/// EPT page-table entry (level 1).
+pub type Pte = EptEntry;
+
+/// Bit masks of [`EptEntry`], for atomic updates.
+pub mod bits {
+    /// Read.
+    pub const R: u64 = 1 << 0;
+    /// Write.
+    pub const W: u64 = 1 << 1;
+    /// Execute.
+    pub const X: u64 = 1 << 2;
+    /// R|W|X.
+    pub const RWX: u64 = 0b111;
+    /// Large page.
+    pub const LARGE: u64 = 1 << 7;
+    /// Accessed.
+    pub const A: u64 = 1 << 8;
+    /// Dirty.
+    pub const D: u64 = 1 << 9;
+    /// Physical address bits 51:12.
+    pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+}
+
+impl EptEntry {
+    /// An entry is present when any of R/W/X is set (SDM 29.3.2).
+    pub fn present(&self) -> bool {
+        self.0 & bits::RWX != 0
+    }
+    /// The physical address the entry points to.
+    pub fn addr(&self) -> u64 {
+        self.0 & bits::ADDR
+    }
+    /// The access rights as [`Perms`].
+    pub fn perms(&self) -> Perms {
+        Perms((self.0 & bits::RWX) as u8)
+    }
+}
+
+/// EPT memory types (SDM 29.3.7). Only UC and WB are used by smudge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MemoryType {
+    /// Uncacheable, for MMIO.
+    Uncacheable = 0,
+    /// Write-combining.
+    WriteCombining = 1,
+    /// Write-through.
+    WriteThrough = 4,
+    /// Write-protected.
+    WriteProtected = 5,
+    /// Write-back, for RAM.
+    WriteBack = 6,
+}
+
+/// EPT access rights: bit 0 read, bit 1 write, bit 2 execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Perms(pub u8);
+
+impl Perms {
+    /// No access.
+    pub const NONE: Perms = Perms(0);
+    /// Read.
+    pub const R: Perms = Perms(1);
+    /// Read + write.
+    pub const RW: Perms = Perms(3);
+    /// Read + execute.
+    pub const RX: Perms = Perms(5);
+    /// Read + write + execute.
+    pub const RWX: Perms = Perms(7);
+    /// Readable.
+    pub fn r(self) -> bool {
+        self.0 & 1 != 0
+    }
+    /// Writable.
+    pub fn w(self) -> bool {
+        self.0 & 2 != 0
+    }
+    /// Executable.
+    pub fn x(self) -> bool {
+        self.0 & 4 != 0
+    }
+}
+
+/// What the processor allows in EPT, from IA32_VMX_EPT_VPID_CAP and MAXPHYADDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EptFeatures {
+    /// EPT_VPID_CAP bit 16: 2 MiB leaves.
+    pub large_2m: bool,
+    /// EPT_VPID_CAP bit 17: 1 GiB leaves.
+    pub large_1g: bool,
+    /// EPT_VPID_CAP bit 21: accessed and dirty flags.
+    pub ad: bool,
+    /// EPT_VPID_CAP bit 0: execute-only translations.
+    pub execute_only: bool,
+    /// CPUID.80000008H:EAX[7:0].
+    pub max_phys_bits: u8,
+}
+
+impl EptFeatures {
+    /// Everything on, 46 physical address bits: the host-test default.
+    pub const ALL: EptFeatures =
+        EptFeatures { large_2m: true, large_1g: true, ad: true, execute_only: true, max_phys_bits: 46 };
+}
+
+/// The result of a walk ([`Ept::translate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Host-physical address the guest-physical address translates to.
+    pub hpa: u64,
+    /// Level of the leaf: 1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB.
+    pub level: u8,
+    /// The leaf entry as read.
+    pub entry: EptEntry,
+    /// The access rights of the whole walk (the AND of every level, SDM 29.3.3.2).
+    pub perms: Perms,
+}
+
+/// Span covered by one entry at `level` (1..=4).
+pub const fn level_span(level: u8) -> u64 {
+    1u64 << (12 + 9 * (level as u32 - 1))
+}
+
+/// Index of `gpa` in the table at `level`.
+pub const fn index(gpa: u64, level: u8) -> usize {
+    ((gpa >> (12 + 9 * (level as u32 - 1))) & 0x1ff) as usize
+}
+
+/// Non-leaf entries get every right; the leaves decide (SDM 29.3.3.2 ANDs them).
+const NON_LEAF: u64 = bits::RWX;
+
+/// An EPT hierarchy with its own tables.
+#[derive(Debug)]
+pub struct Ept {
+    pml4: u64,
+    features: EptFeatures,
+    tables: usize,
+    needs_invept: bool,
+    /// Table pages unlinked but not yet freed: a list threaded through word 0 of each page.
+    zombie_head: u64,
+    zombies: usize,
+}
+
+impl Ept {
+    /// An empty EPT (one zeroed PML4 page).
+    pub fn new<P: Platform + ?Sized>(p: &P, features: EptFeatures) -> Result<Ept, Error> {
+        let pml4 = p.alloc_page().ok_or(Error::OutOfMemory)?;
+        Ok(Ept { pml4, features, tables: 1, needs_invept: false, zombie_head: 0, zombies: 0 })
+    }
+
+    /// The EPTP for this hierarchy; A/D only when the features allow it and `ad` is asked.
+    pub fn eptp(&self, ad: bool) -> Eptp {
+        Eptp::new(self.pml4, ad && self.features.ad)
+    }
+
+    /// The features this EPT was built for.
+    pub fn features(&self) -> EptFeatures {
+        self.features
+    }
+
+    /// Host-physical address of the PML4 table.
+    pub fn pml4(&self) -> u64 {
+        self.pml4
+    }
+
+    /// Table pages linked into the hierarchy, PML4 included.
+    pub fn tables_in_use(&self) -> usize {
+        self.tables
+    }
+
+    /// Table pages unlinked and waiting for INVEPT before they are freed.
+    pub fn tables_pending_free(&self) -> usize {
+        self.zombies
+    }
+
+    /// True when a translation was removed or narrowed, or an A/D flag cleared, since the last
+    /// [`Ept::invept_done`]. SDM 29.4.3.4 (INVEPT guidelines): software must invalidate before
+    /// it relies on the change.
+    pub fn needs_invept(&self) -> bool {
+        self.needs_invept
+    }
+
+    /// Records an obligation to INVEPT (used by dirty tracking after it clears A/D or W).
+    pub fn require_invept(&mut self) {
+        self.needs_invept = true;
+    }
+
+    /// The caller executed INVEPT (single-context for this EPTP, or all-context) on every
+    /// processor that may cache this EPT. Frees the table pages that were waiting for it.
+    pub fn invept_done<P: Platform + ?Sized>(&mut self, p: &P) {
+        while self.zombie_head != 0 {
+            let page = self.zombie_head;
+            self.zombie_head = p.page(page)[0].load(Relaxed);
+            p.page(page)[0].store(0, Relaxed);
+            p.free_page(page);
+            self.zombies -= 1;
+        }
+        self.needs_invept = false;
+    }
+
+    /// Frees every table. The caller must have executed INVEPT for this EPT (or all-context)
+    /// after the last VM exit that used it.
+    pub fn destroy<P: Platform + ?Sized>(mut self, p: &P) {
+        self.free_subtree(p, self.pml4, 4);
+        self.invept_done(p);
+    }
+
+    fn free_subtree<P: Platform + ?Sized>(&mut self, p: &P, table: u64, level: u8) {
+        if level > 1 {
+            for i in 0..512 {
+                let e = EptEntry(p.page(table)[i].load(Relaxed));
+                if e.present() && !e.large() {
+                    self.free_subtree(p, e.addr(), level - 1);
+                }
+            }
+        }
+        p.free_page(table);
+        self.tables -= 1;
+    }
+
+    fn table<'a, P: Platform + ?Sized>(p: &'a P, hpa: u64) -> &'a PageWords {
+        p.page(hpa)
+    }
+
+    fn check_range(&self, gpa: u64, len: u64) -> Result<u64, Error> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let end = gpa.checked_add(len).ok_or(Error::EmptyOrWrappingRange)?;
+        if len == 0 {
+            return Err(Error::EmptyOrWrappingRange);
+        }
+        if end > GPA_LIMIT {
+            return Err(Error::GpaOutOfRange);
+        }
+        Ok(end)
+    }
+
+    fn check_perms(&self, perms: Perms) -> Result<(), Error> {
+        // SDM 29.3.3.1: W=1 with R=0 is a misconfiguration; X-only needs EPT_VPID_CAP bit 0.
+        if perms.0 & !7 != 0 || perms.0 == 0 || (perms.w() && !perms.r()) {
+            return Err(Error::InvalidPermissions);
+        }
+        if !perms.r() && !self.features.execute_only {
+            return Err(Error::InvalidPermissions);
+        }
+        Ok(())
+    }
+
+    /// Maps `[gpa, gpa+len)` to `[hpa, hpa+len)` with `perms` and `memtype`, using the largest
+    /// leaves that alignment, the remaining length, `allow_large` and the features permit.
+    /// Fails without any change on misalignment, overlap, range or permission errors, and on
+    /// allocation failure leaves the tables exactly as before.
+    pub fn map<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        perms: Perms,
+        memtype: MemoryType,
+        allow_large: bool,
+    ) -> Result<(), Error> {
+        let end = self.check_range(gpa, len)?;
+        if hpa % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let hpa_end = hpa.checked_add(len).ok_or(Error::EmptyOrWrappingRange)?;
+        if hpa_end > (1u64 << self.features.max_phys_bits.min(52)) {
+            return Err(Error::HpaOutOfRange);
+        }
+        self.check_perms(perms)?;
+        if self.any_mapped(p, gpa, end) {
+            return Err(Error::Overlap);
+        }
+        let mut off = 0;
+        while off < len {
+            let (g, h, rem) = (gpa + off, hpa + off, len - off);
+            let level = self.leaf_level_for(g, h, rem, allow_large);
+            let leaf = (h & bits::ADDR)
+                | u64::from(perms.0)
+                | (u64::from(memtype as u8) << 3)
+                | if level > 1 { bits::LARGE } else { 0 };
+            if let Err(e) = self.set_leaf(p, g, level, leaf) {
+                if off > 0 {
+                    // Roll back: unmapping what this call mapped prunes the tables it created.
+                    let _ = self.unmap(p, gpa, off);
+                }
+                return Err(e);
+            }
+            off += level_span(level);
+        }
+        Ok(())
+    }
+
+    fn leaf_level_for(&self, gpa: u64, hpa: u64, rem: u64, allow_large: bool) -> u8 {
+        if allow_large {
+            if self.features.large_1g
+                && gpa % PAGE_SIZE_1G == 0
+                && hpa % PAGE_SIZE_1G == 0
+                && rem >= PAGE_SIZE_1G
+            {
+                return 3;
+            }
+            if self.features.large_2m
+                && gpa % PAGE_SIZE_2M == 0
+                && hpa % PAGE_SIZE_2M == 0
+                && rem >= PAGE_SIZE_2M
+            {
+                return 2;
+            }
+        }
+        1
+    }
+
+    /// Installs a leaf at `level` for `gpa`, creating tables down to it. On allocation failure,
+    /// tables created by this call are unlinked and freed (they were never reachable by a
+    /// present leaf, so no processor can cache them).
+    fn set_leaf<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, level: u8, leaf: u64) -> Result<(), Error> {
+        let mut table = self.pml4;
+        let mut created: [(u64, u64, usize); 3] = [(0, 0, 0); 3]; // (parent table, child, index)
+        let mut ncreated = 0;
+        let mut l = 4;
+        while l > level {
+            let i = index(gpa, l);
+            let e = EptEntry(Self::table(p, table)[i].load(Relaxed));
+            if e.present() {
+                if e.large() {
+                    return Err(Error::Overlap);
+                }
+                table = e.addr();
+            } else {
+                let Some(new) = p.alloc_page() else {
+                    // Undo in reverse: unlink each created table from its parent and free it.
+                    while ncreated > 0 {
+                        ncreated -= 1;
+                        let (parent, child, idx) = created[ncreated];
+                        Self::table(p, parent)[idx].store(0, Relaxed);
+                        p.free_page(child);
+                        self.tables -= 1;
+                    }
+                    return Err(Error::OutOfMemory);
+                };
+                self.tables += 1;
+                Self::table(p, table)[i].store(new | NON_LEAF, Relaxed);
+                created[ncreated] = (table, new, i);
+                ncreated += 1;
+                table = new;
+            }
+            l -= 1;
+        }
+        Self::table(p, table)[index(gpa, level)].store(leaf, Relaxed);
+        Ok(())
+    }
+
+    /// True if any page of `[gpa, end)` is mapped.
+    pub fn any_mapped<P: Platform + ?Sized>(&self, p: &P, gpa: u64, end: u64) -> bool {
+        self.any_mapped_in(p, self.pml4, 4, 0, gpa, end)
+    }
+
+    fn any_mapped_in<P: Platform + ?Sized>(&self, p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64) -> bool {
+        let span = level_span(level);
+        let t = Self::table(p, table);
+        let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+        for i in first..512 {
+            let s = base + i as u64 * span;
+            if s >= end {
+                break;
+            }
+            let e = EptEntry(t[i].load(Relaxed));
+            if !e.present() {
+                continue;
+            }
+            if level == 1 || e.large() {
+                return true;
+            }
+            if self.any_mapped_in(p, e.addr(), level - 1, s, gpa.max(s), end.min(s + span)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Walks the tables for `gpa` as the processor would (without setting A/D).
+    pub fn translate<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> Option<Translation> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.pml4;
+        let mut perms = 7u8;
+        let mut level = 4;
+        loop {
+            let e = EptEntry(Self::table(p, table)[index(gpa, level)].load(Relaxed));
+            if !e.present() {
+                return None;
+            }
+            perms &= e.perms().0;
+            if level == 1 || e.large() {
+                let span = level_span(level);
+                return Some(Translation {
+                    hpa: (e.addr() & !(span - 1)) | (gpa & (span - 1)),
+                    level,
+                    entry: e,
+                    perms: Perms(perms),
+                });
+            }
+            table = e.addr();
+            level -= 1;
+        }
+    }
+
+    /// The leaf entry word for `gpa`, if mapped, with its level.
+    pub fn leaf<'a, P: Platform + ?Sized>(&self, p: &'a P, gpa: u64) -> Option<(&'a AtomicU64, u8)> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.pml4;
+        let mut level = 4;
+        loop {
+            let word = &Self::table(p, table)[index(gpa, level)];
+            let e = EptEntry(word.load(Relaxed));
+            if !e.present() {
+                return None;
+            }
+            if level == 1 || e.large() {
+                return Some((word, level));
+            }
+            table = e.addr();
+            level -= 1;
+        }
+    }
+
+    /// Splits the large leaf that maps `gpa` into 512 leaves of the next level, keeping the
+    /// translation, rights, memory type and A/D flags. Returns `Ok(false)` when `gpa` is already
+    /// mapped by a 4 KiB leaf. Raises the INVEPT obligation (a cached large translation would
+    /// otherwise stay in use; SDM 29.4.3.4).
+    pub fn split<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64) -> Result<bool, Error> {
+        let (word, level) = self.leaf(p, gpa).ok_or(Error::NotMapped)?;
+        if level == 1 {
+            return Ok(false);
+        }
+        let old = EptEntry(word.load(Relaxed));
+        let new = p.alloc_page().ok_or(Error::OutOfMemory)?;
+        self.tables += 1;
+        let child_span = level_span(level - 1);
+        let t = Self::table(p, new);
+        let keep = old.0 & !(bits::ADDR | bits::LARGE);
+        let large = if level - 1 > 1 { bits::LARGE } else { 0 };
+        for (i, w) in t.iter().enumerate() {
+            w.store(((old.addr() + i as u64 * child_span) & bits::ADDR) | keep | large, Relaxed);
+        }
+        // The new non-leaf keeps the old leaf's accessed flag so the A-pruned scan still visits it.
+        let a = old.0 & bits::A;
+        word.store(new | NON_LEAF | a, Relaxed);
+        self.needs_invept = true;
+        Ok(true)
+    }
+
+    /// Splits every large leaf in `[gpa, gpa+len)` down to 4 KiB leaves.
+    pub fn split_range<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
+        let end = self.check_range(gpa, len)?;
+        let mut g = gpa;
+        while g < end {
+            match self.leaf(p, g) {
+                Some((_, 1)) => g += PAGE_SIZE,
+                Some(_) => {
+                    self.split(p, g)?;
+                }
+                None => g = self.next_mapped_boundary(p, g),
+            }
+        }
+        Ok(())
+    }
+
+    /// The start of the next region after an unmapped `gpa` that could be mapped (skips the
+    /// whole absent entry).
+    fn next_mapped_boundary<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> u64 {
+        let mut table = self.pml4;
+        let mut level = 4;
+        loop {
+            let e = EptEntry(Self::table(p, table)[index(gpa, level)].load(Relaxed));
+            let span = level_span(level);
+            if !e.present() || level == 1 {
+                return (gpa & !(span - 1)) + span;
+            }
+            table = e.addr();
+            level -= 1;
+        }
+    }
+
+    /// Unmaps `[gpa, gpa+len)`. Large leaves that straddle the edges are split first (this may
+    /// fail with `OutOfMemory`, before anything is unmapped). Empty tables are unlinked and
+    /// wait for INVEPT.
+    pub fn unmap<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
+        let end = self.check_range(gpa, len)?;
+        self.split_edges(p, gpa, end)?;
+        let pml4 = self.pml4;
+        self.unmap_in(p, pml4, 4, 0, gpa, end);
+        self.needs_invept = true;
+        Ok(())
+    }
+
+    /// Splits the large leaves that contain `gpa` or `end` but do not start there.
+    fn split_edges<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, end: u64) -> Result<(), Error> {
+        for edge in [gpa, end] {
+            while let Some((_, level)) = self.leaf(p, edge) {
+                if level == 1 || edge % level_span(level) == 0 {
+                    break;
+                }
+                self.split(p, edge)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns true if the table became empty.
+    fn unmap_in<P: Platform + ?Sized>(&mut self, p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64) -> bool {
+        let span = level_span(level);
+        let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+        for i in first..512 {
+            let s = base + i as u64 * span;
+            if s >= end {
+                break;
+            }
+            let word = &Self::table(p, table)[i];
+            let e = EptEntry(word.load(Relaxed));
+            if !e.present() {
+                continue;
+            }
+            if level == 1 || e.large() {
+                // split_edges guarantees a large leaf here lies fully inside the range.
+                word.store(0, Relaxed);
+            } else if self.unmap_in(p, e.addr(), level - 1, s, gpa.max(s), end.min(s + span)) {
+                word.store(0, Relaxed);
+                self.retire_table(p, e.addr());
+            }
+        }
+        Self::table(p, table).iter().all(|w| w.load(Relaxed) & bits::RWX == 0) && table != self.pml4
+    }
+
+    fn retire_table<P: Platform + ?Sized>(&mut self, p: &P, page: u64) {
+        p.page(page)[0].store(self.zombie_head, Relaxed);
+        self.zombie_head = page;
+        self.zombies += 1;
+        self.tables -= 1;
+        self.needs_invept = true;
+    }
+
+    /// Sets the rights of every leaf in `[gpa, gpa+len)` (which must be fully mapped) to `perms`,
+    /// splitting large leaves at the edges. Narrowing a right raises the INVEPT obligation.
+    pub fn protect<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64, perms: Perms) -> Result<(), Error> {
+        let end = self.check_range(gpa, len)?;
+        self.check_perms(perms)?;
+        let mut g = gpa;
+        while g < end {
+            if self.leaf(p, g).is_none() {
+                return Err(Error::NotMapped);
+            }
+            g += PAGE_SIZE;
+        }
+        self.split_edges(p, gpa, end)?;
+        let mut g = gpa;
+        let mut narrowed = false;
+        while g < end {
+            let Some((word, level)) = self.leaf(p, g) else { return Err(Error::NotMapped) };
+            let old = word.load(Relaxed);
+            let w = if perms.w() { SW_WRITABLE } else { 0 };
+            word.store((old & !(bits::RWX | SW_WRITABLE)) | u64::from(perms.0) | w, Relaxed);
+            narrowed |= old & bits::RWX & !u64::from(perms.0) != 0;
+            g += level_span(level);
+        }
+        if narrowed {
+            self.needs_invept = true;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(gpa, level, entry word)` for every present leaf overlapping `[gpa, end)`, in
+    /// address order, visiting only present tables.
+    pub fn for_each_leaf<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(&self, p: &P, gpa: u64, end: u64, f: &mut F) {
+        self.leaves_in(p, self.pml4, 4, 0, gpa, end, f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn leaves_in<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(&self, p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64, f: &mut F) {
+        let span = level_span(level);
+        let t = Self::table(p, table);
+        let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+        for (i, word) in t.iter().enumerate().skip(first) {
+            let s = base + i as u64 * span;
+            if s >= end {
+                break;
+            }
+            let e = EptEntry(word.load(Relaxed));
+            if !e.present() {
+                continue;
+            }
+            if level == 1 || e.large() {
+                f(s, level, word);
+            } else {
+                self.leaves_in(p, e.addr(), level - 1, s, gpa.max(s), end.min(s + span), f);
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! smudge-core: the platform-independent half of the smudge hypervisor.
+//!
+//! `#![no_std]`, no `alloc`. Everything here is safe Rust over the [`platform::Platform`] trait,
+//! except the small `arch` layer (VMX instructions), so it runs in host tests against software
+//! models of the processor.
+#![no_std]
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod error;
+pub mod platform;
+pub mod ept;
+pub mod dirty;
+pub mod vmx;
+
+pub use error::Error;
+pub use platform::Platform;

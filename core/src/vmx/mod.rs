@@ -1,0 +1,3 @@
+//! VMX: capabilities and controls, the VMCS, the software VM-entry checker, VM exits.
+
+pub mod caps;

@@ -1,0 +1,69 @@
+//! `cargo xtask`: builds every artifact of smudge, installs what the build needs, boots the
+//! emulated VT-x machine (Bochs) and runs the tests.
+
+mod deps;
+mod host;
+mod windows;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and demo smudge")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build every artifact and run every test (what CI runs).
+    BuildAndTest {
+        /// Only the host tests and the windows-msvc type-check (no kernel, no Bochs).
+        #[arg(long)]
+        host_only: bool,
+    },
+    /// Type-check smudge-core for the Linux kernel and x86_64-pc-windows-msvc targets.
+    CheckTargets {
+        /// Skip the kernel target (it needs the built kernel tree).
+        #[arg(long)]
+        no_kernel: bool,
+    },
+    /// Install the system packages and tools the build needs (idempotent).
+    Deps,
+    /// Build, sign and verify smudge.sys into target/windows/.
+    Windows,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::BuildAndTest { host_only } => build_and_test(host_only),
+        Cmd::CheckTargets { no_kernel } => host::check_targets(!no_kernel),
+        Cmd::Deps => deps::ensure_all(),
+        Cmd::Windows => windows::build().map(|_| ()),
+    }
+}
+
+fn build_and_test(host_only: bool) -> Result<()> {
+    deps::ensure_all()?;
+    host::host_tests()?;
+    host::check_targets(false)?;
+    windows::build_and_verify()?;
+    if host_only {
+        step("host-only run finished");
+        return Ok(());
+    }
+    step("build-and-test finished");
+    Ok(())
+}
+
+/// Prints a progress line.
+pub fn step(msg: &str) {
+    eprintln!("\x1b[1m[xtask]\x1b[0m {msg}");
+}
+
+/// The workspace root.
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
+}

@@ -7,10 +7,14 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod abi;
+pub mod arch;
 pub mod error;
+pub mod guest;
 pub mod platform;
 pub mod ept;
 pub mod dirty;
+pub mod vm;
 pub mod vmx;
 
 pub use error::Error;

@@ -1,8 +1,11 @@
 //! `cargo xtask`: builds every artifact of smudge, installs what the build needs, boots the
 //! emulated VT-x machine (Bochs) and runs the tests.
 
+mod bochs;
 mod deps;
+mod guests;
 mod host;
+mod linux;
 mod windows;
 
 use anyhow::Result;
@@ -33,6 +36,14 @@ enum Cmd {
     Deps,
     /// Build, sign and verify smudge.sys into target/windows/.
     Windows,
+    /// Build Linux 6.12 with Rust (cached outside the clone, keyed by its inputs).
+    Kernel,
+    /// Build smudge.ko, the static smudge tool and the test guests.
+    Linux,
+    /// Boot the emulated VT-x machine with smudge.ko loaded and run CMD in it.
+    Bochs(bochs::BochsArgs),
+    /// The main job: `smudge explain` and a dirty-log run on an emulated VT-x machine.
+    Demo,
 }
 
 fn main() -> Result<()> {
@@ -42,6 +53,15 @@ fn main() -> Result<()> {
         Cmd::CheckTargets { no_kernel } => host::check_targets(!no_kernel),
         Cmd::Deps => deps::ensure_all(),
         Cmd::Windows => windows::build().map(|_| ()),
+        Cmd::Kernel => linux::kernel().map(|p| step(&format!("kernel tree: {}", p.display()))),
+        Cmd::Linux => {
+            let ko = linux::module()?;
+            let (tool, guests) = linux::tools()?;
+            step(&format!("built {}, {}, guests in {}", ko.display(), tool.display(), guests.display()));
+            Ok(())
+        }
+        Cmd::Bochs(a) => bochs::run_cli(a),
+        Cmd::Demo => bochs::demo(),
     }
 }
 

@@ -1,0 +1,463 @@
+//! The only assembly in smudge: VMX instructions, the VM-entry/exit trampoline, and the few
+//! privileged reads the host-state snapshot needs.
+//!
+//! Everything here is `unsafe` because it executes privileged instructions whose preconditions
+//! (VMX operation, a current VMCS, ring 0) the type system cannot see. Host tests never call it;
+//! Bochs and real processors do. Compiled for the host, the Linux kernel and windows-msvc (the
+//! trampoline uses the SysV calling convention on every target).
+
+use core::arch::{asm, global_asm};
+
+/// How a VMX instruction failed (SDM 31.2 "Conventions").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmFail {
+    /// CF=1: no current VMCS, or the operand was invalid.
+    Invalid,
+    /// ZF=1: the VM-instruction error field (0x4400) holds the error number.
+    Valid(u32),
+}
+
+/// VMCS encoding of the VM-instruction error field (SDM B.3.2).
+const VM_INSTRUCTION_ERROR: u64 = 0x4400;
+
+/// Decodes RFLAGS after a VMX instruction.
+fn decode(rflags: u64) -> Result<(), VmFail> {
+    if rflags & 1 != 0 {
+        Err(VmFail::Invalid)
+    } else if rflags & (1 << 6) != 0 {
+        // SAFETY: ZF=1 means a current VMCS exists, so VMREAD of the error field is valid.
+        let err = unsafe { vmread_raw(VM_INSTRUCTION_ERROR) }.unwrap_or(0);
+        Err(VmFail::Valid(err as u32))
+    } else {
+        Ok(())
+    }
+}
+
+/// VMXON with the 4 KiB-aligned VMXON region at `pa` (SDM 31.3 VMXON).
+///
+/// # Safety
+/// CR4.VMXE=1, IA32_FEATURE_CONTROL locked with VMX enabled, CR0/CR4 fixed bits satisfied,
+/// ring 0, and `pa` a zeroed page whose first dword is the VMCS revision id.
+pub unsafe fn vmxon(pa: u64) -> Result<(), VmFail> {
+    let rflags: u64;
+    // SAFETY: the caller guarantees the preconditions above; the operand is a memory u64.
+    unsafe { asm!("vmxon [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags) };
+    decode(rflags)
+}
+
+/// VMXOFF (SDM 31.3).
+///
+/// # Safety
+/// The processor is in VMX root operation and no guest runs on it.
+pub unsafe fn vmxoff() -> Result<(), VmFail> {
+    let rflags: u64;
+    // SAFETY: caller guarantees VMX root operation.
+    unsafe { asm!("vmxoff", "pushfq", "pop {f}", f = lateout(reg) rflags) };
+    decode(rflags)
+}
+
+/// VMCLEAR of the VMCS at `pa`.
+///
+/// # Safety
+/// VMX root operation; `pa` is a VMCS region.
+pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
+    let rflags: u64;
+    // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
+    unsafe { asm!("vmclear [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags) };
+    decode(rflags)
+}
+
+/// VMPTRLD: makes the VMCS at `pa` current on this processor.
+///
+/// # Safety
+/// VMX root operation; `pa` is a VMCS region with the right revision id.
+pub unsafe fn vmptrld(pa: u64) -> Result<(), VmFail> {
+    let rflags: u64;
+    // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
+    unsafe { asm!("vmptrld [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags) };
+    decode(rflags)
+}
+
+/// VMREAD without decoding VMfailValid (used by `decode` itself).
+unsafe fn vmread_raw(field: u64) -> Result<u64, ()> {
+    let value: u64;
+    let rflags: u64;
+    // SAFETY: caller guarantees a current VMCS.
+    unsafe {
+        asm!("vmread {v}, {f}", "pushfq", "pop {r}", v = lateout(reg) value, f = in(reg) field, r = lateout(reg) rflags)
+    };
+    if rflags & 0x41 != 0 {
+        Err(())
+    } else {
+        Ok(value)
+    }
+}
+
+/// VMREAD of `field` from the current VMCS.
+///
+/// # Safety
+/// VMX root operation with a current VMCS.
+pub unsafe fn vmread(field: u32) -> Result<u64, VmFail> {
+    let value: u64;
+    let rflags: u64;
+    // SAFETY: caller guarantees a current VMCS.
+    unsafe {
+        asm!("vmread {v}, {f}", "pushfq", "pop {r}", v = lateout(reg) value, f = in(reg) u64::from(field), r = lateout(reg) rflags)
+    };
+    decode(rflags).map(|_| value)
+}
+
+/// VMWRITE of `value` to `field` of the current VMCS.
+///
+/// # Safety
+/// VMX root operation with a current VMCS; the value must not break host state the caller relies on.
+pub unsafe fn vmwrite(field: u32, value: u64) -> Result<(), VmFail> {
+    let rflags: u64;
+    // SAFETY: caller guarantees a current VMCS.
+    unsafe {
+        asm!("vmwrite {f}, {v}", "pushfq", "pop {r}", f = in(reg) u64::from(field), v = in(reg) value, r = lateout(reg) rflags)
+    };
+    decode(rflags)
+}
+
+/// INVEPT types (SDM 31.3 INVEPT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum InveptType {
+    /// Invalidate mappings tagged with one EPTP.
+    SingleContext = 1,
+    /// Invalidate all EPT-derived mappings.
+    AllContext = 2,
+}
+
+/// INVEPT.
+///
+/// # Safety
+/// VMX root operation, and the type supported (IA32_VMX_EPT_VPID_CAP bits 25/26).
+pub unsafe fn invept(kind: InveptType, eptp: u64) -> Result<(), VmFail> {
+    let desc: [u64; 2] = [eptp, 0];
+    let rflags: u64;
+    // SAFETY: caller guarantees VMX root operation; the descriptor is 16 bytes on the stack.
+    unsafe {
+        asm!("invept {t}, [{d}]", "pushfq", "pop {r}", t = in(reg) kind as u64, d = in(reg) &desc, r = lateout(reg) rflags)
+    };
+    decode(rflags)
+}
+
+/// INVVPID all-context (type 2).
+///
+/// # Safety
+/// VMX root operation and INVVPID supported.
+pub unsafe fn invvpid_all() -> Result<(), VmFail> {
+    let desc: [u64; 2] = [0, 0];
+    let rflags: u64;
+    // SAFETY: caller guarantees VMX root operation; the descriptor is 16 bytes on the stack.
+    unsafe {
+        asm!("invvpid {t}, [{d}]", "pushfq", "pop {r}", t = in(reg) 2u64, d = in(reg) &desc, r = lateout(reg) rflags)
+    };
+    decode(rflags)
+}
+
+/// The guest's general-purpose registers, saved and restored by the trampoline (RSP and RIP
+/// live in the VMCS). The layout is fixed: the assembly below uses these offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestGprs {
+    /// RAX (offset 0).
+    pub rax: u64,
+    /// RBX (8).
+    pub rbx: u64,
+    /// RCX (16).
+    pub rcx: u64,
+    /// RDX (24).
+    pub rdx: u64,
+    /// RSI (32).
+    pub rsi: u64,
+    /// RDI (40).
+    pub rdi: u64,
+    /// RBP (48).
+    pub rbp: u64,
+    /// R8 (56).
+    pub r8: u64,
+    /// R9 (64).
+    pub r9: u64,
+    /// R10 (72).
+    pub r10: u64,
+    /// R11 (80).
+    pub r11: u64,
+    /// R12 (88).
+    pub r12: u64,
+    /// R13 (96).
+    pub r13: u64,
+    /// R14 (104).
+    pub r14: u64,
+    /// R15 (112).
+    pub r15: u64,
+}
+
+// The VM-entry/exit trampoline. `smudge_vmx_run(gprs, launched)` writes HOST_RSP (0x6C14) and
+// HOST_RIP (0x6C16), loads the guest GPRs, executes VMLAUNCH (launched == 0) or VMRESUME, and
+// returns 0 after a VM exit with the guest GPRs saved, 1 on VMfailInvalid, 2 on VMfailValid.
+// The host's callee-saved registers are kept on the stack; a VM exit restores only RSP/RIP and
+// the VMCS host-state area (SDM 28.5), so everything else is restored here.
+global_asm!(
+    ".global smudge_vmx_run",
+    "smudge_vmx_run:",
+    "push rbp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "mov rax, 0x6C14",
+    "vmwrite rax, rsp",
+    "jbe 3f",
+    "lea rbx, [rip + 2f]",
+    "mov rax, 0x6C16",
+    "vmwrite rax, rbx",
+    "jbe 3f",
+    "test rsi, rsi",
+    "mov rax, [rdi + 0]",
+    "mov rbx, [rdi + 8]",
+    "mov rcx, [rdi + 16]",
+    "mov rdx, [rdi + 24]",
+    "mov rsi, [rdi + 32]",
+    "mov rbp, [rdi + 48]",
+    "mov r8, [rdi + 56]",
+    "mov r9, [rdi + 64]",
+    "mov r10, [rdi + 72]",
+    "mov r11, [rdi + 80]",
+    "mov r12, [rdi + 88]",
+    "mov r13, [rdi + 96]",
+    "mov r14, [rdi + 104]",
+    "mov r15, [rdi + 112]",
+    "mov rdi, [rdi + 40]",
+    "jnz 1f",
+    "vmlaunch",
+    "jmp 3f",
+    "1:",
+    "vmresume",
+    // VMfail: CF=1 invalid, ZF=1 valid. `pop` and `mov` keep the flags.
+    "3:",
+    "pop rdi",
+    "mov eax, 1",
+    "jc 4f",
+    "mov eax, 2",
+    "4:",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "ret",
+    // VM exit: RSP = HOST_RSP, which points at the saved GPR pointer.
+    "2:",
+    "push rax",
+    "mov rax, [rsp + 8]",
+    "mov [rax + 8], rbx",
+    "mov [rax + 16], rcx",
+    "mov [rax + 24], rdx",
+    "mov [rax + 32], rsi",
+    "mov [rax + 40], rdi",
+    "mov [rax + 48], rbp",
+    "mov [rax + 56], r8",
+    "mov [rax + 64], r9",
+    "mov [rax + 72], r10",
+    "mov [rax + 80], r11",
+    "mov [rax + 88], r12",
+    "mov [rax + 96], r13",
+    "mov [rax + 104], r14",
+    "mov [rax + 112], r15",
+    "pop rbx",
+    "mov [rax + 0], rbx",
+    "pop rdi",
+    "xor eax, eax",
+    "jmp 4b",
+);
+
+extern "sysv64" {
+    fn smudge_vmx_run(gprs: *mut GuestGprs, launched: u64) -> u64;
+}
+
+/// Enters the guest of the current VMCS and returns after the next VM exit.
+///
+/// # Safety
+/// VMX root operation with a current, fully initialised VMCS whose host-state area describes
+/// this processor now; interrupts disabled; the caller restores what a VM exit does not
+/// (GDTR/IDTR limits, segment registers not in the host area, FPU state).
+pub unsafe fn vm_enter(gprs: &mut GuestGprs, launched: bool) -> Result<(), VmFail> {
+    // SAFETY: forwarded preconditions; `gprs` is a valid exclusive pointer for the call.
+    match unsafe { smudge_vmx_run(gprs, u64::from(launched)) } {
+        0 => Ok(()),
+        1 => Err(VmFail::Invalid),
+        _ => {
+            // SAFETY: VMfailValid means a current VMCS exists.
+            let err = unsafe { vmread_raw(VM_INSTRUCTION_ERROR) }.unwrap_or(0);
+            Err(VmFail::Valid(err as u32))
+        }
+    }
+}
+
+/// RDMSR.
+///
+/// # Safety
+/// Ring 0 and an MSR that exists (otherwise #GP).
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: caller guarantees ring 0 and a valid MSR.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// CPUID.
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// A descriptor-table register image (SGDT/SIDT layout).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DescriptorTablePointer {
+    /// Limit.
+    pub limit: u16,
+    /// Linear base.
+    pub base: u64,
+}
+
+/// The host state the VMCS host area needs (SDM 25.5), taken on the CPU that will run the guest.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostState {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// CS, SS, DS, ES, FS, GS, TR selectors.
+    pub cs: u16,
+    /// SS.
+    pub ss: u16,
+    /// DS.
+    pub ds: u16,
+    /// ES.
+    pub es: u16,
+    /// FS.
+    pub fs: u16,
+    /// GS.
+    pub gs: u16,
+    /// TR.
+    pub tr: u16,
+    /// IA32_FS_BASE.
+    pub fs_base: u64,
+    /// IA32_GS_BASE.
+    pub gs_base: u64,
+    /// TR base (from the TSS descriptor in the GDT).
+    pub tr_base: u64,
+    /// GDTR.
+    pub gdtr: DescriptorTablePointer,
+    /// IDTR.
+    pub idtr: DescriptorTablePointer,
+    /// IA32_SYSENTER_CS.
+    pub sysenter_cs: u64,
+    /// IA32_SYSENTER_ESP.
+    pub sysenter_esp: u64,
+    /// IA32_SYSENTER_EIP.
+    pub sysenter_eip: u64,
+    /// IA32_EFER.
+    pub efer: u64,
+    /// IA32_PAT.
+    pub pat: u64,
+}
+
+/// Reads the current processor's host state.
+///
+/// # Safety
+/// Ring 0, 64-bit mode, with preemption disabled so the snapshot stays true for this CPU.
+pub unsafe fn host_state() -> HostState {
+    let mut s = HostState::default();
+    // SAFETY: ring 0 reads of control registers, selectors and descriptor-table registers.
+    unsafe {
+        asm!("mov {}, cr0", out(reg) s.cr0, options(nomem, nostack));
+        asm!("mov {}, cr3", out(reg) s.cr3, options(nomem, nostack));
+        asm!("mov {}, cr4", out(reg) s.cr4, options(nomem, nostack));
+        asm!("mov {0:x}, cs", out(reg) s.cs, options(nomem, nostack));
+        asm!("mov {0:x}, ss", out(reg) s.ss, options(nomem, nostack));
+        asm!("mov {0:x}, ds", out(reg) s.ds, options(nomem, nostack));
+        asm!("mov {0:x}, es", out(reg) s.es, options(nomem, nostack));
+        asm!("mov {0:x}, fs", out(reg) s.fs, options(nomem, nostack));
+        asm!("mov {0:x}, gs", out(reg) s.gs, options(nomem, nostack));
+        asm!("str {0:x}", out(reg) s.tr, options(nomem, nostack));
+        asm!("sgdt [{}]", in(reg) &mut s.gdtr, options(nostack));
+        asm!("sidt [{}]", in(reg) &mut s.idtr, options(nostack));
+        s.fs_base = rdmsr(0xC000_0100);
+        s.gs_base = rdmsr(0xC000_0101);
+        s.sysenter_cs = rdmsr(0x174);
+        s.sysenter_esp = rdmsr(0x175);
+        s.sysenter_eip = rdmsr(0x176);
+        s.efer = rdmsr(0xC000_0080);
+        s.pat = rdmsr(0x277);
+        s.tr_base = tss_base(s.gdtr.base, s.tr);
+    }
+    s
+}
+
+/// Base of the 16-byte 64-bit TSS descriptor `sel` in the GDT at `gdt` (SDM 8.2.3).
+unsafe fn tss_base(gdt: u64, sel: u16) -> u64 {
+    let p = (gdt + u64::from(sel & !7)) as *const u64;
+    // SAFETY: the GDT is mapped and TR selects a valid 16-byte TSS descriptor in it.
+    let (lo, hi) = unsafe { (p.read_unaligned(), p.add(1).read_unaligned()) };
+    ((lo >> 16) & 0xff_ffff) | (((lo >> 56) & 0xff) << 24) | ((hi & 0xffff_ffff) << 32)
+}
+
+/// Restores what a VM exit changes but the host-state area cannot express: GDTR and IDTR
+/// limits (set to 0xFFFF on exit, SDM 28.5.2), and DS/ES (loaded from the null host selectors).
+///
+/// # Safety
+/// Called on the CPU whose `host` was snapshotted, right after a VM exit.
+pub unsafe fn restore_after_exit(host: &HostState) {
+    // SAFETY: reloading this CPU's own descriptor tables and data selectors in ring 0.
+    unsafe {
+        asm!("lgdt [{}]", in(reg) &host.gdtr, options(nostack));
+        asm!("lidt [{}]", in(reg) &host.idtr, options(nostack));
+        asm!("mov ds, {0:x}", in(reg) host.ds, options(nostack));
+        asm!("mov es, {0:x}", in(reg) host.es, options(nostack));
+    }
+}
+
+/// FXSAVE64 into a 512-byte, 16-byte-aligned area.
+///
+/// # Safety
+/// CR4.OSFXSR set; the area is valid and aligned.
+pub unsafe fn fxsave(area: &mut FxArea) {
+    // SAFETY: aligned 512-byte area owned by the caller.
+    unsafe { asm!("fxsave64 [{}]", in(reg) area.0.as_mut_ptr(), options(nostack)) };
+}
+
+/// FXRSTOR64 from a 512-byte, 16-byte-aligned area.
+///
+/// # Safety
+/// CR4.OSFXSR set; the area holds a valid image (reserved MXCSR bits clear).
+pub unsafe fn fxrstor(area: &FxArea) {
+    // SAFETY: aligned 512-byte area owned by the caller.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(nostack)) };
+}
+
+/// The legacy FXSAVE area: x87 and SSE state (SDM Vol. 1 10.5.1).
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// The reset state: FCW 0x37F, MXCSR 0x1F80 (SDM Vol. 3A 9.1.1).
+    pub const fn reset() -> FxArea {
+        let mut a = [0u8; 512];
+        a[0] = 0x7f;
+        a[1] = 0x03;
+        a[24] = 0x80;
+        a[25] = 0x1f;
+        FxArea(a)
+    }
+}

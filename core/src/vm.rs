@@ -1,0 +1,648 @@
+//! A VM: memory slots backed lazily, its EPT, the dirty logs, page accounting, and the exit
+//! handler (safe Rust, so it runs in host tests; the hardware loop is in `vmx::hw`).
+
+use core::sync::atomic::Ordering::Relaxed;
+
+use crate::arch::GuestGprs;
+use crate::dirty::{self, DirtyLog, Mode};
+use crate::ept::{bits, Ept, EptFeatures, MemoryType, Perms, PAGE_SIZE, SW_WRITABLE};
+use crate::error::Error;
+use crate::guest::{Elf, ElfError, Layout};
+use crate::platform::{self, Platform};
+
+/// Memory slots per VM.
+pub const MAX_SLOTS: usize = 8;
+/// Console bytes buffered before the run returns to user space.
+pub const CONSOLE_BUF: usize = 256;
+/// The guest console port (COM1 data register).
+pub const CONSOLE_PORT: u16 = 0x3f8;
+
+/// One guest-physical memory slot.
+#[derive(Debug)]
+pub struct Slot {
+    /// First GPA.
+    pub base: u64,
+    /// Pages.
+    pub pages: u64,
+    /// Its dirty log.
+    pub log: DirtyLog,
+}
+
+impl Slot {
+    /// One past the last GPA.
+    pub fn end(&self) -> u64 {
+        self.base + self.pages * PAGE_SIZE
+    }
+}
+
+/// A VM.
+#[derive(Debug)]
+pub struct Vm {
+    ept: Ept,
+    slots: [Option<Slot>; MAX_SLOTS],
+    mode: Mode,
+    backing: u64,
+    page_limit: u64,
+    layout: Option<Layout>,
+}
+
+/// Why a guest-physical access could not be resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Backed or unprotected: resume the guest.
+    Resolved,
+    /// Outside every slot: an MMIO access for user space.
+    Mmio {
+        /// The address.
+        gpa: u64,
+        /// A write.
+        write: bool,
+    },
+    /// The per-VM page limit is reached.
+    LimitReached,
+    /// The platform could not supply a page.
+    OutOfMemory,
+    /// A violation on a present page that smudge did not protect (a bug).
+    Unexpected,
+}
+
+/// The EPT-violation exit qualification bits (SDM 28.2.1, Table 28-7).
+pub mod qual {
+    /// Data read.
+    pub const READ: u64 = 1 << 0;
+    /// Data write.
+    pub const WRITE: u64 = 1 << 1;
+    /// Instruction fetch.
+    pub const FETCH: u64 = 1 << 2;
+}
+
+impl Vm {
+    /// A VM with no memory, tracking dirty pages with `mode`, holding at most `page_limit`
+    /// backing pages.
+    pub fn new<P: Platform + ?Sized>(p: &P, features: EptFeatures, mode: Mode, page_limit: u64) -> Result<Vm, Error> {
+        if matches!(mode, Mode::AdScan | Mode::Pml) && !features.ad {
+            return Err(Error::Unsupported);
+        }
+        let ept = Ept::new(p, features)?;
+        Ok(Vm { ept, slots: Default::default(), mode, backing: 0, page_limit, layout: None })
+    }
+
+    /// The EPT.
+    pub fn ept(&self) -> &Ept {
+        &self.ept
+    }
+
+    /// The EPT, mutably (INVEPT bookkeeping).
+    pub fn ept_mut(&mut self) -> &mut Ept {
+        &mut self.ept
+    }
+
+    /// The dirty-tracking mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The guest RAM layout, once RAM was added with [`Vm::add_ram`].
+    pub fn layout(&self) -> Option<Layout> {
+        self.layout
+    }
+
+    /// Pages held: backing pages, EPT tables (incl. those waiting for INVEPT), dirty bitmaps.
+    pub fn pages_held(&self) -> u64 {
+        let logs: usize = self.slots.iter().flatten().map(|s| s.log.pages_held()).sum();
+        self.backing + (self.ept.tables_in_use() + self.ept.tables_pending_free() + logs) as u64
+    }
+
+    /// Backing pages of guest memory.
+    pub fn backing_pages(&self) -> u64 {
+        self.backing
+    }
+
+    /// The slots.
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+    }
+
+    /// Adds a slot `[base, base+size)`; returns its index.
+    pub fn add_slot<P: Platform + ?Sized>(&mut self, p: &P, base: u64, size: u64) -> Result<usize, Error> {
+        if base % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let end = base.checked_add(size).ok_or(Error::EmptyOrWrappingRange)?;
+        if size == 0 {
+            return Err(Error::EmptyOrWrappingRange);
+        }
+        if end > crate::ept::GPA_LIMIT {
+            return Err(Error::GpaOutOfRange);
+        }
+        if self.slots.iter().flatten().any(|s| base < s.end() && s.base < end) {
+            return Err(Error::Overlap);
+        }
+        let idx = self.slots.iter().position(|s| s.is_none()).ok_or(Error::Overlap)?;
+        let mut log = DirtyLog::new(p, self.mode, base, size / PAGE_SIZE)?;
+        if let Err(e) = log.enable(p, &mut self.ept) {
+            log.free(p);
+            return Err(e);
+        }
+        self.slots[idx] = Some(Slot { base, pages: size / PAGE_SIZE, log });
+        Ok(idx)
+    }
+
+    /// Adds guest RAM at GPA 0 and writes the reserved region (page tables, GDT, TSS).
+    pub fn add_ram<P: Platform + ?Sized>(&mut self, p: &P, size: u64) -> Result<Layout, Error> {
+        if self.layout.is_some() {
+            return Err(Error::Overlap);
+        }
+        let layout = Layout::new(size)?;
+        let idx = self.add_slot(p, 0, size)?;
+        let res = layout.for_each_system_qword(|gpa, v| self.write_guest(p, gpa, &v.to_le_bytes()));
+        if let Err(e) = res {
+            self.remove_slot(p, idx);
+            return Err(e);
+        }
+        self.layout = Some(layout);
+        Ok(layout)
+    }
+
+    fn slot_of(&self, gpa: u64) -> Option<&Slot> {
+        self.slots.iter().flatten().find(|s| gpa >= s.base && gpa < s.end())
+    }
+
+    /// Removes slot `idx`, freeing its backing pages. The caller INVEPTs afterwards.
+    pub fn remove_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) {
+        let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.take()) else { return };
+        let mut freed = 0;
+        // Backing pages are freed only after INVEPT; collect by unmapping first.
+        self.ept.for_each_leaf(p, slot.base, slot.end(), &mut |_, _, w| {
+            let v = w.load(Relaxed);
+            p.free_page(v & bits::ADDR);
+            freed += 1;
+        });
+        let _ = self.ept.unmap(p, slot.base, slot.pages * PAGE_SIZE);
+        self.backing -= freed;
+        let (base, end) = (slot.base, slot.end());
+        slot.log.free(p);
+        if self.layout.is_some_and(|l| base == 0 && end == l.mem_size) {
+            self.layout = None;
+        }
+    }
+
+    /// Backs the page of `gpa` with a fresh zeroed page. `write` says whether a guest write
+    /// caused it (write-protect mode logs it and maps W; otherwise W waits for the first write).
+    fn back_page<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, guest_write: bool) -> Fault {
+        if self.backing >= self.page_limit {
+            return Fault::LimitReached;
+        }
+        let Some(hpa) = p.alloc_page() else { return Fault::OutOfMemory };
+        let page = gpa & !(PAGE_SIZE - 1);
+        match self.ept.map(p, page, hpa, PAGE_SIZE, Perms::RWX, MemoryType::WriteBack, false) {
+            Ok(()) => {}
+            Err(Error::OutOfMemory) => {
+                p.free_page(hpa);
+                return Fault::OutOfMemory;
+            }
+            Err(_) => {
+                p.free_page(hpa);
+                return Fault::Unexpected;
+            }
+        }
+        self.backing += 1;
+        if self.mode == Mode::WriteProtect {
+            if let Some((w, _)) = self.ept.leaf(p, page) {
+                if guest_write {
+                    if let Some(s) = self.slot_of(page) {
+                        s.log.mark(p, page);
+                    }
+                } else {
+                    let v = w.load(Relaxed);
+                    w.store((v & !bits::W) | SW_WRITABLE, Relaxed);
+                }
+            }
+        }
+        Fault::Resolved
+    }
+
+    /// Handles an EPT violation at `gpa` with exit qualification `qualification`.
+    pub fn on_ept_violation<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, qualification: u64) -> Fault {
+        let write = qualification & qual::WRITE != 0;
+        let Some(slot) = self.slot_of(gpa) else { return Fault::Mmio { gpa, write } };
+        if self.ept.leaf(p, gpa).is_some() {
+            if write && slot.log.on_write_violation(p, &self.ept, gpa) {
+                return Fault::Resolved;
+            }
+            return Fault::Unexpected;
+        }
+        self.back_page(p, gpa, write)
+    }
+
+    /// Writes `data` into guest memory at `gpa`, backing pages as needed. These writes are
+    /// smudge's own: they go through the host mapping and never set an EPT dirty flag.
+    pub fn write_guest<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, data: &[u8]) -> Result<(), Error> {
+        self.check_guest_range(gpa, data.len() as u64)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let g = gpa + done as u64;
+            let off = (g % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - off).min(data.len() - done);
+            let hpa = self.backing_hpa(p, g)?;
+            platform::write_bytes(p, hpa, off, &data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads guest memory at `gpa` into `out`; unbacked pages read as zero.
+    pub fn read_guest<P: Platform + ?Sized>(&self, p: &P, gpa: u64, out: &mut [u8]) -> Result<(), Error> {
+        self.check_guest_range(gpa, out.len() as u64)?;
+        let mut done = 0usize;
+        while done < out.len() {
+            let g = gpa + done as u64;
+            let off = (g % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - off).min(out.len() - done);
+            match self.ept.translate(p, g) {
+                Some(t) => platform::read_bytes(p, t.hpa & !(PAGE_SIZE - 1), off, &mut out[done..done + n]),
+                None => out[done..done + n].fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_guest_range(&self, gpa: u64, len: u64) -> Result<(), Error> {
+        let end = gpa.checked_add(len).ok_or(Error::EmptyOrWrappingRange)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match self.slot_of(gpa) {
+            Some(s) if end <= s.end() => Ok(()),
+            _ => Err(Error::GpaOutOfRange),
+        }
+    }
+
+    fn backing_hpa<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64) -> Result<u64, Error> {
+        if let Some(t) = self.ept.translate(p, gpa) {
+            return Ok(t.hpa & !(PAGE_SIZE - 1));
+        }
+        match self.back_page(p, gpa, false) {
+            Fault::Resolved => {}
+            Fault::LimitReached | Fault::OutOfMemory => return Err(Error::OutOfMemory),
+            _ => return Err(Error::GpaOutOfRange),
+        }
+        self.ept.translate(p, gpa).map(|t| t.hpa & !(PAGE_SIZE - 1)).ok_or(Error::NotMapped)
+    }
+
+    /// Loads a static ELF64 image into guest RAM; returns its entry point.
+    pub fn load_elf<P: Platform + ?Sized>(&mut self, p: &P, image: &[u8]) -> Result<u64, LoadError> {
+        let layout = self.layout.ok_or(LoadError::Vm(Error::NotMapped))?;
+        let elf = Elf::parse(image, &layout).map_err(LoadError::Elf)?;
+        let mut res = Ok(());
+        elf.for_each_load(|s| {
+            if res.is_ok() {
+                // Bytes past p_filesz are zero already (fresh pages) and need not be written.
+                res = self.write_guest(p, s.paddr, elf.segment_bytes(&s));
+            }
+        })
+        .map_err(LoadError::Elf)?;
+        res.map_err(LoadError::Vm)?;
+        Ok(elf.entry)
+    }
+
+    /// Marks every GPA logged in a PML buffer (`index` = the guest PML index) in its slot's
+    /// log; returns how many entries there were.
+    pub fn pml_drain<P: Platform + ?Sized>(&self, p: &P, buffer: u64, index: u16) -> usize {
+        dirty::pml::drain(p, buffer, index, |gpa| {
+            if let Some(s) = self.slot_of(gpa) {
+                s.log.mark(p, gpa);
+            }
+        })
+    }
+
+    /// `KVM_GET_DIRTY_LOG` for slot `idx`.
+    pub fn get_dirty_log<P: Platform + ?Sized>(&self, p: &P, idx: usize, out: &mut [u64]) -> Result<(), Error> {
+        let s = self.slots.get(idx).and_then(|s| s.as_ref()).ok_or(Error::NotMapped)?;
+        s.log.get(p, &self.ept, out)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` for slot `idx`. The caller INVEPTs if `ept().needs_invept()`.
+    pub fn clear_dirty_log<P: Platform + ?Sized>(&mut self, p: &P, idx: usize, first: u64, num: u64, mask: &[u64]) -> Result<(), Error> {
+        let s = self.slots.get(idx).and_then(|s| s.as_ref()).ok_or(Error::NotMapped)?;
+        s.log.clear(p, &mut self.ept, first, num, mask)
+    }
+
+    /// Get and clear slot `idx` in one pass. The caller INVEPTs afterwards (required).
+    pub fn harvest<P: Platform + ?Sized>(&mut self, p: &P, idx: usize, out: &mut [u64]) -> Result<(), Error> {
+        let s = self.slots.get(idx).and_then(|s| s.as_ref()).ok_or(Error::NotMapped)?;
+        s.log.harvest(p, &mut self.ept, out)
+    }
+
+    /// Frees everything. The caller executed INVEPT (all-context) after the last VM exit.
+    pub fn destroy<P: Platform + ?Sized>(mut self, p: &P) {
+        for i in 0..MAX_SLOTS {
+            self.remove_slot(p, i);
+        }
+        self.ept.destroy(p);
+    }
+}
+
+/// Loading an image failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadError {
+    /// The image is malformed.
+    Elf(ElfError),
+    /// Guest memory could not take it.
+    Vm(Error),
+}
+
+/// VM-exit basic reasons smudge handles (SDM Appendix C).
+pub mod reason {
+    /// Exception or NMI.
+    pub const EXCEPTION_NMI: u32 = 0;
+    /// External interrupt.
+    pub const EXTERNAL_INTERRUPT: u32 = 1;
+    /// Triple fault.
+    pub const TRIPLE_FAULT: u32 = 2;
+    /// CPUID.
+    pub const CPUID: u32 = 10;
+    /// HLT.
+    pub const HLT: u32 = 12;
+    /// VMCALL.
+    pub const VMCALL: u32 = 18;
+    /// I/O instruction.
+    pub const IO: u32 = 30;
+    /// RDMSR.
+    pub const RDMSR: u32 = 31;
+    /// WRMSR.
+    pub const WRMSR: u32 = 32;
+    /// VM-entry failure due to invalid guest state.
+    pub const INVALID_GUEST_STATE: u32 = 33;
+    /// VM-entry failure due to MSR loading.
+    pub const MSR_LOADING: u32 = 34;
+    /// EPT violation.
+    pub const EPT_VIOLATION: u32 = 48;
+    /// EPT misconfiguration.
+    pub const EPT_MISCONFIG: u32 = 49;
+    /// VMX-preemption timer expired.
+    pub const PREEMPTION_TIMER: u32 = 52;
+    /// XSETBV.
+    pub const XSETBV: u32 = 55;
+    /// Page-modification log full.
+    pub const PML_FULL: u32 = 62;
+    /// Number of counters kept.
+    pub const COUNT: usize = 70;
+
+    /// snake_case name of a basic exit reason, for statistics and JSON.
+    pub const fn name(r: u32) -> &'static str {
+        match r {
+            0 => "exception_nmi",
+            1 => "external_interrupt",
+            2 => "triple_fault",
+            7 => "interrupt_window",
+            9 => "task_switch",
+            10 => "cpuid",
+            12 => "hlt",
+            13 => "invd",
+            14 => "invlpg",
+            16 => "rdtsc",
+            18 => "vmcall",
+            19..=27 => "vmx_instruction",
+            28 => "cr_access",
+            29 => "dr_access",
+            30 => "io",
+            31 => "rdmsr",
+            32 => "wrmsr",
+            33 => "invalid_guest_state",
+            34 => "msr_loading",
+            36 => "mwait",
+            39 => "monitor",
+            40 => "pause",
+            48 => "ept_violation",
+            49 => "ept_misconfig",
+            50 => "invept",
+            52 => "preemption_timer",
+            53 => "invvpid",
+            55 => "xsetbv",
+            62 => "pml_full",
+            _ => "other",
+        }
+    }
+}
+
+/// What a VM exit reported (read from the VMCS by the hardware layer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit reason (0x4402), bit 31 = VM-entry failure.
+    pub reason: u32,
+    /// Exit qualification (0x6400).
+    pub qualification: u64,
+    /// Guest-physical address (0x2400).
+    pub gpa: u64,
+    /// VM-exit instruction length (0x440C).
+    pub instr_len: u64,
+}
+
+/// Why a run returned to user space (the ABI's exit record kinds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// Every vCPU stopped with HLT.
+    Hlt,
+    /// Hypercall 0: exit the VM with this code.
+    ExitCode(u64),
+    /// Hypercall 1: the guest asks for a checkpoint; resume it after harvesting.
+    Checkpoint,
+    /// The console buffer is full.
+    Console,
+    /// Access outside every slot.
+    Mmio {
+        /// Address.
+        gpa: u64,
+        /// A write.
+        write: bool,
+    },
+    /// The guest triple-faulted.
+    TripleFault,
+    /// The run was interrupted (a signal, or the time budget): run again to continue.
+    Interrupted,
+    /// An exit smudge does not handle, or a resource failure; the vCPU stopped.
+    Stopped {
+        /// Basic exit reason (or a `Fault` code).
+        reason: u32,
+        /// What happened.
+        what: StopCause,
+    },
+}
+
+/// Why a vCPU stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// An exit reason smudge does not handle.
+    UnhandledExit,
+    /// The guest executed a VMX instruction.
+    VmxInstruction,
+    /// EPT misconfiguration: a bug in smudge's tables.
+    EptMisconfig,
+    /// Per-VM page limit reached.
+    PageLimit,
+    /// Host allocation failed.
+    OutOfMemory,
+    /// An EPT violation smudge cannot explain.
+    UnexpectedViolation,
+    /// VM entry failed (the message comes from the entry checker).
+    EntryFailed,
+}
+
+/// What the hardware loop does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Resume the guest, advancing RIP by `advance` bytes.
+    Resume {
+        /// Instruction length to skip.
+        advance: u64,
+    },
+    /// Return to the host loop (interrupts, preemption timer), then resume.
+    Yield,
+    /// Return to user space.
+    ToUser(RunExit),
+}
+
+/// Per-vCPU state the exit handler keeps.
+#[derive(Debug)]
+pub struct VcpuState {
+    /// vCPU index.
+    pub index: u32,
+    /// Console bytes not yet handed to user space.
+    pub console: [u8; CONSOLE_BUF],
+    /// Valid bytes in `console`.
+    pub console_len: usize,
+    /// Exits per basic reason.
+    pub exits: [u64; reason::COUNT],
+    /// The vCPU stopped (HLT, triple fault, error).
+    pub halted: bool,
+    /// Set after a checkpoint exit: the guest resumes with RAX = 0.
+    pub checkpoint_pending: bool,
+}
+
+impl VcpuState {
+    /// A fresh vCPU state.
+    pub fn new(index: u32) -> VcpuState {
+        VcpuState {
+            index,
+            console: [0; CONSOLE_BUF],
+            console_len: 0,
+            exits: [0; reason::COUNT],
+            halted: false,
+            checkpoint_pending: false,
+        }
+    }
+}
+
+/// CPUID as the guest sees it: the host's, with VMX hidden and the hypervisor bit set
+/// (CPUID.1:ECX bit 5 and bit 31).
+pub fn filter_cpuid(leaf: u32, mut r: [u32; 4]) -> [u32; 4] {
+    if leaf == 1 {
+        r[2] &= !(1 << 5);
+        r[2] |= 1 << 31;
+    }
+    r
+}
+
+impl Vm {
+    /// Handles one VM exit of `vcpu`. `cpuid` answers CPUID for the host processor.
+    pub fn handle_exit<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        vcpu: &mut VcpuState,
+        exit: &ExitInfo,
+        gprs: &mut GuestGprs,
+        cpuid: &dyn Fn(u32, u32) -> [u32; 4],
+    ) -> Action {
+        let basic = exit.reason & 0xffff;
+        if let Some(c) = vcpu.exits.get_mut(basic as usize) {
+            *c += 1;
+        }
+        if exit.reason & (1 << 31) != 0 {
+            vcpu.halted = true;
+            return Action::ToUser(RunExit::Stopped { reason: basic, what: StopCause::EntryFailed });
+        }
+        match basic {
+            reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER | reason::PML_FULL => Action::Yield,
+            reason::TRIPLE_FAULT => {
+                vcpu.halted = true;
+                Action::ToUser(RunExit::TripleFault)
+            }
+            reason::HLT => {
+                vcpu.halted = true;
+                Action::ToUser(RunExit::Hlt)
+            }
+            reason::CPUID => {
+                let r = filter_cpuid(gprs.rax as u32, cpuid(gprs.rax as u32, gprs.rcx as u32));
+                gprs.rax = r[0].into();
+                gprs.rbx = r[1].into();
+                gprs.rcx = r[2].into();
+                gprs.rdx = r[3].into();
+                Action::Resume { advance: exit.instr_len }
+            }
+            reason::VMCALL => match gprs.rax {
+                0 => {
+                    vcpu.halted = true;
+                    Action::ToUser(RunExit::ExitCode(gprs.rdi))
+                }
+                1 => {
+                    gprs.rax = 0;
+                    vcpu.checkpoint_pending = true;
+                    Action::ToUser(RunExit::Checkpoint)
+                }
+                _ => {
+                    gprs.rax = u64::MAX;
+                    Action::Resume { advance: exit.instr_len }
+                }
+            },
+            reason::IO => {
+                // SDM 28.2.1 Table 28-5: size-1 in 2:0, IN in bit 3, string bit 4, port 31:16.
+                let q = exit.qualification;
+                let port = (q >> 16) as u16;
+                let is_in = q & (1 << 3) != 0;
+                let string = q & (1 << 4) != 0;
+                if !is_in && !string && port == CONSOLE_PORT {
+                    if vcpu.console_len < CONSOLE_BUF {
+                        vcpu.console[vcpu.console_len] = gprs.rax as u8;
+                        vcpu.console_len += 1;
+                    }
+                    if vcpu.console_len == CONSOLE_BUF {
+                        return Action::ToUser(RunExit::Console);
+                    }
+                } else if is_in && !string {
+                    // Reads of absent ports see all ones, as on a bus with nothing there.
+                    let size = (q & 7) + 1;
+                    let mask = if size >= 4 { 0xffff_ffff } else { (1u64 << (size * 8)) - 1 };
+                    gprs.rax = (gprs.rax & !mask) | mask;
+                }
+                Action::Resume { advance: exit.instr_len }
+            }
+            reason::RDMSR => {
+                // Intercepted MSRs read as 0 (the MSR bitmap passes only harmless ones).
+                gprs.rax = 0;
+                gprs.rdx = 0;
+                Action::Resume { advance: exit.instr_len }
+            }
+            reason::WRMSR | reason::XSETBV => Action::Resume { advance: exit.instr_len },
+            reason::EPT_VIOLATION => match self.on_ept_violation(p, exit.gpa, exit.qualification) {
+                Fault::Resolved => Action::Resume { advance: 0 },
+                Fault::Mmio { gpa, write } => {
+                    vcpu.halted = true;
+                    Action::ToUser(RunExit::Mmio { gpa, write })
+                }
+                Fault::LimitReached => self.stop(vcpu, basic, StopCause::PageLimit),
+                Fault::OutOfMemory => self.stop(vcpu, basic, StopCause::OutOfMemory),
+                Fault::Unexpected => self.stop(vcpu, basic, StopCause::UnexpectedViolation),
+            },
+            reason::EPT_MISCONFIG => self.stop(vcpu, basic, StopCause::EptMisconfig),
+            19..=27 | 50 | 53 => self.stop(vcpu, basic, StopCause::VmxInstruction),
+            _ => self.stop(vcpu, basic, StopCause::UnhandledExit),
+        }
+    }
+
+    fn stop(&self, vcpu: &mut VcpuState, reason: u32, what: StopCause) -> Action {
+        vcpu.halted = true;
+        Action::ToUser(RunExit::Stopped { reason, what })
+    }
+}

@@ -1,0 +1,190 @@
+//! The hardware run loop (part of the arch layer): VMCS load, VM entry, exit decoding, and the
+//! hand-off to the safe exit handler in `vm`. Shared by the Linux and Windows shims.
+
+use x86::vmx::vmcs::{guest, ro};
+
+use crate::arch::{self, FxArea, GuestGprs, HostState, InveptType, VmFail};
+use crate::platform::Platform;
+use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
+use crate::vmx::caps::VmxCaps;
+use crate::vmx::setup::{self, Controls, VcpuConfig};
+
+/// The preemption-timer value for one stay in the guest (ticks of TSC >> MISC[4:0]): bounds
+/// how long the guest runs before the host gets the CPU back (SDM 26.5.1).
+pub const PREEMPTION_QUANTUM: u64 = 200_000;
+
+/// What the OS supplies to the loop.
+pub trait RunEnv {
+    /// Disables interrupts on this CPU; returns the previous state.
+    fn irq_save(&self) -> usize;
+    /// Restores the interrupt state (a pending external interrupt is delivered now).
+    fn irq_restore(&self, flags: usize);
+    /// True when the loop must return to the OS (a signal, a reschedule, a time budget).
+    fn should_return(&self) -> bool;
+}
+
+/// Why the hardware run failed before the guest could run or after an entry failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HwError {
+    /// A VMX instruction failed (VMPTRLD, VMWRITE, VMLAUNCH/VMRESUME, INVEPT).
+    Vmx {
+        /// Which step.
+        step: &'static str,
+        /// How.
+        fail: VmFail,
+    },
+}
+
+/// A vCPU's hardware state.
+pub struct HwVcpu {
+    /// Exit-handler state.
+    pub state: VcpuState,
+    /// Host-physical address of the VMCS region.
+    pub vmcs: u64,
+    /// Host-physical address of the PML buffer (0 without PML).
+    pub pml: u64,
+    /// Host-physical address of the MSR bitmap.
+    pub msr_bitmap: u64,
+    /// Guest GPRs.
+    pub gprs: GuestGprs,
+    /// Guest x87/SSE state.
+    pub fx: FxArea,
+    /// VMLAUNCH done since the last VMCLEAR.
+    pub launched: bool,
+    /// The guest-state area was written.
+    pub programmed: bool,
+    /// Guest entry point (first run).
+    pub rip: u64,
+}
+
+fn step<T>(step: &'static str, r: Result<T, VmFail>) -> Result<T, HwError> {
+    r.map_err(|fail| HwError::Vmx { step, fail })
+}
+
+/// Runs `vcpu` on this CPU until something needs user space or the OS.
+///
+/// # Safety
+/// VMX root operation on this CPU; preemption disabled and the FPU owned by the caller
+/// (kernel_fpu_begin / KeSaveExtendedProcessorState); `vcpu.vmcs` is either launched on this
+/// CPU or was VMCLEARed (then `launched` is false); `p` gives access to every page involved.
+pub unsafe fn run<P: Platform + ?Sized>(
+    vm: &mut Vm,
+    vcpu: &mut HwVcpu,
+    p: &P,
+    caps: &VmxCaps,
+    ctls: &Controls,
+    env: &dyn RunEnv,
+) -> Result<RunExit, HwError> {
+    if vcpu.state.halted {
+        return Ok(RunExit::Hlt);
+    }
+    let layout = match vm.layout() {
+        Some(l) => l,
+        None => return Ok(RunExit::Stopped { reason: 0, what: crate::vm::StopCause::EntryFailed }),
+    };
+    // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
+    step("vmptrld", unsafe { arch::vmptrld(vcpu.vmcs) })?;
+    // SAFETY: preemption is off: the snapshot describes this CPU for the whole run.
+    let host: HostState = unsafe { arch::host_state() };
+    let eptp = vm.ept().eptp(matches!(vm.mode(), crate::dirty::Mode::AdScan | crate::dirty::Mode::Pml)).0;
+    let cfg = VcpuConfig {
+        eptp,
+        vpid: 1 + vcpu.state.index as u16,
+        pml_buffer: vcpu.pml,
+        msr_bitmap: vcpu.msr_bitmap,
+        rip: vcpu.rip,
+        rsp: layout.stack_top(u64::from(vcpu.state.index)),
+    };
+    // SAFETY: a current VMCS exists (VMPTRLD above).
+    let mut write = |f: u32, v: u64| unsafe { arch::vmwrite(f, v) };
+    if !vcpu.programmed {
+        step("vmwrite (setup)", setup::program(&mut write, caps, ctls, &host, &layout, &cfg))?;
+        vcpu.programmed = true;
+    } else {
+        // The host state can differ per CPU (GDT, TSS, GS base): refresh it every run.
+        step("vmwrite (host)", setup::program_host(&mut write, ctls, &host))?;
+    }
+    let timer = ctls.pin & setup::pin::PREEMPTION_TIMER != 0;
+    // SAFETY: the caller owns the FPU; the area holds a valid image.
+    unsafe { arch::fxrstor(&vcpu.fx) };
+    let result = loop {
+        if vm.ept().needs_invept() {
+            // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
+            // must not survive in cached translations when the guest runs again.
+            // SAFETY: VMX root operation.
+            let kind = if caps.ept_vpid_cap & (1 << 25) != 0 { InveptType::SingleContext } else { InveptType::AllContext };
+            if let Err(fail) = unsafe { arch::invept(kind, eptp) } {
+                break Err(HwError::Vmx { step: "invept", fail });
+            }
+            vm.ept_mut().invept_done(p);
+        }
+        if timer {
+            // SAFETY: current VMCS.
+            if let Err(fail) = unsafe { arch::vmwrite(guest::VMX_PREEMPTION_TIMER_VALUE, PREEMPTION_QUANTUM) } {
+                break Err(HwError::Vmx { step: "vmwrite (timer)", fail });
+            }
+        }
+        let flags = env.irq_save();
+        // SAFETY: the VMCS is complete, interrupts are off, and the host area describes this CPU.
+        let entered = unsafe { arch::vm_enter(&mut vcpu.gprs, vcpu.launched) };
+        // SAFETY: right after the exit (or failed entry) on the same CPU.
+        unsafe { arch::restore_after_exit(&host) };
+        env.irq_restore(flags);
+        if let Err(fail) = entered {
+            break Err(HwError::Vmx { step: if vcpu.launched { "vmresume" } else { "vmlaunch" }, fail });
+        }
+        vcpu.launched = true;
+        // SAFETY: current VMCS after an exit.
+        let exit = unsafe {
+            ExitInfo {
+                reason: arch::vmread(ro::EXIT_REASON).unwrap_or(0) as u32,
+                qualification: arch::vmread(ro::EXIT_QUALIFICATION).unwrap_or(0),
+                gpa: arch::vmread(ro::GUEST_PHYSICAL_ADDR_FULL).unwrap_or(0),
+                instr_len: arch::vmread(ro::VMEXIT_INSTRUCTION_LEN).unwrap_or(0),
+            }
+        };
+        if ctls.proc2 & setup::proc2::PML != 0 {
+            // Drain on every exit, before anything reports the dirty log (SDM 29.3.6).
+            // SAFETY: current VMCS.
+            let index = unsafe { arch::vmread(guest::PML_INDEX) }.unwrap_or(511) as u16;
+            if index != crate::dirty::pml::INDEX_RESET {
+                vm.pml_drain(p, vcpu.pml, index);
+                // SAFETY: current VMCS.
+                if let Err(fail) = unsafe { arch::vmwrite(guest::PML_INDEX, crate::dirty::pml::INDEX_RESET.into()) } {
+                    break Err(HwError::Vmx { step: "vmwrite (pml index)", fail });
+                }
+            }
+        }
+        let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);
+        let action = vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid);
+        let advance = match action {
+            Action::Resume { advance } => advance,
+            // A hypercall that goes to user space resumes after the VMCALL.
+            Action::ToUser(_) if exit.reason == reason::VMCALL => exit.instr_len,
+            _ => 0,
+        };
+        if advance != 0 {
+            // SAFETY: current VMCS.
+            let rip = unsafe { arch::vmread(guest::RIP) }.unwrap_or(0);
+            // SAFETY: current VMCS.
+            if let Err(fail) = unsafe { arch::vmwrite(guest::RIP, rip.wrapping_add(advance)) } {
+                break Err(HwError::Vmx { step: "vmwrite (rip)", fail });
+            }
+        }
+        match action {
+            Action::Resume { .. } => {}
+            Action::Yield => {
+                if env.should_return() {
+                    break Ok(RunExit::Interrupted);
+                }
+            }
+            Action::ToUser(x) => break Ok(x),
+        }
+        if env.should_return() {
+            break Ok(RunExit::Interrupted);
+        }
+    };
+    // SAFETY: the caller owns the FPU; the area is aligned.
+    unsafe { arch::fxsave(&mut vcpu.fx) };
+    result
+}

@@ -1,0 +1,127 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The few kernel facilities Linux 6.12 offers to C only (macros, inlines, or structs missing
+ * from the Rust bindings): the misc device, IRQ/preemption control, CR4 updates through the
+ * kernel's shadow, __va/__pa, user copies, cross-CPU calls, the host page-table lookup, module
+ * parameters and the reboot/panic notifiers. Each function is one line of policy-free glue;
+ * everything else is Rust.
+ */
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/miscdevice.h>
+#include <linux/fs.h>
+#include <linux/mm.h>
+#include <linux/gfp.h>
+#include <linux/smp.h>
+#include <linux/sched.h>
+#include <linux/sched/signal.h>
+#include <linux/uaccess.h>
+#include <linux/reboot.h>
+#include <linux/panic_notifier.h>
+#include <linux/notifier.h>
+#include <asm/tlbflush.h>
+#include <asm/fpu/api.h>
+#include <asm/msr.h>
+#include <asm/pgtable_types.h>
+#include <asm/pgtable.h>
+
+/* Implemented in smudge_main.rs. */
+long smudge_rs_open(void **priv);
+void smudge_rs_release(void *priv);
+long smudge_rs_ioctl(void *priv, unsigned int cmd, unsigned long arg);
+void smudge_rs_emergency_vmxoff(void);
+
+/* Module parameters: fault injection and the driver-wide page count (read-only). */
+static int fail_alloc_after = -1;
+module_param(fail_alloc_after, int, 0644);
+MODULE_PARM_DESC(fail_alloc_after, "fail every page allocation after this many more succeed (-1: never)");
+static unsigned long pages_held;
+module_param(pages_held, ulong, 0444);
+MODULE_PARM_DESC(pages_held, "pages held by all VMs (0 when none is open)");
+
+int smudge_fault_inject(void)
+{
+	int n = READ_ONCE(fail_alloc_after);
+	if (n < 0)
+		return 0;
+	if (n == 0)
+		return 1;
+	WRITE_ONCE(fail_alloc_after, n - 1);
+	return 0;
+}
+
+void smudge_pages_add(long delta) { __atomic_add_fetch(&pages_held, delta, __ATOMIC_RELAXED); }
+unsigned long smudge_pages_held(void) { return __atomic_load_n(&pages_held, __ATOMIC_RELAXED); }
+
+static int smudge_open(struct inode *inode, struct file *f)
+{
+	void *priv = NULL;
+	long r = smudge_rs_open(&priv);
+	if (r)
+		return r;
+	f->private_data = priv;
+	return 0;
+}
+static int smudge_release(struct inode *inode, struct file *f) { smudge_rs_release(f->private_data); return 0; }
+static long smudge_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_rs_ioctl(f->private_data, cmd, arg); }
+
+static const struct file_operations smudge_fops = {
+	.owner = THIS_MODULE,
+	.open = smudge_open,
+	.release = smudge_release,
+	.unlocked_ioctl = smudge_ioctl,
+};
+static struct miscdevice smudge_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "smudge",
+	.fops = &smudge_fops,
+	.mode = 0666,
+};
+int smudge_misc_register(void) { return misc_register(&smudge_misc); }
+void smudge_misc_deregister(void) { misc_deregister(&smudge_misc); }
+
+/* INIT is blocked in VMX root operation: leave it before a reboot or after a panic. */
+static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *unused) { smudge_rs_emergency_vmxoff(); return NOTIFY_DONE; }
+static struct notifier_block smudge_reboot_nb = { .notifier_call = smudge_reboot };
+static struct notifier_block smudge_panic_nb = { .notifier_call = smudge_reboot };
+void smudge_notifiers_register(void)
+{
+	register_reboot_notifier(&smudge_reboot_nb);
+	atomic_notifier_chain_register(&panic_notifier_list, &smudge_panic_nb);
+}
+void smudge_notifiers_unregister(void)
+{
+	atomic_notifier_chain_unregister(&panic_notifier_list, &smudge_panic_nb);
+	unregister_reboot_notifier(&smudge_reboot_nb);
+}
+
+unsigned long smudge_irq_save(void) { unsigned long f; local_irq_save(f); return f; }
+void smudge_irq_restore(unsigned long f) { local_irq_restore(f); }
+/* CR4 through the kernel's shadow (a raw mov to CR4 would be undone by the next cr4 update). */
+void smudge_cr4_set_vmxe(void) { cr4_set_bits(X86_CR4_VMXE); }
+void smudge_cr4_clear_vmxe(void) { cr4_clear_bits(X86_CR4_VMXE); }
+unsigned long smudge_cr4_read(void) { return __read_cr4(); }
+int smudge_rdmsr_safe(u32 msr, u64 *val) { return rdmsrl_safe(msr, val); }
+void *smudge_va(u64 pa) { return __va(pa); }
+u64 smudge_pa(void *va) { return __pa(va); }
+/* GFP_ATOMIC inside the run loop (preemption off), GFP_KERNEL elsewhere. */
+unsigned long smudge_get_zeroed_page(int atomic) { return get_zeroed_page(atomic ? GFP_ATOMIC : GFP_KERNEL); }
+void smudge_free_page(unsigned long va) { free_page(va); }
+int smudge_copy_from_user(void *dst, unsigned long src, unsigned long n) { return copy_from_user(dst, (const void __user *)src, n) ? -EFAULT : 0; }
+int smudge_copy_to_user(unsigned long dst, const void *src, unsigned long n) { return copy_to_user((void __user *)dst, src, n) ? -EFAULT : 0; }
+void smudge_fpu_begin(void) { kernel_fpu_begin(); }
+void smudge_fpu_end(void) { kernel_fpu_end(); }
+int smudge_cpu(void) { return smp_processor_id(); }
+int smudge_nr_cpu_ids(void) { return nr_cpu_ids; }
+int smudge_should_return(void) { return signal_pending(current) || need_resched(); }
+void smudge_cond_resched(void) { cond_resched(); }
+void smudge_on_each_cpu(void (*fn)(void *), void *info) { on_each_cpu(fn, info, 1); }
+int smudge_on_cpu(int cpu, void (*fn)(void *), void *info) { return smp_call_function_single(cpu, fn, info, 1); }
+/* The host page-table entry that maps a kernel virtual address, and its level (1 = 4 KiB). */
+u64 smudge_host_pte(unsigned long va, unsigned int *level)
+{
+	unsigned int l = 0;
+	pte_t *pte = lookup_address(va, &l);
+	*level = l == PG_LEVEL_4K ? 1 : l == PG_LEVEL_2M ? 2 : l == PG_LEVEL_1G ? 3 : 0;
+	return pte ? pte_val(*pte) : 0;
+}

@@ -1,0 +1,806 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! smudge.ko: the thin Linux shim around smudge-core.
+//!
+//! It supplies pages and phys<->virt ([`LinuxPlatform`]), VMX operation on every CPU, the
+//! `/dev/smudge` device (one open = one VM), user copies, and the host page-table lookup for
+//! `explain`. Everything else (decoding and validating requests, EPT, dirty tracking, the
+//! VMCS, the exit handler) is smudge-core.
+
+use core::ffi::{c_long, c_void};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kernel::prelude::*;
+use smudge_core::abi::{self, Op, Request, Wire};
+use smudge_core::arch::{self, FxArea, GuestGprs};
+use smudge_core::dirty::Mode;
+use smudge_core::platform::{PageWords, Platform};
+use smudge_core::vm::{RunExit, StopCause, VcpuState, Vm};
+use smudge_core::vmx::caps::{CpuidRegs, MsrValue, VmxCaps};
+use smudge_core::vmx::hw::{self, HwVcpu, RunEnv};
+use smudge_core::vmx::setup::Controls;
+
+module! {
+    type: Smudge,
+    name: "smudge",
+    author: "smudge developers",
+    description: "smudge: a type-2 hypervisor that reports the pages a guest dirties (EPT A/D, PML, write-protect)",
+    license: "GPL",
+}
+
+extern "C" {
+    fn smudge_fault_inject() -> i32;
+    fn smudge_pages_add(delta: c_long);
+    fn smudge_pages_held() -> u64;
+    fn smudge_misc_register() -> i32;
+    fn smudge_misc_deregister();
+    fn smudge_notifiers_register();
+    fn smudge_notifiers_unregister();
+    fn smudge_irq_save() -> usize;
+    fn smudge_irq_restore(flags: usize);
+    fn smudge_cr4_set_vmxe();
+    fn smudge_cr4_clear_vmxe();
+    fn smudge_cr4_read() -> u64;
+    fn smudge_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
+    fn smudge_va(pa: u64) -> *mut c_void;
+    fn smudge_pa(va: *const c_void) -> u64;
+    fn smudge_get_zeroed_page(atomic: i32) -> usize;
+    fn smudge_free_page(va: usize);
+    fn smudge_copy_from_user(dst: *mut c_void, src: usize, n: usize) -> i32;
+    fn smudge_copy_to_user(dst: usize, src: *const c_void, n: usize) -> i32;
+    fn smudge_fpu_begin();
+    fn smudge_fpu_end();
+    fn smudge_cpu() -> i32;
+    fn smudge_nr_cpu_ids() -> i32;
+    fn smudge_should_return() -> i32;
+    fn smudge_cond_resched();
+    fn smudge_on_each_cpu(f: extern "C" fn(*mut c_void), info: *mut c_void);
+    fn smudge_on_cpu(cpu: i32, f: extern "C" fn(*mut c_void), info: *mut c_void) -> i32;
+    fn smudge_host_pte(va: usize, level: *mut u32) -> u64;
+}
+
+const EINVAL: c_long = 22;
+const EFAULT: c_long = 14;
+const ENOMEM: c_long = 12;
+const EBUSY: c_long = 16;
+const ENOTTY: c_long = 25;
+const ENODEV: c_long = 19;
+const EIO: c_long = 5;
+const EOPNOTSUPP: c_long = 95;
+
+/// Pages from the kernel's page allocator, seen through the direct map.
+struct LinuxPlatform {
+    /// Allocate with GFP_ATOMIC (inside the run loop, preemption is off).
+    atomic: bool,
+}
+
+impl Platform for LinuxPlatform {
+    fn alloc_page(&self) -> Option<u64> {
+        // SAFETY: plain C calls; the page is zeroed by get_zeroed_page.
+        unsafe {
+            if smudge_fault_inject() != 0 {
+                return None;
+            }
+            let va = smudge_get_zeroed_page(i32::from(self.atomic));
+            if va == 0 {
+                return None;
+            }
+            smudge_pages_add(1);
+            Some(smudge_pa(va as *const c_void))
+        }
+    }
+    fn free_page(&self, hpa: u64) {
+        // SAFETY: `hpa` came from alloc_page, so its direct-map address is a page we own.
+        unsafe {
+            smudge_free_page(smudge_va(hpa) as usize);
+            smudge_pages_add(-1);
+        }
+    }
+    fn page(&self, hpa: u64) -> &PageWords {
+        // SAFETY: the core only passes addresses of pages it allocated (tables, bitmaps,
+        // backing pages); the direct map covers them, and AtomicU64 has no invalid values.
+        unsafe { &*(smudge_va(hpa) as *const PageWords) }
+    }
+}
+
+/// The run loop's view of the OS.
+struct LinuxEnv;
+
+impl RunEnv for LinuxEnv {
+    fn irq_save(&self) -> usize {
+        // SAFETY: local_irq_save.
+        unsafe { smudge_irq_save() }
+    }
+    fn irq_restore(&self, flags: usize) {
+        // SAFETY: restores what irq_save returned.
+        unsafe { smudge_irq_restore(flags) }
+    }
+    fn should_return(&self) -> bool {
+        // SAFETY: reads current's flags.
+        unsafe { smudge_should_return() != 0 }
+    }
+}
+
+fn rdmsr_safe(msr: u32) -> MsrValue {
+    let mut v = 0u64;
+    // SAFETY: rdmsrl_safe catches the #GP of an absent MSR.
+    if unsafe { smudge_rdmsr_safe(msr, &mut v) } == 0 {
+        MsrValue::Value(v)
+    } else {
+        MsrValue::Absent
+    }
+}
+
+fn live_caps() -> VmxCaps {
+    VmxCaps::from_reader(rdmsr_safe, |leaf, sub| {
+        let r = arch::cpuid(leaf, sub);
+        Some(CpuidRegs { eax: r[0], ebx: r[1], ecx: r[2], edx: r[3] })
+    })
+}
+
+/// Driver-wide state set at load.
+struct Global {
+    caps: VmxCaps,
+    mode: Mode,
+    /// VMXON region per CPU (0 when none).
+    vmxon: [u64; MAX_CPUS],
+}
+
+const MAX_CPUS: usize = 64;
+static mut GLOBAL: Option<Global> = None;
+static VMX_ON: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static VMXON_FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn global() -> Option<&'static Global> {
+    // SAFETY: GLOBAL is written once in init before the device exists and cleared in Drop
+    // after the device is gone; in between it is only read.
+    unsafe { (*core::ptr::addr_of!(GLOBAL)).as_ref() }
+}
+
+extern "C" fn vmxon_this_cpu(_: *mut c_void) {
+    // SAFETY: runs in on_each_cpu's IPI context with interrupts off.
+    let cpu = unsafe { smudge_cpu() } as usize;
+    let Some(g) = global() else { return };
+    let Some(&region) = g.vmxon.get(cpu) else { return };
+    if region == 0 {
+        return;
+    }
+    // SAFETY: CR4 through the kernel's helpers; VMXON with a region holding the revision id;
+    // IA32_FEATURE_CONTROL was checked at load.
+    unsafe {
+        if smudge_cr4_read() & (1 << 13) != 0 {
+            VMXON_FAILED.fetch_or(1 << cpu, Ordering::Relaxed);
+            return;
+        }
+        smudge_cr4_set_vmxe();
+        if arch::vmxon(region).is_err() {
+            smudge_cr4_clear_vmxe();
+            VMXON_FAILED.fetch_or(1 << cpu, Ordering::Relaxed);
+            return;
+        }
+        let _ = arch::invept(arch::InveptType::AllContext, 0);
+    }
+    VMX_ON[cpu].store(true, Ordering::Release);
+}
+
+extern "C" fn vmxoff_this_cpu(_: *mut c_void) {
+    // SAFETY: IPI context; VMXOFF only where this module did VMXON.
+    unsafe {
+        let cpu = smudge_cpu() as usize;
+        if cpu < MAX_CPUS && VMX_ON[cpu].swap(false, Ordering::AcqRel) {
+            let _ = arch::vmxoff();
+            smudge_cr4_clear_vmxe();
+        }
+    }
+}
+
+/// Called by the reboot and panic notifiers.
+#[no_mangle]
+pub extern "C" fn smudge_rs_emergency_vmxoff() {
+    vmxoff_this_cpu(core::ptr::null_mut());
+}
+
+/// A vCPU with its pages.
+struct LinuxVcpu {
+    hw: HwVcpu,
+    /// CPU whose VMCS cache holds this VMCS (-1 = clear).
+    cpu: i32,
+}
+
+/// One open of /dev/smudge.
+struct VmFile {
+    busy: AtomicBool,
+    vm: Option<Vm>,
+    ctls: Option<Controls>,
+    vcpus: KVec<KBox<LinuxVcpu>>,
+}
+
+extern "C" fn vmclear_on_cpu(info: *mut c_void) {
+    // SAFETY: `info` is the VMCS physical address, passed by value; VMX is on in this CPU.
+    let _ = unsafe { arch::vmclear(info as u64) };
+}
+
+extern "C" fn invept_on_cpu(info: *mut c_void) {
+    // SAFETY: VMX is on where VMX_ON says so; INVEPT all-context has no memory operand effect.
+    unsafe {
+        let cpu = smudge_cpu() as usize;
+        if cpu < MAX_CPUS && VMX_ON[cpu].load(Ordering::Acquire) {
+            let _ = arch::invept(arch::InveptType::AllContext, info as u64);
+        }
+    }
+}
+
+impl VmFile {
+    fn pages(&self) -> u64 {
+        self.vm.as_ref().map_or(0, |v| v.pages_held()) + self.vcpus.len() as u64 * 3
+    }
+
+    /// INVEPT on every CPU (SDM 29.4.3.4): after a harvest clears D or W, any CPU where a vCPU
+    /// ran may still cache the old translations.
+    fn invept_everywhere(&mut self, p: &LinuxPlatform) {
+        if let Some(vm) = self.vm.as_mut() {
+            if vm.ept().needs_invept() {
+                // SAFETY: runs INVEPT in IPI context on each CPU.
+                unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
+                vm.ept_mut().invept_done(p);
+            }
+        }
+    }
+
+    fn free_all(&mut self) {
+        let p = LinuxPlatform { atomic: false };
+        for v in self.vcpus.iter_mut() {
+            if v.cpu >= 0 {
+                // SAFETY: VMCLEAR on the CPU that has the VMCS active.
+                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
+                v.cpu = -1;
+            }
+            for page in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
+                if page != 0 {
+                    p.free_page(page);
+                }
+            }
+        }
+        self.vcpus = KVec::new();
+        // SAFETY: invalidate every cached translation before the tables and pages are freed.
+        unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
+        if let Some(vm) = self.vm.take() {
+            vm.destroy(&p);
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
+    if global().is_none() {
+        return -ENODEV;
+    }
+    let f = VmFile { busy: AtomicBool::new(false), vm: None, ctls: None, vcpus: KVec::new() };
+    match KBox::new(f, GFP_KERNEL) {
+        Ok(b) => {
+            // SAFETY: `out` is the C caller's local.
+            unsafe { *out = KBox::into_raw(b) as *mut c_void };
+            0
+        }
+        Err(_) => -ENOMEM,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
+    if priv_.is_null() {
+        return;
+    }
+    // SAFETY: `priv_` came from KBox::into_raw in open; release is the last user.
+    let mut f = unsafe { KBox::from_raw(priv_ as *mut VmFile) };
+    f.free_all();
+}
+
+#[no_mangle]
+pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c_long {
+    if priv_.is_null() {
+        return -EINVAL;
+    }
+    // SAFETY: the file holds the VmFile until release, which cannot run during an ioctl.
+    let f = unsafe { &mut *(priv_ as *mut VmFile) };
+    let Some(op) = Op::from_linux_ioctl(cmd) else { return -ENOTTY };
+    if f.busy.swap(true, Ordering::Acquire) {
+        return -EBUSY;
+    }
+    let r = ioctl(f, op, arg);
+    f.busy.store(false, Ordering::Release);
+    r
+}
+
+fn copy_in(dst: &mut [u8], src: usize) -> core::result::Result<(), c_long> {
+    // SAFETY: copy_from_user checks the user range.
+    if unsafe { smudge_copy_from_user(dst.as_mut_ptr() as *mut c_void, src, dst.len()) } != 0 {
+        return Err(-EFAULT);
+    }
+    Ok(())
+}
+
+fn copy_out(dst: usize, src: &[u8]) -> core::result::Result<(), c_long> {
+    // SAFETY: copy_to_user checks the user range.
+    if unsafe { smudge_copy_to_user(dst, src.as_ptr() as *const c_void, src.len()) } != 0 {
+        return Err(-EFAULT);
+    }
+    Ok(())
+}
+
+fn core_err(e: smudge_core::Error) -> c_long {
+    use smudge_core::Error as E;
+    match e {
+        E::OutOfMemory => -ENOMEM,
+        E::Unsupported => -EOPNOTSUPP,
+        _ => -EINVAL,
+    }
+}
+
+fn ioctl(f: &mut VmFile, op: Op, arg: usize) -> c_long {
+    let mut buf = [0u8; 1024];
+    let n = op.buffer_size();
+    if n > buf.len() {
+        return -EINVAL;
+    }
+    if let Err(e) = copy_in(&mut buf[..op.request_size()], arg) {
+        return e;
+    }
+    let req = match abi::decode(op, &buf[..n]) {
+        Ok(r) => r,
+        Err(e) => return -(e.errno() as c_long),
+    };
+    let out = match handle(f, req, &mut buf) {
+        Ok(len) => len,
+        Err(e) => return e,
+    };
+    if out > 0 {
+        if let Err(e) = copy_out(arg, &buf[..out]) {
+            return e;
+        }
+    }
+    0
+}
+
+fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::Result<usize, c_long> {
+    let Some(g) = global() else { return Err(-ENODEV) };
+    let p = LinuxPlatform { atomic: false };
+    let enc = |r: core::result::Result<usize, abi::AbiError>| r.map_err(|_| -EINVAL);
+    match req {
+        Request::Setup { mode, mem_bytes, vcpus, page_limit } => {
+            if f.vm.is_some() {
+                return Err(-EBUSY);
+            }
+            let mode = match mode {
+                None => g.mode,
+                Some(m) => {
+                    g.caps.mode_available(m).map_err(|_| -EOPNOTSUPP)?;
+                    m
+                }
+            };
+            let ctls = Controls::for_guest(&g.caps, mode, g.caps.ept_vpid_cap & (1 << 32) != 0).map_err(|_| -EOPNOTSUPP)?;
+            let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(core_err)?;
+            if let Err(e) = vm.add_ram(&p, mem_bytes) {
+                vm.destroy(&p);
+                return Err(core_err(e));
+            }
+            f.vm = Some(vm);
+            f.ctls = Some(ctls);
+            for i in 0..vcpus {
+                if let Err(e) = add_vcpu(f, &p, g, i) {
+                    f.free_all();
+                    return Err(e);
+                }
+            }
+            Ok(0)
+        }
+        Request::LoadElf { image, len } => {
+            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let mut bytes = KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            copy_in(&mut bytes, image as usize)?;
+            let entry = match vm.load_elf(&p, &bytes) {
+                Ok(e) => e,
+                Err(smudge_core::vm::LoadError::Elf(e)) => {
+                    pr_info!("{}\n", e.message());
+                    return Err(-EINVAL);
+                }
+                Err(smudge_core::vm::LoadError::Vm(e)) => return Err(core_err(e)),
+            };
+            for v in f.vcpus.iter_mut() {
+                v.hw.rip = entry;
+            }
+            enc(abi::LoadElfResp { entry }.to_bytes(buf))
+        }
+        Request::Run { vcpu } => {
+            let resp = run(f, g, vcpu)?;
+            enc(resp.to_bytes(buf))
+        }
+        Request::DirtyLog { slot, bitmap, bitmap_len, harvest } => {
+            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let pages = vm.slots().find(|(i, _)| *i == slot as usize).map(|(_, s)| s.pages).ok_or(-EINVAL)?;
+            let words = pages.div_ceil(64) as usize;
+            if bitmap_len < words as u64 * 8 {
+                return Err(-EINVAL);
+            }
+            let mut bits = KVVec::<u64>::from_elem(0, words, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            if harvest {
+                vm.harvest(&p, slot as usize, &mut bits).map_err(core_err)?;
+            } else {
+                vm.get_dirty_log(&p, slot as usize, &mut bits).map_err(core_err)?;
+            }
+            f.invept_everywhere(&p);
+            // SAFETY: u64 slice viewed as bytes for the copy.
+            let bytes = unsafe { core::slice::from_raw_parts(bits.as_ptr() as *const u8, words * 8) };
+            copy_out(bitmap as usize, bytes)?;
+            Ok(0)
+        }
+        Request::ClearDirtyLog { slot, first_page, num_pages, mask } => {
+            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let words = num_pages.div_ceil(64) as usize;
+            let mut m = KVVec::<u64>::from_elem(0, words, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            // SAFETY: u64 slice viewed as bytes for the copy.
+            let bytes = unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut u8, words * 8) };
+            copy_in(bytes, mask as usize)?;
+            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, &m).map_err(core_err)?;
+            f.invept_everywhere(&p);
+            Ok(0)
+        }
+        Request::Stats => {
+            let mut s = abi::StatsResp::default();
+            s.vm_pages = f.pages();
+            // SAFETY: reads the module's counter.
+            s.driver_pages = unsafe { smudge_pages_held() };
+            s.mode = f.vm.as_ref().map_or(0, |v| v.mode() as u32);
+            s.vcpus = f.vcpus.len() as u32;
+            for v in f.vcpus.iter() {
+                for (a, b) in s.exits.iter_mut().zip(v.hw.state.exits.iter()) {
+                    *a += *b;
+                }
+            }
+            enc(s.to_bytes(buf))
+        }
+        Request::Caps => {
+            let mut c = abi::CapsResp::default();
+            let msrs = [0x3a, 0x480, 0x481, 0x482, 0x483, 0x484, 0x485, 0x486, 0x487, 0x488, 0x489, 0x48a, 0x48b, 0x48c, 0x48d, 0x48e, 0x48f, 0x490, 0x491];
+            for (i, m) in msrs.iter().enumerate() {
+                c.msrs[i][0] = *m;
+                if let MsrValue::Value(v) = rdmsr_safe(*m as u32) {
+                    c.msrs[i][1] = v;
+                    c.present |= 1 << i;
+                }
+            }
+            c.mode = g.mode as u32;
+            enc(c.to_bytes(buf))
+        }
+        Request::Explain { gpa } => {
+            let vm = f.vm.as_ref().ok_or(-EINVAL)?;
+            let layout = vm.layout().ok_or(-EINVAL)?;
+            let mut r = abi::ExplainResp::default();
+            // The guest's own PDE for this address (2 MiB pages, identity map below 4 GiB).
+            if gpa < (4 << 30) {
+                let pde_gpa = layout.reserved_base() + smudge_core::guest::PD_OFF + (gpa >> 21) * 8;
+                let mut b = [0u8; 8];
+                vm.read_guest(&p, pde_gpa, &mut b).map_err(core_err)?;
+                r.guest_pte = u64::from_le_bytes(b);
+                r.guest_level = 2;
+            }
+            if let Some(t) = vm.ept().translate(&p, gpa) {
+                r.ept_leaf = t.entry.0;
+                r.ept_level = t.level.into();
+                r.hpa = t.hpa & !0xfff;
+                // SAFETY: the direct-map address of a page the VM owns; lookup_address only reads.
+                unsafe {
+                    r.host_va = smudge_va(r.hpa) as u64;
+                    let mut level = 0u32;
+                    r.host_pte = smudge_host_pte(r.host_va as usize, &mut level);
+                    r.host_level = level;
+                }
+            }
+            enc(r.to_bytes(buf))
+        }
+        Request::Mem { gpa, buf: ubuf, len, write } => {
+            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let mut tmp = KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            if write {
+                copy_in(&mut tmp, ubuf as usize)?;
+                vm.write_guest(&p, gpa, &tmp).map_err(core_err)?;
+            } else {
+                vm.read_guest(&p, gpa, &mut tmp).map_err(core_err)?;
+                copy_out(ubuf as usize, &tmp)?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn add_vcpu(f: &mut VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::result::Result<(), c_long> {
+    let vmcs = p.alloc_page().ok_or(-ENOMEM)?;
+    let Some(pml) = p.alloc_page() else {
+        p.free_page(vmcs);
+        return Err(-ENOMEM);
+    };
+    let Some(msr_bitmap) = p.alloc_page() else {
+        p.free_page(vmcs);
+        p.free_page(pml);
+        return Err(-ENOMEM);
+    };
+    // SDM 25.2: the VMCS region starts with the revision identifier.
+    p.page(vmcs)[0].store(g.caps.basic & 0x7fff_ffff, Ordering::Relaxed);
+    // MSR bitmap (SDM 25.6.9): intercept everything except the MSRs the VMCS switches
+    // (EFER, FS_BASE, GS_BASE); KERNEL_GS_BASE, STAR, LSTAR, SFMASK, TSC_AUX stay intercepted.
+    for w in p.page(msr_bitmap).iter() {
+        w.store(u64::MAX, Ordering::Relaxed);
+    }
+    for msr in [0xC000_0080u32, 0xC000_0100, 0xC000_0101] {
+        let bit = (msr & 0x1fff) as usize;
+        for base in [0x400usize, 0xC00] {
+            let byte = base + bit / 8;
+            let w = &p.page(msr_bitmap)[byte / 8];
+            w.fetch_and(!(1u64 << ((byte % 8) * 8 + bit % 8)), Ordering::Relaxed);
+        }
+    }
+    let v = LinuxVcpu {
+        hw: HwVcpu {
+            state: VcpuState::new(index),
+            vmcs,
+            pml,
+            msr_bitmap,
+            gprs: GuestGprs { rdi: index.into(), ..GuestGprs::default() },
+            fx: FxArea::reset(),
+            launched: false,
+            programmed: false,
+            rip: 0,
+        },
+        cpu: -1,
+    };
+    let b = match KBox::new(v, GFP_KERNEL) {
+        Ok(b) => b,
+        Err(_) => {
+            for pg in [vmcs, pml, msr_bitmap] {
+                p.free_page(pg);
+            }
+            return Err(-ENOMEM);
+        }
+    };
+    if f.vcpus.push(b, GFP_KERNEL).is_err() {
+        return Err(-ENOMEM);
+    }
+    Ok(())
+}
+
+fn run(f: &mut VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunResp, c_long> {
+    let ctls = f.ctls.ok_or(-EINVAL)?;
+    let p = LinuxPlatform { atomic: true };
+    let mut resp = abi::RunResp::default();
+    // Harvests done between runs may have left an INVEPT obligation.
+    f.invept_everywhere(&LinuxPlatform { atomic: false });
+    let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+    let v = f.vcpus.get_mut(index as usize).ok_or(-EINVAL)?;
+    let result = loop {
+        // SAFETY: kernel_fpu_begin disables preemption and lets the guest own the FPU.
+        unsafe { smudge_fpu_begin() };
+        // SAFETY: preemption is off.
+        let cpu = unsafe { smudge_cpu() };
+        if cpu as usize >= MAX_CPUS || !VMX_ON[cpu as usize].load(Ordering::Acquire) {
+            // SAFETY: pairs with fpu_begin.
+            unsafe { smudge_fpu_end() };
+            return Err(-EIO);
+        }
+        if v.cpu != cpu {
+            if v.cpu >= 0 {
+                // SAFETY: SDM 24.11.1: a VMCS moves between CPUs only through VMCLEAR on the
+                // old one. smp_call_function_single may be called with preemption off.
+                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
+            } else {
+                // SAFETY: a fresh VMCS must be cleared before its first VMPTRLD (SDM 25.11.3).
+                let _ = unsafe { arch::vmclear(v.hw.vmcs) };
+            }
+            v.hw.launched = false;
+            v.cpu = cpu;
+        }
+        // SAFETY: VMX is on here, preemption is off, the FPU is ours, the VMCS is clear or
+        // active on this CPU.
+        let r = unsafe { hw::run(vm, &mut v.hw, &p, &g.caps, &ctls, &LinuxEnv) };
+        // SAFETY: pairs with fpu_begin.
+        unsafe { smudge_fpu_end() };
+        match r {
+            Ok(RunExit::Interrupted) => {
+                // SAFETY: reads current's flags.
+                if unsafe { smudge_should_return() } != 0 {
+                    // SAFETY: may sleep: preemption is on again.
+                    unsafe { smudge_cond_resched() };
+                    if v.hw.state.console_len > 0 {
+                        break Ok(RunExit::Console);
+                    }
+                    // A pending signal returns to user space; a reschedule just continues.
+                    // SAFETY: reads current's flags.
+                    if unsafe { smudge_should_return() } != 0 {
+                        break Ok(RunExit::Interrupted);
+                    }
+                }
+            }
+            other => break other,
+        }
+    };
+    let st = &mut v.hw.state;
+    resp.console_len = st.console_len as u32;
+    resp.console[..st.console_len].copy_from_slice(&st.console[..st.console_len]);
+    st.console_len = 0;
+    match result {
+        Ok(x) => fill_exit(&mut resp, x),
+        Err(hw::HwError::Vmx { step, fail }) => {
+            resp.kind = abi::exit_kind::ERROR;
+            resp.code = match fail {
+                arch::VmFail::Valid(e) => e.into(),
+                arch::VmFail::Invalid => u64::MAX,
+            };
+            v.hw.state.halted = true;
+            let mut msg = MsgBuf::new();
+            let _ = core::fmt::write(&mut msg, format_args!("{} failed: {:?}", step, fail));
+            resp.set_message(msg.as_str());
+        }
+    }
+    Ok(resp)
+}
+
+fn fill_exit(resp: &mut abi::RunResp, x: RunExit) {
+    use abi::exit_kind as k;
+    match x {
+        RunExit::Hlt => resp.kind = k::HLT,
+        RunExit::ExitCode(c) => {
+            resp.kind = k::EXIT;
+            resp.code = c;
+        }
+        RunExit::Checkpoint => resp.kind = k::CHECKPOINT,
+        RunExit::Console => resp.kind = k::CONSOLE,
+        RunExit::Mmio { gpa, write } => {
+            resp.kind = k::MMIO;
+            resp.gpa = gpa;
+            resp.write = write.into();
+        }
+        RunExit::TripleFault => resp.kind = k::TRIPLE_FAULT,
+        RunExit::Interrupted => resp.kind = k::INTERRUPTED,
+        RunExit::Stopped { reason, what } => {
+            resp.kind = k::ERROR;
+            resp.reason = reason;
+            resp.set_message(match what {
+                StopCause::UnhandledExit => "unhandled VM exit",
+                StopCause::VmxInstruction => "the guest executed a VMX instruction",
+                StopCause::EptMisconfig => "EPT misconfiguration (a smudge bug)",
+                StopCause::PageLimit => "the VM reached its page limit",
+                StopCause::OutOfMemory => "host out of memory while backing guest memory",
+                StopCause::UnexpectedViolation => "unexpected EPT violation",
+                StopCause::EntryFailed => "VM entry failed",
+            });
+        }
+    }
+}
+
+/// A small stack buffer for formatted messages.
+struct MsgBuf {
+    b: [u8; 160],
+    n: usize,
+}
+
+impl MsgBuf {
+    fn new() -> MsgBuf {
+        MsgBuf { b: [0; 160], n: 0 }
+    }
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.b[..self.n]).unwrap_or("")
+    }
+}
+
+impl core::fmt::Write for MsgBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let room = self.b.len() - self.n;
+        let k = s.len().min(room);
+        self.b[self.n..self.n + k].copy_from_slice(&s.as_bytes()[..k]);
+        self.n += k;
+        Ok(())
+    }
+}
+
+struct Smudge;
+
+impl kernel::Module for Smudge {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let caps = live_caps();
+        // Refuse precisely: VMX absent, disabled and locked, EPT absent, another hypervisor.
+        // SAFETY: reads CR4 through the kernel's shadow.
+        if unsafe { smudge_cr4_read() } & (1 << 13) != 0 {
+            pr_err!("CR4.VMXE is already set: another hypervisor is in VMX operation\n");
+            return Err(EBUSY_ERR);
+        }
+        let mode = match caps.choose_mode(false) {
+            Ok(m) => m,
+            Err(u) => {
+                let mut msg = MsgBuf::new();
+                let _ = core::fmt::write(&mut msg, format_args!("{}", u));
+                pr_err!("cannot load: {}\n", msg.as_str());
+                return Err(ENODEV_ERR);
+            }
+        };
+        // SAFETY: reads the CPU count.
+        let ncpu = (unsafe { smudge_nr_cpu_ids() } as usize).min(MAX_CPUS);
+        let p = LinuxPlatform { atomic: false };
+        let mut vmxon = [0u64; MAX_CPUS];
+        for slot in vmxon.iter_mut().take(ncpu) {
+            match p.alloc_page() {
+                Some(pg) => {
+                    // SDM 25.11.5: the VMXON region starts with the revision identifier.
+                    p.page(pg)[0].store(caps.basic & 0x7fff_ffff, Ordering::Relaxed);
+                    *slot = pg;
+                }
+                None => {
+                    for pg in vmxon.iter().filter(|&&x| x != 0) {
+                        p.free_page(*pg);
+                    }
+                    return Err(ENOMEM_ERR);
+                }
+            }
+        }
+        // VMXON regions belong to the driver, not to a VM: keep them out of `pages_held`.
+        // SAFETY: adjusts the module's counter.
+        unsafe { smudge_pages_add(-(ncpu as c_long)) };
+        // SAFETY: single-threaded init: nobody reads GLOBAL yet.
+        unsafe { *core::ptr::addr_of_mut!(GLOBAL) = Some(Global { caps, mode, vmxon }) };
+        // SAFETY: VMXON on every CPU in IPI context.
+        unsafe { smudge_on_each_cpu(vmxon_this_cpu, core::ptr::null_mut()) };
+        let failed = VMXON_FAILED.load(Ordering::Relaxed);
+        if failed != 0 {
+            pr_err!("VMXON failed on CPUs {:#x} (another hypervisor, or CR0/CR4 fixed bits)\n", failed);
+            teardown();
+            return Err(EBUSY_ERR);
+        }
+        // SAFETY: registers the notifiers and the misc device (C glue).
+        unsafe { smudge_notifiers_register() };
+        // SAFETY: C glue.
+        if unsafe { smudge_misc_register() } != 0 {
+            // SAFETY: C glue.
+            unsafe { smudge_notifiers_unregister() };
+            teardown();
+            return Err(EBUSY_ERR);
+        }
+        pr_info!(
+            "smudge: VMX on {} CPUs, EPT A/D {}, PML {}, dirty tracking mode: {}\n",
+            ncpu,
+            caps.ept_ad(),
+            caps.pml(),
+            mode.name()
+        );
+        Ok(Smudge)
+    }
+}
+
+const EBUSY_ERR: kernel::error::Error = kernel::error::code::EBUSY;
+const ENODEV_ERR: kernel::error::Error = kernel::error::code::ENODEV;
+const ENOMEM_ERR: kernel::error::Error = kernel::error::code::ENOMEM;
+
+fn teardown() {
+    // SAFETY: VMXOFF where this module did VMXON.
+    unsafe { smudge_on_each_cpu(vmxoff_this_cpu, core::ptr::null_mut()) };
+    let p = LinuxPlatform { atomic: false };
+    if let Some(g) = global() {
+        for pg in g.vmxon.iter().filter(|&&x| x != 0) {
+            // SAFETY: balances the counter adjustment in init.
+            unsafe { smudge_pages_add(1) };
+            p.free_page(*pg);
+        }
+    }
+    // SAFETY: no CPU uses GLOBAL any more (device gone, VMX off).
+    unsafe { *core::ptr::addr_of_mut!(GLOBAL) = None };
+}
+
+impl Drop for Smudge {
+    fn drop(&mut self) {
+        // SAFETY: C glue; open files pin the module, so no VM exists here.
+        unsafe {
+            smudge_misc_deregister();
+            smudge_notifiers_unregister();
+        }
+        teardown();
+        // SAFETY: reads the counter.
+        pr_info!("unloaded, {} pages held\n", unsafe { smudge_pages_held() });
+    }
+}

@@ -763,7 +763,7 @@ impl kernel::Module for Smudge {
             return Err(EBUSY_ERR);
         }
         pr_info!(
-            "smudge: VMX on {} CPUs, EPT A/D {}, PML {}, dirty tracking mode: {}\n",
+            "VMX on {} CPUs, EPT A/D {}, PML {}, dirty tracking mode: {}\n",
             ncpu,
             caps.ept_ad(),
             caps.pml(),

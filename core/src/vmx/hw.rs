@@ -159,8 +159,8 @@ pub unsafe fn run<P: Platform + ?Sized>(
         let action = vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid);
         let advance = match action {
             Action::Resume { advance } => advance,
-            // A hypercall that goes to user space resumes after the VMCALL.
-            Action::ToUser(_) if exit.reason == reason::VMCALL => exit.instr_len,
+            // A hypercall or console write that goes to user space resumes after it.
+            Action::ToUser(_) if exit.reason == reason::VMCALL || exit.reason == reason::IO => exit.instr_len,
             _ => 0,
         };
         if advance != 0 {

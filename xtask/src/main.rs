@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         Cmd::BuildAndTest { host_only } => build_and_test(host_only),
         Cmd::CheckTargets { no_kernel } => host::check_targets(!no_kernel),
         Cmd::Deps => deps::ensure_all(),
-        Cmd::Windows => windows::build().map(|_| ()),
+        Cmd::Windows => windows::build_and_verify(),
         Cmd::Kernel => linux::kernel().map(|p| step(&format!("kernel tree: {}", p.display()))),
         Cmd::Linux => {
             let ko = linux::module()?;

@@ -1,0 +1,13 @@
+//! The OS-free half of smudge.sys: the VT-x admission check and the ioctl answers.
+//!
+//! Everything here is safe Rust and takes plain values, so the host unit-tests it (`cargo test
+//! --lib` in this directory, run by `cargo xtask windows`). The driver binary (`main.rs`) supplies
+//! the processor reads and the Windows I/O glue.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+pub mod ioctl;
+pub mod msg;
+pub mod status;
+pub mod vtx;

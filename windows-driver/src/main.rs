@@ -1,0 +1,316 @@
+//! smudge.sys: the Windows kernel driver of smudge.
+//!
+//! DriverEntry admits the driver only if every processor can run smudge (VT-x, EPT, no other
+//! hypervisor; see `vtx`), checks the core's platform seam once, then creates `\Device\Smudge`
+//! (`\\.\Smudge` for user space) and answers METHOD_BUFFERED ioctls. DriverUnload removes both
+//! names. Nothing here panics: every kernel call's failure is a returned NTSTATUS.
+#![no_std]
+#![no_main]
+#![deny(unsafe_op_in_unsafe_fn, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod cpu;
+mod nt;
+mod platform;
+
+use core::ffi::CStr;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use smudge_core::dirty::Mode;
+use smudge_core::platform::{read_bytes, write_bytes, Platform};
+use smudge_windows::ioctl::{self, VersionInfo};
+use smudge_windows::status::*;
+use smudge_windows::vtx;
+
+use nt::{DeviceObject, DriverObject, Irp};
+use platform::NtPlatform;
+
+const DEVICE_PATH: &str = r"\Device\Smudge";
+const DOS_PATH: &str = r"\DosDevices\Smudge";
+static DEVICE_PATH_UTF16: [u16; DEVICE_PATH.len()] = nt::utf16(DEVICE_PATH);
+static DOS_PATH_UTF16: [u16; DOS_PATH.len()] = nt::utf16(DOS_PATH);
+/// The device's names as constant UNICODE_STRINGs (RTL_CONSTANT_STRING).
+static DEVICE_NAME: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&DEVICE_PATH_UTF16);
+static DOS_NAME: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&DOS_PATH_UTF16);
+
+/// What DriverEntry found, for the version ioctl. Written once before the device exists.
+static FEATURES: AtomicU32 = AtomicU32::new(0);
+static VMCS_REVISION: AtomicU32 = AtomicU32::new(0);
+static PROCESSORS: AtomicU32 = AtomicU32::new(0);
+
+/// Decimal digits to a number; only used in `const` items (evaluated by the compiler).
+#[allow(clippy::indexing_slicing)]
+const fn parse_u8(s: &str) -> u32 {
+    let b = s.as_bytes();
+    let mut v = 0u32;
+    let mut i = 0;
+    while i < b.len() {
+        v = v * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    v & 0xff
+}
+/// major << 16 | minor << 8 | patch, from Cargo.toml.
+const DRIVER_VERSION: u32 = parse_u8(env!("CARGO_PKG_VERSION_MAJOR")) << 16
+    | parse_u8(env!("CARGO_PKG_VERSION_MINOR")) << 8
+    | parse_u8(env!("CARGO_PKG_VERSION_PATCH"));
+
+/// The MSVC toolchain's marker that floating point is in use; ntoskrnl provides no CRT.
+#[no_mangle]
+#[used]
+#[allow(non_upper_case_globals)]
+static _fltused: i32 = 0;
+
+fn log(level: u32, msg: &CStr) {
+    // SAFETY: "%s" with a NUL-terminated string, printable at any IRQL.
+    unsafe { nt::DbgPrintEx(nt::DPFLTR_IHVDRIVER_ID, level, c"smudge: %s\n".as_ptr(), msg.as_ptr()) };
+}
+
+/// Why DriverEntry fails before it creates the device.
+enum CheckFailure {
+    Refused { cpu: u32, why: vtx::Refusal },
+    NoProcessorNumber { cpu: u32, status: NtStatus },
+}
+
+/// Runs `vtx::check` on every active processor (pinned to it). All must pass with the same
+/// capabilities; returns processor 0's verdict and the processor count.
+fn check_every_processor() -> Result<(vtx::Admission, u32), CheckFailure> {
+    // SAFETY: no preconditions (IRQL <= DISPATCH_LEVEL); counts processors in all groups.
+    let count = unsafe { nt::KeQueryActiveProcessorCountEx(nt::ALL_PROCESSOR_GROUPS) };
+    let mut first: Option<vtx::Admission> = None;
+    for cpu in 0..count {
+        let mut number = nt::ProcessorNumber::default();
+        // SAFETY: `number` is a valid out pointer for the duration of the call.
+        let status = unsafe { nt::KeGetProcessorNumberFromIndex(cpu, &mut number) };
+        let mask = 1usize.checked_shl(u32::from(number.number)).unwrap_or(0);
+        if status < 0 || mask == 0 {
+            return Err(CheckFailure::NoProcessorNumber { cpu, status });
+        }
+        let affinity = nt::GroupAffinity { mask, group: number.group, reserved: [0; 3] };
+        let mut previous = nt::GroupAffinity::default();
+        // SAFETY: DriverEntry runs at PASSIVE_LEVEL in a system thread; both pointers are valid.
+        // On return the thread runs on `cpu` until reverted.
+        unsafe { nt::KeSetSystemGroupAffinityThread(&affinity, &mut previous) };
+        let result = vtx::check(&cpu::cpuid, cpu::cr4(), &|msr| {
+            // SAFETY: given this CPU's real CPUID, VmxCaps::from_reader reads only MSRs whose
+            // existence the SDM guarantees (vtx's module comment; tested on every fixture
+            // dump); we run at CPL 0.
+            unsafe { cpu::rdmsr(msr) }
+        });
+        // SAFETY: `previous` is what KeSetSystemGroupAffinityThread returned just above.
+        unsafe { nt::KeRevertToUserGroupAffinityThread(&previous) };
+        let a = result.map_err(|why| CheckFailure::Refused { cpu, why })?;
+        match first {
+            None => first = Some(a),
+            Some(f) if f.caps != a.caps => {
+                return Err(CheckFailure::Refused { cpu, why: vtx::Refusal::AsymmetricProcessors })
+            }
+            Some(_) => {}
+        }
+    }
+    match first {
+        Some(a) => Ok((a, count)),
+        None => Err(CheckFailure::NoProcessorNumber { cpu: 0, status: STATUS_NOT_SUPPORTED }),
+    }
+}
+
+/// Allocates, writes, reads back and frees one page through the core's platform seam.
+fn platform_self_test(p: &NtPlatform) -> Result<(), &'static CStr> {
+    let hpa = p.alloc_page().ok_or(c"platform self-test: no contiguous page")?;
+    let mapped = p.maps(hpa);
+    let zeroed = p.page(hpa).iter().all(|w| w.load(Ordering::Relaxed) == 0);
+    write_bytes(p, hpa, 4090, b"smudge");
+    let mut back = [0u8; 6];
+    read_bytes(p, hpa, 4090, &mut back);
+    p.free_page(hpa);
+    match (mapped, zeroed, &back == b"smudge") {
+        (false, _, _) => Err(c"platform self-test: MmGetVirtualForPhysical does not map the page back"),
+        (_, false, _) => Err(c"platform self-test: the new page is not zeroed"),
+        (_, _, false) => Err(c"platform self-test: bytes written through the core did not read back"),
+        _ => Ok(()),
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static CStr {
+    match mode {
+        Mode::AdScan => c"A/D scan",
+        Mode::Pml => c"PML",
+        Mode::WriteProtect => c"write-protect",
+    }
+}
+
+/// The driver's entry point (`/ENTRY:DriverEntry`).
+///
+/// # Safety
+/// Called once by the I/O manager, at PASSIVE_LEVEL, with this driver's valid DRIVER_OBJECT.
+#[no_mangle]
+pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_path: *mut nt::UnicodeString) -> NtStatus {
+    let (admission, processors) = match check_every_processor() {
+        Ok(x) => x,
+        Err(CheckFailure::Refused { cpu, why }) => {
+            let msg = why.message();
+            // SAFETY: format and arguments match ("%u" u32, "%s" NUL-terminated string).
+            unsafe {
+                nt::DbgPrintEx(
+                    nt::DPFLTR_IHVDRIVER_ID,
+                    nt::DPFLTR_ERROR_LEVEL,
+                    c"smudge: refusing to load (processor %u): %s\n".as_ptr(),
+                    cpu,
+                    msg.as_cstr().as_ptr(),
+                )
+            };
+            return why.status();
+        }
+        Err(CheckFailure::NoProcessorNumber { cpu, status }) => {
+            // SAFETY: "%u" u32, "0x%x" u32.
+            unsafe {
+                nt::DbgPrintEx(
+                    nt::DPFLTR_IHVDRIVER_ID,
+                    nt::DPFLTR_ERROR_LEVEL,
+                    c"smudge: cannot select processor %u (status 0x%x)\n".as_ptr(),
+                    cpu,
+                    status as u32,
+                )
+            };
+            return if status < 0 { status } else { STATUS_NOT_SUPPORTED };
+        }
+    };
+    let caps = &admission.caps;
+    // SAFETY: "%u"/"0x%x" with u32 arguments, "%s" with a NUL-terminated string.
+    unsafe {
+        nt::DbgPrintEx(
+            nt::DPFLTR_IHVDRIVER_ID,
+            nt::DPFLTR_INFO_LEVEL,
+            c"smudge: VT-x usable on %u processors: VMCS revision 0x%x, EPT A/D %u, PML %u, VPID %u, dirty tracking %s\n"
+                .as_ptr(),
+            processors,
+            caps.revision_id(),
+            u32::from(caps.ept_ad()),
+            u32::from(caps.pml()),
+            u32::from(caps.vpid()),
+            mode_name(admission.mode).as_ptr(),
+        )
+    };
+    if let Err(msg) = platform_self_test(&NtPlatform) {
+        log(nt::DPFLTR_ERROR_LEVEL, msg);
+        return STATUS_INSUFFICIENT_RESOURCES;
+    }
+    FEATURES.store(admission.feature_bits(), Ordering::Release);
+    VMCS_REVISION.store(caps.revision_id(), Ordering::Release);
+    PROCESSORS.store(processors, Ordering::Release);
+
+    let mut device: *mut DeviceObject = core::ptr::null_mut();
+    // SAFETY: `driver` is the valid DRIVER_OBJECT the I/O manager passes to DriverEntry; the name
+    // is a valid UNICODE_STRING that IoCreateDevice only reads; `device` is a valid out pointer.
+    let status = unsafe {
+        nt::IoCreateDevice(
+            driver,
+            0,
+            DEVICE_NAME.as_ptr(),
+            ioctl::FILE_DEVICE_UNKNOWN,
+            nt::FILE_DEVICE_SECURE_OPEN,
+            0,
+            &mut device,
+        )
+    };
+    if status < 0 {
+        log(nt::DPFLTR_ERROR_LEVEL, c"IoCreateDevice(\\Device\\Smudge) failed");
+        return status;
+    }
+    // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
+    let status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
+    if status < 0 {
+        log(nt::DPFLTR_ERROR_LEVEL, c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed");
+        // SAFETY: `device` was created above and nothing else references it yet.
+        unsafe { nt::IoDeleteDevice(device) };
+        return status;
+    }
+    // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
+    unsafe {
+        let d = &mut *driver;
+        d.major_function[nt::IRP_MJ_CREATE] = Some(dispatch_create_close);
+        d.major_function[nt::IRP_MJ_CLOSE] = Some(dispatch_create_close);
+        d.major_function[nt::IRP_MJ_DEVICE_CONTROL] = Some(dispatch_device_control);
+        d.driver_unload = Some(driver_unload);
+    }
+    log(nt::DPFLTR_INFO_LEVEL, c"loaded: \\\\.\\Smudge is ready");
+    STATUS_SUCCESS
+}
+
+/// Removes the symbolic link and the device (the I/O manager calls it once no handle is open).
+unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
+    // SAFETY: the link was created in DriverEntry; `driver` is our valid DRIVER_OBJECT and its
+    // `device_object` is the one device DriverEntry created.
+    unsafe {
+        nt::IoDeleteSymbolicLink(DOS_NAME.as_ptr());
+        let device = (*driver).device_object;
+        if !device.is_null() {
+            nt::IoDeleteDevice(device);
+        }
+    }
+    log(nt::DPFLTR_INFO_LEVEL, c"unloaded");
+}
+
+/// Sets the IRP's result and completes it. The IRP must not be touched afterwards.
+///
+/// # Safety
+/// `irp` is a valid IRP this driver owns and has not completed.
+unsafe fn complete(irp: *mut Irp, status: NtStatus, information: usize) -> NtStatus {
+    // SAFETY: the caller owns the IRP; IofCompleteRequest hands it back to the I/O manager.
+    unsafe {
+        (*irp).io_status.status = status;
+        (*irp).io_status.information = information;
+        nt::IofCompleteRequest(irp, nt::IO_NO_INCREMENT);
+    }
+    status
+}
+
+/// IRP_MJ_CREATE and IRP_MJ_CLOSE: nothing to set up yet (VMs will hang off the file object).
+unsafe extern "system" fn dispatch_create_close(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
+    // SAFETY: the I/O manager passes a valid IRP that is ours until completed.
+    unsafe { complete(irp, STATUS_SUCCESS, 0) }
+}
+
+/// IRP_MJ_DEVICE_CONTROL: METHOD_BUFFERED only; lengths are checked by `ioctl::dispatch`.
+unsafe extern "system" fn dispatch_device_control(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
+    // SAFETY: for IRP_MJ_DEVICE_CONTROL the I/O manager passes a valid IRP whose current stack
+    // location holds the DeviceIoControl parameters.
+    let (code, input_len, output_len, buffer) = unsafe {
+        let p = &(*(*irp).current_stack_location).device_io_control;
+        (p.io_control_code, p.input_buffer_length as usize, p.output_buffer_length as usize, (*irp).system_buffer)
+    };
+    if code & 3 != ioctl::METHOD_BUFFERED {
+        // SAFETY: the IRP is ours until completed.
+        return unsafe { complete(irp, STATUS_INVALID_DEVICE_REQUEST, 0) };
+    }
+    let output: &mut [u8] = if output_len == 0 || buffer.is_null() {
+        &mut []
+    } else {
+        // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output) bytes
+        // that only this request uses until it completes.
+        unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), output_len) }
+    };
+    let info = VersionInfo {
+        magic: ioctl::MAGIC,
+        abi_version: ioctl::ABI_VERSION,
+        driver_version: DRIVER_VERSION,
+        features: FEATURES.load(Ordering::Acquire),
+        vmcs_revision: VMCS_REVISION.load(Ordering::Acquire),
+        processors: PROCESSORS.load(Ordering::Acquire),
+    };
+    let (status, written) = match ioctl::dispatch(code, input_len, output, &info) {
+        Ok(n) => (STATUS_SUCCESS, n),
+        Err(status) => (status, 0),
+    };
+    // SAFETY: the IRP is ours until completed; `output` is not used past this point.
+    unsafe { complete(irp, status, written) }
+}
+
+/// No path panics (the lints above deny the usual sources). Should one ever, stop with #UD: the
+/// kernel turns it into a bug check that names smudge.sys, instead of running on corrupted.
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    loop {
+        // SAFETY: UD2 only raises #UD; it touches no memory.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
+}

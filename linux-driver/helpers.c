@@ -50,6 +50,14 @@ int smudge_fault_inject(void)
 	return 0;
 }
 
+/* Test hook: 1 = corrupt guest CR0.PE in the next new VMCS (the software checker must refuse it
+ * before VMLAUNCH), 2 = the same but skip the pre-check so the processor refuses it and the
+ * checker explains why. */
+static int test_bad_vmcs;
+module_param(test_bad_vmcs, int, 0644);
+MODULE_PARM_DESC(test_bad_vmcs, "test hook: 1/2 corrupt the guest state of new VMCSs (see README)");
+int smudge_test_bad_vmcs(void) { return READ_ONCE(test_bad_vmcs); }
+
 void smudge_pages_add(long delta) { __atomic_add_fetch(&pages_held, delta, __ATOMIC_RELAXED); }
 unsigned long smudge_pages_held(void) { return __atomic_load_n(&pages_held, __ATOMIC_RELAXED); }
 

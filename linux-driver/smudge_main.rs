@@ -30,6 +30,7 @@ module! {
 
 extern "C" {
     fn smudge_fault_inject() -> i32;
+    fn smudge_test_bad_vmcs() -> i32;
     fn smudge_pages_add(delta: c_long);
     fn smudge_pages_held() -> u64;
     fn smudge_misc_register() -> i32;
@@ -550,6 +551,7 @@ fn add_vcpu(f: &mut VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::
             launched: false,
             programmed: false,
             rip: 0,
+            debug_override: None,
         },
         cpu: -1,
     };
@@ -576,6 +578,15 @@ fn run(f: &mut VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunR
     f.invept_everywhere(&LinuxPlatform { atomic: false });
     let vm = f.vm.as_mut().ok_or(-EINVAL)?;
     let v = f.vcpus.get_mut(index as usize).ok_or(-EINVAL)?;
+    if !v.hw.programmed {
+        // SAFETY: reads a module parameter.
+        let bad = unsafe { smudge_test_bad_vmcs() };
+        let cr0 = smudge_core::vmx::setup::fix_cr(smudge_core::guest::CR0, g.caps.cr0_fixed0, g.caps.cr0_fixed1);
+        v.hw.debug_override = match bad {
+            1 | 2 => Some((smudge_core::vmx::fields::Field::GuestCr0.encoding(), cr0 & !1, bad == 2)),
+            _ => None,
+        };
+    }
     let result = loop {
         // SAFETY: kernel_fpu_begin disables preemption and lets the guest own the FPU.
         unsafe { smudge_fpu_begin() };
@@ -628,6 +639,18 @@ fn run(f: &mut VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunR
     st.console_len = 0;
     match result {
         Ok(x) => fill_exit(&mut resp, x),
+        Err(hw::HwError::EntryCheck { violation, fail, exit_reason }) => {
+            resp.kind = abi::exit_kind::ERROR;
+            resp.reason = exit_reason & 0xffff;
+            resp.code = match fail {
+                Some(arch::VmFail::Valid(e)) => e.into(),
+                _ => 0,
+            };
+            let mut msg = MsgBuf::new();
+            let who = if fail.is_some() || exit_reason != 0 { "VM entry failed" } else { "VMCS refused before VMLAUNCH" };
+            let _ = core::fmt::write(&mut msg, format_args!("{}: {}", who, violation));
+            resp.set_message(msg.as_str());
+        }
         Err(hw::HwError::Vmx { step, fail }) => {
             resp.kind = abi::exit_kind::ERROR;
             resp.code = match fail {
@@ -678,13 +701,13 @@ fn fill_exit(resp: &mut abi::RunResp, x: RunExit) {
 
 /// A small stack buffer for formatted messages.
 struct MsgBuf {
-    b: [u8; 160],
+    b: [u8; 480],
     n: usize,
 }
 
 impl MsgBuf {
     fn new() -> MsgBuf {
-        MsgBuf { b: [0; 160], n: 0 }
+        MsgBuf { b: [0; 480], n: 0 }
     }
     fn as_str(&self) -> &str {
         core::str::from_utf8(&self.b[..self.n]).unwrap_or("")

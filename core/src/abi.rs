@@ -192,7 +192,7 @@ pub mod exit_kind {
 }
 
 /// Bytes of the message in [`RunResp`].
-pub const MESSAGE_LEN: usize = 160;
+pub const MESSAGE_LEN: usize = 480;
 
 /// The exit record of a run.
 #[repr(C)]
@@ -682,7 +682,7 @@ wire!(LoadElfResp { entry: u64 });
 wire!(RunReq { version: u32, vcpu: u32 });
 wire!(RunResp {
     kind: u32, reason: u32, code: u64, gpa: u64, console_len: u32, write: u32,
-    console: bytes<256>, message: bytes<160>,
+    console: bytes<256>, message: bytes<480>,
 });
 wire!(DirtyLogReq { version: u32, slot: u32, bitmap: u64, bitmap_len: u64 });
 wire!(ClearDirtyLogReq { version: u32, slot: u32, first_page: u64, num_pages: u64, mask: u64 });

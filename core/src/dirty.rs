@@ -235,8 +235,8 @@ impl DirtyLog {
         ept.split_range(p, self.base, self.pages * PAGE_SIZE)?;
         match self.mode {
             Mode::AdScan | Mode::Pml => {
-                let mut sink = |_: u64| {};
-                scan_ad(p, ept, self.base, self.end(), ScanOp::Clear { prune: false }, &mut sink);
+                let mut sink = |_: u64, _: u64| {};
+                scan_ad_masks(p, ept, self.base, self.end(), ScanOp::Clear { prune: false }, &mut sink);
             }
             Mode::WriteProtect => {
                 ept.for_each_leaf(p, self.base, self.end(), &mut |_, _, w: &AtomicU64| {
@@ -303,9 +303,8 @@ impl DirtyLog {
         match &self.bitmap {
             None => {
                 let base = self.base;
-                scan_ad(p, ept, self.base, self.end(), ScanOp::Read, &mut |gpa| {
-                    let i = (gpa - base) / PAGE_SIZE;
-                    out[(i / 64) as usize] |= 1 << (i % 64);
+                scan_ad_masks(p, ept, self.base, self.end(), ScanOp::Read, &mut |gpa, mask| {
+                    or_mask(out, (gpa - base) / PAGE_SIZE, mask);
                 });
             }
             Some(b) => {
@@ -385,9 +384,8 @@ impl DirtyLog {
         match &self.bitmap {
             None => {
                 let base = self.base;
-                scan_ad(p, ept, self.base, self.end(), ScanOp::Clear { prune: true }, &mut |gpa| {
-                    let i = (gpa - base) / PAGE_SIZE;
-                    out[(i / 64) as usize] |= 1 << (i % 64);
+                scan_ad_masks(p, ept, self.base, self.end(), ScanOp::Clear { prune: true }, &mut |gpa, mask| {
+                    or_mask(out, (gpa - base) / PAGE_SIZE, mask);
                 });
             }
             Some(b) => {
@@ -428,34 +426,95 @@ pub enum ScanOp {
     },
 }
 
+/// ORs `mask` (bit j = page `first + j`) into the bitmap `out`; bits beyond `out` are dropped.
+fn or_mask(out: &mut [u64], first: u64, mask: u64) {
+    let (w, shift) = ((first / 64) as usize, first % 64);
+    if let Some(o) = out.get_mut(w) {
+        *o |= mask << shift;
+    }
+    if shift != 0 {
+        if let Some(o) = out.get_mut(w + 1) {
+            *o |= mask >> (64 - shift);
+        }
+    }
+}
+
 /// Scans the leaves of `[gpa, end)` for D=1 and reports every dirty 4 KiB page to `f` (a large
-/// leaf reports each of its pages inside the range).
+/// leaf reports each of its pages inside the range). See [`scan_ad_masks`].
+pub fn scan_ad<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+    scan_ad_masks(p, ept, gpa, end, op, &mut |g, mask| {
+        let mut m = mask;
+        while m != 0 {
+            let bit = u64::from(m.trailing_zeros());
+            m &= m - 1;
+            f(g + bit * PAGE_SIZE);
+        }
+    })
+}
+
+/// Scans the leaves of `[gpa, end)` for D=1 and reports the dirty 4 KiB pages to `f(g, mask)` in
+/// runs of up to 64: bit j of `mask` set means page `g + j * 4 KiB` is dirty (never 0).
 ///
 /// The pruning rests on SDM 29.3.5: the processor sets A in every EPT entry it uses for a
 /// translation, so a write that sets a leaf's D also sets A in the PML4E, PDPTE and PDE above
 /// it, once caches were invalidated after A was cleared. An upper entry with A=0 has no leaf
 /// below it dirtied since its A was last cleared, and A is only cleared together with every
 /// D below it. A `Read` scan also prunes: it relies on the same invariant.
-pub fn scan_ad<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
-    scan_table(p, ept.pml4(), 4, 0, gpa, end, op, f)
+pub fn scan_ad_masks<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+    if gpa < end {
+        scan_table(p, ept.pml4(), 4, 0, gpa, end, op, f)
+    }
+}
+
+/// Reports the pages of `[lo, hi)` (a dirty large leaf) in runs of 64.
+fn report_range<F: FnMut(u64, u64)>(lo: u64, hi: u64, f: &mut F) {
+    let mut g = lo;
+    while g < hi {
+        let n = ((hi - g) / PAGE_SIZE).min(64);
+        f(g, if n == 64 { u64::MAX } else { (1u64 << n) - 1 });
+        g += n * PAGE_SIZE;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scan_table<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
     let span = level_span(level);
     let t = p.page(table);
     let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
     let last = (((end - 1 - base) / span) as usize).min(511);
     if level == 1 {
-        // The hot loop: one load per leaf, a store only for dirty ones.
-        for (i, word) in t.iter().enumerate().take(last + 1).skip(first) {
-            let v = word.load(Relaxed);
-            if v & bits::D != 0 && v & bits::RWX != 0 {
-                if let ScanOp::Clear { .. } = op {
-                    word.store(v & !bits::D, Relaxed);
-                }
-                f(base + i as u64 * PAGE_SIZE);
+        // The hot loop, 64 leaves at a time: branch-free loads build the mask of dirty present
+        // leaves; stores only for chunks with dirty leaves.
+        let leaves = t.get(first..=last).unwrap_or(&[]);
+        for (c, chunk) in leaves.chunks(64).enumerate() {
+            let mut mask = 0u64;
+            for (j, word) in chunk.iter().enumerate() {
+                let v = word.load(Relaxed);
+                let dirty = (v >> 9) & 1 & u64::from(v & bits::RWX != 0); // D (bit 9) of a present leaf
+                mask |= dirty << j;
             }
+            if mask == 0 {
+                continue;
+            }
+            if let ScanOp::Clear { .. } = op {
+                if mask.count_ones() > 16 {
+                    // Dense: rewrite every leaf of the chunk (unchanged for clean ones; no vCPU
+                    // runs, see the module's precondition).
+                    for word in chunk {
+                        word.store(word.load(Relaxed) & !bits::D, Relaxed);
+                    }
+                } else {
+                    let mut m = mask;
+                    while m != 0 {
+                        let j = m.trailing_zeros() as usize;
+                        m &= m - 1;
+                        if let Some(word) = chunk.get(j) {
+                            word.store(word.load(Relaxed) & !bits::D, Relaxed);
+                        }
+                    }
+                }
+            }
+            f(base + (first + c * 64) as u64 * PAGE_SIZE, mask);
         }
         return;
     }
@@ -480,11 +539,7 @@ fn scan_table<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, table: u64, level: u8,
                         word.store(v & !bits::D, Relaxed);
                     }
                 }
-                let mut g = lo;
-                while g < hi {
-                    f(g);
-                    g += PAGE_SIZE;
-                }
+                report_range(lo, hi, f);
             }
             continue;
         }

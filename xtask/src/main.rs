@@ -3,6 +3,7 @@
 
 mod bochs;
 mod deps;
+mod e2e;
 mod guests;
 mod host;
 mod linux;
@@ -74,6 +75,8 @@ fn build_and_test(host_only: bool) -> Result<()> {
         step("host-only run finished");
         return Ok(());
     }
+    step("type-check smudge-core for the Linux kernel target (part of building smudge.ko)");
+    e2e::suite()?;
     step("build-and-test finished");
     Ok(())
 }

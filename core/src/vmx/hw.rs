@@ -7,7 +7,34 @@ use crate::arch::{self, FxArea, GuestGprs, HostState, InveptType, VmFail};
 use crate::platform::Platform;
 use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
 use crate::vmx::caps::VmxCaps;
+use crate::vmx::checks::{self, Violation};
+use crate::vmx::fields::Field;
 use crate::vmx::setup::{self, Controls, VcpuConfig};
+use crate::vmx::vmcs::{VmcsAccess, VmcsError};
+
+/// The current VMCS of this CPU, through VMREAD/VMWRITE, for the entry checker.
+pub struct HwVmcs;
+
+impl VmcsAccess for HwVmcs {
+    fn read(&self, field: Field) -> Result<u64, VmcsError> {
+        // SAFETY: only constructed inside `run`, where a current VMCS exists.
+        unsafe { arch::vmread(field.encoding()) }.map_err(|f| vmcs_error(f, field))
+    }
+    fn write(&mut self, field: Field, value: u64) -> Result<(), VmcsError> {
+        // SAFETY: as above.
+        unsafe { arch::vmwrite(field.encoding(), value) }.map_err(|f| vmcs_error(f, field))
+    }
+}
+
+/// SDM 31.4 (VM-instruction error numbers) for VMREAD/VMWRITE.
+fn vmcs_error(fail: VmFail, field: Field) -> VmcsError {
+    match fail {
+        VmFail::Invalid => VmcsError::NoCurrentVmcs,
+        VmFail::Valid(12) => VmcsError::UnsupportedField(field),
+        VmFail::Valid(13) => VmcsError::ReadOnlyField(field),
+        VmFail::Valid(n) => VmcsError::InstructionError(n),
+    }
+}
 
 /// The preemption-timer value for one stay in the guest (ticks of TSC >> MISC[4:0]): bounds
 /// how long the guest runs before the host gets the CPU back (SDM 26.5.1).
@@ -33,6 +60,16 @@ pub enum HwError {
         /// How.
         fail: VmFail,
     },
+    /// The software VM-entry checker found a broken rule: before the first VMLAUNCH
+    /// (`fail` = None: the entry was not attempted) or after the processor refused the entry.
+    EntryCheck {
+        /// The first rule the VMCS breaks (SDM 27.2/27.3).
+        violation: Violation,
+        /// What the processor said, if the entry was attempted.
+        fail: Option<VmFail>,
+        /// Exit reason with bit 31 set, when the entry failed on guest state (SDM 27.8).
+        exit_reason: u32,
+    },
 }
 
 /// A vCPU's hardware state.
@@ -55,6 +92,9 @@ pub struct HwVcpu {
     pub programmed: bool,
     /// Guest entry point (first run).
     pub rip: u64,
+    /// Test hook: one VMCS field overwritten after setup (to prove the checker catches a bad
+    /// VMCS), and whether to skip the pre-launch check so the processor judges it too.
+    pub debug_override: Option<(u32, u64, bool)>,
 }
 
 fn step<T>(step: &'static str, r: Result<T, VmFail>) -> Result<T, HwError> {
@@ -99,7 +139,19 @@ pub unsafe fn run<P: Platform + ?Sized>(
     let mut write = |f: u32, v: u64| unsafe { arch::vmwrite(f, v) };
     if !vcpu.programmed {
         step("vmwrite (setup)", setup::program(&mut write, caps, ctls, &host, &layout, &cfg))?;
+        let mut precheck = true;
+        if let Some((field, value, skip)) = vcpu.debug_override {
+            step("vmwrite (override)", write(field, value))?;
+            precheck = !skip;
+        }
         vcpu.programmed = true;
+        // Cheap, and turns an opaque VM-entry failure into a named SDM rule.
+        if precheck {
+            if let Err(violation) = checks::check_entry(&HwVmcs, caps) {
+                vcpu.state.halted = true;
+                return Err(HwError::EntryCheck { violation, fail: None, exit_reason: 0 });
+            }
+        }
     } else {
         // The host state can differ per CPU (GDT, TSS, GS base): refresh it every run.
         step("vmwrite (host)", setup::program_host(&mut write, ctls, &host))?;
@@ -131,6 +183,9 @@ pub unsafe fn run<P: Platform + ?Sized>(
         unsafe { arch::restore_after_exit(&host) };
         env.irq_restore(flags);
         if let Err(fail) = entered {
+            if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&HwVmcs, caps)) {
+                break Err(HwError::EntryCheck { violation, fail: Some(fail), exit_reason: 0 });
+            }
             break Err(HwError::Vmx { step: if vcpu.launched { "vmresume" } else { "vmlaunch" }, fail });
         }
         vcpu.launched = true;
@@ -153,6 +208,13 @@ pub unsafe fn run<P: Platform + ?Sized>(
                 if let Err(fail) = unsafe { arch::vmwrite(guest::PML_INDEX, crate::dirty::pml::INDEX_RESET.into()) } {
                     break Err(HwError::Vmx { step: "vmwrite (pml index)", fail });
                 }
+            }
+        }
+        if exit.reason & (1 << 31) != 0 {
+            // VM-entry failure (SDM 27.8): ask the checker which rule the guest state breaks.
+            if let Err(violation) = checks::check_entry(&HwVmcs, caps) {
+                vcpu.state.halted = true;
+                break Err(HwError::EntryCheck { violation, fail: None, exit_reason: exit.reason });
             }
         }
         let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);

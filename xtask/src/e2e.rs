@@ -1,0 +1,277 @@
+//! End-to-end tests on the emulated VT-x machine. Bochs is an independent VMX implementation:
+//! its VM-entry checks judge our VMCS, its EPT walk sets the A/D bits we harvest, and the
+//! guests report through the console which pages they wrote, so each dirty log is compared
+//! with what the guest itself says.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+use crate::bochs::{boot, Artifacts};
+use crate::step;
+
+/// One case's output inside a boot.
+struct Case {
+    name: String,
+    rc: i32,
+    out: String,
+}
+
+/// Runs `cases` (name, shell command) in one boot; returns each case's output and status.
+fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, String)]) -> Result<(Vec<Case>, f64)> {
+    let mut script = String::from("set +e\n");
+    for (name, cmd) in cases {
+        script.push_str(&format!("echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"));
+    }
+    let b = boot(a, cpu, smp, &[], &script, 600, false)?;
+    let raw = b.output;
+    // `boot` drops lines starting with @@SMUDGE; our markers survive.
+    let mut out = Vec::new();
+    let mut cur: Option<Case> = None;
+    for line in raw.lines() {
+        if let Some(n) = line.strip_prefix("@@CASE ") {
+            cur = Some(Case { name: n.to_string(), rc: -1, out: String::new() });
+        } else if let Some(rest) = line.strip_prefix("@@RC ") {
+            let mut it = rest.split_whitespace();
+            let (n, rc) = (it.next().unwrap_or_default(), it.next().and_then(|s| s.parse().ok()).unwrap_or(-1));
+            if let Some(mut c) = cur.take() {
+                if c.name == n {
+                    c.rc = rc;
+                    out.push(c);
+                }
+            }
+        } else if let Some(c) = cur.as_mut() {
+            c.out.push_str(line);
+            c.out.push('\n');
+        }
+    }
+    for (name, _) in cases {
+        if !out.iter().any(|c| c.name == *name) {
+            bail!("case {name} produced no status (machine output:\n{raw})");
+        }
+    }
+    Ok((out, b.seconds))
+}
+
+fn case<'a>(cases: &'a [Case], name: &str) -> Result<&'a Case> {
+    cases.iter().find(|c| c.name == name).with_context(|| format!("no case {name}"))
+}
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn gfns(v: &Value) -> BTreeSet<u64> {
+    v["dirty_gfns"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
+}
+
+/// The pagewriter's own account: the pages it wrote before each checkpoint.
+fn reported_rounds(out: &str) -> Vec<BTreeSet<u64>> {
+    let mut rounds = Vec::new();
+    let mut cur = BTreeSet::new();
+    for line in out.lines() {
+        if let Some(h) = line.trim().strip_prefix("W ") {
+            if let Ok(g) = u64::from_str_radix(h.trim().trim_start_matches("0x"), 16) {
+                cur.insert(g);
+            }
+        } else if line.starts_with("{\"event\":\"checkpoint\"") {
+            rounds.push(std::mem::take(&mut cur));
+        }
+    }
+    rounds
+}
+
+/// Checks one pagewriter run: every checkpoint's dirty log equals the pages the guest reports.
+fn check_pagewriter(c: &Case, mode: &str) -> Result<(usize, usize)> {
+    if c.rc != 0 {
+        bail!("{}: exit status {}:\n{}", c.name, c.rc, c.out);
+    }
+    let events = json_lines(&c.out);
+    let cps: Vec<&Value> = events.iter().filter(|e| e["event"] == "checkpoint").collect();
+    let reported = reported_rounds(&c.out);
+    if cps.is_empty() || cps.len() != reported.len() {
+        bail!("{}: {} checkpoints but {} reported rounds:\n{}", c.name, cps.len(), reported.len(), c.out);
+    }
+    let mut pages = 0;
+    for (i, (cp, want)) in cps.iter().zip(&reported).enumerate() {
+        if cp["mode"] != mode {
+            bail!("{}: checkpoint mode {} != {mode}", c.name, cp["mode"]);
+        }
+        let got = gfns(cp);
+        if &got != want {
+            let lost: Vec<String> = want.difference(&got).map(|g| format!("{g:#x}")).collect();
+            let extra: Vec<String> = got.difference(want).map(|g| format!("{g:#x}")).collect();
+            bail!("{} checkpoint {}: dirty log differs from the guest's report: lost {:?}, spurious {:?}", c.name, i + 1, lost, extra);
+        }
+        pages += want.len();
+    }
+    Ok((cps.len(), pages))
+}
+
+fn exit_event(c: &Case) -> Result<Value> {
+    json_lines(&c.out)
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "exit")
+        .with_context(|| format!("{}: no exit event in:\n{}", c.name, c.out))
+}
+
+fn expect_reason(c: &Case, reason: &str) -> Result<()> {
+    let e = exit_event(c)?;
+    if e["reason"] != reason {
+        bail!("{}: expected reason {reason}, got {}:\n{}", c.name, e["reason"], c.out);
+    }
+    Ok(())
+}
+
+/// Exits per re-dirtied page from a seqwriter run: pass 2 re-writes every page of pass 1
+/// (already backed), so its exits are the final counts minus those at checkpoint 1.
+fn exits_per_redirty(c: &Case) -> Result<(f64, u64)> {
+    let events = json_lines(&c.out);
+    let cp1 = events.iter().find(|e| e["event"] == "checkpoint" && e["seq"] == 1).context("seqwriter: no checkpoint 1")?;
+    let cp2 = events.iter().find(|e| e["event"] == "checkpoint" && e["seq"] == 2).context("seqwriter: no checkpoint 2")?;
+    let pages = gfns(cp2).len() as u64;
+    let count = |e: &Value| -> u64 {
+        ["ept_violation", "pml_full"].iter().map(|k| e["exits"][k].as_u64().unwrap_or(0)).sum()
+    };
+    let d = count(cp2).saturating_sub(count(cp1));
+    if pages == 0 {
+        bail!("seqwriter: checkpoint 2 reported no pages");
+    }
+    Ok((d as f64 / pages as f64, pages))
+}
+
+/// The whole suite.
+pub fn suite() -> Result<()> {
+    let a = Artifacts::build()?;
+    let mut cases: Vec<(&str, String)> = vec![("hello", "smudge run /guests/hello".into())];
+    for m in ["ad", "pml", "wp"] {
+        let name: &'static str = Box::leak(format!("pagewriter-{m}").into_boxed_str());
+        cases.push((name, format!("smudge run --json --mode {m} /guests/pagewriter")));
+    }
+    for m in ["ad", "pml", "wp"] {
+        let name: &'static str = Box::leak(format!("seqwriter-{m}").into_boxed_str());
+        cases.push((name, format!("smudge run --json --mode {m} /guests/seqwriter")));
+    }
+    cases.extend([
+        ("explain", "smudge explain /guests/pagewriter".to_string()),
+        ("triple", "smudge run --json /guests/hostile_triple".into()),
+        ("spin", "smudge run --json --timeout 3 /guests/hostile_spin".into()),
+        ("beyond", "smudge run --json /guests/hostile_beyond".into()),
+        ("ptwrite", "smudge run --json /guests/hostile_ptwrite".into()),
+        ("vmx", "smudge run --json /guests/hostile_vmx".into()),
+        ("after-hostile", "smudge run /guests/hello".into()),
+        ("pages-held", "cat /sys/module/smudge/parameters/pages_held".into()),
+        ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
+    ]);
+    step("end-to-end suite on Bochs corei7_skylake_x (1 CPU)");
+    let (res, secs) = run_cases(&a, "corei7_skylake_x", 1, &cases)?;
+    let mut failures = Vec::new();
+    let mut check = |name: &str, r: Result<String>| match r {
+        Ok(msg) => println!("  ok    {name}: {msg}"),
+        Err(e) => {
+            println!("  FAIL  {name}: {e:#}");
+            failures.push(name.to_string());
+        }
+    };
+    check("hello console", (|| {
+        let c = case(&res, "hello")?;
+        if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
+            bail!("rc {}:\n{}", c.rc, c.out);
+        }
+        Ok("guest console reached the tool".into())
+    })());
+    for m in ["ad", "pml", "wp"] {
+        check(&format!("dirty log = guest's report ({m})"), (|| {
+            let (n, pages) = check_pagewriter(case(&res, &format!("pagewriter-{m}"))?, m)?;
+            Ok(format!("{n} checkpoints, {pages} pages, 0 lost, 0 spurious"))
+        })());
+    }
+    let mut per_page = Vec::new();
+    for m in ["ad", "pml", "wp"] {
+        check(&format!("exits per re-dirtied page ({m})"), (|| {
+            let c = case(&res, &format!("seqwriter-{m}"))?;
+            if c.rc != 0 {
+                bail!("rc {}:\n{}", c.rc, c.out);
+            }
+            let (x, pages) = exits_per_redirty(c)?;
+            let ok = match m {
+                "ad" => x < 0.01,
+                "pml" => x > 0.0 && x < 0.01,
+                _ => (x - 1.0).abs() < 0.01,
+            };
+            per_page.push(format!("{m}: {x:.4}"));
+            if !ok {
+                bail!("{x:.4} exits per page over {pages} pages is not what {m} should cost");
+            }
+            Ok(format!("{x:.4} exits/page over {pages} re-dirtied pages"))
+        })());
+    }
+    check("explain: EPT D=1, host PTE untouched", (|| {
+        let c = case(&res, "explain")?;
+        if c.rc != 0 || !c.out.contains("D=1") {
+            bail!("rc {}:\n{}", c.rc, c.out);
+        }
+        Ok("EPT leaf dirty beside the host direct-map PTE".into())
+    })());
+    check("triple fault", expect_reason(case(&res, "triple")?, "triple_fault").map(|_| "ends the run".into()));
+    check("endless loop", expect_reason(case(&res, "spin")?, "timeout").map(|_| "stopped by the timeout".into()));
+    check("access beyond memory", expect_reason(case(&res, "beyond")?, "mmio").map(|_| "MMIO exit".into()));
+    check("write to own page tables", (|| {
+        let c = case(&res, "ptwrite")?;
+        let e = exit_event(c)?;
+        if e["code"] != 0 {
+            bail!("{}", c.out);
+        }
+        Ok("guest survives".into())
+    })());
+    check("guest VMX instruction", (|| {
+        let c = case(&res, "vmx")?;
+        expect_reason(c, "error")?;
+        if !c.out.contains("VMX instruction") {
+            bail!("{}", c.out);
+        }
+        Ok("stopped with a precise reason".into())
+    })());
+    check("host healthy after hostile guests", (|| {
+        let c = case(&res, "after-hostile")?;
+        if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
+            bail!("{}", c.out);
+        }
+        Ok("next run works".into())
+    })());
+    check("page accounting back to zero", (|| {
+        let c = case(&res, "pages-held")?;
+        if c.out.trim() != "0" {
+            bail!("pages_held = {}", c.out.trim());
+        }
+        Ok("0 pages held after every VM closed".into())
+    })());
+    check("unload", (|| {
+        let c = case(&res, "unload")?;
+        if c.rc != 0 {
+            bail!("{}", c.out);
+        }
+        Ok("rmmod succeeded".into())
+    })());
+    println!("  (skylake_x boot with {} cases: {secs:.1} s)", cases.len());
+
+    step("end-to-end suite on Bochs tigerlake (1 CPU)");
+    let tl_cases: Vec<(&str, String)> = ["ad", "pml", "wp"]
+        .iter()
+        .map(|m| (&*Box::leak(format!("tl-pagewriter-{m}").into_boxed_str()), format!("smudge run --json --mode {m} /guests/pagewriter")))
+        .collect();
+    let (tl, secs) = run_cases(&a, "tigerlake", 1, &tl_cases)?;
+    for m in ["ad", "pml", "wp"] {
+        check(&format!("tigerlake: dirty log = guest's report ({m})"), (|| {
+            let (n, pages) = check_pagewriter(case(&tl, &format!("tl-pagewriter-{m}"))?, m)?;
+            Ok(format!("{n} checkpoints, {pages} pages, 0 lost, 0 spurious"))
+        })());
+    }
+    println!("  (tigerlake boot: {secs:.1} s)");
+    println!("  exits per re-dirtied page: {}", per_page.join(", "));
+    if !failures.is_empty() {
+        bail!("{} end-to-end check(s) failed: {}", failures.len(), failures.join(", "));
+    }
+    Ok(())
+}

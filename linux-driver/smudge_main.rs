@@ -8,7 +8,8 @@
 //! VMCS, the exit handler) is smudge-core.
 
 use core::ffi::{c_long, c_void};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kernel::prelude::*;
 use smudge_core::abi::{self, Op, Request, Wire};
@@ -68,6 +69,7 @@ const ENOTTY: c_long = 25;
 const ENODEV: c_long = 19;
 const EIO: c_long = 5;
 const EOPNOTSUPP: c_long = 95;
+const ENOEXEC: c_long = 8;
 
 /// Pages from the kernel's page allocator, seen through the direct map.
 struct LinuxPlatform {
@@ -101,24 +103,6 @@ impl Platform for LinuxPlatform {
         // SAFETY: the core only passes addresses of pages it allocated (tables, bitmaps,
         // backing pages); the direct map covers them, and AtomicU64 has no invalid values.
         unsafe { &*(smudge_va(hpa) as *const PageWords) }
-    }
-}
-
-/// The run loop's view of the OS.
-struct LinuxEnv;
-
-impl RunEnv for LinuxEnv {
-    fn irq_save(&self) -> usize {
-        // SAFETY: local_irq_save.
-        unsafe { smudge_irq_save() }
-    }
-    fn irq_restore(&self, flags: usize) {
-        // SAFETY: restores what irq_save returned.
-        unsafe { smudge_irq_restore(flags) }
-    }
-    fn should_return(&self) -> bool {
-        // SAFETY: reads current's flags.
-        unsafe { smudge_should_return() != 0 }
     }
 }
 
@@ -208,13 +192,70 @@ struct LinuxVcpu {
     cpu: i32,
 }
 
-/// One open of /dev/smudge.
-struct VmFile {
+/// A vCPU slot: RUN calls for different vCPUs run at once, one RUN per vCPU.
+struct VcpuSlot {
     busy: AtomicBool,
-    vm: Option<Vm>,
-    ctls: Option<Controls>,
-    vcpus: KVec<KBox<LinuxVcpu>>,
+    v: UnsafeCell<LinuxVcpu>,
 }
+
+/// A spin lock around the VM. vCPUs take it only around exit handling (preemption off, no
+/// sleeping); VM-level requests take it while every vCPU is kicked out, so it is uncontended.
+struct VmLock {
+    locked: AtomicBool,
+    vm: UnsafeCell<Option<Vm>>,
+}
+
+impl VmLock {
+    fn with<R, F: FnOnce(&mut Option<Vm>) -> R>(&self, f: F) -> R {
+        while self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the flag gives this thread exclusive access until it is released.
+        let r = f(unsafe { &mut *self.vm.get() });
+        self.locked.store(false, Ordering::Release);
+        r
+    }
+}
+
+impl hw::SharedVm for VmLock {
+    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R {
+        VmLock::with(self, |vm| match vm.as_mut() {
+            Some(vm) => f(vm),
+            // Unreachable: RUN requires a set-up VM, and only release removes it.
+            None => {
+                let mut empty = None;
+                core::mem::swap(&mut empty, vm);
+                panic_free_unreachable(f, empty)
+            }
+        })
+    }
+}
+
+/// The VM disappears only in release, after every RUN returned; a vCPU can never see None.
+/// Kept as a function so the impossible path is explicit and still panic-free.
+fn panic_free_unreachable<R, F: FnOnce(&mut Vm) -> R>(_f: F, _vm: Option<Vm>) -> R {
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// One open of /dev/smudge: one VM.
+struct VmFile {
+    /// A VM-level request is in progress.
+    busy: AtomicBool,
+    /// Setup finished: `vcpus` and `ctls` no longer change.
+    ready: AtomicBool,
+    /// vCPUs must leave guest mode and wait (harvest, clear, load, explain...).
+    kick: AtomicBool,
+    /// vCPUs inside the run loop.
+    running: AtomicU32,
+    vm: VmLock,
+    ctls: UnsafeCell<Option<Controls>>,
+    vcpus: UnsafeCell<KVec<KBox<VcpuSlot>>>,
+}
+
+// SAFETY: every field is either atomic or guarded by the protocol documented on each.
+unsafe impl Sync for VmFile {}
 
 extern "C" fn vmclear_on_cpu(info: *mut c_void) {
     // SAFETY: `info` is the VMCS physical address, passed by value; VMX is on in this CPU.
@@ -232,25 +273,50 @@ extern "C" fn invept_on_cpu(info: *mut c_void) {
 }
 
 impl VmFile {
-    fn pages(&self) -> u64 {
-        self.vm.as_ref().map_or(0, |v| v.pages_held()) + self.vcpus.len() as u64 * 3
+    fn vcpus(&self) -> &[KBox<VcpuSlot>] {
+        // SAFETY: `vcpus` is written only during Setup (busy held, ready false, no RUN).
+        unsafe { &*self.vcpus.get() }
     }
 
-    /// INVEPT on every CPU (SDM 29.4.3.4): after a harvest clears D or W, any CPU where a vCPU
-    /// ran may still cache the old translations.
-    fn invept_everywhere(&mut self, p: &LinuxPlatform) {
-        if let Some(vm) = self.vm.as_mut() {
-            if vm.ept().needs_invept() {
-                // SAFETY: runs INVEPT in IPI context on each CPU.
-                unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
-                vm.ept_mut().invept_done(p);
-            }
+    /// Kicks every vCPU out of guest mode and waits until none is in the run loop. vCPUs notice
+    /// the kick at their next VM exit (the preemption timer bounds the wait).
+    fn kick_all(&self) {
+        self.kick.store(true, Ordering::SeqCst);
+        while self.running.load(Ordering::SeqCst) != 0 {
+            // SAFETY: process context, may sleep.
+            unsafe { smudge_cond_resched() };
+            core::hint::spin_loop();
         }
     }
 
-    fn free_all(&mut self) {
+    fn unkick(&self) {
+        self.kick.store(false, Ordering::SeqCst);
+    }
+
+    fn pages(&self) -> u64 {
+        self.vm.with(|vm| vm.as_ref().map_or(0, |v| v.pages_held())) + self.vcpus().len() as u64 * 3
+    }
+
+    /// INVEPT on every CPU (SDM 29.4.3.4): after a harvest clears D or W, any CPU where a vCPU
+    /// ran may still cache the old translations. Called with every vCPU kicked out.
+    fn invept_everywhere(&self, p: &LinuxPlatform) {
+        self.vm.with(|vm| {
+            if let Some(vm) = vm.as_mut() {
+                if vm.ept().needs_invept() {
+                    // SAFETY: runs INVEPT in IPI context on each CPU.
+                    unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
+                    vm.ept_mut().invept_done(p);
+                }
+            }
+        })
+    }
+
+    /// Frees everything; no RUN is in progress (release, or a failed Setup).
+    fn free_all(&self) {
         let p = LinuxPlatform { atomic: false };
-        for v in self.vcpus.iter_mut() {
+        for slot in self.vcpus() {
+            // SAFETY: no RUN is in progress, so nobody else references the vCPU.
+            let v = unsafe { &mut *slot.v.get() };
             if v.cpu >= 0 {
                 // SAFETY: VMCLEAR on the CPU that has the VMCS active.
                 unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
@@ -262,12 +328,14 @@ impl VmFile {
                 }
             }
         }
-        self.vcpus = KVec::new();
+        // SAFETY: as above; the vector is not shared any more.
+        unsafe { *self.vcpus.get() = KVec::new() };
         // SAFETY: invalidate every cached translation before the tables and pages are freed.
         unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
-        if let Some(vm) = self.vm.take() {
+        if let Some(vm) = self.vm.with(|vm| vm.take()) {
             vm.destroy(&p);
         }
+        self.ready.store(false, Ordering::Release);
     }
 }
 
@@ -276,7 +344,15 @@ pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
     if global().is_none() {
         return -ENODEV;
     }
-    let f = VmFile { busy: AtomicBool::new(false), vm: None, ctls: None, vcpus: KVec::new() };
+    let f = VmFile {
+        busy: AtomicBool::new(false),
+        ready: AtomicBool::new(false),
+        kick: AtomicBool::new(false),
+        running: AtomicU32::new(0),
+        vm: VmLock { locked: AtomicBool::new(false), vm: UnsafeCell::new(None) },
+        ctls: UnsafeCell::new(None),
+        vcpus: UnsafeCell::new(KVec::new()),
+    };
     match KBox::new(f, GFP_KERNEL) {
         Ok(b) => {
             // SAFETY: `out` is the C caller's local.
@@ -293,7 +369,7 @@ pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
         return;
     }
     // SAFETY: `priv_` came from KBox::into_raw in open; release is the last user.
-    let mut f = unsafe { KBox::from_raw(priv_ as *mut VmFile) };
+    let f = unsafe { KBox::from_raw(priv_ as *mut VmFile) };
     f.free_all();
 }
 
@@ -303,14 +379,9 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
         return -EINVAL;
     }
     // SAFETY: the file holds the VmFile until release, which cannot run during an ioctl.
-    let f = unsafe { &mut *(priv_ as *mut VmFile) };
+    let f = unsafe { &*(priv_ as *const VmFile) };
     let Some(op) = Op::from_linux_ioctl(cmd) else { return -ENOTTY };
-    if f.busy.swap(true, Ordering::Acquire) {
-        return -EBUSY;
-    }
-    let r = ioctl(f, op, arg);
-    f.busy.store(false, Ordering::Release);
-    r
+    ioctl(f, op, arg)
 }
 
 fn copy_in(dst: &mut [u8], src: usize) -> core::result::Result<(), c_long> {
@@ -338,7 +409,8 @@ fn core_err(e: smudge_core::Error) -> c_long {
     }
 }
 
-fn ioctl(f: &mut VmFile, op: Op, arg: usize) -> c_long {
+fn ioctl(f: &VmFile, op: Op, arg: usize) -> c_long {
+    let Some(g) = global() else { return -ENODEV };
     let mut buf = [0u8; 1024];
     let n = op.buffer_size();
     if n > buf.len() {
@@ -351,25 +423,76 @@ fn ioctl(f: &mut VmFile, op: Op, arg: usize) -> c_long {
         Ok(r) => r,
         Err(e) => return -(e.errno() as c_long),
     };
-    let out = match handle(f, req, &mut buf) {
-        Ok(len) => len,
-        Err(e) => return e,
-    };
-    if out > 0 {
-        if let Err(e) = copy_out(arg, &buf[..out]) {
-            return e;
+    let enc = |r: core::result::Result<usize, abi::AbiError>| r.map_err(|_| -EINVAL);
+    let out = if let Request::Run { vcpu } = req {
+        run_request(f, g, vcpu).and_then(|resp| enc(resp.to_bytes(&mut buf)))
+    } else {
+        if f.busy.swap(true, Ordering::Acquire) {
+            return -EBUSY;
         }
+        let setup = matches!(req, Request::Setup { .. });
+        if !setup {
+            f.kick_all();
+        }
+        // SAFETY: `busy` excludes other VM-level requests and the kick excludes every vCPU, so
+        // this thread alone uses the VM, the controls and the vCPU vector now.
+        let (vm, ctls) = unsafe { (&mut *f.vm.vm.get(), &mut *f.ctls.get()) };
+        let r = handle(f, g, vm, ctls, req, &mut buf);
+        if !setup {
+            f.unkick();
+        }
+        f.busy.store(false, Ordering::Release);
+        r
+    };
+    match out {
+        Ok(len) if len > 0 => copy_out(arg, &buf[..len]).map_or_else(|e| e, |_| 0),
+        Ok(_) => 0,
+        Err(e) => e,
     }
-    0
 }
 
-fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::Result<usize, c_long> {
-    let Some(g) = global() else { return Err(-ENODEV) };
+/// INVEPT on every CPU (SDM 29.4.3.4) when the EPT asks for it.
+fn invept_vm(vm: &mut Vm, p: &LinuxPlatform) {
+    if vm.ept().needs_invept() {
+        // SAFETY: runs INVEPT in IPI context on each CPU.
+        unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
+        vm.ept_mut().invept_done(p);
+    }
+}
+
+/// Frees the vCPUs' pages (no RUN in progress).
+fn free_vcpus(f: &VmFile, p: &LinuxPlatform) {
+    for slot in f.vcpus() {
+        // SAFETY: no RUN is in progress, so nobody else references the vCPU.
+        let v = unsafe { &mut *slot.v.get() };
+        if v.cpu >= 0 {
+            // SAFETY: VMCLEAR on the CPU that has the VMCS active.
+            unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
+            v.cpu = -1;
+        }
+        for page in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
+            if page != 0 {
+                p.free_page(page);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *f.vcpus.get() = KVec::new() };
+}
+
+fn handle(
+    f: &VmFile,
+    g: &Global,
+    vm_slot: &mut Option<Vm>,
+    ctls_slot: &mut Option<Controls>,
+    req: Request,
+    buf: &mut [u8; 1024],
+) -> core::result::Result<usize, c_long> {
     let p = LinuxPlatform { atomic: false };
     let enc = |r: core::result::Result<usize, abi::AbiError>| r.map_err(|_| -EINVAL);
     match req {
         Request::Setup { mode, mem_bytes, vcpus, page_limit } => {
-            if f.vm.is_some() {
+            if vm_slot.is_some() || f.ready.load(Ordering::Acquire) {
                 return Err(-EBUSY);
             }
             let mode = match mode {
@@ -385,39 +508,44 @@ fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::R
                 vm.destroy(&p);
                 return Err(core_err(e));
             }
-            f.vm = Some(vm);
-            f.ctls = Some(ctls);
+            // SAFETY: Setup holds `busy` and `ready` is false: no other thread reads the vector.
+            if unsafe { &mut *f.vcpus.get() }.reserve(vcpus as usize, GFP_KERNEL).is_err() {
+                vm.destroy(&p);
+                return Err(-ENOMEM);
+            }
             for i in 0..vcpus {
                 if let Err(e) = add_vcpu(f, &p, g, i) {
-                    f.free_all();
+                    free_vcpus(f, &p);
+                    vm.destroy(&p);
                     return Err(e);
                 }
             }
+            *vm_slot = Some(vm);
+            *ctls_slot = Some(ctls);
+            f.ready.store(true, Ordering::Release);
             Ok(0)
         }
         Request::LoadElf { image, len } => {
-            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let mut bytes = KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
             copy_in(&mut bytes, image as usize)?;
             let entry = match vm.load_elf(&p, &bytes) {
                 Ok(e) => e,
                 Err(smudge_core::vm::LoadError::Elf(e)) => {
                     pr_info!("{}\n", e.message());
-                    return Err(-EINVAL);
+                    return Err(-ENOEXEC);
                 }
                 Err(smudge_core::vm::LoadError::Vm(e)) => return Err(core_err(e)),
             };
-            for v in f.vcpus.iter_mut() {
-                v.hw.rip = entry;
+            for slot in f.vcpus() {
+                // SAFETY: every vCPU is kicked out; this thread alone uses them.
+                unsafe { (*slot.v.get()).hw.rip = entry };
             }
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }
-        Request::Run { vcpu } => {
-            let resp = run(f, g, vcpu)?;
-            enc(resp.to_bytes(buf))
-        }
+        Request::Run { .. } => Err(-EINVAL),
         Request::DirtyLog { slot, bitmap, bitmap_len, harvest } => {
-            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let pages = vm.slots().find(|(i, _)| *i == slot as usize).map(|(_, s)| s.pages).ok_or(-EINVAL)?;
             let words = pages.div_ceil(64) as usize;
             if bitmap_len < words as u64 * 8 {
@@ -429,31 +557,33 @@ fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::R
             } else {
                 vm.get_dirty_log(&p, slot as usize, &mut bits).map_err(core_err)?;
             }
-            f.invept_everywhere(&p);
+            invept_vm(vm, &p);
             // SAFETY: u64 slice viewed as bytes for the copy.
             let bytes = unsafe { core::slice::from_raw_parts(bits.as_ptr() as *const u8, words * 8) };
             copy_out(bitmap as usize, bytes)?;
             Ok(0)
         }
         Request::ClearDirtyLog { slot, first_page, num_pages, mask } => {
-            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let words = num_pages.div_ceil(64) as usize;
             let mut m = KVVec::<u64>::from_elem(0, words, GFP_KERNEL).map_err(|_| -ENOMEM)?;
             // SAFETY: u64 slice viewed as bytes for the copy.
             let bytes = unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut u8, words * 8) };
             copy_in(bytes, mask as usize)?;
             vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, &m).map_err(core_err)?;
-            f.invept_everywhere(&p);
+            invept_vm(vm, &p);
             Ok(0)
         }
         Request::Stats => {
             let mut s = abi::StatsResp::default();
-            s.vm_pages = f.pages();
+            s.vm_pages = vm_slot.as_ref().map_or(0, |v| v.pages_held()) + f.vcpus().len() as u64 * 3;
             // SAFETY: reads the module's counter.
             s.driver_pages = unsafe { smudge_pages_held() };
-            s.mode = f.vm.as_ref().map_or(0, |v| v.mode() as u32);
-            s.vcpus = f.vcpus.len() as u32;
-            for v in f.vcpus.iter() {
+            s.mode = vm_slot.as_ref().map_or(0, |v| v.mode() as u32);
+            s.vcpus = f.vcpus().len() as u32;
+            for slot in f.vcpus() {
+                // SAFETY: every vCPU is kicked out.
+                let v = unsafe { &*slot.v.get() };
                 for (a, b) in s.exits.iter_mut().zip(v.hw.state.exits.iter()) {
                     *a += *b;
                 }
@@ -474,7 +604,7 @@ fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::R
             enc(c.to_bytes(buf))
         }
         Request::Explain { gpa } => {
-            let vm = f.vm.as_ref().ok_or(-EINVAL)?;
+            let vm = vm_slot.as_ref().ok_or(-EINVAL)?;
             let layout = vm.layout().ok_or(-EINVAL)?;
             let mut r = abi::ExplainResp::default();
             // The guest's own PDE for this address (2 MiB pages, identity map below 4 GiB).
@@ -500,7 +630,7 @@ fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::R
             enc(r.to_bytes(buf))
         }
         Request::Mem { gpa, buf: ubuf, len, write } => {
-            let vm = f.vm.as_mut().ok_or(-EINVAL)?;
+            let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let mut tmp = KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
             if write {
                 copy_in(&mut tmp, ubuf as usize)?;
@@ -514,7 +644,7 @@ fn handle(f: &mut VmFile, req: Request, buf: &mut [u8; 1024]) -> core::result::R
     }
 }
 
-fn add_vcpu(f: &mut VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::result::Result<(), c_long> {
+fn add_vcpu(f: &VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::result::Result<(), c_long> {
     let vmcs = p.alloc_page().ok_or(-ENOMEM)?;
     let Some(pml) = p.alloc_page() else {
         p.free_page(vmcs);
@@ -555,7 +685,7 @@ fn add_vcpu(f: &mut VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::
         },
         cpu: -1,
     };
-    let b = match KBox::new(v, GFP_KERNEL) {
+    let b = match KBox::new(VcpuSlot { busy: AtomicBool::new(false), v: UnsafeCell::new(v) }, GFP_KERNEL) {
         Ok(b) => b,
         Err(_) => {
             for pg in [vmcs, pml, msr_bitmap] {
@@ -564,30 +694,94 @@ fn add_vcpu(f: &mut VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::
             return Err(-ENOMEM);
         }
     };
-    if f.vcpus.push(b, GFP_KERNEL).is_err() {
-        return Err(-ENOMEM);
-    }
+    // SAFETY: Setup holds `busy` and `ready` is false: no other thread reads the vector.
+    let vcpus = unsafe { &mut *f.vcpus.get() };
+    // Capacity was reserved by Setup, so this push does not allocate and cannot fail.
+    vcpus.push(b, GFP_KERNEL).map_err(|_| -ENOMEM)?;
     Ok(())
 }
 
-fn run(f: &mut VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunResp, c_long> {
-    let ctls = f.ctls.ok_or(-EINVAL)?;
+/// The run loop's view of the OS.
+struct LinuxEnv<'a> {
+    kick: &'a AtomicBool,
+}
+
+impl RunEnv for LinuxEnv<'_> {
+    fn irq_save(&self) -> usize {
+        // SAFETY: local_irq_save.
+        unsafe { smudge_irq_save() }
+    }
+    fn irq_restore(&self, flags: usize) {
+        // SAFETY: restores what irq_save returned.
+        unsafe { smudge_irq_restore(flags) }
+    }
+    fn should_return(&self) -> bool {
+        // SAFETY: reads current's flags.
+        self.kick.load(Ordering::SeqCst) || unsafe { smudge_should_return() != 0 }
+    }
+}
+
+fn run_request(f: &VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunResp, c_long> {
+    if !f.ready.load(Ordering::Acquire) {
+        return Err(-EINVAL);
+    }
+    let slot = f.vcpus().get(index as usize).ok_or(-EINVAL)?;
+    if slot.busy.swap(true, Ordering::Acquire) {
+        return Err(-EBUSY);
+    }
+    let r = run(f, g, slot);
+    slot.busy.store(false, Ordering::Release);
+    r
+}
+
+/// Waits while a VM-level request has the vCPUs kicked out. Returns false on a signal.
+fn wait_unkicked(f: &VmFile) -> bool {
+    while f.kick.load(Ordering::SeqCst) {
+        // SAFETY: process context, may sleep; reads current's flags.
+        unsafe {
+            smudge_cond_resched();
+            if smudge_should_return() != 0 && f.kick.load(Ordering::SeqCst) {
+                // A reschedule request alone is served by cond_resched; only leave on signals.
+                smudge_cond_resched();
+            }
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::RunResp, c_long> {
+    // SAFETY: set during Setup, read-only afterwards.
+    let ctls = unsafe { *f.ctls.get() }.ok_or(-EINVAL)?;
     let p = LinuxPlatform { atomic: true };
     let mut resp = abi::RunResp::default();
-    // Harvests done between runs may have left an INVEPT obligation.
-    f.invept_everywhere(&LinuxPlatform { atomic: false });
-    let vm = f.vm.as_mut().ok_or(-EINVAL)?;
-    let v = f.vcpus.get_mut(index as usize).ok_or(-EINVAL)?;
-    if !v.hw.programmed {
-        // SAFETY: reads a module parameter.
-        let bad = unsafe { smudge_test_bad_vmcs() };
-        let cr0 = smudge_core::vmx::setup::fix_cr(smudge_core::guest::CR0, g.caps.cr0_fixed0, g.caps.cr0_fixed1);
-        v.hw.debug_override = match bad {
-            1 | 2 => Some((smudge_core::vmx::fields::Field::GuestCr0.encoding(), cr0 & !1, bad == 2)),
-            _ => None,
-        };
+    let env = LinuxEnv { kick: &f.kick };
+    let vp = slot.v.get();
+    {
+        // SAFETY: `slot.busy` makes this thread the vCPU's only user.
+        let v = unsafe { &mut *vp };
+        if !v.hw.programmed {
+            // SAFETY: reads a module parameter.
+            let bad = unsafe { smudge_test_bad_vmcs() };
+            let cr0 = smudge_core::vmx::setup::fix_cr(smudge_core::guest::CR0, g.caps.cr0_fixed0, g.caps.cr0_fixed1);
+            v.hw.debug_override = match bad {
+                1 | 2 => Some((smudge_core::vmx::fields::Field::GuestCr0.encoding(), cr0 & !1, bad == 2)),
+                _ => None,
+            };
+        }
     }
     let result = loop {
+        // Enter the loop, then look at the kick: with SeqCst on both sides, a VM-level request
+        // either sees this vCPU running and waits, or this vCPU sees the kick and waits.
+        f.running.fetch_add(1, Ordering::SeqCst);
+        if f.kick.load(Ordering::SeqCst) {
+            f.running.fetch_sub(1, Ordering::SeqCst);
+            wait_unkicked(f);
+            continue;
+        }
+        // SAFETY: `slot.busy` makes this thread the vCPU's only user; VM-level requests touch
+        // it only while `running` is 0.
+        let v = unsafe { &mut *vp };
         // SAFETY: kernel_fpu_begin disables preemption and lets the guest own the FPU.
         unsafe { smudge_fpu_begin() };
         // SAFETY: preemption is off.
@@ -595,6 +789,7 @@ fn run(f: &mut VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunR
         if cpu as usize >= MAX_CPUS || !VMX_ON[cpu as usize].load(Ordering::Acquire) {
             // SAFETY: pairs with fpu_begin.
             unsafe { smudge_fpu_end() };
+            f.running.fetch_sub(1, Ordering::SeqCst);
             return Err(-EIO);
         }
         if v.cpu != cpu {
@@ -611,28 +806,28 @@ fn run(f: &mut VmFile, g: &Global, index: u32) -> core::result::Result<abi::RunR
         }
         // SAFETY: VMX is on here, preemption is off, the FPU is ours, the VMCS is clear or
         // active on this CPU.
-        let r = unsafe { hw::run(vm, &mut v.hw, &p, &g.caps, &ctls, &LinuxEnv) };
+        let r = unsafe { hw::run(&f.vm, &mut v.hw, &p, &g.caps, &ctls, &env) };
         // SAFETY: pairs with fpu_begin.
         unsafe { smudge_fpu_end() };
+        f.running.fetch_sub(1, Ordering::SeqCst);
         match r {
             Ok(RunExit::Interrupted) => {
+                if v.hw.state.console_len > 0 {
+                    break Ok(RunExit::Console);
+                }
+                // SAFETY: may sleep: preemption is on again.
+                unsafe { smudge_cond_resched() };
+                // A pending signal returns to user space; a kick or a reschedule continues.
                 // SAFETY: reads current's flags.
-                if unsafe { smudge_should_return() } != 0 {
-                    // SAFETY: may sleep: preemption is on again.
-                    unsafe { smudge_cond_resched() };
-                    if v.hw.state.console_len > 0 {
-                        break Ok(RunExit::Console);
-                    }
-                    // A pending signal returns to user space; a reschedule just continues.
-                    // SAFETY: reads current's flags.
-                    if unsafe { smudge_should_return() } != 0 {
-                        break Ok(RunExit::Interrupted);
-                    }
+                if unsafe { smudge_should_return() } != 0 && !f.kick.load(Ordering::SeqCst) {
+                    break Ok(RunExit::Interrupted);
                 }
             }
             other => break other,
         }
     };
+    // SAFETY: as above.
+    let v = unsafe { &mut *vp };
     let st = &mut v.hw.state;
     resp.console_len = st.console_len as u32;
     resp.console[..st.console_len].copy_from_slice(&st.console[..st.console_len]);

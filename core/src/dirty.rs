@@ -484,26 +484,31 @@ fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, table: u64, level
     let last = (((end - 1 - base) / span) as usize).min(511);
     if level == 1 {
         // The hot loop, 64 leaves at a time: branch-free loads build the mask of dirty present
-        // leaves; stores only for chunks with dirty leaves.
+        // leaves (D is bit 9). Clearing stores only into chunks with dirty leaves; after a dense
+        // chunk, the next one is cleared in the same pass as it is read (one load and one store
+        // per leaf, unchanged for clean ones: no vCPU runs, see the module's precondition).
+        let clear = matches!(op, ScanOp::Clear { .. });
         let leaves = t.get(first..=last).unwrap_or(&[]);
+        let mut dense = false;
         for (c, chunk) in leaves.chunks(64).enumerate() {
             let mut mask = 0u64;
-            for (j, word) in chunk.iter().enumerate() {
-                let v = word.load(Relaxed);
-                let dirty = (v >> 9) & 1 & u64::from(v & bits::RWX != 0); // D (bit 9) of a present leaf
-                mask |= dirty << j;
-            }
-            if mask == 0 {
-                continue;
-            }
-            if let ScanOp::Clear { .. } = op {
-                if mask.count_ones() > 16 {
-                    // Dense: rewrite every leaf of the chunk (unchanged for clean ones; no vCPU
-                    // runs, see the module's precondition).
-                    for word in chunk {
-                        word.store(word.load(Relaxed) & !bits::D, Relaxed);
-                    }
-                } else {
+            if clear && dense {
+                for (j, word) in chunk.iter().enumerate() {
+                    let v = word.load(Relaxed);
+                    mask |= ((v >> 9) & 1 & u64::from(v & bits::RWX != 0)) << j;
+                    word.store(v & !bits::D, Relaxed);
+                }
+            } else {
+                // A clean chunk costs one load and one OR per leaf.
+                if chunk.iter().fold(0, |a, w| a | w.load(Relaxed)) & bits::D == 0 {
+                    dense = false;
+                    continue;
+                }
+                for (j, word) in chunk.iter().enumerate() {
+                    let v = word.load(Relaxed);
+                    mask |= ((v >> 9) & 1 & u64::from(v & bits::RWX != 0)) << j;
+                }
+                if clear && mask != 0 {
                     let mut m = mask;
                     while m != 0 {
                         let j = m.trailing_zeros() as usize;
@@ -514,7 +519,10 @@ fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, table: u64, level
                     }
                 }
             }
-            f(base + (first + c * 64) as u64 * PAGE_SIZE, mask);
+            dense = mask.count_ones() > 32;
+            if mask != 0 {
+                f(base + (first + c * 64) as u64 * PAGE_SIZE, mask);
+            }
         }
         return;
     }

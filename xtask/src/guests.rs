@@ -18,6 +18,8 @@ pub fn build() -> Result<PathBuf> {
     run(Command::new("cargo")
         .current_dir(root().join("guests"))
         .args(["build", "--release"])
-        .env("CARGO_TARGET_DIR", &target_dir))?;
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static")
+        .env_remove("RUSTFLAGS"))?;
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release"))
 }

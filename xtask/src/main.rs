@@ -45,6 +45,8 @@ enum Cmd {
     Bochs(bochs::BochsArgs),
     /// The main job: `smudge explain` and a dirty-log run on an emulated VT-x machine.
     Demo,
+    /// Only the end-to-end suite under Bochs.
+    E2e,
 }
 
 fn main() -> Result<()> {
@@ -63,6 +65,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bochs(a) => bochs::run_cli(a),
         Cmd::Demo => bochs::demo(),
+        Cmd::E2e => e2e::suite(),
     }
 }
 

@@ -350,7 +350,8 @@ fn msr_area(c: &Ctx<'_>, count: Field, addr: Field) -> Eval {
     }
     // "The arithmetic used for the computation uses more bits than the physical-address width."
     let last = a as u128 + (n as u128) * 16 - 1;
-    fail_if(a & 0xF != 0 || beyond_phys(a, width) || last >> width != 0, addr, a)
+    let last_beyond = width < 128 && last >> width != 0;
+    fail_if(a & 0xF != 0 || beyond_phys(a, width) || last_beyond, addr, a)
 }
 
 // ---------------------------------------------------------------------------------------------

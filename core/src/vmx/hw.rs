@@ -40,6 +40,14 @@ fn vmcs_error(fail: VmFail, field: Field) -> VmcsError {
 /// how long the guest runs before the host gets the CPU back (SDM 26.5.1).
 pub const PREEMPTION_QUANTUM: u64 = 200_000;
 
+/// A VM shared by the vCPUs of several CPUs: the loop takes the VM only around exit handling,
+/// never while the guest runs. The Linux and Windows shims wrap it in a spin lock; a
+/// single-threaded caller can use `core::cell::RefCell`-like exclusive access.
+pub trait SharedVm {
+    /// Runs `f` with exclusive access to the VM.
+    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R;
+}
+
 /// What the OS supplies to the loop.
 pub trait RunEnv {
     /// Disables interrupts on this CPU; returns the previous state.
@@ -107,8 +115,8 @@ fn step<T>(step: &'static str, r: Result<T, VmFail>) -> Result<T, HwError> {
 /// VMX root operation on this CPU; preemption disabled and the FPU owned by the caller
 /// (kernel_fpu_begin / KeSaveExtendedProcessorState); `vcpu.vmcs` is either launched on this
 /// CPU or was VMCLEARed (then `launched` is false); `p` gives access to every page involved.
-pub unsafe fn run<P: Platform + ?Sized>(
-    vm: &mut Vm,
+pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
+    vm: &S,
     vcpu: &mut HwVcpu,
     p: &P,
     caps: &VmxCaps,
@@ -118,7 +126,8 @@ pub unsafe fn run<P: Platform + ?Sized>(
     if vcpu.state.halted {
         return Ok(RunExit::Hlt);
     }
-    let layout = match vm.layout() {
+    let (layout, mode, eptp_ad) = vm.with(|vm| (vm.layout(), vm.mode(), vm.ept().eptp(true)));
+    let layout = match layout {
         Some(l) => l,
         None => return Ok(RunExit::Stopped { reason: 0, what: crate::vm::StopCause::EntryFailed }),
     };
@@ -126,7 +135,9 @@ pub unsafe fn run<P: Platform + ?Sized>(
     step("vmptrld", unsafe { arch::vmptrld(vcpu.vmcs) })?;
     // SAFETY: preemption is off: the snapshot describes this CPU for the whole run.
     let host: HostState = unsafe { arch::host_state() };
-    let eptp = vm.ept().eptp(matches!(vm.mode(), crate::dirty::Mode::AdScan | crate::dirty::Mode::Pml)).0;
+    let mut eptp_v = eptp_ad;
+    eptp_v.set_ad_enabled(eptp_ad.ad_enabled() && matches!(mode, crate::dirty::Mode::AdScan | crate::dirty::Mode::Pml));
+    let eptp = eptp_v.0;
     let cfg = VcpuConfig {
         eptp,
         vpid: 1 + vcpu.state.index as u16,
@@ -160,15 +171,21 @@ pub unsafe fn run<P: Platform + ?Sized>(
     // SAFETY: the caller owns the FPU; the area holds a valid image.
     unsafe { arch::fxrstor(&vcpu.fx) };
     let result = loop {
-        if vm.ept().needs_invept() {
-            // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
-            // must not survive in cached translations when the guest runs again.
-            // SAFETY: VMX root operation.
-            let kind = if caps.ept_vpid_cap & (1 << 25) != 0 { InveptType::SingleContext } else { InveptType::AllContext };
-            if let Err(fail) = unsafe { arch::invept(kind, eptp) } {
-                break Err(HwError::Vmx { step: "invept", fail });
+        let flushed = vm.with(|vm| {
+            if !vm.ept().needs_invept() {
+                return Ok(());
             }
+            // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
+            // must not survive in cached translations when the guest runs again. (Callers
+            // that cleared flags while several CPUs may cache the EPT flush them all first.)
+            let kind = if caps.ept_vpid_cap & (1 << 25) != 0 { InveptType::SingleContext } else { InveptType::AllContext };
+            // SAFETY: VMX root operation.
+            unsafe { arch::invept(kind, eptp) }?;
             vm.ept_mut().invept_done(p);
+            Ok(())
+        });
+        if let Err(fail) = flushed {
+            break Err(HwError::Vmx { step: "invept", fail });
         }
         if timer {
             // SAFETY: current VMCS.
@@ -203,7 +220,7 @@ pub unsafe fn run<P: Platform + ?Sized>(
             // SAFETY: current VMCS.
             let index = unsafe { arch::vmread(guest::PML_INDEX) }.unwrap_or(511) as u16;
             if index != crate::dirty::pml::INDEX_RESET {
-                vm.pml_drain(p, vcpu.pml, index);
+                vm.with(|vm| vm.pml_drain(p, vcpu.pml, index));
                 // SAFETY: current VMCS.
                 if let Err(fail) = unsafe { arch::vmwrite(guest::PML_INDEX, crate::dirty::pml::INDEX_RESET.into()) } {
                     break Err(HwError::Vmx { step: "vmwrite (pml index)", fail });
@@ -218,7 +235,7 @@ pub unsafe fn run<P: Platform + ?Sized>(
             }
         }
         let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);
-        let action = vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid);
+        let action = vm.with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid));
         let advance = match action {
             Action::Resume { advance } => advance,
             // A hypercall or console write that goes to user space resumes after it.

@@ -1,0 +1,14 @@
+//! The OS seam: open the smudge device, send one request, interrupt a running vCPU.
+//! Everything above it is OS-independent.
+
+cfg_if::cfg_if! {
+    if #[cfg(target_os = "linux")] {
+        mod linux;
+        pub use linux::{is_unsupported, Alarm, Device};
+    } else if #[cfg(windows)] {
+        mod windows;
+        pub use windows::{is_unsupported, Alarm, Device};
+    } else {
+        compile_error!("smudge has backends for Linux and Windows only");
+    }
+}

@@ -7,6 +7,7 @@ mod device;
 mod explain;
 mod gfns;
 mod json;
+mod multi;
 mod os;
 mod run;
 
@@ -50,8 +51,8 @@ fn guest_cmd(g: &GuestArgs, vcpus: u32, explain: Option<Option<usize>>) -> anyho
         json: g.json,
         explain,
     };
-    if vcpus != 1 {
-        anyhow::bail!("only --vcpus 1 is supported by this build");
+    if vcpus != 1 && explain.is_some() {
+        anyhow::bail!("explain runs one vCPU (drop --vcpus)");
     }
     run::check_image(&image, cfg.mem_bytes).with_context(|| g.guest.display().to_string())?;
     let mut dev = os::Device::open()?;
@@ -65,7 +66,11 @@ fn guest_cmd(g: &GuestArgs, vcpus: u32, explain: Option<Option<usize>>) -> anyho
     let timed_out = || g.timeout.is_some_and(|t| start.elapsed() >= t);
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
     let mut streams = Streams::new(&mut stdout, &mut stderr);
-    run::run_guest(&mut dev, &image, &cfg, &mut streams, &timed_out)
+    if vcpus == 1 {
+        return run::run_guest(&mut dev, &image, &cfg, &mut streams, &timed_out);
+    }
+    let mode = run::prepare(&mut dev, &image, &cfg)?;
+    multi::run_vcpus(&mut dev, &cfg, mode, &mut streams, &timed_out)
 }
 
 fn caps_cmd(a: &args::CapsArgs) -> anyhow::Result<i32> {

@@ -76,7 +76,7 @@ impl<'a> Streams<'a> {
         }
     }
 
-    fn console(&mut self, json: bool, bytes: &[u8]) -> std::io::Result<()> {
+    pub fn console(&mut self, json: bool, bytes: &[u8]) -> std::io::Result<()> {
         let Some(&last) = bytes.last() else {
             return Ok(());
         };
@@ -215,7 +215,7 @@ pub fn exit_counts(exits: &[u64]) -> Vec<(&'static str, u64)> {
     out
 }
 
-fn message_text(resp: &RunResp) -> String {
+pub fn message_text(resp: &RunResp) -> String {
     let end = resp
         .message
         .iter()
@@ -335,7 +335,7 @@ fn setup_error(e: ReqError, mode: ModeArg) -> anyhow::Error {
     anyhow!("cannot set up the VM: {}", e.err)
 }
 
-fn harvest(vmm: &mut dyn Vmm, mem_bytes: u64, clear: bool) -> anyhow::Result<Vec<u64>> {
+pub fn harvest_gfns(vmm: &mut dyn Vmm, mem_bytes: u64, clear: bool) -> anyhow::Result<Vec<u64>> {
     let mut bm = vec![0u64; bitmap_words(mem_bytes)];
     vmm.dirty_log(0, clear, &mut bm)
         .context("cannot read the dirty log")?;
@@ -361,8 +361,14 @@ pub fn run_guest(
     timed_out: &dyn Fn() -> bool,
 ) -> anyhow::Result<i32> {
     if cfg.vcpus != 1 {
-        bail!("only --vcpus 1 is supported by this build");
+        bail!("run_guest drives one vCPU; several go through multi::run_vcpus");
     }
+    let mode = prepare(vmm, image, cfg)?;
+    run_prepared(vmm, cfg, mode, out, timed_out)
+}
+
+/// SETUP and LOAD_ELF; returns the dirty mode the driver chose.
+pub fn prepare(vmm: &mut dyn Vmm, image: &[u8], cfg: &RunConfig) -> anyhow::Result<&'static str> {
     check_image(image, cfg.mem_bytes)?;
     let req = abi::SetupReq {
         version: abi::VERSION,
@@ -374,11 +380,20 @@ pub fn run_guest(
     vmm.setup(&req).map_err(|e| setup_error(e, cfg.mode))?;
     vmm.load_elf(image)
         .map_err(|e| anyhow!("the driver refused the guest image: {}", e.err))?;
-    let mode = match vmm.stats() {
+    Ok(match vmm.stats() {
         Ok(s) => mode_name(s.mode),
         Err(_) => cfg.mode.name(),
-    };
+    })
+}
 
+/// Runs vCPU 0 of a prepared VM to its end; returns the process exit status.
+pub fn run_prepared(
+    vmm: &mut dyn Vmm,
+    cfg: &RunConfig,
+    mode: &'static str,
+    out: &mut Streams<'_>,
+    timed_out: &dyn Fn() -> bool,
+) -> anyhow::Result<i32> {
     let mut seq = 0u64;
     let end = loop {
         if timed_out() {
@@ -405,7 +420,7 @@ pub fn run_guest(
                         )?;
                     }
                 }
-                let gfns = harvest(vmm, cfg.mem_bytes, true)?;
+                let gfns = harvest_gfns(vmm, cfg.mem_bytes, true)?;
                 let stats = vmm
                     .stats()
                     .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
@@ -440,7 +455,7 @@ pub fn run_guest(
     if let Some(limit) = cfg.explain {
         explain::explain_now(vmm, cfg, out, "exit", mode, limit)?;
     }
-    let gfns = harvest(vmm, cfg.mem_bytes, true)?;
+    let gfns = harvest_gfns(vmm, cfg.mem_bytes, true)?;
     let stats = vmm
         .stats()
         .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
@@ -834,7 +849,7 @@ pub(crate) mod tests {
         let (r, _, _) = run_captured(&mut vmm, &c, &|| false);
         assert_eq!(
             r.unwrap_err().to_string(),
-            "only --vcpus 1 is supported by this build"
+            "run_guest drives one vCPU; several go through multi::run_vcpus"
         );
         assert!(vmm.setups.is_empty());
     }

@@ -141,6 +141,34 @@ fn exits_per_redirty(c: &Case) -> Result<(f64, u64)> {
     Ok((d as f64 / pages as f64, pages))
 }
 
+/// Several vCPUs: the union of every harvest must equal the union of every page the vCPUs
+/// report writing. Returns (pages written, pages harvested, harvests).
+fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
+    let mut written = BTreeSet::new();
+    for line in c.out.lines() {
+        if let Some(h) = line.trim().strip_prefix("W ") {
+            if let Ok(g) = u64::from_str_radix(h.trim().trim_start_matches("0x"), 16) {
+                written.insert(g);
+            }
+        }
+    }
+    let events = json_lines(&c.out);
+    let mut harvested = BTreeSet::new();
+    let mut n = 0;
+    for e in &events {
+        if e["event"] == "checkpoint" || e["event"] == "exit" {
+            harvested.extend(gfns(e));
+            n += 1;
+        }
+    }
+    let lost: Vec<String> = written.difference(&harvested).map(|g| format!("{g:#x}")).collect();
+    let spurious: Vec<String> = harvested.difference(&written).map(|g| format!("{g:#x}")).collect();
+    if written.is_empty() || !lost.is_empty() || !spurious.is_empty() {
+        bail!("{}: written {}, lost {:?}, spurious {:?}", c.name, written.len(), lost, spurious);
+    }
+    Ok((written.len(), harvested.len(), n))
+}
+
 /// The whole suite.
 pub fn suite() -> Result<()> {
     let a = Artifacts::build()?;
@@ -269,6 +297,33 @@ pub fn suite() -> Result<()> {
         })());
     }
     println!("  (tigerlake boot: {secs:.1} s)");
+
+    step("end-to-end suite on Bochs corei7_skylake_x with 2 CPUs (2 vCPUs)");
+    let mut smp_cases: Vec<(&str, String)> = ["ad", "pml", "wp"]
+        .iter()
+        .map(|m| (&*Box::leak(format!("smp-{m}").into_boxed_str()), format!("smudge run --json --vcpus 2 --mode {m} /guests/smpwriter")))
+        .collect();
+    smp_cases.push(("smp-pages-held", "cat /sys/module/smudge/parameters/pages_held".into()));
+    smp_cases.push(("smp-unload", "rmmod smudge".into()));
+    let (smp, secs) = run_cases(&a, "corei7_skylake_x", 2, &smp_cases)?;
+    for m in ["ad", "pml", "wp"] {
+        check(&format!("2 vCPUs: no page lost or spurious ({m})"), (|| {
+            let c = case(&smp, &format!("smp-{m}"))?;
+            if c.rc != 0 {
+                bail!("rc {}:\n{}", c.rc, c.out);
+            }
+            let (written, harvested, n) = union_check(c)?;
+            Ok(format!("{n} harvests (other vCPU kicked out each time), {written} pages written, {harvested} harvested, 0 lost, 0 spurious"))
+        })());
+    }
+    check("2 vCPUs: pages back to zero, unload", (|| {
+        let held = case(&smp, "smp-pages-held")?.out.trim().to_string();
+        if held != "0" || case(&smp, "smp-unload")?.rc != 0 {
+            bail!("pages_held = {held}");
+        }
+        Ok("0 pages held, rmmod succeeded".into())
+    })());
+    println!("  (2-CPU boot: {secs:.1} s)");
     println!("  exits per re-dirtied page: {}", per_page.join(", "));
     if !failures.is_empty() {
         bail!("{} end-to-end check(s) failed: {}", failures.len(), failures.join(", "));

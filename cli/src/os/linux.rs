@@ -66,6 +66,46 @@ impl Device {
     }
 }
 
+impl Device {
+    /// A second handle on the same VM (dup of the descriptor): RUN of another vCPU from
+    /// another thread.
+    pub fn try_clone(&self) -> anyhow::Result<Device> {
+        Ok(Device { file: self.file.try_clone().map_err(|e| anyhow!("cannot duplicate the VM descriptor: {}", std_message(&e)))? })
+    }
+}
+
+/// A thread that can be interrupted: a signal makes its pending RUN return INTERRUPTED.
+#[derive(Clone, Copy)]
+pub struct ThreadHandle(libc::pthread_t);
+
+impl ThreadHandle {
+    /// The calling thread.
+    pub fn current() -> ThreadHandle {
+        // SAFETY: pthread_self has no preconditions.
+        ThreadHandle(unsafe { libc::pthread_self() })
+    }
+    /// Sends SIGALRM (handler installed by `install_interrupt_handler`).
+    pub fn interrupt(&self) {
+        // SAFETY: callers interrupt only threads they joined after (scoped threads).
+        unsafe { libc::pthread_kill(self.0, libc::SIGALRM) };
+    }
+}
+
+/// Installs the do-nothing SIGALRM handler (no SA_RESTART).
+pub fn install_interrupt_handler() -> io::Result<()> {
+    // SAFETY: installs a handler that does nothing (async-signal-safe).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigalrm as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        if libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// True when the driver refused a request as unsupported by the CPU (EOPNOTSUPP).
 pub fn is_unsupported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EOPNOTSUPP)

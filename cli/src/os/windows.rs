@@ -49,3 +49,28 @@ impl Alarm {
         Ok(Alarm)
     }
 }
+
+impl Device {
+    /// Not implemented on Windows yet.
+    pub fn try_clone(&self) -> anyhow::Result<Device> {
+        Err(anyhow::anyhow!("the Windows backend is not implemented in this build"))
+    }
+}
+
+/// A thread that can be interrupted (CancelSynchronousIo once the backend exists).
+#[derive(Clone, Copy)]
+pub struct ThreadHandle;
+
+impl ThreadHandle {
+    /// The calling thread.
+    pub fn current() -> ThreadHandle {
+        ThreadHandle
+    }
+    /// Nothing to interrupt yet.
+    pub fn interrupt(&self) {}
+}
+
+/// Nothing to install yet.
+pub fn install_interrupt_handler() -> io::Result<()> {
+    Ok(())
+}

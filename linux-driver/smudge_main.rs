@@ -681,6 +681,7 @@ fn add_vcpu(f: &VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::resu
             launched: false,
             programmed: false,
             rip: 0,
+            kernel_gs_base: 0,
             debug_override: None,
         },
         cpu: -1,

@@ -311,6 +311,29 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// WRMSR.
+///
+/// # Safety
+/// Ring 0, an MSR that exists, and a value the host can live with.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: caller guarantees ring 0, a valid MSR and a harmless value.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack)) };
+}
+
+/// IA32_KERNEL_GS_BASE: not switched by the VMCS, and the guest's SWAPGS (which no control
+/// intercepts) exchanges it with GS.base, so the run loop saves and restores it.
+pub const IA32_KERNEL_GS_BASE: u32 = 0xC000_0102;
+
+/// Delivers an NMI to this CPU (INT 2), for an NMI that caused a VM exit (SDM 27.2.3:
+/// with NMI exiting, the NMI is not delivered to the host by the exit itself).
+///
+/// # Safety
+/// Ring 0 with the host's IDT loaded; called right after the exit, like KVM's NMI re-injection.
+pub unsafe fn raise_nmi() {
+    // SAFETY: invokes the host's NMI handler through its IDT gate.
+    unsafe { asm!("int 2") };
+}
+
 /// CPUID.
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);

@@ -226,8 +226,15 @@ impl Vm {
     pub fn on_ept_violation<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, qualification: u64) -> Fault {
         let write = qualification & qual::WRITE != 0;
         let Some(slot) = self.slot_of(gpa) else { return Fault::Mmio { gpa, write } };
-        if self.ept.leaf(p, gpa).is_some() {
+        if let Some(t) = self.ept.translate(p, gpa) {
             if write && slot.log.on_write_violation(p, &self.ept, gpa) {
+                return Fault::Resolved;
+            }
+            // Another CPU may have resolved this fault (backed the page, or given W back) after
+            // this CPU's stale translation faulted; the violation itself dropped that translation
+            // (SDM 29.4.3.1), so the retried access sees the new entry.
+            let needed = qualification & (qual::READ | qual::WRITE | qual::FETCH);
+            if needed & !u64::from(t.perms.0) == 0 {
                 return Fault::Resolved;
             }
             return Fault::Unexpected;
@@ -363,6 +370,8 @@ pub mod reason {
     pub const TRIPLE_FAULT: u32 = 2;
     /// CPUID.
     pub const CPUID: u32 = 10;
+    /// Control-register access.
+    pub const CR_ACCESS: u32 = 28;
     /// HLT.
     pub const HLT: u32 = 12;
     /// VMCALL.
@@ -519,6 +528,36 @@ pub struct VcpuState {
     pub halted: bool,
     /// Set after a checkpoint exit: the guest resumes with RAX = 0.
     pub checkpoint_pending: bool,
+    /// The guest's private CR8 (task priority).
+    pub cr8: u64,
+}
+
+/// General-purpose register `n` in the SDM's encoding (0 = RAX ... 15 = R15). RSP (4) lives in
+/// the VMCS, so it is not available here.
+fn gpr(g: &GuestGprs, n: usize) -> Option<u64> {
+    let mut c = *g;
+    gpr_mut(&mut c, n).map(|r| *r)
+}
+
+fn gpr_mut(g: &mut GuestGprs, n: usize) -> Option<&mut u64> {
+    Some(match n {
+        0 => &mut g.rax,
+        1 => &mut g.rcx,
+        2 => &mut g.rdx,
+        3 => &mut g.rbx,
+        5 => &mut g.rbp,
+        6 => &mut g.rsi,
+        7 => &mut g.rdi,
+        8 => &mut g.r8,
+        9 => &mut g.r9,
+        10 => &mut g.r10,
+        11 => &mut g.r11,
+        12 => &mut g.r12,
+        13 => &mut g.r13,
+        14 => &mut g.r14,
+        15 => &mut g.r15,
+        _ => return None,
+    })
 }
 
 impl VcpuState {
@@ -531,6 +570,7 @@ impl VcpuState {
             exits: [0; reason::COUNT],
             halted: false,
             checkpoint_pending: false,
+            cr8: 0,
         }
     }
 }
@@ -565,6 +605,25 @@ impl Vm {
         }
         match basic {
             reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER | reason::PML_FULL => Action::Yield,
+            // With the exception bitmap empty, reason 0 is an NMI: the hardware layer hands it to
+            // the host; the guest resumes.
+            reason::EXCEPTION_NMI => Action::Yield,
+            reason::CR_ACCESS => {
+                // SDM 28.2.1 Table 28-3: CR number in 3:0, access type in 5:4, register in 11:8.
+                // Only CR8 exits (CR8-load/store exiting): the guest gets a private TPR so it can
+                // never change the host's task priority (on Windows, the IRQL).
+                let q = exit.qualification;
+                let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, ((q >> 8) & 0xf) as usize);
+                if cr != 8 || kind > 1 {
+                    return self.stop(vcpu, basic, StopCause::UnhandledExit);
+                }
+                if kind == 0 {
+                    vcpu.cr8 = gpr(gprs, reg).map_or(0, |v| v & 0xf);
+                } else if let Some(r) = gpr_mut(gprs, reg) {
+                    *r = vcpu.cr8;
+                }
+                Action::Resume { advance: exit.instr_len }
+            }
             reason::TRIPLE_FAULT => {
                 vcpu.halted = true;
                 Action::ToUser(RunExit::TripleFault)

@@ -1,1 +1,14 @@
-//! The software model of the processor (EPT walk, A/D, TLB, PML) and test platform.
+//! Shared tests of smudge: the test platform, the software model of the processor's EPT walk
+//! (A/D flags, TLB and paging-structure caches, PML), and a small VM harness built on them.
+//!
+//! - [`platform::MockPlatform`]: pages in host memory, accounting, fault injection.
+//! - [`model::Cpu`]: the SDM's EPT translation, the oracle the core is tested against.
+//! - [`harness::TrackedVm`]: slots, dirty logs and the exit handling of the VM loop.
+
+pub mod harness;
+pub mod model;
+pub mod platform;
+
+pub use harness::{Backing, InveptPolicy, TrackedVm};
+pub use model::{AccessKind, Cpu, Exit};
+pub use platform::MockPlatform;

@@ -1,8 +1,11 @@
 //! DeviceIoControl codes and their answers, independent of the IRP plumbing.
 //!
-//! For now one query: the driver's version and the VT-x features it found. The VM ioctls come
-//! with `smudge_core::abi`; their codes must carry FILE_WRITE_ACCESS so that the I/O manager
-//! demands a handle opened for writing (only administrators get one on `\Device\Smudge`).
+//! Two families share `\\.\Smudge`: the driver's own version query (function 0x800, below) and
+//! the VM requests of `smudge_core::abi` (functions 0x801.., `Op::windows_ioctl`), whose lengths
+//! [`check_lengths`] validates. Both are METHOD_BUFFERED. The core's codes use FILE_ANY_ACCESS
+//! (fixed ABI); see the driver README on why they should demand FILE_WRITE_ACCESS.
+
+use smudge_core::abi::Op;
 
 use crate::status::*;
 
@@ -79,10 +82,52 @@ pub fn dispatch(code: u32, input_len: usize, output: &mut [u8], info: &VersionIn
     }
 }
 
+/// METHOD_BUFFERED lengths of a VM request: the system buffer must hold the whole request on
+/// the way in and the whole response on the way out (the I/O manager sizes it to the larger of
+/// the two lengths, so these two checks also bound every access to it).
+pub fn check_lengths(op: Op, input_len: usize, output_len: usize) -> Result<(), NtStatus> {
+    if input_len < op.request_size() {
+        return Err(STATUS_INVALID_PARAMETER);
+    }
+    if output_len < op.response_size() {
+        return Err(STATUS_BUFFER_TOO_SMALL);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_codes_do_not_collide_with_the_version_query_and_are_buffered() {
+        for op in Op::ALL {
+            let code = op.windows_ioctl();
+            assert_ne!(code, IOCTL_SMUDGE_GET_VERSION);
+            assert_eq!(code & 3, METHOD_BUFFERED, "{op:?}");
+            assert_eq!(code >> 16, FILE_DEVICE_UNKNOWN, "{op:?}");
+            assert_eq!(Op::from_windows_ioctl(code), Some(op));
+        }
+        assert_eq!(Op::from_windows_ioctl(IOCTL_SMUDGE_GET_VERSION), None);
+    }
+
+    #[test]
+    fn request_and_response_lengths_are_both_enforced() {
+        // RunReq is two u32 (8 bytes); RunResp is the fields of abi.rs added up.
+        let resp = 4 + 4 + 8 + 8 + 4 + 4 + 256 + smudge_core::abi::MESSAGE_LEN;
+        assert_eq!(check_lengths(Op::Run, 8, resp), Ok(()));
+        assert_eq!(check_lengths(Op::Run, 7, resp), Err(STATUS_INVALID_PARAMETER));
+        assert_eq!(check_lengths(Op::Run, 8, resp - 1), Err(STATUS_BUFFER_TOO_SMALL));
+        assert_eq!(check_lengths(Op::Run, 4096, 4096), Ok(()));
+        assert_eq!(Op::Run.response_size(), resp);
+        // Setup answers nothing: an empty output buffer is fine, a short input is not.
+        assert_eq!(check_lengths(Op::Setup, 24, 0), Ok(()));
+        assert_eq!(check_lengths(Op::Setup, 23, 0), Err(STATUS_INVALID_PARAMETER));
+        // Stats takes only the version word.
+        assert_eq!(check_lengths(Op::Stats, 4, Op::Stats.response_size()), Ok(()));
+        assert_eq!(check_lengths(Op::Stats, 0, Op::Stats.response_size()), Err(STATUS_INVALID_PARAMETER));
+    }
 
     #[test]
     fn ctl_code_matches_the_devioctl_h_formula() {

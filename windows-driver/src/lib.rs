@@ -1,4 +1,5 @@
-//! The OS-free half of smudge.sys: the VT-x admission check and the ioctl answers.
+//! The OS-free half of smudge.sys: the VT-x admission check, ioctl lengths and answers, the
+//! NTSTATUS mapping, the RUN time budget, the user-range rule and the VMXON fixed-bit check.
 //!
 //! Everything here is safe Rust and takes plain values, so the host unit-tests it (`cargo test
 //! --lib` in this directory, run by `cargo xtask windows`). The driver binary (`main.rs`) supplies
@@ -7,7 +8,12 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+pub mod budget;
+pub mod exit;
+pub mod hostwalk;
 pub mod ioctl;
 pub mod msg;
 pub mod status;
+pub mod usercopy;
+pub mod vmxon;
 pub mod vtx;

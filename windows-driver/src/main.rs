@@ -1,9 +1,11 @@
 //! smudge.sys: the Windows kernel driver of smudge.
 //!
 //! DriverEntry admits the driver only if every processor can run smudge (VT-x, EPT, no other
-//! hypervisor; see `vtx`), checks the core's platform seam once, then creates `\Device\Smudge`
-//! (`\\.\Smudge` for user space) and answers METHOD_BUFFERED ioctls. DriverUnload removes both
-//! names. Nothing here panics: every kernel call's failure is a returned NTSTATUS.
+//! hypervisor; see `vtx`), checks the core's platform seam once, enters VMX operation on every
+//! processor (`vmxroot`), then creates `\Device\Smudge` (`\\.\Smudge` for user space). Each
+//! open is one VM (`vmfile`), served by the same core and the same ABI as the Linux module;
+//! DriverUnload leaves VMX operation and removes both names. Nothing here panics: every kernel
+//! call's failure is a returned NTSTATUS.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -11,18 +13,26 @@
 mod cpu;
 mod nt;
 mod platform;
+mod pool;
+mod processors;
+mod usermem;
+mod vmfile;
+mod vmxroot;
 
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use smudge_core::dirty::Mode;
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
+use smudge_core::abi::Op;
 use smudge_windows::ioctl::{self, VersionInfo};
 use smudge_windows::status::*;
 use smudge_windows::vtx;
 
 use nt::{DeviceObject, DriverObject, Irp};
 use platform::NtPlatform;
+use pool::PoolBox;
+use vmfile::VmFile;
 
 const DEVICE_PATH: &str = r"\Device\Smudge";
 const DOS_PATH: &str = r"\DosDevices\Smudge";
@@ -194,6 +204,23 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
         log(nt::DPFLTR_ERROR_LEVEL, msg);
         return STATUS_INSUFFICIENT_RESOURCES;
     }
+    if processors as usize > processors::MAX_PROCESSORS {
+        log(nt::DPFLTR_ERROR_LEVEL, c"refusing to load: more than 256 active processors");
+        return STATUS_NOT_SUPPORTED;
+    }
+    if let Err((cpu, why)) = vmxroot::vmxon_all(caps) {
+        let mut msg = smudge_windows::msg::MsgBuf::new();
+        // MsgBuf truncates instead of failing.
+        let _ = core::fmt::Write::write_fmt(&mut msg, format_args!("VMXON failed on processor {cpu}: {why:?}"));
+        log(nt::DPFLTR_ERROR_LEVEL, msg.as_cstr());
+        return match why {
+            vmxroot::VmxonFailure::NoMemory => STATUS_INSUFFICIENT_RESOURCES,
+            vmxroot::VmxonFailure::InUse => STATUS_RESOURCE_IN_USE,
+            _ => STATUS_DEVICE_CONFIGURATION_ERROR,
+        };
+    }
+    // SAFETY: the device does not exist yet, so no request reads the global state.
+    unsafe { vmxroot::set_global(Some(vmxroot::Global { caps: admission.caps, mode: admission.mode })) };
     FEATURES.store(admission.feature_bits(), Ordering::Release);
     VMCS_REVISION.store(caps.revision_id(), Ordering::Release);
     PROCESSORS.store(processors, Ordering::Release);
@@ -214,6 +241,7 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
     };
     if status < 0 {
         log(nt::DPFLTR_ERROR_LEVEL, c"IoCreateDevice(\\Device\\Smudge) failed");
+        leave_vmx();
         return status;
     }
     // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
@@ -222,13 +250,14 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
         log(nt::DPFLTR_ERROR_LEVEL, c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed");
         // SAFETY: `device` was created above and nothing else references it yet.
         unsafe { nt::IoDeleteDevice(device) };
+        leave_vmx();
         return status;
     }
     // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
     unsafe {
         let d = &mut *driver;
-        d.major_function[nt::IRP_MJ_CREATE] = Some(dispatch_create_close);
-        d.major_function[nt::IRP_MJ_CLOSE] = Some(dispatch_create_close);
+        d.major_function[nt::IRP_MJ_CREATE] = Some(dispatch_create);
+        d.major_function[nt::IRP_MJ_CLOSE] = Some(dispatch_close);
         d.major_function[nt::IRP_MJ_DEVICE_CONTROL] = Some(dispatch_device_control);
         d.driver_unload = Some(driver_unload);
     }
@@ -236,7 +265,16 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
     STATUS_SUCCESS
 }
 
-/// Removes the symbolic link and the device (the I/O manager calls it once no handle is open).
+/// VMXOFF everywhere and forget the capabilities (no device, or no handle, exists).
+fn leave_vmx() {
+    vmxroot::vmxoff_all();
+    // SAFETY: called only when no request can run (before the device exists or after it is gone).
+    unsafe { vmxroot::set_global(None) };
+    platform::drain_deferred();
+}
+
+/// Removes the symbolic link and the device (the I/O manager calls it once no handle is open,
+/// so every VM was already freed by IRP_MJ_CLOSE), then leaves VMX operation.
 unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
     // SAFETY: the link was created in DriverEntry; `driver` is our valid DRIVER_OBJECT and its
     // `device_object` is the one device DriverEntry created.
@@ -247,6 +285,7 @@ unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
             nt::IoDeleteDevice(device);
         }
     }
+    leave_vmx();
     log(nt::DPFLTR_INFO_LEVEL, c"unloaded");
 }
 
@@ -264,45 +303,115 @@ unsafe fn complete(irp: *mut Irp, status: NtStatus, information: usize) -> NtSta
     status
 }
 
-/// IRP_MJ_CREATE and IRP_MJ_CLOSE: nothing to set up yet (VMs will hang off the file object).
-unsafe extern "system" fn dispatch_create_close(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
-    // SAFETY: the I/O manager passes a valid IRP that is ours until completed.
+/// The FILE_OBJECT of the IRP's current stack location.
+///
+/// # Safety
+/// `irp` is a valid IRP of this driver's device for CREATE, CLOSE or DEVICE_CONTROL.
+unsafe fn file_object(irp: *mut Irp) -> *mut nt::FileObject {
+    // SAFETY: the I/O manager fills FileObject for these major functions.
+    unsafe { (*(*irp).current_stack_location).file_object }
+}
+
+/// IRP_MJ_CREATE: one open = one (not yet set up) VM, kept in FILE_OBJECT.FsContext.
+unsafe extern "system" fn dispatch_create(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
+    // SAFETY: the I/O manager passes a valid IRP whose stack location names the file object.
+    let file = unsafe { file_object(irp) };
+    if file.is_null() || vmxroot::global().is_none() {
+        // SAFETY: the IRP is ours until completed.
+        return unsafe { complete(irp, STATUS_INVALID_DEVICE_STATE, 0) };
+    }
+    let status = match PoolBox::new(VmFile::new()) {
+        Ok(b) => {
+            // SAFETY: the file object is being opened on our device; FsContext is ours.
+            unsafe { (*file).fs_context = b.into_raw().cast() };
+            STATUS_SUCCESS
+        }
+        Err(_) => STATUS_INSUFFICIENT_RESOURCES,
+    };
+    // SAFETY: the IRP is ours until completed.
+    unsafe { complete(irp, status, 0) }
+}
+
+/// IRP_MJ_CLOSE: the last reference to the file object is gone, so no request can still use
+/// its VM: VMCLEAR every vCPU's VMCS where it is active, INVEPT everywhere, free everything.
+unsafe extern "system" fn dispatch_close(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
+    // SAFETY: the I/O manager passes a valid IRP whose stack location names the file object.
+    let file = unsafe { file_object(irp) };
+    if !file.is_null() {
+        // SAFETY: FsContext was set by dispatch_create (or is null) and is cleared here once.
+        let ctx = unsafe { core::mem::replace(&mut (*file).fs_context, core::ptr::null_mut()) };
+        if !ctx.is_null() {
+            // SAFETY: `ctx` came from PoolBox::into_raw in dispatch_create; nobody else owns it.
+            let mut f = unsafe { PoolBox::from_raw(ctx.cast::<VmFile>()) };
+            f.free_all();
+        }
+    }
+    // SAFETY: the IRP is ours until completed.
     unsafe { complete(irp, STATUS_SUCCESS, 0) }
 }
 
-/// IRP_MJ_DEVICE_CONTROL: METHOD_BUFFERED only; lengths are checked by `ioctl::dispatch`.
+/// IRP_MJ_DEVICE_CONTROL: the version query, or a VM request of `smudge_core::abi`. METHOD_BUFFERED
+/// only: the system buffer holds the request on the way in and the answer on the way out.
 unsafe extern "system" fn dispatch_device_control(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
     // SAFETY: for IRP_MJ_DEVICE_CONTROL the I/O manager passes a valid IRP whose current stack
     // location holds the DeviceIoControl parameters.
-    let (code, input_len, output_len, buffer) = unsafe {
+    let (code, input_len, output_len, buffer, file) = unsafe {
         let p = &(*(*irp).current_stack_location).device_io_control;
-        (p.io_control_code, p.input_buffer_length as usize, p.output_buffer_length as usize, (*irp).system_buffer)
+        (p.io_control_code, p.input_buffer_length as usize, p.output_buffer_length as usize, (*irp).system_buffer, file_object(irp))
     };
     if code & 3 != ioctl::METHOD_BUFFERED {
         // SAFETY: the IRP is ours until completed.
         return unsafe { complete(irp, STATUS_INVALID_DEVICE_REQUEST, 0) };
     }
-    let output: &mut [u8] = if output_len == 0 || buffer.is_null() {
-        &mut []
+    let (status, written) = if let Some(op) = Op::from_windows_ioctl(code) {
+        match vm_request(op, input_len, output_len, buffer, file) {
+            Ok(n) => (STATUS_SUCCESS, n),
+            Err(s) => (s, 0),
+        }
     } else {
-        // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output) bytes
-        // that only this request uses until it completes.
-        unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), output_len) }
+        let output: &mut [u8] = if output_len == 0 || buffer.is_null() {
+            &mut []
+        } else {
+            // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output)
+            // bytes that only this request uses until it completes.
+            unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), output_len) }
+        };
+        let info = VersionInfo {
+            magic: ioctl::MAGIC,
+            abi_version: ioctl::ABI_VERSION,
+            driver_version: DRIVER_VERSION,
+            features: FEATURES.load(Ordering::Acquire),
+            vmcs_revision: VMCS_REVISION.load(Ordering::Acquire),
+            processors: PROCESSORS.load(Ordering::Acquire),
+        };
+        match ioctl::dispatch(code, input_len, output, &info) {
+            Ok(n) => (STATUS_SUCCESS, n),
+            Err(status) => (status, 0),
+        }
     };
-    let info = VersionInfo {
-        magic: ioctl::MAGIC,
-        abi_version: ioctl::ABI_VERSION,
-        driver_version: DRIVER_VERSION,
-        features: FEATURES.load(Ordering::Acquire),
-        vmcs_revision: VMCS_REVISION.load(Ordering::Acquire),
-        processors: PROCESSORS.load(Ordering::Acquire),
-    };
-    let (status, written) = match ioctl::dispatch(code, input_len, output, &info) {
-        Ok(n) => (STATUS_SUCCESS, n),
-        Err(status) => (status, 0),
-    };
-    // SAFETY: the IRP is ours until completed; `output` is not used past this point.
+    // SAFETY: the IRP is ours until completed; no slice of its buffer is used past this point.
     unsafe { complete(irp, status, written) }
+}
+
+/// A VM request: lengths, the handle's VmFile, then the same handling as on Linux.
+fn vm_request(op: Op, input_len: usize, output_len: usize, buffer: *mut core::ffi::c_void, file: *mut nt::FileObject) -> Result<usize, NtStatus> {
+    ioctl::check_lengths(op, input_len, output_len)?;
+    let len = input_len.max(output_len);
+    if buffer.is_null() || file.is_null() {
+        return Err(STATUS_INVALID_PARAMETER);
+    }
+    // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output) bytes
+    // that only this request uses until it completes (non-null checked above; check_lengths
+    // made `len` at least the request size).
+    let buf = unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), len) };
+    // SAFETY: FsContext holds this open's VmFile from CREATE until CLOSE, and CLOSE cannot run
+    // while this IRP references the file object.
+    let ctx = unsafe { (*file).fs_context }.cast::<VmFile>();
+    if ctx.is_null() {
+        return Err(STATUS_INVALID_DEVICE_STATE);
+    }
+    // SAFETY: as above; shared access only (VmFile serialises requests with its busy flag).
+    vmfile::request(unsafe { &*ctx }, op, buf)
 }
 
 /// No path panics (the lints above deny the usual sources). Should one ever, stop with #UD: the

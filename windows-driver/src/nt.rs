@@ -149,7 +149,7 @@ pub struct DeviceIoControlParameters {
     pub type3_input_buffer: *mut c_void,
 }
 
-/// IO_STACK_LOCATION (wdm.h) up to Parameters.
+/// IO_STACK_LOCATION (wdm.h) up to FileObject. The Parameters union is four pointers wide.
 #[repr(C)]
 pub struct IoStackLocation {
     pub major_function: u8,
@@ -157,6 +157,33 @@ pub struct IoStackLocation {
     pub flags: u8,
     pub control: u8,
     pub device_io_control: DeviceIoControlParameters,
+    pub device_object: *mut DeviceObject,
+    pub file_object: *mut FileObject,
+}
+
+/// FILE_OBJECT (wdm.h) up to FsContext2. A device driver that is not a file system may keep its
+/// per-open state in FsContext (the I/O manager never interprets it for such devices).
+#[repr(C)]
+pub struct FileObject {
+    pub type_: i16,
+    pub size: i16,
+    pub device_object: *mut DeviceObject,
+    pub vpb: *mut c_void,
+    pub fs_context: *mut c_void,
+    pub fs_context2: *mut c_void,
+}
+
+/// XSTATE_SAVE (wdm.h, x64): opaque to drivers; Prev, Thread, Level, then a 32-byte
+/// XSTATE_CONTEXT. Only its size and alignment matter here.
+#[repr(C, align(8))]
+pub struct XStateSave {
+    _opaque: [u64; 7],
+}
+
+impl XStateSave {
+    pub const fn new() -> XStateSave {
+        XStateSave { _opaque: [0; 7] }
+    }
 }
 
 /// GROUP_AFFINITY.
@@ -189,12 +216,25 @@ const _: () = {
     assert!(offset_of!(Irp, user_buffer) == 0x70);
     assert!(offset_of!(Irp, current_stack_location) == 0xb8);
     assert!(offset_of!(IoStackLocation, device_io_control) == 0x08);
+    assert!(offset_of!(IoStackLocation, device_object) == 0x28);
+    assert!(offset_of!(IoStackLocation, file_object) == 0x30);
+    assert!(offset_of!(FileObject, fs_context) == 0x18);
+    assert!(size_of::<XStateSave>() == 56);
     assert!(offset_of!(DeviceIoControlParameters, input_buffer_length) == 0x08);
     assert!(offset_of!(DeviceIoControlParameters, io_control_code) == 0x10);
     assert!(size_of::<GroupAffinity>() == 16);
     assert!(size_of::<ProcessorNumber>() == 4);
 };
 
+/// XSTATE_MASK_LEGACY: x87 and SSE (XSTATE_MASK_LEGACY_FLOATING_POINT | _SSE), what the core's
+/// FXSAVE/FXRSTOR of the guest state touches (the guest has no OSXSAVE, so no AVX state).
+pub const XSTATE_MASK_LEGACY: u64 = 0x3;
+/// NonPagedPoolNx (POOL_TYPE): nonpaged, not executable.
+pub const NON_PAGED_POOL_NX: u32 = 512;
+/// MM_COPY_MEMORY_PHYSICAL: MmCopyMemory's source is a physical address.
+pub const MM_COPY_MEMORY_PHYSICAL: u32 = 0x1;
+/// MM_COPY_MEMORY_VIRTUAL: MmCopyMemory's source is a virtual address.
+pub const MM_COPY_MEMORY_VIRTUAL: u32 = 0x2;
 /// FILE_DEVICE_SECURE_OPEN: apply the device's ACL to opens of names below it too.
 pub const FILE_DEVICE_SECURE_OPEN: u32 = 0x100;
 /// IO_NO_INCREMENT.
@@ -240,6 +280,18 @@ extern "system" {
     pub fn KeGetProcessorNumberFromIndex(index: u32, number: *mut ProcessorNumber) -> NtStatus;
     pub fn KeSetSystemGroupAffinityThread(affinity: *const GroupAffinity, previous: *mut GroupAffinity);
     pub fn KeRevertToUserGroupAffinityThread(previous: *const GroupAffinity);
+    /// The system-wide index of the current processor (`number` may be null).
+    pub fn KeGetCurrentProcessorNumberEx(number: *mut ProcessorNumber) -> u32;
+    pub fn KeSaveExtendedProcessorState(mask: u64, save: *mut XStateSave) -> NtStatus;
+    pub fn KeRestoreExtendedProcessorState(save: *mut XStateSave);
+    /// Interrupt time in 100 ns units, read precisely (Windows 8.1+; any IRQL).
+    pub fn KeQueryInterruptTimePrecise(qpc: *mut u64) -> u64;
+    /// MM_COPY_ADDRESS (an 8-byte union) is passed by value, i.e. in a register, on x64.
+    pub fn MmCopyMemory(target: *mut c_void, source: u64, bytes: usize, flags: u32, copied: *mut usize) -> NtStatus;
+    pub fn ExAllocatePoolWithTag(pool_type: u32, bytes: usize, tag: u32) -> *mut c_void;
+    pub fn ExFreePoolWithTag(p: *mut c_void, tag: u32);
+    /// The first address above user space ProbeForRead/ProbeForWrite accept (a variable).
+    pub static MmUserProbeAddress: usize;
 }
 
 #[link(name = "ntoskrnl")]

@@ -3,9 +3,14 @@
 //! Pages come from MmAllocateContiguousMemorySpecifyCache (nonpaged, cached, physically
 //! contiguous, hence 4 KiB aligned in both address spaces). The core names a page by its physical
 //! address; MmGetVirtualForPhysical maps it back to the system-space address.
+//!
+//! The run loop allocates at DISPATCH_LEVEL (allowed) and may free there (the core frees EPT
+//! tables after an INVEPT), but MmFreeContiguousMemory requires IRQL <= APC_LEVEL. A page freed
+//! above APC_LEVEL is therefore pushed on a lock-free list threaded through the pages themselves
+//! and really freed by [`drain_deferred`] at PASSIVE_LEVEL.
 
 use core::ffi::c_void;
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use smudge_core::platform::{PageWords, Platform};
 
@@ -16,6 +21,41 @@ const PAGE: usize = 4096;
 /// Returned by [`NtPlatform::page`] for an address that is not one of ours (a core bug): writes
 /// land here instead of at a null or foreign address. Never handed out on a correct path.
 static SCRATCH: PageWords = [const { AtomicU64::new(0) }; 512];
+
+/// Pages held by every VM (the STATS answer's `driver_pages`); VMXON regions are not counted.
+static PAGES: AtomicI64 = AtomicI64::new(0);
+/// Head of the deferred-free list: a page's physical address, 0 = empty. Each listed page's
+/// first quadword holds the next one.
+static DEFERRED: AtomicU64 = AtomicU64::new(0);
+
+/// Pages currently held (allocated and not yet freed, deferred frees included).
+pub fn pages_held() -> u64 {
+    PAGES.load(Ordering::Relaxed).max(0) as u64
+}
+
+/// Excludes `n` pages (e.g. VMXON regions) from, or returns them to, the count.
+pub fn uncount(n: i64) {
+    PAGES.fetch_sub(n, Ordering::Relaxed);
+}
+
+/// Frees the pages freed above APC_LEVEL. Call at PASSIVE_LEVEL.
+pub fn drain_deferred() {
+    // Taking the whole list at once has no ABA problem: pushers only CAS onto the head.
+    let mut hpa = DEFERRED.swap(0, Ordering::Acquire);
+    while hpa != 0 {
+        let va = NtPlatform::virt(hpa);
+        if va.is_null() {
+            break;
+        }
+        // SAFETY: a listed page is ours and still allocated; its first quadword is the link.
+        let next = unsafe { va.cast::<u64>().read() };
+        // SAFETY: `va` is the base of a MmAllocateContiguousMemorySpecifyCache allocation that
+        // nobody references any more (the core gave it back), freed once.
+        unsafe { nt::MmFreeContiguousMemory(va) };
+        PAGES.fetch_sub(1, Ordering::Relaxed);
+        hpa = next;
+    }
+}
 
 /// The Windows implementation of the core's platform seam.
 pub struct NtPlatform;
@@ -54,17 +94,33 @@ impl Platform for NtPlatform {
             unsafe { nt::MmFreeContiguousMemory(va) };
             return None;
         }
+        PAGES.fetch_add(1, Ordering::Relaxed);
         Some(pa)
     }
 
-    /// Callable at IRQL <= APC_LEVEL (MmFreeContiguousMemory's rule).
+    /// At IRQL <= APC_LEVEL frees at once (MmFreeContiguousMemory's rule), above it defers.
     fn free_page(&self, hpa: u64) {
         let va = Self::virt(hpa);
-        if !va.is_null() {
-            // SAFETY: the core returns only addresses from `alloc_page`, each once (trait contract);
-            // `va` is that allocation's base address.
-            unsafe { nt::MmFreeContiguousMemory(va) };
+        if va.is_null() {
+            return;
         }
+        if crate::cpu::irql() > 1 {
+            let link = va.cast::<AtomicU64>();
+            let mut head = DEFERRED.load(Ordering::Relaxed);
+            loop {
+                // SAFETY: the page is ours (trait contract) and 8-byte aligned; nobody else
+                // reads it until drain_deferred takes it off the list.
+                unsafe { (*link).store(head, Ordering::Relaxed) };
+                match DEFERRED.compare_exchange_weak(head, hpa, Ordering::Release, Ordering::Relaxed) {
+                    Ok(_) => return,
+                    Err(h) => head = h,
+                }
+            }
+        }
+        // SAFETY: the core returns only addresses from `alloc_page`, each once (trait contract);
+        // `va` is that allocation's base address.
+        unsafe { nt::MmFreeContiguousMemory(va) };
+        PAGES.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn page(&self, hpa: u64) -> &PageWords {

@@ -21,3 +21,70 @@ pub const STATUS_DEVICE_CONFIGURATION_ERROR: NtStatus = 0xC000_0182_u32 as i32;
 pub const STATUS_RESOURCE_IN_USE: NtStatus = 0xC000_0708_u32 as i32;
 /// VMX is there but without EPT (or without what smudge's EPT needs).
 pub const STATUS_HV_FEATURE_UNAVAILABLE: NtStatus = 0xC035_001E_u32 as i32;
+/// A second request on a handle whose previous request is still running (`VmFile::busy`).
+pub const STATUS_DEVICE_BUSY: NtStatus = 0x8000_0011_u32 as i32;
+/// A request that needs a VM before Setup, or a second Setup.
+pub const STATUS_INVALID_DEVICE_STATE: NtStatus = 0xC000_0184_u32 as i32;
+/// The request's ABI version is not `smudge_core::abi::VERSION`.
+pub const STATUS_REVISION_MISMATCH: NtStatus = 0xC000_0059_u32 as i32;
+/// A user pointer that is null, wraps, lies outside user space, or faults.
+pub const STATUS_ACCESS_VIOLATION: NtStatus = 0xC000_0005_u32 as i32;
+/// A VMX instruction failed where it should not (VMXON lost on this processor).
+pub const STATUS_IO_DEVICE_ERROR: NtStatus = 0xC000_0185_u32 as i32;
+
+/// LOAD_ELF: the image is not a static ELF64 the core accepts (Linux: ENOEXEC).
+pub const STATUS_INVALID_IMAGE_FORMAT: NtStatus = 0xC000_007B_u32 as i32;
+
+/// The NTSTATUS of a request the core's ABI decoder refused (Linux: `AbiError::errno`).
+pub const fn from_abi(e: smudge_core::abi::AbiError) -> NtStatus {
+    use smudge_core::abi::AbiError as A;
+    match e {
+        A::UnknownRequest => STATUS_INVALID_DEVICE_REQUEST,
+        A::Truncated => STATUS_BUFFER_TOO_SMALL,
+        A::BadVersion => STATUS_REVISION_MISMATCH,
+        A::BadPointer => STATUS_ACCESS_VIOLATION,
+        A::ReservedNonZero | A::BadMode | A::BadMemSize | A::BadVcpu | A::BadLength => STATUS_INVALID_PARAMETER,
+    }
+}
+
+/// The NTSTATUS of a core error (Linux: ENOMEM, EOPNOTSUPP, else EINVAL).
+pub const fn from_core(e: smudge_core::Error) -> NtStatus {
+    match e {
+        smudge_core::Error::OutOfMemory => STATUS_INSUFFICIENT_RESOURCES,
+        smudge_core::Error::Unsupported => STATUS_NOT_SUPPORTED,
+        _ => STATUS_INVALID_PARAMETER,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smudge_core::abi::AbiError;
+
+    #[test]
+    fn every_failure_status_has_error_severity() {
+        // ntstatus.h: bits 31:30 are the severity; 3 = error, 2 = warning (STATUS_DEVICE_BUSY is a
+        // warning, which NT_SUCCESS still counts as failure: the value is negative).
+        for s in [
+            STATUS_DEVICE_BUSY,
+            STATUS_INVALID_DEVICE_STATE,
+            STATUS_REVISION_MISMATCH,
+            STATUS_ACCESS_VIOLATION,
+            STATUS_IO_DEVICE_ERROR,
+        ] {
+            assert!(s < 0, "{s:#x} must fail NT_SUCCESS");
+        }
+        assert_eq!((STATUS_DEVICE_BUSY as u32) >> 30, 2);
+    }
+
+    #[test]
+    fn abi_errors_map_like_the_linux_errnos() {
+        // Linux: EFAULT for pointers, ENOTTY for unknown requests, EINVAL for the rest.
+        assert_eq!(from_abi(AbiError::BadPointer), STATUS_ACCESS_VIOLATION);
+        assert_eq!(from_abi(AbiError::UnknownRequest), STATUS_INVALID_DEVICE_REQUEST);
+        assert_eq!(from_abi(AbiError::BadMemSize), STATUS_INVALID_PARAMETER);
+        assert_eq!(from_core(smudge_core::Error::OutOfMemory), STATUS_INSUFFICIENT_RESOURCES);
+        assert_eq!(from_core(smudge_core::Error::Unsupported), STATUS_NOT_SUPPORTED);
+        assert_eq!(from_core(smudge_core::Error::GpaOutOfRange), STATUS_INVALID_PARAMETER);
+    }
+}

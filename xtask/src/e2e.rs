@@ -188,6 +188,8 @@ pub fn suite() -> Result<()> {
         ("beyond", "smudge run --json /guests/hostile_beyond".into()),
         ("ptwrite", "smudge run --json /guests/hostile_ptwrite".into()),
         ("vmx", "smudge run --json /guests/hostile_vmx".into()),
+        ("bad-vmcs-precheck", "echo 1 > /sys/module/smudge/parameters/test_bad_vmcs; smudge run --json /guests/hello; echo 0 > /sys/module/smudge/parameters/test_bad_vmcs".into()),
+        ("bad-vmcs-cpu", "echo 2 > /sys/module/smudge/parameters/test_bad_vmcs; smudge run --json /guests/hello; echo 0 > /sys/module/smudge/parameters/test_bad_vmcs".into()),
         ("after-hostile", "smudge run /guests/hello".into()),
         ("pages-held", "cat /sys/module/smudge/parameters/pages_held".into()),
         ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
@@ -260,6 +262,24 @@ pub fn suite() -> Result<()> {
             bail!("{}", c.out);
         }
         Ok("stopped with a precise reason".into())
+    })());
+    check("bad VMCS refused by the software checker before VMLAUNCH", (|| {
+        let c = case(&res, "bad-vmcs-precheck")?;
+        let e = exit_event(c)?;
+        let msg = e["message"].as_str().unwrap_or_default();
+        if e["reason"] != "error" || !msg.contains("before VMLAUNCH") || !msg.contains("[guest.cr0.fixed]") || !msg.contains("SDM 27.3.1.1") {
+            bail!("{}", c.out);
+        }
+        Ok("named rule [guest.cr0.fixed], SDM 27.3.1.1".into())
+    })());
+    check("bad VMCS: Bochs refuses the entry, the checker names the rule", (|| {
+        let c = case(&res, "bad-vmcs-cpu")?;
+        let e = exit_event(c)?;
+        let msg = e["message"].as_str().unwrap_or_default();
+        if e["reason"] != "error" || !msg.contains("VM entry failed") || !msg.contains("[guest.cr0.fixed]") || e["exit_reason_number"] != 33 {
+            bail!("{}", c.out);
+        }
+        Ok("exit reason 33 (invalid guest state) explained as [guest.cr0.fixed]".into())
     })());
     check("host healthy after hostile guests", (|| {
         let c = case(&res, "after-hostile")?;

@@ -100,6 +100,8 @@ pub struct HwVcpu {
     pub programmed: bool,
     /// Guest entry point (first run).
     pub rip: u64,
+    /// The guest's IA32_KERNEL_GS_BASE between runs.
+    pub kernel_gs_base: u64,
     /// Test hook: one VMCS field overwritten after setup (to prove the checker catches a bad
     /// VMCS), and whether to skip the pre-launch check so the processor judges it too.
     pub debug_override: Option<(u32, u64, bool)>,
@@ -170,6 +172,10 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     let timer = ctls.pin & setup::pin::PREEMPTION_TIMER != 0;
     // SAFETY: the caller owns the FPU; the area holds a valid image.
     unsafe { arch::fxrstor(&vcpu.fx) };
+    // SAFETY: the MSR exists on every x86-64 processor.
+    let kernel_gs_base = unsafe { arch::rdmsr(arch::IA32_KERNEL_GS_BASE) };
+    // SAFETY: the guest's own value, saved at its last exit (0 at first).
+    unsafe { arch::wrmsr(arch::IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
     let result = loop {
         let flushed = vm.with(|vm| {
             if !vm.ept().needs_invept() {
@@ -215,6 +221,15 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
                 instr_len: arch::vmread(ro::VMEXIT_INSTRUCTION_LEN).unwrap_or(0),
             }
         };
+        if exit.reason == reason::EXCEPTION_NMI {
+            // SAFETY: current VMCS.
+            let info = unsafe { arch::vmread(ro::VMEXIT_INTERRUPTION_INFO) }.unwrap_or(0);
+            // SDM 25.9.2: valid (bit 31) with type 2 (NMI) in bits 10:8.
+            if info & (1 << 31) != 0 && (info >> 8) & 7 == 2 {
+                // SAFETY: right after the exit on this CPU, host IDT loaded.
+                unsafe { arch::raise_nmi() };
+            }
+        }
         if ctls.proc2 & setup::proc2::PML != 0 {
             // Drain on every exit, before anything reports the dirty log (SDM 29.3.6).
             // SAFETY: current VMCS.
@@ -265,5 +280,10 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     };
     // SAFETY: the caller owns the FPU; the area is aligned.
     unsafe { arch::fxsave(&mut vcpu.fx) };
+    // SAFETY: as above; the host's value goes back before anything returns to user space.
+    unsafe {
+        vcpu.kernel_gs_base = arch::rdmsr(arch::IA32_KERNEL_GS_BASE);
+        arch::wrmsr(arch::IA32_KERNEL_GS_BASE, kernel_gs_base);
+    }
     result
 }

@@ -23,6 +23,10 @@ pub mod proc1 {
     pub const HLT_EXITING: u32 = 1 << 7;
     /// CR3-load exiting.
     pub const CR3_LOAD_EXITING: u32 = 1 << 15;
+    /// CR8-load exiting.
+    pub const CR8_LOAD_EXITING: u32 = 1 << 19;
+    /// CR8-store exiting.
+    pub const CR8_STORE_EXITING: u32 = 1 << 20;
     /// CR3-store exiting.
     pub const CR3_STORE_EXITING: u32 = 1 << 16;
     /// Unconditional I/O exiting.
@@ -115,7 +119,12 @@ impl Controls {
         )?;
         let mut proc1 = adjust(
             &caps.procbased,
-            proc1::HLT_EXITING | proc1::UNCOND_IO_EXITING | proc1::USE_MSR_BITMAPS | proc1::SECONDARY_CONTROLS,
+            proc1::HLT_EXITING
+                | proc1::UNCOND_IO_EXITING
+                | proc1::USE_MSR_BITMAPS
+                | proc1::SECONDARY_CONTROLS
+                | proc1::CR8_LOAD_EXITING
+                | proc1::CR8_STORE_EXITING,
             0,
             "IA32_VMX_(TRUE_)PROCBASED_CTLS",
         )?;

@@ -1,0 +1,325 @@
+//! `MockPlatform`: a [`Platform`] whose pages live in host memory, with page accounting and
+//! allocation fault injection.
+//!
+//! - Host-physical addresses are fake and strictly increasing, with a one-page hole after every
+//!   page (`hpa + 4096` is never a page), so an off-by-one-page access by the core panics instead
+//!   of silently reading a neighbour. HPAs are never reused.
+//! - Every misuse fails the test with a panic: freeing a page twice, freeing or touching a page
+//!   this platform never handed out (foreign, misaligned), touching a page after it was freed.
+//! - A freed page is not reused while the platform lives, so a stale reference cannot alias a
+//!   new owner. Pages return to a process-wide pool when the platform is dropped.
+//! - [`MockPlatform::fail_nth_alloc`] / [`MockPlatform::fail_allocs_after`] make `alloc_page`
+//!   return `None` on chosen calls.
+//!
+//! Lookups are lock-free (two-level table indexed by the page number), so benchmarks that go
+//! through [`Platform::page`] measure the core, not the mock.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use smudge_core::platform::{PageWords, Platform};
+
+/// First fake HPA handed out (64 GiB: above the identity-mapped guest memory the tests use).
+pub const DEFAULT_HPA_BASE: u64 = 1 << 36;
+/// Distance between two consecutive pages: one page plus a hole.
+pub const HPA_STRIDE: u64 = 2 * 4096;
+
+const SEG_SHIFT: u32 = 12;
+const SEG_PAGES: usize = 1 << SEG_SHIFT;
+const SEGMENTS: usize = 1 << 14; // 64 Mi pages (256 GiB) per platform
+
+const NEVER: u8 = 0;
+const LIVE: u8 = 1;
+const FREED: u8 = 2;
+
+#[derive(Default)]
+struct Slot {
+    page: OnceLock<&'static PageWords>,
+    state: AtomicU8,
+}
+
+/// Pages of dropped platforms, reused (zeroed) by later ones.
+static POOL: Mutex<Vec<&'static PageWords>> = Mutex::new(Vec::new());
+
+fn fresh_page() -> &'static PageWords {
+    let recycled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    match recycled {
+        Some(p) => {
+            for w in p.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
+            p
+        }
+        None => Box::leak(Box::new(std::array::from_fn(|_| AtomicU64::new(0)))),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    /// `alloc_page` calls so far (successful or not).
+    calls: u64,
+    /// The call number (1-based, absolute) that fails once.
+    fail_call: Option<u64>,
+    /// Every call with a number above this fails.
+    fail_above: Option<u64>,
+    /// Calls that returned `None`.
+    failed: u64,
+}
+
+/// Page counters of a [`MockPlatform`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageStats {
+    /// Pages handed out by `alloc_page`.
+    pub allocated: u64,
+    /// Pages returned by `free_page`.
+    pub freed: u64,
+    /// `alloc_page` calls that were made to fail.
+    pub failed_allocs: u64,
+}
+
+impl PageStats {
+    /// Pages allocated and not yet freed.
+    pub fn live(&self) -> u64 {
+        self.allocated - self.freed
+    }
+}
+
+/// The test platform. See the module documentation.
+pub struct MockPlatform {
+    base: u64,
+    segments: Box<[OnceLock<Box<[Slot]>>]>,
+    next: AtomicU64,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+    faults: Mutex<Faults>,
+}
+
+impl Default for MockPlatform {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MockPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockPlatform").field("base", &self.base).field("stats", &self.stats()).finish()
+    }
+}
+
+impl MockPlatform {
+    /// A platform whose first page is at [`DEFAULT_HPA_BASE`].
+    pub fn new() -> MockPlatform {
+        Self::with_base(DEFAULT_HPA_BASE)
+    }
+
+    /// A platform whose first page is at `base` (4 KiB aligned).
+    pub fn with_base(base: u64) -> MockPlatform {
+        assert_eq!(base % 4096, 0, "MockPlatform base must be page aligned");
+        MockPlatform {
+            base,
+            segments: (0..SEGMENTS).map(|_| OnceLock::new()).collect(),
+            next: AtomicU64::new(0),
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            faults: Mutex::new(Faults::default()),
+        }
+    }
+
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `n`-th `alloc_page` call from now (1-based) returns `None`; the others succeed.
+    pub fn fail_nth_alloc(&self, n: u64) {
+        assert!(n >= 1);
+        let mut f = self.faults();
+        f.fail_call = Some(f.calls + n);
+        f.fail_above = None;
+    }
+
+    /// The next `n` `alloc_page` calls succeed, every later one returns `None`.
+    pub fn fail_allocs_after(&self, n: u64) {
+        let mut f = self.faults();
+        f.fail_above = Some(f.calls + n);
+        f.fail_call = None;
+    }
+
+    /// Stops injecting faults.
+    pub fn clear_faults(&self) {
+        let mut f = self.faults();
+        f.fail_call = None;
+        f.fail_above = None;
+    }
+
+    /// The page counters.
+    pub fn stats(&self) -> PageStats {
+        PageStats {
+            allocated: self.allocated.load(Ordering::SeqCst),
+            freed: self.freed.load(Ordering::SeqCst),
+            failed_allocs: self.faults().failed,
+        }
+    }
+
+    /// Pages allocated and not yet freed.
+    pub fn live_pages(&self) -> u64 {
+        self.stats().live()
+    }
+
+    /// Fails the test unless every page was returned.
+    #[track_caller]
+    pub fn assert_all_freed(&self) {
+        let s = self.stats();
+        assert_eq!(s.live(), 0, "pages leaked: {s:?}");
+    }
+
+    /// True when `hpa` is a page of this platform that is allocated now.
+    pub fn is_live(&self, hpa: u64) -> bool {
+        self.slot(hpa).is_some_and(|s| s.state.load(Ordering::Acquire) == LIVE)
+    }
+
+    fn slot(&self, hpa: u64) -> Option<&Slot> {
+        if hpa < self.base || (hpa - self.base) % HPA_STRIDE != 0 {
+            return None;
+        }
+        let idx = usize::try_from((hpa - self.base) / HPA_STRIDE).ok()?;
+        let seg = self.segments.get(idx >> SEG_SHIFT)?.get()?;
+        seg.get(idx & (SEG_PAGES - 1))
+    }
+}
+
+impl Platform for MockPlatform {
+    fn alloc_page(&self) -> Option<u64> {
+        {
+            let mut f = self.faults();
+            f.calls += 1;
+            let n = f.calls;
+            if f.fail_call == Some(n) || f.fail_above.is_some_and(|a| n > a) {
+                f.failed += 1;
+                return None;
+            }
+        }
+        let idx = self.next.fetch_add(1, Ordering::SeqCst) as usize;
+        let seg = self
+            .segments
+            .get(idx >> SEG_SHIFT)
+            .unwrap_or_else(|| panic!("MockPlatform: more than {} pages allocated", SEGMENTS * SEG_PAGES));
+        let seg = seg.get_or_init(|| (0..SEG_PAGES).map(|_| Slot::default()).collect());
+        let slot = &seg[idx & (SEG_PAGES - 1)];
+        if slot.page.set(fresh_page()).is_err() {
+            panic!("MockPlatform: page index {idx} handed out twice");
+        }
+        slot.state.store(LIVE, Ordering::Release);
+        self.allocated.fetch_add(1, Ordering::SeqCst);
+        Some(self.base + idx as u64 * HPA_STRIDE)
+    }
+
+    fn free_page(&self, hpa: u64) {
+        let Some(slot) = self.slot(hpa) else {
+            panic!("free_page({hpa:#x}): not a page of this platform (foreign or misaligned)");
+        };
+        match slot.state.compare_exchange(LIVE, FREED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                self.freed.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(FREED) => panic!("free_page({hpa:#x}): double free"),
+            Err(_) => panic!("free_page({hpa:#x}): page was never allocated"),
+        }
+    }
+
+    fn page(&self, hpa: u64) -> &PageWords {
+        let Some(slot) = self.slot(hpa) else {
+            panic!("page({hpa:#x}): not a page of this platform (foreign or misaligned)");
+        };
+        match slot.state.load(Ordering::Acquire) {
+            LIVE => match slot.page.get() {
+                Some(p) => p,
+                None => panic!("page({hpa:#x}): live page without storage"),
+            },
+            FREED => panic!("page({hpa:#x}): use after free"),
+            s => {
+                debug_assert_eq!(s, NEVER);
+                panic!("page({hpa:#x}): page was never allocated")
+            }
+        }
+    }
+}
+
+impl Drop for MockPlatform {
+    fn drop(&mut self) {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        for seg in self.segments.iter_mut() {
+            if let Some(seg) = seg.take() {
+                for slot in seg.iter() {
+                    if let Some(p) = slot.page.get() {
+                        pool.push(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_zeroed_distinct_and_accounted() {
+        let p = MockPlatform::new();
+        let a = p.alloc_page().unwrap();
+        let b = p.alloc_page().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a % 4096, 0);
+        assert!(p.page(a).iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        p.page(a)[3].store(7, Ordering::Relaxed);
+        assert_eq!(p.page(b)[3].load(Ordering::Relaxed), 0);
+        assert_eq!(p.live_pages(), 2);
+        p.free_page(a);
+        p.free_page(b);
+        p.assert_all_freed();
+        assert!(!p.is_live(a));
+    }
+
+    #[test]
+    fn fault_injection() {
+        let p = MockPlatform::new();
+        p.fail_nth_alloc(2);
+        assert!(p.alloc_page().is_some());
+        assert!(p.alloc_page().is_none());
+        assert!(p.alloc_page().is_some());
+        p.fail_allocs_after(1);
+        assert!(p.alloc_page().is_some());
+        assert!(p.alloc_page().is_none());
+        assert!(p.alloc_page().is_none());
+        p.clear_faults();
+        assert!(p.alloc_page().is_some());
+        assert_eq!(p.stats().failed_allocs, 3);
+        assert_eq!(p.live_pages(), 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "double free")]
+    fn double_free_fails() {
+        let p = MockPlatform::new();
+        let a = p.alloc_page().unwrap();
+        p.free_page(a);
+        p.free_page(a);
+    }
+
+    #[test]
+    #[should_panic(expected = "not a page of this platform")]
+    fn foreign_free_fails() {
+        let p = MockPlatform::new();
+        let a = p.alloc_page().unwrap();
+        p.free_page(a + 4096);
+    }
+
+    #[test]
+    #[should_panic(expected = "use after free")]
+    fn use_after_free_fails() {
+        let p = MockPlatform::new();
+        let a = p.alloc_page().unwrap();
+        p.free_page(a);
+        let _ = p.page(a);
+    }
+}

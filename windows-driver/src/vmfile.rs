@@ -1,0 +1,453 @@
+//! One open of `\\.\Smudge` = one VM: the same requests as the Linux module's `/dev/smudge`,
+//! decoded by `smudge_core::abi` and served by the same core (Vm, Controls, `vmx::hw::run`).
+//!
+//! The per-handle object lives in nonpaged pool, reached through FILE_OBJECT.FsContext. Its
+//! `busy` flag admits one request at a time (a concurrent one gets STATUS_DEVICE_BUSY), so every
+//! request has the VM to itself.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use smudge_core::abi::{self, Request, Wire};
+use smudge_core::arch::{self, FxArea, GuestGprs};
+use smudge_core::platform::Platform;
+use smudge_core::vm::{LoadError, RunExit, VcpuState, Vm};
+use smudge_core::vmx::hw::{self, HwVcpu, RunEnv, SharedVm};
+use smudge_core::vmx::setup::Controls;
+use smudge_windows::status::*;
+use smudge_windows::vmxon::{caps_msr_exists, msr_bitmap_word, region_header, CAPS_MSRS, PASSTHROUGH_MSRS};
+use smudge_windows::{budget, exit, hostwalk};
+
+use crate::platform::{self, NtPlatform};
+use crate::pool::{PoolBox, PoolBuf};
+use crate::usermem::{copy_from_user, copy_to_user};
+use crate::vmxroot::{self, Global};
+use crate::{cpu, nt, processors};
+
+/// A vCPU and the processor whose VMCS cache may hold its VMCS.
+struct WinVcpu {
+    hw: HwVcpu,
+    /// Processor index where the VMCS was last made active (None = clear).
+    cpu: Option<u32>,
+}
+
+/// The per-handle object (the Linux module's `VmFile`).
+pub struct VmFile {
+    /// A request is in progress; it alone uses `state`.
+    busy: AtomicBool,
+    state: UnsafeCell<VmState>,
+}
+
+// SAFETY: `state` is reached only by the request holding `busy`, or by CLOSE (exclusive).
+unsafe impl Sync for VmFile {}
+
+impl VmFile {
+    pub const fn new() -> VmFile {
+        VmFile { busy: AtomicBool::new(false), state: UnsafeCell::new(VmState::new()) }
+    }
+
+    /// Frees the VM (IRP_MJ_CLOSE). Call at PASSIVE_LEVEL.
+    pub fn free_all(&mut self) {
+        self.state.get_mut().free_all();
+    }
+}
+
+/// The VM of one handle.
+struct VmState {
+    vm: Option<Vm>,
+    ctls: Option<Controls>,
+    vcpus: [Option<PoolBox<WinVcpu>>; abi::MAX_VCPUS as usize],
+}
+
+impl VmState {
+    const fn new() -> VmState {
+        VmState { vm: None, ctls: None, vcpus: [const { None }; abi::MAX_VCPUS as usize] }
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.iter().flatten().count()
+    }
+
+    /// Frees everything (IRP_MJ_CLOSE, or a failed Setup). Call at PASSIVE_LEVEL.
+    fn free_all(&mut self) {
+        let p = NtPlatform;
+        for slot in self.vcpus.iter_mut() {
+            if let Some(v) = slot.take() {
+                if let Some(c) = v.cpu {
+                    vmxroot::vmclear_on(c, v.hw.vmcs);
+                }
+                for page in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
+                    if page != 0 {
+                        p.free_page(page);
+                    }
+                }
+            }
+        }
+        self.ctls = None;
+        if let Some(vm) = self.vm.take() {
+            // Vm::destroy's precondition: INVEPT all-context after the last VM exit, on every
+            // processor that may cache this EPT.
+            vmxroot::invept_everywhere();
+            vm.destroy(&p);
+        }
+        platform::drain_deferred();
+    }
+}
+
+/// Answers one request. `buf` is the METHOD_BUFFERED system buffer, at least the request size
+/// (checked by the caller); the answer is written over it. Returns the answer's length.
+pub fn request(f: &VmFile, op: abi::Op, buf: &mut [u8]) -> Result<usize, NtStatus> {
+    let req = abi::decode(op, buf.get(..op.request_size()).ok_or(STATUS_INVALID_PARAMETER)?).map_err(from_abi)?;
+    if f.busy.swap(true, Ordering::Acquire) {
+        return Err(STATUS_DEVICE_BUSY);
+    }
+    // SAFETY: `busy` was false and is now ours: no other request uses the state until we
+    // release it, and IRP_MJ_CLOSE cannot run while this IRP holds the file object.
+    let r = handle(unsafe { &mut *f.state.get() }, req, buf);
+    f.busy.store(false, Ordering::Release);
+    r
+}
+
+fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStatus> {
+    let g = vmxroot::global().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let p = NtPlatform;
+    let enc = |r: Result<usize, abi::AbiError>| r.map_err(|_| STATUS_BUFFER_TOO_SMALL);
+    match req {
+        Request::Setup { mode, mem_bytes, vcpus, page_limit } => {
+            if f.vm.is_some() {
+                return Err(STATUS_INVALID_DEVICE_STATE);
+            }
+            let mode = match mode {
+                None => g.mode,
+                Some(m) => {
+                    g.caps.mode_available(m).map_err(|_| STATUS_NOT_SUPPORTED)?;
+                    m
+                }
+            };
+            let vpid = g.caps.ept_vpid_cap & (1 << 32) != 0;
+            let ctls = Controls::for_guest(&g.caps, mode, vpid).map_err(|_| STATUS_NOT_SUPPORTED)?;
+            let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(from_core)?;
+            if let Err(e) = vm.add_ram(&p, mem_bytes) {
+                vm.destroy(&p);
+                return Err(from_core(e));
+            }
+            f.vm = Some(vm);
+            f.ctls = Some(ctls);
+            for i in 0..vcpus {
+                if let Err(e) = add_vcpu(f, g, i) {
+                    f.free_all();
+                    return Err(e);
+                }
+            }
+            Ok(0)
+        }
+        Request::LoadElf { image, len } => {
+            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let mut bytes = PoolBuf::zeroed(len as usize).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
+            copy_from_user(bytes.bytes_mut(), image)?;
+            let entry = match vm.load_elf(&p, bytes.bytes()) {
+                Ok(e) => e,
+                Err(LoadError::Elf(_)) => return Err(STATUS_INVALID_IMAGE_FORMAT),
+                Err(LoadError::Vm(e)) => return Err(from_core(e)),
+            };
+            for v in f.vcpus.iter_mut().flatten() {
+                v.hw.rip = entry;
+            }
+            enc(abi::LoadElfResp { entry }.to_bytes(buf))
+        }
+        Request::Run { vcpu } => {
+            let resp = run(f, g, vcpu)?;
+            enc(resp.to_bytes(buf))
+        }
+        Request::DirtyLog { slot, bitmap, bitmap_len, harvest } => {
+            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let pages = vm.slots().find(|(i, _)| *i == slot as usize).map(|(_, s)| s.pages).ok_or(STATUS_INVALID_PARAMETER)?;
+            let words = pages.div_ceil(64) as usize;
+            if bitmap_len < words as u64 * 8 {
+                return Err(STATUS_BUFFER_TOO_SMALL);
+            }
+            let mut bits = PoolBuf::zeroed(words * 8).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
+            if harvest {
+                vm.harvest(&p, slot as usize, bits.words_mut()).map_err(from_core)?;
+            } else {
+                vm.get_dirty_log(&p, slot as usize, bits.words_mut()).map_err(from_core)?;
+            }
+            invept_vm(vm);
+            copy_to_user(bitmap, bits.bytes())?;
+            Ok(0)
+        }
+        Request::ClearDirtyLog { slot, first_page, num_pages, mask } => {
+            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let words = num_pages.div_ceil(64) as usize;
+            let mut m = PoolBuf::zeroed(words * 8).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
+            copy_from_user(m.bytes_mut(), mask)?;
+            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, m.words_mut()).map_err(from_core)?;
+            invept_vm(vm);
+            Ok(0)
+        }
+        Request::Stats => {
+            let mut s = abi::StatsResp::default();
+            s.vm_pages = f.vm.as_ref().map_or(0, |v| v.pages_held()) + f.vcpu_count() as u64 * 3;
+            s.driver_pages = platform::pages_held();
+            s.mode = f.vm.as_ref().map_or(0, |v| v.mode() as u32);
+            s.vcpus = f.vcpu_count() as u32;
+            for v in f.vcpus.iter().flatten() {
+                for (a, b) in s.exits.iter_mut().zip(v.hw.state.exits.iter()) {
+                    *a += *b;
+                }
+            }
+            enc(s.to_bytes(buf))
+        }
+        Request::Caps => {
+            let mut c = abi::CapsResp::default();
+            c.mode = g.mode as u32;
+            // The Linux module's list; without #GP recovery only MSRs that exist are read.
+            for (i, &msr) in CAPS_MSRS.iter().enumerate() {
+                if let (Some(pair), true) = (c.msrs.get_mut(i), caps_msr_exists(msr, &g.caps)) {
+                    // SAFETY: `caps_msr_exists` holds the MSR to the SDM's existence rules on a
+                    // processor the admission check accepted; CPL 0.
+                    *pair = [u64::from(msr), unsafe { cpu::rdmsr(msr) }];
+                    c.present |= 1 << i;
+                } else if let Some(pair) = c.msrs.get_mut(i) {
+                    pair[0] = u64::from(msr);
+                }
+            }
+            enc(c.to_bytes(buf))
+        }
+        Request::Explain { gpa } => {
+            let vm = f.vm.as_ref().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let layout = vm.layout().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let mut r = abi::ExplainResp::default();
+            // The guest's own PDE for this address (2 MiB pages, identity map below 4 GiB).
+            if gpa < (4 << 30) {
+                let pde_gpa = layout.reserved_base() + smudge_core::guest::PD_OFF + (gpa >> 21) * 8;
+                let mut b = [0u8; 8];
+                vm.read_guest(&p, pde_gpa, &mut b).map_err(from_core)?;
+                r.guest_pte = u64::from_le_bytes(b);
+                r.guest_level = 2;
+            }
+            if let Some(t) = vm.ept().translate(&p, gpa) {
+                r.ept_leaf = t.entry.0;
+                r.ept_level = t.level.into();
+                r.hpa = t.hpa & !0xfff;
+                // SAFETY: MmGetVirtualForPhysical only looks the address up.
+                r.host_va = unsafe { nt::MmGetVirtualForPhysical(r.hpa as i64) } as u64;
+                if let Some((pte, level)) = host_pte(r.host_va) {
+                    r.host_pte = pte;
+                    r.host_level = level;
+                }
+            }
+            enc(r.to_bytes(buf))
+        }
+        Request::Mem { gpa, buf: ubuf, len, write } => {
+            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let mut tmp = PoolBuf::zeroed(len as usize).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
+            if write {
+                copy_from_user(tmp.bytes_mut(), ubuf)?;
+                vm.write_guest(&p, gpa, tmp.bytes()).map_err(from_core)?;
+            } else {
+                vm.read_guest(&p, gpa, tmp.bytes_mut()).map_err(from_core)?;
+                copy_to_user(ubuf, tmp.bytes())?;
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// The host PTE that maps `va`, through a walk from this processor's CR3 whose table reads
+/// cannot fault (MmCopyMemory of physical memory).
+fn host_pte(va: u64) -> Option<(u64, u32)> {
+    if va == 0 {
+        return None;
+    }
+    let mut cell = PoolBuf::zeroed(8)?;
+    let cr3: u64;
+    // SAFETY: reading CR3 at CPL 0 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    let la57 = cpu::cr4() & (1 << 12) != 0;
+    let mut read = |pa: u64| -> Option<u64> {
+        let mut copied = 0usize;
+        let target = cell.bytes_mut();
+        // SAFETY: an 8-byte nonpaged target; a physical source that MmCopyMemory validates
+        // (it fails instead of faulting).
+        let s = unsafe { nt::MmCopyMemory(target.as_mut_ptr().cast(), pa, 8, nt::MM_COPY_MEMORY_PHYSICAL, &mut copied) };
+        if s < 0 || copied != 8 {
+            return None;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(target.get(..8)?);
+        Some(u64::from_le_bytes(b))
+    };
+    hostwalk::walk(cr3, va, la57, &mut read)
+}
+
+/// INVEPT on every processor when the EPT asks for it (after a harvest or clear).
+fn invept_vm(vm: &mut Vm) {
+    if vm.ept().needs_invept() {
+        vmxroot::invept_everywhere();
+        vm.ept_mut().invept_done(&NtPlatform);
+        platform::drain_deferred();
+    }
+}
+
+fn add_vcpu(f: &mut VmState, g: &Global, index: u32) -> Result<(), NtStatus> {
+    let p = NtPlatform;
+    let slot = f.vcpus.get_mut(index as usize).ok_or(STATUS_INVALID_PARAMETER)?;
+    let mut pages = [0u64; 3];
+    for i in 0..pages.len() {
+        match p.alloc_page() {
+            Some(pg) => {
+                if let Some(s) = pages.get_mut(i) {
+                    *s = pg;
+                }
+            }
+            None => {
+                for pg in pages.iter().filter(|&&x| x != 0) {
+                    p.free_page(*pg);
+                }
+                return Err(STATUS_INSUFFICIENT_RESOURCES);
+            }
+        }
+    }
+    let [vmcs, pml, msr_bitmap] = pages;
+    // SDM 25.2: the VMCS region starts with the revision identifier.
+    if let Some(w) = p.page(vmcs).first() {
+        w.store(region_header(&g.caps), Ordering::Relaxed);
+    }
+    for (i, w) in p.page(msr_bitmap).iter().enumerate() {
+        w.store(msr_bitmap_word(i, &PASSTHROUGH_MSRS), Ordering::Relaxed);
+    }
+    let v = WinVcpu {
+        hw: HwVcpu {
+            state: VcpuState::new(index),
+            vmcs,
+            pml,
+            msr_bitmap,
+            gprs: GuestGprs { rdi: index.into(), ..GuestGprs::default() },
+            fx: FxArea::reset(),
+            launched: false,
+            programmed: false,
+            rip: 0,
+            kernel_gs_base: 0,
+            debug_override: None,
+        },
+        cpu: None,
+    };
+    match PoolBox::new(v) {
+        Ok(b) => {
+            *slot = Some(b);
+            Ok(())
+        }
+        Err(v) => {
+            for pg in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
+                p.free_page(pg);
+            }
+            Err(STATUS_INSUFFICIENT_RESOURCES)
+        }
+    }
+}
+
+/// The VM as `hw::run` sees it. RUN holds the handle's `busy` flag, so this thread alone uses
+/// the VM; the loop takes it only around exit handling and never nests those calls.
+struct Exclusive<'a>(UnsafeCell<&'a mut Vm>);
+
+impl SharedVm for Exclusive<'_> {
+    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R {
+        // SAFETY: exclusive by `busy` (see the type); `hw::run` does not call `with` from
+        // inside `f`, so no two &mut to the VM exist at once.
+        f(unsafe { &mut **self.0.get() })
+    }
+}
+
+/// Interrupt time, 100 ns units.
+fn now() -> u64 {
+    let mut qpc = 0u64;
+    // SAFETY: a valid out pointer; callable at any IRQL.
+    unsafe { nt::KeQueryInterruptTimePrecise(&mut qpc) }
+}
+
+/// The run loop's view of Windows: one stay at DISPATCH_LEVEL ends after `budget::DISPATCH_STAY`.
+struct NtEnv {
+    stay_start: u64,
+}
+
+impl RunEnv for NtEnv {
+    fn irq_save(&self) -> usize {
+        cpu::irq_save()
+    }
+    fn irq_restore(&self, flags: usize) {
+        cpu::irq_restore(flags)
+    }
+    fn should_return(&self) -> bool {
+        budget::stay_over(self.stay_start, now())
+    }
+}
+
+fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus> {
+    let ctls = f.ctls.ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    // Harvests done between runs may have left an INVEPT obligation.
+    invept_vm(vm);
+    let v = f.vcpus.get_mut(index as usize).and_then(|v| v.as_mut()).ok_or(STATUS_INVALID_PARAMETER)?;
+    let here = processors::current();
+    if let Some(old) = v.cpu {
+        if old != here {
+            // SDM 25.11.1: the VMCS leaves `old` through VMCLEAR there.
+            vmxroot::vmclear_on(old, v.hw.vmcs);
+            v.cpu = None;
+        }
+    }
+    // The request stays on this processor; every stay at DISPATCH_LEVEL below is on it.
+    let pinned = processors::pin(here)?;
+    let shared = Exclusive(UnsafeCell::new(vm));
+    let start = now();
+    let result = loop {
+        let mut xsave = nt::XStateSave::new();
+        // SAFETY: PASSIVE_LEVEL; `xsave` lives until the matching restore below.
+        let status = unsafe { nt::KeSaveExtendedProcessorState(nt::XSTATE_MASK_LEGACY, &mut xsave) };
+        if status < 0 {
+            break Err(status);
+        }
+        // SAFETY: PASSIVE_LEVEL; lowered below.
+        let old_irql = unsafe { cpu::raise_to_dispatch() };
+        let cpu_now = processors::current();
+        let r = if !vmxroot::vmx_on(cpu_now) {
+            Err(STATUS_IO_DEVICE_ERROR)
+        } else {
+            if v.cpu != Some(cpu_now) {
+                // SAFETY: VMX root operation; a VMCS not active anywhere is cleared before its
+                // first VMPTRLD here, which also resets its launch state (SDM 25.11.3).
+                let _ = unsafe { arch::vmclear(v.hw.vmcs) };
+                v.hw.launched = false;
+                v.cpu = Some(cpu_now);
+            }
+            let env = NtEnv { stay_start: now() };
+            // SAFETY: VMX root operation on this processor, DISPATCH_LEVEL (no preemption), the
+            // legacy FPU state saved for the guest's use, the VMCS clear or active here.
+            Ok(unsafe { hw::run(&shared, &mut v.hw, &NtPlatform, &g.caps, &ctls, &env) })
+        };
+        // SAFETY: pairs with the raise above.
+        unsafe { cpu::lower_irql(old_irql) };
+        // SAFETY: pairs with the save above, at the same IRQL.
+        unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
+        platform::drain_deferred();
+        match r {
+            Err(s) => break Err(s),
+            Ok(Ok(RunExit::Interrupted)) => {
+                if v.hw.state.console_len > 0 {
+                    break Ok(Ok(RunExit::Console));
+                }
+                if budget::slice_over(start, now()) {
+                    break Ok(Ok(RunExit::Interrupted));
+                }
+            }
+            Ok(other) => break Ok(other),
+        }
+    };
+    drop(pinned);
+    let result = result?;
+    let mut resp = abi::RunResp::default();
+    exit::take_console(&mut resp, &mut v.hw.state);
+    exit::fill(&mut resp, result, &mut v.hw.state);
+    Ok(resp)
+}

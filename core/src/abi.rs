@@ -104,9 +104,10 @@ impl Op {
         (3 << 30) | ((self.buffer_size() as u32) << 16) | ((b'S' as u32) << 8) | self as u32
     }
 
-    /// Windows IOCTL: `CTL_CODE(FILE_DEVICE_UNKNOWN, 0x800 + nr, METHOD_BUFFERED, FILE_ANY_ACCESS)`.
+    /// Windows IOCTL: `CTL_CODE(FILE_DEVICE_UNKNOWN, 0x800 + nr, METHOD_BUFFERED,
+    /// FILE_WRITE_ACCESS)`: the I/O manager lets only handles opened for writing send them.
     pub const fn windows_ioctl(self) -> u32 {
-        (0x22 << 16) | ((0x800 + self as u32) << 2)
+        (0x22 << 16) | (2 << 14) | ((0x800 + self as u32) << 2)
     }
 
     /// The request of a Linux ioctl number, if it is one of ours.

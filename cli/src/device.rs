@@ -39,7 +39,12 @@ pub trait Vmm {
     /// STATS.
     fn stats(&mut self) -> ReqResult<abi::StatsResp>;
     /// EXPLAIN one guest-physical address.
-    fn explain(&mut self, gpa: u64) -> ReqResult<abi::ExplainResp>;
+    fn explain(&mut self, gpa: u64, user_va: u64) -> ReqResult<abi::ExplainResp>;
+    /// Maps guest RAM read-only into this process (mmap of the VM's descriptor); returns the
+    /// address of GPA 0, or None where the OS backend cannot.
+    fn map_guest(&mut self, _len: u64) -> Option<u64> {
+        None
+    }
     /// CAPS.
     fn caps(&mut self) -> ReqResult<abi::CapsResp>;
 }
@@ -130,13 +135,26 @@ impl Vmm for crate::os::Device {
         decode(Op::Stats, &buf)
     }
 
-    fn explain(&mut self, gpa: u64) -> ReqResult<abi::ExplainResp> {
+    fn map_guest(&mut self, len: u64) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            self.map_ro(len)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = len;
+            None
+        }
+    }
+
+    fn explain(&mut self, gpa: u64, user_va: u64) -> ReqResult<abi::ExplainResp> {
         let mut buf = encode(
             Op::Explain,
             &abi::ExplainReq {
                 version: abi::VERSION,
                 reserved: 0,
                 gpa,
+                user_va,
             },
         )?;
         self.send(Op::Explain, &mut buf)?;

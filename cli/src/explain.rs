@@ -68,7 +68,11 @@ pub fn human_line(gpa: u64, r: &ExplainResp) -> String {
         r.host_pte,
         level_name(r.host_level),
         ad(r.host_pte, GUEST_A, GUEST_D),
-    )
+    ) + &if r.user_level != 0 {
+        format!("  user PTE {:#018x} {} {}", r.user_pte, level_name(r.user_level), ad(r.user_pte, GUEST_A, GUEST_D))
+    } else {
+        String::new()
+    }
 }
 
 /// One JSON object.
@@ -107,6 +111,14 @@ pub fn json_obj(at: &str, gpa: u64, r: &ExplainResp) -> Json {
                 .with("a", bit(r.host_pte, GUEST_A))
                 .with("d", bit(r.host_pte, GUEST_D)),
         )
+        .with(
+            "user_pte",
+            Json::object()
+                .with("value", r.user_pte)
+                .with("level", r.user_level)
+                .with("a", bit(r.user_pte, GUEST_A))
+                .with("d", bit(r.user_pte, GUEST_D)),
+        )
 }
 
 /// Explains every page the guest wrote since the last harvest (GET_DIRTY_LOG: the dirty state
@@ -124,6 +136,8 @@ pub fn explain_now(
         .map_err(|e| anyhow!("cannot read the dirty log: {}", e.err))?;
     let gfns = guest_dirty_gfns(&bm, cfg.mem_bytes);
     let shown = limit.unwrap_or(usize::MAX).min(gfns.len());
+    // A read-only mapping of guest RAM in this process: its user PTEs map the same backing pages.
+    let user_base = vmm.map_guest(cfg.mem_bytes);
     out.note(
         cfg.json,
         &format!(
@@ -134,7 +148,7 @@ pub fn explain_now(
     for &gfn in &gfns[..shown] {
         let gpa = gfn * PAGE;
         let r = vmm
-            .explain(gpa)
+            .explain(gpa, user_base.map_or(0, |b| b + gpa))
             .map_err(|e| anyhow!("cannot explain GPA {gpa:#x}: {}", e.err))?;
         let line = human_line(gpa, &r);
         if cfg.json {
@@ -152,8 +166,10 @@ pub fn note(mode: &str) -> String {
         "\nThe CPU set D only in the guest's page-table entry and in the EPT leaf (EPTP bit 6 enables\n\
          EPT A/D). The host page-table entry that maps the backing page belongs to the host kernel's\n\
          direct map; x86 Linux creates those with A and D preset (__PAGE_KERNEL), so its D=1 is not the\n\
-         guest's doing, and the guest's writes never touch it. The host finds dirty pages by scanning\n\
-         EPT D bits or with PML.\n",
+         guest's doing, and the guest's writes never touch it. The \"user PTE\" column is this tool's own\n\
+         read-only mapping of guest RAM (mmap of the VM): it maps the same backing page and stays D=0\n\
+         while the EPT leaf says D=1, because a guest write walks the guest tables and EPT, never the\n\
+         host's. The host finds dirty pages by scanning EPT D bits or with PML.\n",
     );
     if mode == "wp" {
         s.push_str(
@@ -184,7 +200,7 @@ mod tests {
             // Host direct-map 2 MiB PDE, __PAGE_KERNEL_LARGE: P|RW|A|D|PS|G|NX.
             host_pte: 0x8000_0000_1220_0000 | 0x1e3,
             host_level: 2,
-            reserved: 0,
+            ..ExplainResp::default()
         }
     }
 

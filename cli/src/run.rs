@@ -529,7 +529,7 @@ pub(crate) mod tests {
         fn stats(&mut self) -> ReqResult<abi::StatsResp> {
             Ok(self.stats)
         }
-        fn explain(&mut self, gpa: u64) -> ReqResult<abi::ExplainResp> {
+        fn explain(&mut self, gpa: u64, _user_va: u64) -> ReqResult<abi::ExplainResp> {
             self.explained.push(gpa);
             Ok(abi::ExplainResp {
                 guest_pte: (gpa & !0x1f_ffff) | 0xe3,
@@ -540,7 +540,7 @@ pub(crate) mod tests {
                 host_va: 0xffff_8880_1234_5000,
                 host_pte: 0x8000_0000_1220_01e3,
                 host_level: 2,
-                reserved: 0,
+                ..abi::ExplainResp::default()
             })
         }
         fn caps(&mut self) -> ReqResult<abi::CapsResp> {

@@ -294,6 +294,9 @@ pub struct ExplainReq {
     pub reserved: u32,
     /// Guest-physical (= guest-virtual, identity-mapped) address.
     pub gpa: u64,
+    /// 0, or the address of this page in the caller's read-only mapping of guest RAM (mmap of
+    /// the VM's descriptor): the driver then also reports the user PTE that maps it.
+    pub user_va: u64,
 }
 
 /// What each layer says about one guest page.
@@ -316,8 +319,10 @@ pub struct ExplainResp {
     pub host_pte: u64,
     /// Level of the host entry (1 = 4 KiB PTE, 2 = 2 MiB, 3 = 1 GiB).
     pub host_level: u32,
-    /// Padding.
-    pub reserved: u32,
+    /// Level of the user entry (0 = no user mapping asked or found).
+    pub user_level: u32,
+    /// The caller's page-table entry for `user_va` (A = bit 5, D = bit 6).
+    pub user_pte: u64,
 }
 
 /// Guest memory copy.
@@ -458,6 +463,8 @@ pub enum Request {
     Explain {
         /// Address.
         gpa: u64,
+        /// The page in the caller's read-only mapping of guest RAM, or 0.
+        user_va: u64,
     },
     /// Copy to (write = true) or from guest memory.
     Mem {
@@ -543,7 +550,7 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
             if r.reserved != 0 {
                 return Err(AbiError::ReservedNonZero);
             }
-            Request::Explain { gpa: r.gpa }
+            Request::Explain { gpa: r.gpa, user_va: r.user_va }
         }
         Op::WriteGuest | Op::ReadGuest => {
             let r = MemReq::from_bytes(buf)?;
@@ -688,10 +695,10 @@ wire!(RunResp {
 wire!(DirtyLogReq { version: u32, slot: u32, bitmap: u64, bitmap_len: u64 });
 wire!(ClearDirtyLogReq { version: u32, slot: u32, first_page: u64, num_pages: u64, mask: u64 });
 wire!(StatsResp { vm_pages: u64, driver_pages: u64, mode: u32, vcpus: u32, exits: u64s<70> });
-wire!(ExplainReq { version: u32, reserved: u32, gpa: u64 });
+wire!(ExplainReq { version: u32, reserved: u32, gpa: u64, user_va: u64 });
 wire!(ExplainResp {
     guest_pte: u64, guest_level: u32, ept_level: u32, ept_leaf: u64, hpa: u64, host_va: u64,
-    host_pte: u64, host_level: u32, reserved: u32,
+    host_pte: u64, host_level: u32, user_level: u32, user_pte: u64,
 });
 wire!(MemReq { version: u32, reserved: u32, gpa: u64, buf: u64, len: u64 });
 wire!(CapsResp { msrs: pairs<24>, present: u32, mode: u32 });

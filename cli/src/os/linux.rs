@@ -67,6 +67,21 @@ impl Device {
 }
 
 impl Device {
+    /// Maps `len` bytes of guest RAM read-only (the driver refuses writable mappings: a user
+    /// write would bypass the EPT and the dirty log). Returns the address of GPA 0.
+    pub fn map_ro(&self, len: u64) -> Option<u64> {
+        // SAFETY: a fresh read-only shared mapping of the VM's descriptor; never dereferenced
+        // here (only its page-table entries are inspected, by the driver).
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ, libc::MAP_SHARED, self.file.as_raw_fd(), 0)
+        };
+        if p == libc::MAP_FAILED {
+            None
+        } else {
+            Some(p as u64)
+        }
+    }
+
     /// A second handle on the same VM (dup of the descriptor): RUN of another vCPU from
     /// another thread.
     pub fn try_clone(&self) -> anyhow::Result<Device> {

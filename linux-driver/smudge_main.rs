@@ -4,8 +4,8 @@
 //!
 //! It supplies pages and phys<->virt ([`LinuxPlatform`]), VMX operation on every CPU, the
 //! `/dev/smudge` device (one open = one VM), user copies, and the host page-table lookup for
-//! `explain`. Everything else (decoding and validating requests, EPT, dirty tracking, the
-//! VMCS, the exit handler) is smudge-core.
+//! `explain`. Everything else (decoding and validating requests, EPT, dirty tracking, a vCPU's
+//! pages and page cache, the VMCS, the exit handler, the RUN and CAPS answers) is smudge-core.
 
 use core::ffi::{c_long, c_void};
 use core::cell::UnsafeCell;
@@ -13,13 +13,15 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kernel::prelude::*;
 use smudge_core::abi::{self, Op, Request, Wire};
-use smudge_core::arch::{self, FxArea, GuestGprs};
+use smudge_core::answer;
+use smudge_core::arch;
 use smudge_core::dirty::Mode;
 use smudge_core::platform::{PageWords, Platform};
-use smudge_core::vm::{RunExit, StopCause, VcpuState, Vm};
-use smudge_core::vmx::caps::{CpuidRegs, MsrValue, VmxCaps};
-use smudge_core::vmx::hw::{self, HwVcpu, RunEnv};
-use smudge_core::vmx::setup::Controls;
+use smudge_core::vcpu::{write_revision_id, VcpuPages};
+use smudge_core::vm::{RunExit, Vm};
+use smudge_core::vmx::caps::{Controls, CpuidRegs, MsrValue, VmxCaps};
+use smudge_core::vmx::hw::{self, HwExit, HwVcpu, RunEnv};
+use smudge_core::vmx::setup;
 
 module! {
     type: Smudge,
@@ -71,11 +73,10 @@ const EIO: c_long = 5;
 const EOPNOTSUPP: c_long = 95;
 const ENOEXEC: c_long = 8;
 
-/// Pages from the kernel's page allocator, seen through the direct map.
-struct LinuxPlatform {
-    /// Allocate with GFP_ATOMIC (inside the run loop, preemption is off).
-    atomic: bool,
-}
+/// Pages from the kernel's page allocator (GFP_KERNEL), seen through the direct map. The run
+/// loop never allocates from it while preemption is off: guest memory is backed from the
+/// vCPU's page cache, refilled here before each entry.
+struct LinuxPlatform;
 
 impl Platform for LinuxPlatform {
     fn alloc_page(&self) -> Option<u64> {
@@ -84,7 +85,7 @@ impl Platform for LinuxPlatform {
             if smudge_fault_inject() != 0 {
                 return None;
             }
-            let va = smudge_get_zeroed_page(i32::from(self.atomic));
+            let va = smudge_get_zeroed_page(0);
             if va == 0 {
                 return None;
             }
@@ -294,7 +295,17 @@ impl VmFile {
     }
 
     fn pages(&self) -> u64 {
-        self.vm.with(|vm| vm.as_ref().map_or(0, |v| v.pages_held())) + self.vcpus().len() as u64 * 3
+        self.vm.with(|vm| vm.as_ref().map_or(0, |v| v.pages_held())) + self.vcpu_pages()
+    }
+
+    /// Pages the vCPUs hold (their own and their caches). Every vCPU must be out of RUN or
+    /// kicked out.
+    fn vcpu_pages(&self) -> u64 {
+        self.vcpus()
+            .iter()
+            // SAFETY: no vCPU runs (the caller's contract), so nobody writes its cache.
+            .map(|slot| unsafe { &*slot.v.get() }.hw.pages_held())
+            .sum::<u64>()
     }
 
     /// INVEPT on every CPU (SDM 29.4.3.4): after a harvest clears D or W, any CPU where a vCPU
@@ -313,20 +324,16 @@ impl VmFile {
 
     /// Frees everything; no RUN is in progress (release, or a failed Setup).
     fn free_all(&self) {
-        let p = LinuxPlatform { atomic: false };
+        let p = LinuxPlatform;
         for slot in self.vcpus() {
             // SAFETY: no RUN is in progress, so nobody else references the vCPU.
             let v = unsafe { &mut *slot.v.get() };
             if v.cpu >= 0 {
                 // SAFETY: VMCLEAR on the CPU that has the VMCS active.
-                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
+                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.pages.vmcs as *mut c_void) };
                 v.cpu = -1;
             }
-            for page in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
-                if page != 0 {
-                    p.free_page(page);
-                }
-            }
+            v.hw.free_pages(&p);
         }
         // SAFETY: as above; the vector is not shared any more.
         unsafe { *self.vcpus.get() = KVec::new() };
@@ -467,14 +474,10 @@ fn free_vcpus(f: &VmFile, p: &LinuxPlatform) {
         let v = unsafe { &mut *slot.v.get() };
         if v.cpu >= 0 {
             // SAFETY: VMCLEAR on the CPU that has the VMCS active.
-            unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
+            unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.pages.vmcs as *mut c_void) };
             v.cpu = -1;
         }
-        for page in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
-            if page != 0 {
-                p.free_page(page);
-            }
-        }
+        v.hw.free_pages(p);
     }
     // SAFETY: as above.
     unsafe { *f.vcpus.get() = KVec::new() };
@@ -488,7 +491,7 @@ fn handle(
     req: Request,
     buf: &mut [u8; 1024],
 ) -> core::result::Result<usize, c_long> {
-    let p = LinuxPlatform { atomic: false };
+    let p = LinuxPlatform;
     let enc = |r: core::result::Result<usize, abi::AbiError>| r.map_err(|_| -EINVAL);
     match req {
         Request::Setup { mode, mem_bytes, vcpus, page_limit } => {
@@ -502,7 +505,7 @@ fn handle(
                     m
                 }
             };
-            let ctls = Controls::for_guest(&g.caps, mode, g.caps.ept_vpid_cap & (1 << 32) != 0).map_err(|_| -EOPNOTSUPP)?;
+            let ctls = setup::guest_controls(&g.caps, mode, g.caps.ept_vpid_cap & (1 << 32) != 0).map_err(|_| -EOPNOTSUPP)?;
             let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(core_err)?;
             if let Err(e) = vm.add_ram(&p, mem_bytes) {
                 vm.destroy(&p);
@@ -576,7 +579,7 @@ fn handle(
         }
         Request::Stats => {
             let mut s = abi::StatsResp::default();
-            s.vm_pages = vm_slot.as_ref().map_or(0, |v| v.pages_held()) + f.vcpus().len() as u64 * 3;
+            s.vm_pages = vm_slot.as_ref().map_or(0, |v| v.pages_held()) + f.vcpu_pages();
             // SAFETY: reads the module's counter.
             s.driver_pages = unsafe { smudge_pages_held() };
             s.mode = vm_slot.as_ref().map_or(0, |v| v.mode() as u32);
@@ -591,19 +594,10 @@ fn handle(
             enc(s.to_bytes(buf))
         }
         Request::Caps => {
-            let mut c = abi::CapsResp::default();
-            let msrs = [0x3a, 0x480, 0x481, 0x482, 0x483, 0x484, 0x485, 0x486, 0x487, 0x488, 0x489, 0x48a, 0x48b, 0x48c, 0x48d, 0x48e, 0x48f, 0x490, 0x491];
-            for (i, m) in msrs.iter().enumerate() {
-                c.msrs[i][0] = *m;
-                if let MsrValue::Value(v) = rdmsr_safe(*m as u32) {
-                    c.msrs[i][1] = v;
-                    c.present |= 1 << i;
-                }
-            }
-            c.mode = g.mode as u32;
+            let c = answer::caps_resp(&g.caps, g.mode, &mut |m| rdmsr_safe(m).value());
             enc(c.to_bytes(buf))
         }
-        Request::Explain { gpa } => {
+        Request::Explain { gpa, .. } => {
             let vm = vm_slot.as_ref().ok_or(-EINVAL)?;
             let layout = vm.layout().ok_or(-EINVAL)?;
             let mut r = abi::ExplainResp::default();
@@ -645,53 +639,13 @@ fn handle(
 }
 
 fn add_vcpu(f: &VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::result::Result<(), c_long> {
-    let vmcs = p.alloc_page().ok_or(-ENOMEM)?;
-    let Some(pml) = p.alloc_page() else {
-        p.free_page(vmcs);
-        return Err(-ENOMEM);
-    };
-    let Some(msr_bitmap) = p.alloc_page() else {
-        p.free_page(vmcs);
-        p.free_page(pml);
-        return Err(-ENOMEM);
-    };
-    // SDM 25.2: the VMCS region starts with the revision identifier.
-    p.page(vmcs)[0].store(g.caps.basic & 0x7fff_ffff, Ordering::Relaxed);
-    // MSR bitmap (SDM 25.6.9): intercept everything except the MSRs the VMCS switches
-    // (EFER, FS_BASE, GS_BASE); KERNEL_GS_BASE, STAR, LSTAR, SFMASK, TSC_AUX stay intercepted.
-    for w in p.page(msr_bitmap).iter() {
-        w.store(u64::MAX, Ordering::Relaxed);
-    }
-    for msr in [0xC000_0080u32, 0xC000_0100, 0xC000_0101] {
-        let bit = (msr & 0x1fff) as usize;
-        for base in [0x400usize, 0xC00] {
-            let byte = base + bit / 8;
-            let w = &p.page(msr_bitmap)[byte / 8];
-            w.fetch_and(!(1u64 << ((byte % 8) * 8 + bit % 8)), Ordering::Relaxed);
-        }
-    }
-    let v = LinuxVcpu {
-        hw: HwVcpu {
-            state: VcpuState::new(index),
-            vmcs,
-            pml,
-            msr_bitmap,
-            gprs: GuestGprs { rdi: index.into(), ..GuestGprs::default() },
-            fx: FxArea::reset(),
-            launched: false,
-            programmed: false,
-            rip: 0,
-            kernel_gs_base: 0,
-            debug_override: None,
-        },
-        cpu: -1,
-    };
+    let pages = VcpuPages::alloc(p, &g.caps).map_err(core_err)?;
+    let v = LinuxVcpu { hw: HwVcpu::new(index, pages), cpu: -1 };
     let b = match KBox::new(VcpuSlot { busy: AtomicBool::new(false), v: UnsafeCell::new(v) }, GFP_KERNEL) {
         Ok(b) => b,
         Err(_) => {
-            for pg in [vmcs, pml, msr_bitmap] {
-                p.free_page(pg);
-            }
+            let mut pages = pages;
+            pages.free(p);
             return Err(-ENOMEM);
         }
     };
@@ -754,7 +708,7 @@ fn wait_unkicked(f: &VmFile) -> bool {
 fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::RunResp, c_long> {
     // SAFETY: set during Setup, read-only afterwards.
     let ctls = unsafe { *f.ctls.get() }.ok_or(-EINVAL)?;
-    let p = LinuxPlatform { atomic: true };
+    let p = LinuxPlatform;
     let mut resp = abi::RunResp::default();
     let env = LinuxEnv { kick: &f.kick };
     let vp = slot.v.get();
@@ -766,7 +720,7 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
             let bad = unsafe { smudge_test_bad_vmcs() };
             let cr0 = smudge_core::vmx::setup::fix_cr(smudge_core::guest::CR0, g.caps.cr0_fixed0, g.caps.cr0_fixed1);
             v.hw.debug_override = match bad {
-                1 | 2 => Some((smudge_core::vmx::fields::Field::GuestCr0.encoding(), cr0 & !1, bad == 2)),
+                1 | 2 => Some((smudge_core::vmx::fields::Field::GuestCr0, cr0 & !1, bad == 2)),
                 _ => None,
             };
         }
@@ -783,6 +737,9 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         // SAFETY: `slot.busy` makes this thread the vCPU's only user; VM-level requests touch
         // it only while `running` is 0.
         let v = unsafe { &mut *vp };
+        // Preemption is still on: GFP_KERNEL may sleep. The exit handler backs guest memory
+        // from this cache only (never with GFP_ATOMIC).
+        v.hw.cache.refill(&p);
         // SAFETY: kernel_fpu_begin disables preemption and lets the guest own the FPU.
         unsafe { smudge_fpu_begin() };
         // SAFETY: preemption is off.
@@ -797,10 +754,10 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
             if v.cpu >= 0 {
                 // SAFETY: SDM 24.11.1: a VMCS moves between CPUs only through VMCLEAR on the
                 // old one. smp_call_function_single may be called with preemption off.
-                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.vmcs as *mut c_void) };
+                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.pages.vmcs as *mut c_void) };
             } else {
                 // SAFETY: a fresh VMCS must be cleared before its first VMPTRLD (SDM 25.11.3).
-                let _ = unsafe { arch::vmclear(v.hw.vmcs) };
+                let _ = unsafe { arch::vmclear(v.hw.pages.vmcs) };
             }
             v.hw.launched = false;
             v.cpu = cpu;
@@ -812,7 +769,9 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         unsafe { smudge_fpu_end() };
         f.running.fetch_sub(1, Ordering::SeqCst);
         match r {
-            Ok(RunExit::Interrupted) => {
+            // Refilled at the top of the loop.
+            Ok(HwExit::NeedPages) => {}
+            Ok(HwExit::Exit(RunExit::Interrupted)) => {
                 if v.hw.state.console_len > 0 {
                     break Ok(RunExit::Console);
                 }
@@ -824,75 +783,15 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
                     break Ok(RunExit::Interrupted);
                 }
             }
-            other => break other,
+            Ok(HwExit::Exit(x)) => break Ok(x),
+            Err(e) => break Err(e),
         }
     };
     // SAFETY: as above.
     let v = unsafe { &mut *vp };
-    let st = &mut v.hw.state;
-    resp.console_len = st.console_len as u32;
-    resp.console[..st.console_len].copy_from_slice(&st.console[..st.console_len]);
-    st.console_len = 0;
-    match result {
-        Ok(x) => fill_exit(&mut resp, x),
-        Err(hw::HwError::EntryCheck { violation, fail, exit_reason }) => {
-            resp.kind = abi::exit_kind::ERROR;
-            resp.reason = exit_reason & 0xffff;
-            resp.code = match fail {
-                Some(arch::VmFail::Valid(e)) => e.into(),
-                _ => 0,
-            };
-            let mut msg = MsgBuf::new();
-            let who = if fail.is_some() || exit_reason != 0 { "VM entry failed" } else { "VMCS refused before VMLAUNCH" };
-            let _ = core::fmt::write(&mut msg, format_args!("{}: {}", who, violation));
-            resp.set_message(msg.as_str());
-        }
-        Err(hw::HwError::Vmx { step, fail }) => {
-            resp.kind = abi::exit_kind::ERROR;
-            resp.code = match fail {
-                arch::VmFail::Valid(e) => e.into(),
-                arch::VmFail::Invalid => u64::MAX,
-            };
-            v.hw.state.halted = true;
-            let mut msg = MsgBuf::new();
-            let _ = core::fmt::write(&mut msg, format_args!("{} failed: {:?}", step, fail));
-            resp.set_message(msg.as_str());
-        }
-    }
+    answer::take_console(&mut resp, &mut v.hw.state);
+    answer::fill_run(&mut resp, result, &mut v.hw.state);
     Ok(resp)
-}
-
-fn fill_exit(resp: &mut abi::RunResp, x: RunExit) {
-    use abi::exit_kind as k;
-    match x {
-        RunExit::Hlt => resp.kind = k::HLT,
-        RunExit::ExitCode(c) => {
-            resp.kind = k::EXIT;
-            resp.code = c;
-        }
-        RunExit::Checkpoint => resp.kind = k::CHECKPOINT,
-        RunExit::Console => resp.kind = k::CONSOLE,
-        RunExit::Mmio { gpa, write } => {
-            resp.kind = k::MMIO;
-            resp.gpa = gpa;
-            resp.write = write.into();
-        }
-        RunExit::TripleFault => resp.kind = k::TRIPLE_FAULT,
-        RunExit::Interrupted => resp.kind = k::INTERRUPTED,
-        RunExit::Stopped { reason, what } => {
-            resp.kind = k::ERROR;
-            resp.reason = reason;
-            resp.set_message(match what {
-                StopCause::UnhandledExit => "unhandled VM exit",
-                StopCause::VmxInstruction => "the guest executed a VMX instruction",
-                StopCause::EptMisconfig => "EPT misconfiguration (a smudge bug)",
-                StopCause::PageLimit => "the VM reached its page limit",
-                StopCause::OutOfMemory => "host out of memory while backing guest memory",
-                StopCause::UnexpectedViolation => "unexpected EPT violation",
-                StopCause::EntryFailed => "VM entry failed",
-            });
-        }
-    }
 }
 
 /// A small stack buffer for formatted messages.
@@ -942,13 +841,13 @@ impl kernel::Module for Smudge {
         };
         // SAFETY: reads the CPU count.
         let ncpu = (unsafe { smudge_nr_cpu_ids() } as usize).min(MAX_CPUS);
-        let p = LinuxPlatform { atomic: false };
+        let p = LinuxPlatform;
         let mut vmxon = [0u64; MAX_CPUS];
         for slot in vmxon.iter_mut().take(ncpu) {
             match p.alloc_page() {
                 Some(pg) => {
                     // SDM 25.11.5: the VMXON region starts with the revision identifier.
-                    p.page(pg)[0].store(caps.basic & 0x7fff_ffff, Ordering::Relaxed);
+                    write_revision_id(&p, pg, &caps);
                     *slot = pg;
                 }
                 None => {
@@ -999,7 +898,7 @@ const ENOMEM_ERR: kernel::error::Error = kernel::error::code::ENOMEM;
 fn teardown() {
     // SAFETY: VMXOFF where this module did VMXON.
     unsafe { smudge_on_each_cpu(vmxoff_this_cpu, core::ptr::null_mut()) };
-    let p = LinuxPlatform { atomic: false };
+    let p = LinuxPlatform;
     if let Some(g) = global() {
         for pg in g.vmxon.iter().filter(|&&x| x != 0) {
             // SAFETY: balances the counter adjustment in init.

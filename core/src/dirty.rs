@@ -328,6 +328,7 @@ impl DirtyLog {
             return Err(Error::BitmapTooSmall);
         }
         let mut any = false;
+        let mut cache = None;
         for w in 0..num.div_ceil(64) {
             let valid = if (w + 1) * 64 <= num { u64::MAX } else { (1u64 << (num % 64)) - 1 };
             let m = mask[w as usize] & valid;
@@ -344,7 +345,7 @@ impl DirtyLog {
                 let bit = u64::from(bitsleft.trailing_zeros());
                 bitsleft &= bitsleft - 1;
                 let gpa = self.base + (word * 64 + bit) * PAGE_SIZE;
-                any |= self.rearm(p, ept, gpa);
+                any |= self.rearm(p, ept, gpa, &mut cache);
             }
         }
         if any {
@@ -353,10 +354,26 @@ impl DirtyLog {
         Ok(())
     }
 
-    /// Re-arms tracking of one page. Returns true if an entry changed.
-    fn rearm<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
-        let Some((word, level)) = ept.leaf(p, gpa) else { return false };
+    /// Re-arms tracking of one page. Returns true if an entry changed. `cache` remembers the
+    /// last EPT page table, so re-arming neighbouring pages walks the upper levels once per
+    /// 2 MiB instead of once per page.
+    fn rearm<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64, cache: &mut Option<(u64, Option<u64>)>) -> bool {
+        let region = gpa >> 21;
+        let table = match *cache {
+            Some((r, t)) if r == region => t,
+            _ => {
+                let t = ept.page_table(p, gpa);
+                *cache = Some((region, t));
+                t
+            }
+        };
+        let Some(table) = table else { return false };
+        let word = &p.page(table)[crate::ept::index(gpa, 1)];
         let v = word.load(Relaxed);
+        if v & bits::RWX == 0 {
+            return false;
+        }
+        let level = 1;
         match self.mode {
             Mode::AdScan | Mode::Pml => {
                 if v & bits::D != 0 && level == 1 {
@@ -389,6 +406,7 @@ impl DirtyLog {
                 });
             }
             Some(b) => {
+                let mut cache = None;
                 for (w, o) in out.iter_mut().enumerate() {
                     let v = b.clear_word(p, w as u64, u64::MAX);
                     *o = v;
@@ -396,7 +414,7 @@ impl DirtyLog {
                     while left != 0 {
                         let bit = u64::from(left.trailing_zeros());
                         left &= left - 1;
-                        self.rearm(p, ept, self.base + (w as u64 * 64 + bit) * PAGE_SIZE);
+                        self.rearm(p, ept, self.base + (w as u64 * 64 + bit) * PAGE_SIZE, &mut cache);
                     }
                 }
             }

@@ -521,6 +521,23 @@ impl Ept {
         }
     }
 
+    /// The host-physical address of the EPT page table (level 1) whose entries map the 2 MiB
+    /// region of `gpa`, if the walk reaches one (no large leaf, no hole above it).
+    pub fn page_table<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> Option<u64> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.pml4;
+        for level in [4u8, 3, 2] {
+            let e = EptEntry(Self::table(p, table)[index(gpa, level)].load(Relaxed));
+            if !e.present() || e.large() {
+                return None;
+            }
+            table = e.addr();
+        }
+        Some(table)
+    }
+
     /// Splits the large leaf that maps `gpa` into 512 leaves of the next level, keeping the
     /// translation, rights, memory type and A/D flags. Returns `Ok(false)` when `gpa` is already
     /// mapped by a 4 KiB leaf. Raises the INVEPT obligation (a cached large translation would

@@ -8,12 +8,15 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod abi;
+pub mod answer;
 pub mod arch;
 pub mod error;
 pub mod guest;
+pub mod hostpt;
 pub mod platform;
 pub mod ept;
 pub mod dirty;
+pub mod vcpu;
 pub mod vm;
 pub mod vmx;
 

@@ -168,7 +168,9 @@ impl Vm {
         self.slots.iter().flatten().find(|s| gpa >= s.base && gpa < s.end())
     }
 
-    /// Removes slot `idx`, freeing its backing pages. The caller INVEPTs afterwards.
+    /// Removes slot `idx`, freeing its backing pages. No vCPU of this VM may be in guest mode,
+    /// and the caller INVEPTs (the EPT raises the obligation) before any vCPU enters again, so
+    /// no stale translation can reach a freed page.
     pub fn remove_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) {
         let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.take()) else { return };
         let mut freed = 0;
@@ -258,6 +260,29 @@ impl Vm {
         Ok(())
     }
 
+    /// Zeroes `[gpa, gpa+len)` in the pages that are backed; unbacked pages read as zero anyway.
+    fn zero_backed<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
+        self.check_guest_range(gpa, len)?;
+        let zeros = [0u8; 512];
+        let mut g = gpa;
+        let end = gpa + len;
+        while g < end {
+            let off = (g % PAGE_SIZE) as usize;
+            let n = ((PAGE_SIZE - off as u64).min(end - g)) as usize;
+            if let Some(t) = self.ept.translate(p, g) {
+                let hpa = t.hpa & !(PAGE_SIZE - 1);
+                let mut done = 0;
+                while done < n {
+                    let k = (n - done).min(zeros.len());
+                    platform::write_bytes(p, hpa, off + done, &zeros[..k]);
+                    done += k;
+                }
+            }
+            g += n as u64;
+        }
+        Ok(())
+    }
+
     /// Reads guest memory at `gpa` into `out`; unbacked pages read as zero.
     pub fn read_guest<P: Platform + ?Sized>(&self, p: &P, gpa: u64, out: &mut [u8]) -> Result<(), Error> {
         self.check_guest_range(gpa, out.len() as u64)?;
@@ -305,8 +330,12 @@ impl Vm {
         let mut res = Ok(());
         elf.for_each_load(|s| {
             if res.is_ok() {
-                // Bytes past p_filesz are zero already (fresh pages) and need not be written.
                 res = self.write_guest(p, s.paddr, elf.segment_bytes(&s));
+            }
+            if res.is_ok() {
+                // Bytes past p_filesz must read as zero: fresh pages already do; pages written
+                // before (WRITE_GUEST, an earlier image) are cleared. Unbacked pages stay unbacked.
+                res = self.zero_backed(p, s.paddr + s.filesz, s.memsz - s.filesz);
             }
         })
         .map_err(LoadError::Elf)?;

@@ -219,3 +219,18 @@ fn layout_bounds() {
     assert!(Layout::new(8 << 30).is_err());
     assert_eq!(Layout::new(64 << 20).map(|l| l.stack_top(0)), Ok((63 << 20) + 0x10000 + 0x4000));
 }
+
+#[test]
+fn bss_reads_zero_even_over_earlier_writes() {
+    let p = MockPlatform::new();
+    let mut vm = vm(&p, Mode::AdScan);
+    vm.write_guest(&p, 0x10_0000, &[0xaa; 0x3000]).expect("write");
+    // filesz 16, memsz 0x2800: bytes 16..0x2800 are .bss and must read as zero.
+    let img = elf(0x10_0000, &[0x90; 16], 0x2800);
+    assert_eq!(vm.load_elf(&p, &img), Ok(0x10_0000));
+    let mut b = vec![0u8; 0x3000];
+    vm.read_guest(&p, 0x10_0000, &mut b).expect("read");
+    assert!(b[..16].iter().all(|&x| x == 0x90));
+    assert!(b[16..0x2800].iter().all(|&x| x == 0), "stale bytes in .bss");
+    assert!(b[0x2800..].iter().all(|&x| x == 0xaa), "bytes past p_memsz are not the image's");
+}

@@ -9,8 +9,6 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 pub mod budget;
-pub mod exit;
-pub mod hostwalk;
 pub mod ioctl;
 pub mod msg;
 pub mod status;

@@ -1,5 +1,6 @@
 //! One open of `\\.\Smudge` = one VM: the same requests as the Linux module's `/dev/smudge`,
-//! decoded by `smudge_core::abi` and served by the same core (Vm, Controls, `vmx::hw::run`).
+//! decoded by `smudge_core::abi` and served by the same core (Vm, vCPU pages, `vmx::hw::run`,
+//! the RUN and CAPS answers, the host page-table walk).
 //!
 //! The per-handle object lives in nonpaged pool, reached through FILE_OBJECT.FsContext. Its
 //! `busy` flag admits one request at a time (a concurrent one gets STATUS_DEVICE_BUSY), so every
@@ -9,14 +10,15 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use smudge_core::abi::{self, Request, Wire};
-use smudge_core::arch::{self, FxArea, GuestGprs};
-use smudge_core::platform::Platform;
-use smudge_core::vm::{LoadError, RunExit, VcpuState, Vm};
-use smudge_core::vmx::hw::{self, HwVcpu, RunEnv, SharedVm};
-use smudge_core::vmx::setup::Controls;
+use smudge_core::arch;
+use smudge_core::vcpu::VcpuPages;
+use smudge_core::vm::{LoadError, RunExit, Vm};
+use smudge_core::vmx::caps::Controls;
+use smudge_core::vmx::hw::{self, HwExit, HwVcpu, RunEnv, SharedVm};
+use smudge_core::vmx::setup;
+use smudge_core::{answer, hostpt};
+use smudge_windows::budget;
 use smudge_windows::status::*;
-use smudge_windows::vmxon::{caps_msr_exists, msr_bitmap_word, region_header, CAPS_MSRS, PASSTHROUGH_MSRS};
-use smudge_windows::{budget, exit, hostwalk};
 
 use crate::platform::{self, NtPlatform};
 use crate::pool::{PoolBox, PoolBuf};
@@ -72,15 +74,12 @@ impl VmState {
     fn free_all(&mut self) {
         let p = NtPlatform;
         for slot in self.vcpus.iter_mut() {
-            if let Some(v) = slot.take() {
+            if let Some(mut v) = slot.take() {
                 if let Some(c) = v.cpu {
-                    vmxroot::vmclear_on(c, v.hw.vmcs);
+                    vmxroot::vmclear_on(c, v.hw.pages.vmcs);
                 }
-                for page in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
-                    if page != 0 {
-                        p.free_page(page);
-                    }
-                }
+                // At PASSIVE_LEVEL: the pages are freed at once, the cache's included.
+                v.hw.free_pages(&p);
             }
         }
         self.ctls = None;
@@ -125,7 +124,7 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
                 }
             };
             let vpid = g.caps.ept_vpid_cap & (1 << 32) != 0;
-            let ctls = Controls::for_guest(&g.caps, mode, vpid).map_err(|_| STATUS_NOT_SUPPORTED)?;
+            let ctls = setup::guest_controls(&g.caps, mode, vpid).map_err(|_| STATUS_NOT_SUPPORTED)?;
             let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(from_core)?;
             if let Err(e) = vm.add_ram(&p, mem_bytes) {
                 vm.destroy(&p);
@@ -187,7 +186,8 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
         }
         Request::Stats => {
             let mut s = abi::StatsResp::default();
-            s.vm_pages = f.vm.as_ref().map_or(0, |v| v.pages_held()) + f.vcpu_count() as u64 * 3;
+            s.vm_pages = f.vm.as_ref().map_or(0, |v| v.pages_held())
+                + f.vcpus.iter().flatten().map(|v| v.hw.pages_held()).sum::<u64>();
             s.driver_pages = platform::pages_held();
             s.mode = f.vm.as_ref().map_or(0, |v| v.mode() as u32);
             s.vcpus = f.vcpu_count() as u32;
@@ -199,22 +199,15 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             enc(s.to_bytes(buf))
         }
         Request::Caps => {
-            let mut c = abi::CapsResp::default();
-            c.mode = g.mode as u32;
-            // The Linux module's list; without #GP recovery only MSRs that exist are read.
-            for (i, &msr) in CAPS_MSRS.iter().enumerate() {
-                if let (Some(pair), true) = (c.msrs.get_mut(i), caps_msr_exists(msr, &g.caps)) {
-                    // SAFETY: `caps_msr_exists` holds the MSR to the SDM's existence rules on a
-                    // processor the admission check accepted; CPL 0.
-                    *pair = [u64::from(msr), unsafe { cpu::rdmsr(msr) }];
-                    c.present |= 1 << i;
-                } else if let Some(pair) = c.msrs.get_mut(i) {
-                    pair[0] = u64::from(msr);
-                }
-            }
+            // Windows has no #GP-safe RDMSR: the core asks only for MSRs that exist.
+            let c = answer::caps_resp(&g.caps, g.mode, &mut |msr| {
+                // SAFETY: `answer::caps_msr_exists` held the MSR to the SDM's existence rules on
+                // a processor the admission check accepted; CPL 0.
+                Some(unsafe { cpu::rdmsr(msr) })
+            });
             enc(c.to_bytes(buf))
         }
-        Request::Explain { gpa } => {
+        Request::Explain { gpa, .. } => {
             let vm = f.vm.as_ref().ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let layout = vm.layout().ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let mut r = abi::ExplainResp::default();
@@ -232,9 +225,9 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
                 r.hpa = t.hpa & !0xfff;
                 // SAFETY: MmGetVirtualForPhysical only looks the address up.
                 r.host_va = unsafe { nt::MmGetVirtualForPhysical(r.hpa as i64) } as u64;
-                if let Some((pte, level)) = host_pte(r.host_va) {
-                    r.host_pte = pte;
-                    r.host_level = level;
+                if let Some(leaf) = host_pte(r.host_va) {
+                    r.host_pte = leaf.entry;
+                    r.host_level = leaf.level;
                 }
             }
             enc(r.to_bytes(buf))
@@ -256,7 +249,7 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
 
 /// The host PTE that maps `va`, through a walk from this processor's CR3 whose table reads
 /// cannot fault (MmCopyMemory of physical memory).
-fn host_pte(va: u64) -> Option<(u64, u32)> {
+fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
     if va == 0 {
         return None;
     }
@@ -278,7 +271,7 @@ fn host_pte(va: u64) -> Option<(u64, u32)> {
         b.copy_from_slice(target.get(..8)?);
         Some(u64::from_le_bytes(b))
     };
-    hostwalk::walk(cr3, va, la57, &mut read)
+    hostpt::walk(cr3, va, la57, &mut read)
 }
 
 /// INVEPT on every processor when the EPT asks for it (after a harvest or clear).
@@ -293,55 +286,15 @@ fn invept_vm(vm: &mut Vm) {
 fn add_vcpu(f: &mut VmState, g: &Global, index: u32) -> Result<(), NtStatus> {
     let p = NtPlatform;
     let slot = f.vcpus.get_mut(index as usize).ok_or(STATUS_INVALID_PARAMETER)?;
-    let mut pages = [0u64; 3];
-    for i in 0..pages.len() {
-        match p.alloc_page() {
-            Some(pg) => {
-                if let Some(s) = pages.get_mut(i) {
-                    *s = pg;
-                }
-            }
-            None => {
-                for pg in pages.iter().filter(|&&x| x != 0) {
-                    p.free_page(*pg);
-                }
-                return Err(STATUS_INSUFFICIENT_RESOURCES);
-            }
-        }
-    }
-    let [vmcs, pml, msr_bitmap] = pages;
-    // SDM 25.2: the VMCS region starts with the revision identifier.
-    if let Some(w) = p.page(vmcs).first() {
-        w.store(region_header(&g.caps), Ordering::Relaxed);
-    }
-    for (i, w) in p.page(msr_bitmap).iter().enumerate() {
-        w.store(msr_bitmap_word(i, &PASSTHROUGH_MSRS), Ordering::Relaxed);
-    }
-    let v = WinVcpu {
-        hw: HwVcpu {
-            state: VcpuState::new(index),
-            vmcs,
-            pml,
-            msr_bitmap,
-            gprs: GuestGprs { rdi: index.into(), ..GuestGprs::default() },
-            fx: FxArea::reset(),
-            launched: false,
-            programmed: false,
-            rip: 0,
-            kernel_gs_base: 0,
-            debug_override: None,
-        },
-        cpu: None,
-    };
+    let pages = VcpuPages::alloc(&p, &g.caps).map_err(|_| STATUS_INSUFFICIENT_RESOURCES)?;
+    let v = WinVcpu { hw: HwVcpu::new(index, pages), cpu: None };
     match PoolBox::new(v) {
         Ok(b) => {
             *slot = Some(b);
             Ok(())
         }
-        Err(v) => {
-            for pg in [v.hw.vmcs, v.hw.pml, v.hw.msr_bitmap] {
-                p.free_page(pg);
-            }
+        Err(mut v) => {
+            v.hw.free_pages(&p);
             Err(STATUS_INSUFFICIENT_RESOURCES)
         }
     }
@@ -393,7 +346,7 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
     if let Some(old) = v.cpu {
         if old != here {
             // SDM 25.11.1: the VMCS leaves `old` through VMCLEAR there.
-            vmxroot::vmclear_on(old, v.hw.vmcs);
+            vmxroot::vmclear_on(old, v.hw.pages.vmcs);
             v.cpu = None;
         }
     }
@@ -402,6 +355,8 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
     let shared = Exclusive(UnsafeCell::new(vm));
     let start = now();
     let result = loop {
+        // PASSIVE_LEVEL: the exit handler backs guest memory from this cache only.
+        v.hw.cache.refill(&NtPlatform);
         let mut xsave = nt::XStateSave::new();
         // SAFETY: PASSIVE_LEVEL; `xsave` lives until the matching restore below.
         let status = unsafe { nt::KeSaveExtendedProcessorState(nt::XSTATE_MASK_LEGACY, &mut xsave) };
@@ -417,7 +372,7 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
             if v.cpu != Some(cpu_now) {
                 // SAFETY: VMX root operation; a VMCS not active anywhere is cleared before its
                 // first VMPTRLD here, which also resets its launch state (SDM 25.11.3).
-                let _ = unsafe { arch::vmclear(v.hw.vmcs) };
+                let _ = unsafe { arch::vmclear(v.hw.pages.vmcs) };
                 v.hw.launched = false;
                 v.cpu = Some(cpu_now);
             }
@@ -433,7 +388,9 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
         platform::drain_deferred();
         match r {
             Err(s) => break Err(s),
-            Ok(Ok(RunExit::Interrupted)) => {
+            // Refilled at the top of the loop.
+            Ok(Ok(HwExit::NeedPages)) => {}
+            Ok(Ok(HwExit::Exit(RunExit::Interrupted))) => {
                 if v.hw.state.console_len > 0 {
                     break Ok(Ok(RunExit::Console));
                 }
@@ -441,13 +398,14 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
                     break Ok(Ok(RunExit::Interrupted));
                 }
             }
-            Ok(other) => break Ok(other),
+            Ok(Ok(HwExit::Exit(x))) => break Ok(Ok(x)),
+            Ok(Err(e)) => break Ok(Err(e)),
         }
     };
     drop(pinned);
     let result = result?;
     let mut resp = abi::RunResp::default();
-    exit::take_console(&mut resp, &mut v.hw.state);
-    exit::fill(&mut resp, result, &mut v.hw.state);
+    answer::take_console(&mut resp, &mut v.hw.state);
+    answer::fill_run(&mut resp, result, &mut v.hw.state);
     Ok(resp)
 }

@@ -8,7 +8,8 @@ use smudge_core::arch;
 use smudge_core::dirty::Mode;
 use smudge_core::platform::Platform;
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_windows::vmxon::{cr4_for_vmxon, region_header, CrMismatch, CR4_VMXE};
+use smudge_core::vcpu::write_revision_id;
+use smudge_windows::vmxon::{cr4_for_vmxon, CrMismatch, CR4_VMXE};
 
 use crate::platform::{self, NtPlatform};
 use crate::processors::{self, MAX_PROCESSORS};
@@ -78,9 +79,7 @@ pub fn vmxon_all(caps: &VmxCaps) -> Result<(), (u32, VmxonFailure)> {
         // VMXON regions belong to the driver, not to a VM: keep them out of the page count.
         platform::uncount(1);
         // SDM 25.11.5: the VMXON region starts with the revision identifier.
-        if let Some(w) = p.page(page).first() {
-            w.store(region_header(caps), Ordering::Relaxed);
-        }
+        write_revision_id(&p, page, caps);
         if let Some(slot) = VMXON_REGION.get(i as usize) {
             slot.store(page, Ordering::Relaxed);
         }

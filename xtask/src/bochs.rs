@@ -111,6 +111,8 @@ pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, ti
     write_exec(&stage.join("cmd.sh"), &format!("set -e\n{cmd}\n"))?;
     std::fs::copy(&a.module, stage.join("smudge.ko"))?;
     std::fs::copy(&a.tool, stage.join("bin/smudge"))?;
+    // smudge-hostile (hostile/) is built next to the tool by linux::tools().
+    std::fs::copy(a.tool.with_file_name("smudge-hostile"), stage.join("bin/smudge-hostile")).context("smudge-hostile")?;
     for e in std::fs::read_dir(&a.guests)? {
         let p = e?.path();
         if p.is_file() && p.extension().is_none() && is_elf(&p) {

@@ -11,14 +11,14 @@ use crate::bochs::{boot, Artifacts};
 use crate::step;
 
 /// One case's output inside a boot.
-struct Case {
-    name: String,
-    rc: i32,
-    out: String,
+pub(crate) struct Case {
+    pub(crate) name: String,
+    pub(crate) rc: i32,
+    pub(crate) out: String,
 }
 
 /// Runs `cases` (name, shell command) in one boot; returns each case's output and status.
-fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, String)]) -> Result<(Vec<Case>, f64)> {
+pub(crate) fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, String)]) -> Result<(Vec<Case>, f64)> {
     let mut script = String::from("set +e\n");
     for (name, cmd) in cases {
         script.push_str(&format!("echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"));
@@ -53,7 +53,7 @@ fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, String)]) -> Re
     Ok((out, b.seconds))
 }
 
-fn case<'a>(cases: &'a [Case], name: &str) -> Result<&'a Case> {
+pub(crate) fn case<'a>(cases: &'a [Case], name: &str) -> Result<&'a Case> {
     cases.iter().find(|c| c.name == name).with_context(|| format!("no case {name}"))
 }
 
@@ -61,7 +61,7 @@ fn json_lines(out: &str) -> Vec<Value> {
     out.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-fn gfns(v: &Value) -> BTreeSet<u64> {
+pub(crate) fn gfns(v: &Value) -> BTreeSet<u64> {
     v["dirty_gfns"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
 }
 
@@ -108,7 +108,7 @@ fn check_pagewriter(c: &Case, mode: &str) -> Result<(usize, usize)> {
     Ok((cps.len(), pages))
 }
 
-fn exit_event(c: &Case) -> Result<Value> {
+pub(crate) fn exit_event(c: &Case) -> Result<Value> {
     json_lines(&c.out)
         .into_iter()
         .rev()
@@ -143,7 +143,7 @@ fn exits_per_redirty(c: &Case) -> Result<(f64, u64)> {
 
 /// Several vCPUs: the union of every harvest must equal the union of every page the vCPUs
 /// report writing. Returns (pages written, pages harvested, harvests).
-fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
+pub(crate) fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
     let mut written = BTreeSet::new();
     for line in c.out.lines() {
         if let Some(h) = line.trim().strip_prefix("W ") {
@@ -345,6 +345,11 @@ pub fn suite() -> Result<()> {
     })());
     println!("  (2-CPU boot: {secs:.1} s)");
     println!("  exits per re-dirtied page: {}", per_page.join(", "));
+    // Hostile input and faults (xtask/src/e2e_hostile.rs): its own 2-CPU boot.
+    if let Err(e) = crate::e2e_hostile::suite(&a) {
+        println!("  FAIL  hostile input and faults: {e:#}");
+        failures.push("hostile input and faults".into());
+    }
     if !failures.is_empty() {
         bail!("{} end-to-end check(s) failed: {}", failures.len(), failures.join(", "));
     }

@@ -136,13 +136,14 @@ pub fn make_vars() -> Vec<String> {
     ]
 }
 
-/// Builds the static `smudge` tool and the guest images; returns (tool, guests dir).
+/// Builds the static `smudge` tool, `smudge-hostile` (next to it) and the guest images;
+/// returns (tool, guests dir).
 pub fn tools() -> Result<(PathBuf, PathBuf)> {
-    step("building the static smudge tool (glibc, crt-static)");
+    step("building the static smudge and smudge-hostile tools (glibc, crt-static)");
     let target_dir = root().join("target/static");
     run(Command::new("cargo")
         .current_dir(root())
-        .args(["build", "--release", "-p", "smudge-cli", "--target", "x86_64-unknown-linux-gnu"])
+        .args(["build", "--release", "-p", "smudge-cli", "-p", "smudge-hostile", "--target", "x86_64-unknown-linux-gnu"])
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
     let tool = target_dir.join("x86_64-unknown-linux-gnu/release/smudge");

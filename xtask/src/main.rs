@@ -4,6 +4,8 @@
 mod bochs;
 mod deps;
 mod e2e;
+mod e2e_hostile;
+mod fuzz;
 mod guests;
 mod host;
 mod linux;
@@ -47,6 +49,14 @@ enum Cmd {
     Demo,
     /// Only the end-to-end suite under Bochs.
     E2e,
+    /// Only its hostile-input-and-faults boot (xtask/src/e2e_hostile.rs).
+    E2eHostile,
+    /// Bounded coverage-guided fuzzing of the core (libFuzzer, mock platform), host only.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -66,12 +76,15 @@ fn main() -> Result<()> {
         Cmd::Bochs(a) => bochs::run_cli(a),
         Cmd::Demo => bochs::demo(),
         Cmd::E2e => e2e::suite(),
+        Cmd::E2eHostile => e2e_hostile::suite(&bochs::Artifacts::build()?),
+        Cmd::Fuzz { seconds } => fuzz::bounded(seconds)?.check(),
     }
 }
 
 fn build_and_test(host_only: bool) -> Result<()> {
     deps::ensure_all()?;
     host::host_tests()?;
+    fuzz::bounded(20)?.check()?;
     host::check_targets(false)?;
     windows::build_and_verify()?;
     if host_only {

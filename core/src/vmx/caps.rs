@@ -620,6 +620,10 @@ pub mod primary {
     pub const CR3_LOAD_EXITING_BIT: u32 = 15;
     /// Bit 16: MOV from CR3 exits (a default1 control; clearable with the TRUE MSR).
     pub const CR3_STORE_EXITING_BIT: u32 = 16;
+    /// Bit 19: MOV to CR8 exits.
+    pub const CR8_LOAD_EXITING_BIT: u32 = 19;
+    /// Bit 20: MOV from CR8 exits.
+    pub const CR8_STORE_EXITING_BIT: u32 = 20;
     /// Bit 24: every I/O instruction exits (the I/O bitmaps are ignored).
     pub const UNCONDITIONAL_IO_EXITING_BIT: u32 = 24;
     /// Bit 25: use I/O bitmaps.
@@ -637,6 +641,10 @@ pub mod primary {
     pub const CR3_LOAD_EXITING: u32 = 1 << CR3_LOAD_EXITING_BIT;
     /// Mask of bit 16.
     pub const CR3_STORE_EXITING: u32 = 1 << CR3_STORE_EXITING_BIT;
+    /// Mask of bit 19.
+    pub const CR8_LOAD_EXITING: u32 = 1 << CR8_LOAD_EXITING_BIT;
+    /// Mask of bit 20.
+    pub const CR8_STORE_EXITING: u32 = 1 << CR8_STORE_EXITING_BIT;
     /// Mask of bit 24.
     pub const UNCONDITIONAL_IO_EXITING: u32 = 1 << UNCONDITIONAL_IO_EXITING_BIT;
     /// Mask of bit 25.

@@ -1,23 +1,35 @@
 //! The hardware run loop (part of the arch layer): VMCS load, VM entry, exit decoding, and the
 //! hand-off to the safe exit handler in `vm`. Shared by the Linux and Windows shims.
 
-use x86::vmx::vmcs::{guest, ro};
-
 use crate::arch::{self, FxArea, GuestGprs, HostState, InveptType, VmFail};
 use crate::platform::Platform;
+use crate::vcpu::{Cached, PageCache, VcpuPages};
 use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
-use crate::vmx::caps::VmxCaps;
+use crate::vmx::caps::{ept_cap, pin, secondary, Controls, VmxCaps};
 use crate::vmx::checks::{self, Violation};
 use crate::vmx::fields::Field;
-use crate::vmx::setup::{self, Controls, VcpuConfig};
+use crate::vmx::setup::{self, VcpuConfig};
 use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 
-/// The current VMCS of this CPU, through VMREAD/VMWRITE, for the entry checker.
-pub struct HwVmcs;
+/// The current VMCS of this CPU, through VMREAD/VMWRITE.
+pub struct HwVmcs {
+    _current: (),
+}
+
+impl HwVmcs {
+    /// The current VMCS.
+    ///
+    /// # Safety
+    /// VMX operation on this CPU (VMREAD/VMWRITE raise #UD outside it) for as long as the value
+    /// is used; without a current VMCS the accesses fail with [`VmcsError::NoCurrentVmcs`].
+    pub unsafe fn current() -> HwVmcs {
+        HwVmcs { _current: () }
+    }
+}
 
 impl VmcsAccess for HwVmcs {
     fn read(&self, field: Field) -> Result<u64, VmcsError> {
-        // SAFETY: only constructed inside `run`, where a current VMCS exists.
+        // SAFETY: VMX operation (the constructor's contract).
         unsafe { arch::vmread(field.encoding()) }.map_err(|f| vmcs_error(f, field))
     }
     fn write(&mut self, field: Field, value: u64) -> Result<(), VmcsError> {
@@ -33,6 +45,16 @@ fn vmcs_error(fail: VmFail, field: Field) -> VmcsError {
         VmFail::Valid(12) => VmcsError::UnsupportedField(field),
         VmFail::Valid(13) => VmcsError::ReadOnlyField(field),
         VmFail::Valid(n) => VmcsError::InstructionError(n),
+    }
+}
+
+/// The VMX instruction outcome behind a [`VmcsError`] (the inverse of `vmcs_error`).
+fn vm_fail(e: VmcsError) -> VmFail {
+    match e {
+        VmcsError::NoCurrentVmcs => VmFail::Invalid,
+        VmcsError::UnsupportedField(_) => VmFail::Valid(12),
+        VmcsError::ReadOnlyField(_) => VmFail::Valid(13),
+        VmcsError::InstructionError(n) => VmFail::Valid(n),
     }
 }
 
@@ -80,16 +102,25 @@ pub enum HwError {
     },
 }
 
+/// How [`run`] returned when nothing failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HwExit {
+    /// For user space (or, for [`RunExit::Interrupted`], for the shim's own loop).
+    Exit(RunExit),
+    /// The vCPU's page cache cannot back another EPT violation: refill it
+    /// ([`PageCache::refill`]) where the OS may sleep, then call [`run`] again. The guest
+    /// re-executes the faulting access.
+    NeedPages,
+}
+
 /// A vCPU's hardware state.
 pub struct HwVcpu {
     /// Exit-handler state.
     pub state: VcpuState,
-    /// Host-physical address of the VMCS region.
-    pub vmcs: u64,
-    /// Host-physical address of the PML buffer (0 without PML).
-    pub pml: u64,
-    /// Host-physical address of the MSR bitmap.
-    pub msr_bitmap: u64,
+    /// Its VMCS region, PML buffer and MSR bitmap.
+    pub pages: VcpuPages,
+    /// Pages the exit handler backs guest memory from.
+    pub cache: PageCache,
     /// Guest GPRs.
     pub gprs: GuestGprs,
     /// Guest x87/SSE state.
@@ -104,18 +135,55 @@ pub struct HwVcpu {
     pub kernel_gs_base: u64,
     /// Test hook: one VMCS field overwritten after setup (to prove the checker catches a bad
     /// VMCS), and whether to skip the pre-launch check so the processor judges it too.
-    pub debug_override: Option<(u32, u64, bool)>,
+    pub debug_override: Option<(Field, u64, bool)>,
+}
+
+impl HwVcpu {
+    /// vCPU `index` on `pages`, before its first run: RDI holds the index (the guest ABI).
+    pub fn new(index: u32, pages: VcpuPages) -> HwVcpu {
+        HwVcpu {
+            state: VcpuState::new(index),
+            pages,
+            cache: PageCache::new(),
+            gprs: GuestGprs { rdi: index.into(), ..GuestGprs::default() },
+            fx: FxArea::reset(),
+            launched: false,
+            programmed: false,
+            rip: 0,
+            kernel_gs_base: 0,
+            debug_override: None,
+        }
+    }
+
+    /// Pages the vCPU holds: its own and those in its cache.
+    pub fn pages_held(&self) -> u64 {
+        VcpuPages::COUNT + self.cache.len() as u64
+    }
+
+    /// Frees every page of the vCPU (its own and the cache's). The VMCS must be clear on every
+    /// CPU (VMCLEAR) before.
+    pub fn free_pages<P: Platform + ?Sized>(&mut self, p: &P) {
+        self.cache.free_all(p);
+        self.pages.free(p);
+    }
 }
 
 fn step<T>(step: &'static str, r: Result<T, VmFail>) -> Result<T, HwError> {
     r.map_err(|fail| HwError::Vmx { step, fail })
 }
 
-/// Runs `vcpu` on this CPU until something needs user space or the OS.
+fn vmcs_step<T>(step: &'static str, r: Result<T, VmcsError>) -> Result<T, HwError> {
+    r.map_err(|e| HwError::Vmx { step, fail: vm_fail(e) })
+}
+
+/// Runs `vcpu` on this CPU until something needs user space, the OS, or more pages.
+///
+/// Every page the VM takes during the run comes from `vcpu.cache`, never from `p` (which may
+/// not allocate with interrupts off); `p` frees pages and maps them.
 ///
 /// # Safety
 /// VMX root operation on this CPU; preemption disabled and the FPU owned by the caller
-/// (kernel_fpu_begin / KeSaveExtendedProcessorState); `vcpu.vmcs` is either launched on this
+/// (kernel_fpu_begin / KeSaveExtendedProcessorState); the VMCS is either launched on this
 /// CPU or was VMCLEARed (then `launched` is false); `p` gives access to every page involved.
 pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     vm: &S,
@@ -124,17 +192,20 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     caps: &VmxCaps,
     ctls: &Controls,
     env: &dyn RunEnv,
-) -> Result<RunExit, HwError> {
+) -> Result<HwExit, HwError> {
     if vcpu.state.halted {
-        return Ok(RunExit::Hlt);
+        return Ok(HwExit::Exit(RunExit::Hlt));
     }
     let (layout, mode, eptp_ad) = vm.with(|vm| (vm.layout(), vm.mode(), vm.ept().eptp(true)));
     let layout = match layout {
         Some(l) => l,
-        None => return Ok(RunExit::Stopped { reason: 0, what: crate::vm::StopCause::EntryFailed }),
+        None => return Ok(HwExit::Exit(RunExit::Stopped { reason: 0, what: crate::vm::StopCause::EntryFailed })),
     };
+    let p = &Cached::new(p, &vcpu.cache);
     // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
-    step("vmptrld", unsafe { arch::vmptrld(vcpu.vmcs) })?;
+    step("vmptrld", unsafe { arch::vmptrld(vcpu.pages.vmcs) })?;
+    // SAFETY: VMX root operation, and the VMCS just loaded is current.
+    let mut vmcs = unsafe { HwVmcs::current() };
     // SAFETY: preemption is off: the snapshot describes this CPU for the whole run.
     let host: HostState = unsafe { arch::host_state() };
     let mut eptp_v = eptp_ad;
@@ -143,33 +214,32 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     let cfg = VcpuConfig {
         eptp,
         vpid: 1 + vcpu.state.index as u16,
-        pml_buffer: vcpu.pml,
-        msr_bitmap: vcpu.msr_bitmap,
+        pml_buffer: vcpu.pages.pml,
+        msr_bitmap: vcpu.pages.msr_bitmap,
         rip: vcpu.rip,
         rsp: layout.stack_top(u64::from(vcpu.state.index)),
     };
-    // SAFETY: a current VMCS exists (VMPTRLD above).
-    let mut write = |f: u32, v: u64| unsafe { arch::vmwrite(f, v) };
     if !vcpu.programmed {
-        step("vmwrite (setup)", setup::program(&mut write, caps, ctls, &host, &layout, &cfg))?;
+        vmcs_step("vmwrite (setup)", setup::program(&mut vmcs, caps, ctls, &host, &layout, &cfg))?;
         let mut precheck = true;
         if let Some((field, value, skip)) = vcpu.debug_override {
-            step("vmwrite (override)", write(field, value))?;
+            vmcs_step("vmwrite (override)", vmcs.write(field, value))?;
             precheck = !skip;
         }
         vcpu.programmed = true;
         // Cheap, and turns an opaque VM-entry failure into a named SDM rule.
         if precheck {
-            if let Err(violation) = checks::check_entry(&HwVmcs, caps) {
+            if let Err(violation) = checks::check_entry(&vmcs, caps) {
                 vcpu.state.halted = true;
                 return Err(HwError::EntryCheck { violation, fail: None, exit_reason: 0 });
             }
         }
     } else {
         // The host state can differ per CPU (GDT, TSS, GS base): refresh it every run.
-        step("vmwrite (host)", setup::program_host(&mut write, ctls, &host))?;
+        vmcs_step("vmwrite (host)", setup::program_host(&mut vmcs, ctls, &host))?;
     }
-    let timer = ctls.pin & setup::pin::PREEMPTION_TIMER != 0;
+    let timer = ctls.pin & pin::ACTIVATE_PREEMPTION_TIMER != 0;
+    let pml = ctls.secondary & secondary::ENABLE_PML != 0;
     // SAFETY: the caller owns the FPU; the area holds a valid image.
     unsafe { arch::fxrstor(&vcpu.fx) };
     // SAFETY: the MSR exists on every x86-64 processor.
@@ -184,7 +254,11 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
             // must not survive in cached translations when the guest runs again. (Callers
             // that cleared flags while several CPUs may cache the EPT flush them all first.)
-            let kind = if caps.ept_vpid_cap & (1 << 25) != 0 { InveptType::SingleContext } else { InveptType::AllContext };
+            let kind = if caps.ept_vpid_cap & ept_cap::INVEPT_SINGLE != 0 {
+                InveptType::SingleContext
+            } else {
+                InveptType::AllContext
+            };
             // SAFETY: VMX root operation.
             unsafe { arch::invept(kind, eptp) }?;
             vm.ept_mut().invept_done(p);
@@ -194,9 +268,8 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             break Err(HwError::Vmx { step: "invept", fail });
         }
         if timer {
-            // SAFETY: current VMCS.
-            if let Err(fail) = unsafe { arch::vmwrite(guest::VMX_PREEMPTION_TIMER_VALUE, PREEMPTION_QUANTUM) } {
-                break Err(HwError::Vmx { step: "vmwrite (timer)", fail });
+            if let Err(e) = vmcs.write(Field::VmxPreemptionTimerValue, PREEMPTION_QUANTUM) {
+                break Err(HwError::Vmx { step: "vmwrite (timer)", fail: vm_fail(e) });
             }
         }
         let flags = env.irq_save();
@@ -206,48 +279,48 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         unsafe { arch::restore_after_exit(&host) };
         env.irq_restore(flags);
         if let Err(fail) = entered {
-            if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&HwVmcs, caps)) {
+            if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&vmcs, caps)) {
                 break Err(HwError::EntryCheck { violation, fail: Some(fail), exit_reason: 0 });
             }
             break Err(HwError::Vmx { step: if vcpu.launched { "vmresume" } else { "vmlaunch" }, fail });
         }
         vcpu.launched = true;
-        // SAFETY: current VMCS after an exit.
-        let exit = unsafe {
-            ExitInfo {
-                reason: arch::vmread(ro::EXIT_REASON).unwrap_or(0) as u32,
-                qualification: arch::vmread(ro::EXIT_QUALIFICATION).unwrap_or(0),
-                gpa: arch::vmread(ro::GUEST_PHYSICAL_ADDR_FULL).unwrap_or(0),
-                instr_len: arch::vmread(ro::VMEXIT_INSTRUCTION_LEN).unwrap_or(0),
-            }
+        let exit = ExitInfo {
+            reason: vmcs.read(Field::ExitReason).unwrap_or(0) as u32,
+            qualification: vmcs.read(Field::ExitQualification).unwrap_or(0),
+            gpa: vmcs.read(Field::GuestPhysicalAddress).unwrap_or(0),
+            instr_len: vmcs.read(Field::VmExitInstructionLength).unwrap_or(0),
         };
         if exit.reason == reason::EXCEPTION_NMI {
-            // SAFETY: current VMCS.
-            let info = unsafe { arch::vmread(ro::VMEXIT_INTERRUPTION_INFO) }.unwrap_or(0);
+            let info = vmcs.read(Field::VmExitInterruptionInformation).unwrap_or(0);
             // SDM 25.9.2: valid (bit 31) with type 2 (NMI) in bits 10:8.
             if info & (1 << 31) != 0 && (info >> 8) & 7 == 2 {
                 // SAFETY: right after the exit on this CPU, host IDT loaded.
                 unsafe { arch::raise_nmi() };
             }
         }
-        if ctls.proc2 & setup::proc2::PML != 0 {
+        if pml {
             // Drain on every exit, before anything reports the dirty log (SDM 29.3.6).
-            // SAFETY: current VMCS.
-            let index = unsafe { arch::vmread(guest::PML_INDEX) }.unwrap_or(511) as u16;
+            let index = vmcs.read(Field::GuestPmlIndex).unwrap_or(511) as u16;
             if index != crate::dirty::pml::INDEX_RESET {
-                vm.with(|vm| vm.pml_drain(p, vcpu.pml, index));
-                // SAFETY: current VMCS.
-                if let Err(fail) = unsafe { arch::vmwrite(guest::PML_INDEX, crate::dirty::pml::INDEX_RESET.into()) } {
-                    break Err(HwError::Vmx { step: "vmwrite (pml index)", fail });
+                vm.with(|vm| vm.pml_drain(p, vcpu.pages.pml, index));
+                if let Err(e) = vmcs.write(Field::GuestPmlIndex, crate::dirty::pml::INDEX_RESET.into()) {
+                    break Err(HwError::Vmx { step: "vmwrite (pml index)", fail: vm_fail(e) });
                 }
             }
         }
         if exit.reason & (1 << 31) != 0 {
             // VM-entry failure (SDM 27.8): ask the checker which rule the guest state breaks.
-            if let Err(violation) = checks::check_entry(&HwVmcs, caps) {
+            if let Err(violation) = checks::check_entry(&vmcs, caps) {
                 vcpu.state.halted = true;
                 break Err(HwError::EntryCheck { violation, fail: None, exit_reason: exit.reason });
             }
+        }
+        if exit.reason == reason::EPT_VIOLATION && !vcpu.cache.ready_for_fault() {
+            // Leave unhandled (and uncounted): the violation invalidated the GPA's cached
+            // translations (SDM 29.4.3.1), so the guest faults again at the same access once it
+            // re-enters, and that exit is handled.
+            break Ok(HwExit::NeedPages);
         }
         let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);
         let action = vm.with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid));
@@ -258,24 +331,22 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             _ => 0,
         };
         if advance != 0 {
-            // SAFETY: current VMCS.
-            let rip = unsafe { arch::vmread(guest::RIP) }.unwrap_or(0);
-            // SAFETY: current VMCS.
-            if let Err(fail) = unsafe { arch::vmwrite(guest::RIP, rip.wrapping_add(advance)) } {
-                break Err(HwError::Vmx { step: "vmwrite (rip)", fail });
+            let rip = vmcs.read(Field::GuestRip).unwrap_or(0);
+            if let Err(e) = vmcs.write(Field::GuestRip, rip.wrapping_add(advance)) {
+                break Err(HwError::Vmx { step: "vmwrite (rip)", fail: vm_fail(e) });
             }
         }
         match action {
             Action::Resume { .. } => {}
             Action::Yield => {
                 if env.should_return() {
-                    break Ok(RunExit::Interrupted);
+                    break Ok(HwExit::Exit(RunExit::Interrupted));
                 }
             }
-            Action::ToUser(x) => break Ok(x),
+            Action::ToUser(x) => break Ok(HwExit::Exit(x)),
         }
         if env.should_return() {
-            break Ok(RunExit::Interrupted);
+            break Ok(HwExit::Exit(RunExit::Interrupted));
         }
     };
     // SAFETY: the caller owns the FPU; the area is aligned.

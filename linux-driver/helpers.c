@@ -30,6 +30,9 @@ long smudge_rs_open(void **priv);
 void smudge_rs_release(void *priv);
 long smudge_rs_ioctl(void *priv, unsigned int cmd, unsigned long arg);
 void smudge_rs_emergency_vmxoff(void);
+long smudge_rs_mmap_begin(void *priv);
+long smudge_rs_mmap_pfn(void *priv, unsigned long gfn);
+void smudge_rs_mmap_end(void *priv);
 
 /* Module parameters: fault injection and the driver-wide page count (read-only). */
 static int fail_alloc_after = -1;
@@ -73,11 +76,45 @@ static int smudge_open(struct inode *inode, struct file *f)
 static int smudge_release(struct inode *inode, struct file *f) { smudge_rs_release(f->private_data); return 0; }
 static long smudge_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_rs_ioctl(f->private_data, cmd, arg); }
 
+/*
+ * A read-only view of guest RAM for `smudge explain`: its user PTEs map the same backing pages
+ * as the EPT leaves, and stay D=0 while the guest dirties them. Writable or executable mappings
+ * are refused: a user write would bypass the EPT and the dirty log. The open file (held by the
+ * vma) keeps the VM and its pages alive until munmap. Pages not backed yet are left unmapped.
+ */
+static int smudge_mmap(struct file *f, struct vm_area_struct *vma)
+{
+	unsigned long i, n = vma_pages(vma);
+	long r = 0;
+	if (vma->vm_flags & (VM_WRITE | VM_EXEC))
+		return -EPERM;
+	vm_flags_clear(vma, VM_MAYWRITE | VM_MAYEXEC);
+	r = smudge_rs_mmap_begin(f->private_data);
+	if (r)
+		return r;
+	for (i = 0; i < n; i++) {
+		long pfn = smudge_rs_mmap_pfn(f->private_data, vma->vm_pgoff + i);
+		if (pfn == -ENOENT)
+			continue;
+		if (pfn < 0) {
+			r = pfn;
+			break;
+		}
+		if (remap_pfn_range(vma, vma->vm_start + i * PAGE_SIZE, pfn, PAGE_SIZE, vma->vm_page_prot)) {
+			r = -EAGAIN;
+			break;
+		}
+	}
+	smudge_rs_mmap_end(f->private_data);
+	return r;
+}
+
 static const struct file_operations smudge_fops = {
 	.owner = THIS_MODULE,
 	.open = smudge_open,
 	.release = smudge_release,
 	.unlocked_ioctl = smudge_ioctl,
+	.mmap = smudge_mmap,
 };
 static struct miscdevice smudge_misc = {
 	.minor = MISC_DYNAMIC_MINOR,
@@ -125,6 +162,27 @@ int smudge_should_return(void) { return signal_pending(current) || need_resched(
 void smudge_cond_resched(void) { cond_resched(); }
 void smudge_on_each_cpu(void (*fn)(void *), void *info) { on_each_cpu(fn, info, 1); }
 int smudge_on_cpu(int cpu, void (*fn)(void *), void *info) { return smp_call_function_single(cpu, fn, info, 1); }
+/* The calling process's page-table entry for a user address in a PFN mapping (our mmap):
+ * the flag bits (A = 5, D = 6) and the frame, as follow_pfnmap reports them. */
+u64 smudge_user_pte(unsigned long va, unsigned int *level)
+{
+	struct mm_struct *mm = current->mm;
+	struct follow_pfnmap_args args = { .address = va };
+	u64 v = 0;
+	*level = 0;
+	if (!mm)
+		return 0;
+	mmap_read_lock(mm);
+	args.vma = vma_lookup(mm, va);
+	if (args.vma && (args.vma->vm_flags & VM_PFNMAP) && !follow_pfnmap_start(&args)) {
+		v = ((u64)args.pfn << PAGE_SHIFT) | (pgprot_val(args.pgprot) & ~PTE_PFN_MASK);
+		*level = 1;
+		follow_pfnmap_end(&args);
+	}
+	mmap_read_unlock(mm);
+	return v;
+}
+
 /* The host page-table entry that maps a kernel virtual address, and its level (1 = 4 KiB). */
 u64 smudge_host_pte(unsigned long va, unsigned int *level)
 {

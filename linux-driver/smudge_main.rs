@@ -61,6 +61,7 @@ extern "C" {
     fn smudge_on_each_cpu(f: extern "C" fn(*mut c_void), info: *mut c_void);
     fn smudge_on_cpu(cpu: i32, f: extern "C" fn(*mut c_void), info: *mut c_void) -> i32;
     fn smudge_host_pte(va: usize, level: *mut u32) -> u64;
+    fn smudge_user_pte(va: usize, level: *mut u32) -> u64;
 }
 
 const EINVAL: c_long = 22;
@@ -72,6 +73,7 @@ const ENODEV: c_long = 19;
 const EIO: c_long = 5;
 const EOPNOTSUPP: c_long = 95;
 const ENOEXEC: c_long = 8;
+const ENOENT: c_long = 2;
 
 /// Pages from the kernel's page allocator (GFP_KERNEL), seen through the direct map. The run
 /// loop never allocates from it while preemption is off: guest memory is backed from the
@@ -380,6 +382,55 @@ pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
     f.free_all();
 }
 
+/// mmap of the VM: starts a read-only mapping of guest RAM. Returns 0, or -errno when another
+/// VM-level request is in progress. Every vCPU stays out of guest mode until
+/// [`smudge_rs_mmap_end`], so the EPT cannot change underneath.
+#[no_mangle]
+pub extern "C" fn smudge_rs_mmap_begin(priv_: *mut c_void) -> c_long {
+    if priv_.is_null() {
+        return -EINVAL;
+    }
+    // SAFETY: the file holds the VmFile until release, which cannot run during mmap.
+    let f = unsafe { &*(priv_ as *const VmFile) };
+    if !f.ready.load(Ordering::Acquire) {
+        return -EINVAL;
+    }
+    if f.busy.swap(true, Ordering::Acquire) {
+        return -EBUSY;
+    }
+    f.kick_all();
+    0
+}
+
+/// The page frame backing guest page `gfn`, -ENOENT when it is not backed (yet), -EINVAL
+/// beyond guest RAM. Only between mmap_begin and mmap_end.
+#[no_mangle]
+pub extern "C" fn smudge_rs_mmap_pfn(priv_: *mut c_void, gfn: usize) -> c_long {
+    // SAFETY: as in mmap_begin; `busy` and the kick give this thread the VM.
+    let f = unsafe { &*(priv_ as *const VmFile) };
+    let p = LinuxPlatform;
+    f.vm.with(|vm| {
+        let Some(vm) = vm.as_ref() else { return -EINVAL };
+        let gpa = (gfn as u64) << 12;
+        if vm.layout().is_none_or(|l| gpa >= l.mem_size) {
+            return -EINVAL;
+        }
+        match vm.ept().translate(&p, gpa) {
+            Some(t) => (t.hpa >> 12) as c_long,
+            None => -ENOENT,
+        }
+    })
+}
+
+/// Ends an mmap started by [`smudge_rs_mmap_begin`].
+#[no_mangle]
+pub extern "C" fn smudge_rs_mmap_end(priv_: *mut c_void) {
+    // SAFETY: as in mmap_begin.
+    let f = unsafe { &*(priv_ as *const VmFile) };
+    f.unkick();
+    f.busy.store(false, Ordering::Release);
+}
+
 #[no_mangle]
 pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c_long {
     if priv_.is_null() {
@@ -597,7 +648,7 @@ fn handle(
             let c = answer::caps_resp(&g.caps, g.mode, &mut |m| rdmsr_safe(m).value());
             enc(c.to_bytes(buf))
         }
-        Request::Explain { gpa, .. } => {
+        Request::Explain { gpa, user_va } => {
             let vm = vm_slot.as_ref().ok_or(-EINVAL)?;
             let layout = vm.layout().ok_or(-EINVAL)?;
             let mut r = abi::ExplainResp::default();
@@ -619,6 +670,16 @@ fn handle(
                     let mut level = 0u32;
                     r.host_pte = smudge_host_pte(r.host_va as usize, &mut level);
                     r.host_level = level;
+                }
+                if user_va != 0 {
+                    let mut level = 0u32;
+                    // SAFETY: walks the calling process's own page tables under its mmap lock.
+                    let pte = unsafe { smudge_user_pte(user_va as usize, &mut level) };
+                    // Report it only if it maps this very backing page.
+                    if level != 0 && pte & 0x000f_ffff_ffff_f000 == r.hpa {
+                        r.user_pte = pte;
+                        r.user_level = level;
+                    }
                 }
             }
             enc(r.to_bytes(buf))

@@ -585,10 +585,9 @@ fn handle(
             copy_in(&mut bytes, image as usize)?;
             let entry = match vm.load_elf(&p, &bytes) {
                 Ok(e) => e,
-                Err(smudge_core::vm::LoadError::Elf(e)) => {
-                    pr_info!("{}\n", e.message());
-                    return Err(-ENOEXEC);
-                }
+                // No log line: any user could flood the kernel log with bad images. The tool
+                // checks the image with the same loader first and prints the precise reason.
+                Err(smudge_core::vm::LoadError::Elf(_)) => return Err(-ENOEXEC),
                 Err(smudge_core::vm::LoadError::Vm(e)) => return Err(core_err(e)),
             };
             for slot in f.vcpus() {

@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use smudge_core::abi::exit_kind;
 
@@ -208,11 +207,7 @@ fn run_before_load(t: &mut Tally, s: &mut Survived) {
     });
     // A watchdog: after 20 s, interrupt until it returns (run_to_end retries INTERRUPTED, so
     // mark the VM closed first: the next RUN then fails with EBADF).
-    let mut waited = 0;
-    while !done.load(Ordering::Acquire) && waited < 200 {
-        std::thread::sleep(Duration::from_millis(100));
-        waited += 1;
-    }
+    sys::wait_for(20, || done.load(Ordering::Acquire));
     if !done.load(Ordering::Acquire) {
         let _ = vm.close();
         sys::interrupt_until_done(&[&target], 30);

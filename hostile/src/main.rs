@@ -8,10 +8,12 @@
 //! works. Exit status 0 only when every case passed.
 //!
 //! Usage: smudge-hostile [GUESTS_DIR] (default /guests: hello, hostile_spin, hostile_churn,
-//! hostile_hog).
+//! hostile_hog). `smudge-hostile lostpage-check FILE` checks the output of a lost-page run
+//! (lostpage.rs) instead.
 
 mod elf;
 mod faults;
+mod lostpage;
 mod races;
 mod requests;
 mod sys;
@@ -34,7 +36,12 @@ pub fn expect_no_pages(t: &mut Tally, name: &str) {
 }
 
 fn main() -> ExitCode {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "/guests".into());
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("lostpage-check") {
+        let ok = lostpage::main(args.get(2).map_or("", String::as_str));
+        return if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
+    let dir = args.get(1).cloned().unwrap_or_else(|| "/guests".into());
     let read = |n: &str| std::fs::read(format!("{dir}/{n}")).unwrap_or_else(|e| panic!("cannot read {dir}/{n}: {e}"));
     let (hello, spin, churn, hog) = (read("hello"), read("hostile_spin"), read("hostile_churn"), read("hostile_hog"));
     let image = elf::Image::new(hello.clone());
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
     requests::before_setup(&mut t, &hello);
     requests::after_setup(&mut t, &image);
     requests::other_fops(&mut t);
+    requests::mmap(&mut t);
     requests::closed_fd(&mut t);
     expect_no_pages(&mut t, "malformed-requests-pages-freed");
 

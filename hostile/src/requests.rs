@@ -369,9 +369,7 @@ pub fn after_setup(t: &mut Tally, hello: &Image) {
 }
 
 /// The other file operations. read, write and lseek do not exist (the VFS answers EINVAL,
-/// EINVAL, ESPIPE). mmap, where the driver offers it, maps guest RAM read-only: a writable
-/// mapping, or a read-only one made writable later, would let user space write guest memory
-/// behind the EPT and the dirty log, so both must be refused.
+/// EINVAL, ESPIPE).
 pub fn other_fops(t: &mut Tally) {
     let vm = match Vm::open() {
         Ok(v) => v,
@@ -385,27 +383,64 @@ pub fn other_fops(t: &mut Tally) {
             t.errno("setup-for-fops", vm.setup(4 << 20, 1, 0, 0), 0);
         }
     }
+}
+
+/// mmap of the VM: a read-only view of guest RAM. A writable or executable mapping, or a
+/// read-only one made writable later, would let user space write guest memory behind the EPT
+/// and the dirty log: all refused (the driver: EPERM; mprotect without VM_MAYWRITE: EACCES).
+/// The mapping keeps the VM alive after its descriptor is closed, until munmap.
+pub fn mmap(t: &mut Tally) {
+    const MEM: usize = 4 << 20;
+    let vm = match Vm::open() {
+        Ok(v) => v,
+        Err(e) => return t.errno("open", Err(e), 0),
+    };
     let (rw, ro) = (libc::PROT_READ | libc::PROT_WRITE, libc::PROT_READ);
-    for (label, prot, flags) in [("shared", rw, libc::MAP_SHARED), ("private", rw, libc::MAP_PRIVATE)] {
-        let r = sys::mmap_dev(vm.fd, 4 << 20, prot, flags, 0);
+    let (shared, private) = (libc::MAP_SHARED, libc::MAP_PRIVATE);
+    let map = |len: usize, prot: i32, flags: i32, off: i64| {
+        let r = sys::mmap_dev(vm.fd, len, prot, flags, off);
         if let Ok(a) = r {
-            sys::munmap(a, 4 << 20);
+            sys::munmap(a, len);
         }
-        t.check(&format!("mmap-writable-{label}-refused"), r.is_err(), &r.map_or_else(sys::errno_name, |a| format!("mapped writable at {a:#x}")));
-    }
-    match sys::mmap_dev(vm.fd, 4 << 20, ro, libc::MAP_SHARED, 0) {
-        Err(e) => t.pass("mmap-read-only", &format!("{} (the driver offers no mapping)", sys::errno_name(e))),
-        Ok(a) => {
-            let up = sys::mprotect(a, 4 << 20, rw);
-            t.check("mmap-read-only-then-mprotect-writable-refused", up.is_err(), &up.map_or_else(sys::errno_name, |_| "became writable".into()));
-            sys::munmap(a, 4 << 20);
+        r.map(|_| ())
+    };
+    t.errno("mmap-before-setup", map(MEM, ro, shared, 0), EINVAL);
+    t.errno("mmap-setup", vm.setup(MEM as u64, 1, 0, 0), 0);
+    t.errno("mmap-writable-shared", map(MEM, rw, shared, 0), libc::EPERM);
+    t.errno("mmap-writable-private", map(MEM, rw, private, 0), libc::EPERM);
+    t.errno("mmap-executable", map(MEM, ro | libc::PROT_EXEC, shared, 0), libc::EPERM);
+    t.errno("mmap-longer-than-ram", map(2 * MEM, ro, shared, 0), EINVAL);
+    t.errno("mmap-offset-at-ram-end", map(PAGE, ro, shared, MEM as i64), EINVAL);
+    t.errno("mmap-offset-2pow50", map(PAGE, ro, shared, 1 << 50), EINVAL);
+    // A page written through WRITE_GUEST reads back through the mapping.
+    let pattern: Vec<u8> = (0..PAGE as u32).map(|i| (i.wrapping_mul(40503) >> 8) as u8).collect();
+    let src = Mem::new(1);
+    src.put(src.addr(), &pattern);
+    t.errno("mmap-write-guest-page", vm.mem(true, 0x20_0000, src.addr(), PAGE as u64), 0);
+    for (label, flags) in [("shared", shared), ("private", private)] {
+        match sys::mmap_dev(vm.fd, MEM, ro, flags, 0) {
+            Err(e) => t.errno(&format!("mmap-read-only-{label}"), Err(e), 0),
+            Ok(a) => {
+                t.errno(&format!("mmap-read-only-{label}-then-mprotect-writable"), sys::mprotect(a, MEM, rw), libc::EACCES);
+                t.errno(&format!("mmap-read-only-{label}-then-mprotect-executable"), sys::mprotect(a, MEM, ro | libc::PROT_EXEC), libc::EACCES);
+                // SAFETY: the page at 2 MiB is backed (written above) and mapped read-only.
+                let seen = unsafe { std::slice::from_raw_parts((a + 0x20_0000) as *const u8, PAGE) } == &pattern[..];
+                t.check(&format!("mmap-read-only-{label}-shows-guest-memory"), seen, &format!("page at 2 MiB equals what WRITE_GUEST wrote: {seen}"));
+                sys::munmap(a, MEM);
+            }
         }
     }
-    if let Ok(a) = sys::mmap_dev(vm.fd, 4 << 20, ro, libc::MAP_PRIVATE, 0) {
-        let up = sys::mprotect(a, 4 << 20, rw);
-        t.check("mmap-private-read-only-then-mprotect-writable-refused", up.is_err(), &up.map_or_else(sys::errno_name, |_| "became writable".into()));
-        sys::munmap(a, 4 << 20);
-    }
+    // The mapping outlives the descriptor: the VM must stay alive until munmap.
+    let Ok(a) = sys::mmap_dev(vm.fd, MEM, ro, shared, 0) else {
+        return t.fail("mmap-outlives-close", "mmap failed");
+    };
+    t.errno("mmap-close-descriptor", vm.close(), 0);
+    let held = sys::pages_held().unwrap_or(0);
+    // SAFETY: as above; the VM lives while the mapping holds its file.
+    let seen = unsafe { std::slice::from_raw_parts((a + 0x20_0000) as *const u8, PAGE) } == &pattern[..];
+    t.check("mmap-outlives-close", seen && held > 0, &format!("after close: page still readable {seen}, {held} pages held"));
+    sys::munmap(a, MEM);
+    crate::expect_no_pages(t, "mmap-munmap-frees-the-vm");
 }
 
 /// Requests on a closed descriptor and on one that never existed.

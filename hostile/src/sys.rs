@@ -262,17 +262,34 @@ impl Target {
     }
 }
 
-/// Interrupts `targets` every 20 ms until all finished or `secs` passed; true if all finished.
-pub fn interrupt_until_done(targets: &[&Target], secs: u64) -> bool {
+/// Busy-waits (yielding) until `cond` holds or `secs` of guest time passed; true if it holds.
+/// No sleeping: on the emulated SMP machine idle CPUs advance time slowly, so a sleep costs far
+/// more wall time than a busy wait.
+pub fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if targets.iter().all(|t| t.done()) {
-            return true;
+    loop {
+        for _ in 0..100 {
+            if cond() {
+                return true;
+            }
+            std::thread::yield_now();
         }
-        targets.iter().for_each(|t| t.interrupt());
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        if std::time::Instant::now() > deadline {
+            return cond();
+        }
     }
-    targets.iter().all(|t| t.done())
+}
+
+/// Interrupts `targets` until all finished or `secs` passed; true if all finished.
+pub fn interrupt_until_done(targets: &[&Target], secs: u64) -> bool {
+    let mut polls = 0u32;
+    wait_for(secs, || {
+        polls += 1;
+        if polls % 50 == 1 {
+            targets.iter().for_each(|t| t.interrupt());
+        }
+        targets.iter().all(|t| t.done())
+    })
 }
 
 /// The symbolic name of an errno.
@@ -280,6 +297,7 @@ pub fn errno_name(e: i32) -> String {
     match e {
         0 => "0 (success)".into(),
         libc::EPERM => "EPERM".into(),
+        libc::EACCES => "EACCES".into(),
         libc::EIO => "EIO".into(),
         libc::ENOEXEC => "ENOEXEC".into(),
         libc::EBADF => "EBADF".into(),

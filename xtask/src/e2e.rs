@@ -61,7 +61,7 @@ fn json_lines(out: &str) -> Vec<Value> {
     out.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
-pub(crate) fn gfns(v: &Value) -> BTreeSet<u64> {
+fn gfns(v: &Value) -> BTreeSet<u64> {
     v["dirty_gfns"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
 }
 
@@ -143,7 +143,7 @@ fn exits_per_redirty(c: &Case) -> Result<(f64, u64)> {
 
 /// Several vCPUs: the union of every harvest must equal the union of every page the vCPUs
 /// report writing. Returns (pages written, pages harvested, harvests).
-pub(crate) fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
+fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
     let mut written = BTreeSet::new();
     for line in c.out.lines() {
         if let Some(h) = line.trim().strip_prefix("W ") {

@@ -20,6 +20,7 @@
 #include <linux/panic_notifier.h>
 #include <linux/notifier.h>
 #include <asm/tlbflush.h>
+#include <asm/desc.h>
 #include <asm/fpu/api.h>
 #include <asm/msr.h>
 #include <asm/pgtable_types.h>
@@ -154,6 +155,9 @@ unsigned long smudge_get_zeroed_page(int atomic) { return get_zeroed_page(atomic
 void smudge_free_page(unsigned long va) { free_page(va); }
 int smudge_copy_from_user(void *dst, unsigned long src, unsigned long n) { return copy_from_user(dst, (const void __user *)src, n) ? -EFAULT : 0; }
 int smudge_copy_to_user(unsigned long dst, const void *src, unsigned long n) { return copy_to_user((void __user *)dst, src, n) ? -EFAULT : 0; }
+/* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).
+ * The kernel's own helper reloads TR lazily before a task with an I/O bitmap needs it. */
+void smudge_invalidate_tss_limit(void) { invalidate_tss_limit(); }
 void smudge_fpu_begin(void) { kernel_fpu_begin(); }
 void smudge_fpu_end(void) { kernel_fpu_end(); }
 int smudge_cpu(void) { return smp_processor_id(); }

@@ -53,6 +53,7 @@ extern "C" {
     fn smudge_copy_from_user(dst: *mut c_void, src: usize, n: usize) -> i32;
     fn smudge_copy_to_user(dst: usize, src: *const c_void, n: usize) -> i32;
     fn smudge_fpu_begin();
+    fn smudge_invalidate_tss_limit();
     fn smudge_fpu_end();
     fn smudge_cpu() -> i32;
     fn smudge_nr_cpu_ids() -> i32;
@@ -825,6 +826,9 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         // SAFETY: VMX is on here, preemption is off, the FPU is ours, the VMCS is clear or
         // active on this CPU.
         let r = unsafe { hw::run(&f.vm, &mut v.hw, &p, &g.caps, &ctls, &env) };
+        // SAFETY: still on the CPU of the VM exits, preemption off: mark its TSS limit stale so
+        // Linux reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
+        unsafe { smudge_invalidate_tss_limit() };
         // SAFETY: pairs with fpu_begin.
         unsafe { smudge_fpu_end() };
         f.running.fetch_sub(1, Ordering::SeqCst);

@@ -191,6 +191,7 @@ pub fn suite() -> Result<()> {
         ("bad-vmcs-precheck", "echo 1 > /sys/module/smudge/parameters/test_bad_vmcs; smudge run --json /guests/hello; echo 0 > /sys/module/smudge/parameters/test_bad_vmcs".into()),
         ("bad-vmcs-cpu", "echo 2 > /sys/module/smudge/parameters/test_bad_vmcs; smudge run --json /guests/hello; echo 0 > /sys/module/smudge/parameters/test_bad_vmcs".into()),
         ("after-hostile", "smudge run /guests/hello".into()),
+        ("unload-refused-while-open", "smudge run --timeout 4 /guests/hostile_spin > /dev/null 2>&1 & sleep 1; if rmmod smudge 2>/dev/null; then echo UNLOADED; else echo REFUSED; fi; wait".into()),
         ("pages-held", "cat /sys/module/smudge/parameters/pages_held".into()),
         ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
     ]);
@@ -298,6 +299,13 @@ pub fn suite() -> Result<()> {
             bail!("{}", c.out);
         }
         Ok("next run works".into())
+    })());
+    check("unload refused while a VM is open", (|| {
+        let c = case(&res, "unload-refused-while-open")?;
+        if !c.out.contains("REFUSED") {
+            bail!("{}", c.out);
+        }
+        Ok("rmmod fails while a guest runs; the module stays usable".into())
     })());
     check("page accounting back to zero", (|| {
         let c = case(&res, "pages-held")?;

@@ -650,14 +650,10 @@ fn handle(
         }
         Request::Explain { gpa, user_va } => {
             let vm = vm_slot.as_ref().ok_or(-EINVAL)?;
-            let layout = vm.layout().ok_or(-EINVAL)?;
             let mut r = abi::ExplainResp::default();
             // The guest's own PDE for this address (2 MiB pages, identity map below 4 GiB).
-            if gpa < (4 << 30) {
-                let pde_gpa = layout.reserved_base() + smudge_core::guest::PD_OFF + (gpa >> 21) * 8;
-                let mut b = [0u8; 8];
-                vm.read_guest(&p, pde_gpa, &mut b).map_err(core_err)?;
-                r.guest_pte = u64::from_le_bytes(b);
+            if let Some(pde) = vm.guest_pde(&p, gpa).map_err(core_err)? {
+                r.guest_pte = pde;
                 r.guest_level = 2;
             }
             if let Some(t) = vm.ept().translate(&p, gpa) {

@@ -283,6 +283,18 @@ impl Vm {
         Ok(())
     }
 
+    /// The guest's own page-directory entry for `gpa` (its tables map the first 4 GiB with
+    /// 2 MiB pages), as the guest sees it now, A/D included; `None` above 4 GiB.
+    pub fn guest_pde<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> Result<Option<u64>, Error> {
+        let layout = self.layout.ok_or(Error::NotMapped)?;
+        if gpa >= 4 << 30 {
+            return Ok(None);
+        }
+        let mut b = [0u8; 8];
+        self.read_guest(p, layout.reserved_base() + crate::guest::PD_OFF + (gpa >> 21) * 8, &mut b)?;
+        Ok(Some(u64::from_le_bytes(b)))
+    }
+
     /// Reads guest memory at `gpa` into `out`; unbacked pages read as zero.
     pub fn read_guest<P: Platform + ?Sized>(&self, p: &P, gpa: u64, out: &mut [u8]) -> Result<(), Error> {
         self.check_guest_range(gpa, out.len() as u64)?;

@@ -7,8 +7,8 @@
 //! `explain`. Everything else (decoding and validating requests, EPT, dirty tracking, a vCPU's
 //! pages and page cache, the VMCS, the exit handler, the RUN and CAPS answers) is smudge-core.
 
-use core::ffi::{c_long, c_void};
 use core::cell::UnsafeCell;
+use core::ffi::{c_long, c_void};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use kernel::prelude::*;
@@ -123,7 +123,12 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
 fn live_caps() -> VmxCaps {
     VmxCaps::from_reader(rdmsr_safe, |leaf, sub| {
         let r = arch::cpuid(leaf, sub);
-        Some(CpuidRegs { eax: r[0], ebx: r[1], ecx: r[2], edx: r[3] })
+        Some(CpuidRegs {
+            eax: r[0],
+            ebx: r[1],
+            ecx: r[2],
+            edx: r[3],
+        })
     })
 }
 
@@ -150,7 +155,9 @@ extern "C" fn vmxon_this_cpu(_: *mut c_void) {
     // SAFETY: runs in on_each_cpu's IPI context with interrupts off.
     let cpu = unsafe { smudge_cpu() } as usize;
     let Some(g) = global() else { return };
-    let Some(&region) = g.vmxon.get(cpu) else { return };
+    let Some(&region) = g.vmxon.get(cpu) else {
+        return;
+    };
     if region == 0 {
         return;
     }
@@ -211,7 +218,11 @@ struct VmLock {
 
 impl VmLock {
     fn with<R, F: FnOnce(&mut Option<Vm>) -> R>(&self, f: F) -> R {
-        while self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             core::hint::spin_loop();
         }
         // SAFETY: the flag gives this thread exclusive access until it is released.
@@ -359,7 +370,10 @@ pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
         ready: AtomicBool::new(false),
         kick: AtomicBool::new(false),
         running: AtomicU32::new(0),
-        vm: VmLock { locked: AtomicBool::new(false), vm: UnsafeCell::new(None) },
+        vm: VmLock {
+            locked: AtomicBool::new(false),
+            vm: UnsafeCell::new(None),
+        },
         ctls: UnsafeCell::new(None),
         vcpus: UnsafeCell::new(KVec::new()),
     };
@@ -411,7 +425,9 @@ pub extern "C" fn smudge_rs_mmap_pfn(priv_: *mut c_void, gfn: usize) -> c_long {
     let f = unsafe { &*(priv_ as *const VmFile) };
     let p = LinuxPlatform;
     f.vm.with(|vm| {
-        let Some(vm) = vm.as_ref() else { return -EINVAL };
+        let Some(vm) = vm.as_ref() else {
+            return -EINVAL;
+        };
         let gpa = (gfn as u64) << 12;
         if vm.layout().is_none_or(|l| gpa >= l.mem_size) {
             return -EINVAL;
@@ -439,7 +455,9 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
     }
     // SAFETY: the file holds the VmFile until release, which cannot run during an ioctl.
     let f = unsafe { &*(priv_ as *const VmFile) };
-    let Some(op) = Op::from_linux_ioctl(cmd) else { return -ENOTTY };
+    let Some(op) = Op::from_linux_ioctl(cmd) else {
+        return -ENOTTY;
+    };
     ioctl(f, op, arg)
 }
 
@@ -546,7 +564,12 @@ fn handle(
     let p = LinuxPlatform;
     let enc = |r: core::result::Result<usize, abi::AbiError>| r.map_err(|_| -EINVAL);
     match req {
-        Request::Setup { mode, mem_bytes, vcpus, page_limit } => {
+        Request::Setup {
+            mode,
+            mem_bytes,
+            vcpus,
+            page_limit,
+        } => {
             if vm_slot.is_some() || f.ready.load(Ordering::Acquire) {
                 return Err(-EBUSY);
             }
@@ -557,14 +580,18 @@ fn handle(
                     m
                 }
             };
-            let ctls = setup::guest_controls(&g.caps, mode, g.caps.ept_vpid_cap & (1 << 32) != 0).map_err(|_| -EOPNOTSUPP)?;
+            let ctls = setup::guest_controls(&g.caps, mode, g.caps.ept_vpid_cap & (1 << 32) != 0)
+                .map_err(|_| -EOPNOTSUPP)?;
             let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(core_err)?;
             if let Err(e) = vm.add_ram(&p, mem_bytes) {
                 vm.destroy(&p);
                 return Err(core_err(e));
             }
             // SAFETY: Setup holds `busy` and `ready` is false: no other thread reads the vector.
-            if unsafe { &mut *f.vcpus.get() }.reserve(vcpus as usize, GFP_KERNEL).is_err() {
+            if unsafe { &mut *f.vcpus.get() }
+                .reserve(vcpus as usize, GFP_KERNEL)
+                .is_err()
+            {
                 vm.destroy(&p);
                 return Err(-ENOMEM);
             }
@@ -582,7 +609,8 @@ fn handle(
         }
         Request::LoadElf { image, len } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
-            let mut bytes = KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            let mut bytes =
+                KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
             copy_in(&mut bytes, image as usize)?;
             let entry = match vm.load_elf(&p, &bytes) {
                 Ok(e) => e,
@@ -598,9 +626,18 @@ fn handle(
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }
         Request::Run { .. } => Err(-EINVAL),
-        Request::DirtyLog { slot, bitmap, bitmap_len, harvest } => {
+        Request::DirtyLog {
+            slot,
+            bitmap,
+            bitmap_len,
+            harvest,
+        } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
-            let pages = vm.slots().find(|(i, _)| *i == slot as usize).map(|(_, s)| s.pages).ok_or(-EINVAL)?;
+            let pages = vm
+                .slots()
+                .find(|(i, _)| *i == slot as usize)
+                .map(|(_, s)| s.pages)
+                .ok_or(-EINVAL)?;
             let words = pages.div_ceil(64) as usize;
             if bitmap_len < words as u64 * 8 {
                 return Err(-EINVAL);
@@ -609,22 +646,31 @@ fn handle(
             if harvest {
                 vm.harvest(&p, slot as usize, &mut bits).map_err(core_err)?;
             } else {
-                vm.get_dirty_log(&p, slot as usize, &mut bits).map_err(core_err)?;
+                vm.get_dirty_log(&p, slot as usize, &mut bits)
+                    .map_err(core_err)?;
             }
             invept_vm(vm, &p);
             // SAFETY: u64 slice viewed as bytes for the copy.
-            let bytes = unsafe { core::slice::from_raw_parts(bits.as_ptr() as *const u8, words * 8) };
+            let bytes =
+                unsafe { core::slice::from_raw_parts(bits.as_ptr() as *const u8, words * 8) };
             copy_out(bitmap as usize, bytes)?;
             Ok(0)
         }
-        Request::ClearDirtyLog { slot, first_page, num_pages, mask } => {
+        Request::ClearDirtyLog {
+            slot,
+            first_page,
+            num_pages,
+            mask,
+        } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let words = num_pages.div_ceil(64) as usize;
             let mut m = KVVec::<u64>::from_elem(0, words, GFP_KERNEL).map_err(|_| -ENOMEM)?;
             // SAFETY: u64 slice viewed as bytes for the copy.
-            let bytes = unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut u8, words * 8) };
+            let bytes =
+                unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut u8, words * 8) };
             copy_in(bytes, mask as usize)?;
-            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, &m).map_err(core_err)?;
+            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, &m)
+                .map_err(core_err)?;
             invept_vm(vm, &p);
             Ok(0)
         }
@@ -680,9 +726,15 @@ fn handle(
             }
             enc(r.to_bytes(buf))
         }
-        Request::Mem { gpa, buf: ubuf, len, write } => {
+        Request::Mem {
+            gpa,
+            buf: ubuf,
+            len,
+            write,
+        } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
-            let mut tmp = KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            let mut tmp =
+                KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
             if write {
                 copy_in(&mut tmp, ubuf as usize)?;
                 vm.write_guest(&p, gpa, &tmp).map_err(core_err)?;
@@ -695,10 +747,24 @@ fn handle(
     }
 }
 
-fn add_vcpu(f: &VmFile, p: &LinuxPlatform, g: &Global, index: u32) -> core::result::Result<(), c_long> {
+fn add_vcpu(
+    f: &VmFile,
+    p: &LinuxPlatform,
+    g: &Global,
+    index: u32,
+) -> core::result::Result<(), c_long> {
     let pages = VcpuPages::alloc(p, &g.caps).map_err(core_err)?;
-    let v = LinuxVcpu { hw: HwVcpu::new(index, pages), cpu: -1 };
-    let b = match KBox::new(VcpuSlot { busy: AtomicBool::new(false), v: UnsafeCell::new(v) }, GFP_KERNEL) {
+    let v = LinuxVcpu {
+        hw: HwVcpu::new(index, pages),
+        cpu: -1,
+    };
+    let b = match KBox::new(
+        VcpuSlot {
+            busy: AtomicBool::new(false),
+            v: UnsafeCell::new(v),
+        },
+        GFP_KERNEL,
+    ) {
         Ok(b) => b,
         Err(_) => {
             let mut pages = pages;
@@ -775,9 +841,17 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         if !v.hw.programmed {
             // SAFETY: reads a module parameter.
             let bad = unsafe { smudge_test_bad_vmcs() };
-            let cr0 = smudge_core::vmx::setup::fix_cr(smudge_core::guest::CR0, g.caps.cr0_fixed0, g.caps.cr0_fixed1);
+            let cr0 = smudge_core::vmx::setup::fix_cr(
+                smudge_core::guest::CR0,
+                g.caps.cr0_fixed0,
+                g.caps.cr0_fixed1,
+            );
             v.hw.debug_override = match bad {
-                1 | 2 => Some((smudge_core::vmx::fields::Field::GuestCr0, cr0 & !1, bad == 2)),
+                1 | 2 => Some((
+                    smudge_core::vmx::fields::Field::GuestCr0,
+                    cr0 & !1,
+                    bad == 2,
+                )),
                 _ => None,
             };
         }
@@ -927,7 +1001,10 @@ impl kernel::Module for Smudge {
         unsafe { smudge_on_each_cpu(vmxon_this_cpu, core::ptr::null_mut()) };
         let failed = VMXON_FAILED.load(Ordering::Relaxed);
         if failed != 0 {
-            pr_err!("VMXON failed on CPUs {:#x} (another hypervisor, or CR0/CR4 fixed bits)\n", failed);
+            pr_err!(
+                "VMXON failed on CPUs {:#x} (another hypervisor, or CR0/CR4 fixed bits)\n",
+                failed
+            );
             teardown();
             return Err(EBUSY_ERR);
         }

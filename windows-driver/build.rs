@@ -16,7 +16,8 @@ fn main() {
         return;
     }
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let dlltool = env::var("SMUDGE_DLLTOOL").unwrap_or_else(|_| "llvm-dlltool-19".into());
     let lib = out.join("ntoskrnl.lib");
     let status = Command::new(&dlltool)
@@ -26,11 +27,16 @@ fn main() {
         .arg(&lib)
         .status()
         .unwrap_or_else(|e| panic!("cannot run {dlltool} (apt install llvm-19): {e}"));
-    assert!(status.success(), "{dlltool} failed on ntoskrnl.def: {status}");
+    assert!(
+        status.success(),
+        "{dlltool} failed on ntoskrnl.def: {status}"
+    );
     println!("cargo::rustc-link-search=native={}", out.display());
 
     // A map file lets `cargo xtask windows` find DriverEntry's RVA independently of the entry field.
-    let map = env::var("SMUDGE_WINDOWS_MAP").map(PathBuf::from).unwrap_or_else(|_| out.join("smudge.map"));
+    let map = env::var("SMUDGE_WINDOWS_MAP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| out.join("smudge.map"));
     let args = [
         "/DRIVER".to_string(),
         "/SUBSYSTEM:NATIVE,10.0".into(),

@@ -14,7 +14,9 @@ use smudge_core::abi::{exit_kind, RunResp};
 
 use crate::device::{ReqResult, Vmm};
 use crate::os::{Device, ThreadHandle};
-use crate::run::{checkpoint_event, exit_counts, exit_event, harvest_gfns, message_text, End, RunConfig, Streams};
+use crate::run::{
+    checkpoint_event, exit_counts, exit_event, harvest_gfns, message_text, End, RunConfig, Streams,
+};
 
 /// One RUN result of one vCPU.
 struct Msg {
@@ -30,7 +32,8 @@ pub fn run_vcpus(
     out: &mut Streams<'_>,
     timed_out: &dyn Fn() -> bool,
 ) -> anyhow::Result<i32> {
-    crate::os::install_interrupt_handler().map_err(|e| anyhow!("cannot install the SIGALRM handler: {e}"))?;
+    crate::os::install_interrupt_handler()
+        .map_err(|e| anyhow!("cannot install the SIGALRM handler: {e}"))?;
     let mut handles = Vec::new();
     for _ in 0..cfg.vcpus {
         handles.push(dev.try_clone()?);
@@ -58,7 +61,13 @@ pub fn run_vcpus(
                 while !stop.load(Ordering::Acquire) {
                     let resp = h.run(i as u32);
                     let kind = resp.as_ref().map(|r| r.kind).ok();
-                    if tx.send(Msg { vcpu: i as u32, resp }).is_err() {
+                    if tx
+                        .send(Msg {
+                            vcpu: i as u32,
+                            resp,
+                        })
+                        .is_err()
+                    {
                         break;
                     }
                     match kind {
@@ -101,8 +110,11 @@ pub fn run_vcpus(
                 exit_kind::CHECKPOINT => {
                     seq += 1;
                     let gfns = harvest_gfns(dev, cfg.mem_bytes, true)?;
-                    let stats = dev.stats().map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
-                    let (json, human) = checkpoint_event(seq, mode, &exit_counts(&stats.exits), &gfns);
+                    let stats = dev
+                        .stats()
+                        .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
+                    let (json, human) =
+                        checkpoint_event(seq, mode, &exit_counts(&stats.exits), &gfns);
                     out.event(cfg.json, &json, &human)?;
                     if let Some(a) = acks.get(msg.vcpu as usize) {
                         let _ = a.send(());
@@ -115,7 +127,12 @@ pub fn run_vcpus(
                     }
                 }
                 exit_kind::EXIT => break Ok(End::Exit(resp.code)),
-                exit_kind::MMIO => break Ok(End::Mmio { gpa: resp.gpa, write: resp.write != 0 }),
+                exit_kind::MMIO => {
+                    break Ok(End::Mmio {
+                        gpa: resp.gpa,
+                        write: resp.write != 0,
+                    })
+                }
                 exit_kind::TRIPLE_FAULT => break Ok(End::TripleFault),
                 _ => {
                     break Ok(End::Error {
@@ -137,7 +154,10 @@ pub fn run_vcpus(
                 Ok(m) => {
                     if let Ok(r) = m.resp {
                         let n = (r.console_len as usize).min(r.console.len());
-                        lines.entry(m.vcpu).or_default().extend_from_slice(&r.console[..n]);
+                        lines
+                            .entry(m.vcpu)
+                            .or_default()
+                            .extend_from_slice(&r.console[..n]);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -153,7 +173,9 @@ pub fn run_vcpus(
         out.console(cfg.json, &b)?;
     }
     let gfns = harvest_gfns(dev, cfg.mem_bytes, true)?;
-    let stats = dev.stats().map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
+    let stats = dev
+        .stats()
+        .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
     let (json, human) = exit_event(&end, mode, seq, &exit_counts(&stats.exits), &gfns);
     out.event(cfg.json, &json, &human)?;
     Ok(end.status())

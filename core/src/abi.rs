@@ -219,7 +219,16 @@ pub struct RunResp {
 
 impl Default for RunResp {
     fn default() -> Self {
-        RunResp { kind: 0, reason: 0, code: 0, gpa: 0, console_len: 0, write: 0, console: [0; 256], message: [0; MESSAGE_LEN] }
+        RunResp {
+            kind: 0,
+            reason: 0,
+            code: 0,
+            gpa: 0,
+            console_len: 0,
+            write: 0,
+            console: [0; 256],
+            message: [0; MESSAGE_LEN],
+        }
     }
 }
 
@@ -280,7 +289,13 @@ pub struct StatsResp {
 
 impl Default for StatsResp {
     fn default() -> Self {
-        StatsResp { vm_pages: 0, driver_pages: 0, mode: 0, vcpus: 0, exits: [0; 70] }
+        StatsResp {
+            vm_pages: 0,
+            driver_pages: 0,
+            mode: 0,
+            vcpus: 0,
+            exits: [0; 70],
+        }
     }
 }
 
@@ -355,7 +370,11 @@ pub struct CapsResp {
 
 impl Default for CapsResp {
     fn default() -> Self {
-        CapsResp { msrs: [[0; 2]; 24], present: 0, mode: 0 }
+        CapsResp {
+            msrs: [[0; 2]; 24],
+            present: 0,
+            mode: 0,
+        }
     }
 }
 
@@ -388,7 +407,9 @@ impl AbiError {
         match self {
             AbiError::UnknownRequest => "unknown request",
             AbiError::Truncated => "request buffer too short",
-            AbiError::BadVersion => "ABI version mismatch (rebuild the tool and the driver together)",
+            AbiError::BadVersion => {
+                "ABI version mismatch (rebuild the tool and the driver together)"
+            }
             AbiError::ReservedNonZero => "reserved field is not zero",
             AbiError::BadMode => "dirty mode must be 0 (auto), 1 (ad), 2 (pml) or 3 (wp)",
             AbiError::BadMemSize => "guest RAM must be a multiple of 2 MiB between 4 MiB and 4 GiB",
@@ -514,8 +535,17 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
                 return Err(AbiError::BadVcpu);
             }
             let pages = r.mem_bytes / 4096;
-            let page_limit = if r.page_limit == 0 { pages } else { u64::from(r.page_limit).min(pages) };
-            Request::Setup { mode, mem_bytes: r.mem_bytes, vcpus: r.vcpus, page_limit }
+            let page_limit = if r.page_limit == 0 {
+                pages
+            } else {
+                u64::from(r.page_limit).min(pages)
+            };
+            Request::Setup {
+                mode,
+                mem_bytes: r.mem_bytes,
+                vcpus: r.vcpus,
+                page_limit,
+            }
         }
         Op::LoadElf => {
             let r = LoadElfReq::from_bytes(buf)?;
@@ -523,7 +553,10 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
                 return Err(AbiError::ReservedNonZero);
             }
             user_range(r.image, r.len, MAX_IMAGE)?;
-            Request::LoadElf { image: r.image, len: r.len }
+            Request::LoadElf {
+                image: r.image,
+                len: r.len,
+            }
         }
         Op::Run => {
             let r = RunReq::from_bytes(buf)?;
@@ -536,12 +569,22 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
             let r = DirtyLogReq::from_bytes(buf)?;
             // A 64 GiB slot needs 2 MiB of bitmap.
             user_range(r.bitmap, r.bitmap_len, 2 << 20)?;
-            Request::DirtyLog { slot: r.slot, bitmap: r.bitmap, bitmap_len: r.bitmap_len, harvest: op == Op::HarvestDirtyLog }
+            Request::DirtyLog {
+                slot: r.slot,
+                bitmap: r.bitmap,
+                bitmap_len: r.bitmap_len,
+                harvest: op == Op::HarvestDirtyLog,
+            }
         }
         Op::ClearDirtyLog => {
             let r = ClearDirtyLogReq::from_bytes(buf)?;
             user_range(r.mask, r.num_pages.div_ceil(64).saturating_mul(8), 2 << 20)?;
-            Request::ClearDirtyLog { slot: r.slot, first_page: r.first_page, num_pages: r.num_pages, mask: r.mask }
+            Request::ClearDirtyLog {
+                slot: r.slot,
+                first_page: r.first_page,
+                num_pages: r.num_pages,
+                mask: r.mask,
+            }
         }
         Op::Stats => Request::Stats,
         Op::Caps => Request::Caps,
@@ -550,7 +593,10 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
             if r.reserved != 0 {
                 return Err(AbiError::ReservedNonZero);
             }
-            Request::Explain { gpa: r.gpa, user_va: r.user_va }
+            Request::Explain {
+                gpa: r.gpa,
+                user_va: r.user_va,
+            }
         }
         Op::WriteGuest | Op::ReadGuest => {
             let r = MemReq::from_bytes(buf)?;
@@ -558,11 +604,15 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
                 return Err(AbiError::ReservedNonZero);
             }
             user_range(r.buf, r.len, MAX_COPY)?;
-            Request::Mem { gpa: r.gpa, buf: r.buf, len: r.len, write: op == Op::WriteGuest }
+            Request::Mem {
+                gpa: r.gpa,
+                buf: r.buf,
+                len: r.len,
+                write: op == Op::WriteGuest,
+            }
         }
     })
 }
-
 
 /// Little-endian reader over a request or response buffer.
 pub struct Reader<'a> {
@@ -626,7 +676,10 @@ impl<'a> Writer<'a> {
     }
     fn put(&mut self, b: &[u8]) -> Result<(), AbiError> {
         let end = self.pos.checked_add(b.len()).ok_or(AbiError::Truncated)?;
-        self.buf.get_mut(self.pos..end).ok_or(AbiError::Truncated)?.copy_from_slice(b);
+        self.buf
+            .get_mut(self.pos..end)
+            .ok_or(AbiError::Truncated)?
+            .copy_from_slice(b);
         self.pos = end;
         Ok(())
     }
@@ -648,7 +701,8 @@ impl<'a> Writer<'a> {
     }
     /// Writes pairs.
     pub fn pairs<const N: usize>(&mut self, v: &[[u64; 2]; N]) -> Result<(), AbiError> {
-        v.iter().try_for_each(|x| self.u64(&x[0]).and_then(|_| self.u64(&x[1])))
+        v.iter()
+            .try_for_each(|x| self.u64(&x[0]).and_then(|_| self.u64(&x[1])))
     }
     /// Bytes written.
     pub fn len(&self) -> usize {
@@ -684,21 +738,65 @@ macro_rules! wire {
     };
 }
 
-wire!(SetupReq { version: u32, mode: u32, mem_bytes: u64, vcpus: u32, page_limit: u32 });
-wire!(LoadElfReq { version: u32, reserved: u32, image: u64, len: u64 });
+wire!(SetupReq {
+    version: u32,
+    mode: u32,
+    mem_bytes: u64,
+    vcpus: u32,
+    page_limit: u32
+});
+wire!(LoadElfReq {
+    version: u32,
+    reserved: u32,
+    image: u64,
+    len: u64
+});
 wire!(LoadElfResp { entry: u64 });
-wire!(RunReq { version: u32, vcpu: u32 });
+wire!(RunReq {
+    version: u32,
+    vcpu: u32
+});
 wire!(RunResp {
     kind: u32, reason: u32, code: u64, gpa: u64, console_len: u32, write: u32,
     console: bytes<256>, message: bytes<480>,
 });
-wire!(DirtyLogReq { version: u32, slot: u32, bitmap: u64, bitmap_len: u64 });
-wire!(ClearDirtyLogReq { version: u32, slot: u32, first_page: u64, num_pages: u64, mask: u64 });
-wire!(StatsResp { vm_pages: u64, driver_pages: u64, mode: u32, vcpus: u32, exits: u64s<70> });
-wire!(ExplainReq { version: u32, reserved: u32, gpa: u64, user_va: u64 });
-wire!(ExplainResp {
-    guest_pte: u64, guest_level: u32, ept_level: u32, ept_leaf: u64, hpa: u64, host_va: u64,
-    host_pte: u64, host_level: u32, user_level: u32, user_pte: u64,
+wire!(DirtyLogReq {
+    version: u32,
+    slot: u32,
+    bitmap: u64,
+    bitmap_len: u64
 });
-wire!(MemReq { version: u32, reserved: u32, gpa: u64, buf: u64, len: u64 });
+wire!(ClearDirtyLogReq {
+    version: u32,
+    slot: u32,
+    first_page: u64,
+    num_pages: u64,
+    mask: u64
+});
+wire!(StatsResp { vm_pages: u64, driver_pages: u64, mode: u32, vcpus: u32, exits: u64s<70> });
+wire!(ExplainReq {
+    version: u32,
+    reserved: u32,
+    gpa: u64,
+    user_va: u64
+});
+wire!(ExplainResp {
+    guest_pte: u64,
+    guest_level: u32,
+    ept_level: u32,
+    ept_leaf: u64,
+    hpa: u64,
+    host_va: u64,
+    host_pte: u64,
+    host_level: u32,
+    user_level: u32,
+    user_pte: u64,
+});
+wire!(MemReq {
+    version: u32,
+    reserved: u32,
+    gpa: u64,
+    buf: u64,
+    len: u64
+});
 wire!(CapsResp { msrs: pairs<24>, present: u32, mode: u32 });

@@ -41,14 +41,22 @@ pub fn fill_run(resp: &mut RunResp, result: Result<RunExit, HwError>, st: &mut V
             let _ = write!(msg, "{step} failed: {fail:?}");
             resp.set_message(msg.as_str());
         }
-        Err(HwError::EntryCheck { violation, fail, exit_reason }) => {
+        Err(HwError::EntryCheck {
+            violation,
+            fail,
+            exit_reason,
+        }) => {
             resp.kind = k::ERROR;
             resp.reason = exit_reason & 0xffff;
             resp.code = match fail {
                 Some(VmFail::Valid(e)) => e.into(),
                 _ => 0,
             };
-            let who = if fail.is_some() || exit_reason != 0 { "VM entry failed" } else { "VMCS refused before VMLAUNCH" };
+            let who = if fail.is_some() || exit_reason != 0 {
+                "VM entry failed"
+            } else {
+                "VMCS refused before VMLAUNCH"
+            };
             let mut msg = Message::new();
             // Message truncates instead of failing.
             let _ = write!(msg, "{who}: {violation}");
@@ -103,10 +111,16 @@ struct Message {
 
 impl Message {
     fn new() -> Message {
-        Message { buf: [0; MESSAGE_LEN - 1], len: 0 }
+        Message {
+            buf: [0; MESSAGE_LEN - 1],
+            len: 0,
+        }
     }
     fn as_str(&self) -> &str {
-        self.buf.get(..self.len).and_then(|b| core::str::from_utf8(b).ok()).unwrap_or("")
+        self.buf
+            .get(..self.len)
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .unwrap_or("")
     }
 }
 
@@ -178,8 +192,15 @@ pub fn caps_msr_exists(m: u32, caps: &VmxCaps) -> bool {
 /// The CAPS answer: every MSR of [`CAPS_MSRS`] with its value where it exists and `rdmsr`
 /// read it (`present` bit i), and the dirty-tracking mode the driver chose. `rdmsr` is called
 /// only for MSRs that exist ([`caps_msr_exists`]).
-pub fn caps_resp(caps: &VmxCaps, mode: Mode, rdmsr: &mut dyn FnMut(u32) -> Option<u64>) -> CapsResp {
-    let mut c = CapsResp { mode: mode as u32, ..CapsResp::default() };
+pub fn caps_resp(
+    caps: &VmxCaps,
+    mode: Mode,
+    rdmsr: &mut dyn FnMut(u32) -> Option<u64>,
+) -> CapsResp {
+    let mut c = CapsResp {
+        mode: mode as u32,
+        ..CapsResp::default()
+    };
     for (i, (&m, pair)) in CAPS_MSRS.iter().zip(c.msrs.iter_mut()).enumerate() {
         pair[0] = u64::from(m);
         if caps_msr_exists(m, caps) {
@@ -224,16 +245,33 @@ mod tests {
         fill_run(&mut r, Ok(RunExit::ExitCode(42)), &mut st);
         assert_eq!((r.kind, r.code), (k::EXIT, 42));
         let mut r = RunResp::default();
-        fill_run(&mut r, Ok(RunExit::Mmio { gpa: 0xfee0_0000, write: true }), &mut st);
+        fill_run(
+            &mut r,
+            Ok(RunExit::Mmio {
+                gpa: 0xfee0_0000,
+                write: true,
+            }),
+            &mut st,
+        );
         assert_eq!((r.kind, r.gpa, r.write), (k::MMIO, 0xfee0_0000, 1));
-        assert!(!st.halted, "only a VMX failure halts the vCPU here; the VM halts the others");
+        assert!(
+            !st.halted,
+            "only a VMX failure halts the vCPU here; the VM halts the others"
+        );
     }
 
     #[test]
     fn a_stop_carries_its_reason_and_message() {
         let mut st = VcpuState::new(0);
         let mut r = RunResp::default();
-        fill_run(&mut r, Ok(RunExit::Stopped { reason: 49, what: StopCause::EptMisconfig }), &mut st);
+        fill_run(
+            &mut r,
+            Ok(RunExit::Stopped {
+                reason: 49,
+                what: StopCause::EptMisconfig,
+            }),
+            &mut st,
+        );
         assert_eq!((r.kind, r.reason), (k::ERROR, 49));
         assert_eq!(message(&r), "EPT misconfiguration (a smudge bug)");
     }
@@ -243,12 +281,26 @@ mod tests {
         // SDM 31.4: VM-instruction error 7 = "VM entry with invalid control field(s)".
         let mut st = VcpuState::new(0);
         let mut r = RunResp::default();
-        fill_run(&mut r, Err(HwError::Vmx { step: "vmlaunch", fail: VmFail::Valid(7) }), &mut st);
+        fill_run(
+            &mut r,
+            Err(HwError::Vmx {
+                step: "vmlaunch",
+                fail: VmFail::Valid(7),
+            }),
+            &mut st,
+        );
         assert_eq!((r.kind, r.code), (k::ERROR, 7));
         assert_eq!(message(&r), "vmlaunch failed: Valid(7)");
         assert!(st.halted);
         let mut r = RunResp::default();
-        fill_run(&mut r, Err(HwError::Vmx { step: "vmptrld", fail: VmFail::Invalid }), &mut st);
+        fill_run(
+            &mut r,
+            Err(HwError::Vmx {
+                step: "vmptrld",
+                fail: VmFail::Invalid,
+            }),
+            &mut st,
+        );
         assert_eq!(r.code, u64::MAX);
     }
 
@@ -261,13 +313,28 @@ mod tests {
         let violation = check_entry(&VmcsImage::new(), &VmxCaps::default()).unwrap_err();
         let mut st = VcpuState::new(0);
         let mut r = RunResp::default();
-        fill_run(&mut r, Err(HwError::EntryCheck { violation, fail: None, exit_reason: 0 }), &mut st);
+        fill_run(
+            &mut r,
+            Err(HwError::EntryCheck {
+                violation,
+                fail: None,
+                exit_reason: 0,
+            }),
+            &mut st,
+        );
         assert_eq!((r.kind, r.reason, r.code), (k::ERROR, 0, 0));
         let text = message(&r);
-        assert!(text.starts_with("VMCS refused before VMLAUNCH: ["), "{text}");
+        assert!(
+            text.starts_with("VMCS refused before VMLAUNCH: ["),
+            "{text}"
+        );
         assert!(text.contains(violation.id()), "{text}");
         let mut r = RunResp::default();
-        let failed = HwError::EntryCheck { violation, fail: Some(VmFail::Valid(7)), exit_reason: 0x8000_0021 };
+        let failed = HwError::EntryCheck {
+            violation,
+            fail: Some(VmFail::Valid(7)),
+            exit_reason: 0x8000_0021,
+        };
         fill_run(&mut r, Err(failed), &mut st);
         assert_eq!((r.reason, r.code), (33, 7));
         assert!(message(&r).starts_with("VM entry failed: ["));
@@ -277,7 +344,7 @@ mod tests {
     fn long_messages_are_truncated_on_a_char_boundary_and_terminated() {
         let mut m = Message::new();
         write!(m, "{}", "é".repeat(400)).unwrap(); // 800 bytes of 2-byte chars
-        // MESSAGE_LEN - 1 = 479 bytes of room: 239 whole chars (478 bytes).
+                                                   // MESSAGE_LEN - 1 = 479 bytes of room: 239 whole chars (478 bytes).
         assert_eq!(m.as_str().len(), 478);
         let mut r = RunResp::default();
         r.set_message(m.as_str());
@@ -299,13 +366,19 @@ mod tests {
     }
 
     fn fixtures() -> std::vec::Vec<(String, MsrDump)> {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared-tests/fixtures/vmx-msrs");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared-tests/fixtures/vmx-msrs"
+        );
         let mut out = std::vec::Vec::new();
         for e in std::fs::read_dir(dir).unwrap() {
             let path = e.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().to_string();
             if name.ends_with(".msr") {
-                out.push((name, MsrDump::parse(&std::fs::read_to_string(&path).unwrap()).unwrap()));
+                out.push((
+                    name,
+                    MsrDump::parse(&std::fs::read_to_string(&path).unwrap()).unwrap(),
+                ));
             }
         }
         out
@@ -320,8 +393,12 @@ mod tests {
             let caps = VmxCaps::from_reader(|m| d.msr(m), |l, s| d.cpuid(l, s));
             for m in CAPS_MSRS {
                 match d.msr(m) {
-                    MsrValue::Value(_) => assert!(caps_msr_exists(m, &caps), "{name}: {m:#x} present"),
-                    MsrValue::Absent => assert!(!caps_msr_exists(m, &caps), "{name}: {m:#x} absent"),
+                    MsrValue::Value(_) => {
+                        assert!(caps_msr_exists(m, &caps), "{name}: {m:#x} present")
+                    }
+                    MsrValue::Absent => {
+                        assert!(!caps_msr_exists(m, &caps), "{name}: {m:#x} absent")
+                    }
                     MsrValue::Unknown => {}
                 }
                 checked += 1;
@@ -344,7 +421,11 @@ mod tests {
             for (i, m) in CAPS_MSRS.iter().enumerate() {
                 assert_eq!(c.msrs[i][0], u64::from(*m));
                 let present = c.present & (1 << i) != 0;
-                assert_eq!(present, matches!(d.msr(*m), MsrValue::Value(_)), "{name}: {m:#x}");
+                assert_eq!(
+                    present,
+                    matches!(d.msr(*m), MsrValue::Value(_)),
+                    "{name}: {m:#x}"
+                );
                 if let MsrValue::Value(v) = d.msr(*m) {
                     assert_eq!(c.msrs[i][1], v);
                 }

@@ -63,7 +63,9 @@ pub unsafe fn vmxoff() -> Result<(), VmFail> {
 pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
     let rflags: u64;
     // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
-    unsafe { asm!("vmclear [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags) };
+    unsafe {
+        asm!("vmclear [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags)
+    };
     decode(rflags)
 }
 
@@ -74,7 +76,9 @@ pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
 pub unsafe fn vmptrld(pa: u64) -> Result<(), VmFail> {
     let rflags: u64;
     // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
-    unsafe { asm!("vmptrld [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags) };
+    unsafe {
+        asm!("vmptrld [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = lateout(reg) rflags)
+    };
     decode(rflags)
 }
 
@@ -317,7 +321,9 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 /// Ring 0, an MSR that exists, and a value the host can live with.
 pub unsafe fn wrmsr(msr: u32, value: u64) {
     // SAFETY: caller guarantees ring 0, a valid MSR and a harmless value.
-    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack)) };
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack))
+    };
 }
 
 /// IA32_KERNEL_GS_BASE: not switched by the VMCS, and the guest's SWAPGS (which no control

@@ -73,7 +73,10 @@ impl PagedBitmap {
             match p.alloc_page() {
                 Some(pg) => p.page(dir)[i].store(pg, Relaxed),
                 None => {
-                    let partial = PagedBitmap { dir, bits: i as u64 * BITS_PER_PAGE };
+                    let partial = PagedBitmap {
+                        dir,
+                        bits: i as u64 * BITS_PER_PAGE,
+                    };
                     partial.free(p);
                     return Err(Error::OutOfMemory);
                 }
@@ -158,8 +161,17 @@ pub mod pml {
     /// processor decrements it to 0xFFFF (SDM 29.3.6). The caller then writes back INDEX_RESET.
     ///
     /// The low 12 bits are masked: real processors log 4 KiB-aligned GPAs, Bochs 2.7 does not.
-    pub fn drain<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, buffer: u64, index: u16, mut f: F) -> usize {
-        let first = if index >= ENTRIES { 0 } else { index as usize + 1 };
+    pub fn drain<P: Platform + ?Sized, F: FnMut(u64)>(
+        p: &P,
+        buffer: u64,
+        index: u16,
+        mut f: F,
+    ) -> usize {
+        let first = if index >= ENTRIES {
+            0
+        } else {
+            index as usize + 1
+        };
         let page = p.page(buffer);
         let mut n = 0;
         for i in (first..ENTRIES as usize).rev() {
@@ -182,7 +194,12 @@ pub struct DirtyLog {
 
 impl DirtyLog {
     /// A dirty log for the slot `[base, base + pages * 4 KiB)`.
-    pub fn new<P: Platform + ?Sized>(p: &P, mode: Mode, base: u64, pages: u64) -> Result<DirtyLog, Error> {
+    pub fn new<P: Platform + ?Sized>(
+        p: &P,
+        mode: Mode,
+        base: u64,
+        pages: u64,
+    ) -> Result<DirtyLog, Error> {
         if base % PAGE_SIZE != 0 {
             return Err(Error::Misaligned);
         }
@@ -196,7 +213,12 @@ impl DirtyLog {
             Mode::AdScan => None,
             Mode::Pml | Mode::WriteProtect => Some(PagedBitmap::new(p, pages)?),
         };
-        Ok(DirtyLog { mode, base, pages, bitmap })
+        Ok(DirtyLog {
+            mode,
+            base,
+            pages,
+            bitmap,
+        })
     }
 
     /// The mode.
@@ -236,7 +258,14 @@ impl DirtyLog {
         match self.mode {
             Mode::AdScan | Mode::Pml => {
                 let mut sink = |_: u64, _: u64| {};
-                scan_ad_masks(p, ept, self.base, self.end(), ScanOp::Clear { prune: false }, &mut sink);
+                scan_ad_masks(
+                    p,
+                    ept,
+                    self.base,
+                    self.end(),
+                    ScanOp::Clear { prune: false },
+                    &mut sink,
+                );
             }
             Mode::WriteProtect => {
                 ept.for_each_leaf(p, self.base, self.end(), &mut |_, _, w: &AtomicU64| {
@@ -285,7 +314,9 @@ impl DirtyLog {
         if self.mode != Mode::WriteProtect || !self.contains(gpa) {
             return false;
         }
-        let Some((word, _)) = ept.leaf(p, gpa) else { return false };
+        let Some((word, _)) = ept.leaf(p, gpa) else {
+            return false;
+        };
         let v = word.load(Relaxed);
         if v & SW_WRITABLE == 0 || v & bits::W != 0 {
             return false;
@@ -296,16 +327,28 @@ impl DirtyLog {
 
     /// `KVM_GET_DIRTY_LOG`: ORs nothing, overwrites `out[..pages/64]` with the pages written
     /// since they were last cleared. PML: drain the buffers first. Does not clear.
-    pub fn get<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, out: &mut [u64]) -> Result<(), Error> {
+    pub fn get<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        ept: &Ept,
+        out: &mut [u64],
+    ) -> Result<(), Error> {
         let words = self.pages.div_ceil(64) as usize;
         let out = out.get_mut(..words).ok_or(Error::BitmapTooSmall)?;
         out.fill(0);
         match &self.bitmap {
             None => {
                 let base = self.base;
-                scan_ad_masks(p, ept, self.base, self.end(), ScanOp::Read, &mut |gpa, mask| {
-                    or_mask(out, (gpa - base) / PAGE_SIZE, mask);
-                });
+                scan_ad_masks(
+                    p,
+                    ept,
+                    self.base,
+                    self.end(),
+                    ScanOp::Read,
+                    &mut |gpa, mask| {
+                        or_mask(out, (gpa - base) / PAGE_SIZE, mask);
+                    },
+                );
             }
             Some(b) => {
                 for (w, o) in out.iter_mut().enumerate() {
@@ -319,7 +362,14 @@ impl DirtyLog {
     /// `KVM_CLEAR_DIRTY_LOG`: clears the pages `first + i` for every bit `i` set in `mask`,
     /// `i < num`. `first` and `num` must be multiples of 64 unless the range ends at the slot end.
     /// Re-arms the cleared pages (D cleared, or W removed) and raises the INVEPT obligation.
-    pub fn clear<P: Platform + ?Sized>(&self, p: &P, ept: &mut Ept, first: u64, num: u64, mask: &[u64]) -> Result<(), Error> {
+    pub fn clear<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        ept: &mut Ept,
+        first: u64,
+        num: u64,
+        mask: &[u64],
+    ) -> Result<(), Error> {
         let end = first.checked_add(num).ok_or(Error::InvalidDirtyLogRange)?;
         if first % 64 != 0 || end > self.pages || (num % 64 != 0 && end != self.pages) {
             return Err(Error::InvalidDirtyLogRange);
@@ -330,7 +380,11 @@ impl DirtyLog {
         let mut any = false;
         let mut cache = None;
         for w in 0..num.div_ceil(64) {
-            let valid = if (w + 1) * 64 <= num { u64::MAX } else { (1u64 << (num % 64)) - 1 };
+            let valid = if (w + 1) * 64 <= num {
+                u64::MAX
+            } else {
+                (1u64 << (num % 64)) - 1
+            };
             let m = mask[w as usize] & valid;
             if m == 0 {
                 continue;
@@ -357,7 +411,13 @@ impl DirtyLog {
     /// Re-arms tracking of one page. Returns true if an entry changed. `cache` remembers the
     /// last EPT page table, so re-arming neighbouring pages walks the upper levels once per
     /// 2 MiB instead of once per page.
-    fn rearm<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64, cache: &mut Option<(u64, Option<u64>)>) -> bool {
+    fn rearm<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        ept: &Ept,
+        gpa: u64,
+        cache: &mut Option<(u64, Option<u64>)>,
+    ) -> bool {
         let region = gpa >> 21;
         let table = match *cache {
             Some((r, t)) if r == region => t,
@@ -394,16 +454,28 @@ impl DirtyLog {
 
     /// Get and clear in one pass over the whole slot: `out` receives the pages written since the
     /// last harvest, and they are re-armed. For A/D this is the pruned scan.
-    pub fn harvest<P: Platform + ?Sized>(&self, p: &P, ept: &mut Ept, out: &mut [u64]) -> Result<(), Error> {
+    pub fn harvest<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        ept: &mut Ept,
+        out: &mut [u64],
+    ) -> Result<(), Error> {
         let words = self.pages.div_ceil(64) as usize;
         let out = out.get_mut(..words).ok_or(Error::BitmapTooSmall)?;
         out.fill(0);
         match &self.bitmap {
             None => {
                 let base = self.base;
-                scan_ad_masks(p, ept, self.base, self.end(), ScanOp::Clear { prune: true }, &mut |gpa, mask| {
-                    or_mask(out, (gpa - base) / PAGE_SIZE, mask);
-                });
+                scan_ad_masks(
+                    p,
+                    ept,
+                    self.base,
+                    self.end(),
+                    ScanOp::Clear { prune: true },
+                    &mut |gpa, mask| {
+                        or_mask(out, (gpa - base) / PAGE_SIZE, mask);
+                    },
+                );
             }
             Some(b) => {
                 let mut cache = None;
@@ -414,7 +486,12 @@ impl DirtyLog {
                     while left != 0 {
                         let bit = u64::from(left.trailing_zeros());
                         left &= left - 1;
-                        self.rearm(p, ept, self.base + (w as u64 * 64 + bit) * PAGE_SIZE, &mut cache);
+                        self.rearm(
+                            p,
+                            ept,
+                            self.base + (w as u64 * 64 + bit) * PAGE_SIZE,
+                            &mut cache,
+                        );
                     }
                 }
             }
@@ -459,7 +536,14 @@ fn or_mask(out: &mut [u64], first: u64, mask: u64) {
 
 /// Scans the leaves of `[gpa, end)` for D=1 and reports every dirty 4 KiB page to `f` (a large
 /// leaf reports each of its pages inside the range). See [`scan_ad_masks`].
-pub fn scan_ad<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+pub fn scan_ad<P: Platform + ?Sized, F: FnMut(u64)>(
+    p: &P,
+    ept: &Ept,
+    gpa: u64,
+    end: u64,
+    op: ScanOp,
+    f: &mut F,
+) {
     scan_ad_masks(p, ept, gpa, end, op, &mut |g, mask| {
         let mut m = mask;
         while m != 0 {
@@ -478,7 +562,14 @@ pub fn scan_ad<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, 
 /// it, once caches were invalidated after A was cleared. An upper entry with A=0 has no leaf
 /// below it dirtied since its A was last cleared, and A is only cleared together with every
 /// D below it. A `Read` scan also prunes: it relies on the same invariant.
-pub fn scan_ad_masks<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+pub fn scan_ad_masks<P: Platform + ?Sized, F: FnMut(u64, u64)>(
+    p: &P,
+    ept: &Ept,
+    gpa: u64,
+    end: u64,
+    op: ScanOp,
+    f: &mut F,
+) {
     if gpa < end {
         scan_table(p, ept.pml4(), 4, 0, gpa, end, op, f)
     }
@@ -495,10 +586,23 @@ fn report_range<F: FnMut(u64, u64)>(lo: u64, hi: u64, f: &mut F) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64, op: ScanOp, f: &mut F) {
+fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(
+    p: &P,
+    table: u64,
+    level: u8,
+    base: u64,
+    gpa: u64,
+    end: u64,
+    op: ScanOp,
+    f: &mut F,
+) {
     let span = level_span(level);
     let t = p.page(table);
-    let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+    let first = if gpa > base {
+        ((gpa - base) / span) as usize
+    } else {
+        0
+    };
     let last = (((end - 1 - base) / span) as usize).min(511);
     if level == 1 {
         // The hot loop, 64 leaves at a time: branch-free loads build the mask of dirty present
@@ -584,7 +688,13 @@ fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(p: &P, table: u64, level
 
 /// A naive scan for comparison (benchmarks and tests): reads every leaf of the range, clears D,
 /// no pruning and no A bookkeeping.
-pub fn scan_naive<P: Platform + ?Sized, F: FnMut(u64)>(p: &P, ept: &Ept, gpa: u64, end: u64, f: &mut F) {
+pub fn scan_naive<P: Platform + ?Sized, F: FnMut(u64)>(
+    p: &P,
+    ept: &Ept,
+    gpa: u64,
+    end: u64,
+    f: &mut F,
+) {
     ept.for_each_leaf(p, gpa, end, &mut |g, level, w: &AtomicU64| {
         let v = w.load(Relaxed);
         if v & bits::D != 0 {

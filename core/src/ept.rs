@@ -190,8 +190,13 @@ pub struct EptFeatures {
 
 impl EptFeatures {
     /// Everything on, 46 physical address bits: the host-test default.
-    pub const ALL: EptFeatures =
-        EptFeatures { large_2m: true, large_1g: true, ad: true, execute_only: true, max_phys_bits: 46 };
+    pub const ALL: EptFeatures = EptFeatures {
+        large_2m: true,
+        large_1g: true,
+        ad: true,
+        execute_only: true,
+        max_phys_bits: 46,
+    };
 }
 
 /// The result of a walk ([`Ept::translate`]).
@@ -236,7 +241,14 @@ impl Ept {
     /// An empty EPT (one zeroed PML4 page).
     pub fn new<P: Platform + ?Sized>(p: &P, features: EptFeatures) -> Result<Ept, Error> {
         let pml4 = p.alloc_page().ok_or(Error::OutOfMemory)?;
-        Ok(Ept { pml4, features, tables: 1, needs_invept: false, zombie_head: 0, zombies: 0 })
+        Ok(Ept {
+            pml4,
+            features,
+            tables: 1,
+            needs_invept: false,
+            zombie_head: 0,
+            zombies: 0,
+        })
     }
 
     /// The EPTP for this hierarchy; A/D only when the features allow it and `ad` is asked.
@@ -407,7 +419,13 @@ impl Ept {
     /// Installs a leaf at `level` for `gpa`, creating tables down to it. On allocation failure,
     /// tables created by this call are unlinked and freed (they were never reachable by a
     /// present leaf, so no processor can cache them).
-    fn set_leaf<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, level: u8, leaf: u64) -> Result<(), Error> {
+    fn set_leaf<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        level: u8,
+        leaf: u64,
+    ) -> Result<(), Error> {
         let mut table = self.pml4;
         let mut created: [(u64, u64, usize); 3] = [(0, 0, 0); 3]; // (parent table, child, index)
         let mut ncreated = 0;
@@ -449,10 +467,22 @@ impl Ept {
         self.any_mapped_in(p, self.pml4, 4, 0, gpa, end)
     }
 
-    fn any_mapped_in<P: Platform + ?Sized>(&self, p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64) -> bool {
+    fn any_mapped_in<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        table: u64,
+        level: u8,
+        base: u64,
+        gpa: u64,
+        end: u64,
+    ) -> bool {
         let span = level_span(level);
         let t = Self::table(p, table);
-        let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+        let first = if gpa > base {
+            ((gpa - base) / span) as usize
+        } else {
+            0
+        };
         for i in first..512 {
             let s = base + i as u64 * span;
             if s >= end {
@@ -501,7 +531,11 @@ impl Ept {
     }
 
     /// The leaf entry word for `gpa`, if mapped, with its level.
-    pub fn leaf<'a, P: Platform + ?Sized>(&self, p: &'a P, gpa: u64) -> Option<(&'a AtomicU64, u8)> {
+    pub fn leaf<'a, P: Platform + ?Sized>(
+        &self,
+        p: &'a P,
+        gpa: u64,
+    ) -> Option<(&'a AtomicU64, u8)> {
         if gpa >= GPA_LIMIT {
             return None;
         }
@@ -555,7 +589,10 @@ impl Ept {
         let keep = old.0 & !(bits::ADDR | bits::LARGE);
         let large = if level - 1 > 1 { bits::LARGE } else { 0 };
         for (i, w) in t.iter().enumerate() {
-            w.store(((old.addr() + i as u64 * child_span) & bits::ADDR) | keep | large, Relaxed);
+            w.store(
+                ((old.addr() + i as u64 * child_span) & bits::ADDR) | keep | large,
+                Relaxed,
+            );
         }
         // The new non-leaf keeps the old leaf's accessed flag so the A-pruned scan still visits it.
         let a = old.0 & bits::A;
@@ -565,7 +602,12 @@ impl Ept {
     }
 
     /// Splits every large leaf in `[gpa, gpa+len)` down to 4 KiB leaves.
-    pub fn split_range<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
+    pub fn split_range<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), Error> {
         let end = self.check_range(gpa, len)?;
         let mut g = gpa;
         while g < end {
@@ -609,7 +651,12 @@ impl Ept {
     }
 
     /// Splits the large leaves that contain `gpa` or `end` but do not start there.
-    fn split_edges<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, end: u64) -> Result<(), Error> {
+    fn split_edges<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        end: u64,
+    ) -> Result<(), Error> {
         for edge in [gpa, end] {
             while let Some((_, level)) = self.leaf(p, edge) {
                 if level == 1 || edge % level_span(level) == 0 {
@@ -622,9 +669,21 @@ impl Ept {
     }
 
     /// Returns true if the table became empty.
-    fn unmap_in<P: Platform + ?Sized>(&mut self, p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64) -> bool {
+    fn unmap_in<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        table: u64,
+        level: u8,
+        base: u64,
+        gpa: u64,
+        end: u64,
+    ) -> bool {
         let span = level_span(level);
-        let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+        let first = if gpa > base {
+            ((gpa - base) / span) as usize
+        } else {
+            0
+        };
         for i in first..512 {
             let s = base + i as u64 * span;
             if s >= end {
@@ -643,7 +702,10 @@ impl Ept {
                 self.retire_table(p, e.addr());
             }
         }
-        Self::table(p, table).iter().all(|w| w.load(Relaxed) & bits::RWX == 0) && table != self.pml4
+        Self::table(p, table)
+            .iter()
+            .all(|w| w.load(Relaxed) & bits::RWX == 0)
+            && table != self.pml4
     }
 
     fn retire_table<P: Platform + ?Sized>(&mut self, p: &P, page: u64) {
@@ -656,7 +718,13 @@ impl Ept {
 
     /// Sets the rights of every leaf in `[gpa, gpa+len)` (which must be fully mapped) to `perms`,
     /// splitting large leaves at the edges. Narrowing a right raises the INVEPT obligation.
-    pub fn protect<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64, perms: Perms) -> Result<(), Error> {
+    pub fn protect<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        len: u64,
+        perms: Perms,
+    ) -> Result<(), Error> {
         let end = self.check_range(gpa, len)?;
         self.check_perms(perms)?;
         let mut g = gpa;
@@ -670,10 +738,15 @@ impl Ept {
         let mut g = gpa;
         let mut narrowed = false;
         while g < end {
-            let Some((word, level)) = self.leaf(p, g) else { return Err(Error::NotMapped) };
+            let Some((word, level)) = self.leaf(p, g) else {
+                return Err(Error::NotMapped);
+            };
             let old = word.load(Relaxed);
             let w = if perms.w() { SW_WRITABLE } else { 0 };
-            word.store((old & !(bits::RWX | SW_WRITABLE)) | u64::from(perms.0) | w, Relaxed);
+            word.store(
+                (old & !(bits::RWX | SW_WRITABLE)) | u64::from(perms.0) | w,
+                Relaxed,
+            );
             narrowed |= old & bits::RWX & !u64::from(perms.0) != 0;
             g += level_span(level);
         }
@@ -685,15 +758,34 @@ impl Ept {
 
     /// Calls `f(gpa, level, entry word)` for every present leaf overlapping `[gpa, end)`, in
     /// address order, visiting only present tables.
-    pub fn for_each_leaf<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(&self, p: &P, gpa: u64, end: u64, f: &mut F) {
+    pub fn for_each_leaf<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(
+        &self,
+        p: &P,
+        gpa: u64,
+        end: u64,
+        f: &mut F,
+    ) {
         self.leaves_in(p, self.pml4, 4, 0, gpa, end, f)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn leaves_in<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(&self, p: &P, table: u64, level: u8, base: u64, gpa: u64, end: u64, f: &mut F) {
+    fn leaves_in<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(
+        &self,
+        p: &P,
+        table: u64,
+        level: u8,
+        base: u64,
+        gpa: u64,
+        end: u64,
+        f: &mut F,
+    ) {
         let span = level_span(level);
         let t = Self::table(p, table);
-        let first = if gpa > base { ((gpa - base) / span) as usize } else { 0 };
+        let first = if gpa > base {
+            ((gpa - base) / span) as usize
+        } else {
+            0
+        };
         for (i, word) in t.iter().enumerate().skip(first) {
             let s = base + i as u64 * span;
             if s >= end {

@@ -93,7 +93,10 @@ impl Layout {
 
     /// The contents smudge writes into the reserved region: (GPA, quadword) pairs, produced one
     /// at a time so no buffer is needed. Page tables identity-map 4 GiB with 2 MiB pages.
-    pub fn for_each_system_qword<F: FnMut(u64, u64) -> Result<(), Error>>(&self, mut f: F) -> Result<(), Error> {
+    pub fn for_each_system_qword<F: FnMut(u64, u64) -> Result<(), Error>>(
+        &self,
+        mut f: F,
+    ) -> Result<(), Error> {
         let r = self.reserved_base();
         // PML4[0] -> PDPT; P|RW (SDM Vol. 3A 4.5.4).
         f(r + PML4_OFF, (r + PDPT_OFF) | 0x3)?;
@@ -154,11 +157,15 @@ impl ElfError {
     /// A one-line description.
     pub const fn message(&self) -> &'static str {
         match self {
-            ElfError::Truncated => "guest image truncated: a header or segment lies outside the file",
+            ElfError::Truncated => {
+                "guest image truncated: a header or segment lies outside the file"
+            }
             ElfError::NotElf64X86 => "guest image is not an ELF64 little-endian x86-64 file",
             ElfError::NotExecutable => "guest image is not a static executable (ET_EXEC)",
             ElfError::NoLoadSegment => "guest image has no PT_LOAD segment",
-            ElfError::BadSegment => "guest image has a segment with p_filesz > p_memsz or a wrapping range",
+            ElfError::BadSegment => {
+                "guest image has a segment with p_filesz > p_memsz or a wrapping range"
+            }
             ElfError::SegmentOutOfRange => {
                 "guest image segment lies outside guest RAM or overlaps the reserved top 1 MiB"
             }
@@ -256,7 +263,10 @@ impl<'a> Elf<'a> {
     /// Calls `f` for every PT_LOAD segment with a non-zero memory size.
     pub fn for_each_load<F: FnMut(Segment)>(&self, mut f: F) -> Result<(), ElfError> {
         for i in 0..u64::from(self.phnum) {
-            let ph = self.phoff.checked_add(i * u64::from(self.phentsize)).ok_or(ElfError::Truncated)?;
+            let ph = self
+                .phoff
+                .checked_add(i * u64::from(self.phentsize))
+                .ok_or(ElfError::Truncated)?;
             if u32_at(self.bytes, ph)? != 1 {
                 continue; // not PT_LOAD
             }
@@ -276,6 +286,8 @@ impl<'a> Elf<'a> {
     /// The file bytes of a segment (validated by `parse`).
     pub fn segment_bytes(&self, s: &Segment) -> &'a [u8] {
         let start = s.offset as usize;
-        self.bytes.get(start..start.saturating_add(s.filesz as usize)).unwrap_or(&[])
+        self.bytes
+            .get(start..start.saturating_add(s.filesz as usize))
+            .unwrap_or(&[])
     }
 }

@@ -27,7 +27,12 @@ pub struct HostLeaf {
 /// that maps the page, or `None` if an entry on the way is not present or `read` fails.
 /// `read(pa)` returns the quadword at physical address `pa`. PCID bits and bit 63 of CR3 are
 /// ignored (SDM 4.5: CR3 bits 51:12 locate the top table).
-pub fn walk(cr3: u64, va: u64, la57: bool, read: &mut dyn FnMut(u64) -> Option<u64>) -> Option<HostLeaf> {
+pub fn walk(
+    cr3: u64,
+    va: u64,
+    la57: bool,
+    read: &mut dyn FnMut(u64) -> Option<u64>,
+) -> Option<HostLeaf> {
     let top: u32 = if la57 { 5 } else { 4 };
     let mut table = cr3 & ADDR;
     for level in (1..=top).rev() {
@@ -72,20 +77,41 @@ mod tests {
             (0x4000 + 3 * 8, 0x8000_0000_0ABC_D163),
         ]);
         // CR3 with PCID bits and the no-flush bit 63 set: both ignored.
-        let got = walk(0x8000_0000_0000_1005, va, false, &mut |pa| m.get(&pa).copied());
+        let got = walk(0x8000_0000_0000_1005, va, false, &mut |pa| {
+            m.get(&pa).copied()
+        });
         assert_eq!(got, leaf(0x8000_0000_0ABC_D163, 1));
     }
 
     #[test]
     fn large_pages_stop_the_walk() {
         let va = (0x1F0u64 << 39) | (1 << 30) | (2 << 21);
-        let m = mem(&[(0x1000 + 0x1F0 * 8, 0x2000 | 3), (0x2000 + 8, 0x3000 | 3), (0x3000 + 2 * 8, 0x20_0000 | PS | 3)]);
-        assert_eq!(walk(0x1000, va, false, &mut |pa| m.get(&pa).copied()), leaf(0x20_0000 | PS | 3, 2));
-        let m = mem(&[(0x1000 + 0x1F0 * 8, 0x2000 | 3), (0x2000 + 8, 0x4000_0000 | PS | 3)]);
-        assert_eq!(walk(0x1000, va, false, &mut |pa| m.get(&pa).copied()), leaf(0x4000_0000 | PS | 3, 3));
+        let m = mem(&[
+            (0x1000 + 0x1F0 * 8, 0x2000 | 3),
+            (0x2000 + 8, 0x3000 | 3),
+            (0x3000 + 2 * 8, 0x20_0000 | PS | 3),
+        ]);
+        assert_eq!(
+            walk(0x1000, va, false, &mut |pa| m.get(&pa).copied()),
+            leaf(0x20_0000 | PS | 3, 2)
+        );
+        let m = mem(&[
+            (0x1000 + 0x1F0 * 8, 0x2000 | 3),
+            (0x2000 + 8, 0x4000_0000 | PS | 3),
+        ]);
+        assert_eq!(
+            walk(0x1000, va, false, &mut |pa| m.get(&pa).copied()),
+            leaf(0x4000_0000 | PS | 3, 3)
+        );
         // PS in a PML4E is reserved, not a 512 GiB page: the walk goes on through it.
-        let m = mem(&[(0x1000 + 0x1F0 * 8, 0x2000 | PS | 3), (0x2000 + 8, 0x4000_0000 | PS | 3)]);
-        assert_eq!(walk(0x1000, va, false, &mut |pa| m.get(&pa).copied()), leaf(0x4000_0000 | PS | 3, 3));
+        let m = mem(&[
+            (0x1000 + 0x1F0 * 8, 0x2000 | PS | 3),
+            (0x2000 + 8, 0x4000_0000 | PS | 3),
+        ]);
+        assert_eq!(
+            walk(0x1000, va, false, &mut |pa| m.get(&pa).copied()),
+            leaf(0x4000_0000 | PS | 3, 3)
+        );
     }
 
     #[test]
@@ -108,7 +134,10 @@ mod tests {
             (0x3000, 0x4000 | 1),
             (0x4000 + 5 * 8, 0x7000_0000 | 0x61),
         ]);
-        assert_eq!(walk(0x9000, va, true, &mut |pa| m.get(&pa).copied()), leaf(0x7000_0000 | 0x61, 1));
+        assert_eq!(
+            walk(0x9000, va, true, &mut |pa| m.get(&pa).copied()),
+            leaf(0x7000_0000 | 0x61, 1)
+        );
         // The same tables read as 4-level start at the PML4 (0x9000 is read at index 0x1F0).
         assert_eq!(walk(0x9000, va, false, &mut |pa| m.get(&pa).copied()), None);
     }

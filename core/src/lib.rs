@@ -10,12 +10,12 @@
 pub mod abi;
 pub mod answer;
 pub mod arch;
+pub mod dirty;
+pub mod ept;
 pub mod error;
 pub mod guest;
 pub mod hostpt;
 pub mod platform;
-pub mod ept;
-pub mod dirty;
 pub mod vcpu;
 pub mod vm;
 pub mod vmx;

@@ -91,7 +91,11 @@ impl VcpuPages {
         let [vmcs, pml, msr_bitmap] = pages;
         write_revision_id(p, vmcs, caps);
         write_msr_bitmap(p.page(msr_bitmap));
-        Ok(VcpuPages { vmcs, pml, msr_bitmap })
+        Ok(VcpuPages {
+            vmcs,
+            pml,
+            msr_bitmap,
+        })
     }
 
     /// Frees the pages (each once: the addresses are cleared). The VMCS must be clear on every
@@ -131,14 +135,21 @@ impl Default for PageCache {
 
 impl core::fmt::Debug for PageCache {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("PageCache").field("len", &self.len.get()).field("dry", &self.dry.get()).finish()
+        f.debug_struct("PageCache")
+            .field("len", &self.len.get())
+            .field("dry", &self.dry.get())
+            .finish()
     }
 }
 
 impl PageCache {
     /// An empty cache.
     pub const fn new() -> PageCache {
-        PageCache { pages: [const { Cell::new(0) }; CACHE_PAGES], len: Cell::new(0), dry: Cell::new(false) }
+        PageCache {
+            pages: [const { Cell::new(0) }; CACHE_PAGES],
+            len: Cell::new(0),
+            dry: Cell::new(false),
+        }
     }
 
     /// Pages held.
@@ -228,7 +239,9 @@ mod tests {
         // quadword 130, bit 0) and of the write-high part (byte 3072 + 16, quadword 386, bit 0).
         // FS_BASE 0xC0000100 and GS_BASE 0xC0000101 -> bits 0x100/0x101: byte 1024 + 32
         // (quadword 132, bits 0 and 1) and byte 3072 + 32 (quadword 388).
-        let words: Vec<u64> = (0..512).map(|i| msr_bitmap_word(i, &PASSTHROUGH_MSRS)).collect();
+        let words: Vec<u64> = (0..512)
+            .map(|i| msr_bitmap_word(i, &PASSTHROUGH_MSRS))
+            .collect();
         assert_eq!(words.get(130), Some(&!1));
         assert_eq!(words.get(386), Some(&!1));
         assert_eq!(words.get(132), Some(&!3));
@@ -247,8 +260,9 @@ mod tests {
     fn bitmap_bytes_match_the_sdm_byte_layout() {
         // The same rule seen as bytes, the way the SDM states it: the processor reads byte
         // base + (MSR & 0x1FFF) / 8, bit (MSR & 7); the page is little-endian quadwords.
-        let bytes: Vec<u8> =
-            (0..512).flat_map(|i| msr_bitmap_word(i, &PASSTHROUGH_MSRS).to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..512)
+            .flat_map(|i| msr_bitmap_word(i, &PASSTHROUGH_MSRS).to_le_bytes())
+            .collect();
         let clear = |base: usize, msr: u32| {
             let off = (msr & 0x1FFF) as usize;
             bytes.get(base + off / 8).map(|b| b & (1 << (off % 8)) == 0)

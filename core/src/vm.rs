@@ -79,12 +79,24 @@ pub mod qual {
 impl Vm {
     /// A VM with no memory, tracking dirty pages with `mode`, holding at most `page_limit`
     /// backing pages.
-    pub fn new<P: Platform + ?Sized>(p: &P, features: EptFeatures, mode: Mode, page_limit: u64) -> Result<Vm, Error> {
+    pub fn new<P: Platform + ?Sized>(
+        p: &P,
+        features: EptFeatures,
+        mode: Mode,
+        page_limit: u64,
+    ) -> Result<Vm, Error> {
         if matches!(mode, Mode::AdScan | Mode::Pml) && !features.ad {
             return Err(Error::Unsupported);
         }
         let ept = Ept::new(p, features)?;
-        Ok(Vm { ept, slots: Default::default(), mode, backing: 0, page_limit, layout: None })
+        Ok(Vm {
+            ept,
+            slots: Default::default(),
+            mode,
+            backing: 0,
+            page_limit,
+            layout: None,
+        })
     }
 
     /// The EPT.
@@ -109,7 +121,12 @@ impl Vm {
 
     /// Pages held: backing pages, EPT tables (incl. those waiting for INVEPT), dirty bitmaps.
     pub fn pages_held(&self) -> u64 {
-        let logs: usize = self.slots.iter().flatten().map(|s| s.log.pages_held()).sum();
+        let logs: usize = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| s.log.pages_held())
+            .sum();
         self.backing + (self.ept.tables_in_use() + self.ept.tables_pending_free() + logs) as u64
     }
 
@@ -120,11 +137,19 @@ impl Vm {
 
     /// The slots.
     pub fn slots(&self) -> impl Iterator<Item = (usize, &Slot)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
     }
 
     /// Adds a slot `[base, base+size)`; returns its index.
-    pub fn add_slot<P: Platform + ?Sized>(&mut self, p: &P, base: u64, size: u64) -> Result<usize, Error> {
+    pub fn add_slot<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        base: u64,
+        size: u64,
+    ) -> Result<usize, Error> {
         if base % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
             return Err(Error::Misaligned);
         }
@@ -135,16 +160,29 @@ impl Vm {
         if end > crate::ept::GPA_LIMIT {
             return Err(Error::GpaOutOfRange);
         }
-        if self.slots.iter().flatten().any(|s| base < s.end() && s.base < end) {
+        if self
+            .slots
+            .iter()
+            .flatten()
+            .any(|s| base < s.end() && s.base < end)
+        {
             return Err(Error::Overlap);
         }
-        let idx = self.slots.iter().position(|s| s.is_none()).ok_or(Error::Overlap)?;
+        let idx = self
+            .slots
+            .iter()
+            .position(|s| s.is_none())
+            .ok_or(Error::Overlap)?;
         let mut log = DirtyLog::new(p, self.mode, base, size / PAGE_SIZE)?;
         if let Err(e) = log.enable(p, &mut self.ept) {
             log.free(p);
             return Err(e);
         }
-        self.slots[idx] = Some(Slot { base, pages: size / PAGE_SIZE, log });
+        self.slots[idx] = Some(Slot {
+            base,
+            pages: size / PAGE_SIZE,
+            log,
+        });
         Ok(idx)
     }
 
@@ -165,21 +203,27 @@ impl Vm {
     }
 
     fn slot_of(&self, gpa: u64) -> Option<&Slot> {
-        self.slots.iter().flatten().find(|s| gpa >= s.base && gpa < s.end())
+        self.slots
+            .iter()
+            .flatten()
+            .find(|s| gpa >= s.base && gpa < s.end())
     }
 
     /// Removes slot `idx`, freeing its backing pages. No vCPU of this VM may be in guest mode,
     /// and the caller INVEPTs (the EPT raises the obligation) before any vCPU enters again, so
     /// no stale translation can reach a freed page.
     pub fn remove_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) {
-        let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.take()) else { return };
+        let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.take()) else {
+            return;
+        };
         let mut freed = 0;
         // Backing pages are freed only after INVEPT; collect by unmapping first.
-        self.ept.for_each_leaf(p, slot.base, slot.end(), &mut |_, _, w| {
-            let v = w.load(Relaxed);
-            p.free_page(v & bits::ADDR);
-            freed += 1;
-        });
+        self.ept
+            .for_each_leaf(p, slot.base, slot.end(), &mut |_, _, w| {
+                let v = w.load(Relaxed);
+                p.free_page(v & bits::ADDR);
+                freed += 1;
+            });
         let _ = self.ept.unmap(p, slot.base, slot.pages * PAGE_SIZE);
         self.backing -= freed;
         let (base, end) = (slot.base, slot.end());
@@ -195,9 +239,19 @@ impl Vm {
         if self.backing >= self.page_limit {
             return Fault::LimitReached;
         }
-        let Some(hpa) = p.alloc_page() else { return Fault::OutOfMemory };
+        let Some(hpa) = p.alloc_page() else {
+            return Fault::OutOfMemory;
+        };
         let page = gpa & !(PAGE_SIZE - 1);
-        match self.ept.map(p, page, hpa, PAGE_SIZE, Perms::RWX, MemoryType::WriteBack, false) {
+        match self.ept.map(
+            p,
+            page,
+            hpa,
+            PAGE_SIZE,
+            Perms::RWX,
+            MemoryType::WriteBack,
+            false,
+        ) {
             Ok(()) => {}
             Err(Error::OutOfMemory) => {
                 p.free_page(hpa);
@@ -225,9 +279,16 @@ impl Vm {
     }
 
     /// Handles an EPT violation at `gpa` with exit qualification `qualification`.
-    pub fn on_ept_violation<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, qualification: u64) -> Fault {
+    pub fn on_ept_violation<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        qualification: u64,
+    ) -> Fault {
         let write = qualification & qual::WRITE != 0;
-        let Some(slot) = self.slot_of(gpa) else { return Fault::Mmio { gpa, write } };
+        let Some(slot) = self.slot_of(gpa) else {
+            return Fault::Mmio { gpa, write };
+        };
         if let Some(t) = self.ept.translate(p, gpa) {
             if write && slot.log.on_write_violation(p, &self.ept, gpa) {
                 return Fault::Resolved;
@@ -246,7 +307,12 @@ impl Vm {
 
     /// Writes `data` into guest memory at `gpa`, backing pages as needed. These writes are
     /// smudge's own: they go through the host mapping and never set an EPT dirty flag.
-    pub fn write_guest<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, data: &[u8]) -> Result<(), Error> {
+    pub fn write_guest<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<(), Error> {
         self.check_guest_range(gpa, data.len() as u64)?;
         let mut done = 0usize;
         while done < data.len() {
@@ -261,7 +327,12 @@ impl Vm {
     }
 
     /// Zeroes `[gpa, gpa+len)` in the pages that are backed; unbacked pages read as zero anyway.
-    fn zero_backed<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
+    fn zero_backed<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), Error> {
         self.check_guest_range(gpa, len)?;
         let zeros = [0u8; 512];
         let mut g = gpa;
@@ -291,12 +362,21 @@ impl Vm {
             return Ok(None);
         }
         let mut b = [0u8; 8];
-        self.read_guest(p, layout.reserved_base() + crate::guest::PD_OFF + (gpa >> 21) * 8, &mut b)?;
+        self.read_guest(
+            p,
+            layout.reserved_base() + crate::guest::PD_OFF + (gpa >> 21) * 8,
+            &mut b,
+        )?;
         Ok(Some(u64::from_le_bytes(b)))
     }
 
     /// Reads guest memory at `gpa` into `out`; unbacked pages read as zero.
-    pub fn read_guest<P: Platform + ?Sized>(&self, p: &P, gpa: u64, out: &mut [u8]) -> Result<(), Error> {
+    pub fn read_guest<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        gpa: u64,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
         self.check_guest_range(gpa, out.len() as u64)?;
         let mut done = 0usize;
         while done < out.len() {
@@ -304,7 +384,9 @@ impl Vm {
             let off = (g % PAGE_SIZE) as usize;
             let n = (PAGE_SIZE as usize - off).min(out.len() - done);
             match self.ept.translate(p, g) {
-                Some(t) => platform::read_bytes(p, t.hpa & !(PAGE_SIZE - 1), off, &mut out[done..done + n]),
+                Some(t) => {
+                    platform::read_bytes(p, t.hpa & !(PAGE_SIZE - 1), off, &mut out[done..done + n])
+                }
                 None => out[done..done + n].fill(0),
             }
             done += n;
@@ -332,11 +414,18 @@ impl Vm {
             Fault::LimitReached | Fault::OutOfMemory => return Err(Error::OutOfMemory),
             _ => return Err(Error::GpaOutOfRange),
         }
-        self.ept.translate(p, gpa).map(|t| t.hpa & !(PAGE_SIZE - 1)).ok_or(Error::NotMapped)
+        self.ept
+            .translate(p, gpa)
+            .map(|t| t.hpa & !(PAGE_SIZE - 1))
+            .ok_or(Error::NotMapped)
     }
 
     /// Loads a static ELF64 image into guest RAM; returns its entry point.
-    pub fn load_elf<P: Platform + ?Sized>(&mut self, p: &P, image: &[u8]) -> Result<u64, LoadError> {
+    pub fn load_elf<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        image: &[u8],
+    ) -> Result<u64, LoadError> {
         let layout = self.layout.ok_or(LoadError::Vm(Error::NotMapped))?;
         let elf = Elf::parse(image, &layout).map_err(LoadError::Elf)?;
         let mut res = Ok(());
@@ -366,20 +455,49 @@ impl Vm {
     }
 
     /// `KVM_GET_DIRTY_LOG` for slot `idx`.
-    pub fn get_dirty_log<P: Platform + ?Sized>(&self, p: &P, idx: usize, out: &mut [u64]) -> Result<(), Error> {
-        let s = self.slots.get(idx).and_then(|s| s.as_ref()).ok_or(Error::NotMapped)?;
+    pub fn get_dirty_log<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        idx: usize,
+        out: &mut [u64],
+    ) -> Result<(), Error> {
+        let s = self
+            .slots
+            .get(idx)
+            .and_then(|s| s.as_ref())
+            .ok_or(Error::NotMapped)?;
         s.log.get(p, &self.ept, out)
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` for slot `idx`. The caller INVEPTs if `ept().needs_invept()`.
-    pub fn clear_dirty_log<P: Platform + ?Sized>(&mut self, p: &P, idx: usize, first: u64, num: u64, mask: &[u64]) -> Result<(), Error> {
-        let s = self.slots.get(idx).and_then(|s| s.as_ref()).ok_or(Error::NotMapped)?;
+    pub fn clear_dirty_log<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        idx: usize,
+        first: u64,
+        num: u64,
+        mask: &[u64],
+    ) -> Result<(), Error> {
+        let s = self
+            .slots
+            .get(idx)
+            .and_then(|s| s.as_ref())
+            .ok_or(Error::NotMapped)?;
         s.log.clear(p, &mut self.ept, first, num, mask)
     }
 
     /// Get and clear slot `idx` in one pass. The caller INVEPTs afterwards (required).
-    pub fn harvest<P: Platform + ?Sized>(&mut self, p: &P, idx: usize, out: &mut [u64]) -> Result<(), Error> {
-        let s = self.slots.get(idx).and_then(|s| s.as_ref()).ok_or(Error::NotMapped)?;
+    pub fn harvest<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        idx: usize,
+        out: &mut [u64],
+    ) -> Result<(), Error> {
+        let s = self
+            .slots
+            .get(idx)
+            .and_then(|s| s.as_ref())
+            .ok_or(Error::NotMapped)?;
         s.log.harvest(p, &mut self.ept, out)
     }
 
@@ -642,10 +760,15 @@ impl Vm {
         }
         if exit.reason & (1 << 31) != 0 {
             vcpu.halted = true;
-            return Action::ToUser(RunExit::Stopped { reason: basic, what: StopCause::EntryFailed });
+            return Action::ToUser(RunExit::Stopped {
+                reason: basic,
+                what: StopCause::EntryFailed,
+            });
         }
         match basic {
-            reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER | reason::PML_FULL => Action::Yield,
+            reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER | reason::PML_FULL => {
+                Action::Yield
+            }
             // With the exception bitmap empty, reason 0 is an NMI: the hardware layer hands it to
             // the host; the guest resumes.
             reason::EXCEPTION_NMI => Action::Yield,
@@ -663,7 +786,9 @@ impl Vm {
                 } else if let Some(r) = gpr_mut(gprs, reg) {
                     *r = vcpu.cr8;
                 }
-                Action::Resume { advance: exit.instr_len }
+                Action::Resume {
+                    advance: exit.instr_len,
+                }
             }
             reason::TRIPLE_FAULT => {
                 vcpu.halted = true;
@@ -679,7 +804,9 @@ impl Vm {
                 gprs.rbx = r[1].into();
                 gprs.rcx = r[2].into();
                 gprs.rdx = r[3].into();
-                Action::Resume { advance: exit.instr_len }
+                Action::Resume {
+                    advance: exit.instr_len,
+                }
             }
             reason::VMCALL => match gprs.rax {
                 0 => {
@@ -693,7 +820,9 @@ impl Vm {
                 }
                 _ => {
                     gprs.rax = u64::MAX;
-                    Action::Resume { advance: exit.instr_len }
+                    Action::Resume {
+                        advance: exit.instr_len,
+                    }
                 }
             },
             reason::IO => {
@@ -713,18 +842,28 @@ impl Vm {
                 } else if is_in && !string {
                     // Reads of absent ports see all ones, as on a bus with nothing there.
                     let size = (q & 7) + 1;
-                    let mask = if size >= 4 { 0xffff_ffff } else { (1u64 << (size * 8)) - 1 };
+                    let mask = if size >= 4 {
+                        0xffff_ffff
+                    } else {
+                        (1u64 << (size * 8)) - 1
+                    };
                     gprs.rax = (gprs.rax & !mask) | mask;
                 }
-                Action::Resume { advance: exit.instr_len }
+                Action::Resume {
+                    advance: exit.instr_len,
+                }
             }
             reason::RDMSR => {
                 // Intercepted MSRs read as 0 (the MSR bitmap passes only harmless ones).
                 gprs.rax = 0;
                 gprs.rdx = 0;
-                Action::Resume { advance: exit.instr_len }
+                Action::Resume {
+                    advance: exit.instr_len,
+                }
             }
-            reason::WRMSR | reason::XSETBV => Action::Resume { advance: exit.instr_len },
+            reason::WRMSR | reason::XSETBV => Action::Resume {
+                advance: exit.instr_len,
+            },
             reason::EPT_VIOLATION => match self.on_ept_violation(p, exit.gpa, exit.qualification) {
                 Fault::Resolved => Action::Resume { advance: 0 },
                 Fault::Mmio { gpa, write } => {

@@ -44,17 +44,31 @@ fn expected(op: Op, buf: &[u8]) -> Option<Request> {
             let mem = le64(buf, offset_of!(SetupReq, mem_bytes));
             let vcpus = le32(buf, offset_of!(SetupReq, vcpus));
             let limit = le32(buf, offset_of!(SetupReq, page_limit));
-            if mem % (2 << 20) != 0 || !(MIN_MEM..=MAX_MEM).contains(&mem) || !(1..=MAX_VCPUS).contains(&vcpus) {
+            if mem % (2 << 20) != 0
+                || !(MIN_MEM..=MAX_MEM).contains(&mem)
+                || !(1..=MAX_VCPUS).contains(&vcpus)
+            {
                 return None;
             }
             let pages = mem / 4096;
-            let page_limit = if limit == 0 { pages } else { u64::from(limit).min(pages) };
-            Request::Setup { mode, mem_bytes: mem, vcpus, page_limit }
+            let page_limit = if limit == 0 {
+                pages
+            } else {
+                u64::from(limit).min(pages)
+            };
+            Request::Setup {
+                mode,
+                mem_bytes: mem,
+                vcpus,
+                page_limit,
+            }
         }
         Op::LoadElf => {
             let image = le64(buf, offset_of!(LoadElfReq, image));
             let len = le64(buf, offset_of!(LoadElfReq, len));
-            if le32(buf, offset_of!(LoadElfReq, reserved)) != 0 || !user_range_ok(image, len, MAX_IMAGE) {
+            if le32(buf, offset_of!(LoadElfReq, reserved)) != 0
+                || !user_range_ok(image, len, MAX_IMAGE)
+            {
                 return None;
             }
             Request::LoadElf { image, len }
@@ -84,7 +98,10 @@ fn expected(op: Op, buf: &[u8]) -> Option<Request> {
             let num_pages = le64(buf, offset_of!(ClearDirtyLogReq, num_pages));
             let mask = le64(buf, offset_of!(ClearDirtyLogReq, mask));
             // The mask holds num_pages bits in u64 words.
-            if num_pages == 0 || num_pages > (2 << 20) * 8 || !user_range_ok(mask, num_pages.div_ceil(64) * 8, 2 << 20) {
+            if num_pages == 0
+                || num_pages > (2 << 20) * 8
+                || !user_range_ok(mask, num_pages.div_ceil(64) * 8, 2 << 20)
+            {
                 return None;
             }
             Request::ClearDirtyLog {
@@ -101,7 +118,10 @@ fn expected(op: Op, buf: &[u8]) -> Option<Request> {
                 return None;
             }
             // user_va is 0 or any user address: the driver looks it up in the caller's own tables.
-            Request::Explain { gpa: le64(buf, offset_of!(ExplainReq, gpa)), user_va: le64(buf, offset_of!(ExplainReq, user_va)) }
+            Request::Explain {
+                gpa: le64(buf, offset_of!(ExplainReq, gpa)),
+                user_va: le64(buf, offset_of!(ExplainReq, user_va)),
+            }
         }
         Op::WriteGuest | Op::ReadGuest => {
             let ubuf = le64(buf, offset_of!(MemReq, buf));
@@ -109,7 +129,12 @@ fn expected(op: Op, buf: &[u8]) -> Option<Request> {
             if le32(buf, offset_of!(MemReq, reserved)) != 0 || !user_range_ok(ubuf, len, MAX_COPY) {
                 return None;
             }
-            Request::Mem { gpa: le64(buf, offset_of!(MemReq, gpa)), buf: ubuf, len, write: op == Op::WriteGuest }
+            Request::Mem {
+                gpa: le64(buf, offset_of!(MemReq, gpa)),
+                buf: ubuf,
+                len,
+                write: op == Op::WriteGuest,
+            }
         }
     })
 }
@@ -122,22 +147,41 @@ fn round_trip<T: Wire + PartialEq + core::fmt::Debug + Copy>(buf: &[u8]) {
         assert_eq!(T::from_bytes(buf).err(), Some(AbiError::Truncated));
         return;
     };
-    assert!(buf.len() >= size, "from_bytes accepted {} bytes for a {size}-byte struct", buf.len());
+    assert!(
+        buf.len() >= size,
+        "from_bytes accepted {} bytes for a {size}-byte struct",
+        buf.len()
+    );
     let mut out = vec![0u8; size + 8];
-    let n = x.to_bytes(&mut out).expect("to_bytes into a large enough buffer");
-    assert_eq!(n, size, "encoding length differs from size_of (padding or a missing field)");
-    assert_eq!(&out[..n], &buf[..n], "encode(decode(bytes)) differs from the bytes");
+    let n = x
+        .to_bytes(&mut out)
+        .expect("to_bytes into a large enough buffer");
+    assert_eq!(
+        n, size,
+        "encoding length differs from size_of (padding or a missing field)"
+    );
+    assert_eq!(
+        &out[..n],
+        &buf[..n],
+        "encode(decode(bytes)) differs from the bytes"
+    );
     assert_eq!(T::from_bytes(&out[..n]).expect("decode of an encoding"), x);
     // SAFETY: `x` is a plain-old-data `repr(C)` struct of integers and byte arrays; `n == size`
     // shows the fields cover every byte (no padding), so all `size` bytes are initialized.
     let image = unsafe { core::slice::from_raw_parts((&x as *const T).cast::<u8>(), size) };
-    assert_eq!(&out[..n], image, "wire encoding is not the repr(C) image (little-endian host)");
+    assert_eq!(
+        &out[..n],
+        image,
+        "wire encoding is not the repr(C) image (little-endian host)"
+    );
     assert_eq!(x.to_bytes(&mut out[..size - 1]), Err(AbiError::Truncated));
 }
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
-    let Some((&first, buf)) = data.split_first() else { return };
+    let Some((&first, buf)) = data.split_first() else {
+        return;
+    };
     let op = Op::ALL[usize::from(first) % Op::ALL.len()];
 
     let got = decode(op, buf);

@@ -72,7 +72,10 @@ struct Model {
 
 impl Model {
     fn lookup(&self, gpa: u64) -> Option<(u64, u8, u8)> {
-        self.ivs.iter().find(|i| gpa >= i.start && gpa < i.end).map(|i| (i.hpa + (gpa - i.start), i.perms, i.memtype))
+        self.ivs
+            .iter()
+            .find(|i| gpa >= i.start && gpa < i.end)
+            .map(|i| (i.hpa + (gpa - i.start), i.perms, i.memtype))
     }
     fn overlaps(&self, s: u64, e: u64) -> bool {
         self.ivs.iter().any(|i| s < i.end && i.start < e)
@@ -101,7 +104,11 @@ impl Model {
             for x in [s, e] {
                 if x > cur.start && x < cur.end {
                     out.push(Iv { end: x, ..cur });
-                    cur = Iv { start: x, hpa: cur.hpa + (x - cur.start), ..cur };
+                    cur = Iv {
+                        start: x,
+                        hpa: cur.hpa + (x - cur.start),
+                        ..cur
+                    };
                 }
             }
             out.push(cur);
@@ -125,12 +132,18 @@ impl Model {
 }
 
 fn range_ok(gpa: u64, len: u64) -> bool {
-    gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && len > 0 && gpa.checked_add(len).is_some_and(|e| e <= GPA_LIMIT)
+    gpa % PAGE_SIZE == 0
+        && len % PAGE_SIZE == 0
+        && len > 0
+        && gpa.checked_add(len).is_some_and(|e| e <= GPA_LIMIT)
 }
 
 /// SDM 29.3.3.1: no W without R; execute-only only with the capability; some right.
 fn perms_ok(perms: u8, f: &EptFeatures) -> bool {
-    perms != 0 && perms <= 7 && !(perms & 2 != 0 && perms & 1 == 0) && (perms & 1 != 0 || f.execute_only)
+    perms != 0
+        && perms <= 7
+        && !(perms & 2 != 0 && perms & 1 == 0)
+        && (perms & 1 != 0 || f.execute_only)
 }
 
 struct Run<'p> {
@@ -156,7 +169,11 @@ impl Run<'_> {
                 Some(i) => {
                     let b = if v & 0x40 != 0 { i.end } else { i.start };
                     let d = ((v >> 8) & 0x3ff) << 12;
-                    if v & 0x80 != 0 { b.wrapping_sub(d) } else { b.wrapping_add(d) }
+                    if v & 0x80 != 0 {
+                        b.wrapping_sub(d)
+                    } else {
+                        b.wrapping_add(d)
+                    }
                 }
                 None => v & !0xfff,
             },
@@ -186,7 +203,10 @@ impl Run<'_> {
     fn verdict(&self, what: &str, r: Result<(), Error>, valid: bool) -> bool {
         match r {
             Ok(()) => {
-                assert!(valid, "{what}: accepted, but the documentation says it is invalid");
+                assert!(
+                    valid,
+                    "{what}: accepted, but the documentation says it is invalid"
+                );
                 true
             }
             Err(Error::OutOfMemory) if valid => {
@@ -203,19 +223,39 @@ impl Run<'_> {
     fn check(&mut self, extra: &[u64]) {
         let mut pts: Vec<u64> = extra.to_vec();
         for i in self.model.ivs.iter().take(32) {
-            pts.extend([i.start, i.end - PAGE_SIZE, i.end, i.start + ((i.end - i.start) / 2 & !0xfff), i.start.wrapping_sub(PAGE_SIZE)]);
+            pts.extend([
+                i.start,
+                i.end - PAGE_SIZE,
+                i.end,
+                i.start + ((i.end - i.start) / 2 & !0xfff),
+                i.start.wrapping_sub(PAGE_SIZE),
+            ]);
         }
         for _ in 0..4 {
-            self.salt = self.salt.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let g = match self.model.ivs.get((self.salt >> 40) as usize % (self.model.ivs.len() + 1)) {
+            self.salt = self
+                .salt
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let g = match self
+                .model
+                .ivs
+                .get((self.salt >> 40) as usize % (self.model.ivs.len() + 1))
+            {
                 Some(i) => i.start + (self.salt >> 12) % (i.end - i.start),
                 None => (self.salt >> 16) & 0xff_ffff_ffff,
             };
             pts.push(g);
         }
         for g in pts.into_iter().filter(|&g| g < GPA_LIMIT) {
-            let t = self.ept.translate(self.p, g).map(|t| (t.hpa, t.perms.0, t.entry.memory_type()));
-            assert_eq!(t, self.model.lookup(g), "translation of {g:#x}: EPT (left) vs model (right)");
+            let t = self
+                .ept
+                .translate(self.p, g)
+                .map(|t| (t.hpa, t.perms.0, t.entry.memory_type()));
+            assert_eq!(
+                t,
+                self.model.lookup(g),
+                "translation of {g:#x}: EPT (left) vs model (right)"
+            );
         }
         assert_eq!(
             self.p.live_pages(),
@@ -250,8 +290,18 @@ impl Run<'_> {
                     && perms_ok(perms, &f)
                     && !self.model.overlaps(gpa, gpa + len);
                 let r = self.ept.map(p, gpa, hpa, len, Perms(perms), memtype, large);
-                if self.verdict(&format!("map({gpa:#x}, {hpa:#x}, {len:#x}, {perms}, {memtype:?}, {large})"), r, valid) {
-                    self.model.insert(Iv { start: gpa, end: gpa + len, hpa, perms, memtype: memtype as u8 });
+                if self.verdict(
+                    &format!("map({gpa:#x}, {hpa:#x}, {len:#x}, {perms}, {memtype:?}, {large})"),
+                    r,
+                    valid,
+                ) {
+                    self.model.insert(Iv {
+                        start: gpa,
+                        end: gpa + len,
+                        hpa,
+                        perms,
+                        memtype: memtype as u8,
+                    });
                 }
                 self.check(&[gpa, gpa.wrapping_add(len).wrapping_sub(PAGE_SIZE)]);
             }
@@ -259,7 +309,10 @@ impl Run<'_> {
                 let (gpa, len) = (self.gpa(c)?, Self::len(c)?);
                 let r = self.ept.unmap(p, gpa, len);
                 if self.verdict(&format!("unmap({gpa:#x}, {len:#x})"), r, range_ok(gpa, len)) {
-                    assert!(self.ept.needs_invept(), "unmap must raise the INVEPT obligation");
+                    assert!(
+                        self.ept.needs_invept(),
+                        "unmap must raise the INVEPT obligation"
+                    );
                     self.model.remove(gpa, gpa + len);
                 }
                 self.check(&[gpa, gpa.wrapping_sub(PAGE_SIZE), gpa.wrapping_add(len)]);
@@ -269,13 +322,21 @@ impl Run<'_> {
                 if len > MAX_STEPPED {
                     return Some(());
                 }
-                let valid = range_ok(gpa, len) && perms_ok(perms, &f) && self.model.covered(gpa, gpa + len);
+                let valid =
+                    range_ok(gpa, len) && perms_ok(perms, &f) && self.model.covered(gpa, gpa + len);
                 let narrowing = valid
-                    && self.model.ivs.iter().any(|i| i.start < gpa + len && gpa < i.end && i.perms & !perms != 0);
+                    && self
+                        .model
+                        .ivs
+                        .iter()
+                        .any(|i| i.start < gpa + len && gpa < i.end && i.perms & !perms != 0);
                 let r = self.ept.protect(p, gpa, len, Perms(perms));
                 if self.verdict(&format!("protect({gpa:#x}, {len:#x}, {perms})"), r, valid) {
                     // SDM 29.4.3.4: a narrowed right may be cached, INVEPT is required.
-                    assert!(!narrowing || self.ept.needs_invept(), "narrowing protect without INVEPT obligation");
+                    assert!(
+                        !narrowing || self.ept.needs_invept(),
+                        "narrowing protect without INVEPT obligation"
+                    );
                     self.model.protect(gpa, gpa + len, perms);
                 }
                 self.check(&[gpa, gpa.wrapping_sub(PAGE_SIZE), gpa.wrapping_add(len)]);
@@ -287,10 +348,15 @@ impl Run<'_> {
                     Ok(split) => {
                         assert!(mapped, "split({gpa:#x}) of an unmapped address succeeded");
                         if split {
-                            assert!(self.ept.needs_invept(), "split must raise the INVEPT obligation");
+                            assert!(
+                                self.ept.needs_invept(),
+                                "split must raise the INVEPT obligation"
+                            );
                         }
                     }
-                    Err(Error::NotMapped) => assert!(!mapped, "split({gpa:#x}): NotMapped on a mapped address"),
+                    Err(Error::NotMapped) => {
+                        assert!(!mapped, "split({gpa:#x}): NotMapped on a mapped address")
+                    }
                     Err(Error::OutOfMemory) => assert!(mapped && self.faults),
                     Err(e) => panic!("split({gpa:#x}): {e:?}"),
                 }
@@ -302,7 +368,11 @@ impl Run<'_> {
                     return Some(());
                 }
                 let r = self.ept.split_range(p, gpa, len);
-                self.verdict(&format!("split_range({gpa:#x}, {len:#x})"), r, range_ok(gpa, len));
+                self.verdict(
+                    &format!("split_range({gpa:#x}, {len:#x})"),
+                    r,
+                    range_ok(gpa, len),
+                );
                 if r.is_ok() {
                     let mut g = gpa;
                     while g < gpa + len {
@@ -341,7 +411,9 @@ impl Run<'_> {
 /// Runs one input.
 pub fn run(data: &[u8]) {
     let mut c = Cursor::new(data);
-    let (Some(fb), Some(mpb), Some(salt)) = (c.u8(), c.u8(), c.u64()) else { return };
+    let (Some(fb), Some(mpb), Some(salt)) = (c.u8(), c.u8(), c.u64()) else {
+        return;
+    };
     let f = EptFeatures {
         ad: fb & 1 != 0,
         large_2m: fb & 2 != 0,
@@ -351,7 +423,14 @@ pub fn run(data: &[u8]) {
     };
     let p = MockPlatform::new();
     let ept = Ept::new(&p, f).expect("EPT");
-    let mut run = Run { p: &p, ept, f, model: Model::default(), faults: false, salt };
+    let mut run = Run {
+        p: &p,
+        ept,
+        f,
+        model: Model::default(),
+        faults: false,
+        salt,
+    };
     for _ in 0..MAX_OPS {
         if run.step(&mut c).is_none() {
             break;

@@ -150,9 +150,17 @@ impl Shadow {
         for (page, off, at, n) in page_chunks(gpa, out.len() as u64) {
             let got = &out[at..at + n];
             match self.pages.get(&page) {
-                Some(pg) => assert_eq!(got, &pg[off..off + n], "guest memory at {:#x} differs from what was written", page + off as u64),
+                Some(pg) => assert_eq!(
+                    got,
+                    &pg[off..off + n],
+                    "guest memory at {:#x} differs from what was written",
+                    page + off as u64
+                ),
                 None if self.is_unknown(page) => {}
-                None => assert!(got.iter().all(|&b| b == 0), "never-written guest memory at {page:#x} is not zero"),
+                None => assert!(
+                    got.iter().all(|&b| b == 0),
+                    "never-written guest memory at {page:#x} is not zero"
+                ),
             }
         }
     }
@@ -175,11 +183,15 @@ struct Run<'p> {
 }
 
 fn slot_range(vm: &Vm, idx: usize) -> Option<(u64, u64)> {
-    vm.slots().find(|&(i, _)| i == idx).map(|(_, s)| (s.base, s.end()))
+    vm.slots()
+        .find(|&(i, _)| i == idx)
+        .map(|(_, s)| (s.base, s.end()))
 }
 
 fn slot_of(vm: &Vm, gpa: u64) -> Option<(u64, u64)> {
-    vm.slots().map(|(_, s)| (s.base, s.end())).find(|&(b, e)| gpa >= b && gpa < e)
+    vm.slots()
+        .map(|(_, s)| (s.base, s.end()))
+        .find(|&(b, e)| gpa >= b && gpa < e)
 }
 
 impl<'p> Run<'p> {
@@ -207,8 +219,15 @@ impl<'p> Run<'p> {
 
     fn check_accounting(&self) {
         let live = self.p.live_pages();
-        assert_eq!(live, self.vm.pages_held() + 2, "platform live pages differ from Vm::pages_held() + 2 harness pages");
-        assert!(self.vm.backing_pages() <= self.page_limit, "backing pages above the page limit");
+        assert_eq!(
+            live,
+            self.vm.pages_held() + 2,
+            "platform live pages differ from Vm::pages_held() + 2 harness pages"
+        );
+        assert!(
+            self.vm.backing_pages() <= self.page_limit,
+            "backing pages above the page limit"
+        );
     }
 
     /// The VM loop's protocol: no guest runs while an INVEPT obligation is pending.
@@ -241,13 +260,19 @@ impl<'p> Run<'p> {
             match self.cpu.access_kind(self.p, self.eptp, gpa, kind) {
                 Ok(_) => {
                     if kind == AccessKind::Write {
-                        assert!(slot_of(&self.vm, gpa).is_some(), "a guest write outside every slot completed");
+                        assert!(
+                            slot_of(&self.vm, gpa).is_some(),
+                            "a guest write outside every slot completed"
+                        );
                         self.written.insert(gpa & !(PAGE_SIZE - 1));
                     }
                     return;
                 }
                 Err(Exit::PmlFull { .. }) => self.drain_pml(),
-                Err(Exit::EptViolation { gpa: g, qualification }) => {
+                Err(Exit::EptViolation {
+                    gpa: g,
+                    qualification,
+                }) => {
                     self.drain_pml();
                     match self.vm.on_ept_violation(self.p, g, qualification) {
                         Fault::Resolved => {}
@@ -264,7 +289,9 @@ impl<'p> Run<'p> {
                             assert!(self.faults, "OutOfMemory without fault injection");
                             return;
                         }
-                        Fault::Unexpected => panic!("guest {kind:?} of {g:#x}: violation the VM cannot explain"),
+                        Fault::Unexpected => {
+                            panic!("guest {kind:?} of {g:#x}: violation the VM cannot explain")
+                        }
                     }
                 }
                 Err(e) => panic!("guest {kind:?} of {gpa:#x}: {e:?}"),
@@ -275,23 +302,36 @@ impl<'p> Run<'p> {
 
     fn bitmap_words(&self, c: &mut Cursor, idx: usize) -> Option<usize> {
         let d = c.u8()?;
-        let pages = self.vm.slots().find(|&(i, _)| i == idx).map_or(64, |(_, s)| s.pages);
+        let pages = self
+            .vm
+            .slots()
+            .find(|&(i, _)| i == idx)
+            .map_or(64, |(_, s)| s.pages);
         Some((pages.div_ceil(64) as usize + usize::from(d % 3)).saturating_sub(1))
     }
 
     fn check_bitmap(&self, idx: usize, out: &[u64]) {
-        let Some((b, e)) = slot_range(&self.vm, idx) else { return };
+        let Some((b, e)) = slot_range(&self.vm, idx) else {
+            return;
+        };
         let pages = (e - b) / PAGE_SIZE;
         for (w, &v) in out.iter().enumerate() {
             let first = w as u64 * 64;
             if first + 64 > pages {
-                let valid = if first >= pages { 0 } else { (1u64 << (pages - first)) - 1 };
+                let valid = if first >= pages {
+                    0
+                } else {
+                    (1u64 << (pages - first)) - 1
+                };
                 assert_eq!(v & !valid, 0, "dirty bits beyond the slot's {pages} pages");
             }
         }
         for &g in self.written.range(b..e) {
             let i = (g - b) / PAGE_SIZE;
-            assert!(out[(i / 64) as usize] & (1 << (i % 64)) != 0, "lost dirty page {g:#x}: written by the guest, not reported");
+            assert!(
+                out[(i / 64) as usize] & (1 << (i % 64)) != 0,
+                "lost dirty page {g:#x}: written by the guest, not reported"
+            );
         }
     }
 
@@ -311,7 +351,9 @@ impl<'p> Run<'p> {
                         self.shadow.tainted.push((size - RESERVED, size));
                     }
                     // The system area needs 8 backing pages (page tables, GDT, TSS).
-                    Err(Error::OutOfMemory) if ok => assert!(self.faults || self.vm.backing_pages() + 8 > self.page_limit),
+                    Err(Error::OutOfMemory) if ok => {
+                        assert!(self.faults || self.vm.backing_pages() + 8 > self.page_limit)
+                    }
                     Err(e) => assert!(!ok, "add_ram({size:#x}) refused a valid request: {e:?}"),
                 }
             }
@@ -322,7 +364,9 @@ impl<'p> Run<'p> {
                     0 => vb,
                     1 => (vb & 0xffff_ffff) << 12,
                     2 => (vb & 0x7ff) << 21,
-                    _ => r.get((vb % 8) as usize).map_or(0, |&(_, e)| e) + (((vb >> 8) & 0xff) << 12),
+                    _ => {
+                        r.get((vb % 8) as usize).map_or(0, |&(_, e)| e) + (((vb >> 8) & 0xff) << 12)
+                    }
                 };
                 let size = match ks % 4 {
                     0 => vs,
@@ -339,11 +383,17 @@ impl<'p> Run<'p> {
                     && r.len() < MAX_SLOTS;
                 match self.vm.add_slot(p, base, size) {
                     Ok(i) => {
-                        assert!(ok, "add_slot({base:#x}, {size:#x}) accepted an invalid slot");
+                        assert!(
+                            ok,
+                            "add_slot({base:#x}, {size:#x}) accepted an invalid slot"
+                        );
                         assert_eq!(slot_range(&self.vm, i), Some((base, base + size)));
                     }
                     Err(Error::OutOfMemory) if ok => assert!(self.faults),
-                    Err(e) => assert!(!ok, "add_slot({base:#x}, {size:#x}) refused a valid slot: {e:?}"),
+                    Err(e) => assert!(
+                        !ok,
+                        "add_slot({base:#x}, {size:#x}) refused a valid slot: {e:?}"
+                    ),
                 }
             }
             op::REMOVE_SLOT => {
@@ -354,7 +404,10 @@ impl<'p> Run<'p> {
                 if let Some((b, e)) = range {
                     self.shadow.drop_range(b, e);
                     self.written.retain(|&g| g < b || g >= e);
-                    assert!(self.vm.ept().translate(p, b).is_none() && self.vm.ept().translate(p, e - PAGE_SIZE).is_none());
+                    assert!(
+                        self.vm.ept().translate(p, b).is_none()
+                            && self.vm.ept().translate(p, e - PAGE_SIZE).is_none()
+                    );
                 }
             }
             op::VIOLATION => {
@@ -363,8 +416,16 @@ impl<'p> Run<'p> {
                 let mapped_before = self.vm.ept().translate(p, gpa).is_some();
                 let f = self.vm.on_ept_violation(p, gpa, q);
                 match slot_of(&self.vm, gpa) {
-                    None => assert_eq!(f, Fault::Mmio { gpa, write: q & 2 != 0 }),
-                    Some(_) if mapped_before => assert_eq!(f, Fault::Resolved, "violation on a backed page at {gpa:#x}"),
+                    None => assert_eq!(
+                        f,
+                        Fault::Mmio {
+                            gpa,
+                            write: q & 2 != 0
+                        }
+                    ),
+                    Some(_) if mapped_before => {
+                        assert_eq!(f, Fault::Resolved, "violation on a backed page at {gpa:#x}")
+                    }
                     Some(_) => match f {
                         Fault::Resolved => assert!(self.vm.ept().translate(p, gpa).is_some()),
                         Fault::LimitReached => assert!(self.vm.backing_pages() >= self.page_limit),
@@ -377,16 +438,31 @@ impl<'p> Run<'p> {
                 let gpa = self.gpa(c)?;
                 let l = c.u32()?;
                 let fill = c.u8()?;
-                let len = if l >> 31 == 0 { l & 0xffff } else { l & 0x1f_ffff } as usize;
-                let data: Vec<u8> = (0..len).map(|i| fill ^ (i as u8) ^ ((i >> 8) as u8).rotate_left(3)).collect();
-                let valid = len == 0 || gpa.checked_add(len as u64).is_some_and(|end| slot_of(&self.vm, gpa).is_some_and(|(_, e)| end <= e));
+                let len = if l >> 31 == 0 {
+                    l & 0xffff
+                } else {
+                    l & 0x1f_ffff
+                } as usize;
+                let data: Vec<u8> = (0..len)
+                    .map(|i| fill ^ (i as u8) ^ ((i >> 8) as u8).rotate_left(3))
+                    .collect();
+                let valid = len == 0
+                    || gpa
+                        .checked_add(len as u64)
+                        .is_some_and(|end| slot_of(&self.vm, gpa).is_some_and(|(_, e)| end <= e));
                 match self.vm.write_guest(p, gpa, &data) {
                     Ok(()) => {
-                        assert!(valid, "write_guest({gpa:#x}, {len}) outside a slot accepted");
+                        assert!(
+                            valid,
+                            "write_guest({gpa:#x}, {len}) outside a slot accepted"
+                        );
                         self.shadow.write(gpa, &data);
                     }
                     Err(e) => {
-                        assert!(!valid || e == Error::OutOfMemory, "write_guest({gpa:#x}, {len}): {e:?}");
+                        assert!(
+                            !valid || e == Error::OutOfMemory,
+                            "write_guest({gpa:#x}, {len}): {e:?}"
+                        );
                         if valid {
                             self.shadow.forget(gpa, len as u64);
                         }
@@ -397,7 +473,10 @@ impl<'p> Run<'p> {
                 let gpa = self.gpa(c)?;
                 let len = (c.u32()? & 0x1f_ffff) as usize;
                 let mut out = vec![0xa5u8; len];
-                let valid = len == 0 || gpa.checked_add(len as u64).is_some_and(|end| slot_of(&self.vm, gpa).is_some_and(|(_, e)| end <= e));
+                let valid = len == 0
+                    || gpa
+                        .checked_add(len as u64)
+                        .is_some_and(|end| slot_of(&self.vm, gpa).is_some_and(|(_, e)| end <= e));
                 match self.vm.read_guest(p, gpa, &mut out) {
                     Ok(()) => {
                         assert!(valid, "read_guest({gpa:#x}, {len}) outside a slot accepted");
@@ -415,9 +494,16 @@ impl<'p> Run<'p> {
                     self.shadow.tainted.push((0, l.mem_size));
                 }
                 match r {
-                    Ok(entry) => assert_eq!(Some(entry), image.get(24..32).map(|b| u64::from_le_bytes(b.try_into().expect("8")))),
+                    Ok(entry) => assert_eq!(
+                        Some(entry),
+                        image
+                            .get(24..32)
+                            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+                    ),
                     Err(LoadError::Vm(Error::NotMapped)) if layout.is_none() => {}
-                    Err(LoadError::Vm(Error::OutOfMemory)) => assert!(self.faults || self.vm.backing_pages() >= self.page_limit),
+                    Err(LoadError::Vm(Error::OutOfMemory)) => {
+                        assert!(self.faults || self.vm.backing_pages() >= self.page_limit)
+                    }
                     Err(LoadError::Elf(_)) => {}
                     Err(e) => panic!("load_elf: {e:?}"),
                 }
@@ -437,34 +523,58 @@ impl<'p> Run<'p> {
                     (Ok(()), Some((b, e))) => {
                         self.check_bitmap(idx, &out[..((e - b) / PAGE_SIZE).div_ceil(64) as usize]);
                         if code == op::HARVEST {
-                            assert!(self.vm.ept().needs_invept(), "harvest must raise the INVEPT obligation");
+                            assert!(
+                                self.vm.ept().needs_invept(),
+                                "harvest must raise the INVEPT obligation"
+                            );
                             self.written.retain(|&g| g < b || g >= e);
                         }
                     }
                     (Err(Error::NotMapped), None) => {}
-                    (Err(Error::BitmapTooSmall), Some((b, e))) => assert!((words as u64) < ((e - b) / PAGE_SIZE).div_ceil(64)),
-                    (r, range) => panic!("dirty log of slot {idx} ({range:x?}) with {words} words: {r:?}"),
+                    (Err(Error::BitmapTooSmall), Some((b, e))) => {
+                        assert!((words as u64) < ((e - b) / PAGE_SIZE).div_ceil(64))
+                    }
+                    (r, range) => {
+                        panic!("dirty log of slot {idx} ({range:x?}) with {words} words: {r:?}")
+                    }
                 }
             }
             op::CLEAR_LOG => {
                 let idx = usize::from(c.u8()? % 10);
-                let (k, first, num, pat, d) = (c.u8()?, u64::from(c.u32()?), u64::from(c.u32()?), c.u64()?, c.u8()?);
+                let (k, first, num, pat, d) = (
+                    c.u8()?,
+                    u64::from(c.u32()?),
+                    u64::from(c.u32()?),
+                    c.u64()?,
+                    c.u8()?,
+                );
                 let pages = slot_range(&self.vm, idx).map_or(64, |(b, e)| (e - b) / PAGE_SIZE);
-                let first = if k & 1 == 0 { first % (pages / 64 + 1) * 64 } else { first };
+                let first = if k & 1 == 0 {
+                    first % (pages / 64 + 1) * 64
+                } else {
+                    first
+                };
                 let num = match (k >> 1) % 3 {
                     0 => num,
                     1 => pages.saturating_sub(first),
                     _ => (num % 8 + 1) * 64,
                 };
-                let words = (num.div_ceil(64).min(MAX_TRACKED_PAGES / 64 + 2) as usize + usize::from(d % 3)).saturating_sub(1);
+                let words = (num.div_ceil(64).min(MAX_TRACKED_PAGES / 64 + 2) as usize
+                    + usize::from(d % 3))
+                .saturating_sub(1);
                 let mask: Vec<u64> = (0..words).map(|i| pat.rotate_left(i as u32 * 7)).collect();
                 self.drain_pml();
                 let r = self.vm.clear_dirty_log(p, idx, first, num, &mask);
                 let valid_range = first % 64 == 0
-                    && first.checked_add(num).is_some_and(|end| end <= pages && (num % 64 == 0 || end == pages));
+                    && first
+                        .checked_add(num)
+                        .is_some_and(|end| end <= pages && (num % 64 == 0 || end == pages));
                 match (r, slot_range(&self.vm, idx)) {
                     (Ok(()), Some((b, _))) => {
-                        assert!(valid_range && mask.len() as u64 >= num.div_ceil(64), "clear({first}, {num}) accepted");
+                        assert!(
+                            valid_range && mask.len() as u64 >= num.div_ceil(64),
+                            "clear({first}, {num}) accepted"
+                        );
                         for (w, &m) in mask.iter().enumerate().take(num.div_ceil(64) as usize) {
                             let mut m = m;
                             while m != 0 {
@@ -479,8 +589,13 @@ impl<'p> Run<'p> {
                     }
                     (Err(Error::NotMapped), None) => {}
                     (Err(Error::InvalidDirtyLogRange), Some(_)) => assert!(!valid_range),
-                    (Err(Error::BitmapTooSmall), Some(_)) => assert!((mask.len() as u64) < num.div_ceil(64)),
-                    (r, s) => panic!("clear_dirty_log(slot {idx} {s:x?}, {first}, {num}, {} words): {r:?}", mask.len()),
+                    (Err(Error::BitmapTooSmall), Some(_)) => {
+                        assert!((mask.len() as u64) < num.div_ceil(64))
+                    }
+                    (r, s) => panic!(
+                        "clear_dirty_log(slot {idx} {s:x?}, {first}, {num}, {} words): {r:?}",
+                        mask.len()
+                    ),
                 }
             }
             op::INVEPT => self.invept(),
@@ -498,7 +613,8 @@ impl<'p> Run<'p> {
             }
             op::CPU_ACCESS => {
                 let gpa = self.gpa(c)?;
-                let kind = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch][usize::from(c.u8()? % 3)];
+                let kind = [AccessKind::Read, AccessKind::Write, AccessKind::Fetch]
+                    [usize::from(c.u8()? % 3)];
                 self.access(gpa, kind);
             }
             op::CPU_WRITES => {
@@ -516,12 +632,19 @@ impl<'p> Run<'p> {
                     2 => reason::CR_ACCESS,
                     _ => u32::from(r >> 2) | if r & 0x80 != 0 { 1 << 31 } else { 0 },
                 };
-                let info = ExitInfo { reason: basic, qualification: q, gpa, instr_len: 3 };
+                let info = ExitInfo {
+                    reason: basic,
+                    qualification: q,
+                    gpa,
+                    instr_len: 3,
+                };
                 self.gprs.rax = rax;
                 self.gprs.rcx = rcx;
                 self.vcpu.halted = false;
                 let cpuid = |leaf: u32, sub: u32| [leaf, sub, 0xffff_ffff, 0];
-                let _ = self.vm.handle_exit(p, &mut self.vcpu, &info, &mut self.gprs, &cpuid);
+                let _ = self
+                    .vm
+                    .handle_exit(p, &mut self.vcpu, &info, &mut self.gprs, &cpuid);
                 assert!(self.vcpu.console_len <= self.vcpu.console.len());
                 if self.vcpu.console_len == self.vcpu.console.len() {
                     self.vcpu.console_len = 0; // user space took the bytes
@@ -540,7 +663,11 @@ impl<'p> Run<'p> {
                 }
                 // SDM 29.3.6: entries index+1..=511 were logged; an index above 511 (0xFFFF after
                 // the entry at 0) means all 512.
-                let want = if index >= 512 { 512 } else { 511 - usize::from(index) };
+                let want = if index >= 512 {
+                    512
+                } else {
+                    511 - usize::from(index)
+                };
                 assert_eq!(self.vm.pml_drain(p, self.scratch, index), want);
             }
             _ => unreachable!("op code below COUNT"),
@@ -552,7 +679,9 @@ impl<'p> Run<'p> {
 /// Runs one input.
 pub fn run(data: &[u8]) {
     let mut c = Cursor::new(data);
-    let (Some(m), Some(f), Some(limit)) = (c.u8(), c.u8(), c.u32()) else { return };
+    let (Some(m), Some(f), Some(limit)) = (c.u8(), c.u8(), c.u32()) else {
+        return;
+    };
     let mode = [Mode::AdScan, Mode::Pml, Mode::WriteProtect][usize::from(m % 3)];
     let features = EptFeatures {
         ad: f & feat::AD != 0,
@@ -575,18 +704,31 @@ pub fn run(data: &[u8]) {
     }
     let vm = match Vm::new(&p, features, mode, page_limit) {
         Ok(vm) => {
-            assert!(f & feat::FAIL_NEW == 0, "Vm::new succeeded without its page");
+            assert!(
+                f & feat::FAIL_NEW == 0,
+                "Vm::new succeeded without its page"
+            );
             vm
         }
         Err(e) => {
             let unsupported = matches!(mode, Mode::AdScan | Mode::Pml) && !features.ad;
-            assert!(e == if unsupported { Error::Unsupported } else { Error::OutOfMemory }, "Vm::new: {e:?}");
+            assert!(
+                e == if unsupported {
+                    Error::Unsupported
+                } else {
+                    Error::OutOfMemory
+                },
+                "Vm::new: {e:?}"
+            );
             free_harness(&p);
             p.assert_all_freed();
             return;
         }
     };
-    assert!(!(matches!(mode, Mode::AdScan | Mode::Pml) && !features.ad), "A/D mode without A/D accepted");
+    assert!(
+        !(matches!(mode, Mode::AdScan | Mode::Pml) && !features.ad),
+        "A/D mode without A/D accepted"
+    );
     let ad = features.ad && (mode != Mode::WriteProtect || f & feat::AD_FOR_WP != 0);
     let eptp = vm.ept().eptp(ad).0;
     let mut cpu = Cpu::new(features);

@@ -54,7 +54,10 @@ pub struct Image {
 impl Image {
     /// Reads a valid ELF64 image (panics on a file that is not one: the test guests are).
     pub fn new(bytes: Vec<u8>) -> Image {
-        assert!(bytes.len() > 64 && bytes.starts_with(b"\x7fELF"), "not an ELF file");
+        assert!(
+            bytes.len() > 64 && bytes.starts_with(b"\x7fELF"),
+            "not an ELF file"
+        );
         let phoff = rd64(&bytes, ehdr::PHOFF) as usize;
         let phentsize = rd16(&bytes, ehdr::PHENTSIZE) as usize;
         let phnum = rd16(&bytes, ehdr::PHNUM) as usize;
@@ -86,7 +89,9 @@ impl Image {
     fn load_end(&self) -> usize {
         self.loads
             .iter()
-            .map(|&o| (rd64(&self.bytes, o + phdr::OFFSET) + rd64(&self.bytes, o + phdr::FILESZ)) as usize)
+            .map(|&o| {
+                (rd64(&self.bytes, o + phdr::OFFSET) + rd64(&self.bytes, o + phdr::FILESZ)) as usize
+            })
             .max()
             .unwrap_or(0)
     }
@@ -105,36 +110,81 @@ impl Image {
             ("i386".into(), self.with(|b| wr16(b, ehdr::MACHINE, 3))),
             ("et-dyn".into(), self.with(|b| wr16(b, ehdr::TYPE, 3))),
             ("et-rel".into(), self.with(|b| wr16(b, ehdr::TYPE, 1))),
-            ("phentsize-0".into(), self.with(|b| wr16(b, ehdr::PHENTSIZE, 0))),
-            ("phnum-65535".into(), self.with(|b| wr16(b, ehdr::PHNUM, 0xffff))),
-            ("phoff-beyond-file".into(), self.with(|b| {
-                let n = b.len() as u64;
-                wr64(b, ehdr::PHOFF, n + 100)
-            })),
-            ("phoff-wraps".into(), self.with(|b| wr64(b, ehdr::PHOFF, u64::MAX - 10))),
-            ("no-pt-load".into(), self.with(|b| {
-                for &o in &self.loads {
-                    wr32(b, o + phdr::TYPE, 0);
-                }
-            })),
-            ("filesz-above-memsz".into(), self.with(|b| {
-                let m = rd64(b, first + phdr::MEMSZ);
-                wr64(b, first + phdr::FILESZ, m + 1)
-            })),
-            ("offset-wraps".into(), self.with(|b| wr64(b, first + phdr::OFFSET, u64::MAX - 8))),
-            ("offset-beyond-file".into(), self.with(|b| {
-                let n = b.len() as u64;
-                wr64(b, first + phdr::OFFSET, n)
-            })),
-            ("paddr-wraps".into(), self.with(|b| wr64(b, first + phdr::PADDR, u64::MAX - 0xfff))),
-            ("paddr-in-reserved-region".into(), self.with(|b| wr64(b, first + phdr::PADDR, reserved + 0x1000))),
-            ("segment-ends-in-reserved-region".into(), self.with(|b| {
-                wr64(b, first + phdr::PADDR, reserved - 0x10);
-            })),
-            ("paddr-beyond-ram".into(), self.with(|b| wr64(b, first + phdr::PADDR, 3 << 30))),
-            ("memsz-1-tib".into(), self.with(|b| wr64(b, first + phdr::MEMSZ, 1 << 40))),
-            ("entry-outside-segments".into(), self.with(|b| wr64(b, ehdr::ENTRY, 0))),
-            ("entry-beyond-ram".into(), self.with(|b| wr64(b, ehdr::ENTRY, u64::MAX))),
+            (
+                "phentsize-0".into(),
+                self.with(|b| wr16(b, ehdr::PHENTSIZE, 0)),
+            ),
+            (
+                "phnum-65535".into(),
+                self.with(|b| wr16(b, ehdr::PHNUM, 0xffff)),
+            ),
+            (
+                "phoff-beyond-file".into(),
+                self.with(|b| {
+                    let n = b.len() as u64;
+                    wr64(b, ehdr::PHOFF, n + 100)
+                }),
+            ),
+            (
+                "phoff-wraps".into(),
+                self.with(|b| wr64(b, ehdr::PHOFF, u64::MAX - 10)),
+            ),
+            (
+                "no-pt-load".into(),
+                self.with(|b| {
+                    for &o in &self.loads {
+                        wr32(b, o + phdr::TYPE, 0);
+                    }
+                }),
+            ),
+            (
+                "filesz-above-memsz".into(),
+                self.with(|b| {
+                    let m = rd64(b, first + phdr::MEMSZ);
+                    wr64(b, first + phdr::FILESZ, m + 1)
+                }),
+            ),
+            (
+                "offset-wraps".into(),
+                self.with(|b| wr64(b, first + phdr::OFFSET, u64::MAX - 8)),
+            ),
+            (
+                "offset-beyond-file".into(),
+                self.with(|b| {
+                    let n = b.len() as u64;
+                    wr64(b, first + phdr::OFFSET, n)
+                }),
+            ),
+            (
+                "paddr-wraps".into(),
+                self.with(|b| wr64(b, first + phdr::PADDR, u64::MAX - 0xfff)),
+            ),
+            (
+                "paddr-in-reserved-region".into(),
+                self.with(|b| wr64(b, first + phdr::PADDR, reserved + 0x1000)),
+            ),
+            (
+                "segment-ends-in-reserved-region".into(),
+                self.with(|b| {
+                    wr64(b, first + phdr::PADDR, reserved - 0x10);
+                }),
+            ),
+            (
+                "paddr-beyond-ram".into(),
+                self.with(|b| wr64(b, first + phdr::PADDR, 3 << 30)),
+            ),
+            (
+                "memsz-1-tib".into(),
+                self.with(|b| wr64(b, first + phdr::MEMSZ, 1 << 40)),
+            ),
+            (
+                "entry-outside-segments".into(),
+                self.with(|b| wr64(b, ehdr::ENTRY, 0)),
+            ),
+            (
+                "entry-beyond-ram".into(),
+                self.with(|b| wr64(b, ehdr::ENTRY, u64::MAX)),
+            ),
         ];
         // Truncations: inside the header, inside the program headers, inside the segment data.
         let end = self.load_end();
@@ -152,7 +202,9 @@ fn garbage(n: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 56) as u8
         })
         .collect()

@@ -99,10 +99,12 @@ fn sweep_load(t: &mut Tally, s: &mut Survived, image: &[u8]) {
         Err(e) => return t.errno("fault-write-guest", Err(e), 0),
     };
     let buf = Mem::new(1);
-    let r = vm.setup(8 << 20, 1, 0, 0).and_then(|_| match FaultInjection::after(0) {
-        Ok(_f) => vm.mem(true, 0x40_0000, buf.addr(), 64),
-        Err(_) => Err(-1),
-    });
+    let r = vm
+        .setup(8 << 20, 1, 0, 0)
+        .and_then(|_| match FaultInjection::after(0) {
+            Ok(_f) => vm.mem(true, 0x40_0000, buf.addr(), 64),
+            Err(_) => Err(-1),
+        });
     if r == Err(ENOMEM) {
         s.0 += 1;
     }
@@ -120,7 +122,10 @@ fn sweep_run(t: &mut Tally, s: &mut Survived, image: &[u8], label: &str, mode: u
             Ok(v) => v,
             Err(e) => return t.errno(&name, Err(e), 0),
         };
-        if let Err(e) = vm.setup(8 << 20, 1, mode, 0).and_then(|_| vm.load(image).map(|_| ())) {
+        if let Err(e) = vm
+            .setup(8 << 20, 1, mode, 0)
+            .and_then(|_| vm.load(image).map(|_| ()))
+        {
             return t.errno(&name, Err(e), 0);
         }
         let r = match FaultInjection::after(n) {
@@ -136,7 +141,9 @@ fn sweep_run(t: &mut Tally, s: &mut Survived, image: &[u8], label: &str, mode: u
                 points = n;
                 break;
             }
-            Ok((resp, _)) if resp.kind == exit_kind::ERROR && message(&resp).contains("out of memory") => {
+            Ok((resp, _))
+                if resp.kind == exit_kind::ERROR && message(&resp).contains("out of memory") =>
+            {
                 s.0 += 1;
                 if seen.len() < 2 {
                     seen.push(describe(&resp));
@@ -167,17 +174,30 @@ fn page_limit(t: &mut Tally, s: &mut Survived, hog: &[u8]) {
         Ok(v) => v,
         Err(e) => return t.errno("page-limit", Err(e), 0),
     };
-    let r = vm.setup(64 << 20, 1, 0, LIMIT).and_then(|_| vm.load(hog)).and_then(|_| vm.run_to_end(0, 64 << 20));
+    let r = vm
+        .setup(64 << 20, 1, 0, LIMIT)
+        .and_then(|_| vm.load(hog))
+        .and_then(|_| vm.run_to_end(0, 64 << 20));
     let stats = vm.stats();
     match r {
         Ok((resp, console)) => {
             let held = stats.map(|s| s.vm_pages).unwrap_or(u64::MAX);
-            let ok = resp.kind == exit_kind::ERROR && message(&resp).contains("page limit") && resp.reason == 48;
+            let ok = resp.kind == exit_kind::ERROR
+                && message(&resp).contains("page limit")
+                && resp.reason == 48;
             if ok {
                 s.0 += 1;
             }
-            let progress = console.lines().rfind(|l| l.contains(" pages")).unwrap_or("").to_string();
-            t.check("page-limit-600-stops-hog", ok, &format!("{} ({progress}; VM holds {held} pages)", describe(&resp)));
+            let progress = console
+                .lines()
+                .rfind(|l| l.contains(" pages"))
+                .unwrap_or("")
+                .to_string();
+            t.check(
+                "page-limit-600-stops-hog",
+                ok,
+                &format!("{} ({progress}; VM holds {held} pages)", describe(&resp)),
+            );
         }
         Err(e) => t.errno("page-limit-600-stops-hog", Err(e), 0),
     }
@@ -215,9 +235,18 @@ fn run_before_load(t: &mut Tally, s: &mut Survived) {
     match h.join() {
         Ok(Ok((resp, _))) => {
             s.0 += 1;
-            t.pass("run-before-load-elf", &format!("guest ran zeroed RAM from RIP 0 and ended: {}", describe(&resp)));
+            t.pass(
+                "run-before-load-elf",
+                &format!(
+                    "guest ran zeroed RAM from RIP 0 and ended: {}",
+                    describe(&resp)
+                ),
+            );
         }
-        Ok(Err(e)) => t.pass("run-before-load-elf", &format!("interrupted after 20 s, then {}", sys::errno_name(e))),
+        Ok(Err(e)) => t.pass(
+            "run-before-load-elf",
+            &format!("interrupted after 20 s, then {}", sys::errno_name(e)),
+        ),
         Err(_) => t.fail("run-before-load-elf", "thread panicked"),
     }
     drop(vm);
@@ -228,19 +257,31 @@ fn run_before_load(t: &mut Tally, s: &mut Survived) {
 pub fn all(t: &mut Tally, hello: &[u8], hog: &[u8]) -> Survived {
     let mut s = Survived(0);
     if sys::set_param("fail_alloc_after", "-1").is_err() {
-        t.fail("fault-injection", "cannot write /sys/module/smudge/parameters/fail_alloc_after (not root?)");
+        t.fail(
+            "fault-injection",
+            "cannot write /sys/module/smudge/parameters/fail_alloc_after (not root?)",
+        );
         return s;
     }
     for vcpus in [1, 8] {
         sweep_setup(t, &mut s, vcpus);
     }
     sweep_load(t, &mut s, hello);
-    for (label, mode) in [("hello-auto", 0), ("hello-ad", 1), ("hello-pml", 2), ("hello-wp", 3)] {
+    for (label, mode) in [
+        ("hello-auto", 0),
+        ("hello-ad", 1),
+        ("hello-pml", 2),
+        ("hello-wp", 3),
+    ] {
         sweep_run(t, &mut s, hello, label, mode);
     }
     page_limit(t, &mut s, hog);
     run_before_load(t, &mut s);
     let restored = sys::param("fail_alloc_after");
-    t.check("fault-injection-off-again", restored.as_deref() == Some("-1"), &format!("fail_alloc_after = {restored:?}"));
+    t.check(
+        "fault-injection-off-again",
+        restored.as_deref() == Some("-1"),
+        &format!("fail_alloc_after = {restored:?}"),
+    );
     s
 }

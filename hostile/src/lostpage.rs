@@ -122,12 +122,20 @@ pub fn check(out: &str) -> Report {
                 Ok(gfn) if (FIRST..FIRST + 2 * PAGES).contains(&gfn) => {
                     let vcpu = (gfn - FIRST) / PAGES;
                     open.push(writes.len());
-                    writes.push(Write { gfn, lower: lower_of.get(&vcpu).copied().unwrap_or(0), upper: usize::MAX });
+                    writes.push(Write {
+                        gfn,
+                        lower: lower_of.get(&vcpu).copied().unwrap_or(0),
+                        upper: usize::MAX,
+                    });
                 }
                 _ => r.other.push(line.to_string()),
             }
         } else if let Some(rest) = line.strip_prefix("C ") {
-            match rest.split_whitespace().next().and_then(|s| s.parse::<u64>().ok()) {
+            match rest
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 Some(vcpu) => {
                     lower_of.insert(vcpu, harvests.len() + 1);
                 }
@@ -147,20 +155,32 @@ pub fn check(out: &str) -> Report {
     r.union_spurious = harvested.difference(&written).copied().collect();
     for w in &writes {
         if w.upper == usize::MAX {
-            r.lost.push(format!("{:#x} (no harvest after its W line)", w.gfn));
+            r.lost
+                .push(format!("{:#x} (no harvest after its W line)", w.gfn));
             continue;
         }
         if !(w.lower + 1..=w.upper).any(|k| harvests[k - 1].contains(&w.gfn)) {
-            r.lost.push(format!("{:#x} (not in harvests {}..={})", w.gfn, w.lower + 1, w.upper));
+            r.lost.push(format!(
+                "{:#x} (not in harvests {}..={})",
+                w.gfn,
+                w.lower + 1,
+                w.upper
+            ));
         }
-        if harvests[..w.lower.min(harvests.len())].iter().any(|h| h.contains(&w.gfn)) {
+        if harvests[..w.lower.min(harvests.len())]
+            .iter()
+            .any(|h| h.contains(&w.gfn))
+        {
             r.redirtied += 1;
         }
     }
     for (i, h) in harvests.iter().enumerate() {
         let k = i + 1;
         for &g in h {
-            if !writes.iter().any(|w| w.gfn == g && w.lower < k && k <= w.upper) {
+            if !writes
+                .iter()
+                .any(|w| w.gfn == g && w.lower < k && k <= w.upper)
+            {
                 r.spurious.push(format!("{g:#x} in harvest {k}"));
             }
         }
@@ -193,14 +213,22 @@ pub fn main(path: &str) -> bool {
     );
     let show = |what: &str, v: &[String]| {
         if !v.is_empty() {
-            println!("lostpage-check: {what} (first 20 of {}): {:?}", v.len(), &v[..v.len().min(20)]);
+            println!(
+                "lostpage-check: {what} (first 20 of {}): {:?}",
+                v.len(),
+                &v[..v.len().min(20)]
+            );
         }
     };
     show("lost", &r.lost);
     show("spurious", &r.spurious);
     show("other lines", &r.other);
     if !r.union_lost.is_empty() || !r.union_spurious.is_empty() {
-        println!("lostpage-check: union lost {:x?}, union spurious {:x?}", &r.union_lost[..r.union_lost.len().min(20)], &r.union_spurious[..r.union_spurious.len().min(20)]);
+        println!(
+            "lostpage-check: union lost {:x?}, union spurious {:x?}",
+            &r.union_lost[..r.union_lost.len().min(20)],
+            &r.union_spurious[..r.union_spurious.len().min(20)]
+        );
     }
     r.clean()
 }
@@ -219,7 +247,10 @@ mod tests {
         let good = format!("W 400\nC 0 1\n{CP}1024]}}\nW 400\n{EXIT}1024]}}\n");
         let r = check(&good);
         assert!(r.clean(), "{r:?}");
-        assert_eq!((r.writes, r.redirtied, r.harvests, r.end.as_str()), (2, 1, 2, "hlt"));
+        assert_eq!(
+            (r.writes, r.redirtied, r.harvests, r.end.as_str()),
+            (2, 1, 2, "hlt")
+        );
         // The union cannot see this loss; the window check must.
         let lost = format!("W 400\nC 0 1\n{CP}1024]}}\nW 400\n{EXIT}]}}\n");
         let r = check(&lost);
@@ -246,18 +277,36 @@ mod tests {
     #[test]
     fn the_other_vcpus_writes_may_land_in_any_later_harvest() {
         // vCPU 1's write (0x2000) printed before harvest 1 must be in harvest 1.
-        assert!(check(&format!("W 2000\nW 400\nC 0 1\n{CP}1024, 8192]}}\n{EXIT}]}}\n")).clean());
-        assert!(!check(&format!("W 2000\nW 400\nC 0 1\n{CP}1024]}}\n{EXIT}8192]}}\n")).clean());
+        assert!(check(&format!(
+            "W 2000\nW 400\nC 0 1\n{CP}1024, 8192]}}\n{EXIT}]}}\n"
+        ))
+        .clean());
+        assert!(!check(&format!(
+            "W 2000\nW 400\nC 0 1\n{CP}1024]}}\n{EXIT}8192]}}\n"
+        ))
+        .clean());
         // Printed after harvest 1 (its console came back later): harvest 1 or 2 may hold it.
-        assert!(check(&format!("W 400\nC 0 1\n{CP}1024, 8192]}}\nW 2000\n{EXIT}]}}\n")).clean());
-        assert!(check(&format!("W 400\nC 0 1\n{CP}1024]}}\nW 2000\n{EXIT}8192]}}\n")).clean());
+        assert!(check(&format!(
+            "W 400\nC 0 1\n{CP}1024, 8192]}}\nW 2000\n{EXIT}]}}\n"
+        ))
+        .clean());
+        assert!(check(&format!(
+            "W 400\nC 0 1\n{CP}1024]}}\nW 2000\n{EXIT}8192]}}\n"
+        ))
+        .clean());
     }
 
     #[test]
     fn event_fields_parse() {
-        assert_eq!(dirty_gfns("{\"dirty_gfns\":[1, 2,3]}"), Some([1, 2, 3].into()));
+        assert_eq!(
+            dirty_gfns("{\"dirty_gfns\":[1, 2,3]}"),
+            Some([1, 2, 3].into())
+        );
         assert_eq!(dirty_gfns("{\"dirty_gfns\":[]}"), Some(BTreeSet::new()));
         assert_eq!(dirty_gfns("{\"dirty_gfns\":[1,x]}"), None);
-        assert_eq!(string_field("{\"event\":\"exit\",\"reason\":\"hlt\"}", "reason"), Some("hlt"));
+        assert_eq!(
+            string_field("{\"event\":\"exit\",\"reason\":\"hlt\"}", "reason"),
+            Some("hlt")
+        );
     }
 }

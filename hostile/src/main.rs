@@ -39,11 +39,22 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("lostpage-check") {
         let ok = lostpage::main(args.get(2).map_or("", String::as_str));
-        return if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let dir = args.get(1).cloned().unwrap_or_else(|| "/guests".into());
-    let read = |n: &str| std::fs::read(format!("{dir}/{n}")).unwrap_or_else(|e| panic!("cannot read {dir}/{n}: {e}"));
-    let (hello, spin, churn, hog) = (read("hello"), read("hostile_spin"), read("hostile_churn"), read("hostile_hog"));
+    let read = |n: &str| {
+        std::fs::read(format!("{dir}/{n}")).unwrap_or_else(|e| panic!("cannot read {dir}/{n}: {e}"))
+    };
+    let (hello, spin, churn, hog) = (
+        read("hello"),
+        read("hostile_spin"),
+        read("hostile_churn"),
+        read("hostile_hog"),
+    );
     let image = elf::Image::new(hello.clone());
     sys::install_sigalrm();
     let mut t = Tally::default();
@@ -78,7 +89,9 @@ fn main() -> ExitCode {
     match r {
         Ok((resp, console)) => t.check(
             "valid-run-after-everything",
-            resp.kind == exit_kind::EXIT && resp.code == 0 && console.contains("hello from the smudge guest"),
+            resp.kind == exit_kind::EXIT
+                && resp.code == 0
+                && console.contains("hello from the smudge guest"),
             &format!("{}: {}", vm::describe(&resp), console.trim()),
         ),
         Err(e) => t.errno("valid-run-after-everything", Err(e), 0),

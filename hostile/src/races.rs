@@ -34,7 +34,12 @@ struct RunThread {
 
 /// Runs `vcpu` until an errno (other than EBUSY when `tolerate_busy`), a final exit kind, or
 /// `stop` (checked after each INTERRUPTED).
-fn spawn_runner(vm: Arc<Vm>, vcpu: u32, stop: Arc<AtomicBool>, tolerate_busy: bool) -> Arc<RunThread> {
+fn spawn_runner(
+    vm: Arc<Vm>,
+    vcpu: u32,
+    stop: Arc<AtomicBool>,
+    tolerate_busy: bool,
+) -> Arc<RunThread> {
     let st = Arc::new(RunThread::default());
     let s = st.clone();
     thread::spawn(move || {
@@ -42,7 +47,12 @@ fn spawn_runner(vm: Arc<Vm>, vcpu: u32, stop: Arc<AtomicBool>, tolerate_busy: bo
         loop {
             s.runs.fetch_add(1, Ordering::Relaxed);
             match vm.run(vcpu) {
-                Ok(r) if matches!(r.kind, exit_kind::CONSOLE | exit_kind::INTERRUPTED | exit_kind::CHECKPOINT) => {
+                Ok(r)
+                    if matches!(
+                        r.kind,
+                        exit_kind::CONSOLE | exit_kind::INTERRUPTED | exit_kind::CHECKPOINT
+                    ) =>
+                {
                     if stop.load(Ordering::Acquire) {
                         s.kind.store(r.kind as i32, Ordering::Release);
                         break;
@@ -85,8 +95,12 @@ pub fn requests_while_running(t: &mut Tally, churn: &[u8]) {
         Err(e) => return t.errno("race-requests-setup", Err(e), 0),
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let runners: Vec<_> = (0..2).map(|i| spawn_runner(vm.clone(), i, stop.clone(), false)).collect();
-    wait_for(30, || runners.iter().all(|r| r.runs.load(Ordering::Relaxed) > 0));
+    let runners: Vec<_> = (0..2)
+        .map(|i| spawn_runner(vm.clone(), i, stop.clone(), false))
+        .collect();
+    wait_for(30, || {
+        runners.iter().all(|r| r.runs.load(Ordering::Relaxed) > 0)
+    });
     let mut bitmap = vec![0u64; (MEM / 4096 / 64) as usize];
     let mask = vec![u64::MAX; bitmap.len()];
     let page = Mem::new(1);
@@ -100,11 +114,18 @@ pub fn requests_while_running(t: &mut Tally, churn: &[u8]) {
     };
     for i in 0..ROUNDS {
         let r = vm.dirty_log(true, &mut bitmap);
-        dirty += bitmap.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+        dirty += bitmap
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum::<u64>();
         note("harvest", r, 0);
         note("get", vm.dirty_log(false, &mut bitmap), 0);
         note("clear", vm.clear(0, 0, MEM / 4096, mask.as_ptr() as u64), 0);
-        note("explain", vm.explain(0x80_0000 + u64::from(i) * 4096).map(|_| ()), 0);
+        note(
+            "explain",
+            vm.explain(0x80_0000 + u64::from(i) * 4096).map(|_| ()),
+            0,
+        );
         note("stats", vm.stats().map(|_| ()), 0);
         note("read-guest", vm.mem(false, 0x80_0000, page.addr(), 4096), 0);
         note("write-guest", vm.mem(true, 0x20_0000, page.addr(), 4096), 0);
@@ -125,12 +146,27 @@ pub fn requests_while_running(t: &mut Tally, churn: &[u8]) {
     t.check(
         "race-vm-requests-while-2-vcpus-run",
         errors.is_empty() && dirty > 0,
-        &format!("{ops} requests while both vCPUs ran, errors {errors:?}, {dirty} dirty pages harvested"),
+        &format!(
+            "{ops} requests while both vCPUs ran, errors {errors:?}, {dirty} dirty pages harvested"
+        ),
     );
-    let kinds: Vec<String> = runners.iter().map(|r| format!("kind {} errno {}", r.kind.load(Ordering::Acquire), r.errno.load(Ordering::Acquire))).collect();
+    let kinds: Vec<String> = runners
+        .iter()
+        .map(|r| {
+            format!(
+                "kind {} errno {}",
+                r.kind.load(Ordering::Acquire),
+                r.errno.load(Ordering::Acquire)
+            )
+        })
+        .collect();
     t.check(
         "race-vcpus-leave-on-signal",
-        finished && runners.iter().all(|r| r.errno.load(Ordering::Acquire) == 0 && r.kind.load(Ordering::Acquire) == exit_kind::INTERRUPTED as i32),
+        finished
+            && runners.iter().all(|r| {
+                r.errno.load(Ordering::Acquire) == 0
+                    && r.kind.load(Ordering::Acquire) == exit_kind::INTERRUPTED as i32
+            }),
         &format!("RUN threads returned INTERRUPTED: {kinds:?}"),
     );
 }
@@ -160,7 +196,10 @@ pub fn same_vcpu_twice(t: &mut Tally, spin: &[u8]) {
     let finished = interrupt_until_done(&[&a.target, &b.target], 30);
     let busy = a.busy.load(Ordering::Relaxed) + b.busy.load(Ordering::Relaxed);
     let runs = a.runs.load(Ordering::Relaxed) + b.runs.load(Ordering::Relaxed);
-    let errs = [a.errno.load(Ordering::Acquire), b.errno.load(Ordering::Acquire)];
+    let errs = [
+        a.errno.load(Ordering::Acquire),
+        b.errno.load(Ordering::Acquire),
+    ];
     t.check(
         "race-same-vcpu-two-threads",
         finished && busy > 0 && errs == [0, 0],
@@ -195,7 +234,11 @@ pub fn concurrent_setup(t: &mut Tally) {
             bad.push(format!("rep {rep}: {res:?}"));
         }
     }
-    t.check("race-setup-from-two-threads", bad.is_empty(), &format!("{REPS} rounds, each one success and one EBUSY; bad {bad:?}"));
+    t.check(
+        "race-setup-from-two-threads",
+        bad.is_empty(),
+        &format!("{REPS} rounds, each one success and one EBUSY; bad {bad:?}"),
+    );
 }
 
 /// The descriptor is closed while RUN threads and a harvest thread use it. Release must wait for
@@ -207,7 +250,9 @@ pub fn close_while_running(t: &mut Tally, churn: &[u8], spin: &[u8]) {
             Err(e) => return t.errno("race-close-setup", Err(e), 0),
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let runners: Vec<_> = (0..2).map(|i| spawn_runner(vm.clone(), i, stop.clone(), false)).collect();
+        let runners: Vec<_> = (0..2)
+            .map(|i| spawn_runner(vm.clone(), i, stop.clone(), false))
+            .collect();
         // A thread harvesting and explaining in a loop until its descriptor is gone.
         let h = Arc::new(RunThread::default());
         let (hv, hs) = (vm.clone(), h.clone());
@@ -216,24 +261,38 @@ pub fn close_while_running(t: &mut Tally, churn: &[u8], spin: &[u8]) {
             let mut bm = vec![0u64; (MEM / 4096 / 64) as usize];
             loop {
                 hs.runs.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = hv.dirty_log(true, &mut bm).and_then(|_| hv.explain(0x80_0000).map(|_| ())) {
+                if let Err(e) = hv
+                    .dirty_log(true, &mut bm)
+                    .and_then(|_| hv.explain(0x80_0000).map(|_| ()))
+                {
                     hs.errno.store(e, Ordering::Release);
                     break;
                 }
             }
             hs.target.finish();
         });
-        wait_for(30, || runners.iter().all(|r| r.runs.load(Ordering::Relaxed) > 0) && h.runs.load(Ordering::Relaxed) >= 50);
+        wait_for(30, || {
+            runners.iter().all(|r| r.runs.load(Ordering::Relaxed) > 0)
+                && h.runs.load(Ordering::Relaxed) >= 50
+        });
         let closed = vm.close();
         // RUN returns on a signal; its next call finds the descriptor closed.
         let mut targets: Vec<&Target> = runners.iter().map(|r| &r.target).collect();
         targets.push(&h.target);
         let finished = interrupt_until_done(&targets, 30);
-        let errs: Vec<i32> = runners.iter().chain([&h]).map(|r| r.errno.load(Ordering::Acquire)).collect();
+        let errs: Vec<i32> = runners
+            .iter()
+            .chain([&h])
+            .map(|r| r.errno.load(Ordering::Acquire))
+            .collect();
         t.check(
             &format!("race-close-while-running-{label}"),
             closed.is_ok() && finished && errs.iter().all(|&e| e == EBADF),
-            &format!("2 RUN threads and a harvest thread ({} harvests) ended with {:?}", h.runs.load(Ordering::Relaxed), errs.iter().map(|&e| sys::errno_name(e)).collect::<Vec<_>>()),
+            &format!(
+                "2 RUN threads and a harvest thread ({} harvests) ended with {:?}",
+                h.runs.load(Ordering::Relaxed),
+                errs.iter().map(|&e| sys::errno_name(e)).collect::<Vec<_>>()
+            ),
         );
         drop(vm);
         crate::expect_no_pages(t, &format!("race-close-while-running-{label}-pages-freed"));
@@ -263,7 +322,10 @@ pub fn open_close_cycles(t: &mut Tally, hello: &[u8]) {
             })
         })
         .collect();
-    let errs: Vec<i32> = hs.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![-1])).collect();
+    let errs: Vec<i32> = hs
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_else(|_| vec![-1]))
+        .collect();
     t.check(
         "open-close-2x1000-with-200-setups",
         errs.is_empty(),
@@ -278,11 +340,16 @@ pub fn open_close_cycles(t: &mut Tally, hello: &[u8]) {
             vm.run_to_end(0, 4 << 20)
         });
         match r {
-            Ok((resp, console)) if resp.kind == exit_kind::EXIT && resp.code == 0 && console.contains("hello") => {}
+            Ok((resp, console))
+                if resp.kind == exit_kind::EXIT && resp.code == 0 && console.contains("hello") => {}
             Ok((resp, _)) => bad.push(format!("{i}: {}", describe(&resp))),
             Err(e) => bad.push(format!("{i}: {}", sys::errno_name(e))),
         }
     }
-    t.check("open-run-close-20-times", bad.is_empty(), &format!("20 VMs ran hello to exit code 0; bad {bad:?}"));
+    t.check(
+        "open-run-close-20-times",
+        bad.is_empty(),
+        &format!("20 VMs ran hello to exit code 0; bad {bad:?}"),
+    );
     crate::expect_no_pages(t, "open-run-close-pages-freed");
 }

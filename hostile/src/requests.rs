@@ -56,19 +56,35 @@ pub fn numbers(t: &mut Tally, mem: &Mem) {
             ("type-T", with_type(good, b'T')),
             ("windows-code", op.windows_ioctl()),
         ] {
-            t.errno(&format!("ioctl-number-{}-{label}", name(op)), vm.send_raw(cmd, &mut buf), ENOTTY);
+            t.errno(
+                &format!("ioctl-number-{}-{label}", name(op)),
+                vm.send_raw(cmd, &mut buf),
+                ENOTTY,
+            );
         }
     }
     let setup = Op::Setup.linux_ioctl();
     let mut buf = sample(Op::Setup, 0, 0);
     for nr in [0u32, 12, 13, 0x7f, 0xff] {
-        t.errno(&format!("ioctl-number-nr-{nr}"), vm.send_raw((setup & !0xff) | nr, &mut buf), ENOTTY);
+        t.errno(
+            &format!("ioctl-number-nr-{nr}"),
+            vm.send_raw((setup & !0xff) | nr, &mut buf),
+            ENOTTY,
+        );
     }
     // KVM_GET_API_VERSION (_IO(0xAE, 0)) and TCGETS: other drivers' requests.
-    t.errno("ioctl-number-kvm-get-api-version", vm.send_raw(0xae00, &mut buf), ENOTTY);
+    t.errno(
+        "ioctl-number-kvm-get-api-version",
+        vm.send_raw(0xae00, &mut buf),
+        ENOTTY,
+    );
     t.errno("ioctl-number-tcgets", vm.send_raw(0x5401, &mut buf), ENOTTY);
     // The VM is untouched: SETUP still works.
-    t.errno("after-bad-numbers-setup-works", vm.setup(4 << 20, 1, 0, 0), 0);
+    t.errno(
+        "after-bad-numbers-setup-works",
+        vm.setup(4 << 20, 1, 0, 0),
+        0,
+    );
 }
 
 /// The ioctl argument itself: null, unmapped, kernel, wrapping, straddling an inaccessible page.
@@ -88,14 +104,22 @@ pub fn arg_pointers(t: &mut Tally) {
             ("wraps", u64::MAX - 3),
             ("non-canonical", 0x0000_8000_0000_0000),
         ] {
-            t.errno(&format!("arg-{label}-{}", name(op)), sys::ioctl(vm.fd, cmd, arg), EFAULT);
+            t.errno(
+                &format!("arg-{label}-{}", name(op)),
+                sys::ioctl(vm.fd, cmd, arg),
+                EFAULT,
+            );
         }
         // The request runs into an inaccessible page half-way.
         let req = sample(op, 0, 0);
         let n = op.request_size();
         let at = hole.hole() - (n / 2) as u64;
         hole.put(at, &req[..n / 2]);
-        t.errno(&format!("arg-straddles-hole-{}", name(op)), sys::ioctl(vm.fd, cmd, at), EFAULT);
+        t.errno(
+            &format!("arg-straddles-hole-{}", name(op)),
+            sys::ioctl(vm.fd, cmd, at),
+            EFAULT,
+        );
     }
     // Requests that are readable but whose response cannot be written back.
     let ro = Mem::new(1);
@@ -103,10 +127,18 @@ pub fn arg_pointers(t: &mut Tally) {
         let req = version_only(op, VERSION);
         let at = hole.hole() - 4;
         hole.put(at, &req[..4]);
-        t.errno(&format!("response-into-hole-{}", name(op)), sys::ioctl(vm.fd, op.linux_ioctl(), at), EFAULT);
+        t.errno(
+            &format!("response-into-hole-{}", name(op)),
+            sys::ioctl(vm.fd, op.linux_ioctl(), at),
+            EFAULT,
+        );
         ro.put(ro.addr(), &req);
         ro.protect(0, 1, libc::PROT_READ);
-        t.errno(&format!("response-into-read-only-{}", name(op)), sys::ioctl(vm.fd, op.linux_ioctl(), ro.addr()), EFAULT);
+        t.errno(
+            &format!("response-into-read-only-{}", name(op)),
+            sys::ioctl(vm.fd, op.linux_ioctl(), ro.addr()),
+            EFAULT,
+        );
         ro.protect(0, 1, libc::PROT_READ | libc::PROT_WRITE);
     }
     t.errno("after-bad-args-setup-works", vm.setup(4 << 20, 1, 0, 0), 0);
@@ -124,13 +156,28 @@ pub fn fields(t: &mut Tally) {
         for v in [0u32, VERSION + 1, u32::MAX] {
             let mut b = sample(op, a, a);
             b[..4].copy_from_slice(&v.to_le_bytes());
-            t.errno(&format!("version-{v:#x}-{}", name(op)), vm.send(op, &mut b), EINVAL);
+            t.errno(
+                &format!("version-{v:#x}-{}", name(op)),
+                vm.send(op, &mut b),
+                EINVAL,
+            );
         }
     }
-    let setup = |mode: u32, mem_bytes: u64, vcpus: u32| abi::SetupReq { version: VERSION, mode, mem_bytes, vcpus, page_limit: 0 };
+    let setup = |mode: u32, mem_bytes: u64, vcpus: u32| abi::SetupReq {
+        version: VERSION,
+        mode,
+        mem_bytes,
+        vcpus,
+        page_limit: 0,
+    };
     let mut cases: Vec<(String, Op, Vec<u8>, i32)> = Vec::new();
     for mode in [4u32, 0x8000_0000, u32::MAX] {
-        cases.push((format!("setup-mode-{mode:#x}"), Op::Setup, encode(Op::Setup, &setup(mode, 4 << 20, 1)), EINVAL));
+        cases.push((
+            format!("setup-mode-{mode:#x}"),
+            Op::Setup,
+            encode(Op::Setup, &setup(mode, 4 << 20, 1)),
+            EINVAL,
+        ));
     }
     for (label, mem) in [
         ("0", 0u64),
@@ -141,26 +188,99 @@ pub fn fields(t: &mut Tally) {
         ("2pow63", 1 << 63),
         ("max-2mib-multiple", !((2u64 << 20) - 1)),
     ] {
-        cases.push((format!("setup-mem-{label}"), Op::Setup, encode(Op::Setup, &setup(0, mem, 1)), EINVAL));
+        cases.push((
+            format!("setup-mem-{label}"),
+            Op::Setup,
+            encode(Op::Setup, &setup(0, mem, 1)),
+            EINVAL,
+        ));
     }
     for vcpus in [0u32, abi::MAX_VCPUS + 1, u32::MAX] {
-        cases.push((format!("setup-vcpus-{vcpus}"), Op::Setup, encode(Op::Setup, &setup(0, 4 << 20, vcpus)), EINVAL));
+        cases.push((
+            format!("setup-vcpus-{vcpus}"),
+            Op::Setup,
+            encode(Op::Setup, &setup(0, 4 << 20, vcpus)),
+            EINVAL,
+        ));
     }
-    let load = |reserved: u32, image: u64, len: u64| abi::LoadElfReq { version: VERSION, reserved, image, len };
+    let load = |reserved: u32, image: u64, len: u64| abi::LoadElfReq {
+        version: VERSION,
+        reserved,
+        image,
+        len,
+    };
     cases.extend([
-        ("load-elf-reserved-1".to_string(), Op::LoadElf, encode(Op::LoadElf, &load(1, a, 64)), EINVAL),
-        ("load-elf-null-image".into(), Op::LoadElf, encode(Op::LoadElf, &load(0, 0, 64)), EFAULT),
-        ("load-elf-len-0".into(), Op::LoadElf, encode(Op::LoadElf, &load(0, a, 0)), EINVAL),
-        ("load-elf-len-above-max".into(), Op::LoadElf, encode(Op::LoadElf, &load(0, a, MAX_IMAGE + 1)), EINVAL),
-        ("load-elf-len-u64-max".into(), Op::LoadElf, encode(Op::LoadElf, &load(0, a, u64::MAX)), EINVAL),
-        ("load-elf-image-wraps".into(), Op::LoadElf, encode(Op::LoadElf, &load(0, u64::MAX - 100, 4096)), EFAULT),
-        ("explain-reserved".into(), Op::Explain, encode(Op::Explain, &abi::ExplainReq { version: VERSION, reserved: 0x8000_0000, ..Default::default() }), EINVAL),
+        (
+            "load-elf-reserved-1".to_string(),
+            Op::LoadElf,
+            encode(Op::LoadElf, &load(1, a, 64)),
+            EINVAL,
+        ),
+        (
+            "load-elf-null-image".into(),
+            Op::LoadElf,
+            encode(Op::LoadElf, &load(0, 0, 64)),
+            EFAULT,
+        ),
+        (
+            "load-elf-len-0".into(),
+            Op::LoadElf,
+            encode(Op::LoadElf, &load(0, a, 0)),
+            EINVAL,
+        ),
+        (
+            "load-elf-len-above-max".into(),
+            Op::LoadElf,
+            encode(Op::LoadElf, &load(0, a, MAX_IMAGE + 1)),
+            EINVAL,
+        ),
+        (
+            "load-elf-len-u64-max".into(),
+            Op::LoadElf,
+            encode(Op::LoadElf, &load(0, a, u64::MAX)),
+            EINVAL,
+        ),
+        (
+            "load-elf-image-wraps".into(),
+            Op::LoadElf,
+            encode(Op::LoadElf, &load(0, u64::MAX - 100, 4096)),
+            EFAULT,
+        ),
+        (
+            "explain-reserved".into(),
+            Op::Explain,
+            encode(
+                Op::Explain,
+                &abi::ExplainReq {
+                    version: VERSION,
+                    reserved: 0x8000_0000,
+                    ..Default::default()
+                },
+            ),
+            EINVAL,
+        ),
     ]);
     for vcpu in [abi::MAX_VCPUS, u32::MAX] {
-        cases.push((format!("run-vcpu-{vcpu}"), Op::Run, encode(Op::Run, &abi::RunReq { version: VERSION, vcpu }), EINVAL));
+        cases.push((
+            format!("run-vcpu-{vcpu}"),
+            Op::Run,
+            encode(
+                Op::Run,
+                &abi::RunReq {
+                    version: VERSION,
+                    vcpu,
+                },
+            ),
+            EINVAL,
+        ));
     }
     for op in [Op::GetDirtyLog, Op::HarvestDirtyLog] {
-        let d = |bitmap: u64, bitmap_len: u64| abi::DirtyLogReq { version: VERSION, slot: 0, bitmap, bitmap_len };
+        let d = |bitmap: u64, bitmap_len: u64| abi::DirtyLogReq {
+            version: VERSION,
+            slot: 0,
+            bitmap,
+            bitmap_len,
+        };
         for (label, req, want) in [
             ("null-bitmap", d(0, 4096), EFAULT),
             ("len-0", d(a, 0), EINVAL),
@@ -171,17 +291,34 @@ pub fn fields(t: &mut Tally) {
             cases.push((format!("{}-{label}", name(op)), op, encode(op, &req), want));
         }
     }
-    let c = |first_page: u64, num_pages: u64, mask: u64| abi::ClearDirtyLogReq { version: VERSION, slot: 0, first_page, num_pages, mask };
+    let c = |first_page: u64, num_pages: u64, mask: u64| abi::ClearDirtyLogReq {
+        version: VERSION,
+        slot: 0,
+        first_page,
+        num_pages,
+        mask,
+    };
     for (label, req, want) in [
         ("null-mask", c(0, 64, 0), EFAULT),
         ("num-0", c(0, 0, a), EINVAL),
         ("num-u64-max", c(0, u64::MAX, a), EINVAL),
         ("mask-wraps", c(0, 64, u64::MAX - 4), EFAULT),
     ] {
-        cases.push((format!("clear-dirty-log-{label}"), Op::ClearDirtyLog, encode(Op::ClearDirtyLog, &req), want));
+        cases.push((
+            format!("clear-dirty-log-{label}"),
+            Op::ClearDirtyLog,
+            encode(Op::ClearDirtyLog, &req),
+            want,
+        ));
     }
     for op in [Op::ReadGuest, Op::WriteGuest] {
-        let r = |reserved: u32, buf: u64, len: u64| abi::MemReq { version: VERSION, reserved, gpa: 0x200000, buf, len };
+        let r = |reserved: u32, buf: u64, len: u64| abi::MemReq {
+            version: VERSION,
+            reserved,
+            gpa: 0x200000,
+            buf,
+            len,
+        };
         for (label, req, want) in [
             ("reserved-1", r(1, a, 64), EINVAL),
             ("null-buf", r(0, 0, 64), EFAULT),
@@ -195,7 +332,11 @@ pub fn fields(t: &mut Tally) {
     for (label, op, mut b, want) in cases {
         t.errno(&label, vm.send(op, &mut b), want);
     }
-    t.errno("after-bad-fields-setup-works", vm.setup(4 << 20, 1, 0, 0), 0);
+    t.errno(
+        "after-bad-fields-setup-works",
+        vm.setup(4 << 20, 1, 0, 0),
+        0,
+    );
 }
 
 /// Every request before SETUP: the VM does not exist yet.
@@ -208,19 +349,51 @@ pub fn before_setup(t: &mut Tally, hello: &[u8]) {
     let mut bm = vec![0u64; 512];
     t.errno("before-setup-load-elf", vm.load(hello).map(|_| ()), EINVAL);
     t.errno("before-setup-run", vm.run(0).map(|_| ()), EINVAL);
-    t.errno("before-setup-get-dirty-log", vm.dirty_log(false, &mut bm), EINVAL);
-    t.errno("before-setup-harvest-dirty-log", vm.dirty_log(true, &mut bm), EINVAL);
-    t.errno("before-setup-clear-dirty-log", vm.clear(0, 0, 64, m.addr()), EINVAL);
-    t.errno("before-setup-explain", vm.explain(0x100000).map(|_| ()), EINVAL);
-    t.errno("before-setup-read-guest", vm.mem(false, 0x100000, m.addr(), 64), EINVAL);
-    t.errno("before-setup-write-guest", vm.mem(true, 0x100000, m.addr(), 64), EINVAL);
+    t.errno(
+        "before-setup-get-dirty-log",
+        vm.dirty_log(false, &mut bm),
+        EINVAL,
+    );
+    t.errno(
+        "before-setup-harvest-dirty-log",
+        vm.dirty_log(true, &mut bm),
+        EINVAL,
+    );
+    t.errno(
+        "before-setup-clear-dirty-log",
+        vm.clear(0, 0, 64, m.addr()),
+        EINVAL,
+    );
+    t.errno(
+        "before-setup-explain",
+        vm.explain(0x100000).map(|_| ()),
+        EINVAL,
+    );
+    t.errno(
+        "before-setup-read-guest",
+        vm.mem(false, 0x100000, m.addr(), 64),
+        EINVAL,
+    );
+    t.errno(
+        "before-setup-write-guest",
+        vm.mem(true, 0x100000, m.addr(), 64),
+        EINVAL,
+    );
     match vm.stats() {
-        Ok(s) => t.check("before-setup-stats", s.vm_pages == 0 && s.vcpus == 0, &format!("0 (success), vm_pages {}, vcpus {}", s.vm_pages, s.vcpus)),
+        Ok(s) => t.check(
+            "before-setup-stats",
+            s.vm_pages == 0 && s.vcpus == 0,
+            &format!("0 (success), vm_pages {}, vcpus {}", s.vm_pages, s.vcpus),
+        ),
         Err(e) => t.errno("before-setup-stats", Err(e), 0),
     }
     let mut caps = version_only(Op::Caps, VERSION);
     t.errno("before-setup-caps", vm.send(Op::Caps, &mut caps), 0);
-    t.errno("before-setup-then-setup-works", vm.setup(4 << 20, 1, 0, 0), 0);
+    t.errno(
+        "before-setup-then-setup-works",
+        vm.setup(4 << 20, 1, 0, 0),
+        0,
+    );
 }
 
 /// Requests on a set-up VM that break a range, a slot, a bitmap or a user pointer.
@@ -245,24 +418,62 @@ pub fn after_setup(t: &mut Tally, hello: &Image) {
     let ro = Mem::new(1);
     ro.protect(0, 1, libc::PROT_READ);
     for harvest in [false, true] {
-        let n = if harvest { "harvest-dirty-log" } else { "get-dirty-log" };
+        let n = if harvest {
+            "harvest-dirty-log"
+        } else {
+            "get-dirty-log"
+        };
         for slot in [1u32, 7, 8, u32::MAX] {
-            t.errno(&format!("{n}-slot-{slot}"), vm.dirty_log_at(harvest, slot, buf.addr(), bytes), EINVAL);
+            t.errno(
+                &format!("{n}-slot-{slot}"),
+                vm.dirty_log_at(harvest, slot, buf.addr(), bytes),
+                EINVAL,
+            );
         }
-        t.errno(&format!("{n}-bitmap-8-bytes"), vm.dirty_log_at(harvest, 0, buf.addr(), 8), EINVAL);
-        t.errno(&format!("{n}-bitmap-one-word-short"), vm.dirty_log_at(harvest, 0, buf.addr(), bytes - 8), EINVAL);
-        t.errno(&format!("{n}-bitmap-kernel"), vm.dirty_log_at(harvest, 0, KERNEL_PTR, bytes), EFAULT);
-        t.errno(&format!("{n}-bitmap-read-only"), vm.dirty_log_at(harvest, 0, ro.addr(), bytes), EFAULT);
-        t.errno(&format!("{n}-bitmap-straddles-hole"), vm.dirty_log_at(harvest, 0, hole.hole() - bytes / 2, bytes), EFAULT);
-        t.errno(&format!("{n}-bitmap-exact"), vm.dirty_log_at(harvest, 0, buf.addr(), bytes), 0);
+        t.errno(
+            &format!("{n}-bitmap-8-bytes"),
+            vm.dirty_log_at(harvest, 0, buf.addr(), 8),
+            EINVAL,
+        );
+        t.errno(
+            &format!("{n}-bitmap-one-word-short"),
+            vm.dirty_log_at(harvest, 0, buf.addr(), bytes - 8),
+            EINVAL,
+        );
+        t.errno(
+            &format!("{n}-bitmap-kernel"),
+            vm.dirty_log_at(harvest, 0, KERNEL_PTR, bytes),
+            EFAULT,
+        );
+        t.errno(
+            &format!("{n}-bitmap-read-only"),
+            vm.dirty_log_at(harvest, 0, ro.addr(), bytes),
+            EFAULT,
+        );
+        t.errno(
+            &format!("{n}-bitmap-straddles-hole"),
+            vm.dirty_log_at(harvest, 0, hole.hole() - bytes / 2, bytes),
+            EFAULT,
+        );
+        t.errno(
+            &format!("{n}-bitmap-exact"),
+            vm.dirty_log_at(harvest, 0, buf.addr(), bytes),
+            0,
+        );
         // A bitmap_len larger than needed is a capacity: only pages/8 bytes are written.
         buf.put(buf.addr(), &vec![0xaa; 8 * PAGE]);
         let r = vm.dirty_log_at(harvest, 0, buf.addr(), 2 << 20);
-        let untouched = buf.get(buf.addr() + bytes, 8 * PAGE - bytes as usize).iter().all(|&b| b == 0xaa);
+        let untouched = buf
+            .get(buf.addr() + bytes, 8 * PAGE - bytes as usize)
+            .iter()
+            .all(|&b| b == 0xaa);
         t.check(
             &format!("{n}-bitmap-len-2mib-writes-only-pages-bits"),
             r.is_ok() && untouched,
-            &format!("{:?}, bytes past {bytes} untouched: {untouched}", r.map_err(sys::errno_name)),
+            &format!(
+                "{:?}, bytes past {bytes} untouched: {untouched}",
+                r.map_err(sys::errno_name)
+            ),
         );
     }
     let mask = Mem::new(8);
@@ -284,7 +495,11 @@ pub fn after_setup(t: &mut Tally, hello: &Image) {
         ("valid-last-64", 0, PAGES - 64, 64, ma, 0),
         ("valid-whole-slot", 0, 0, PAGES, ma, 0),
     ] {
-        t.errno(&format!("clear-dirty-log-{label}"), vm.clear(slot, first, num, m), want);
+        t.errno(
+            &format!("clear-dirty-log-{label}"),
+            vm.clear(slot, first, num, m),
+            want,
+        );
     }
     for write in [false, true] {
         let n = if write { "write-guest" } else { "read-guest" };
@@ -297,27 +512,64 @@ pub fn after_setup(t: &mut Tally, hello: &Image) {
             ("gpa-2pow48", 1 << 48, b, 64, EINVAL),
             ("buf-kernel", 0x200000, KERNEL_PTR, 64, EFAULT),
             ("buf-straddles-hole", 0x200000, hole.hole() - 32, 64, EFAULT),
-            ("max-copy-into-short-buffer", 0, hole.hole() - 4096, MAX_COPY, EFAULT),
+            (
+                "max-copy-into-short-buffer",
+                0,
+                hole.hole() - 4096,
+                MAX_COPY,
+                EFAULT,
+            ),
         ] {
             t.errno(&format!("{n}-{label}"), vm.mem(write, gpa, ubuf, len), want);
         }
     }
-    t.errno("read-guest-into-read-only-buffer", vm.mem(false, 0x200000, ro.addr(), 64), EFAULT);
-    t.errno("write-guest-from-read-only-buffer", vm.mem(true, 0x200000, ro.addr(), 64), 0);
+    t.errno(
+        "read-guest-into-read-only-buffer",
+        vm.mem(false, 0x200000, ro.addr(), 64),
+        EFAULT,
+    );
+    t.errno(
+        "write-guest-from-read-only-buffer",
+        vm.mem(true, 0x200000, ro.addr(), 64),
+        0,
+    );
     // A round trip across a page boundary into pages never backed before.
-    let data: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     buf.put(buf.addr(), &data);
     let w = vm.mem(true, 0x1f_f800, buf.addr(), 4096);
     buf.put(buf.addr(), &[0u8; 4096]);
     let r = vm.mem(false, 0x1f_f800, buf.addr(), 4096);
     let same = buf.get(buf.addr(), 4096) == data;
-    t.check("write-then-read-guest-round-trip", w.is_ok() && r.is_ok() && same, &format!("write {:?}, read {:?}, bytes equal: {same}", w.err(), r.err()));
+    t.check(
+        "write-then-read-guest-round-trip",
+        w.is_ok() && r.is_ok() && same,
+        &format!(
+            "write {:?}, read {:?}, bytes equal: {same}",
+            w.err(),
+            r.err()
+        ),
+    );
     let big = Mem::new(MAX_COPY as usize / PAGE);
-    t.errno("read-guest-max-copy", vm.mem(false, 0, big.addr(), MAX_COPY), 0);
+    t.errno(
+        "read-guest-max-copy",
+        vm.mem(false, 0, big.addr(), MAX_COPY),
+        0,
+    );
 
-    for (label, gpa) in [("u64-max", u64::MAX), ("ram-end", MEM), ("2pow47", 1u64 << 47), ("unbacked", 0x300_0000)] {
+    for (label, gpa) in [
+        ("u64-max", u64::MAX),
+        ("ram-end", MEM),
+        ("2pow47", 1u64 << 47),
+        ("unbacked", 0x300_0000),
+    ] {
         match vm.explain(gpa) {
-            Ok(x) => t.check(&format!("explain-{label}"), x.ept_leaf == 0 && x.hpa == 0, &format!("0 (success), EPT leaf {:#x}", x.ept_leaf)),
+            Ok(x) => t.check(
+                &format!("explain-{label}"),
+                x.ept_leaf == 0 && x.hpa == 0,
+                &format!("0 (success), EPT leaf {:#x}", x.ept_leaf),
+            ),
             Err(e) => t.errno(&format!("explain-{label}"), Err(e), 0),
         }
     }
@@ -326,26 +578,52 @@ pub fn after_setup(t: &mut Tally, hello: &Image) {
         let n = op.request_size();
         let at = hole.hole() - n as u64;
         hole.put(at, &req[..n]);
-        t.errno(&format!("response-into-hole-{}", name(op)), sys::ioctl(vm.fd, op.linux_ioctl(), at), EFAULT);
+        t.errno(
+            &format!("response-into-hole-{}", name(op)),
+            sys::ioctl(vm.fd, op.linux_ioctl(), at),
+            EFAULT,
+        );
     }
 
     let img = hello.bytes();
-    t.errno("load-elf-image-kernel", vm.load_at(KERNEL_PTR, img.len() as u64).map(|_| ()), EFAULT);
+    t.errno(
+        "load-elf-image-kernel",
+        vm.load_at(KERNEL_PTR, img.len() as u64).map(|_| ()),
+        EFAULT,
+    );
     let short = Mem::with_hole(1);
     short.put(short.addr(), &img[..PAGE.min(img.len())]);
-    t.errno("load-elf-image-straddles-hole", vm.load_at(short.addr(), 2 * PAGE as u64).map(|_| ()), EFAULT);
-    t.errno("load-elf-max-len-short-buffer", vm.load_at(short.addr(), MAX_IMAGE).map(|_| ()), EFAULT);
+    t.errno(
+        "load-elf-image-straddles-hole",
+        vm.load_at(short.addr(), 2 * PAGE as u64).map(|_| ()),
+        EFAULT,
+    );
+    t.errno(
+        "load-elf-max-len-short-buffer",
+        vm.load_at(short.addr(), MAX_IMAGE).map(|_| ()),
+        EFAULT,
+    );
     for (label, bytes) in hello.broken(MEM) {
-        t.errno(&format!("load-elf-{label}"), vm.load(&bytes).map(|_| ()), ENOEXEC);
+        t.errno(
+            &format!("load-elf-{label}"),
+            vm.load(&bytes).map(|_| ()),
+            ENOEXEC,
+        );
     }
     match vm.load(img) {
-        Ok(entry) => t.check("load-elf-valid-after-broken", entry == hello.entry(), &format!("entry {entry:#x}, e_entry {:#x}", hello.entry())),
+        Ok(entry) => t.check(
+            "load-elf-valid-after-broken",
+            entry == hello.entry(),
+            &format!("entry {entry:#x}, e_entry {:#x}", hello.entry()),
+        ),
         Err(e) => t.errno("load-elf-valid-after-broken", Err(e), 0),
     }
     match vm.run_to_end(0, MEM) {
         Ok((r, console)) => t.check(
             "run-after-malformed-requests",
-            r.kind == abi::exit_kind::EXIT && r.code == 0 && console.contains("hello from the smudge guest"),
+            r.kind == abi::exit_kind::EXIT
+                && r.code == 0
+                && console.contains("hello from the smudge guest"),
             &crate::vm::describe(&r),
         ),
         Err(e) => t.errno("run-after-malformed-requests", Err(e), 0),
@@ -362,7 +640,11 @@ pub fn after_setup(t: &mut Tally, hello: &Image) {
         let req = sample(Op::Run, 0, 0);
         let at = hole.hole() - 8;
         hole.put(at, &req[..8]);
-        t.errno("run-response-into-hole", sys::ioctl(vm.fd, Op::Run.linux_ioctl(), at), EFAULT);
+        t.errno(
+            "run-response-into-hole",
+            sys::ioctl(vm.fd, Op::Run.linux_ioctl(), at),
+            EFAULT,
+        );
     } else {
         t.fail("run-response-into-hole", "setup or load failed");
     }
@@ -407,25 +689,57 @@ pub fn mmap(t: &mut Tally) {
     t.errno("mmap-before-setup", map(MEM, ro, shared, 0), EINVAL);
     t.errno("mmap-setup", vm.setup(MEM as u64, 1, 0, 0), 0);
     t.errno("mmap-writable-shared", map(MEM, rw, shared, 0), libc::EPERM);
-    t.errno("mmap-writable-private", map(MEM, rw, private, 0), libc::EPERM);
-    t.errno("mmap-executable", map(MEM, ro | libc::PROT_EXEC, shared, 0), libc::EPERM);
+    t.errno(
+        "mmap-writable-private",
+        map(MEM, rw, private, 0),
+        libc::EPERM,
+    );
+    t.errno(
+        "mmap-executable",
+        map(MEM, ro | libc::PROT_EXEC, shared, 0),
+        libc::EPERM,
+    );
     t.errno("mmap-longer-than-ram", map(2 * MEM, ro, shared, 0), EINVAL);
-    t.errno("mmap-offset-at-ram-end", map(PAGE, ro, shared, MEM as i64), EINVAL);
+    t.errno(
+        "mmap-offset-at-ram-end",
+        map(PAGE, ro, shared, MEM as i64),
+        EINVAL,
+    );
     t.errno("mmap-offset-2pow50", map(PAGE, ro, shared, 1 << 50), EINVAL);
     // A page written through WRITE_GUEST reads back through the mapping.
-    let pattern: Vec<u8> = (0..PAGE as u32).map(|i| (i.wrapping_mul(40503) >> 8) as u8).collect();
+    let pattern: Vec<u8> = (0..PAGE as u32)
+        .map(|i| (i.wrapping_mul(40503) >> 8) as u8)
+        .collect();
     let src = Mem::new(1);
     src.put(src.addr(), &pattern);
-    t.errno("mmap-write-guest-page", vm.mem(true, 0x20_0000, src.addr(), PAGE as u64), 0);
+    t.errno(
+        "mmap-write-guest-page",
+        vm.mem(true, 0x20_0000, src.addr(), PAGE as u64),
+        0,
+    );
     for (label, flags) in [("shared", shared), ("private", private)] {
         match sys::mmap_dev(vm.fd, MEM, ro, flags, 0) {
             Err(e) => t.errno(&format!("mmap-read-only-{label}"), Err(e), 0),
             Ok(a) => {
-                t.errno(&format!("mmap-read-only-{label}-then-mprotect-writable"), sys::mprotect(a, MEM, rw), libc::EACCES);
-                t.errno(&format!("mmap-read-only-{label}-then-mprotect-executable"), sys::mprotect(a, MEM, ro | libc::PROT_EXEC), libc::EACCES);
+                t.errno(
+                    &format!("mmap-read-only-{label}-then-mprotect-writable"),
+                    sys::mprotect(a, MEM, rw),
+                    libc::EACCES,
+                );
+                t.errno(
+                    &format!("mmap-read-only-{label}-then-mprotect-executable"),
+                    sys::mprotect(a, MEM, ro | libc::PROT_EXEC),
+                    libc::EACCES,
+                );
                 // SAFETY: the page at 2 MiB is backed (written above) and mapped read-only.
-                let seen = unsafe { std::slice::from_raw_parts((a + 0x20_0000) as *const u8, PAGE) } == &pattern[..];
-                t.check(&format!("mmap-read-only-{label}-shows-guest-memory"), seen, &format!("page at 2 MiB equals what WRITE_GUEST wrote: {seen}"));
+                let seen =
+                    unsafe { std::slice::from_raw_parts((a + 0x20_0000) as *const u8, PAGE) }
+                        == &pattern[..];
+                t.check(
+                    &format!("mmap-read-only-{label}-shows-guest-memory"),
+                    seen,
+                    &format!("page at 2 MiB equals what WRITE_GUEST wrote: {seen}"),
+                );
                 sys::munmap(a, MEM);
             }
         }
@@ -437,8 +751,13 @@ pub fn mmap(t: &mut Tally) {
     t.errno("mmap-close-descriptor", vm.close(), 0);
     let held = sys::pages_held().unwrap_or(0);
     // SAFETY: as above; the VM lives while the mapping holds its file.
-    let seen = unsafe { std::slice::from_raw_parts((a + 0x20_0000) as *const u8, PAGE) } == &pattern[..];
-    t.check("mmap-outlives-close", seen && held > 0, &format!("after close: page still readable {seen}, {held} pages held"));
+    let seen =
+        unsafe { std::slice::from_raw_parts((a + 0x20_0000) as *const u8, PAGE) } == &pattern[..];
+    t.check(
+        "mmap-outlives-close",
+        seen && held > 0,
+        &format!("after close: page still readable {seen}, {held} pages held"),
+    );
     sys::munmap(a, MEM);
     crate::expect_no_pages(t, "mmap-munmap-frees-the-vm");
 }
@@ -455,10 +774,22 @@ pub fn closed_fd(t: &mut Tally) {
     let m = Mem::new(1);
     for op in Op::ALL {
         let mut b = sample(op, m.addr(), m.addr());
-        t.errno(&format!("closed-fd-{}", name(op)), sys::ioctl(fd, op.linux_ioctl(), b.as_mut_ptr() as u64), EBADF);
+        t.errno(
+            &format!("closed-fd-{}", name(op)),
+            sys::ioctl(fd, op.linux_ioctl(), b.as_mut_ptr() as u64),
+            EBADF,
+        );
     }
     let mut b = sample(Op::Stats, 0, 0);
-    t.errno("fd-minus-1", sys::ioctl(-1, Op::Stats.linux_ioctl(), b.as_mut_ptr() as u64), EBADF);
-    t.errno("fd-never-opened", sys::ioctl(100_000, Op::Stats.linux_ioctl(), b.as_mut_ptr() as u64), EBADF);
+    t.errno(
+        "fd-minus-1",
+        sys::ioctl(-1, Op::Stats.linux_ioctl(), b.as_mut_ptr() as u64),
+        EBADF,
+    );
+    t.errno(
+        "fd-never-opened",
+        sys::ioctl(100_000, Op::Stats.linux_ioctl(), b.as_mut_ptr() as u64),
+        EBADF,
+    );
     t.errno("close-twice", sys::close(fd), EBADF);
 }

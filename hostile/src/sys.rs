@@ -127,10 +127,20 @@ impl Mem {
         let len = pages * PAGE;
         // SAFETY: a fresh private anonymous mapping.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         assert!(ptr != libc::MAP_FAILED, "mmap of {pages} pages failed");
-        Mem { ptr: ptr.cast(), len }
+        Mem {
+            ptr: ptr.cast(),
+            len,
+        }
     }
 
     /// `pages` accessible pages followed by one PROT_NONE page: data placed to end exactly at
@@ -186,7 +196,9 @@ impl Drop for Mem {
 
 /// A module parameter's value.
 pub fn param(name: &str) -> Option<String> {
-    std::fs::read_to_string(format!("{PARAMS}/{name}")).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(format!("{PARAMS}/{name}"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Sets a module parameter.
@@ -242,7 +254,8 @@ impl Target {
     /// Called by the thread itself first.
     pub fn register(&self) {
         // SAFETY: no preconditions.
-        self.tid.store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+        self.tid
+            .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
     }
     /// Called by the thread itself last.
     pub fn finish(&self) {

@@ -18,7 +18,10 @@ impl Tally {
         if got == want {
             self.pass(name, &errno_name(got));
         } else {
-            self.fail(name, &format!("expected {}, got {}", errno_name(want), errno_name(got)));
+            self.fail(
+                name,
+                &format!("expected {}, got {}", errno_name(want), errno_name(got)),
+            );
         }
     }
 

@@ -11,7 +11,10 @@ use crate::sys;
 pub fn encode<T: Wire>(op: Op, req: &T) -> Vec<u8> {
     let mut buf = vec![0u8; op.buffer_size()];
     let n = req.to_bytes(&mut buf).unwrap_or(0);
-    assert!(n > 0 && n <= buf.len(), "{op:?}: request does not fit its buffer");
+    assert!(
+        n > 0 && n <= buf.len(),
+        "{op:?}: request does not fit its buffer"
+    );
     buf
 }
 
@@ -26,19 +29,69 @@ pub fn version_only(op: Op, version: u32) -> Vec<u8> {
 pub fn sample(op: Op, image: u64, bitmap: u64) -> Vec<u8> {
     let v = abi::VERSION;
     match op {
-        Op::Setup => encode(op, &abi::SetupReq { version: v, mode: 0, mem_bytes: 4 << 20, vcpus: 1, page_limit: 0 }),
-        Op::LoadElf => encode(op, &abi::LoadElfReq { version: v, reserved: 0, image, len: 4096 }),
-        Op::Run => encode(op, &abi::RunReq { version: v, vcpu: 0 }),
-        Op::GetDirtyLog | Op::HarvestDirtyLog => {
-            encode(op, &abi::DirtyLogReq { version: v, slot: 0, bitmap, bitmap_len: 4096 })
-        }
-        Op::ClearDirtyLog => {
-            encode(op, &abi::ClearDirtyLogReq { version: v, slot: 0, first_page: 0, num_pages: 64, mask: bitmap })
-        }
-        Op::Explain => encode(op, &abi::ExplainReq { version: v, gpa: 0x100000, ..Default::default() }),
-        Op::WriteGuest | Op::ReadGuest => {
-            encode(op, &abi::MemReq { version: v, reserved: 0, gpa: 0x200000, buf: bitmap, len: 64 })
-        }
+        Op::Setup => encode(
+            op,
+            &abi::SetupReq {
+                version: v,
+                mode: 0,
+                mem_bytes: 4 << 20,
+                vcpus: 1,
+                page_limit: 0,
+            },
+        ),
+        Op::LoadElf => encode(
+            op,
+            &abi::LoadElfReq {
+                version: v,
+                reserved: 0,
+                image,
+                len: 4096,
+            },
+        ),
+        Op::Run => encode(
+            op,
+            &abi::RunReq {
+                version: v,
+                vcpu: 0,
+            },
+        ),
+        Op::GetDirtyLog | Op::HarvestDirtyLog => encode(
+            op,
+            &abi::DirtyLogReq {
+                version: v,
+                slot: 0,
+                bitmap,
+                bitmap_len: 4096,
+            },
+        ),
+        Op::ClearDirtyLog => encode(
+            op,
+            &abi::ClearDirtyLogReq {
+                version: v,
+                slot: 0,
+                first_page: 0,
+                num_pages: 64,
+                mask: bitmap,
+            },
+        ),
+        Op::Explain => encode(
+            op,
+            &abi::ExplainReq {
+                version: v,
+                gpa: 0x100000,
+                ..Default::default()
+            },
+        ),
+        Op::WriteGuest | Op::ReadGuest => encode(
+            op,
+            &abi::MemReq {
+                version: v,
+                reserved: 0,
+                gpa: 0x200000,
+                buf: bitmap,
+                len: 64,
+            },
+        ),
         Op::Stats | Op::Caps => version_only(op, v),
     }
 }
@@ -53,7 +106,10 @@ pub struct Vm {
 impl Vm {
     /// Opens the device.
     pub fn open() -> Result<Vm, i32> {
-        Ok(Vm { fd: sys::open_dev()?, closed: AtomicBool::new(false) })
+        Ok(Vm {
+            fd: sys::open_dev()?,
+            closed: AtomicBool::new(false),
+        })
     }
 
     /// Closes the descriptor now (other threads may still be inside an ioctl on it).
@@ -76,7 +132,16 @@ impl Vm {
 
     /// SETUP.
     pub fn setup(&self, mem_bytes: u64, vcpus: u32, mode: u32, page_limit: u32) -> Result<(), i32> {
-        let mut b = encode(Op::Setup, &abi::SetupReq { version: abi::VERSION, mode, mem_bytes, vcpus, page_limit });
+        let mut b = encode(
+            Op::Setup,
+            &abi::SetupReq {
+                version: abi::VERSION,
+                mode,
+                mem_bytes,
+                vcpus,
+                page_limit,
+            },
+        );
         self.send(Op::Setup, &mut b)
     }
 
@@ -87,27 +152,66 @@ impl Vm {
 
     /// LOAD_ELF of `len` bytes at `addr`.
     pub fn load_at(&self, addr: u64, len: u64) -> Result<u64, i32> {
-        let mut b = encode(Op::LoadElf, &abi::LoadElfReq { version: abi::VERSION, reserved: 0, image: addr, len });
+        let mut b = encode(
+            Op::LoadElf,
+            &abi::LoadElfReq {
+                version: abi::VERSION,
+                reserved: 0,
+                image: addr,
+                len,
+            },
+        );
         self.send(Op::LoadElf, &mut b)?;
-        Ok(abi::LoadElfResp::from_bytes(&b).map(|r| r.entry).unwrap_or(0))
+        Ok(abi::LoadElfResp::from_bytes(&b)
+            .map(|r| r.entry)
+            .unwrap_or(0))
     }
 
     /// RUN vCPU `vcpu` once.
     pub fn run(&self, vcpu: u32) -> Result<RunResp, i32> {
-        let mut b = encode(Op::Run, &abi::RunReq { version: abi::VERSION, vcpu });
+        let mut b = encode(
+            Op::Run,
+            &abi::RunReq {
+                version: abi::VERSION,
+                vcpu,
+            },
+        );
         self.send(Op::Run, &mut b)?;
         RunResp::from_bytes(&b).map_err(|_| libc::EPROTO)
     }
 
     /// GET_DIRTY_LOG (`harvest` = false) or HARVEST_DIRTY_LOG of slot 0 into `bitmap`.
     pub fn dirty_log(&self, harvest: bool, bitmap: &mut [u64]) -> Result<(), i32> {
-        self.dirty_log_at(harvest, 0, bitmap.as_mut_ptr() as u64, std::mem::size_of_val(bitmap) as u64)
+        self.dirty_log_at(
+            harvest,
+            0,
+            bitmap.as_mut_ptr() as u64,
+            std::mem::size_of_val(bitmap) as u64,
+        )
     }
 
     /// The same with every field chosen by the caller.
-    pub fn dirty_log_at(&self, harvest: bool, slot: u32, bitmap: u64, bitmap_len: u64) -> Result<(), i32> {
-        let op = if harvest { Op::HarvestDirtyLog } else { Op::GetDirtyLog };
-        let mut b = encode(op, &abi::DirtyLogReq { version: abi::VERSION, slot, bitmap, bitmap_len });
+    pub fn dirty_log_at(
+        &self,
+        harvest: bool,
+        slot: u32,
+        bitmap: u64,
+        bitmap_len: u64,
+    ) -> Result<(), i32> {
+        let op = if harvest {
+            Op::HarvestDirtyLog
+        } else {
+            Op::GetDirtyLog
+        };
+        let mut b = encode(
+            op,
+            &abi::DirtyLogReq {
+                version: abi::VERSION,
+                slot,
+                bitmap,
+                bitmap_len,
+            },
+        );
         self.send(op, &mut b)
     }
 
@@ -115,14 +219,27 @@ impl Vm {
     pub fn clear(&self, slot: u32, first_page: u64, num_pages: u64, mask: u64) -> Result<(), i32> {
         let mut b = encode(
             Op::ClearDirtyLog,
-            &abi::ClearDirtyLogReq { version: abi::VERSION, slot, first_page, num_pages, mask },
+            &abi::ClearDirtyLogReq {
+                version: abi::VERSION,
+                slot,
+                first_page,
+                num_pages,
+                mask,
+            },
         );
         self.send(Op::ClearDirtyLog, &mut b)
     }
 
     /// EXPLAIN.
     pub fn explain(&self, gpa: u64) -> Result<abi::ExplainResp, i32> {
-        let mut b = encode(Op::Explain, &abi::ExplainReq { version: abi::VERSION, gpa, ..Default::default() });
+        let mut b = encode(
+            Op::Explain,
+            &abi::ExplainReq {
+                version: abi::VERSION,
+                gpa,
+                ..Default::default()
+            },
+        );
         self.send(Op::Explain, &mut b)?;
         abi::ExplainResp::from_bytes(&b).map_err(|_| libc::EPROTO)
     }
@@ -137,7 +254,16 @@ impl Vm {
     /// READ_GUEST (`write` = false) or WRITE_GUEST of `len` bytes at user address `buf`.
     pub fn mem(&self, write: bool, gpa: u64, buf: u64, len: u64) -> Result<(), i32> {
         let op = if write { Op::WriteGuest } else { Op::ReadGuest };
-        let mut b = encode(op, &abi::MemReq { version: abi::VERSION, reserved: 0, gpa, buf, len });
+        let mut b = encode(
+            op,
+            &abi::MemReq {
+                version: abi::VERSION,
+                reserved: 0,
+                gpa,
+                buf,
+                len,
+            },
+        );
         self.send(op, &mut b)
     }
 
@@ -167,7 +293,11 @@ impl Drop for Vm {
 
 /// The NUL-terminated message of an ERROR record.
 pub fn message(r: &RunResp) -> String {
-    let end = r.message.iter().position(|&b| b == 0).unwrap_or(r.message.len());
+    let end = r
+        .message
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(r.message.len());
     String::from_utf8_lossy(&r.message[..end]).into_owned()
 }
 

@@ -37,8 +37,13 @@ enum Pattern {
     All,
 }
 
-const PATTERNS: [Pattern; 5] =
-    [Pattern::Scattered(0.001), Pattern::Clustered(0.001), Pattern::Scattered(0.01), Pattern::Clustered(0.01), Pattern::All];
+const PATTERNS: [Pattern; 5] = [
+    Pattern::Scattered(0.001),
+    Pattern::Clustered(0.001),
+    Pattern::Scattered(0.01),
+    Pattern::Clustered(0.01),
+    Pattern::All,
+];
 
 impl Pattern {
     fn name(self) -> String {
@@ -62,7 +67,9 @@ impl Pattern {
             rng
         };
         let mut v: Vec<u64> = match self {
-            Pattern::Scattered(f) => (0..(pages as f64 * f) as u64).map(|_| next() % pages).collect(),
+            Pattern::Scattered(f) => (0..(pages as f64 * f) as u64)
+                .map(|_| next() % pages)
+                .collect(),
             Pattern::Clustered(f) => {
                 // Runs of up to 512 pages (2 MiB) at random 2 MiB-aligned places.
                 let mut left = (pages as f64 * f) as u64;
@@ -99,7 +106,8 @@ impl Fixture {
     fn new(gib: u64) -> Fixture {
         let p = MockPlatform::new();
         let mut ept = Ept::new(&p, EptFeatures::ALL).expect("EPT");
-        ept.map(&p, 0, 0, gib * GIB, Perms::RW, MemoryType::WriteBack, false).expect("map");
+        ept.map(&p, 0, 0, gib * GIB, Perms::RW, MemoryType::WriteBack, false)
+            .expect("map");
         let pages = gib * GIB / PAGE;
         let mut log = DirtyLog::new(&p, Mode::AdScan, 0, pages).expect("log");
         log.enable(&p, &mut ept).expect("enable");
@@ -108,8 +116,18 @@ impl Fixture {
         let addr = |table: u64, i: u64| p.page(table)[i as usize].load(Relaxed) & bit::ADDR;
         let pdpt = addr(ept.pml4(), 0);
         let pds: Vec<u64> = (0..gib).map(|g| addr(pdpt, g)).collect();
-        let pts: Vec<u64> = (0..gib * 512).map(|m| addr(pds[(m / 512) as usize], m % 512)).collect();
-        Fixture { p, ept, log, pages, pts, pds, pdpt }
+        let pts: Vec<u64> = (0..gib * 512)
+            .map(|m| addr(pds[(m / 512) as usize], m % 512))
+            .collect();
+        Fixture {
+            p,
+            ept,
+            log,
+            pages,
+            pts,
+            pds,
+            pdpt,
+        }
     }
 
     /// Sets what the processor's writes to `dirty` would set: D and A in the leaf, A in every
@@ -125,7 +143,8 @@ impl Fixture {
                 self.p.page(self.pdpt)[gib as usize].fetch_or(bit::A, Relaxed);
                 self.p.page(self.pds[gib as usize])[(pt % 512) as usize].fetch_or(bit::A, Relaxed);
             }
-            self.p.page(self.pts[pt as usize])[(i % 512) as usize].fetch_or(bit::A | bit::D, Relaxed);
+            self.p.page(self.pts[pt as usize])[(i % 512) as usize]
+                .fetch_or(bit::A | bit::D, Relaxed);
         }
     }
 
@@ -141,7 +160,8 @@ impl Fixture {
         ];
         let before: Vec<u64> = words.iter().map(|w| w.load(Relaxed)).collect();
         let mut cpu = Cpu::new(EptFeatures::ALL);
-        cpu.access(&self.p, eptp(self.ept.pml4(), true), i * PAGE, true).expect("model write");
+        cpu.access(&self.p, eptp(self.ept.pml4(), true), i * PAGE, true)
+            .expect("model write");
         let by_model: Vec<u64> = words.iter().map(|w| w.load(Relaxed)).collect();
         assert_ne!(before, by_model);
         for (w, v) in words.iter().zip(&before) {
@@ -149,9 +169,14 @@ impl Fixture {
         }
         self.dirty(&[i]);
         let by_helper: Vec<u64> = words.iter().map(|w| w.load(Relaxed)).collect();
-        assert_eq!(by_helper, by_model, "dirty helper differs from the model's write");
+        assert_eq!(
+            by_helper, by_model,
+            "dirty helper differs from the model's write"
+        );
         let mut out = vec![0u64; self.pages.div_ceil(64) as usize];
-        self.log.harvest(&self.p, &mut self.ept, &mut out).expect("harvest");
+        self.log
+            .harvest(&self.p, &mut self.ept, &mut out)
+            .expect("harvest");
         self.ept.invept_done(&self.p);
     }
 
@@ -176,7 +201,12 @@ static TIMES: Mutex<BTreeMap<Key, Vec<Duration>>> = Mutex::new(BTreeMap::new());
 /// records the mean.
 fn timed(key: Key, iters: u64, mut one: impl FnMut() -> Duration) -> Duration {
     let total: Duration = (0..iters).map(|_| one()).sum();
-    TIMES.lock().unwrap().entry(key).or_default().push(total / iters.max(1) as u32);
+    TIMES
+        .lock()
+        .unwrap()
+        .entry(key)
+        .or_default()
+        .push(total / iters.max(1) as u32);
     total
 }
 
@@ -212,19 +242,29 @@ fn bench_size(c: &mut Criterion, gib: u64) {
         f.dirty(&dirty);
         f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
         f.ept.invept_done(&f.p);
-        assert!(out == mask, "{gib} GiB {}: harvest disagrees with the dirtied pages", pattern.name());
+        assert!(
+            out == mask,
+            "{gib} GiB {}: harvest disagrees with the dirtied pages",
+            pattern.name()
+        );
 
         f.dirty(&dirty);
         group.bench_function(BenchmarkId::new("get", &pid), |b| {
             b.iter_custom(|iters| {
-                timed(key("get"), iters, || time(|| f.log.get(&f.p, &f.ept, black_box(&mut out)).expect("get")))
+                timed(key("get"), iters, || {
+                    time(|| f.log.get(&f.p, &f.ept, black_box(&mut out)).expect("get"))
+                })
             })
         });
         group.bench_function(BenchmarkId::new("clear", &pid), |b| {
             b.iter_custom(|iters| {
                 timed(key("clear"), iters, || {
                     f.dirty(&dirty);
-                    let d = time(|| f.log.clear(&f.p, &mut f.ept, 0, f.pages, black_box(&mask)).expect("clear"));
+                    let d = time(|| {
+                        f.log
+                            .clear(&f.p, &mut f.ept, 0, f.pages, black_box(&mask))
+                            .expect("clear")
+                    });
                     f.ept.invept_done(&f.p);
                     d
                 })
@@ -237,7 +277,11 @@ fn bench_size(c: &mut Criterion, gib: u64) {
             b.iter_custom(|iters| {
                 timed(key("harvest"), iters, || {
                     f.dirty(&dirty);
-                    let d = time(|| f.log.harvest(&f.p, &mut f.ept, black_box(&mut out)).expect("harvest"));
+                    let d = time(|| {
+                        f.log
+                            .harvest(&f.p, &mut f.ept, black_box(&mut out))
+                            .expect("harvest")
+                    });
                     f.ept.invept_done(&f.p);
                     d
                 })
@@ -301,7 +345,9 @@ fn fmt(d: Option<Duration>) -> String {
 
 fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
     match (a, b) {
-        (Some(a), Some(b)) if b.as_nanos() > 0 => format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
+        (Some(a), Some(b)) if b.as_nanos() > 0 => {
+            format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
+        }
         _ => "-".into(),
     }
 }
@@ -311,7 +357,17 @@ fn summary() {
     println!("smudge dirty-log summary (A/D scan, 4 KiB leaves; median of criterion's samples, time per iteration)");
     println!(
         "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>13} {:>10} {:>10} {:>9} {:>10}",
-        "slot", "dirty", "pages", "get", "clear", "harvest", "harvest/GiB", "naive", "memcpy", "vs naive", "vs memcpy"
+        "slot",
+        "dirty",
+        "pages",
+        "get",
+        "clear",
+        "harvest",
+        "harvest/GiB",
+        "naive",
+        "memcpy",
+        "vs naive",
+        "vs memcpy"
     );
     for gib in SIZES_GIB {
         let memcpy = median(&(gib, String::new(), "memcpy"));

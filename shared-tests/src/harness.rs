@@ -89,7 +89,11 @@ impl<'p> TrackedVm<'p> {
         let ept = Ept::new(p, features).expect("EPT");
         let ad = mode != Mode::WriteProtect || ad_for_wp;
         let eptp = model::eptp(ept.pml4(), ad);
-        assert_eq!(ept.eptp(ad).0, eptp, "core's EPTP differs from the SDM layout");
+        assert_eq!(
+            ept.eptp(ad).0,
+            eptp,
+            "core's EPTP differs from the SDM layout"
+        );
         let mut cpus: Vec<Cpu> = (0..ncpus).map(|_| Cpu::new(features)).collect();
         let mut pml_buffers = Vec::new();
         if mode == Mode::Pml {
@@ -99,7 +103,16 @@ impl<'p> TrackedVm<'p> {
                 pml_buffers.push(b);
             }
         }
-        TrackedVm { p, ept, mode, eptp, cpus, pml_buffers, slots: Vec::new(), invept: InveptPolicy::AllCpus }
+        TrackedVm {
+            p,
+            ept,
+            mode,
+            eptp,
+            cpus,
+            pml_buffers,
+            slots: Vec::new(),
+            invept: InveptPolicy::AllCpus,
+        }
     }
 
     /// Maps a slot of `pages` pages at `base` (RW, WB, identity HPAs) with `backing`; logging is
@@ -111,12 +124,31 @@ impl<'p> TrackedVm<'p> {
             Backing::Large2M => (base & !0x1f_ffff, (end + 0x1f_ffff) & !0x1f_ffff, true),
             Backing::Large1G => {
                 let s = base & !0x3fff_ffff;
-                assert!(end <= s + (1 << 30), "a Large1G slot must lie in one 1 GiB region");
+                assert!(
+                    end <= s + (1 << 30),
+                    "a Large1G slot must lie in one 1 GiB region"
+                );
                 (s, s + (1 << 30), true)
             }
         };
-        self.ept.map(self.p, ms, guest_hpa(ms), me - ms, Perms::RWX, MemoryType::WriteBack, large).expect("map slot");
-        self.slots.push(Slot { base, pages, mapped: (ms, me), log: None, written: BTreeSet::new() });
+        self.ept
+            .map(
+                self.p,
+                ms,
+                guest_hpa(ms),
+                me - ms,
+                Perms::RWX,
+                MemoryType::WriteBack,
+                large,
+            )
+            .expect("map slot");
+        self.slots.push(Slot {
+            base,
+            pages,
+            mapped: (ms, me),
+            log: None,
+            written: BTreeSet::new(),
+        });
         self.slots.len() - 1
     }
 
@@ -130,7 +162,10 @@ impl<'p> TrackedVm<'p> {
             log.free(self.p);
             return Err(e);
         }
-        assert!(self.ept.needs_invept(), "enable must raise the INVEPT obligation");
+        assert!(
+            self.ept.needs_invept(),
+            "enable must raise the INVEPT obligation"
+        );
         self.slots[s].log = Some(log);
         self.slots[s].written.clear();
         self.flush_tlbs();
@@ -139,17 +174,24 @@ impl<'p> TrackedVm<'p> {
 
     /// The slot containing `gpa` with logging on.
     fn logged_slot(&self, gpa: u64) -> Option<usize> {
-        self.slots.iter().position(|s| s.log.is_some() && gpa >= s.base && gpa < s.end())
+        self.slots
+            .iter()
+            .position(|s| s.log.is_some() && gpa >= s.base && gpa < s.end())
     }
 
     /// Drains CPU `c`'s PML buffer into the slot logs and resets its index (done on every exit).
     pub fn drain_pml(&mut self, c: usize) {
-        let Some(state) = self.cpus[c].pml else { return };
+        let Some(state) = self.cpus[c].pml else {
+            return;
+        };
         let mut logged = Vec::new();
         pml::drain(self.p, state.buffer, state.index, |gpa| logged.push(gpa));
         for gpa in logged {
             if let Some(s) = self.logged_slot(gpa) {
-                let marked = self.slots[s].log.as_ref().is_some_and(|l| l.mark(self.p, gpa));
+                let marked = self.slots[s]
+                    .log
+                    .as_ref()
+                    .is_some_and(|l| l.mark(self.p, gpa));
                 assert!(marked, "mark({gpa:#x}) refused by its own slot");
             }
         }
@@ -197,11 +239,19 @@ impl<'p> TrackedVm<'p> {
                     return Ok(hpa);
                 }
                 Err(Exit::PmlFull { .. }) => self.drain_pml(c),
-                Err(e @ Exit::EptViolation { gpa: g, qualification }) => {
+                Err(
+                    e @ Exit::EptViolation {
+                        gpa: g,
+                        qualification,
+                    },
+                ) => {
                     self.drain_pml(c);
                     let ours = qualification & qual::WRITE != 0
                         && self.logged_slot(g).is_some_and(|s| {
-                            self.slots[s].log.as_ref().is_some_and(|l| l.on_write_violation(self.p, &self.ept, g))
+                            self.slots[s]
+                                .log
+                                .as_ref()
+                                .is_some_and(|l| l.on_write_violation(self.p, &self.ept, g))
                         });
                     if !ours {
                         // A violation from a stale cached translation (another CPU already gave W
@@ -241,7 +291,10 @@ impl<'p> TrackedVm<'p> {
                 let b = u64::from(v.trailing_zeros());
                 v &= v - 1;
                 let page = w as u64 * 64 + b;
-                assert!(page < pages, "bit {page} reported beyond the slot's {pages} pages");
+                assert!(
+                    page < pages,
+                    "bit {page} reported beyond the slot's {pages} pages"
+                );
                 set.insert(page);
             }
         }
@@ -253,7 +306,11 @@ impl<'p> TrackedVm<'p> {
         self.kick_all();
         let slot = &self.slots[s];
         let mut out = vec![0u64; slot.pages.div_ceil(64) as usize];
-        slot.log.as_ref().expect("logging enabled").get(self.p, &self.ept, &mut out).expect("get");
+        slot.log
+            .as_ref()
+            .expect("logging enabled")
+            .get(self.p, &self.ept, &mut out)
+            .expect("get");
         Self::bits_to_set(&out, slot.pages)
     }
 
@@ -263,8 +320,15 @@ impl<'p> TrackedVm<'p> {
         self.kick_all();
         let slot = &mut self.slots[s];
         let mut out = vec![0u64; slot.pages.div_ceil(64) as usize];
-        slot.log.as_ref().expect("logging enabled").harvest(self.p, &mut self.ept, &mut out).expect("harvest");
-        assert!(self.ept.needs_invept(), "harvest must raise the INVEPT obligation");
+        slot.log
+            .as_ref()
+            .expect("logging enabled")
+            .harvest(self.p, &mut self.ept, &mut out)
+            .expect("harvest");
+        assert!(
+            self.ept.needs_invept(),
+            "harvest must raise the INVEPT obligation"
+        );
         slot.written.clear();
         let set = Self::bits_to_set(&out, slot.pages);
         self.flush_tlbs();
@@ -276,7 +340,13 @@ impl<'p> TrackedVm<'p> {
     pub fn clear(&mut self, s: usize, first: u64, num: u64, mask: &[u64]) -> Result<(), Error> {
         self.kick_all();
         let slot = &mut self.slots[s];
-        slot.log.as_ref().expect("logging enabled").clear(self.p, &mut self.ept, first, num, mask)?;
+        slot.log.as_ref().expect("logging enabled").clear(
+            self.p,
+            &mut self.ept,
+            first,
+            num,
+            mask,
+        )?;
         for i in 0..num {
             if mask[(i / 64) as usize] & (1 << (i % 64)) != 0 {
                 slot.written.remove(&(first + i));

@@ -247,14 +247,38 @@ impl Cpu {
     }
 
     /// A data read (`write == false`) or data write of `gpa`. Returns the host-physical address.
-    pub fn access<P: Platform + ?Sized>(&mut self, p: &P, eptp: u64, gpa: u64, write: bool) -> Result<u64, Exit> {
-        self.access_kind(p, eptp, gpa, if write { AccessKind::Write } else { AccessKind::Read })
+    pub fn access<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        eptp: u64,
+        gpa: u64,
+        write: bool,
+    ) -> Result<u64, Exit> {
+        self.access_kind(
+            p,
+            eptp,
+            gpa,
+            if write {
+                AccessKind::Write
+            } else {
+                AccessKind::Read
+            },
+        )
     }
 
     /// An access of any kind to `gpa` through the EPT of `eptp`.
-    pub fn access_kind<P: Platform + ?Sized>(&mut self, p: &P, eptp: u64, gpa: u64, kind: AccessKind) -> Result<u64, Exit> {
+    pub fn access_kind<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        eptp: u64,
+        gpa: u64,
+        kind: AccessKind,
+    ) -> Result<u64, Exit> {
         let root = self.check_eptp(eptp)?;
-        assert!(gpa < 1 << 48, "the model translates 48-bit guest-physical addresses only");
+        assert!(
+            gpa < 1 << 48,
+            "the model translates 48-bit guest-physical addresses only"
+        );
         let ad = eptp & (1 << 6) != 0;
         if let Some((level, t)) = self.tlb_lookup(root, gpa) {
             if t.rights & kind.right() == 0 {
@@ -278,19 +302,29 @@ impl Cpu {
     fn check_eptp(&self, eptp: u64) -> Result<u64, Exit> {
         let memtype = eptp & 7;
         if memtype != 0 && memtype != 6 {
-            return Err(Exit::InvalidEptp { reason: "EPTP memory type must be UC (0) or WB (6)" });
+            return Err(Exit::InvalidEptp {
+                reason: "EPTP memory type must be UC (0) or WB (6)",
+            });
         }
         if (eptp >> 3) & 7 != 3 {
-            return Err(Exit::InvalidEptp { reason: "EPTP page-walk length must be 4 (bits 5:3 = 3)" });
+            return Err(Exit::InvalidEptp {
+                reason: "EPTP page-walk length must be 4 (bits 5:3 = 3)",
+            });
         }
         if eptp & (1 << 6) != 0 && !self.features.ad {
-            return Err(Exit::InvalidEptp { reason: "EPTP bit 6 set without EPT A/D support" });
+            return Err(Exit::InvalidEptp {
+                reason: "EPTP bit 6 set without EPT A/D support",
+            });
         }
         if eptp & 0xf80 != 0 {
-            return Err(Exit::InvalidEptp { reason: "EPTP reserved bits 11:7 set" });
+            return Err(Exit::InvalidEptp {
+                reason: "EPTP reserved bits 11:7 set",
+            });
         }
         if eptp >> self.features.max_phys_bits != 0 {
-            return Err(Exit::InvalidEptp { reason: "EPTP address beyond MAXPHYADDR" });
+            return Err(Exit::InvalidEptp {
+                reason: "EPTP address beyond MAXPHYADDR",
+            });
         }
         Ok(eptp & bit::ADDR)
     }
@@ -298,7 +332,11 @@ impl Cpu {
     fn tlb_lookup(&self, root: u64, gpa: u64) -> Option<(u8, TlbEntry)> {
         // Prefer the smallest page; a stale large translation next to a fresh small one is
         // possible only without INVEPT, and then either may be used.
-        (1..=3).find_map(|l| self.tlb.get(&(root, l, gpa & !(span(l) - 1))).map(|t| (l, *t)))
+        (1..=3).find_map(|l| {
+            self.tlb
+                .get(&(root, l, gpa & !(span(l) - 1)))
+                .map(|t| (l, *t))
+        })
     }
 
     /// Drops every cached mapping used to translate `gpa` (SDM 29.4.3.1).
@@ -313,7 +351,10 @@ impl Cpu {
     fn violation(&mut self, root: u64, gpa: u64, kind: AccessKind, rights: u64) -> Exit {
         self.invalidate_gpa(root, gpa);
         self.stats.violations += 1;
-        Exit::EptViolation { gpa, qualification: kind.qual() | ((rights & 7) << 3) }
+        Exit::EptViolation {
+            gpa,
+            qualification: kind.qual() | ((rights & 7) << 3),
+        }
     }
 
     /// Why `entry`, a present entry at `level`, is an EPT misconfiguration (SDM 29.3.3.1), if it
@@ -371,7 +412,14 @@ impl Cpu {
         None
     }
 
-    fn walk<P: Platform + ?Sized>(&mut self, p: &P, root: u64, ad: bool, gpa: u64, kind: AccessKind) -> Result<u64, Exit> {
+    fn walk<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        root: u64,
+        ad: bool,
+        gpa: u64,
+        kind: AccessKind,
+    ) -> Result<u64, Exit> {
         self.stats.walks += 1;
         let mut table = root;
         let mut rights = 7u64;
@@ -401,7 +449,12 @@ impl Cpu {
             if let Some(reason) = self.misconfiguration(v, level) {
                 self.invalidate_gpa(root, gpa);
                 self.stats.misconfigs += 1;
-                return Err(Exit::EptMisconfig { gpa, level, entry: v, reason });
+                return Err(Exit::EptMisconfig {
+                    gpa,
+                    level,
+                    entry: v,
+                    reason,
+                });
             }
             rights &= v & 7;
             used.push((level, word, v, rights));
@@ -414,11 +467,13 @@ impl Cpu {
         if rights & kind.right() == 0 {
             return Err(self.violation(root, gpa, kind, rights));
         }
-        let &(leaf_level, leaf_word, leaf_v, _) = used.last().expect("a walk reads at least one entry");
+        let &(leaf_level, leaf_word, leaf_v, _) =
+            used.last().expect("a walk reads at least one entry");
         let write = kind == AccessKind::Write;
         let mut dirty = true;
         if ad {
-            let needs_update = used.iter().any(|u| u.2 & bit::A == 0) || (write && leaf_v & bit::D == 0);
+            let needs_update =
+                used.iter().any(|u| u.2 & bit::A == 0) || (write && leaf_v & bit::D == 0);
             // SDM 29.3.6: before setting an A or D flag with PML on, an index outside 0..=511
             // is a PML-full exit; no flag is set and the access does not occur.
             if needs_update {
@@ -447,11 +502,20 @@ impl Cpu {
         }
         // Fill the caches with what this walk read.
         for &(l, _, v, r) in &used[..used.len() - 1] {
-            self.psc.insert((root, l, gpa & !(span(l) - 1)), PscEntry { next: v & bit::ADDR, rights: r });
+            self.psc.insert(
+                (root, l, gpa & !(span(l) - 1)),
+                PscEntry {
+                    next: v & bit::ADDR,
+                    rights: r,
+                },
+            );
         }
         let s = span(leaf_level);
         let hpa = leaf_v & bit::ADDR & !(s - 1);
-        self.tlb.insert((root, leaf_level, gpa & !(s - 1)), TlbEntry { hpa, rights, dirty });
+        self.tlb.insert(
+            (root, leaf_level, gpa & !(s - 1)),
+            TlbEntry { hpa, rights, dirty },
+        );
         self.stats.accesses += 1;
         Ok(hpa | (gpa & (s - 1)))
     }

@@ -102,7 +102,10 @@ impl Default for MockPlatform {
 
 impl std::fmt::Debug for MockPlatform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockPlatform").field("base", &self.base).field("stats", &self.stats()).finish()
+        f.debug_struct("MockPlatform")
+            .field("base", &self.base)
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -174,7 +177,8 @@ impl MockPlatform {
 
     /// True when `hpa` is a page of this platform that is allocated now.
     pub fn is_live(&self, hpa: u64) -> bool {
-        self.slot(hpa).is_some_and(|s| s.state.load(Ordering::Acquire) == LIVE)
+        self.slot(hpa)
+            .is_some_and(|s| s.state.load(Ordering::Acquire) == LIVE)
     }
 
     fn slot(&self, hpa: u64) -> Option<&Slot> {
@@ -199,10 +203,12 @@ impl Platform for MockPlatform {
             }
         }
         let idx = self.next.fetch_add(1, Ordering::SeqCst) as usize;
-        let seg = self
-            .segments
-            .get(idx >> SEG_SHIFT)
-            .unwrap_or_else(|| panic!("MockPlatform: more than {} pages allocated", SEGMENTS * SEG_PAGES));
+        let seg = self.segments.get(idx >> SEG_SHIFT).unwrap_or_else(|| {
+            panic!(
+                "MockPlatform: more than {} pages allocated",
+                SEGMENTS * SEG_PAGES
+            )
+        });
         let seg = seg.get_or_init(|| (0..SEG_PAGES).map(|_| Slot::default()).collect());
         let slot = &seg[idx & (SEG_PAGES - 1)];
         if slot.page.set(fresh_page()).is_err() {
@@ -217,7 +223,10 @@ impl Platform for MockPlatform {
         let Some(slot) = self.slot(hpa) else {
             panic!("free_page({hpa:#x}): not a page of this platform (foreign or misaligned)");
         };
-        match slot.state.compare_exchange(LIVE, FREED, Ordering::AcqRel, Ordering::Acquire) {
+        match slot
+            .state
+            .compare_exchange(LIVE, FREED, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => {
                 self.freed.fetch_add(1, Ordering::SeqCst);
             }

@@ -80,14 +80,25 @@ fn ioctl_numbers_are_distinct_and_encode_their_sizes() {
             assert_ne!(a.windows_ioctl(), b.windows_ioctl());
         }
     }
-    assert!(Op::ALL.iter().all(|o| o.buffer_size() <= 1024), "the shims copy requests through a 1 KiB buffer");
+    assert!(
+        Op::ALL.iter().all(|o| o.buffer_size() <= 1024),
+        "the shims copy requests through a 1 KiB buffer"
+    );
 }
 
 #[test]
 fn bad_fields_get_their_own_error() {
     let setup = |mode, mem, vcpus| {
         let mut b = vec![0u8; 64];
-        SetupReq { version: VERSION, mode, mem_bytes: mem, vcpus, page_limit: 0 }.to_bytes(&mut b).unwrap();
+        SetupReq {
+            version: VERSION,
+            mode,
+            mem_bytes: mem,
+            vcpus,
+            page_limit: 0,
+        }
+        .to_bytes(&mut b)
+        .unwrap();
         decode(Op::Setup, &b)
     };
     assert_eq!(setup(4, 64 << 20, 1), Err(AbiError::BadMode));
@@ -96,12 +107,40 @@ fn bad_fields_get_their_own_error() {
     assert_eq!(setup(0, 64 << 20, 0), Err(AbiError::BadVcpu));
     assert_eq!(setup(0, 64 << 20, MAX_VCPUS + 1), Err(AbiError::BadVcpu));
     let mut b = vec![0u8; 64];
-    LoadElfReq { version: VERSION, reserved: 0, image: u64::MAX - 10, len: 100 }.to_bytes(&mut b).unwrap();
+    LoadElfReq {
+        version: VERSION,
+        reserved: 0,
+        image: u64::MAX - 10,
+        len: 100,
+    }
+    .to_bytes(&mut b)
+    .unwrap();
     assert_eq!(decode(Op::LoadElf, &b), Err(AbiError::BadPointer));
-    LoadElfReq { version: VERSION, reserved: 1, image: 0x1000, len: 100 }.to_bytes(&mut b).unwrap();
+    LoadElfReq {
+        version: VERSION,
+        reserved: 1,
+        image: 0x1000,
+        len: 100,
+    }
+    .to_bytes(&mut b)
+    .unwrap();
     assert_eq!(decode(Op::LoadElf, &b), Err(AbiError::ReservedNonZero));
-    LoadElfReq { version: VERSION, reserved: 0, image: 0x1000, len: MAX_IMAGE + 1 }.to_bytes(&mut b).unwrap();
+    LoadElfReq {
+        version: VERSION,
+        reserved: 0,
+        image: 0x1000,
+        len: MAX_IMAGE + 1,
+    }
+    .to_bytes(&mut b)
+    .unwrap();
     assert_eq!(decode(Op::LoadElf, &b), Err(AbiError::BadLength));
-    LoadElfReq { version: VERSION + 1, reserved: 0, image: 0x1000, len: 1 }.to_bytes(&mut b).unwrap();
+    LoadElfReq {
+        version: VERSION + 1,
+        reserved: 0,
+        image: 0x1000,
+        len: 1,
+    }
+    .to_bytes(&mut b)
+    .unwrap();
     assert_eq!(decode(Op::LoadElf, &b), Err(AbiError::BadVersion));
 }

@@ -62,7 +62,10 @@ const README_CLASSES: &[(&str, Class)] = &[
 ];
 
 fn class_of(name: &str) -> Option<Class> {
-    README_CLASSES.iter().find(|(n, _)| *n == name).map(|&(_, c)| c)
+    README_CLASSES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, c)| c)
 }
 
 #[test]
@@ -77,7 +80,9 @@ fn every_cpu_the_readme_names_is_a_fixture() {
 fn features_and_mode_match_the_readme() {
     for (name, dump) in dumps() {
         let caps = dump.caps();
-        let Some(class) = class_of(&name) else { continue };
+        let Some(class) = class_of(&name) else {
+            continue;
+        };
         let (ept, ad, pml, mode) = match class {
             Class::Pml => (true, true, true, Some(Mode::Pml)),
             Class::AdNoPml => (true, true, false, Some(Mode::AdScan)),
@@ -92,8 +97,13 @@ fn features_and_mode_match_the_readme() {
             Some(m) => assert_eq!(caps.choose_mode(false), Ok(m), "{name}"),
             None => {
                 let e = caps.choose_mode(false).unwrap_err();
-                let Reason::MissingControl(c) = e.reason else { panic!("{name}: {e}") };
-                assert!(c.is_missing(ControlField::SecondaryProcBased, 1), "{name}: {e}");
+                let Reason::MissingControl(c) = e.reason else {
+                    panic!("{name}: {e}")
+                };
+                assert!(
+                    c.is_missing(ControlField::SecondaryProcBased, 1),
+                    "{name}: {e}"
+                );
                 let msg = e.to_string();
                 assert!(
                     msg.contains("secondary control 'enable EPT' (bit 1) not allowed by IA32_VMX_PROCBASED_CTLS2"),
@@ -109,7 +119,13 @@ fn features_and_mode_match_the_readme() {
                 Mode::WriteProtect => ept,
             };
             let got = caps.mode_available(m);
-            assert_eq!(got.is_ok(), expected, "{name}: mode {} -> {:?}", m.name(), got);
+            assert_eq!(
+                got.is_ok(),
+                expected,
+                "{name}: mode {} -> {:?}",
+                m.name(),
+                got
+            );
             if let Err(e) = got {
                 assert!(!e.to_string().is_empty());
             }
@@ -126,14 +142,20 @@ fn no_ept_cpus_as_the_readme_describes_them() {
     let c = penryn.caps();
     assert!(c.secondary_controls() && !c.ept());
     assert_eq!(penryn.msr(0x48c), MsrValue::Absent);
-    assert_eq!(c.unreadable, None, "0x48C must not be read when EPT/VPID are not allowed");
+    assert_eq!(
+        c.unreadable, None,
+        "0x48C must not be read when EPT/VPID are not allowed"
+    );
     // Core2 X6800: no TRUE MSRs (VMX_BASIC bit 55 = 0) and no secondary controls.
     let x6800 = get("real-intel-core2-x6800");
     let c = x6800.caps();
     assert!(!c.true_ctls());
     assert!(!c.secondary_controls());
     assert_eq!(c.procbased2, Default::default());
-    assert_eq!(c.unreadable, None, "0x48B-0x490 must not be read on this CPU");
+    assert_eq!(
+        c.unreadable, None,
+        "0x48B-0x490 must not be read on this CPU"
+    );
     let e = c.choose_mode(false).unwrap_err().to_string();
     assert!(e.contains("no secondary controls"), "{e}");
 }
@@ -143,7 +165,9 @@ fn unrestricted_guest_only_from_westmere_on() {
     // Unrestricted guest arrived with Westmere (Arrandale); Nehalem (Lynnfield) lacks it.
     for (name, dump) in dumps() {
         let caps = dump.caps();
-        let Some(class) = class_of(&name) else { continue };
+        let Some(class) = class_of(&name) else {
+            continue;
+        };
         if class == Class::NoEpt {
             assert!(!caps.unrestricted_guest(), "{name}");
             continue;
@@ -154,9 +178,17 @@ fn unrestricted_guest_only_from_westmere_on() {
             assert_eq!(caps.choose_mode(true), caps.choose_mode(false), "{name}");
         } else {
             let e = caps.choose_mode(true).unwrap_err();
-            let Reason::MissingControl(c) = e.reason else { panic!("{name}: {e}") };
-            assert!(c.is_missing(ControlField::SecondaryProcBased, 7), "{name}: {e}");
-            assert!(e.to_string().contains("'unrestricted guest' (bit 7)"), "{e}");
+            let Reason::MissingControl(c) = e.reason else {
+                panic!("{name}: {e}")
+            };
+            assert!(
+                c.is_missing(ControlField::SecondaryProcBased, 7),
+                "{name}: {e}"
+            );
+            assert!(
+                e.to_string().contains("'unrestricted guest' (bit 7)"),
+                "{e}"
+            );
         }
     }
 }
@@ -179,22 +211,44 @@ fn true_ctls_differ_from_plain_ones_where_the_readme_says() {
     // exiting), 0x483/0x48F and 0x484/0x490 in bit 2: the default1 bits (SDM A.2).
     let mut compared = 0;
     for (name, dump) in dumps() {
-        let (Some(basic), Some(p0)) = (dump.msr(0x480).value(), dump.msr(0x481).value()) else { continue };
+        let (Some(basic), Some(p0)) = (dump.msr(0x480).value(), dump.msr(0x481).value()) else {
+            continue;
+        };
         if basic & (1 << 55) == 0 {
-            assert_eq!(dump.msr(0x48d), MsrValue::Unknown, "{name}: a CPU without bit 55 lists TRUE MSRs");
+            assert_eq!(
+                dump.msr(0x48d),
+                MsrValue::Unknown,
+                "{name}: a CPU without bit 55 lists TRUE MSRs"
+            );
             continue;
         }
-        let v = |m: u32| dump.msr(m).value().unwrap_or_else(|| panic!("{name}: {m:#x}"));
+        let v = |m: u32| {
+            dump.msr(m)
+                .value()
+                .unwrap_or_else(|| panic!("{name}: {m:#x}"))
+        };
         assert_eq!(p0, v(0x48d), "{name}: pin");
-        assert_eq!(v(0x482) ^ v(0x48e), (1 << 15) | (1 << 16), "{name}: primary");
+        assert_eq!(
+            v(0x482) ^ v(0x48e),
+            (1 << 15) | (1 << 16),
+            "{name}: primary"
+        );
         assert_eq!(v(0x483) ^ v(0x48f), 1 << 2, "{name}: exit");
         assert_eq!(v(0x484) ^ v(0x490), 1 << 2, "{name}: entry");
         // The TRUE MSR is the one decoded, so the default1 bits can be cleared.
         let caps = dump.caps();
         assert!(caps.true_ctls());
-        assert_eq!(caps.procbased.must_be_1 & (primary::CR3_LOAD_EXITING | primary::CR3_STORE_EXITING), 0, "{name}");
+        assert_eq!(
+            caps.procbased.must_be_1 & (primary::CR3_LOAD_EXITING | primary::CR3_STORE_EXITING),
+            0,
+            "{name}"
+        );
         assert_eq!(caps.exit.must_be_1 & exit::SAVE_DEBUG_CONTROLS, 0, "{name}");
-        assert_eq!(caps.entry.must_be_1 & entry::LOAD_DEBUG_CONTROLS, 0, "{name}");
+        assert_eq!(
+            caps.entry.must_be_1 & entry::LOAD_DEBUG_CONTROLS,
+            0,
+            "{name}"
+        );
         compared += 1;
     }
     assert!(compared >= 12, "only {compared} dumps had TRUE MSRs");
@@ -204,9 +258,14 @@ fn true_ctls_differ_from_plain_ones_where_the_readme_says() {
 fn plain_ctls_force_the_default1_bits() {
     // X6800 has no TRUE MSRs: CR3 exiting (default1, SDM A.3.2) stays forced on.
     let all = dumps();
-    let (_, d) = all.iter().find(|(n, _)| n == "real-intel-core2-x6800").unwrap();
+    let (_, d) = all
+        .iter()
+        .find(|(n, _)| n == "real-intel-core2-x6800")
+        .unwrap();
     let c = d.caps();
-    let primary = c.adjust(ControlField::PrimaryProcBased, primary::HLT_EXITING, 0).unwrap();
+    let primary = c
+        .adjust(ControlField::PrimaryProcBased, primary::HLT_EXITING, 0)
+        .unwrap();
     assert_ne!(primary & primary::CR3_LOAD_EXITING, 0);
     assert_ne!(primary & primary::CR3_STORE_EXITING, 0);
 }
@@ -224,7 +283,9 @@ fn adjusted_controls_are_valid_on_every_cpu() {
             entry: want(u32::MAX),
         };
         for req in [ControlRequest::default(), everything] {
-            let c = caps.adjust_controls(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let c = caps
+                .adjust_controls(&req)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             check_valid(&name, &caps, c);
         }
         // smudge's own request for the chosen mode.
@@ -232,7 +293,9 @@ fn adjusted_controls_are_valid_on_every_cpu() {
             Ok(mode) => {
                 let ug = caps.unrestricted_guest();
                 let req = ControlRequest::smudge(mode, ug);
-                let c = caps.adjust_controls(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let c = caps
+                    .adjust_controls(&req)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
                 check_valid(&name, &caps, c);
                 for (field, got, w) in [
                     ("pin", c.pin, req.pin),
@@ -241,39 +304,69 @@ fn adjusted_controls_are_valid_on_every_cpu() {
                     ("exit", c.exit, req.exit),
                     ("entry", c.entry, req.entry),
                 ] {
-                    assert_eq!(got & w.required, w.required, "{name}: {field} required bits");
+                    assert_eq!(
+                        got & w.required,
+                        w.required,
+                        "{name}: {field} required bits"
+                    );
                 }
-                assert_ne!(c.primary & primary::ACTIVATE_SECONDARY_CONTROLS, 0, "{name}");
-                assert_eq!(c.secondary & secondary::ENABLE_PML != 0, mode == Mode::Pml, "{name}");
+                assert_ne!(
+                    c.primary & primary::ACTIVATE_SECONDARY_CONTROLS,
+                    0,
+                    "{name}"
+                );
+                assert_eq!(
+                    c.secondary & secondary::ENABLE_PML != 0,
+                    mode == Mode::Pml,
+                    "{name}"
+                );
                 // SDM 27.2.1.2: saving the timer needs the timer.
                 if c.exit & exit::SAVE_PREEMPTION_TIMER != 0 {
                     assert_ne!(c.pin & pin::ACTIVATE_PREEMPTION_TIMER, 0, "{name}");
                 }
                 // With the TRUE MSRs and EPT, CR3 accesses need not exit.
                 if caps.true_ctls() {
-                    assert_eq!(c.primary & (primary::CR3_LOAD_EXITING | primary::CR3_STORE_EXITING), 0, "{name}");
+                    assert_eq!(
+                        c.primary & (primary::CR3_LOAD_EXITING | primary::CR3_STORE_EXITING),
+                        0,
+                        "{name}"
+                    );
                 }
             }
             Err(_) => {
                 let req = ControlRequest::smudge(Mode::WriteProtect, false);
                 let e = caps.adjust_controls(&req).unwrap_err();
-                assert!(e.is_missing(ControlField::SecondaryProcBased, 1), "{name}: {e}");
+                assert!(
+                    e.is_missing(ControlField::SecondaryProcBased, 1),
+                    "{name}: {e}"
+                );
             }
         }
     }
 }
 
 fn want(bits: u32) -> smudge_core::vmx::caps::Want {
-    smudge_core::vmx::caps::Want { required: 0, wanted: bits }
+    smudge_core::vmx::caps::Want {
+        required: 0,
+        wanted: bits,
+    }
 }
 
 fn check_valid(name: &str, caps: &VmxCaps, c: smudge_core::vmx::caps::Controls) {
     assert!(caps.pinbased.valid(c.pin), "{name}: pin {:#x}", c.pin);
-    assert!(caps.procbased.valid(c.primary), "{name}: primary {:#x}", c.primary);
+    assert!(
+        caps.procbased.valid(c.primary),
+        "{name}: primary {:#x}",
+        c.primary
+    );
     assert!(caps.exit.valid(c.exit), "{name}: exit {:#x}", c.exit);
     assert!(caps.entry.valid(c.entry), "{name}: entry {:#x}", c.entry);
     if c.primary & primary::ACTIVATE_SECONDARY_CONTROLS != 0 {
-        assert!(caps.procbased2.valid(c.secondary), "{name}: secondary {:#x}", c.secondary);
+        assert!(
+            caps.procbased2.valid(c.secondary),
+            "{name}: secondary {:#x}",
+            c.secondary
+        );
     } else {
         assert_eq!(c.secondary, 0, "{name}");
     }
@@ -288,7 +381,11 @@ fn basic_decodes_as_the_readme_says() {
     for (name, dump) in dumps() {
         let caps = dump.caps();
         if name.starts_with("bochs-") {
-            let rev = if name.contains("icelake_u") || name.contains("tigerlake") { 0x4 } else { 0x2b };
+            let rev = if name.contains("icelake_u") || name.contains("tigerlake") {
+                0x4
+            } else {
+                0x2b
+            };
             assert_eq!(caps.revision_id(), rev, "{name}");
             // README: only tigerlake sets VMX_BASIC bit 56 and EPT_VPID_CAP bit 23.
             let tiger = name.contains("tigerlake");
@@ -317,13 +414,19 @@ fn basic_decodes_as_the_readme_says() {
 fn unknown_cpuid_and_feature_control_do_not_block() {
     // The real 3960X dump has neither CPUID nor 0x3A; README: EPT without A/D.
     let all = dumps();
-    let (_, d) = all.iter().find(|(n, _)| n == "real-intel-core-i7-3960x").unwrap();
+    let (_, d) = all
+        .iter()
+        .find(|(n, _)| n == "real-intel-core-i7-3960x")
+        .unwrap();
     assert_eq!(d.msr(0x3a), MsrValue::Unknown);
     assert!(d.cpuid(1, 0).is_none());
     let caps = d.caps();
     assert_eq!(caps.vmx_supported(), None);
     assert_eq!(caps.feature_control, MsrValue::Unknown);
-    assert_eq!(caps.max_phys_bits, 36, "SDM 4.1.4: MAXPHYADDR is 36 without CPUID.80000008H");
+    assert_eq!(
+        caps.max_phys_bits, 36,
+        "SDM 4.1.4: MAXPHYADDR is 36 without CPUID.80000008H"
+    );
     assert_eq!(caps.choose_mode(false), Ok(Mode::WriteProtect));
 }
 
@@ -331,7 +434,10 @@ fn unknown_cpuid_and_feature_control_do_not_block() {
 fn max_phys_bits_of_the_real_6700k() {
     // The i7-6700K has 39 physical address bits (Intel ARK; CPUID.80000008H:EAX = 0x3027).
     let all = dumps();
-    let (_, d) = all.iter().find(|(n, _)| n == "real-intel-core-i7-6700k").unwrap();
+    let (_, d) = all
+        .iter()
+        .find(|(n, _)| n == "real-intel-core-i7-6700k")
+        .unwrap();
     assert_eq!(d.caps().ept_features().max_phys_bits, 39);
 }
 
@@ -379,7 +485,10 @@ fn refusals_name_their_reason() {
     // A needed MSR missing from the dump is reported, by name.
     let c = skylake_with("0x48c ", "# 0x48c removed");
     let e = c.choose_mode(false).unwrap_err().to_string();
-    assert!(e.contains("IA32_VMX_EPT_VPID_CAP (0x48c)") && e.contains("unknown"), "{e}");
+    assert!(
+        e.contains("IA32_VMX_EPT_VPID_CAP (0x48c)") && e.contains("unknown"),
+        "{e}"
+    );
     // EPT without WB paging structures (bit 14 cleared from 0x00000f0106334141).
     let c = skylake_with("0x48c ", "0x48c 0x00000f0106330141");
     let e = c.choose_mode(false).unwrap_err().to_string();
@@ -392,26 +501,51 @@ fn refusals_name_their_reason() {
     let c = skylake_with("0x48c ", "0x48c 0x00000f0106134141");
     assert!(c.pml() && !c.ept_ad());
     assert_eq!(c.choose_mode(false), Ok(Mode::WriteProtect));
-    assert!(c.mode_available(Mode::Pml).unwrap_err().to_string().contains("accessed and dirty"));
+    assert!(c
+        .mode_available(Mode::Pml)
+        .unwrap_err()
+        .to_string()
+        .contains("accessed and dirty"));
 }
 
 #[test]
 fn required_control_errors_name_every_missing_control() {
     // Haswell: no PML (secondary bit 17) and no mode-based execute (bit 22).
     let all = dumps();
-    let (_, d) = all.iter().find(|(n, _)| n == "bochs-corei7_haswell_4770").unwrap();
+    let (_, d) = all
+        .iter()
+        .find(|(n, _)| n == "bochs-corei7_haswell_4770")
+        .unwrap();
     let caps = d.caps();
     let e = caps
-        .adjust(ControlField::SecondaryProcBased, secondary::ENABLE_EPT | secondary::ENABLE_PML | (1 << 22), 0)
+        .adjust(
+            ControlField::SecondaryProcBased,
+            secondary::ENABLE_EPT | secondary::ENABLE_PML | (1 << 22),
+            0,
+        )
         .unwrap_err();
     assert_eq!(e.missing, secondary::ENABLE_PML | (1 << 22));
     let msg = e.to_string();
-    assert!(msg.contains("secondary control 'enable PML' (bit 17) not allowed by IA32_VMX_PROCBASED_CTLS2"), "{msg}");
-    assert!(msg.contains("'mode-based execute control for EPT' (bit 22)"), "{msg}");
+    assert!(
+        msg.contains(
+            "secondary control 'enable PML' (bit 17) not allowed by IA32_VMX_PROCBASED_CTLS2"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("'mode-based execute control for EPT' (bit 22)"),
+        "{msg}"
+    );
     assert!(!msg.contains("enable EPT"), "{msg}");
     // A TRUE MSR is named as such.
-    let (_, p) = all.iter().find(|(n, _)| n == "bochs-core2_penryn_t9600").unwrap();
-    let e = p.caps().adjust(ControlField::PinBased, pin::ACTIVATE_PREEMPTION_TIMER, 0).unwrap_err();
+    let (_, p) = all
+        .iter()
+        .find(|(n, _)| n == "bochs-core2_penryn_t9600")
+        .unwrap();
+    let e = p
+        .caps()
+        .adjust(ControlField::PinBased, pin::ACTIVATE_PREEMPTION_TIMER, 0)
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "pin-based control 'activate VMX-preemption timer' (bit 6) not allowed by IA32_VMX_TRUE_PINBASED_CTLS"

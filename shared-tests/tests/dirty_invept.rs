@@ -22,7 +22,12 @@ fn set(pages: &[u64]) -> BTreeSet<u64> {
 
 /// CPU `writer` writes page 5, harvest, writes page 5 again, harvest: what the second harvest
 /// reports. INVEPT per `policy`.
-fn rewrite_after_harvest(mode: Mode, ncpus: usize, writer: usize, policy: InveptPolicy) -> BTreeSet<u64> {
+fn rewrite_after_harvest(
+    mode: Mode,
+    ncpus: usize,
+    writer: usize,
+    policy: InveptPolicy,
+) -> BTreeSet<u64> {
     let p = MockPlatform::new();
     let mut vm = TrackedVm::new(&p, mode, ncpus, false);
     vm.add_slot(BASE, 64, Backing::Small);
@@ -31,7 +36,11 @@ fn rewrite_after_harvest(mode: Mode, ncpus: usize, writer: usize, policy: Invept
     vm.write(writer, BASE + 5 * PAGE);
     assert_eq!(vm.harvest(0), set(&[5]));
     vm.write(writer, BASE + 5 * PAGE);
-    assert_eq!(vm.slots[0].written, set(&[5]), "the oracle saw the second write");
+    assert_eq!(
+        vm.slots[0].written,
+        set(&[5]),
+        "the oracle saw the second write"
+    );
     let second = vm.harvest(0);
     vm.invept = InveptPolicy::AllCpus;
     vm.destroy();
@@ -47,7 +56,11 @@ fn omitting_invept_after_harvest_loses_the_page() {
             set(&[]),
             "{mode:?}: without INVEPT the cached translation absorbs the write"
         );
-        assert_eq!(rewrite_after_harvest(mode, 1, 0, InveptPolicy::AllCpus), set(&[5]), "{mode:?} with INVEPT");
+        assert_eq!(
+            rewrite_after_harvest(mode, 1, 0, InveptPolicy::AllCpus),
+            set(&[5]),
+            "{mode:?} with INVEPT"
+        );
     }
 }
 
@@ -55,10 +68,22 @@ fn omitting_invept_after_harvest_loses_the_page() {
 fn invept_on_one_cpu_of_two_loses_the_page() {
     for mode in MODES {
         // CPU 1 wrote; only CPU 0 flushes: CPU 1's TLB keeps the stale translation.
-        assert_eq!(rewrite_after_harvest(mode, 2, 1, InveptPolicy::OnlyCpu0), set(&[]), "{mode:?}");
-        assert_eq!(rewrite_after_harvest(mode, 2, 1, InveptPolicy::AllCpus), set(&[5]), "{mode:?}");
+        assert_eq!(
+            rewrite_after_harvest(mode, 2, 1, InveptPolicy::OnlyCpu0),
+            set(&[]),
+            "{mode:?}"
+        );
+        assert_eq!(
+            rewrite_after_harvest(mode, 2, 1, InveptPolicy::AllCpus),
+            set(&[5]),
+            "{mode:?}"
+        );
         // CPU 0 flushed its own TLB, so its writes are caught either way.
-        assert_eq!(rewrite_after_harvest(mode, 2, 0, InveptPolicy::OnlyCpu0), set(&[5]), "{mode:?}");
+        assert_eq!(
+            rewrite_after_harvest(mode, 2, 0, InveptPolicy::OnlyCpu0),
+            set(&[5]),
+            "{mode:?}"
+        );
     }
 }
 
@@ -81,7 +106,11 @@ fn omitting_invept_defeats_accessed_flag_pruning() {
         assert_ne!(leaf & bit::D, 0, "the write set D in the leaf either way");
         let got = vm.harvest(0);
         if policy == InveptPolicy::Never {
-            assert_eq!(got, set(&[]), "the PDE's A stayed clear, the scan pruned the dirty leaf");
+            assert_eq!(
+                got,
+                set(&[]),
+                "the PDE's A stayed clear, the scan pruned the dirty leaf"
+            );
         } else {
             assert_eq!(got, set(&[200]));
         }
@@ -108,7 +137,11 @@ fn omitting_invept_after_clear_loses_the_page() {
             vm.clear(0, 64, 64, &[u64::MAX]).unwrap();
             assert_eq!(vm.get(0), set(&[130]));
             vm.write(0, BASE + 70 * PAGE);
-            let want = if policy == InveptPolicy::Never { set(&[130]) } else { set(&[70, 130]) };
+            let want = if policy == InveptPolicy::Never {
+                set(&[130])
+            } else {
+                set(&[70, 130])
+            };
             assert_eq!(vm.harvest(0), want, "{mode:?} {policy:?}");
             vm.invept = InveptPolicy::AllCpus;
             vm.destroy();
@@ -126,7 +159,16 @@ fn hypervisor_writes_are_not_dirty() {
         let mut ept = Ept::new(&p, EptFeatures::ALL).unwrap();
         let backing: Vec<u64> = (0..8).map(|_| p.alloc_page().unwrap()).collect();
         for (i, &hpa) in backing.iter().enumerate() {
-            ept.map(&p, BASE + i as u64 * PAGE, hpa, PAGE, Perms::RW, MemoryType::WriteBack, false).unwrap();
+            ept.map(
+                &p,
+                BASE + i as u64 * PAGE,
+                hpa,
+                PAGE,
+                Perms::RW,
+                MemoryType::WriteBack,
+                false,
+            )
+            .unwrap();
         }
         let mut log = DirtyLog::new(&p, mode, BASE, 8).unwrap();
         log.enable(&p, &mut ept).unwrap();
@@ -139,7 +181,10 @@ fn hypervisor_writes_are_not_dirty() {
         ept.invept_done(&p);
         // The guest reads every page first (translations cached, A set).
         for i in 0..8 {
-            assert_eq!(cpu.access(&p, e, BASE + i * PAGE, false), Ok(backing[i as usize]));
+            assert_eq!(
+                cpu.access(&p, e, BASE + i * PAGE, false),
+                Ok(backing[i as usize])
+            );
         }
         for &hpa in &backing {
             write_bytes(&p, hpa, 100, b"written by smudge");

@@ -26,15 +26,41 @@ struct SlotGen {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { cpu: usize, slot: usize, page: u64 },
+    Write {
+        cpu: usize,
+        slot: usize,
+        page: u64,
+    },
     /// Writes `count` consecutive pages (wrapping in the slot): fills PML buffers, dirties runs.
-    WriteRun { cpu: usize, slot: usize, page: u64, count: u64 },
-    Read { cpu: usize, slot: usize, page: u64 },
+    WriteRun {
+        cpu: usize,
+        slot: usize,
+        page: u64,
+        count: u64,
+    },
+    Read {
+        cpu: usize,
+        slot: usize,
+        page: u64,
+    },
     /// A write to a mapped page outside every slot (in the large mapping around it).
-    WriteOutside { cpu: usize, slot: usize, page: u64 },
-    Get { slot: usize },
-    Harvest { slot: usize },
-    Clear { slot: usize, first_word: u64, num: ClearLen, masks: Vec<u64> },
+    WriteOutside {
+        cpu: usize,
+        slot: usize,
+        page: u64,
+    },
+    Get {
+        slot: usize,
+    },
+    Harvest {
+        slot: usize,
+    },
+    Clear {
+        slot: usize,
+        first_word: u64,
+        num: ClearLen,
+        masks: Vec<u64>,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -105,11 +131,18 @@ fn run(mode: Mode, ncpus: usize, ad_for_wp: bool, gens: Vec<SlotGen>, pre: Vec<O
     // even GiB after it), or right after slot i-1.
     let mut next_region = 1u64;
     for (i, g) in gens.iter().enumerate() {
-        let follow = g.follow_prev && i > 0 && g.backing == Backing::Small && vm.slots[i - 1].mapped.1 == vm.slots[i - 1].end();
+        let follow = g.follow_prev
+            && i > 0
+            && g.backing == Backing::Small
+            && vm.slots[i - 1].mapped.1 == vm.slots[i - 1].end();
         let base = if follow {
             vm.slots[i - 1].end() + (g.offset % 3) * PAGE
         } else {
-            let offset = if g.backing == Backing::Large1G { g.offset % 1536 } else { g.offset };
+            let offset = if g.backing == Backing::Large1G {
+                g.offset % 1536
+            } else {
+                g.offset
+            };
             let b = (next_region << 30) + offset * PAGE;
             next_region += 2;
             b
@@ -133,9 +166,15 @@ fn run(mode: Mode, ncpus: usize, ad_for_wp: bool, gens: Vec<SlotGen>, pre: Vec<O
             Op::Write { cpu, slot, page } | Op::Read { cpu, slot, page } => {
                 let s = &vm.slots[slot % n];
                 let gpa = s.base + (page % s.pages) * PAGE + (page % 7) * 8;
-                vm.access(cpu % ncpus, gpa, matches!(op, Op::Write { .. })).expect("guest access");
+                vm.access(cpu % ncpus, gpa, matches!(op, Op::Write { .. }))
+                    .expect("guest access");
             }
-            Op::WriteRun { cpu, slot, page, count } => {
+            Op::WriteRun {
+                cpu,
+                slot,
+                page,
+                count,
+            } => {
                 let s = &vm.slots[slot % n];
                 let (base, pages) = (s.base, s.pages);
                 for k in 0..count.min(pages) {
@@ -151,7 +190,11 @@ fn run(mode: Mode, ncpus: usize, ad_for_wp: bool, gens: Vec<SlotGen>, pre: Vec<O
                 }
                 let k = page % outside;
                 let before = (s.base - ms) / PAGE;
-                let gpa = if k < before { ms + k * PAGE } else { s.end() + (k - before) * PAGE };
+                let gpa = if k < before {
+                    ms + k * PAGE
+                } else {
+                    s.end() + (k - before) * PAGE
+                };
                 if vm.slots.iter().any(|o| gpa >= o.base && gpa < o.end()) {
                     continue;
                 }
@@ -168,7 +211,12 @@ fn run(mode: Mode, ncpus: usize, ad_for_wp: bool, gens: Vec<SlotGen>, pre: Vec<O
                 let got = vm.harvest(s);
                 assert_eq!(got, expected, "harvest of slot {s}");
             }
-            Op::Clear { slot, first_word, num, masks } => {
+            Op::Clear {
+                slot,
+                first_word,
+                num,
+                masks,
+            } => {
                 let s = slot % n;
                 let pages = vm.slots[s].pages;
                 let first = match num {
@@ -183,7 +231,11 @@ fn run(mode: Mode, ncpus: usize, ad_for_wp: bool, gens: Vec<SlotGen>, pre: Vec<O
                 let want = clear_error(pages, first, num, masks.len());
                 let before = vm.slots[s].written.clone();
                 let res = vm.clear(s, first, num, &masks);
-                assert_eq!(res.err(), want, "clear({first}, {num}) of a {pages}-page slot");
+                assert_eq!(
+                    res.err(),
+                    want,
+                    "clear({first}, {num}) of a {pages}-page slot"
+                );
                 if want.is_some() {
                     assert_eq!(vm.slots[s].written, before);
                 }

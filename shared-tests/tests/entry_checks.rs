@@ -30,7 +30,9 @@ fn hex(s: &str) -> Option<u64> {
 }
 
 fn load(name: &str) -> Dump {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vmx-msrs").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/vmx-msrs")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut msrs = HashMap::new();
     let mut max_phys_bits = None;
@@ -49,11 +51,17 @@ fn load(name: &str) -> Dump {
             _ => {}
         }
     }
-    Dump { msrs, max_phys_bits }
+    Dump {
+        msrs,
+        max_phys_bits,
+    }
 }
 
 fn ctls(v: u64) -> Ctls {
-    Ctls { must_be_1: v as u32, may_be_1: (v >> 32) as u32 }
+    Ctls {
+        must_be_1: v as u32,
+        may_be_1: (v >> 32) as u32,
+    }
 }
 
 /// VmxCaps as SDM Appendix A defines them: TRUE_* controls when IA32_VMX_BASIC[55] (A.2),
@@ -68,7 +76,11 @@ fn caps_of(d: &Dump) -> VmxCaps {
         basic,
         pinbased: pick(0x481, 0x48D),
         procbased,
-        procbased2: if procbased.may_be_1 & (1 << 31) != 0 { ctls(m(0x48B)) } else { Ctls::default() },
+        procbased2: if procbased.may_be_1 & (1 << 31) != 0 {
+            ctls(m(0x48B))
+        } else {
+            Ctls::default()
+        },
         exit: pick(0x483, 0x48F),
         entry: pick(0x484, 0x490),
         misc: m(0x485),
@@ -89,7 +101,13 @@ const TIGERLAKE: &str = "bochs-tigerlake.msr";
 /// A CPU that allows every control and VM function (used only where a rule needs a feature
 /// the dumped CPUs lack).
 fn permissive(mut c: VmxCaps) -> VmxCaps {
-    for x in [&mut c.pinbased, &mut c.procbased, &mut c.procbased2, &mut c.exit, &mut c.entry] {
+    for x in [
+        &mut c.pinbased,
+        &mut c.procbased,
+        &mut c.procbased2,
+        &mut c.exit,
+        &mut c.entry,
+    ] {
         x.may_be_1 = u32::MAX;
     }
     c.vmfunc = 1;
@@ -160,10 +178,16 @@ fn valid_vmcs(caps: &VmxCaps) -> VmcsImage {
     let cap = |bit: u32| caps.ept_vpid_cap & (1 << bit) != 0;
 
     // Controls.
-    let pin = adjust(&caps.pinbased, pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS);
+    let pin = adjust(
+        &caps.pinbased,
+        pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS,
+    );
     let proc = adjust(
         &caps.procbased,
-        proc::HLT_EXITING | proc::USE_IO_BITMAPS | proc::USE_MSR_BITMAPS | proc::ACTIVATE_SECONDARY_CONTROLS,
+        proc::HLT_EXITING
+            | proc::USE_IO_BITMAPS
+            | proc::USE_MSR_BITMAPS
+            | proc::ACTIVATE_SECONDARY_CONTROLS,
     );
     let mut want2 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
     if cap(21) {
@@ -172,11 +196,17 @@ fn valid_vmcs(caps: &VmxCaps) -> VmcsImage {
     let proc2 = adjust(&caps.procbased2, want2);
     let exit = adjust(
         &caps.exit,
-        exit::HOST_ADDRESS_SPACE_SIZE | exit::LOAD_IA32_EFER | exit::LOAD_IA32_PAT | exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT,
+        exit::HOST_ADDRESS_SPACE_SIZE
+            | exit::LOAD_IA32_EFER
+            | exit::LOAD_IA32_PAT
+            | exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT,
     );
     let entry = adjust(
         &caps.entry,
-        entry::IA32E_MODE_GUEST | entry::LOAD_IA32_EFER | entry::LOAD_IA32_PAT | entry::LOAD_DEBUG_CONTROLS,
+        entry::IA32E_MODE_GUEST
+            | entry::LOAD_IA32_EFER
+            | entry::LOAD_IA32_PAT
+            | entry::LOAD_DEBUG_CONTROLS,
     );
     v.set(Field::PinBasedControls, pin as u64);
     v.set(Field::PrimaryProcessorBasedControls, proc as u64);
@@ -193,12 +223,23 @@ fn valid_vmcs(caps: &VmxCaps) -> VmcsImage {
     v.set(Field::VirtualProcessorId, 1);
 
     // Host: 64-bit, flat, canonical bases.
-    v.set(Field::HostCr0, CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG | caps.cr0_fixed0);
+    v.set(
+        Field::HostCr0,
+        CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG | caps.cr0_fixed0,
+    );
     v.set(Field::HostCr3, 0x10_0000);
-    v.set(Field::HostCr4, CR4_PAE | CR4_PGE | CR4_OSFXSR | CR4_OSXMMEXCPT | caps.cr4_fixed0);
+    v.set(
+        Field::HostCr4,
+        CR4_PAE | CR4_PGE | CR4_OSFXSR | CR4_OSXMMEXCPT | caps.cr4_fixed0,
+    );
     v.set(Field::HostCsSelector, 0x10);
     v.set(Field::HostSsSelector, 0x18);
-    for f in [Field::HostDsSelector, Field::HostEsSelector, Field::HostFsSelector, Field::HostGsSelector] {
+    for f in [
+        Field::HostDsSelector,
+        Field::HostEsSelector,
+        Field::HostFsSelector,
+        Field::HostGsSelector,
+    ] {
         v.set(f, 0x18);
     }
     v.set(Field::HostTrSelector, 0x40);
@@ -211,13 +252,22 @@ fn valid_vmcs(caps: &VmxCaps) -> VmcsImage {
     v.set(Field::HostIa32SysenterEip, 0xFFFF_FFFF_8100_0000);
     v.set(Field::HostRsp, 0xFFFF_C900_0000_8000);
     v.set(Field::HostRip, 0xFFFF_FFFF_8100_1000);
-    v.set(Field::HostIa32Efer, EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE);
+    v.set(
+        Field::HostIa32Efer,
+        EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE,
+    );
     v.set(Field::HostIa32Pat, PAT_LINUX);
 
     // Guest: 64-bit mode, flat segments, busy 64-bit TSS, LDTR unusable.
-    v.set(Field::GuestCr0, CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG | caps.cr0_fixed0);
+    v.set(
+        Field::GuestCr0,
+        CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG | caps.cr0_fixed0,
+    );
     v.set(Field::GuestCr3, 0x1000);
-    v.set(Field::GuestCr4, CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | caps.cr4_fixed0);
+    v.set(
+        Field::GuestCr4,
+        CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | caps.cr4_fixed0,
+    );
     v.set(Field::GuestIa32Efer, EFER_LME | EFER_LMA | EFER_NXE);
     v.set(Field::GuestIa32Pat, PAT_LINUX);
     v.set(Field::GuestDr7, 0x400);
@@ -228,11 +278,31 @@ fn valid_vmcs(caps: &VmxCaps) -> VmcsImage {
     v.set(Field::GuestCsLimit, 0xFFFF_FFFF);
     v.set(Field::GuestCsAccessRights, AR_CODE64);
     for (sel, limit, ar) in [
-        (Field::GuestSsSelector, Field::GuestSsLimit, Field::GuestSsAccessRights),
-        (Field::GuestDsSelector, Field::GuestDsLimit, Field::GuestDsAccessRights),
-        (Field::GuestEsSelector, Field::GuestEsLimit, Field::GuestEsAccessRights),
-        (Field::GuestFsSelector, Field::GuestFsLimit, Field::GuestFsAccessRights),
-        (Field::GuestGsSelector, Field::GuestGsLimit, Field::GuestGsAccessRights),
+        (
+            Field::GuestSsSelector,
+            Field::GuestSsLimit,
+            Field::GuestSsAccessRights,
+        ),
+        (
+            Field::GuestDsSelector,
+            Field::GuestDsLimit,
+            Field::GuestDsAccessRights,
+        ),
+        (
+            Field::GuestEsSelector,
+            Field::GuestEsLimit,
+            Field::GuestEsAccessRights,
+        ),
+        (
+            Field::GuestFsSelector,
+            Field::GuestFsLimit,
+            Field::GuestFsAccessRights,
+        ),
+        (
+            Field::GuestGsSelector,
+            Field::GuestGsLimit,
+            Field::GuestGsAccessRights,
+        ),
     ] {
         v.set(sel, 0x10);
         v.set(limit, 0xFFFF_FFFF);
@@ -265,10 +335,18 @@ struct Case {
 }
 
 const fn case(id: &'static str, mutate: Mutation) -> Case {
-    Case { id, permissive: false, mutate }
+    Case {
+        id,
+        permissive: false,
+        mutate,
+    }
 }
 const fn wide(id: &'static str, mutate: Mutation) -> Case {
-    Case { id, permissive: true, mutate }
+    Case {
+        id,
+        permissive: true,
+        mutate,
+    }
 }
 
 fn first_disallowed(c: &Ctls) -> u64 {
@@ -278,27 +356,45 @@ fn first_disallowed(c: &Ctls) -> u64 {
 }
 
 fn inject(v: &mut VmcsImage, ty: u8, vector: u8, error_code: bool) {
-    v.set(Field::VmEntryInterruptionInformation, InterruptionInfo::new(ty, vector, error_code).0 as u64);
+    v.set(
+        Field::VmEntryInterruptionInformation,
+        InterruptionInfo::new(ty, vector, error_code).0 as u64,
+    );
 }
 
 fn no_ept(v: &mut VmcsImage) {
-    v.clear(Field::SecondaryProcessorBasedControls, (proc2::ENABLE_EPT | proc2::ENABLE_PML | proc2::UNRESTRICTED_GUEST) as u64);
+    v.clear(
+        Field::SecondaryProcessorBasedControls,
+        (proc2::ENABLE_EPT | proc2::ENABLE_PML | proc2::UNRESTRICTED_GUEST) as u64,
+    );
 }
 
 fn restricted(v: &mut VmcsImage) {
-    v.clear(Field::SecondaryProcessorBasedControls, proc2::UNRESTRICTED_GUEST as u64);
+    v.clear(
+        Field::SecondaryProcessorBasedControls,
+        proc2::UNRESTRICTED_GUEST as u64,
+    );
 }
 
 fn tpr_shadow(v: &mut VmcsImage) {
-    v.or(Field::PrimaryProcessorBasedControls, proc::USE_TPR_SHADOW as u64);
+    v.or(
+        Field::PrimaryProcessorBasedControls,
+        proc::USE_TPR_SHADOW as u64,
+    );
     v.set(Field::VirtualApicAddress, 0x6000);
 }
 
 /// Posted interrupts with everything they require (SDM 27.2.1.1).
 fn posted(v: &mut VmcsImage) {
     tpr_shadow(v);
-    v.or(Field::SecondaryProcessorBasedControls, proc2::VIRTUAL_INTERRUPT_DELIVERY as u64);
-    v.or(Field::PinBasedControls, (pin::PROCESS_POSTED_INTERRUPTS | pin::EXTERNAL_INTERRUPT_EXITING) as u64);
+    v.or(
+        Field::SecondaryProcessorBasedControls,
+        proc2::VIRTUAL_INTERRUPT_DELIVERY as u64,
+    );
+    v.or(
+        Field::PinBasedControls,
+        (pin::PROCESS_POSTED_INTERRUPTS | pin::EXTERNAL_INTERRUPT_EXITING) as u64,
+    );
     v.set(Field::PostedInterruptNotificationVector, 0xF2);
     v.set(Field::PostedInterruptDescriptorAddress, 0x7040);
 }
@@ -310,12 +406,42 @@ fn usable_ldtr(v: &mut VmcsImage) {
 }
 
 const SEGS: [(Field, Field, Field, Field); 6] = [
-    (Field::GuestCsSelector, Field::GuestCsBase, Field::GuestCsLimit, Field::GuestCsAccessRights),
-    (Field::GuestSsSelector, Field::GuestSsBase, Field::GuestSsLimit, Field::GuestSsAccessRights),
-    (Field::GuestDsSelector, Field::GuestDsBase, Field::GuestDsLimit, Field::GuestDsAccessRights),
-    (Field::GuestEsSelector, Field::GuestEsBase, Field::GuestEsLimit, Field::GuestEsAccessRights),
-    (Field::GuestFsSelector, Field::GuestFsBase, Field::GuestFsLimit, Field::GuestFsAccessRights),
-    (Field::GuestGsSelector, Field::GuestGsBase, Field::GuestGsLimit, Field::GuestGsAccessRights),
+    (
+        Field::GuestCsSelector,
+        Field::GuestCsBase,
+        Field::GuestCsLimit,
+        Field::GuestCsAccessRights,
+    ),
+    (
+        Field::GuestSsSelector,
+        Field::GuestSsBase,
+        Field::GuestSsLimit,
+        Field::GuestSsAccessRights,
+    ),
+    (
+        Field::GuestDsSelector,
+        Field::GuestDsBase,
+        Field::GuestDsLimit,
+        Field::GuestDsAccessRights,
+    ),
+    (
+        Field::GuestEsSelector,
+        Field::GuestEsBase,
+        Field::GuestEsLimit,
+        Field::GuestEsAccessRights,
+    ),
+    (
+        Field::GuestFsSelector,
+        Field::GuestFsBase,
+        Field::GuestFsLimit,
+        Field::GuestFsAccessRights,
+    ),
+    (
+        Field::GuestGsSelector,
+        Field::GuestGsBase,
+        Field::GuestGsLimit,
+        Field::GuestGsAccessRights,
+    ),
 ];
 
 /// Virtual-8086 segments: base = selector << 4, limit FFFFH, access rights F3H (SDM 27.3.1.2).
@@ -339,15 +465,33 @@ fn cases() -> Vec<Case> {
     use Field as F;
     vec![
         // ---- 27.2.1.1: "Reserved bits in the ... controls must be set properly" ----
-        case("ctrl.pin.reserved", |v, c| v.clear(F::PinBasedControls, c.pinbased.must_be_1 as u64)),
-        case("ctrl.proc.reserved", |v, c| v.or(F::PrimaryProcessorBasedControls, first_disallowed(&c.procbased))),
-        case("ctrl.proc2.reserved", |v, c| v.or(F::SecondaryProcessorBasedControls, first_disallowed(&c.procbased2))),
+        case("ctrl.pin.reserved", |v, c| {
+            v.clear(F::PinBasedControls, c.pinbased.must_be_1 as u64)
+        }),
+        case("ctrl.proc.reserved", |v, c| {
+            v.or(
+                F::PrimaryProcessorBasedControls,
+                first_disallowed(&c.procbased),
+            )
+        }),
+        case("ctrl.proc2.reserved", |v, c| {
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                first_disallowed(&c.procbased2),
+            )
+        }),
         // "The CR3-target count must not be greater than 4" (IA32_VMX_MISC[24:16] = 4 here).
         case("ctrl.cr3_target_count", |v, _| v.set(F::Cr3TargetCount, 5)),
         // I/O, MSR bitmaps: "Bits 11:0 of each I/O bitmap address must be 0 ... not beyond the width".
-        case("ctrl.io_bitmap_a.addr", |v, _| v.set(F::IoBitmapAAddress, 0x1004)),
-        case("ctrl.io_bitmap_b.addr", |v, _| v.set(F::IoBitmapBAddress, 1 << 50)),
-        case("ctrl.msr_bitmap.addr", |v, _| v.set(F::MsrBitmapAddress, 0x3800)),
+        case("ctrl.io_bitmap_a.addr", |v, _| {
+            v.set(F::IoBitmapAAddress, 0x1004)
+        }),
+        case("ctrl.io_bitmap_b.addr", |v, _| {
+            v.set(F::IoBitmapBAddress, 1 << 50)
+        }),
+        case("ctrl.msr_bitmap.addr", |v, _| {
+            v.set(F::MsrBitmapAddress, 0x3800)
+        }),
         case("ctrl.virtual_apic.addr", |v, _| {
             tpr_shadow(v);
             v.set(F::VirtualApicAddress, 0x6001)
@@ -359,35 +503,70 @@ fn cases() -> Vec<Case> {
         }),
         // "If the use TPR shadow control is 0, ... virtualize x2APIC mode, APIC-register
         // virtualization, virtual-interrupt delivery must also be 0."
-        case("ctrl.x2apic_mode_requires_tpr_shadow", |v, _| v.or(F::SecondaryProcessorBasedControls, proc2::VIRTUALIZE_X2APIC_MODE as u64)),
-        case("ctrl.apic_register_virt_requires_tpr_shadow", |v, _| v.or(F::SecondaryProcessorBasedControls, proc2::APIC_REGISTER_VIRTUALIZATION as u64)),
-        case("ctrl.vid_requires_tpr_shadow", |v, _| v.or(F::SecondaryProcessorBasedControls, proc2::VIRTUAL_INTERRUPT_DELIVERY as u64)),
-        case("ctrl.virtual_nmis_requires_nmi_exiting", |v, _| v.clear(F::PinBasedControls, pin::NMI_EXITING as u64)),
+        case("ctrl.x2apic_mode_requires_tpr_shadow", |v, _| {
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::VIRTUALIZE_X2APIC_MODE as u64,
+            )
+        }),
+        case("ctrl.apic_register_virt_requires_tpr_shadow", |v, _| {
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::APIC_REGISTER_VIRTUALIZATION as u64,
+            )
+        }),
+        case("ctrl.vid_requires_tpr_shadow", |v, _| {
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::VIRTUAL_INTERRUPT_DELIVERY as u64,
+            )
+        }),
+        case("ctrl.virtual_nmis_requires_nmi_exiting", |v, _| {
+            v.clear(F::PinBasedControls, pin::NMI_EXITING as u64)
+        }),
         case("ctrl.nmi_window_requires_virtual_nmis", |v, _| {
             v.clear(F::PinBasedControls, pin::VIRTUAL_NMIS as u64);
-            v.or(F::PrimaryProcessorBasedControls, proc::NMI_WINDOW_EXITING as u64)
+            v.or(
+                F::PrimaryProcessorBasedControls,
+                proc::NMI_WINDOW_EXITING as u64,
+            )
         }),
         case("ctrl.apic_access.addr", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::VIRTUALIZE_APIC_ACCESSES as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::VIRTUALIZE_APIC_ACCESSES as u64,
+            );
             v.set(F::ApicAccessAddress, 0x123)
         }),
         case("ctrl.x2apic_mode_excludes_apic_access", |v, _| {
             tpr_shadow(v);
-            v.or(F::SecondaryProcessorBasedControls, (proc2::VIRTUALIZE_APIC_ACCESSES | proc2::VIRTUALIZE_X2APIC_MODE) as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                (proc2::VIRTUALIZE_APIC_ACCESSES | proc2::VIRTUALIZE_X2APIC_MODE) as u64,
+            );
             v.set(F::ApicAccessAddress, 0x7000)
         }),
         case("ctrl.vid_requires_ext_int_exiting", |v, _| {
             tpr_shadow(v);
-            v.or(F::SecondaryProcessorBasedControls, proc2::VIRTUAL_INTERRUPT_DELIVERY as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::VIRTUAL_INTERRUPT_DELIVERY as u64,
+            );
             v.clear(F::PinBasedControls, pin::EXTERNAL_INTERRUPT_EXITING as u64)
         }),
         wide("ctrl.posted_int.requires_vid", |v, _| {
             posted(v);
-            v.clear(F::SecondaryProcessorBasedControls, proc2::VIRTUAL_INTERRUPT_DELIVERY as u64)
+            v.clear(
+                F::SecondaryProcessorBasedControls,
+                proc2::VIRTUAL_INTERRUPT_DELIVERY as u64,
+            )
         }),
         wide("ctrl.posted_int.requires_ack_on_exit", |v, _| {
             posted(v);
-            v.clear(F::VmExitControls, exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT as u64)
+            v.clear(
+                F::VmExitControls,
+                exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT as u64,
+            )
         }),
         wide("ctrl.posted_int.vector", |v, _| {
             posted(v);
@@ -422,59 +601,99 @@ fn cases() -> Vec<Case> {
         }),
         case("ctrl.unrestricted_guest_requires_ept", |v, _| {
             no_ept(v);
-            v.or(F::SecondaryProcessorBasedControls, proc2::UNRESTRICTED_GUEST as u64)
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::UNRESTRICTED_GUEST as u64,
+            )
         }),
         wide("ctrl.mbec_requires_ept", |v, _| {
             no_ept(v);
-            v.or(F::SecondaryProcessorBasedControls, proc2::MODE_BASED_EXECUTE_CONTROL as u64)
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::MODE_BASED_EXECUTE_CONTROL as u64,
+            )
         }),
         wide("ctrl.spp_requires_ept", |v, _| {
             no_ept(v);
-            v.or(F::SecondaryProcessorBasedControls, proc2::SUB_PAGE_WRITE_PERMISSIONS as u64)
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::SUB_PAGE_WRITE_PERMISSIONS as u64,
+            )
         }),
         wide("ctrl.spptp.addr", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::SUB_PAGE_WRITE_PERMISSIONS as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::SUB_PAGE_WRITE_PERMISSIONS as u64,
+            );
             v.set(F::SubPagePermissionTablePointer, 0x10)
         }),
         wide("ctrl.pt_gpa_requires_ept", |v, _| {
             no_ept(v);
-            v.or(F::SecondaryProcessorBasedControls, proc2::PT_USES_GUEST_PHYSICAL_ADDRESSES as u64)
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::PT_USES_GUEST_PHYSICAL_ADDRESSES as u64,
+            )
         }),
         wide("ctrl.pt_gpa_requires_rtit_ctl_controls", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::PT_USES_GUEST_PHYSICAL_ADDRESSES as u64)
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::PT_USES_GUEST_PHYSICAL_ADDRESSES as u64,
+            )
         }),
         // IA32_VMX_VMFUNC is 1 here: only EPTP switching (bit 0) is allowed.
         case("ctrl.vmfunc.reserved", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::ENABLE_VM_FUNCTIONS as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::ENABLE_VM_FUNCTIONS as u64,
+            );
             v.set(F::VmFunctionControls, 2)
         }),
         case("ctrl.vmfunc.eptp_switching_requires_ept", |v, _| {
             no_ept(v);
-            v.or(F::SecondaryProcessorBasedControls, proc2::ENABLE_VM_FUNCTIONS as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::ENABLE_VM_FUNCTIONS as u64,
+            );
             v.set(F::VmFunctionControls, 1)
         }),
         case("ctrl.eptp_list.addr", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::ENABLE_VM_FUNCTIONS as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::ENABLE_VM_FUNCTIONS as u64,
+            );
             v.set(F::VmFunctionControls, 1);
             v.set(F::EptpListAddress, 0x8100)
         }),
         case("ctrl.vmread_bitmap.addr", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::VMCS_SHADOWING as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::VMCS_SHADOWING as u64,
+            );
             v.set(F::VmreadBitmapAddress, 0x9001);
             v.set(F::VmwriteBitmapAddress, 0xA000)
         }),
         case("ctrl.vmwrite_bitmap.addr", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::VMCS_SHADOWING as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::VMCS_SHADOWING as u64,
+            );
             v.set(F::VmreadBitmapAddress, 0x9000);
             v.set(F::VmwriteBitmapAddress, 1 << 45)
         }),
         case("ctrl.ve_info.addr", |v, _| {
-            v.or(F::SecondaryProcessorBasedControls, proc2::EPT_VIOLATION_VE as u64);
+            v.or(
+                F::SecondaryProcessorBasedControls,
+                proc2::EPT_VIOLATION_VE as u64,
+            );
             v.set(F::VirtualizationExceptionInformationAddress, 0xB080)
         }),
         // ---- 27.2.1.2 ----
-        case("ctrl.exit.reserved", |v, c| v.clear(F::VmExitControls, c.exit.must_be_1 as u64)),
-        case("ctrl.exit.save_timer_requires_timer", |v, _| v.or(F::VmExitControls, exit::SAVE_PREEMPTION_TIMER_VALUE as u64)),
+        case("ctrl.exit.reserved", |v, c| {
+            v.clear(F::VmExitControls, c.exit.must_be_1 as u64)
+        }),
+        case("ctrl.exit.save_timer_requires_timer", |v, _| {
+            v.or(F::VmExitControls, exit::SAVE_PREEMPTION_TIMER_VALUE as u64)
+        }),
         case("ctrl.exit.msr_store.addr", |v, _| {
             v.set(F::VmExitMsrStoreCount, 1);
             v.set(F::VmExitMsrStoreAddress, 0x1008)
@@ -485,7 +704,9 @@ fn cases() -> Vec<Case> {
             v.set(F::VmExitMsrLoadAddress, (1 << c.max_phys_bits) - 16)
         }),
         // ---- 27.2.1.3 ----
-        case("ctrl.entry.reserved", |v, c| v.or(F::VmEntryControls, first_disallowed(&c.entry))),
+        case("ctrl.entry.reserved", |v, c| {
+            v.or(F::VmEntryControls, first_disallowed(&c.entry))
+        }),
         case("ctrl.entry.event.type", |v, _| inject(v, 1, 0x20, false)),
         // Type 7 (other event) is reserved without the monitor trap flag.
         case("ctrl.entry.event.type", |v, c| {
@@ -493,7 +714,9 @@ fn cases() -> Vec<Case> {
             inject(v, 7, 0, false)
         }),
         case("ctrl.entry.event.nmi_vector", |v, _| inject(v, 2, 3, false)),
-        case("ctrl.entry.event.exception_vector", |v, _| inject(v, 3, 32, false)),
+        case("ctrl.entry.event.exception_vector", |v, _| {
+            inject(v, 3, 32, false)
+        }),
         case("ctrl.entry.event.other_vector", |v, c| {
             c.procbased.may_be_1 |= proc::MONITOR_TRAP_FLAG;
             inject(v, 7, 1, false)
@@ -504,7 +727,9 @@ fn cases() -> Vec<Case> {
             inject(v, 3, 13, false)
         }),
         // An external interrupt never delivers an error code, whatever IA32_VMX_BASIC[56] says.
-        case("ctrl.entry.event.error_code", |v, _| inject(v, 0, 0x20, true)),
+        case("ctrl.entry.event.error_code", |v, _| {
+            inject(v, 0, 0x20, true)
+        }),
         case("ctrl.entry.event.reserved", |v, _| {
             inject(v, 0, 0x20, false);
             v.or(F::VmEntryInterruptionInformation, 1 << 12)
@@ -521,19 +746,29 @@ fn cases() -> Vec<Case> {
             v.set(F::VmEntryMsrLoadCount, 1);
             v.set(F::VmEntryMsrLoadAddress, 0x2004)
         }),
-        case("ctrl.entry.smm", |v, _| v.or(F::VmEntryControls, entry::ENTRY_TO_SMM as u64)),
-        case("ctrl.entry.dual_monitor", |v, _| v.or(F::VmEntryControls, entry::DEACTIVATE_DUAL_MONITOR as u64)),
+        case("ctrl.entry.smm", |v, _| {
+            v.or(F::VmEntryControls, entry::ENTRY_TO_SMM as u64)
+        }),
+        case("ctrl.entry.dual_monitor", |v, _| {
+            v.or(F::VmEntryControls, entry::DEACTIVATE_DUAL_MONITOR as u64)
+        }),
         // ---- 27.2.2 ----
         case("host.cr0.fixed", |v, _| v.clear(F::HostCr0, CR0_NE)),
         case("host.cr4.fixed", |v, _| v.clear(F::HostCr4, CR4_VMXE)),
         case("host.cr3.reserved", |v, _| v.or(F::HostCr3, 1 << 45)),
-        case("host.sysenter_esp.canonical", |v, _| v.set(F::HostIa32SysenterEsp, NONCANONICAL_57)),
-        case("host.sysenter_eip.canonical", |v, _| v.set(F::HostIa32SysenterEip, NONCANONICAL)),
+        case("host.sysenter_esp.canonical", |v, _| {
+            v.set(F::HostIa32SysenterEsp, NONCANONICAL_57)
+        }),
+        case("host.sysenter_eip.canonical", |v, _| {
+            v.set(F::HostIa32SysenterEip, NONCANONICAL)
+        }),
         wide("host.cet.ssp_table.canonical", |v, _| {
             v.or(F::VmExitControls, exit::LOAD_CET_STATE as u64);
             v.set(F::HostIa32InterruptSspTableAddr, NONCANONICAL_57)
         }),
-        case("host.pat", |v, _| v.set(F::HostIa32Pat, PAT_LINUX | 2 << 56)),
+        case("host.pat", |v, _| {
+            v.set(F::HostIa32Pat, PAT_LINUX | 2 << 56)
+        }),
         case("host.efer.reserved", |v, _| v.or(F::HostIa32Efer, 1 << 1)),
         case("host.efer.lma", |v, _| v.clear(F::HostIa32Efer, EFER_LMA)),
         case("host.efer.lme", |v, _| v.clear(F::HostIa32Efer, EFER_LME)),
@@ -552,29 +787,51 @@ fn cases() -> Vec<Case> {
         case("host.cs.null", |v, _| v.set(F::HostCsSelector, 0)),
         case("host.tr.null", |v, _| v.set(F::HostTrSelector, 0)),
         case("host.ss.null", |v, _| {
-            v.clear(F::VmExitControls, (exit::HOST_ADDRESS_SPACE_SIZE | exit::LOAD_IA32_EFER) as u64);
+            v.clear(
+                F::VmExitControls,
+                (exit::HOST_ADDRESS_SPACE_SIZE | exit::LOAD_IA32_EFER) as u64,
+            );
             v.set(F::HostSsSelector, 0)
         }),
-        case("host.fs.base_canonical", |v, _| v.set(F::HostFsBase, NONCANONICAL_57)),
-        case("host.gs.base_canonical", |v, _| v.set(F::HostGsBase, 0x7FFF_8880_0000_0000)),
-        case("host.gdtr.base_canonical", |v, _| v.set(F::HostGdtrBase, NONCANONICAL)),
-        case("host.idtr.base_canonical", |v, _| v.set(F::HostIdtrBase, NONCANONICAL)),
-        case("host.tr.base_canonical", |v, _| v.set(F::HostTrBase, NONCANONICAL)),
+        case("host.fs.base_canonical", |v, _| {
+            v.set(F::HostFsBase, NONCANONICAL_57)
+        }),
+        case("host.gs.base_canonical", |v, _| {
+            v.set(F::HostGsBase, 0x7FFF_8880_0000_0000)
+        }),
+        case("host.gdtr.base_canonical", |v, _| {
+            v.set(F::HostGdtrBase, NONCANONICAL)
+        }),
+        case("host.idtr.base_canonical", |v, _| {
+            v.set(F::HostIdtrBase, NONCANONICAL)
+        }),
+        case("host.tr.base_canonical", |v, _| {
+            v.set(F::HostTrBase, NONCANONICAL)
+        }),
         // ---- 27.2.4 (we enter from IA-32e mode) ----
-        case("host.address_space_size", |v, _| v.clear(F::VmExitControls, (exit::HOST_ADDRESS_SPACE_SIZE | exit::LOAD_IA32_EFER) as u64)),
+        case("host.address_space_size", |v, _| {
+            v.clear(
+                F::VmExitControls,
+                (exit::HOST_ADDRESS_SPACE_SIZE | exit::LOAD_IA32_EFER) as u64,
+            )
+        }),
         case("host.cr4.pae", |v, _| v.clear(F::HostCr4, CR4_PAE)),
         case("host.rip.canonical", |v, _| v.set(F::HostRip, NONCANONICAL)),
         // ---- 27.3.1.1 ----
         case("guest.cr0.fixed", |v, _| v.clear(F::GuestCr0, CR0_NE)),
         // Unrestricted guest exempts PE from FIXED0, but PG=1 still needs PE=1.
-        case("guest.cr0.pg_requires_pe", |v, _| v.clear(F::GuestCr0, CR0_PE)),
+        case("guest.cr0.pg_requires_pe", |v, _| {
+            v.clear(F::GuestCr0, CR0_PE)
+        }),
         case("guest.cr4.fixed", |v, _| v.clear(F::GuestCr4, CR4_VMXE)),
         case("guest.cr4.cet_requires_wp", |v, c| {
             c.cr4_fixed1 |= CR4_CET;
             v.or(F::GuestCr4, CR4_CET);
             v.clear(F::GuestCr0, CR0_WP)
         }),
-        case("guest.debugctl.reserved", |v, _| v.set(F::GuestIa32Debugctl, 1 << 16)),
+        case("guest.debugctl.reserved", |v, _| {
+            v.set(F::GuestIa32Debugctl, 1 << 16)
+        }),
         case("guest.ia32e.cr0_pg", |v, _| v.clear(F::GuestCr0, CR0_PG)),
         case("guest.ia32e.cr4_pae", |v, _| v.clear(F::GuestCr4, CR4_PAE)),
         case("guest.cr4.pcide_requires_ia32e", |v, _| {
@@ -583,13 +840,19 @@ fn cases() -> Vec<Case> {
         }),
         case("guest.cr3.reserved", |v, _| v.or(F::GuestCr3, 1 << 50)),
         case("guest.dr7.high", |v, _| v.or(F::GuestDr7, 1 << 32)),
-        case("guest.sysenter_esp.canonical", |v, _| v.set(F::GuestIa32SysenterEsp, NONCANONICAL)),
-        case("guest.sysenter_eip.canonical", |v, _| v.set(F::GuestIa32SysenterEip, NONCANONICAL)),
+        case("guest.sysenter_esp.canonical", |v, _| {
+            v.set(F::GuestIa32SysenterEsp, NONCANONICAL)
+        }),
+        case("guest.sysenter_eip.canonical", |v, _| {
+            v.set(F::GuestIa32SysenterEip, NONCANONICAL)
+        }),
         wide("guest.cet.ssp_table.canonical", |v, _| {
             v.or(F::VmEntryControls, entry::LOAD_CET_STATE as u64);
             v.set(F::GuestIa32InterruptSspTableAddr, NONCANONICAL_57)
         }),
-        case("guest.pat", |v, _| v.set(F::GuestIa32Pat, (PAT_LINUX & !0xFF) | 3)),
+        case("guest.pat", |v, _| {
+            v.set(F::GuestIa32Pat, (PAT_LINUX & !0xFF) | 3)
+        }),
         case("guest.efer.reserved", |v, _| v.or(F::GuestIa32Efer, 1 << 2)),
         case("guest.efer.lma", |v, _| v.clear(F::GuestIa32Efer, EFER_LMA)),
         case("guest.efer.lme", |v, _| v.clear(F::GuestIa32Efer, EFER_LME)),
@@ -606,7 +869,9 @@ fn cases() -> Vec<Case> {
             v.set(F::GuestIa32Pkrs, 1 << 40)
         }),
         // ---- 27.3.1.2 selectors ----
-        case("guest.tr.selector_ti", |v, _| v.set(F::GuestTrSelector, 0x1C)),
+        case("guest.tr.selector_ti", |v, _| {
+            v.set(F::GuestTrSelector, 0x1C)
+        }),
         case("guest.ldtr.selector_ti", |v, _| {
             usable_ldtr(v);
             v.set(F::GuestLdtrSelector, 0x2C)
@@ -616,10 +881,18 @@ fn cases() -> Vec<Case> {
             v.set(F::GuestSsSelector, 0x13)
         }),
         // ---- bases ----
-        case("guest.v8086.base", |v, _| v8086_segments(v, false, true, true)),
-        case("guest.tr.base_canonical", |v, _| v.set(F::GuestTrBase, NONCANONICAL)),
-        case("guest.fs.base_canonical", |v, _| v.set(F::GuestFsBase, NONCANONICAL)),
-        case("guest.gs.base_canonical", |v, _| v.set(F::GuestGsBase, NONCANONICAL_57)),
+        case("guest.v8086.base", |v, _| {
+            v8086_segments(v, false, true, true)
+        }),
+        case("guest.tr.base_canonical", |v, _| {
+            v.set(F::GuestTrBase, NONCANONICAL)
+        }),
+        case("guest.fs.base_canonical", |v, _| {
+            v.set(F::GuestFsBase, NONCANONICAL)
+        }),
+        case("guest.gs.base_canonical", |v, _| {
+            v.set(F::GuestGsBase, NONCANONICAL_57)
+        }),
         case("guest.ldtr.base_canonical", |v, _| {
             usable_ldtr(v);
             v.set(F::GuestLdtrBase, NONCANONICAL)
@@ -629,16 +902,32 @@ fn cases() -> Vec<Case> {
         case("guest.ds.base_high", |v, _| v.set(F::GuestDsBase, 1 << 63)),
         case("guest.es.base_high", |v, _| v.set(F::GuestEsBase, 1 << 33)),
         // ---- limits, access rights in virtual-8086 mode ----
-        case("guest.v8086.limit", |v, _| v8086_segments(v, true, false, true)),
-        case("guest.v8086.access_rights", |v, _| v8086_segments(v, true, true, false)),
+        case("guest.v8086.limit", |v, _| {
+            v8086_segments(v, true, false, true)
+        }),
+        case("guest.v8086.access_rights", |v, _| {
+            v8086_segments(v, true, true, false)
+        }),
         // ---- access rights ----
-        case("guest.cs.type", |v, _| v.set(F::GuestCsAccessRights, AR_CODE64 & !1)),
-        case("guest.ss.type", |v, _| v.set(F::GuestSsAccessRights, (AR_DATA & !0xF) | 1)),
-        case("guest.ds.type", |v, _| v.set(F::GuestDsAccessRights, AR_DATA & !1)),
-        case("guest.es.type", |v, _| v.set(F::GuestEsAccessRights, AR_DATA & !1)),
-        case("guest.fs.type", |v, _| v.set(F::GuestFsAccessRights, AR_DATA & !1)),
+        case("guest.cs.type", |v, _| {
+            v.set(F::GuestCsAccessRights, AR_CODE64 & !1)
+        }),
+        case("guest.ss.type", |v, _| {
+            v.set(F::GuestSsAccessRights, (AR_DATA & !0xF) | 1)
+        }),
+        case("guest.ds.type", |v, _| {
+            v.set(F::GuestDsAccessRights, AR_DATA & !1)
+        }),
+        case("guest.es.type", |v, _| {
+            v.set(F::GuestEsAccessRights, AR_DATA & !1)
+        }),
+        case("guest.fs.type", |v, _| {
+            v.set(F::GuestFsAccessRights, AR_DATA & !1)
+        }),
         // An execute-only code segment (type 9) is not readable.
-        case("guest.gs.type", |v, _| v.set(F::GuestGsAccessRights, (AR_DATA & !0xF) | 9)),
+        case("guest.gs.type", |v, _| {
+            v.set(F::GuestGsAccessRights, (AR_DATA & !0xF) | 9)
+        }),
         case("guest.cs.s", |v, _| v.clear(F::GuestCsAccessRights, 1 << 4)),
         case("guest.ss.s", |v, _| v.clear(F::GuestSsAccessRights, 1 << 4)),
         case("guest.ds.s", |v, _| v.clear(F::GuestDsAccessRights, 1 << 4)),
@@ -679,27 +968,59 @@ fn cases() -> Vec<Case> {
         case("guest.es.p", |v, _| v.clear(F::GuestEsAccessRights, 1 << 7)),
         case("guest.fs.p", |v, _| v.clear(F::GuestFsAccessRights, 1 << 7)),
         case("guest.gs.p", |v, _| v.clear(F::GuestGsAccessRights, 1 << 7)),
-        case("guest.cs.ar_reserved", |v, _| v.or(F::GuestCsAccessRights, 1 << 8)),
-        case("guest.ss.ar_reserved", |v, _| v.or(F::GuestSsAccessRights, 1 << 17)),
-        case("guest.ds.ar_reserved", |v, _| v.or(F::GuestDsAccessRights, 1 << 11)),
-        case("guest.es.ar_reserved", |v, _| v.or(F::GuestEsAccessRights, 1 << 31)),
-        case("guest.fs.ar_reserved", |v, _| v.or(F::GuestFsAccessRights, 1 << 9)),
-        case("guest.gs.ar_reserved", |v, _| v.or(F::GuestGsAccessRights, 1 << 20)),
-        case("guest.cs.l_and_d", |v, _| v.or(F::GuestCsAccessRights, 1 << 14)),
+        case("guest.cs.ar_reserved", |v, _| {
+            v.or(F::GuestCsAccessRights, 1 << 8)
+        }),
+        case("guest.ss.ar_reserved", |v, _| {
+            v.or(F::GuestSsAccessRights, 1 << 17)
+        }),
+        case("guest.ds.ar_reserved", |v, _| {
+            v.or(F::GuestDsAccessRights, 1 << 11)
+        }),
+        case("guest.es.ar_reserved", |v, _| {
+            v.or(F::GuestEsAccessRights, 1 << 31)
+        }),
+        case("guest.fs.ar_reserved", |v, _| {
+            v.or(F::GuestFsAccessRights, 1 << 9)
+        }),
+        case("guest.gs.ar_reserved", |v, _| {
+            v.or(F::GuestGsAccessRights, 1 << 20)
+        }),
+        case("guest.cs.l_and_d", |v, _| {
+            v.or(F::GuestCsAccessRights, 1 << 14)
+        }),
         // Limit FFFFFFFFH sets bits 31:20, so G must be 1.
-        case("guest.cs.granularity", |v, _| v.clear(F::GuestCsAccessRights, 1 << 15)),
-        case("guest.ss.granularity", |v, _| v.clear(F::GuestSsAccessRights, 1 << 15)),
-        case("guest.ds.granularity", |v, _| v.clear(F::GuestDsAccessRights, 1 << 15)),
-        case("guest.es.granularity", |v, _| v.clear(F::GuestEsAccessRights, 1 << 15)),
-        case("guest.fs.granularity", |v, _| v.clear(F::GuestFsAccessRights, 1 << 15)),
+        case("guest.cs.granularity", |v, _| {
+            v.clear(F::GuestCsAccessRights, 1 << 15)
+        }),
+        case("guest.ss.granularity", |v, _| {
+            v.clear(F::GuestSsAccessRights, 1 << 15)
+        }),
+        case("guest.ds.granularity", |v, _| {
+            v.clear(F::GuestDsAccessRights, 1 << 15)
+        }),
+        case("guest.es.granularity", |v, _| {
+            v.clear(F::GuestEsAccessRights, 1 << 15)
+        }),
+        case("guest.fs.granularity", |v, _| {
+            v.clear(F::GuestFsAccessRights, 1 << 15)
+        }),
         // Limit 0xFFE with G=1: limit bits 11:0 are not all 1, so G must be 0.
         case("guest.gs.granularity", |v, _| v.set(F::GuestGsLimit, 0xFFE)),
-        case("guest.tr.type", |v, _| v.set(F::GuestTrAccessRights, (AR_TSS64_BUSY & !0xF) | 3)),
+        case("guest.tr.type", |v, _| {
+            v.set(F::GuestTrAccessRights, (AR_TSS64_BUSY & !0xF) | 3)
+        }),
         case("guest.tr.s", |v, _| v.or(F::GuestTrAccessRights, 1 << 4)),
         case("guest.tr.p", |v, _| v.clear(F::GuestTrAccessRights, 1 << 7)),
-        case("guest.tr.ar_reserved", |v, _| v.or(F::GuestTrAccessRights, 1 << 8)),
-        case("guest.tr.granularity", |v, _| v.or(F::GuestTrAccessRights, 1 << 15)),
-        case("guest.tr.unusable", |v, _| v.or(F::GuestTrAccessRights, AR_UNUSABLE)),
+        case("guest.tr.ar_reserved", |v, _| {
+            v.or(F::GuestTrAccessRights, 1 << 8)
+        }),
+        case("guest.tr.granularity", |v, _| {
+            v.or(F::GuestTrAccessRights, 1 << 15)
+        }),
+        case("guest.tr.unusable", |v, _| {
+            v.or(F::GuestTrAccessRights, AR_UNUSABLE)
+        }),
         case("guest.ldtr.type", |v, _| {
             usable_ldtr(v);
             v.set(F::GuestLdtrAccessRights, (AR_LDT & !0xF) | 3)
@@ -721,24 +1042,42 @@ fn cases() -> Vec<Case> {
             v.set(F::GuestLdtrLimit, 0x10_0000)
         }),
         // ---- 27.3.1.3 ----
-        case("guest.gdtr.base_canonical", |v, _| v.set(F::GuestGdtrBase, NONCANONICAL)),
-        case("guest.idtr.base_canonical", |v, _| v.set(F::GuestIdtrBase, NONCANONICAL_57)),
-        case("guest.gdtr.limit", |v, _| v.set(F::GuestGdtrLimit, 0x1_0000)),
-        case("guest.idtr.limit", |v, _| v.set(F::GuestIdtrLimit, 0x1_0FFF)),
+        case("guest.gdtr.base_canonical", |v, _| {
+            v.set(F::GuestGdtrBase, NONCANONICAL)
+        }),
+        case("guest.idtr.base_canonical", |v, _| {
+            v.set(F::GuestIdtrBase, NONCANONICAL_57)
+        }),
+        case("guest.gdtr.limit", |v, _| {
+            v.set(F::GuestGdtrLimit, 0x1_0000)
+        }),
+        case("guest.idtr.limit", |v, _| {
+            v.set(F::GuestIdtrLimit, 0x1_0FFF)
+        }),
         // ---- 27.3.1.4 ----
         // Compatibility mode (CS.L = 0): RIP bits 63:32 must be 0.
         case("guest.rip.high", |v, _| {
             v.set(F::GuestCsAccessRights, 0xC09B);
             v.set(F::GuestRip, 1 << 32)
         }),
-        case("guest.rip.canonical", |v, _| v.set(F::GuestRip, NONCANONICAL)),
+        case("guest.rip.canonical", |v, _| {
+            v.set(F::GuestRip, NONCANONICAL)
+        }),
         case("guest.rflags.reserved", |v, _| v.set(F::GuestRflags, 0)),
-        case("guest.rflags.reserved", |v, _| v.set(F::GuestRflags, 0x2 | 1 << 15)),
+        case("guest.rflags.reserved", |v, _| {
+            v.set(F::GuestRflags, 0x2 | 1 << 15)
+        }),
         // RFLAGS.VM with an IA-32e mode guest (segments made virtual-8086-valid first).
-        case("guest.rflags.vm", |v, _| v8086_segments(v, true, true, true)),
-        case("guest.rflags.if_for_ext_int", |v, _| inject(v, 0, 0x20, false)),
+        case("guest.rflags.vm", |v, _| {
+            v8086_segments(v, true, true, true)
+        }),
+        case("guest.rflags.if_for_ext_int", |v, _| {
+            inject(v, 0, 0x20, false)
+        }),
         // ---- 27.3.1.5 ----
-        case("guest.activity.supported", |v, _| v.set(F::GuestActivityState, 4)),
+        case("guest.activity.supported", |v, _| {
+            v.set(F::GuestActivityState, 4)
+        }),
         case("guest.activity.supported", |v, c| {
             c.misc &= !(1 << 8);
             v.set(F::GuestActivityState, 3)
@@ -760,12 +1099,16 @@ fn cases() -> Vec<Case> {
             v.set(F::GuestActivityState, 2);
             inject(v, 3, 1, false)
         }),
-        case("guest.interruptibility.reserved", |v, _| v.set(F::GuestInterruptibilityState, 1 << 5)),
+        case("guest.interruptibility.reserved", |v, _| {
+            v.set(F::GuestInterruptibilityState, 1 << 5)
+        }),
         case("guest.interruptibility.sti_and_mov_ss", |v, _| {
             v.set(F::GuestRflags, 0x202);
             v.set(F::GuestInterruptibilityState, 3)
         }),
-        case("guest.interruptibility.sti_requires_if", |v, _| v.set(F::GuestInterruptibilityState, 1)),
+        case("guest.interruptibility.sti_requires_if", |v, _| {
+            v.set(F::GuestInterruptibilityState, 1)
+        }),
         case("guest.interruptibility.ext_int_blocking", |v, _| {
             v.set(F::GuestRflags, 0x202);
             inject(v, 0, 0x20, false);
@@ -775,13 +1118,19 @@ fn cases() -> Vec<Case> {
             inject(v, 2, 2, false);
             v.set(F::GuestInterruptibilityState, 2)
         }),
-        case("guest.interruptibility.smi", |v, _| v.set(F::GuestInterruptibilityState, 1 << 2)),
+        case("guest.interruptibility.smi", |v, _| {
+            v.set(F::GuestInterruptibilityState, 1 << 2)
+        }),
         case("guest.interruptibility.virtual_nmi_blocking", |v, _| {
             inject(v, 2, 2, false);
             v.set(F::GuestInterruptibilityState, 1 << 3)
         }),
-        case("guest.interruptibility.enclave_mov_ss", |v, _| v.set(F::GuestInterruptibilityState, 0x12)),
-        case("guest.pending_dbg.reserved", |v, _| v.set(F::GuestPendingDebugExceptions, 1 << 4)),
+        case("guest.interruptibility.enclave_mov_ss", |v, _| {
+            v.set(F::GuestInterruptibilityState, 0x12)
+        }),
+        case("guest.pending_dbg.reserved", |v, _| {
+            v.set(F::GuestPendingDebugExceptions, 1 << 4)
+        }),
         case("guest.pending_dbg.bs_set", |v, _| {
             v.set(F::GuestRflags, 0x302); // TF, IF
             v.set(F::GuestInterruptibilityState, 1)
@@ -798,8 +1147,12 @@ fn cases() -> Vec<Case> {
             v.set(F::GuestInterruptibilityState, 1);
             v.set(F::GuestPendingDebugExceptions, 1 << 14)
         }),
-        case("guest.pending_dbg.rtm", |v, _| v.set(F::GuestPendingDebugExceptions, 1 << 16 | 1)),
-        case("guest.link_pointer.addr", |v, _| v.set(F::VmcsLinkPointer, 0x1234)),
+        case("guest.pending_dbg.rtm", |v, _| {
+            v.set(F::GuestPendingDebugExceptions, 1 << 16 | 1)
+        }),
+        case("guest.link_pointer.addr", |v, _| {
+            v.set(F::VmcsLinkPointer, 0x1234)
+        }),
         // ---- 27.3.1.6: a PAE-paging guest with EPT ----
         case("guest.pdpte.reserved", |v, _| {
             v.clear(F::VmEntryControls, entry::IA32E_MODE_GUEST as u64);
@@ -812,7 +1165,10 @@ fn cases() -> Vec<Case> {
 }
 
 fn fixture_caps() -> Vec<(&'static str, VmxCaps)> {
-    vec![(SKYLAKE, caps_of(&load(SKYLAKE))), (TIGERLAKE, caps_of(&load(TIGERLAKE)))]
+    vec![
+        (SKYLAKE, caps_of(&load(SKYLAKE))),
+        (TIGERLAKE, caps_of(&load(TIGERLAKE))),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -826,9 +1182,17 @@ fn fixtures_decode_as_the_readme_describes() {
     let tgl = caps_of(&load(TIGERLAKE));
     assert_eq!(sky.basic & 0x7FFF_FFFF, 0x2B);
     assert_eq!(tgl.basic & 0x7FFF_FFFF, 0x4);
-    assert_eq!(sky.procbased.may_be_1 & proc::MONITOR_TRAP_FLAG, 0, "skylake_x lacks MTF");
+    assert_eq!(
+        sky.procbased.may_be_1 & proc::MONITOR_TRAP_FLAG,
+        0,
+        "skylake_x lacks MTF"
+    );
     assert_ne!(tgl.procbased.may_be_1 & proc::MONITOR_TRAP_FLAG, 0);
-    assert_ne!(tgl.basic & (1 << 56), 0, "only tigerlake sets VMX_BASIC bit 56");
+    assert_ne!(
+        tgl.basic & (1 << 56),
+        0,
+        "only tigerlake sets VMX_BASIC bit 56"
+    );
     assert_eq!(sky.basic & (1 << 56), 0);
     assert_eq!(sky.max_phys_bits, 40);
     for c in [sky, tgl] {
@@ -842,7 +1206,11 @@ fn the_64_bit_guest_passes_on_every_fixture_cpu() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vmx-msrs");
     let mut n = 0;
     for entry in std::fs::read_dir(dir).expect("fixtures") {
-        let name = entry.expect("dir entry").file_name().into_string().expect("utf-8 name");
+        let name = entry
+            .expect("dir entry")
+            .file_name()
+            .into_string()
+            .expect("utf-8 name");
         if !name.ends_with(".msr") {
             continue;
         }
@@ -865,7 +1233,12 @@ fn each_mutation_fails_with_exactly_its_check() {
             assert!(find(c.id).is_some(), "case {i}: unknown check id {}", c.id);
             let mut caps = if c.permissive { permissive(base) } else { base };
             let mut v = valid_vmcs(&caps);
-            assert_eq!(check_entry(&v, &caps), Ok(()), "{cpu} case {i} ({}): base state invalid", c.id);
+            assert_eq!(
+                check_entry(&v, &caps),
+                Ok(()),
+                "{cpu} case {i} ({}): base state invalid",
+                c.id
+            );
             (c.mutate)(&mut v, &mut caps);
             match check_entry(&v, &caps) {
                 Err(e) if e.id() == c.id => {
@@ -874,7 +1247,12 @@ fn each_mutation_fails_with_exactly_its_check() {
                     let mut out = [None; 16];
                     let n = all_violations(&v, &caps, &mut out);
                     assert!(n >= 1);
-                    assert_eq!(out[0], Some(e), "{cpu} {}: all_violations starts with check_entry's", c.id);
+                    assert_eq!(
+                        out[0],
+                        Some(e),
+                        "{cpu} {}: all_violations starts with check_entry's",
+                        c.id
+                    );
                 }
                 Err(e) => failures.push(format!("{cpu} case {i} ({}): got {e}", c.id)),
                 Ok(()) => failures.push(format!("{cpu} case {i} ({}): passed", c.id)),
@@ -882,10 +1260,21 @@ fn each_mutation_fails_with_exactly_its_check() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(covered.len() >= 60, "only {} distinct checks covered", covered.len());
+    assert!(
+        covered.len() >= 60,
+        "only {} distinct checks covered",
+        covered.len()
+    );
     // Every check in the table has a case, except those the table documents as untestable here.
-    let untested: Vec<_> = CHECKS.iter().map(|c| c.id).filter(|id| !covered.contains(id)).collect();
-    assert!(untested.is_empty(), "checks without a failing case: {untested:?}");
+    let untested: Vec<_> = CHECKS
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| !covered.contains(id))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "checks without a failing case: {untested:?}"
+    );
 }
 
 #[test]
@@ -896,17 +1285,36 @@ fn messages_name_the_rule_the_field_and_the_section() {
     let e = check_entry(&v, &caps).expect_err("PAE cleared");
     assert_eq!(e.id(), "guest.ia32e.cr4_pae");
     assert_eq!(e.field(), Field::GuestCr4);
-    assert_eq!(e.check().stage, Stage::GuestState { exit_qualification: 0 });
+    assert_eq!(
+        e.check().stage,
+        Stage::GuestState {
+            exit_qualification: 0
+        }
+    );
     let text = e.to_string();
-    for part in ["guest.ia32e.cr4_pae", "CR4.PAE", "27.3.1.1", "GuestCr4", "exit reason 33"] {
+    for part in [
+        "guest.ia32e.cr4_pae",
+        "CR4.PAE",
+        "27.3.1.1",
+        "GuestCr4",
+        "exit reason 33",
+    ] {
         assert!(text.contains(part), "{text:?} lacks {part:?}");
     }
     // Control and host failures are VMfailValid 7 and 8 (SDM 31.4).
-    assert_eq!(find("ctrl.vpid_nonzero").map(|c| c.stage), Some(Stage::Controls));
-    assert_eq!(find("host.rip.canonical").map(|c| c.stage), Some(Stage::HostState));
+    assert_eq!(
+        find("ctrl.vpid_nonzero").map(|c| c.stage),
+        Some(Stage::Controls)
+    );
+    assert_eq!(
+        find("host.rip.canonical").map(|c| c.stage),
+        Some(Stage::HostState)
+    );
     assert_eq!(
         find("guest.link_pointer.addr").map(|c| c.stage),
-        Some(Stage::GuestState { exit_qualification: 4 })
+        Some(Stage::GuestState {
+            exit_qualification: 4
+        })
     );
 }
 
@@ -921,7 +1329,15 @@ fn all_violations_reports_every_broken_rule_in_sdm_order() {
     let mut out = [None; 8];
     let n = all_violations(&v, &caps, &mut out);
     let ids: Vec<_> = out.iter().flatten().map(Violation::id).collect();
-    assert_eq!(ids, ["ctrl.vpid_nonzero", "host.tr.null", "guest.gdtr.limit", "guest.link_pointer.addr"]);
+    assert_eq!(
+        ids,
+        [
+            "ctrl.vpid_nonzero",
+            "host.tr.null",
+            "guest.gdtr.limit",
+            "guest.link_pointer.addr"
+        ]
+    );
     assert_eq!(n, 4);
     // A short buffer still counts them all.
     let mut one = [None; 1];
@@ -951,7 +1367,16 @@ fn an_unreadable_field_is_reported_not_guessed() {
     let v = MissingField(valid_vmcs(&caps), Field::GuestIa32Pat);
     let e = check_entry(&v, &caps).expect_err("PAT unreadable");
     assert_eq!(e.id(), "guest.pat");
-    assert!(matches!(e, Violation::Unreadable { field: Field::GuestIa32Pat, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Violation::Unreadable {
+                field: Field::GuestIa32Pat,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // A field no enabled check needs is never read.
     let v = MissingField(valid_vmcs(&caps), Field::PostedInterruptDescriptorAddress);
     assert_eq!(check_entry(&v, &caps), Ok(()));
@@ -967,48 +1392,75 @@ fn states_the_sdm_allows_are_accepted() {
         check_entry(&v, &caps)
     };
     // Unusable data segments are not checked (27.3.1.2: "if the register is usable").
-    assert_eq!(ok(&|v| {
-        v.set(Field::GuestDsAccessRights, AR_UNUSABLE | 0xFF00);
-        v.set(Field::GuestDsBase, u64::MAX);
-    }), Ok(()));
+    assert_eq!(
+        ok(&|v| {
+            v.set(Field::GuestDsAccessRights, AR_UNUSABLE | 0xFF00);
+            v.set(Field::GuestDsBase, u64::MAX);
+        }),
+        Ok(())
+    );
     // With "unrestricted guest", CR0.PE = PG = 0 is allowed by FIXED0 for a non-IA-32e guest.
-    assert_eq!(ok(&|v| {
-        v.clear(Field::VmEntryControls, entry::IA32E_MODE_GUEST as u64);
-        v.set(Field::GuestIa32Efer, 0);
-        v.clear(Field::GuestCr0, CR0_PE | CR0_PG);
-        v.set(Field::GuestCsAccessRights, 0x9B);
-        v.set(Field::GuestCsLimit, 0xFFFF);
-        for f in [Field::GuestSsAccessRights, Field::GuestDsAccessRights, Field::GuestEsAccessRights, Field::GuestFsAccessRights, Field::GuestGsAccessRights] {
-            v.set(f, 0x93);
-        }
-        for f in [Field::GuestSsLimit, Field::GuestDsLimit, Field::GuestEsLimit, Field::GuestFsLimit, Field::GuestGsLimit] {
-            v.set(f, 0xFFFF);
-        }
-        v.set(Field::GuestTrAccessRights, 0x8B);
-    }), Ok(()));
+    assert_eq!(
+        ok(&|v| {
+            v.clear(Field::VmEntryControls, entry::IA32E_MODE_GUEST as u64);
+            v.set(Field::GuestIa32Efer, 0);
+            v.clear(Field::GuestCr0, CR0_PE | CR0_PG);
+            v.set(Field::GuestCsAccessRights, 0x9B);
+            v.set(Field::GuestCsLimit, 0xFFFF);
+            for f in [
+                Field::GuestSsAccessRights,
+                Field::GuestDsAccessRights,
+                Field::GuestEsAccessRights,
+                Field::GuestFsAccessRights,
+                Field::GuestGsAccessRights,
+            ] {
+                v.set(f, 0x93);
+            }
+            for f in [
+                Field::GuestSsLimit,
+                Field::GuestDsLimit,
+                Field::GuestEsLimit,
+                Field::GuestFsLimit,
+                Field::GuestGsLimit,
+            ] {
+                v.set(f, 0xFFFF);
+            }
+            v.set(Field::GuestTrAccessRights, 0x8B);
+        }),
+        Ok(())
+    );
     // CR0.NW/CD are never checked (VM entry does not load them).
     assert_eq!(ok(&|v| v.or(Field::GuestCr0, 1 << 29)), Ok(()));
     // HLT with an injected external interrupt, and wait-for-SIPI without injection.
-    assert_eq!(ok(&|v| {
-        v.set(Field::GuestRflags, 0x202);
-        v.set(Field::GuestActivityState, 1);
-        inject(v, 0, 0x20, false);
-    }), Ok(()));
+    assert_eq!(
+        ok(&|v| {
+            v.set(Field::GuestRflags, 0x202);
+            v.set(Field::GuestActivityState, 1);
+            inject(v, 0, 0x20, false);
+        }),
+        Ok(())
+    );
     assert_eq!(ok(&|v| v.set(Field::GuestActivityState, 3)), Ok(()));
     // Software exceptions: length 0 is allowed when IA32_VMX_MISC[30] (set on skylake_x).
     assert_ne!(caps.misc & (1 << 30), 0);
     assert_eq!(ok(&|v| inject(v, 6, 3, false)), Ok(()));
     // An MSR area that ends exactly at the top of the physical address space.
-    assert_eq!(ok(&|v| {
-        v.set(Field::VmEntryMsrLoadCount, 1);
-        v.set(Field::VmEntryMsrLoadAddress, (1 << 40) - 16);
-    }), Ok(()));
+    assert_eq!(
+        ok(&|v| {
+            v.set(Field::VmEntryMsrLoadCount, 1);
+            v.set(Field::VmEntryMsrLoadAddress, (1 << 40) - 16);
+        }),
+        Ok(())
+    );
     // STI blocking with TF set and BS set is the single-step case.
-    assert_eq!(ok(&|v| {
-        v.set(Field::GuestRflags, 0x302);
-        v.set(Field::GuestInterruptibilityState, 1);
-        v.set(Field::GuestPendingDebugExceptions, 1 << 14);
-    }), Ok(()));
+    assert_eq!(
+        ok(&|v| {
+            v.set(Field::GuestRflags, 0x302);
+            v.set(Field::GuestInterruptibilityState, 1);
+            v.set(Field::GuestPendingDebugExceptions, 1 << 14);
+        }),
+        Ok(())
+    );
     // A VMCS link pointer that is aligned and within MAXPHYADDR passes (its contents are not read).
     assert_eq!(ok(&|v| v.set(Field::VmcsLinkPointer, 0x7000)), Ok(()));
     // Tigerlake (IA32_VMX_BASIC[56]): #GP may be injected without its error code.
@@ -1020,8 +1472,10 @@ fn states_the_sdm_allows_are_accepted() {
 
 #[test]
 fn the_doc_lists_every_check_with_its_section() {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/entry-checks.md"))
-        .expect("docs/entry-checks.md");
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/entry-checks.md"),
+    )
+    .expect("docs/entry-checks.md");
     let mut section = "";
     let mut listed = HashMap::new();
     for line in doc.lines() {
@@ -1033,7 +1487,12 @@ fn the_doc_lists_every_check_with_its_section() {
         }
     }
     for c in CHECKS {
-        assert_eq!(listed.get(c.id).map(String::as_str), Some(c.section), "{} in docs/entry-checks.md", c.id);
+        assert_eq!(
+            listed.get(c.id).map(String::as_str),
+            Some(c.section),
+            "{} in docs/entry-checks.md",
+            c.id
+        );
     }
     assert_eq!(listed.len(), CHECKS.len());
 }

@@ -38,7 +38,13 @@ fn build(p: &MockPlatform) -> Tables {
     for i in 0..16u64 {
         p.page(pt)[i as usize].store((HPA0 + i * 4096) | RWX | WB, Relaxed);
     }
-    Tables { pml4, pdpt, pd, pt, pd1 }
+    Tables {
+        pml4,
+        pdpt,
+        pd,
+        pt,
+        pd1,
+    }
 }
 
 fn word(p: &MockPlatform, table: u64, i: usize) -> u64 {
@@ -56,8 +62,14 @@ fn translation_of_4k_2m_1g_leaves() {
     let mut cpu = Cpu::new(EptFeatures::ALL);
     let e = eptp(t.pml4, false);
     assert_eq!(cpu.access(&p, e, 0x3123, false), Ok(HPA0 + 0x3123));
-    assert_eq!(cpu.access(&p, e, (1 << 30) + 0x1_2345, false), Ok(0x20_0000 + 0x1_2345));
-    assert_eq!(cpu.access(&p, e, (2 << 30) + 0x1234_5678, true), Ok(0x8000_0000 + 0x1234_5678));
+    assert_eq!(
+        cpu.access(&p, e, (1 << 30) + 0x1_2345, false),
+        Ok(0x20_0000 + 0x1_2345)
+    );
+    assert_eq!(
+        cpu.access(&p, e, (2 << 30) + 0x1234_5678, true),
+        Ok(0x8000_0000 + 0x1234_5678)
+    );
     // Without A/D (EPTP bit 6 clear) the processor writes no flag (SDM 29.3.5).
     assert_eq!(word(&p, t.pml4, 0) & (bit::A | bit::D), 0);
     assert_eq!(word(&p, t.pdpt, 2) & (bit::A | bit::D), 0);
@@ -93,30 +105,48 @@ fn violation_qualification() {
     let mut cpu = Cpu::new(EptFeatures::ALL);
     let e = eptp(t.pml4, true);
     // Not present at the PTE: bits 3-5 are 0 (the AND includes the not-present entry).
-    assert_eq!(cpu.access(&p, e, 0x20_000, true), Err(Exit::EptViolation { gpa: 0x20_000, qualification: qual::WRITE }));
+    assert_eq!(
+        cpu.access(&p, e, 0x20_000, true),
+        Err(Exit::EptViolation {
+            gpa: 0x20_000,
+            qualification: qual::WRITE
+        })
+    );
     // Not present at the PML4E.
     assert_eq!(
         cpu.access_kind(&p, e, 1 << 40, AccessKind::Fetch),
-        Err(Exit::EptViolation { gpa: 1 << 40, qualification: qual::FETCH })
+        Err(Exit::EptViolation {
+            gpa: 1 << 40,
+            qualification: qual::FETCH
+        })
     );
     // Read-only leaf, write: bit 1, and bit 3 (readable).
     set(&p, t.pt, 5, (HPA0 + 5 * 4096) | bit::R | WB);
     assert_eq!(
         cpu.access(&p, e, 0x5008, true),
-        Err(Exit::EptViolation { gpa: 0x5008, qualification: qual::WRITE | qual::READABLE })
+        Err(Exit::EptViolation {
+            gpa: 0x5008,
+            qualification: qual::WRITE | qual::READABLE
+        })
     );
     // Rights are the AND across levels: a PDE with R|X above an RWX leaf.
     set(&p, t.pd, 0, t.pt | bit::R | bit::X);
     assert_eq!(
         cpu.access(&p, e, 0x6000, true),
-        Err(Exit::EptViolation { gpa: 0x6000, qualification: qual::WRITE | qual::READABLE | qual::EXECUTABLE })
+        Err(Exit::EptViolation {
+            gpa: 0x6000,
+            qualification: qual::WRITE | qual::READABLE | qual::EXECUTABLE
+        })
     );
     set(&p, t.pd, 0, t.pt | RWX);
     // Fetch of an RW leaf.
     set(&p, t.pt, 7, (HPA0 + 7 * 4096) | bit::R | bit::W | WB);
     assert_eq!(
         cpu.access_kind(&p, e, 0x7000, AccessKind::Fetch),
-        Err(Exit::EptViolation { gpa: 0x7000, qualification: qual::FETCH | qual::READABLE | qual::WRITABLE })
+        Err(Exit::EptViolation {
+            gpa: 0x7000,
+            qualification: qual::FETCH | qual::READABLE | qual::WRITABLE
+        })
     );
     // A walk that ends in a violation sets no D.
     assert_eq!(word(&p, t.pt, 5) & bit::D, 0);
@@ -137,12 +167,19 @@ fn misconfigurations() {
     let p = MockPlatform::new();
     let t = build(&p);
     let e = eptp(t.pml4, true);
-    let mut cpu = Cpu::new(EptFeatures { execute_only: false, ..EptFeatures::ALL });
+    let mut cpu = Cpu::new(EptFeatures {
+        execute_only: false,
+        ..EptFeatures::ALL
+    });
     let leaf = HPA0 + 9 * 4096;
     // W without R, at a leaf and at a non-leaf (SDM 29.3.3.1).
     for rwx in [bit::W, bit::W | bit::X] {
         set(&p, t.pt, 9, leaf | rwx | WB);
-        assert_eq!(misconfig(&mut cpu, &p, e, 0x9000).map(|m| m.0), Some(1), "rwx {rwx:#b}");
+        assert_eq!(
+            misconfig(&mut cpu, &p, e, 0x9000).map(|m| m.0),
+            Some(1),
+            "rwx {rwx:#b}"
+        );
     }
     set(&p, t.pdpt, 0, t.pd | bit::W);
     assert_eq!(misconfig(&mut cpu, &p, e, 0x9000).map(|m| m.0), Some(3));
@@ -154,7 +191,10 @@ fn misconfigurations() {
     assert_eq!(xo.access_kind(&p, e, 0x9000, AccessKind::Fetch), Ok(leaf));
     assert_eq!(
         xo.access(&p, e, 0x9000, false),
-        Err(Exit::EptViolation { gpa: 0x9000, qualification: qual::READ | qual::EXECUTABLE })
+        Err(Exit::EptViolation {
+            gpa: 0x9000,
+            qualification: qual::READ | qual::EXECUTABLE
+        })
     );
     // Leaf memory types 2, 3, 7 are misconfigurations; 0, 1, 4, 5, 6 are not.
     for mt in 0..8u64 {
@@ -178,9 +218,15 @@ fn misconfigurations() {
     set(&p, t.pd1, 0, 0x20_0000 | (1 << 12) | RWX | WB | bit::PS);
     assert_eq!(misconfig(&mut cpu, &p, e, 1 << 30).map(|m| m.0), Some(2));
     set(&p, t.pd1, 0, 0x20_0000 | RWX | WB | bit::PS);
-    let mut no2m = Cpu::new(EptFeatures { large_2m: false, ..EptFeatures::ALL });
+    let mut no2m = Cpu::new(EptFeatures {
+        large_2m: false,
+        ..EptFeatures::ALL
+    });
     assert_eq!(misconfig(&mut no2m, &p, e, 1 << 30).map(|m| m.0), Some(2));
-    let mut no1g = Cpu::new(EptFeatures { large_1g: false, ..EptFeatures::ALL });
+    let mut no1g = Cpu::new(EptFeatures {
+        large_1g: false,
+        ..EptFeatures::ALL
+    });
     assert_eq!(misconfig(&mut no1g, &p, e, 2 << 30).map(|m| m.0), Some(3));
     // Bits 62:52 of a leaf are ignored (smudge keeps a software flag at 52).
     set(&p, t.pt, 9, leaf | (1 << 52) | RWX | WB);
@@ -196,13 +242,28 @@ fn misconfigurations() {
 fn eptp_checks() {
     let p = MockPlatform::new();
     let t = build(&p);
-    let mut cpu = Cpu::new(EptFeatures { ad: false, ..EptFeatures::ALL });
+    let mut cpu = Cpu::new(EptFeatures {
+        ad: false,
+        ..EptFeatures::ALL
+    });
     let good = eptp(t.pml4, false);
     assert!(cpu.access(&p, good, 0, false).is_ok());
-    assert!(matches!(cpu.access(&p, eptp(t.pml4, true), 0, false), Err(Exit::InvalidEptp { .. })));
-    assert!(matches!(cpu.access(&p, (good & !7) | 1, 0, false), Err(Exit::InvalidEptp { .. })));
-    assert!(matches!(cpu.access(&p, good & !(7 << 3), 0, false), Err(Exit::InvalidEptp { .. })));
-    assert!(matches!(cpu.access(&p, good | (1 << 9), 0, false), Err(Exit::InvalidEptp { .. })));
+    assert!(matches!(
+        cpu.access(&p, eptp(t.pml4, true), 0, false),
+        Err(Exit::InvalidEptp { .. })
+    ));
+    assert!(matches!(
+        cpu.access(&p, (good & !7) | 1, 0, false),
+        Err(Exit::InvalidEptp { .. })
+    ));
+    assert!(matches!(
+        cpu.access(&p, good & !(7 << 3), 0, false),
+        Err(Exit::InvalidEptp { .. })
+    ));
+    assert!(matches!(
+        cpu.access(&p, good | (1 << 9), 0, false),
+        Err(Exit::InvalidEptp { .. })
+    ));
 }
 
 #[test]
@@ -218,9 +279,15 @@ fn tlb_keeps_translations_until_invept() {
     assert_eq!(cpu.stats.tlb_hits, 1);
     // Another CPU never cached it.
     let mut other = Cpu::new(EptFeatures::ALL);
-    assert!(matches!(other.access(&p, e, 0x1000, false), Err(Exit::EptViolation { .. })));
+    assert!(matches!(
+        other.access(&p, e, 0x1000, false),
+        Err(Exit::EptViolation { .. })
+    ));
     cpu.invept();
-    assert!(matches!(cpu.access(&p, e, 0x1000, false), Err(Exit::EptViolation { .. })));
+    assert!(matches!(
+        cpu.access(&p, e, 0x1000, false),
+        Err(Exit::EptViolation { .. })
+    ));
     // Single-context INVEPT of another EPTP leaves this one's translations alone.
     cpu.access(&p, e, 0x2000, false).unwrap();
     cpu.invept_single(eptp(0x1234_5000, true));
@@ -241,7 +308,11 @@ fn cached_dirty_flag_absorbs_writes() {
     // does not set D again (SDM 29.4.3.4: software must INVEPT after clearing D).
     set(&p, t.pt, 4, word(&p, t.pt, 4) & !bit::D);
     cpu.access(&p, e, 0x4000, true).unwrap();
-    assert_eq!(word(&p, t.pt, 4) & bit::D, 0, "write through a dirty cached translation");
+    assert_eq!(
+        word(&p, t.pt, 4) & bit::D,
+        0,
+        "write through a dirty cached translation"
+    );
     cpu.invept();
     cpu.access(&p, e, 0x4000, true).unwrap();
     assert_ne!(word(&p, t.pt, 4) & bit::D, 0);
@@ -280,7 +351,11 @@ fn paging_structure_cache_skips_upper_accessed_flags() {
         assert_eq!(upper_a, !psc, "PDE A with paging-structure caches {psc}");
         cpu.invept();
         cpu.access(&p, e, 0xd000, true).unwrap();
-        assert_ne!(word(&p, t.pd, 0) & bit::A, 0, "after INVEPT the walk starts at the PML4");
+        assert_ne!(
+            word(&p, t.pd, 0) & bit::A,
+            0,
+            "after INVEPT the walk starts at the PML4"
+        );
     }
 }
 
@@ -296,7 +371,10 @@ fn violation_invalidates_cached_mapping() {
     set(&p, t.pt, 6, (HPA0 + 6 * 4096) | bit::R | bit::W | WB);
     assert_eq!(
         cpu.access(&p, e, 0x6000, true),
-        Err(Exit::EptViolation { gpa: 0x6000, qualification: qual::WRITE | qual::READABLE })
+        Err(Exit::EptViolation {
+            gpa: 0x6000,
+            qualification: qual::WRITE | qual::READABLE
+        })
     );
     // ... and the violation dropped it (SDM 29.4.3.1), so the retry walks and succeeds.
     assert_eq!(cpu.access(&p, e, 0x6000, true), Ok(HPA0 + 0x6000));
@@ -337,10 +415,20 @@ fn page_modification_log() {
     assert_eq!(word(&p, buf, 0), 0x2000);
     assert_eq!(cpu.pml.unwrap().index, 0xffff);
     // Full: a write that needs to set D exits without the access and without setting a flag.
-    assert_eq!(cpu.access(&p, e, 0x1000, true), Err(Exit::PmlFull { gpa: 0x1000 }));
-    assert_eq!(word(&p, t.pt, 1) & (bit::A | bit::D), 0, "no flag set by a PML-full exit");
+    assert_eq!(
+        cpu.access(&p, e, 0x1000, true),
+        Err(Exit::PmlFull { gpa: 0x1000 })
+    );
+    assert_eq!(
+        word(&p, t.pt, 1) & (bit::A | bit::D),
+        0,
+        "no flag set by a PML-full exit"
+    );
     // Even a read that must set an A flag exits (SDM 29.3.6: "an accessed or dirty flag").
-    assert_eq!(cpu.access(&p, e, 0x1000, false), Err(Exit::PmlFull { gpa: 0x1000 }));
+    assert_eq!(
+        cpu.access(&p, e, 0x1000, false),
+        Err(Exit::PmlFull { gpa: 0x1000 })
+    );
     // A walk that sets nothing (A and D already set) proceeds.
     cpu.invept();
     assert_eq!(cpu.access(&p, e, 0x3000, true), Ok(HPA0 + 0x3000));

@@ -20,18 +20,41 @@ type RefMap = BTreeMap<u64, (u64, u8)>;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { gpa: u64, hpa: u64, len: u64, perms: u8, large: bool },
-    Unmap { gpa: u64, len: u64 },
-    Protect { gpa: u64, len: u64, perms: u8 },
-    Split { gpa: u64 },
-    SplitRange { gpa: u64, len: u64 },
+    Map {
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        perms: u8,
+        large: bool,
+    },
+    Unmap {
+        gpa: u64,
+        len: u64,
+    },
+    Protect {
+        gpa: u64,
+        len: u64,
+        perms: u8,
+    },
+    Split {
+        gpa: u64,
+    },
+    SplitRange {
+        gpa: u64,
+        len: u64,
+    },
     InveptDone,
 }
 
 /// GPAs concentrated around a few anchors (so operations meet earlier mappings and share
 /// tables), plus misaligned, top-of-space and arbitrary values.
 fn gpa_strategy() -> impl Strategy<Value = u64> {
-    let anchor = prop_oneof![Just(0u64), Just(G1), Just(2 * G1 - 4 * M2), Just(512 * G1 - 4 * M2)];
+    let anchor = prop_oneof![
+        Just(0u64),
+        Just(G1),
+        Just(2 * G1 - 4 * M2),
+        Just(512 * G1 - 4 * M2)
+    ];
     prop_oneof![
         5 => (anchor.clone(), 0u64..2048).prop_map(|(a, k)| a + k * PAGE),
         3 => (anchor, 0u64..6).prop_map(|(a, k)| a + k * M2),
@@ -78,15 +101,21 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn features_strategy() -> impl Strategy<Value = EptFeatures> {
-    (any::<bool>(), any::<bool>(), any::<bool>(), prop_oneof![Just(39u8), Just(46u8), Just(52u8)]).prop_map(
-        |(large_2m, large_1g, execute_only, max_phys_bits)| EptFeatures {
-            large_2m,
-            large_1g: large_1g && large_2m,
-            ad: true,
-            execute_only,
-            max_phys_bits,
-        },
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(39u8), Just(46u8), Just(52u8)],
     )
+        .prop_map(
+            |(large_2m, large_1g, execute_only, max_phys_bits)| EptFeatures {
+                large_2m,
+                large_1g: large_1g && large_2m,
+                ad: true,
+                execute_only,
+                max_phys_bits,
+            },
+        )
 }
 
 /// Errors the SDM and the documented contract allow for a range argument.
@@ -120,29 +149,46 @@ struct Walk {
 }
 
 fn walk_tables(p: &MockPlatform, pml4: u64, cpu: &Cpu) -> Walk {
-    let mut w = Walk { leaves: Vec::new(), tables: BTreeSet::new() };
+    let mut w = Walk {
+        leaves: Vec::new(),
+        tables: BTreeSet::new(),
+    };
     fn rec(p: &MockPlatform, table: u64, level: u8, base: u64, cpu: &Cpu, w: &mut Walk) {
         assert!(w.tables.insert(table), "table {table:#x} linked twice");
         let mut present = 0;
         for i in 0..512u64 {
             let v = p.page(table)[i as usize].load(std::sync::atomic::Ordering::Relaxed);
             if v & 7 == 0 {
-                assert_eq!(v & bit::ADDR, 0, "not-present entry with an address (stale?)");
+                assert_eq!(
+                    v & bit::ADDR,
+                    0,
+                    "not-present entry with an address (stale?)"
+                );
                 continue;
             }
             present += 1;
             if let Some(r) = cpu.misconfiguration(v, level) {
-                panic!("level {level} entry {v:#x} at gpa {:#x} is a misconfiguration: {r}", base + i * span(level));
+                panic!(
+                    "level {level} entry {v:#x} at gpa {:#x} is a misconfiguration: {r}",
+                    base + i * span(level)
+                );
             }
             let g = base + i * span(level);
             if level == 1 || v & bit::PS != 0 {
                 w.leaves.push((g, level, v));
             } else {
-                assert_eq!(v & 7, 7, "non-leaf entries carry every right (the leaves decide)");
+                assert_eq!(
+                    v & 7,
+                    7,
+                    "non-leaf entries carry every right (the leaves decide)"
+                );
                 rec(p, v & bit::ADDR, level - 1, g, cpu, w);
             }
         }
-        assert!(level == 4 || present > 0, "empty table {table:#x} at level {level} left linked");
+        assert!(
+            level == 4 || present > 0,
+            "empty table {table:#x} at level {level} left linked"
+        );
     }
     rec(p, pml4, 4, 0, cpu, &mut w);
     w
@@ -161,13 +207,24 @@ fn check_all(p: &MockPlatform, ept: &Ept, r: &RefMap, cpu: &Cpu) -> Walk {
         let mut k = 0;
         while k < n {
             let got = r.get(&(g + k * PAGE));
-            assert_eq!(got, Some(&(hpa + k * PAGE, (v & 7) as u8)), "leaf at {g:#x} level {level}, page {k}");
+            assert_eq!(
+                got,
+                Some(&(hpa + k * PAGE, (v & 7) as u8)),
+                "leaf at {g:#x} level {level}, page {k}"
+            );
             k += step;
         }
-        assert_eq!(r.get(&(g + (n - 1) * PAGE)), Some(&(hpa + (n - 1) * PAGE, (v & 7) as u8)));
+        assert_eq!(
+            r.get(&(g + (n - 1) * PAGE)),
+            Some(&(hpa + (n - 1) * PAGE, (v & 7) as u8))
+        );
         assert_eq!((v >> 3) & 7, MemoryType::WriteBack as u64, "memory type");
     }
-    assert_eq!(pages, r.len() as u64, "leaves cover exactly the reference's pages");
+    assert_eq!(
+        pages,
+        r.len() as u64,
+        "leaves cover exactly the reference's pages"
+    );
     assert_eq!(w.tables.len(), ept.tables_in_use(), "tables_in_use");
     w
 }
@@ -180,14 +237,22 @@ fn check_page(p: &MockPlatform, ept: &Ept, r: &RefMap, cpu: &mut Cpu, gpa: u64) 
     let e = eptp(ept.pml4(), false);
     cpu.invept();
     let page = gpa & !(PAGE - 1);
-    for (kind, right, q) in
-        [(AccessKind::Read, 1u8, qual::READ), (AccessKind::Write, 2, qual::WRITE), (AccessKind::Fetch, 4, qual::FETCH)]
-    {
+    for (kind, right, q) in [
+        (AccessKind::Read, 1u8, qual::READ),
+        (AccessKind::Write, 2, qual::WRITE),
+        (AccessKind::Fetch, 4, qual::FETCH),
+    ] {
         let got = cpu.access_kind(p, e, gpa, kind);
         let want = match r.get(&page) {
             Some(&(hpa, perms)) if perms & right != 0 => Ok(hpa + (gpa - page)),
-            Some(&(_, perms)) => Err(Exit::EptViolation { gpa, qualification: q | (u64::from(perms) << 3) }),
-            None => Err(Exit::EptViolation { gpa, qualification: q }),
+            Some(&(_, perms)) => Err(Exit::EptViolation {
+                gpa,
+                qualification: q | (u64::from(perms) << 3),
+            }),
+            None => Err(Exit::EptViolation {
+                gpa,
+                qualification: q,
+            }),
         };
         assert_eq!(got, want, "{kind:?} at {gpa:#x}");
         let t = ept.translate(p, gpa);
@@ -213,7 +278,11 @@ struct Target {
 fn target_strategy() -> impl Strategy<Value = Option<Target>> {
     prop::option::weighted(
         0.5,
-        (any::<u32>(), any::<bool>(), prop_oneof![Just(0u16), 0u16..16, 0u16..600])
+        (
+            any::<u32>(),
+            any::<bool>(),
+            prop_oneof![Just(0u16), 0u16..16, 0u16..600],
+        )
             .prop_map(|(n, align, offset)| Target { n, align, offset }),
     )
 }
@@ -227,13 +296,17 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
     let mut tables = check_all(&p, &ept, &r, &cpu).tables;
     for (mut op, fault, target) in ops {
         let target = target.and_then(|Target { n, align, offset }| {
-            r.keys().nth(n as usize % r.len().max(1)).map(|&g| {
-                (if align { g & !(M2 - 1) } else { g }) + u64::from(offset) * PAGE
-            })
+            r.keys()
+                .nth(n as usize % r.len().max(1))
+                .map(|&g| (if align { g & !(M2 - 1) } else { g }) + u64::from(offset) * PAGE)
         });
         if let Some(t) = target {
             match &mut op {
-                Op::Map { gpa, .. } | Op::Unmap { gpa, .. } | Op::Protect { gpa, .. } | Op::Split { gpa } | Op::SplitRange { gpa, .. } => *gpa = t,
+                Op::Map { gpa, .. }
+                | Op::Unmap { gpa, .. }
+                | Op::Protect { gpa, .. }
+                | Op::Split { gpa }
+                | Op::SplitRange { gpa, .. } => *gpa = t,
                 _ => {}
             }
         }
@@ -246,14 +319,22 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
         let mut errs = Vec::new();
         let mut touched = Vec::new();
         let result: Result<(), Error> = match op {
-            Op::Map { gpa, hpa, len, perms, large } => {
+            Op::Map {
+                gpa,
+                hpa,
+                len,
+                perms,
+                large,
+            } => {
                 let end = range_errors(gpa, len, &mut errs);
                 if hpa % PAGE != 0 {
                     errs.push(Error::Misaligned);
                 }
                 match hpa.checked_add(len) {
                     None => errs.push(Error::EmptyOrWrappingRange),
-                    Some(he) if he > 1u64 << features.max_phys_bits => errs.push(Error::HpaOutOfRange),
+                    Some(he) if he > 1u64 << features.max_phys_bits => {
+                        errs.push(Error::HpaOutOfRange)
+                    }
                     _ => {}
                 }
                 if !perms_valid(perms, &features) {
@@ -265,7 +346,15 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                     }
                     touched.extend([gpa, end - PAGE]);
                 }
-                let res = ept.map(&p, gpa, hpa, len, Perms(perms), MemoryType::WriteBack, large);
+                let res = ept.map(
+                    &p,
+                    gpa,
+                    hpa,
+                    len,
+                    Perms(perms),
+                    MemoryType::WriteBack,
+                    large,
+                );
                 if res.is_ok() {
                     let mut g = gpa;
                     while g < gpa + len {
@@ -275,7 +364,11 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                 }
                 if res == Err(Error::OutOfMemory) {
                     // A failed map leaves the tables exactly as they were.
-                    assert_eq!(ept.tables_in_use(), tables_before, "map failure changed tables_in_use");
+                    assert_eq!(
+                        ept.tables_in_use(),
+                        tables_before,
+                        "map failure changed tables_in_use"
+                    );
                 }
                 res
             }
@@ -320,10 +413,17 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                 if let Ok(split) = res {
                     let level_after = ept.translate(&p, gpa).map(|t| t.level);
                     let lb = level_before.expect("split of a mapped page");
-                    assert_eq!(split, lb > 1, "split reports whether there was a large leaf");
+                    assert_eq!(
+                        split,
+                        lb > 1,
+                        "split reports whether there was a large leaf"
+                    );
                     assert_eq!(level_after, Some(if split { lb - 1 } else { lb }));
                     if split {
-                        assert!(ept.needs_invept(), "a split must ask for INVEPT (SDM 29.4.3.4)");
+                        assert!(
+                            ept.needs_invept(),
+                            "a split must ask for INVEPT (SDM 29.4.3.4)"
+                        );
                     }
                 }
                 touched.push(gpa);
@@ -334,7 +434,11 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                 let res = ept.split_range(&p, gpa, len);
                 if let (Ok(()), Some(end)) = (res, end) {
                     for &g in r.range(gpa..end).map(|(g, _)| g).step_by(97) {
-                        assert_eq!(ept.translate(&p, g).map(|t| t.level), Some(1), "split_range left a large leaf");
+                        assert_eq!(
+                            ept.translate(&p, g).map(|t| t.level),
+                            Some(1),
+                            "split_range left a large leaf"
+                        );
                     }
                     touched.extend([gpa, end - PAGE]);
                 }
@@ -344,7 +448,10 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                 ept.invept_done(&p);
                 assert_eq!(ept.tables_pending_free(), 0);
                 for &z in &zombies {
-                    assert!(!p.is_live(z), "retired table {z:#x} not freed by invept_done");
+                    assert!(
+                        !p.is_live(z),
+                        "retired table {z:#x} not freed by invept_done"
+                    );
                 }
                 zombies.clear();
                 assert!(!ept.needs_invept());
@@ -353,14 +460,26 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
         };
         p.clear_faults();
         match result {
-            Ok(()) => assert!(errs.is_empty(), "{op:?} succeeded, expected one of {errs:?}"),
+            Ok(()) => assert!(
+                errs.is_empty(),
+                "{op:?} succeeded, expected one of {errs:?}"
+            ),
             Err(Error::OutOfMemory) => {
-                assert!(errs.is_empty(), "{op:?}: OutOfMemory, expected one of {errs:?}");
-                assert!(p.stats().failed_allocs > failed_before, "OutOfMemory without a failed allocation");
+                assert!(
+                    errs.is_empty(),
+                    "{op:?}: OutOfMemory, expected one of {errs:?}"
+                );
+                assert!(
+                    p.stats().failed_allocs > failed_before,
+                    "OutOfMemory without a failed allocation"
+                );
                 assert_eq!(r, before);
             }
             Err(e) => {
-                assert!(errs.contains(&e), "{op:?} returned {e:?}, expected one of {errs:?}");
+                assert!(
+                    errs.contains(&e),
+                    "{op:?} returned {e:?}, expected one of {errs:?}"
+                );
                 assert_eq!(r, before);
             }
         }
@@ -370,7 +489,11 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
             assert_eq!(w.tables.len(), ept.tables_in_use());
         }
         // Accounting: every live page is a linked table or one waiting for INVEPT.
-        assert_eq!(p.live_pages(), (ept.tables_in_use() + ept.tables_pending_free()) as u64, "after {op:?}");
+        assert_eq!(
+            p.live_pages(),
+            (ept.tables_in_use() + ept.tables_pending_free()) as u64,
+            "after {op:?}"
+        );
         let now = walk_tables(&p, ept.pml4(), &cpu).tables;
         assert_eq!(now.len(), ept.tables_in_use());
         // Tables unlinked by this operation stay allocated until invept_done (a processor may
@@ -378,7 +501,10 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
         for &t in tables.difference(&now) {
             if !zombies.contains(&t) {
                 assert!(p.is_live(t), "table {t:#x} freed before INVEPT");
-                assert!(ept.needs_invept(), "a table was unlinked without an INVEPT obligation");
+                assert!(
+                    ept.needs_invept(),
+                    "a table was unlinked without an INVEPT obligation"
+                );
                 zombies.insert(t);
             }
         }
@@ -411,23 +537,52 @@ fn map_failure_at_each_allocation_rolls_back() {
     // Tables the map needs, counted by hand from the layout below: with 2 MiB leaves, a PD for
     // GiB 511, a PT for the unaligned head, a PDPT and a PD past 512 GiB, a PT for the tail (5);
     // with 4 KiB leaves only, a PD, 2 PTs, a PDPT, a PD and 2 PTs (7).
-    for (features, needed) in
-        [(EptFeatures::ALL, 5), (EptFeatures { large_1g: false, large_2m: false, ..EptFeatures::ALL }, 7)]
-    {
+    for (features, needed) in [
+        (EptFeatures::ALL, 5),
+        (
+            EptFeatures {
+                large_1g: false,
+                large_2m: false,
+                ..EptFeatures::ALL
+            },
+            7,
+        ),
+    ] {
         for n in 1..12 {
             let p = MockPlatform::new();
             let mut ept = Ept::new(&p, features).unwrap();
             // Something already there, sharing upper tables with the next map.
-            ept.map(&p, 0x7fe0_0000, 0x7fe0_0000, 0x1000, Perms::RW, MemoryType::WriteBack, false).unwrap();
+            ept.map(
+                &p,
+                0x7fe0_0000,
+                0x7fe0_0000,
+                0x1000,
+                Perms::RW,
+                MemoryType::WriteBack,
+                false,
+            )
+            .unwrap();
             let tables = ept.tables_in_use();
             let live = p.live_pages();
             p.fail_nth_alloc(n);
             // Crosses a 1 GiB and a 512 GiB boundary: needs several tables.
             let gpa = (512 * G1) - M2 - M2 / 2 - 5 * PAGE;
-            let res = ept.map(&p, gpa, gpa, 3 * M2 + 10 * PAGE, Perms::RWX, MemoryType::WriteBack, true);
+            let res = ept.map(
+                &p,
+                gpa,
+                gpa,
+                3 * M2 + 10 * PAGE,
+                Perms::RWX,
+                MemoryType::WriteBack,
+                true,
+            );
             p.clear_faults();
             let cpu = Cpu::new(features);
-            assert_eq!(res.is_ok(), n > needed, "allocation {n} of {needed} failing: {res:?}");
+            assert_eq!(
+                res.is_ok(),
+                n > needed,
+                "allocation {n} of {needed} failing: {res:?}"
+            );
             if res.is_err() {
                 assert_eq!(res, Err(Error::OutOfMemory));
                 assert_eq!(ept.tables_in_use(), tables);
@@ -449,7 +604,16 @@ fn map_failure_at_each_allocation_rolls_back() {
 fn unlinked_tables_stay_allocated_until_invept() {
     let p = MockPlatform::new();
     let mut ept = Ept::new(&p, EptFeatures::ALL).unwrap();
-    ept.map(&p, G1, G1, 16 * PAGE, Perms::RW, MemoryType::WriteBack, false).unwrap();
+    ept.map(
+        &p,
+        G1,
+        G1,
+        16 * PAGE,
+        Perms::RW,
+        MemoryType::WriteBack,
+        false,
+    )
+    .unwrap();
     let e = eptp(ept.pml4(), true);
     let mut cpu = Cpu::new(EptFeatures::ALL);
     assert_eq!(cpu.access(&p, e, G1, true), Ok(G1));
@@ -459,12 +623,21 @@ fn unlinked_tables_stay_allocated_until_invept() {
     assert!(ept.needs_invept());
     // The stale translation still works, and a miss walks the unlinked PT from the cache.
     assert_eq!(cpu.access(&p, e, G1, true), Ok(G1));
-    assert!(matches!(cpu.access(&p, e, G1 + PAGE, false), Err(Exit::EptViolation { .. })));
+    assert!(matches!(
+        cpu.access(&p, e, G1 + PAGE, false),
+        Err(Exit::EptViolation { .. })
+    ));
     assert_eq!(p.live_pages(), 4);
     cpu.invept();
     ept.invept_done(&p);
     assert_eq!(p.live_pages(), 1);
-    assert_eq!(cpu.access(&p, e, G1, true), Err(Exit::EptViolation { gpa: G1, qualification: qual::WRITE }));
+    assert_eq!(
+        cpu.access(&p, e, G1, true),
+        Err(Exit::EptViolation {
+            gpa: G1,
+            qualification: qual::WRITE
+        })
+    );
     ept.destroy(&p);
     p.assert_all_freed();
 }
@@ -476,7 +649,16 @@ fn unlinked_tables_stay_allocated_until_invept() {
 fn invept_done_without_invept_is_a_use_after_free() {
     let p = MockPlatform::new();
     let mut ept = Ept::new(&p, EptFeatures::ALL).unwrap();
-    ept.map(&p, G1, G1, 16 * PAGE, Perms::RW, MemoryType::WriteBack, false).unwrap();
+    ept.map(
+        &p,
+        G1,
+        G1,
+        16 * PAGE,
+        Perms::RW,
+        MemoryType::WriteBack,
+        false,
+    )
+    .unwrap();
     let e = eptp(ept.pml4(), true);
     let mut cpu = Cpu::new(EptFeatures::ALL);
     cpu.access(&p, e, G1, false).unwrap();
@@ -490,8 +672,26 @@ fn invept_done_without_invept_is_a_use_after_free() {
 fn destroy_returns_every_page() {
     let p = MockPlatform::new();
     let mut ept = Ept::new(&p, EptFeatures::ALL).unwrap();
-    ept.map(&p, 0, 0, 3 * G1 + 5 * M2 + 7 * PAGE, Perms::RWX, MemoryType::WriteBack, true).unwrap();
-    ept.map(&p, 600 * G1, 0x1000, 70 * PAGE, Perms::R, MemoryType::WriteBack, true).unwrap();
+    ept.map(
+        &p,
+        0,
+        0,
+        3 * G1 + 5 * M2 + 7 * PAGE,
+        Perms::RWX,
+        MemoryType::WriteBack,
+        true,
+    )
+    .unwrap();
+    ept.map(
+        &p,
+        600 * G1,
+        0x1000,
+        70 * PAGE,
+        Perms::R,
+        MemoryType::WriteBack,
+        true,
+    )
+    .unwrap();
     ept.unmap(&p, G1 + M2, M2 + PAGE).unwrap();
     ept.split_range(&p, 0, 4 * M2).unwrap();
     assert!(ept.tables_pending_free() + ept.tables_in_use() > 1);

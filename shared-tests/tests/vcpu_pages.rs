@@ -19,16 +19,23 @@ fn word(p: &MockPlatform, hpa: u64, i: usize) -> u64 {
 fn vcpu_pages_start_with_the_revision_id_and_the_msr_bitmap() {
     let p = MockPlatform::new();
     // IA32_VMX_BASIC of Bochs skylake_x: revision 0x2b in bits 30:0 (SDM A.1).
-    let caps = VmxCaps { basic: 0x00d8_1000_0000_002b, ..VmxCaps::default() };
+    let caps = VmxCaps {
+        basic: 0x00d8_1000_0000_002b,
+        ..VmxCaps::default()
+    };
     let mut pages = VcpuPages::alloc(&p, &caps).expect("pages");
     assert_eq!(p.live_pages(), 3);
     // SDM 25.2: the first 4 bytes hold the revision id, bit 31 (shadow VMCS) clear; the next 4
     // (VMX-abort indicator) are 0.
     assert_eq!(word(&p, pages.vmcs, 0), 0x2b);
-    assert!((0..512).all(|i| word(&p, pages.pml, i) == 0), "PML buffer zeroed");
+    assert!(
+        (0..512).all(|i| word(&p, pages.pml, i) == 0),
+        "PML buffer zeroed"
+    );
     // MSR bitmap (SDM 25.6.9): EFER (0xC0000080) read and write pass through, LSTAR (0xC0000082)
     // does not. Read-high starts at byte 1024, write-high at byte 3072.
-    let bit = |byte: usize, b: usize| word(&p, pages.msr_bitmap, byte / 8) >> ((byte % 8) * 8 + b) & 1;
+    let bit =
+        |byte: usize, b: usize| word(&p, pages.msr_bitmap, byte / 8) >> ((byte % 8) * 8 + b) & 1;
     assert_eq!((bit(1024 + 0x80 / 8, 0), bit(3072 + 0x80 / 8, 0)), (0, 0));
     assert_eq!((bit(1024 + 0x82 / 8, 2), bit(3072 + 0x82 / 8, 2)), (1, 1));
     assert_eq!(word(&p, pages.msr_bitmap, 0), u64::MAX, "low MSRs exit");
@@ -37,7 +44,10 @@ fn vcpu_pages_start_with_the_revision_id_and_the_msr_bitmap() {
     p.assert_all_freed();
 
     // A revision id with bit 31 set in the MSR value (reserved, SDM A.1) is not copied.
-    let caps = VmxCaps { basic: 0xffff_ffff, ..VmxCaps::default() };
+    let caps = VmxCaps {
+        basic: 0xffff_ffff,
+        ..VmxCaps::default()
+    };
     let mut pages = VcpuPages::alloc(&p, &caps).expect("pages");
     assert_eq!(word(&p, pages.vmcs, 0), 0x7fff_ffff);
     pages.free(&p);
@@ -49,7 +59,10 @@ fn a_failed_allocation_leaves_nothing_behind() {
     for n in 1..=3 {
         let p = MockPlatform::new();
         p.fail_nth_alloc(n);
-        assert!(VcpuPages::alloc(&p, &VmxCaps::default()).is_err(), "allocation {n} failed");
+        assert!(
+            VcpuPages::alloc(&p, &VmxCaps::default()).is_err(),
+            "allocation {n} failed"
+        );
         p.assert_all_freed();
     }
 }
@@ -68,7 +81,11 @@ fn the_cache_fills_to_capacity_and_gives_everything_back() {
         assert!(c.ready_for_fault());
         p.free_page(c.take().expect("page"));
     }
-    assert!(!c.ready_for_fault(), "{} pages cannot cover a fault", c.len());
+    assert!(
+        !c.ready_for_fault(),
+        "{} pages cannot cover a fault",
+        c.len()
+    );
     p.free_page(a);
     c.free_all(&p);
     assert!(c.is_empty());
@@ -113,8 +130,16 @@ fn pages_per_fault_covers_the_worst_fault_and_one_less_does_not() {
         }
         let live = p.live_pages();
         // SDM 28.2.1 Table 28-7: bit 1 = data write.
-        assert_eq!(vm.on_ept_violation(&Cached::new(&p, &cache), (1 << 40) + 0x5123, 0x2), Fault::Resolved, "{mode:?}");
-        assert!(cache.is_empty(), "{mode:?}: the worst fault took {} pages", PAGES_PER_FAULT - cache.len());
+        assert_eq!(
+            vm.on_ept_violation(&Cached::new(&p, &cache), (1 << 40) + 0x5123, 0x2),
+            Fault::Resolved,
+            "{mode:?}"
+        );
+        assert!(
+            cache.is_empty(),
+            "{mode:?}: the worst fault took {} pages",
+            PAGES_PER_FAULT - cache.len()
+        );
         assert_eq!(p.live_pages(), live, "{mode:?}: nothing came from the OS");
         assert!(vm.ept().translate(&p, (1 << 40) + 0x5000).is_some());
         vm.destroy(&p);
@@ -126,7 +151,11 @@ fn pages_per_fault_covers_the_worst_fault_and_one_less_does_not() {
         for _ in 0..PAGES_PER_FAULT - 1 {
             cache.pages_for_test(&p);
         }
-        assert_eq!(vm.on_ept_violation(&Cached::new(&p, &cache), (1 << 40) + 0x5123, 0x2), Fault::OutOfMemory, "{mode:?}");
+        assert_eq!(
+            vm.on_ept_violation(&Cached::new(&p, &cache), (1 << 40) + 0x5123, 0x2),
+            Fault::OutOfMemory,
+            "{mode:?}"
+        );
         cache.free_all(&p);
         vm.destroy(&p);
         p.assert_all_freed();

@@ -6,7 +6,9 @@ use smudge_core::arch::GuestGprs;
 use smudge_core::dirty::Mode;
 use smudge_core::ept::EptFeatures;
 use smudge_core::guest::{ElfError, Layout, RESERVED};
-use smudge_core::vm::{reason, Action, ExitInfo, Fault, LoadError, RunExit, StopCause, VcpuState, Vm};
+use smudge_core::vm::{
+    reason, Action, ExitInfo, Fault, LoadError, RunExit, StopCause, VcpuState, Vm,
+};
 use smudge_tests::platform::MockPlatform;
 
 const MEM: u64 = 8 << 20;
@@ -26,8 +28,27 @@ fn host_cpuid(leaf: u32, _sub: u32) -> [u32; 4] {
     }
 }
 
-fn exit(vm: &mut Vm, p: &MockPlatform, v: &mut VcpuState, g: &mut GuestGprs, reason: u32, q: u64, gpa: u64) -> Action {
-    vm.handle_exit(p, v, &ExitInfo { reason, qualification: q, gpa, instr_len: 3 }, g, &host_cpuid)
+fn exit(
+    vm: &mut Vm,
+    p: &MockPlatform,
+    v: &mut VcpuState,
+    g: &mut GuestGprs,
+    reason: u32,
+    q: u64,
+    gpa: u64,
+) -> Action {
+    vm.handle_exit(
+        p,
+        v,
+        &ExitInfo {
+            reason,
+            qualification: q,
+            gpa,
+            instr_len: 3,
+        },
+        g,
+        &host_cpuid,
+    )
 }
 
 /// A minimal ELF64 executable: one PT_LOAD of `code` at `paddr`, entry at its start.
@@ -66,7 +87,11 @@ fn guest_page_tables_identity_map_4_gib_with_2_mib_pages() {
     for (gib, mib) in [(0u64, 0u64), (1, 6), (3, 1022)] {
         let pde = l.reserved_base() + 0x2000 + gib * 0x1000 + (mib / 2) * 8;
         vm.read_guest(&p, pde, &mut q).expect("read");
-        assert_eq!(u64::from_le_bytes(q), ((gib << 30) + (mib << 20)) | 0x83, "PDE for {gib} GiB + {mib} MiB");
+        assert_eq!(
+            u64::from_le_bytes(q),
+            ((gib << 30) + (mib << 20)) | 0x83,
+            "PDE for {gib} GiB + {mib} MiB"
+        );
     }
     assert!(l.is_reserved(MEM - RESERVED) && !l.is_reserved(MEM - RESERVED - 1));
 }
@@ -80,7 +105,10 @@ fn smudge_writes_never_dirty_the_log() {
         assert_eq!(vm.load_elf(&p, &img), Ok(0x10_0000));
         let mut out = vec![0u64; (MEM / 4096 / 64) as usize];
         vm.harvest(&p, 0, &mut out).expect("harvest");
-        assert!(out.iter().all(|w| *w == 0), "{mode:?}: image load and page tables showed up as guest writes");
+        assert!(
+            out.iter().all(|w| *w == 0),
+            "{mode:?}: image load and page tables showed up as guest writes"
+        );
     }
 }
 
@@ -118,7 +146,13 @@ fn lazy_backing_then_mmio_outside_every_slot() {
     assert_eq!(vm.on_ept_violation(&p, 0x40_0123, 0x2), Fault::Resolved);
     assert_eq!(vm.backing_pages(), before + 1);
     assert!(vm.ept().translate(&p, 0x40_0000).is_some());
-    assert_eq!(vm.on_ept_violation(&p, 0x8000_0000, 0x2), Fault::Mmio { gpa: 0x8000_0000, write: true });
+    assert_eq!(
+        vm.on_ept_violation(&p, 0x8000_0000, 0x2),
+        Fault::Mmio {
+            gpa: 0x8000_0000,
+            write: true
+        }
+    );
     // A fault on a page another CPU already backed is resolved, not fatal.
     assert_eq!(vm.on_ept_violation(&p, 0x40_0000, 0x1), Fault::Resolved);
 }
@@ -147,11 +181,22 @@ fn hypercalls_console_cpuid_and_cr8() {
     let mut g = GuestGprs::default();
     // OUT DX, AL to 0x3F8: size 1 (0), OUT (bit 3 = 0), port in 31:16 (SDM Table 28-5).
     g.rax = u64::from(b'x');
-    assert_eq!(exit(&mut vm, &p, &mut v, &mut g, reason::IO, 0x3f8 << 16, 0), Action::Resume { advance: 3 });
+    assert_eq!(
+        exit(&mut vm, &p, &mut v, &mut g, reason::IO, 0x3f8 << 16, 0),
+        Action::Resume { advance: 3 }
+    );
     assert_eq!(&v.console[..v.console_len], b"x");
     // IN from an absent port reads all ones in the accessed size.
     g.rax = 0x1234_5678;
-    exit(&mut vm, &p, &mut v, &mut g, reason::IO, (0x60 << 16) | (1 << 3), 0);
+    exit(
+        &mut vm,
+        &p,
+        &mut v,
+        &mut g,
+        reason::IO,
+        (0x60 << 16) | (1 << 3),
+        0,
+    );
     assert_eq!(g.rax, 0x1234_56ff);
     // CPUID: VMX hidden, hypervisor bit set.
     g.rax = 1;
@@ -160,20 +205,45 @@ fn hypercalls_console_cpuid_and_cr8() {
     assert_ne!(g.rcx & (1 << 31), 0);
     // MOV CR8, RBX then MOV RAX, CR8 (SDM Table 28-3: CR in 3:0, type in 5:4, GPR in 11:8).
     g.rbx = 0xfe;
-    exit(&mut vm, &p, &mut v, &mut g, reason::CR_ACCESS, 8 | (3 << 8), 0);
+    exit(
+        &mut vm,
+        &p,
+        &mut v,
+        &mut g,
+        reason::CR_ACCESS,
+        8 | (3 << 8),
+        0,
+    );
     g.rax = 0;
-    exit(&mut vm, &p, &mut v, &mut g, reason::CR_ACCESS, 8 | (1 << 4), 0);
+    exit(
+        &mut vm,
+        &p,
+        &mut v,
+        &mut g,
+        reason::CR_ACCESS,
+        8 | (1 << 4),
+        0,
+    );
     assert_eq!(g.rax, 0xe, "the guest's CR8 is private and 4 bits wide");
     // Hypercalls: unknown -> RAX = !0; checkpoint -> user, RAX = 0; exit -> code from RDI.
     g.rax = 7;
-    assert_eq!(exit(&mut vm, &p, &mut v, &mut g, reason::VMCALL, 0, 0), Action::Resume { advance: 3 });
+    assert_eq!(
+        exit(&mut vm, &p, &mut v, &mut g, reason::VMCALL, 0, 0),
+        Action::Resume { advance: 3 }
+    );
     assert_eq!(g.rax, u64::MAX);
     g.rax = 1;
-    assert_eq!(exit(&mut vm, &p, &mut v, &mut g, reason::VMCALL, 0, 0), Action::ToUser(RunExit::Checkpoint));
+    assert_eq!(
+        exit(&mut vm, &p, &mut v, &mut g, reason::VMCALL, 0, 0),
+        Action::ToUser(RunExit::Checkpoint)
+    );
     assert_eq!(g.rax, 0);
     g.rax = 0;
     g.rdi = 42;
-    assert_eq!(exit(&mut vm, &p, &mut v, &mut g, reason::VMCALL, 0, 0), Action::ToUser(RunExit::ExitCode(42)));
+    assert_eq!(
+        exit(&mut vm, &p, &mut v, &mut g, reason::VMCALL, 0, 0),
+        Action::ToUser(RunExit::ExitCode(42))
+    );
     assert!(v.halted);
     assert_eq!(v.exits[reason::VMCALL as usize], 3);
 }
@@ -185,14 +255,48 @@ fn fatal_exits_stop_with_a_precise_cause() {
     let mut g = GuestGprs::default();
     for (r, want) in [
         (reason::TRIPLE_FAULT, RunExit::TripleFault),
-        (27, RunExit::Stopped { reason: 27, what: StopCause::VmxInstruction }),
-        (50, RunExit::Stopped { reason: 50, what: StopCause::VmxInstruction }),
-        (reason::EPT_MISCONFIG, RunExit::Stopped { reason: 49, what: StopCause::EptMisconfig }),
-        (0x8000_0021, RunExit::Stopped { reason: 33, what: StopCause::EntryFailed }),
-        (13, RunExit::Stopped { reason: 13, what: StopCause::UnhandledExit }),
+        (
+            27,
+            RunExit::Stopped {
+                reason: 27,
+                what: StopCause::VmxInstruction,
+            },
+        ),
+        (
+            50,
+            RunExit::Stopped {
+                reason: 50,
+                what: StopCause::VmxInstruction,
+            },
+        ),
+        (
+            reason::EPT_MISCONFIG,
+            RunExit::Stopped {
+                reason: 49,
+                what: StopCause::EptMisconfig,
+            },
+        ),
+        (
+            0x8000_0021,
+            RunExit::Stopped {
+                reason: 33,
+                what: StopCause::EntryFailed,
+            },
+        ),
+        (
+            13,
+            RunExit::Stopped {
+                reason: 13,
+                what: StopCause::UnhandledExit,
+            },
+        ),
     ] {
         let mut v = VcpuState::new(0);
-        assert_eq!(exit(&mut vm, &p, &mut v, &mut g, r, 0, 0), Action::ToUser(want), "reason {r:#x}");
+        assert_eq!(
+            exit(&mut vm, &p, &mut v, &mut g, r, 0, 0),
+            Action::ToUser(want),
+            "reason {r:#x}"
+        );
         assert!(v.halted);
     }
 }
@@ -217,14 +321,18 @@ fn layout_bounds() {
     assert!(Layout::new(3 << 20).is_err());
     assert!(Layout::new(5 << 20).is_err());
     assert!(Layout::new(8 << 30).is_err());
-    assert_eq!(Layout::new(64 << 20).map(|l| l.stack_top(0)), Ok((63 << 20) + 0x10000 + 0x4000));
+    assert_eq!(
+        Layout::new(64 << 20).map(|l| l.stack_top(0)),
+        Ok((63 << 20) + 0x10000 + 0x4000)
+    );
 }
 
 #[test]
 fn bss_reads_zero_even_over_earlier_writes() {
     let p = MockPlatform::new();
     let mut vm = vm(&p, Mode::AdScan);
-    vm.write_guest(&p, 0x10_0000, &[0xaa; 0x3000]).expect("write");
+    vm.write_guest(&p, 0x10_0000, &[0xaa; 0x3000])
+        .expect("write");
     // filesz 16, memsz 0x2800: bytes 16..0x2800 are .bss and must read as zero.
     let img = elf(0x10_0000, &[0x90; 16], 0x2800);
     assert_eq!(vm.load_elf(&p, &img), Ok(0x10_0000));
@@ -232,5 +340,8 @@ fn bss_reads_zero_even_over_earlier_writes() {
     vm.read_guest(&p, 0x10_0000, &mut b).expect("read");
     assert!(b[..16].iter().all(|&x| x == 0x90));
     assert!(b[16..0x2800].iter().all(|&x| x == 0), "stale bytes in .bss");
-    assert!(b[0x2800..].iter().all(|&x| x == 0xaa), "bytes past p_memsz are not the image's");
+    assert!(
+        b[0x2800..].iter().all(|&x| x == 0xaa),
+        "bytes past p_memsz are not the image's"
+    );
 }

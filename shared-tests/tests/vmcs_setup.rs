@@ -26,13 +26,20 @@ fn fixtures() -> Vec<(String, VmxCaps)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).expect("fixture dir") {
         let path = e.expect("entry").path();
-        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         if !name.ends_with(".msr") {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read");
         let d = MsrDump::parse(&text).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        out.push((name, VmxCaps::from_reader(|m| d.msr(m), |l, s| d.cpuid(l, s))));
+        out.push((
+            name,
+            VmxCaps::from_reader(|m| d.msr(m), |l, s| d.cpuid(l, s)),
+        ));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -60,8 +67,14 @@ fn host(caps: &VmxCaps) -> HostState {
         fs_base: 0x7f12_3456_7000,
         gs_base: 0xffff_8880_0fa0_0000,
         tr_base: 0xffff_fe00_0000_3000,
-        gdtr: DescriptorTablePointer { limit: 0x7f, base: 0xffff_fe00_0000_1000 },
-        idtr: DescriptorTablePointer { limit: 0xfff, base: 0xffff_fe00_0000_0000 },
+        gdtr: DescriptorTablePointer {
+            limit: 0x7f,
+            base: 0xffff_fe00_0000_1000,
+        },
+        idtr: DescriptorTablePointer {
+            limit: 0xfff,
+            base: 0xffff_fe00_0000_0000,
+        },
         sysenter_cs: 0x10,
         sysenter_esp: 0xffff_fe00_0000_5000,
         sysenter_eip: 0xffff_ffff_8100_0000,
@@ -80,14 +93,29 @@ fn expect_field(what: &str, value: u64, c: Ctls, required: &[u32], optional: &[u
     let v = value as u32;
     assert_eq!(value >> 32, 0, "{what}");
     for &b in required {
-        assert!(v & (1 << b) != 0, "{what}: required bit {b} clear in {v:#x}");
+        assert!(
+            v & (1 << b) != 0,
+            "{what}: required bit {b} clear in {v:#x}"
+        );
     }
     for &b in optional {
-        assert_eq!(v & (1 << b) != 0, c.may_be_1 & (1 << b) != 0, "{what}: optional bit {b} in {v:#x}");
+        assert_eq!(
+            v & (1 << b) != 0,
+            c.may_be_1 & (1 << b) != 0,
+            "{what}: optional bit {b} in {v:#x}"
+        );
     }
     let expected = bits(required) | bits(optional) | c.must_be_1;
-    assert_eq!(v & !expected, 0, "{what}: unexpected bits {:#x} in {v:#x}", v & !expected);
-    assert!(c.valid(v), "{what}: {v:#x} breaks the allowed settings {c:x?}");
+    assert_eq!(
+        v & !expected,
+        0,
+        "{what}: unexpected bits {:#x} in {v:#x}",
+        v & !expected
+    );
+    assert!(
+        c.valid(v),
+        "{what}: {v:#x} breaks the allowed settings {c:x?}"
+    );
 }
 
 #[test]
@@ -101,13 +129,19 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
             continue;
         }
         fixtures_with_ept += 1;
-        let modes: Vec<Mode> =
-            [Mode::WriteProtect, Mode::AdScan, Mode::Pml].into_iter().filter(|m| caps.mode_available(*m).is_ok()).collect();
-        assert!(modes.contains(&Mode::WriteProtect) || caps.check_usable(false).is_err(), "{name}");
+        let modes: Vec<Mode> = [Mode::WriteProtect, Mode::AdScan, Mode::Pml]
+            .into_iter()
+            .filter(|m| caps.mode_available(*m).is_ok())
+            .collect();
+        assert!(
+            modes.contains(&Mode::WriteProtect) || caps.check_usable(false).is_err(),
+            "{name}"
+        );
         for mode in modes {
             for vpid in [false, true] {
                 let what = format!("{name} {mode:?} vpid={vpid}");
-                let ctls = setup::guest_controls(&caps, mode, vpid).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let ctls = setup::guest_controls(&caps, mode, vpid)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 let cfg = VcpuConfig {
                     // WB, 4-level, A/D only in the modes that read D bits (SDM 25.6.11).
                     eptp: Eptp::new(0x20_0000, mode != Mode::WriteProtect).0,
@@ -118,20 +152,37 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
                     rsp: layout.stack_top(0),
                 };
                 let mut img = VmcsImage::new();
-                setup::program(&mut img, &caps, &ctls, &host(&caps), &layout, &cfg).expect("program");
+                setup::program(&mut img, &caps, &ctls, &host(&caps), &layout, &cfg)
+                    .expect("program");
                 if let Err(v) = check_entry(&img, &caps) {
                     panic!("{what}: the entry checker refuses the VMCS: {v}\n{img:?}");
                 }
                 let rd = |f: Field| img.read(f).expect("read");
 
                 // Pin-based (Table 25-5): external interrupts 0, NMI 3; preemption timer 6.
-                expect_field(&format!("{what} pin"), rd(Field::PinBasedControls), caps.pinbased, &[0, 3], &[6]);
+                expect_field(
+                    &format!("{what} pin"),
+                    rd(Field::PinBasedControls),
+                    caps.pinbased,
+                    &[0, 3],
+                    &[6],
+                );
                 // Primary (Table 25-6): HLT 7, CR8 load 19 / store 20, unconditional I/O 24, MSR
                 // bitmaps 28, secondary 31. CR3 load/store (15, 16) only where must-be-1.
                 let primary = rd(Field::PrimaryProcessorBasedControls);
-                expect_field(&format!("{what} primary"), primary, caps.procbased, &[7, 19, 20, 24, 28, 31], &[]);
+                expect_field(
+                    &format!("{what} primary"),
+                    primary,
+                    caps.procbased,
+                    &[7, 19, 20, 24, 28, 31],
+                    &[],
+                );
                 for b in [15, 16] {
-                    assert_eq!(primary & (1 << b) != 0, caps.procbased.must_be_1 & (1 << b) != 0, "{what}: CR3 exiting bit {b}");
+                    assert_eq!(
+                        primary & (1 << b) != 0,
+                        caps.procbased.must_be_1 & (1 << b) != 0,
+                        "{what}: CR3 exiting bit {b}"
+                    );
                 }
                 // Secondary (Table 25-7): EPT 1, PML 17 in PML mode; RDTSCP 3, INVPCID 12,
                 // VPID 5 when asked.
@@ -144,12 +195,30 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
                     sec_opt.push(5);
                 }
                 let secondary = rd(Field::SecondaryProcessorBasedControls);
-                expect_field(&format!("{what} secondary"), secondary, caps.procbased2, &sec_req, &sec_opt);
+                expect_field(
+                    &format!("{what} secondary"),
+                    secondary,
+                    caps.procbased2,
+                    &sec_req,
+                    &sec_opt,
+                );
                 // VM-exit (Table 25-13): host address-space size 9, save/load EFER 20/21; save/load
                 // PAT 18/19.
-                expect_field(&format!("{what} exit"), rd(Field::VmExitControls), caps.exit, &[9, 20, 21], &[18, 19]);
+                expect_field(
+                    &format!("{what} exit"),
+                    rd(Field::VmExitControls),
+                    caps.exit,
+                    &[9, 20, 21],
+                    &[18, 19],
+                );
                 // VM-entry (Table 25-15): IA-32e mode guest 9, load EFER 15; load PAT 14.
-                expect_field(&format!("{what} entry"), rd(Field::VmEntryControls), caps.entry, &[9, 15], &[14]);
+                expect_field(
+                    &format!("{what} entry"),
+                    rd(Field::VmEntryControls),
+                    caps.entry,
+                    &[9, 15],
+                    &[14],
+                );
 
                 // The pointers the vCPU supplies.
                 assert_eq!(rd(Field::EptPointer), cfg.eptp, "{what}");
@@ -172,7 +241,10 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
         }
     }
     // README of the fixtures: 11 dumps with EPT, 4 of them with PML.
-    assert!(fixtures_with_ept >= 11, "{fixtures_with_ept} fixtures with EPT");
+    assert!(
+        fixtures_with_ept >= 11,
+        "{fixtures_with_ept} fixtures with EPT"
+    );
     assert!(pml_seen >= 4 * 2, "{pml_seen} PML programs");
     assert!(programmed >= 11 * 2, "{programmed} VMCSs programmed");
 }
@@ -180,7 +252,10 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
 #[test]
 fn the_host_area_is_refreshed_alone() {
     // `program_host` (every run after the first, on whichever CPU) writes only host-state fields.
-    let (_, caps) = fixtures().into_iter().find(|(n, _)| n == "bochs-corei7_skylake_x.msr").expect("fixture");
+    let (_, caps) = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "bochs-corei7_skylake_x.msr")
+        .expect("fixture");
     let ctls = setup::guest_controls(&caps, Mode::Pml, true).expect("controls");
     let mut img = VmcsImage::new();
     setup::program_host(&mut img, &ctls, &host(&caps)).expect("program_host");
@@ -197,9 +272,15 @@ fn the_host_area_is_refreshed_alone() {
 fn a_required_control_the_processor_lacks_is_named() {
     // PML mode on a processor without PML (Bochs haswell: EPT A/D, no PML): the adjustment
     // must refuse, naming secondary bit 17.
-    let (_, caps) = fixtures().into_iter().find(|(n, _)| n == "bochs-corei7_haswell_4770.msr").expect("fixture");
+    let (_, caps) = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "bochs-corei7_haswell_4770.msr")
+        .expect("fixture");
     assert!(caps.ept() && !caps.pml());
     let e = setup::guest_controls(&caps, Mode::Pml, false).expect_err("no PML");
-    assert!(e.is_missing(smudge_core::vmx::caps::ControlField::SecondaryProcBased, 17), "{e}");
+    assert!(
+        e.is_missing(smudge_core::vmx::caps::ControlField::SecondaryProcBased, 17),
+        "{e}"
+    );
     assert!(e.to_string().contains("enable PML"), "{e}");
 }

@@ -8,7 +8,12 @@ use smudge_core::vmx::caps::CpuidRegs;
 /// CPUID(leaf, subleaf) on the current processor.
 pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidRegs {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    CpuidRegs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+    CpuidRegs {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
 }
 
 /// CR4 of the current processor.
@@ -26,7 +31,9 @@ pub fn cr4() -> u64 {
 pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists and that we run at CPL 0.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     u64::from(hi) << 32 | u64::from(lo)
 }
 
@@ -65,7 +72,9 @@ pub unsafe fn raise_to_dispatch() -> u8 {
     // SAFETY: raising CR8 only masks interrupts of lower priority on this processor. Not
     // `nomem`: like KeRaiseIrql, this is a compiler barrier (what runs at DISPATCH_LEVEL must
     // not be moved before the raise).
-    unsafe { asm!("mov {old}, cr8", "mov cr8, {new}", old = out(reg) old, new = in(reg) u64::from(DISPATCH_LEVEL), options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("mov {old}, cr8", "mov cr8, {new}", old = out(reg) old, new = in(reg) u64::from(DISPATCH_LEVEL), options(nostack, preserves_flags))
+    };
     old as u8
 }
 

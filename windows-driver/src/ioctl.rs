@@ -24,7 +24,12 @@ pub const fn ctl_code(device_type: u32, function: u32, method: u32, access: u32)
 }
 
 /// Version and capabilities (no input; output [`VersionInfo::SIZE`] bytes).
-pub const IOCTL_SMUDGE_GET_VERSION: u32 = ctl_code(FILE_DEVICE_UNKNOWN, 0x800, METHOD_BUFFERED, FILE_READ_ACCESS);
+pub const IOCTL_SMUDGE_GET_VERSION: u32 = ctl_code(
+    FILE_DEVICE_UNKNOWN,
+    0x800,
+    METHOD_BUFFERED,
+    FILE_READ_ACCESS,
+);
 
 /// "SMDG" as a little-endian u32, so user space can tell it talks to smudge.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SMDG");
@@ -54,8 +59,14 @@ impl VersionInfo {
     pub const SIZE: usize = 24;
 
     fn to_bytes(self) -> [u8; Self::SIZE] {
-        let words =
-            [self.magic, self.abi_version, self.driver_version, self.features, self.vmcs_revision, self.processors];
+        let words = [
+            self.magic,
+            self.abi_version,
+            self.driver_version,
+            self.features,
+            self.vmcs_revision,
+            self.processors,
+        ];
         let mut out = [0u8; Self::SIZE];
         for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
             chunk.copy_from_slice(&w.to_le_bytes());
@@ -67,14 +78,21 @@ impl VersionInfo {
 /// Answers one METHOD_BUFFERED request. `input_len` is what the caller sent, `output` is the
 /// system buffer cut to the caller's output length. Returns the number of bytes written (the
 /// IRP's IoStatus.Information) or the failure status.
-pub fn dispatch(code: u32, input_len: usize, output: &mut [u8], info: &VersionInfo) -> Result<usize, NtStatus> {
+pub fn dispatch(
+    code: u32,
+    input_len: usize,
+    output: &mut [u8],
+    info: &VersionInfo,
+) -> Result<usize, NtStatus> {
     match code {
         IOCTL_SMUDGE_GET_VERSION => {
             if input_len != 0 {
                 return Err(STATUS_INVALID_PARAMETER);
             }
             let bytes = info.to_bytes();
-            let dst = output.get_mut(..VersionInfo::SIZE).ok_or(STATUS_BUFFER_TOO_SMALL)?;
+            let dst = output
+                .get_mut(..VersionInfo::SIZE)
+                .ok_or(STATUS_BUFFER_TOO_SMALL)?;
             dst.copy_from_slice(&bytes);
             Ok(VersionInfo::SIZE)
         }
@@ -117,16 +135,31 @@ mod tests {
         // RunReq is two u32 (8 bytes); RunResp is the fields of abi.rs added up.
         let resp = 4 + 4 + 8 + 8 + 4 + 4 + 256 + smudge_core::abi::MESSAGE_LEN;
         assert_eq!(check_lengths(Op::Run, 8, resp), Ok(()));
-        assert_eq!(check_lengths(Op::Run, 7, resp), Err(STATUS_INVALID_PARAMETER));
-        assert_eq!(check_lengths(Op::Run, 8, resp - 1), Err(STATUS_BUFFER_TOO_SMALL));
+        assert_eq!(
+            check_lengths(Op::Run, 7, resp),
+            Err(STATUS_INVALID_PARAMETER)
+        );
+        assert_eq!(
+            check_lengths(Op::Run, 8, resp - 1),
+            Err(STATUS_BUFFER_TOO_SMALL)
+        );
         assert_eq!(check_lengths(Op::Run, 4096, 4096), Ok(()));
         assert_eq!(Op::Run.response_size(), resp);
         // Setup answers nothing: an empty output buffer is fine, a short input is not.
         assert_eq!(check_lengths(Op::Setup, 24, 0), Ok(()));
-        assert_eq!(check_lengths(Op::Setup, 23, 0), Err(STATUS_INVALID_PARAMETER));
+        assert_eq!(
+            check_lengths(Op::Setup, 23, 0),
+            Err(STATUS_INVALID_PARAMETER)
+        );
         // Stats takes only the version word.
-        assert_eq!(check_lengths(Op::Stats, 4, Op::Stats.response_size()), Ok(()));
-        assert_eq!(check_lengths(Op::Stats, 0, Op::Stats.response_size()), Err(STATUS_INVALID_PARAMETER));
+        assert_eq!(
+            check_lengths(Op::Stats, 4, Op::Stats.response_size()),
+            Ok(())
+        );
+        assert_eq!(
+            check_lengths(Op::Stats, 0, Op::Stats.response_size()),
+            Err(STATUS_INVALID_PARAMETER)
+        );
     }
 
     #[test]
@@ -153,7 +186,10 @@ mod tests {
     #[test]
     fn version_answer_layout() {
         let mut buf = [0xAAu8; 32];
-        assert_eq!(dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut buf, &info()), Ok(24));
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut buf, &info()),
+            Ok(24)
+        );
         assert_eq!(&buf[0..4], b"SMDG");
         assert_eq!(&buf[4..8], &[1, 0, 0, 0]);
         assert_eq!(&buf[12..16], &[3, 0, 0, 0]);
@@ -166,18 +202,34 @@ mod tests {
     #[test]
     fn lengths_are_validated() {
         let mut short = [0u8; 23];
-        assert_eq!(dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut short, &info()), Err(STATUS_BUFFER_TOO_SMALL));
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut short, &info()),
+            Err(STATUS_BUFFER_TOO_SMALL)
+        );
         assert_eq!(short, [0u8; 23]);
         let mut buf = [0u8; 24];
-        assert_eq!(dispatch(IOCTL_SMUDGE_GET_VERSION, 4, &mut buf, &info()), Err(STATUS_INVALID_PARAMETER));
-        assert_eq!(dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut [], &info()), Err(STATUS_BUFFER_TOO_SMALL));
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 4, &mut buf, &info()),
+            Err(STATUS_INVALID_PARAMETER)
+        );
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut [], &info()),
+            Err(STATUS_BUFFER_TOO_SMALL)
+        );
     }
 
     #[test]
     fn unknown_codes_are_invalid_device_requests() {
         let mut buf = [0u8; 64];
-        for code in [0, IOCTL_SMUDGE_GET_VERSION ^ 1, ctl_code(FILE_DEVICE_UNKNOWN, 0x801, 0, FILE_READ_ACCESS)] {
-            assert_eq!(dispatch(code, 0, &mut buf, &info()), Err(STATUS_INVALID_DEVICE_REQUEST));
+        for code in [
+            0,
+            IOCTL_SMUDGE_GET_VERSION ^ 1,
+            ctl_code(FILE_DEVICE_UNKNOWN, 0x801, 0, FILE_READ_ACCESS),
+        ] {
+            assert_eq!(
+                dispatch(code, 0, &mut buf, &info()),
+                Err(STATUS_INVALID_DEVICE_REQUEST)
+            );
         }
     }
 }

@@ -8,7 +8,13 @@
 //! call's failure is a returned NTSTATUS.
 #![no_std]
 #![no_main]
-#![deny(unsafe_op_in_unsafe_fn, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![deny(
+    unsafe_op_in_unsafe_fn,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod cpu;
 mod nt;
@@ -22,9 +28,9 @@ mod vmxroot;
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use smudge_core::abi::Op;
 use smudge_core::dirty::Mode;
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
-use smudge_core::abi::Op;
 use smudge_windows::ioctl::{self, VersionInfo};
 use smudge_windows::status::*;
 use smudge_windows::vtx;
@@ -72,7 +78,14 @@ static _fltused: i32 = 0;
 
 fn log(level: u32, msg: &CStr) {
     // SAFETY: "%s" with a NUL-terminated string, printable at any IRQL.
-    unsafe { nt::DbgPrintEx(nt::DPFLTR_IHVDRIVER_ID, level, c"smudge: %s\n".as_ptr(), msg.as_ptr()) };
+    unsafe {
+        nt::DbgPrintEx(
+            nt::DPFLTR_IHVDRIVER_ID,
+            level,
+            c"smudge: %s\n".as_ptr(),
+            msg.as_ptr(),
+        )
+    };
 }
 
 /// Why DriverEntry fails before it creates the device.
@@ -95,7 +108,11 @@ fn check_every_processor() -> Result<(vtx::Admission, u32), CheckFailure> {
         if status < 0 || mask == 0 {
             return Err(CheckFailure::NoProcessorNumber { cpu, status });
         }
-        let affinity = nt::GroupAffinity { mask, group: number.group, reserved: [0; 3] };
+        let affinity = nt::GroupAffinity {
+            mask,
+            group: number.group,
+            reserved: [0; 3],
+        };
         let mut previous = nt::GroupAffinity::default();
         // SAFETY: DriverEntry runs at PASSIVE_LEVEL in a system thread; both pointers are valid.
         // On return the thread runs on `cpu` until reverted.
@@ -112,20 +129,28 @@ fn check_every_processor() -> Result<(vtx::Admission, u32), CheckFailure> {
         match first {
             None => first = Some(a),
             Some(f) if f.caps != a.caps => {
-                return Err(CheckFailure::Refused { cpu, why: vtx::Refusal::AsymmetricProcessors })
+                return Err(CheckFailure::Refused {
+                    cpu,
+                    why: vtx::Refusal::AsymmetricProcessors,
+                })
             }
             Some(_) => {}
         }
     }
     match first {
         Some(a) => Ok((a, count)),
-        None => Err(CheckFailure::NoProcessorNumber { cpu: 0, status: STATUS_NOT_SUPPORTED }),
+        None => Err(CheckFailure::NoProcessorNumber {
+            cpu: 0,
+            status: STATUS_NOT_SUPPORTED,
+        }),
     }
 }
 
 /// Allocates, writes, reads back and frees one page through the core's platform seam.
 fn platform_self_test(p: &NtPlatform) -> Result<(), &'static CStr> {
-    let hpa = p.alloc_page().ok_or(c"platform self-test: no contiguous page")?;
+    let hpa = p
+        .alloc_page()
+        .ok_or(c"platform self-test: no contiguous page")?;
     let mapped = p.maps(hpa);
     let zeroed = p.page(hpa).iter().all(|w| w.load(Ordering::Relaxed) == 0);
     write_bytes(p, hpa, 4090, b"smudge");
@@ -133,9 +158,13 @@ fn platform_self_test(p: &NtPlatform) -> Result<(), &'static CStr> {
     read_bytes(p, hpa, 4090, &mut back);
     p.free_page(hpa);
     match (mapped, zeroed, &back == b"smudge") {
-        (false, _, _) => Err(c"platform self-test: MmGetVirtualForPhysical does not map the page back"),
+        (false, _, _) => {
+            Err(c"platform self-test: MmGetVirtualForPhysical does not map the page back")
+        }
         (_, false, _) => Err(c"platform self-test: the new page is not zeroed"),
-        (_, _, false) => Err(c"platform self-test: bytes written through the core did not read back"),
+        (_, _, false) => {
+            Err(c"platform self-test: bytes written through the core did not read back")
+        }
         _ => Ok(()),
     }
 }
@@ -153,7 +182,10 @@ fn mode_name(mode: Mode) -> &'static CStr {
 /// # Safety
 /// Called once by the I/O manager, at PASSIVE_LEVEL, with this driver's valid DRIVER_OBJECT.
 #[no_mangle]
-pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_path: *mut nt::UnicodeString) -> NtStatus {
+pub unsafe extern "system" fn DriverEntry(
+    driver: *mut DriverObject,
+    _registry_path: *mut nt::UnicodeString,
+) -> NtStatus {
     let (admission, processors) = match check_every_processor() {
         Ok(x) => x,
         Err(CheckFailure::Refused { cpu, why }) => {
@@ -181,7 +213,11 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
                     status as u32,
                 )
             };
-            return if status < 0 { status } else { STATUS_NOT_SUPPORTED };
+            return if status < 0 {
+                status
+            } else {
+                STATUS_NOT_SUPPORTED
+            };
         }
     };
     let caps = &admission.caps;
@@ -205,13 +241,19 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
         return STATUS_INSUFFICIENT_RESOURCES;
     }
     if processors as usize > processors::MAX_PROCESSORS {
-        log(nt::DPFLTR_ERROR_LEVEL, c"refusing to load: more than 256 active processors");
+        log(
+            nt::DPFLTR_ERROR_LEVEL,
+            c"refusing to load: more than 256 active processors",
+        );
         return STATUS_NOT_SUPPORTED;
     }
     if let Err((cpu, why)) = vmxroot::vmxon_all(caps) {
         let mut msg = smudge_windows::msg::MsgBuf::new();
         // MsgBuf truncates instead of failing.
-        let _ = core::fmt::Write::write_fmt(&mut msg, format_args!("VMXON failed on processor {cpu}: {why:?}"));
+        let _ = core::fmt::Write::write_fmt(
+            &mut msg,
+            format_args!("VMXON failed on processor {cpu}: {why:?}"),
+        );
         log(nt::DPFLTR_ERROR_LEVEL, msg.as_cstr());
         return match why {
             vmxroot::VmxonFailure::NoMemory => STATUS_INSUFFICIENT_RESOURCES,
@@ -220,7 +262,12 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
         };
     }
     // SAFETY: the device does not exist yet, so no request reads the global state.
-    unsafe { vmxroot::set_global(Some(vmxroot::Global { caps: admission.caps, mode: admission.mode })) };
+    unsafe {
+        vmxroot::set_global(Some(vmxroot::Global {
+            caps: admission.caps,
+            mode: admission.mode,
+        }))
+    };
     FEATURES.store(admission.feature_bits(), Ordering::Release);
     VMCS_REVISION.store(caps.revision_id(), Ordering::Release);
     PROCESSORS.store(processors, Ordering::Release);
@@ -240,14 +287,20 @@ pub unsafe extern "system" fn DriverEntry(driver: *mut DriverObject, _registry_p
         )
     };
     if status < 0 {
-        log(nt::DPFLTR_ERROR_LEVEL, c"IoCreateDevice(\\Device\\Smudge) failed");
+        log(
+            nt::DPFLTR_ERROR_LEVEL,
+            c"IoCreateDevice(\\Device\\Smudge) failed",
+        );
         leave_vmx();
         return status;
     }
     // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
     let status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
     if status < 0 {
-        log(nt::DPFLTR_ERROR_LEVEL, c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed");
+        log(
+            nt::DPFLTR_ERROR_LEVEL,
+            c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed",
+        );
         // SAFETY: `device` was created above and nothing else references it yet.
         unsafe { nt::IoDeleteDevice(device) };
         leave_vmx();
@@ -352,12 +405,21 @@ unsafe extern "system" fn dispatch_close(_device: *mut DeviceObject, irp: *mut I
 
 /// IRP_MJ_DEVICE_CONTROL: the version query, or a VM request of `smudge_core::abi`. METHOD_BUFFERED
 /// only: the system buffer holds the request on the way in and the answer on the way out.
-unsafe extern "system" fn dispatch_device_control(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
+unsafe extern "system" fn dispatch_device_control(
+    _device: *mut DeviceObject,
+    irp: *mut Irp,
+) -> NtStatus {
     // SAFETY: for IRP_MJ_DEVICE_CONTROL the I/O manager passes a valid IRP whose current stack
     // location holds the DeviceIoControl parameters.
     let (code, input_len, output_len, buffer, file) = unsafe {
         let p = &(*(*irp).current_stack_location).device_io_control;
-        (p.io_control_code, p.input_buffer_length as usize, p.output_buffer_length as usize, (*irp).system_buffer, file_object(irp))
+        (
+            p.io_control_code,
+            p.input_buffer_length as usize,
+            p.output_buffer_length as usize,
+            (*irp).system_buffer,
+            file_object(irp),
+        )
     };
     if code & 3 != ioctl::METHOD_BUFFERED {
         // SAFETY: the IRP is ours until completed.
@@ -394,7 +456,13 @@ unsafe extern "system" fn dispatch_device_control(_device: *mut DeviceObject, ir
 }
 
 /// A VM request: lengths, the handle's VmFile, then the same handling as on Linux.
-fn vm_request(op: Op, input_len: usize, output_len: usize, buffer: *mut core::ffi::c_void, file: *mut nt::FileObject) -> Result<usize, NtStatus> {
+fn vm_request(
+    op: Op,
+    input_len: usize,
+    output_len: usize,
+    buffer: *mut core::ffi::c_void,
+    file: *mut nt::FileObject,
+) -> Result<usize, NtStatus> {
     ioctl::check_lengths(op, input_len, output_len)?;
     let len = input_len.max(output_len);
     if buffer.is_null() || file.is_null() {

@@ -17,7 +17,11 @@ pub struct MsgBuf {
 impl MsgBuf {
     /// An empty message.
     pub const fn new() -> MsgBuf {
-        MsgBuf { buf: [0; CAPACITY], len: 0, full: false }
+        MsgBuf {
+            buf: [0; CAPACITY],
+            len: 0,
+            full: false,
+        }
     }
 
     /// The text with its NUL terminator.

@@ -28,8 +28,15 @@ impl StaticUnicodeString {
     /// Wraps a `'static` UTF-16 buffer (no terminating NUL is needed or counted).
     pub const fn new(buf: &'static [u16]) -> Self {
         let bytes = buf.len() * 2;
-        assert!(bytes <= u16::MAX as usize, "UNICODE_STRING is limited to 65535 bytes");
-        StaticUnicodeString(UnicodeString { length: bytes as u16, maximum_length: bytes as u16, buffer: buf.as_ptr() })
+        assert!(
+            bytes <= u16::MAX as usize,
+            "UNICODE_STRING is limited to 65535 bytes"
+        );
+        StaticUnicodeString(UnicodeString {
+            length: bytes as u16,
+            maximum_length: bytes as u16,
+            buffer: buf.as_ptr(),
+        })
     }
 
     /// The pointer the kernel APIs take. They only read through it.
@@ -278,7 +285,10 @@ extern "system" {
     pub fn MmGetVirtualForPhysical(pa: i64) -> *mut c_void;
     pub fn KeQueryActiveProcessorCountEx(group: u16) -> u32;
     pub fn KeGetProcessorNumberFromIndex(index: u32, number: *mut ProcessorNumber) -> NtStatus;
-    pub fn KeSetSystemGroupAffinityThread(affinity: *const GroupAffinity, previous: *mut GroupAffinity);
+    pub fn KeSetSystemGroupAffinityThread(
+        affinity: *const GroupAffinity,
+        previous: *mut GroupAffinity,
+    );
     pub fn KeRevertToUserGroupAffinityThread(previous: *const GroupAffinity);
     /// The system-wide index of the current processor (`number` may be null).
     pub fn KeGetCurrentProcessorNumberEx(number: *mut ProcessorNumber) -> u32;
@@ -287,7 +297,13 @@ extern "system" {
     /// Interrupt time in 100 ns units, read precisely (Windows 8.1+; any IRQL).
     pub fn KeQueryInterruptTimePrecise(qpc: *mut u64) -> u64;
     /// MM_COPY_ADDRESS (an 8-byte union) is passed by value, i.e. in a register, on x64.
-    pub fn MmCopyMemory(target: *mut c_void, source: u64, bytes: usize, flags: u32, copied: *mut usize) -> NtStatus;
+    pub fn MmCopyMemory(
+        target: *mut c_void,
+        source: u64,
+        bytes: usize,
+        flags: u32,
+        copied: *mut usize,
+    ) -> NtStatus;
     pub fn ExAllocatePoolWithTag(pool_type: u32, bytes: usize, tag: u32) -> *mut c_void;
     pub fn ExFreePoolWithTag(p: *mut c_void, tag: u32);
     /// The first address above user space ProbeForRead/ProbeForWrite accept (a variable).

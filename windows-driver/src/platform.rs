@@ -82,7 +82,8 @@ impl Platform for NtPlatform {
     fn alloc_page(&self) -> Option<u64> {
         // SAFETY: plain by-value arguments: any physical address (0..=all ones), no boundary
         // restriction, cached memory. Returns null on failure.
-        let va = unsafe { nt::MmAllocateContiguousMemorySpecifyCache(PAGE, 0, -1, 0, nt::MM_CACHED) };
+        let va =
+            unsafe { nt::MmAllocateContiguousMemorySpecifyCache(PAGE, 0, -1, 0, nt::MM_CACHED) };
         if va.is_null() {
             return None;
         }
@@ -112,7 +113,12 @@ impl Platform for NtPlatform {
                 // SAFETY: the page is ours (trait contract) and 8-byte aligned; nobody else
                 // reads it until drain_deferred takes it off the list.
                 unsafe { (*link).store(head, Ordering::Relaxed) };
-                match DEFERRED.compare_exchange_weak(head, hpa, Ordering::Release, Ordering::Relaxed) {
+                match DEFERRED.compare_exchange_weak(
+                    head,
+                    hpa,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                ) {
                     Ok(_) => return,
                     Err(h) => head = h,
                 }

@@ -21,7 +21,8 @@ impl PoolBuf {
     pub fn zeroed(len: usize) -> Option<PoolBuf> {
         let bytes = len.max(1);
         // SAFETY: plain arguments; returns null on failure. IRQL <= DISPATCH_LEVEL.
-        let p = unsafe { nt::ExAllocatePoolWithTag(nt::NON_PAGED_POOL_NX, bytes, TAG) }.cast::<u8>();
+        let p =
+            unsafe { nt::ExAllocatePoolWithTag(nt::NON_PAGED_POOL_NX, bytes, TAG) }.cast::<u8>();
         if p.is_null() {
             return None;
         }
@@ -66,7 +67,9 @@ impl<T> PoolBox<T> {
             return Err(value);
         }
         // SAFETY: plain arguments; returns null on failure. IRQL <= DISPATCH_LEVEL.
-        let p = unsafe { nt::ExAllocatePoolWithTag(nt::NON_PAGED_POOL_NX, core::mem::size_of::<T>().max(1), TAG) };
+        let p = unsafe {
+            nt::ExAllocatePoolWithTag(nt::NON_PAGED_POOL_NX, core::mem::size_of::<T>().max(1), TAG)
+        };
         if p.is_null() {
             return Err(value);
         }

@@ -42,9 +42,17 @@ pub fn pin(index: u32) -> Result<Pinned, NtStatus> {
     let status = unsafe { nt::KeGetProcessorNumberFromIndex(index, &mut number) };
     let mask = 1usize.checked_shl(u32::from(number.number)).unwrap_or(0);
     if status < 0 || mask == 0 {
-        return Err(if status < 0 { status } else { STATUS_NOT_SUPPORTED });
+        return Err(if status < 0 {
+            status
+        } else {
+            STATUS_NOT_SUPPORTED
+        });
     }
-    let affinity = nt::GroupAffinity { mask, group: number.group, reserved: [0; 3] };
+    let affinity = nt::GroupAffinity {
+        mask,
+        group: number.group,
+        reserved: [0; 3],
+    };
     let mut previous = nt::GroupAffinity::default();
     // SAFETY: IRQL <= APC_LEVEL (caller); both pointers are valid for the call.
     unsafe { nt::KeSetSystemGroupAffinityThread(&affinity, &mut previous) };

@@ -43,7 +43,9 @@ pub const fn from_abi(e: smudge_core::abi::AbiError) -> NtStatus {
         A::Truncated => STATUS_BUFFER_TOO_SMALL,
         A::BadVersion => STATUS_REVISION_MISMATCH,
         A::BadPointer => STATUS_ACCESS_VIOLATION,
-        A::ReservedNonZero | A::BadMode | A::BadMemSize | A::BadVcpu | A::BadLength => STATUS_INVALID_PARAMETER,
+        A::ReservedNonZero | A::BadMode | A::BadMemSize | A::BadVcpu | A::BadLength => {
+            STATUS_INVALID_PARAMETER
+        }
     }
 }
 
@@ -81,10 +83,22 @@ mod tests {
     fn abi_errors_map_like_the_linux_errnos() {
         // Linux: EFAULT for pointers, ENOTTY for unknown requests, EINVAL for the rest.
         assert_eq!(from_abi(AbiError::BadPointer), STATUS_ACCESS_VIOLATION);
-        assert_eq!(from_abi(AbiError::UnknownRequest), STATUS_INVALID_DEVICE_REQUEST);
+        assert_eq!(
+            from_abi(AbiError::UnknownRequest),
+            STATUS_INVALID_DEVICE_REQUEST
+        );
         assert_eq!(from_abi(AbiError::BadMemSize), STATUS_INVALID_PARAMETER);
-        assert_eq!(from_core(smudge_core::Error::OutOfMemory), STATUS_INSUFFICIENT_RESOURCES);
-        assert_eq!(from_core(smudge_core::Error::Unsupported), STATUS_NOT_SUPPORTED);
-        assert_eq!(from_core(smudge_core::Error::GpaOutOfRange), STATUS_INVALID_PARAMETER);
+        assert_eq!(
+            from_core(smudge_core::Error::OutOfMemory),
+            STATUS_INSUFFICIENT_RESOURCES
+        );
+        assert_eq!(
+            from_core(smudge_core::Error::Unsupported),
+            STATUS_NOT_SUPPORTED
+        );
+        assert_eq!(
+            from_core(smudge_core::Error::GpaOutOfRange),
+            STATUS_INVALID_PARAMETER
+        );
     }
 }

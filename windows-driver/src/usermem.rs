@@ -40,7 +40,13 @@ pub fn copy_from_user(dst: &mut [u8], src: u64) -> Result<(), NtStatus> {
     // SAFETY: `dst` is a writable nonpaged buffer of dst.len() bytes; the source is a user
     // range, which MmCopyMemory reads without faulting (it returns an error instead).
     let status = unsafe {
-        nt::MmCopyMemory(dst.as_mut_ptr().cast::<c_void>(), src, dst.len(), nt::MM_COPY_MEMORY_VIRTUAL, &mut copied)
+        nt::MmCopyMemory(
+            dst.as_mut_ptr().cast::<c_void>(),
+            src,
+            dst.len(),
+            nt::MM_COPY_MEMORY_VIRTUAL,
+            &mut copied,
+        )
     };
     if status < 0 || copied != dst.len() {
         return Err(STATUS_ACCESS_VIOLATION);

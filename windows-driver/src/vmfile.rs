@@ -45,7 +45,10 @@ unsafe impl Sync for VmFile {}
 
 impl VmFile {
     pub const fn new() -> VmFile {
-        VmFile { busy: AtomicBool::new(false), state: UnsafeCell::new(VmState::new()) }
+        VmFile {
+            busy: AtomicBool::new(false),
+            state: UnsafeCell::new(VmState::new()),
+        }
     }
 
     /// Frees the VM (IRP_MJ_CLOSE). Call at PASSIVE_LEVEL.
@@ -63,7 +66,11 @@ struct VmState {
 
 impl VmState {
     const fn new() -> VmState {
-        VmState { vm: None, ctls: None, vcpus: [const { None }; abi::MAX_VCPUS as usize] }
+        VmState {
+            vm: None,
+            ctls: None,
+            vcpus: [const { None }; abi::MAX_VCPUS as usize],
+        }
     }
 
     fn vcpu_count(&self) -> usize {
@@ -96,7 +103,12 @@ impl VmState {
 /// Answers one request. `buf` is the METHOD_BUFFERED system buffer, at least the request size
 /// (checked by the caller); the answer is written over it. Returns the answer's length.
 pub fn request(f: &VmFile, op: abi::Op, buf: &mut [u8]) -> Result<usize, NtStatus> {
-    let req = abi::decode(op, buf.get(..op.request_size()).ok_or(STATUS_INVALID_PARAMETER)?).map_err(from_abi)?;
+    let req = abi::decode(
+        op,
+        buf.get(..op.request_size())
+            .ok_or(STATUS_INVALID_PARAMETER)?,
+    )
+    .map_err(from_abi)?;
     if f.busy.swap(true, Ordering::Acquire) {
         return Err(STATUS_DEVICE_BUSY);
     }
@@ -112,7 +124,12 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
     let p = NtPlatform;
     let enc = |r: Result<usize, abi::AbiError>| r.map_err(|_| STATUS_BUFFER_TOO_SMALL);
     match req {
-        Request::Setup { mode, mem_bytes, vcpus, page_limit } => {
+        Request::Setup {
+            mode,
+            mem_bytes,
+            vcpus,
+            page_limit,
+        } => {
             if f.vm.is_some() {
                 return Err(STATUS_INVALID_DEVICE_STATE);
             }
@@ -124,7 +141,8 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
                 }
             };
             let vpid = g.caps.ept_vpid_cap & (1 << 32) != 0;
-            let ctls = setup::guest_controls(&g.caps, mode, vpid).map_err(|_| STATUS_NOT_SUPPORTED)?;
+            let ctls =
+                setup::guest_controls(&g.caps, mode, vpid).map_err(|_| STATUS_NOT_SUPPORTED)?;
             let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(from_core)?;
             if let Err(e) = vm.add_ram(&p, mem_bytes) {
                 vm.destroy(&p);
@@ -158,36 +176,57 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             let resp = run(f, g, vcpu)?;
             enc(resp.to_bytes(buf))
         }
-        Request::DirtyLog { slot, bitmap, bitmap_len, harvest } => {
+        Request::DirtyLog {
+            slot,
+            bitmap,
+            bitmap_len,
+            harvest,
+        } => {
             let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
-            let pages = vm.slots().find(|(i, _)| *i == slot as usize).map(|(_, s)| s.pages).ok_or(STATUS_INVALID_PARAMETER)?;
+            let pages = vm
+                .slots()
+                .find(|(i, _)| *i == slot as usize)
+                .map(|(_, s)| s.pages)
+                .ok_or(STATUS_INVALID_PARAMETER)?;
             let words = pages.div_ceil(64) as usize;
             if bitmap_len < words as u64 * 8 {
                 return Err(STATUS_BUFFER_TOO_SMALL);
             }
             let mut bits = PoolBuf::zeroed(words * 8).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
             if harvest {
-                vm.harvest(&p, slot as usize, bits.words_mut()).map_err(from_core)?;
+                vm.harvest(&p, slot as usize, bits.words_mut())
+                    .map_err(from_core)?;
             } else {
-                vm.get_dirty_log(&p, slot as usize, bits.words_mut()).map_err(from_core)?;
+                vm.get_dirty_log(&p, slot as usize, bits.words_mut())
+                    .map_err(from_core)?;
             }
             invept_vm(vm);
             copy_to_user(bitmap, bits.bytes())?;
             Ok(0)
         }
-        Request::ClearDirtyLog { slot, first_page, num_pages, mask } => {
+        Request::ClearDirtyLog {
+            slot,
+            first_page,
+            num_pages,
+            mask,
+        } => {
             let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let words = num_pages.div_ceil(64) as usize;
             let mut m = PoolBuf::zeroed(words * 8).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
             copy_from_user(m.bytes_mut(), mask)?;
-            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, m.words_mut()).map_err(from_core)?;
+            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, m.words_mut())
+                .map_err(from_core)?;
             invept_vm(vm);
             Ok(0)
         }
         Request::Stats => {
             let mut s = abi::StatsResp::default();
             s.vm_pages = f.vm.as_ref().map_or(0, |v| v.pages_held())
-                + f.vcpus.iter().flatten().map(|v| v.hw.pages_held()).sum::<u64>();
+                + f.vcpus
+                    .iter()
+                    .flatten()
+                    .map(|v| v.hw.pages_held())
+                    .sum::<u64>();
             s.driver_pages = platform::pages_held();
             s.mode = f.vm.as_ref().map_or(0, |v| v.mode() as u32);
             s.vcpus = f.vcpu_count() as u32;
@@ -228,7 +267,12 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             }
             enc(r.to_bytes(buf))
         }
-        Request::Mem { gpa, buf: ubuf, len, write } => {
+        Request::Mem {
+            gpa,
+            buf: ubuf,
+            len,
+            write,
+        } => {
             let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let mut tmp = PoolBuf::zeroed(len as usize).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
             if write {
@@ -252,14 +296,24 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
     let mut cell = PoolBuf::zeroed(8)?;
     let cr3: u64;
     // SAFETY: reading CR3 at CPL 0 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
+    };
     let la57 = cpu::cr4() & (1 << 12) != 0;
     let mut read = |pa: u64| -> Option<u64> {
         let mut copied = 0usize;
         let target = cell.bytes_mut();
         // SAFETY: an 8-byte nonpaged target; a physical source that MmCopyMemory validates
         // (it fails instead of faulting).
-        let s = unsafe { nt::MmCopyMemory(target.as_mut_ptr().cast(), pa, 8, nt::MM_COPY_MEMORY_PHYSICAL, &mut copied) };
+        let s = unsafe {
+            nt::MmCopyMemory(
+                target.as_mut_ptr().cast(),
+                pa,
+                8,
+                nt::MM_COPY_MEMORY_PHYSICAL,
+                &mut copied,
+            )
+        };
         if s < 0 || copied != 8 {
             return None;
         }
@@ -281,9 +335,15 @@ fn invept_vm(vm: &mut Vm) {
 
 fn add_vcpu(f: &mut VmState, g: &Global, index: u32) -> Result<(), NtStatus> {
     let p = NtPlatform;
-    let slot = f.vcpus.get_mut(index as usize).ok_or(STATUS_INVALID_PARAMETER)?;
+    let slot = f
+        .vcpus
+        .get_mut(index as usize)
+        .ok_or(STATUS_INVALID_PARAMETER)?;
     let pages = VcpuPages::alloc(&p, &g.caps).map_err(|_| STATUS_INSUFFICIENT_RESOURCES)?;
-    let v = WinVcpu { hw: HwVcpu::new(index, pages), cpu: None };
+    let v = WinVcpu {
+        hw: HwVcpu::new(index, pages),
+        cpu: None,
+    };
     match PoolBox::new(v) {
         Ok(b) => {
             *slot = Some(b);
@@ -337,7 +397,11 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
     let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
     // Harvests done between runs may have left an INVEPT obligation.
     invept_vm(vm);
-    let v = f.vcpus.get_mut(index as usize).and_then(|v| v.as_mut()).ok_or(STATUS_INVALID_PARAMETER)?;
+    let v = f
+        .vcpus
+        .get_mut(index as usize)
+        .and_then(|v| v.as_mut())
+        .ok_or(STATUS_INVALID_PARAMETER)?;
     let here = processors::current();
     if let Some(old) = v.cpu {
         if old != here {
@@ -355,7 +419,8 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
         v.hw.cache.refill(&NtPlatform);
         let mut xsave = nt::XStateSave::new();
         // SAFETY: PASSIVE_LEVEL; `xsave` lives until the matching restore below.
-        let status = unsafe { nt::KeSaveExtendedProcessorState(nt::XSTATE_MASK_LEGACY, &mut xsave) };
+        let status =
+            unsafe { nt::KeSaveExtendedProcessorState(nt::XSTATE_MASK_LEGACY, &mut xsave) };
         if status < 0 {
             break Err(status);
         }

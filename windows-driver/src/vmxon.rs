@@ -54,7 +54,10 @@ mod tests {
     fn caps() -> VmxCaps {
         use smudge_core::vmx::caps::MsrValue;
         use smudge_core::vmx::msr_dump::MsrDump;
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared-tests/fixtures/vmx-msrs/bochs-corei7_skylake_x.msr");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared-tests/fixtures/vmx-msrs/bochs-corei7_skylake_x.msr"
+        );
         let d = MsrDump::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
         let caps = VmxCaps::from_reader(|m| d.msr(m), |l, s| d.cpuid(l, s));
         assert!(matches!(d.msr(0x489), MsrValue::Value(0x3727ff)));
@@ -71,8 +74,20 @@ mod tests {
     fn fixed_bit_violations_are_named() {
         let caps = caps();
         // CR0 without NE (bit 5).
-        assert_eq!(cr4_for_vmxon(0x8005_0013, 0x6f8, &caps), Err(CrMismatch::Cr0 { missing: 0x20, forbidden: 0 }));
+        assert_eq!(
+            cr4_for_vmxon(0x8005_0013, 0x6f8, &caps),
+            Err(CrMismatch::Cr0 {
+                missing: 0x20,
+                forbidden: 0
+            })
+        );
         // CR4 with bit 22 (PKS, not allowed by this FIXED1).
-        assert_eq!(cr4_for_vmxon(0x8005_0033, 0x6f8 | 1 << 22, &caps), Err(CrMismatch::Cr4 { missing: 0, forbidden: 1 << 22 }));
+        assert_eq!(
+            cr4_for_vmxon(0x8005_0033, 0x6f8 | 1 << 22, &caps),
+            Err(CrMismatch::Cr4 {
+                missing: 0,
+                forbidden: 1 << 22
+            })
+        );
     }
 }

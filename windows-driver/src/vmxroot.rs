@@ -7,13 +7,13 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use smudge_core::arch;
 use smudge_core::dirty::Mode;
 use smudge_core::platform::Platform;
-use smudge_core::vmx::caps::VmxCaps;
 use smudge_core::vcpu::write_revision_id;
+use smudge_core::vmx::caps::VmxCaps;
 use smudge_windows::vmxon::{cr4_for_vmxon, CrMismatch, CR4_VMXE};
 
+use crate::cpu;
 use crate::platform::{self, NtPlatform};
 use crate::processors::{self, MAX_PROCESSORS};
-use crate::cpu;
 
 /// What DriverEntry decided, read by every request.
 pub struct Global {
@@ -47,7 +47,9 @@ pub unsafe fn set_global(g: Option<Global>) {
 
 /// True if processor `index` is in VMX root operation (read at DISPATCH_LEVEL on it).
 pub fn vmx_on(index: u32) -> bool {
-    VMX_ON.get(index as usize).is_some_and(|f| f.load(Ordering::Acquire))
+    VMX_ON
+        .get(index as usize)
+        .is_some_and(|f| f.load(Ordering::Acquire))
 }
 
 /// Why VMXON failed on a processor.
@@ -83,7 +85,8 @@ pub fn vmxon_all(caps: &VmxCaps) -> Result<(), (u32, VmxonFailure)> {
         if let Some(slot) = VMXON_REGION.get(i as usize) {
             slot.store(page, Ordering::Relaxed);
         }
-        let r = processors::on_processor(i, || vmxon_here(i, page, caps)).unwrap_or(Err(VmxonFailure::NoProcessor));
+        let r = processors::on_processor(i, || vmxon_here(i, page, caps))
+            .unwrap_or(Err(VmxonFailure::NoProcessor));
         if let Err(why) = r {
             vmxoff_all();
             return Err((i, why));
@@ -137,7 +140,10 @@ pub fn vmxoff_all() {
     let p = NtPlatform;
     for i in 0..processors::count().min(MAX_PROCESSORS as u32) {
         let _ = processors::on_processor(i, || {
-            if VMX_ON.get(i as usize).is_some_and(|f| f.swap(false, Ordering::AcqRel)) {
+            if VMX_ON
+                .get(i as usize)
+                .is_some_and(|f| f.swap(false, Ordering::AcqRel))
+            {
                 let flags = cpu::irq_save();
                 // SAFETY: this processor is in VMX root operation (VMX_ON) and no guest runs
                 // on it (no VM exists at unload; we are at DISPATCH_LEVEL here).

@@ -94,10 +94,13 @@ impl Refusal {
     /// The NTSTATUS DriverEntry returns (what `sc start` reports).
     pub const fn status(&self) -> NtStatus {
         match self {
-            Refusal::Core(Unsupported { reason: Reason::VmxAbsent }) => STATUS_NOT_SUPPORTED,
-            Refusal::Core(Unsupported { reason: Reason::VmxDisabledLocked { .. } }) | Refusal::FeatureControlUnlocked => {
-                STATUS_DEVICE_CONFIGURATION_ERROR
-            }
+            Refusal::Core(Unsupported {
+                reason: Reason::VmxAbsent,
+            }) => STATUS_NOT_SUPPORTED,
+            Refusal::Core(Unsupported {
+                reason: Reason::VmxDisabledLocked { .. },
+            })
+            | Refusal::FeatureControlUnlocked => STATUS_DEVICE_CONFIGURATION_ERROR,
             // Missing controls, EPT capabilities, unreadable capability MSRs.
             Refusal::Core(_) | Refusal::AsymmetricProcessors => STATUS_HV_FEATURE_UNAVAILABLE,
             Refusal::VmxHiddenByHypervisor | Refusal::VmxInUse => STATUS_RESOURCE_IN_USE,
@@ -116,7 +119,10 @@ pub fn check(
     if cr4 & CR4_VMXE != 0 {
         return Err(Refusal::VmxInUse);
     }
-    let caps = VmxCaps::from_reader(|m| MsrValue::Value(rdmsr(m)), |leaf, sub| Some(cpuid(leaf, sub)));
+    let caps = VmxCaps::from_reader(
+        |m| MsrValue::Value(rdmsr(m)),
+        |leaf, sub| Some(cpuid(leaf, sub)),
+    );
     let mode = caps.choose_mode(false).map_err(|u| {
         if u.reason == Reason::VmxAbsent && cpuid(1, 0).ecx & CPUID1_ECX_HYPERVISOR != 0 {
             Refusal::VmxHiddenByHypervisor
@@ -141,7 +147,8 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixtures() -> Vec<(String, MsrDump)> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared-tests/fixtures/vmx-msrs");
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared-tests/fixtures/vmx-msrs");
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).unwrap() {
             let path = e.unwrap().path();
@@ -151,7 +158,11 @@ mod tests {
                 out.push((name, dump));
             }
         }
-        assert!(out.len() >= 13, "fixture dumps missing from {}", dir.display());
+        assert!(
+            out.len() >= 13,
+            "fixture dumps missing from {}",
+            dir.display()
+        );
         out
     }
 
@@ -159,11 +170,27 @@ mod tests {
     /// check reads an MSR the dump marks `absent` (a #GP, i.e. a bug check, on real hardware).
     /// `real-*` dumps do not list 0x3A or CPUID: those stand in as 0x5 (locked, VMX on) and
     /// CPUID.1:ECX with only VMX set; any other unknown MSR fails the test.
-    fn run(name: &str, d: &MsrDump, cr4: u64, ecx_override: Option<u32>, fc: Option<u64>) -> Result<Admission, Refusal> {
+    fn run(
+        name: &str,
+        d: &MsrDump,
+        cr4: u64,
+        ecx_override: Option<u32>,
+        fc: Option<u64>,
+    ) -> Result<Admission, Refusal> {
         let reads = RefCell::new(Vec::new());
         let cpuid = |leaf: u32, sub: u32| match (leaf, ecx_override) {
-            (1, Some(ecx)) => CpuidRegs { ecx, ..CpuidRegs::default() },
-            _ => d.cpuid(leaf, sub).unwrap_or(if leaf == 1 { CpuidRegs { ecx: 1 << 5, ..CpuidRegs::default() } } else { CpuidRegs::default() }),
+            (1, Some(ecx)) => CpuidRegs {
+                ecx,
+                ..CpuidRegs::default()
+            },
+            _ => d.cpuid(leaf, sub).unwrap_or(if leaf == 1 {
+                CpuidRegs {
+                    ecx: 1 << 5,
+                    ..CpuidRegs::default()
+                }
+            } else {
+                CpuidRegs::default()
+            }),
         };
         let rdmsr = |m: u32| {
             reads.borrow_mut().push(m);
@@ -185,9 +212,10 @@ mod tests {
         for (name, d) in fixtures() {
             let got = run(&name, &d, CR4, None, None).map(|a| a.mode);
             let want = match name.as_str() {
-                "bochs-corei7_skylake_x" | "bochs-corei7_icelake_u" | "bochs-tigerlake" | "real-intel-core-i7-6700k" => {
-                    Ok(Mode::Pml)
-                }
+                "bochs-corei7_skylake_x"
+                | "bochs-corei7_icelake_u"
+                | "bochs-tigerlake"
+                | "real-intel-core-i7-6700k" => Ok(Mode::Pml),
                 "bochs-corei7_haswell_4770" | "bochs-broadwell_ult" => Ok(Mode::AdScan),
                 "bochs-corei7_sandy_bridge_2600k"
                 | "bochs-corei7_ivy_bridge_3770k"
@@ -196,7 +224,8 @@ mod tests {
                 | "real-intel-core-i7-3960x" => Ok(Mode::WriteProtect),
                 "bochs-core2_penryn_t9600" | "real-intel-core2-x6800" => {
                     assert!(
-                        matches!(got, Err(Refusal::Core(_))) && got.unwrap_err().status() == STATUS_HV_FEATURE_UNAVAILABLE,
+                        matches!(got, Err(Refusal::Core(_)))
+                            && got.unwrap_err().status() == STATUS_HV_FEATURE_UNAVAILABLE,
                         "{name}: {got:?}"
                     );
                     continue;
@@ -208,7 +237,11 @@ mod tests {
     }
 
     fn skylake() -> MsrDump {
-        fixtures().into_iter().find(|(n, _)| n == "bochs-corei7_skylake_x").unwrap().1
+        fixtures()
+            .into_iter()
+            .find(|(n, _)| n == "bochs-corei7_skylake_x")
+            .unwrap()
+            .1
     }
 
     #[test]
@@ -227,12 +260,26 @@ mod tests {
     fn feature_control_rules_of_sdm_24_7() {
         let d = skylake();
         let locked_off = run("fc", &d, CR4, None, Some(0x1)).unwrap_err();
-        assert!(matches!(locked_off, Refusal::Core(Unsupported { reason: Reason::VmxDisabledLocked { .. } })));
+        assert!(matches!(
+            locked_off,
+            Refusal::Core(Unsupported {
+                reason: Reason::VmxDisabledLocked { .. }
+            })
+        ));
         assert_eq!(locked_off.status(), STATUS_DEVICE_CONFIGURATION_ERROR);
         // Locked with only VMX-inside-SMX: still unusable outside SMX.
-        assert_eq!(run("fc", &d, CR4, None, Some(0x3)).unwrap_err().status(), STATUS_DEVICE_CONFIGURATION_ERROR);
-        assert_eq!(run("fc", &d, CR4, None, Some(0x4)), Err(Refusal::FeatureControlUnlocked));
-        assert_eq!(run("fc", &d, CR4, None, Some(0x0)), Err(Refusal::FeatureControlUnlocked));
+        assert_eq!(
+            run("fc", &d, CR4, None, Some(0x3)).unwrap_err().status(),
+            STATUS_DEVICE_CONFIGURATION_ERROR
+        );
+        assert_eq!(
+            run("fc", &d, CR4, None, Some(0x4)),
+            Err(Refusal::FeatureControlUnlocked)
+        );
+        assert_eq!(
+            run("fc", &d, CR4, None, Some(0x0)),
+            Err(Refusal::FeatureControlUnlocked)
+        );
         assert!(run("fc", &d, CR4, None, Some(0x5)).is_ok());
         assert!(run("fc", &d, CR4, None, Some(0x7)).is_ok());
     }
@@ -248,7 +295,12 @@ mod tests {
     fn feature_bits_follow_the_capability_msrs() {
         // skylake_x: EPT_VPID_CAP 0xf0106334141 has bit 21 (A/D); CTLS2 0x02177fff00000000 allows
         // bits 1 (EPT), 5 (VPID), 7 (unrestricted guest) and 17 (PML) -> 0b1111, mode PML (2).
-        assert_eq!(run("sky", &skylake(), CR4, None, None).unwrap().feature_bits(), 0x20f);
+        assert_eq!(
+            run("sky", &skylake(), CR4, None, None)
+                .unwrap()
+                .feature_bits(),
+            0x20f
+        );
     }
 
     #[test]
@@ -258,7 +310,9 @@ mod tests {
             Refusal::FeatureControlUnlocked,
             Refusal::VmxInUse,
             Refusal::AsymmetricProcessors,
-            Refusal::Core(Unsupported { reason: Reason::VmxAbsent }),
+            Refusal::Core(Unsupported {
+                reason: Reason::VmxAbsent,
+            }),
         ];
         for (i, a) in all.iter().enumerate() {
             let m = a.message();

@@ -58,7 +58,12 @@ impl Artifacts {
         let module = linux::module()?;
         let kernel = linux::kernel()?.join("arch/x86/boot/bzImage");
         let (tool, guests) = linux::tools()?;
-        Ok(Artifacts { kernel, module, tool, guests })
+        Ok(Artifacts {
+            kernel,
+            module,
+            tool,
+            guests,
+        })
     }
 }
 
@@ -85,20 +90,37 @@ poweroff -f
 "#;
 
 /// Boots Bochs once and runs `cmd` (a shell command line).
-pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, timeout: u64, stream: bool) -> Result<Boot> {
+pub fn boot(
+    a: &Artifacts,
+    cpu: &str,
+    smp: u32,
+    files: &[PathBuf],
+    cmd: &str,
+    timeout: u64,
+    stream: bool,
+) -> Result<Boot> {
     let work = tempdir("bochs")?;
     let stage = work.join("root");
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "files", "guests"] {
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "files", "guests",
+    ] {
         std::fs::create_dir_all(stage.join(d))?;
     }
     std::fs::copy("/bin/busybox", stage.join("bin/busybox")).context("busybox-static")?;
-    run(Command::new(stage.join("bin/busybox")).arg("--install").arg("-s").arg(stage.join("bin")).env("PATH", ""))
-        .or_else(|_| -> Result<()> {
-            for applet in ["sh", "mount", "insmod", "rmmod", "grep", "printf", "dd", "sync", "poweroff", "cat", "echo", "dmesg", "ls", "sleep", "lsmod"] {
-                let _ = std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet));
-            }
-            Ok(())
-        })?;
+    run(Command::new(stage.join("bin/busybox"))
+        .arg("--install")
+        .arg("-s")
+        .arg(stage.join("bin"))
+        .env("PATH", ""))
+    .or_else(|_| -> Result<()> {
+        for applet in [
+            "sh", "mount", "insmod", "rmmod", "grep", "printf", "dd", "sync", "poweroff", "cat",
+            "echo", "dmesg", "ls", "sleep", "lsmod",
+        ] {
+            let _ = std::os::unix::fs::symlink("busybox", stage.join("bin").join(applet));
+        }
+        Ok(())
+    })?;
     // busybox --install writes absolute links into the host path; make them relative.
     for e in std::fs::read_dir(stage.join("bin"))? {
         let p = e?.path();
@@ -112,32 +134,51 @@ pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, ti
     std::fs::copy(&a.module, stage.join("smudge.ko"))?;
     std::fs::copy(&a.tool, stage.join("bin/smudge"))?;
     // smudge-hostile (hostile/) is built next to the tool by linux::tools().
-    std::fs::copy(a.tool.with_file_name("smudge-hostile"), stage.join("bin/smudge-hostile")).context("smudge-hostile")?;
+    std::fs::copy(
+        a.tool.with_file_name("smudge-hostile"),
+        stage.join("bin/smudge-hostile"),
+    )
+    .context("smudge-hostile")?;
     for e in std::fs::read_dir(&a.guests)? {
         let p = e?.path();
         if p.is_file() && p.extension().is_none() && is_elf(&p) {
-            std::fs::copy(&p, stage.join("guests").join(p.file_name().unwrap_or_default()))?;
+            std::fs::copy(
+                &p,
+                stage.join("guests").join(p.file_name().unwrap_or_default()),
+            )?;
         }
     }
     for f in files {
         let name = f.file_name().context("file without a name")?;
-        std::fs::copy(f, stage.join("files").join(name)).with_context(|| format!("copy {}", f.display()))?;
+        std::fs::copy(f, stage.join("files").join(name))
+            .with_context(|| format!("copy {}", f.display()))?;
     }
     // The console node must exist before devtmpfs is mounted, or init prints nothing.
-    run(Command::new("mknod").arg(stage.join("dev/console")).args(["c", "5", "1"]))?;
+    run(Command::new("mknod")
+        .arg(stage.join("dev/console"))
+        .args(["c", "5", "1"]))?;
     let cpio = work.join("initramfs.cpio");
     let list = Command::new("sh")
         .current_dir(&stage)
         .arg("-c")
-        .arg(format!("find . | cpio -o -H newc --quiet > {}", cpio.display()))
+        .arg(format!(
+            "find . | cpio -o -H newc --quiet > {}",
+            cpio.display()
+        ))
         .status()?;
     if !list.success() {
         bail!("cpio failed");
     }
     let iso_root = work.join("iso");
     std::fs::create_dir_all(iso_root.join("isolinux"))?;
-    std::fs::copy("/usr/lib/ISOLINUX/isolinux.bin", iso_root.join("isolinux/isolinux.bin"))?;
-    std::fs::copy("/usr/lib/syslinux/modules/bios/ldlinux.c32", iso_root.join("isolinux/ldlinux.c32"))?;
+    std::fs::copy(
+        "/usr/lib/ISOLINUX/isolinux.bin",
+        iso_root.join("isolinux/isolinux.bin"),
+    )?;
+    std::fs::copy(
+        "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+        iso_root.join("isolinux/ldlinux.c32"),
+    )?;
     std::fs::copy(&a.kernel, iso_root.join("bzImage"))?;
     std::fs::copy(&cpio, iso_root.join("initrd.img"))?;
     std::fs::write(
@@ -146,7 +187,20 @@ pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, ti
     )?;
     let iso = work.join("boot.iso");
     let out = Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat", "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table", "-o"])
+        .args([
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-b",
+            "isolinux/isolinux.bin",
+            "-c",
+            "isolinux/boot.cat",
+            "-no-emul-boot",
+            "-boot-load-size",
+            "4",
+            "-boot-info-table",
+            "-o",
+        ])
         .arg(&iso)
         .arg(&iso_root)
         .output()?;
@@ -154,7 +208,10 @@ pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, ti
         bail!("xorriso failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     // ignore_bad_msrs=0 for fidelity; Linux reads MSR 0x1a0 unguarded early, so define it.
-    std::fs::write(work.join("msrs.def"), "0x000001a0   0    0x00000000 0x00000001 0x00000000 0x00000000 0xffffffff 0xffffffff\n")?;
+    std::fs::write(
+        work.join("msrs.def"),
+        "0x000001a0   0    0x00000000 0x00000001 0x00000000 0x00000000 0xffffffff 0xffffffff\n",
+    )?;
     let com1 = work.join("com1.txt");
     let com2 = work.join("com2.txt");
     std::fs::write(
@@ -211,7 +268,10 @@ pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, ti
         if klog.contains("Kernel panic") {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("the emulated machine's kernel panicked:\n{}", tail(&klog, 40));
+            bail!(
+                "the emulated machine's kernel panicked:\n{}",
+                tail(&klog, 40)
+            );
         }
         if start.elapsed() > Duration::from_secs(timeout) {
             let _ = child.kill();
@@ -227,26 +287,49 @@ pub fn boot(a: &Artifacts, cpu: &str, smp: u32, files: &[PathBuf], cmd: &str, ti
     if stream && output.len() > shown {
         print!("{}", &output[shown..]);
     }
-    for bad in ["Oops", "BUG:", "general protection fault", "Kernel panic", "WARNING:"] {
+    for bad in [
+        "Oops",
+        "BUG:",
+        "general protection fault",
+        "Kernel panic",
+        "WARNING:",
+    ] {
         if kernel_log.contains(bad) {
-            bail!("kernel reported '{bad}' during the run:\n{}", tail(&kernel_log, 60));
+            bail!(
+                "kernel reported '{bad}' during the run:\n{}",
+                tail(&kernel_log, 60)
+            );
         }
     }
     if output.contains("@@SMUDGE-INSMOD-FAILED") {
-        bail!("insmod smudge.ko failed:\n{}\nkernel log:\n{}", output, tail(&kernel_log, 30));
+        bail!(
+            "insmod smudge.ko failed:\n{}\nkernel log:\n{}",
+            output,
+            tail(&kernel_log, 30)
+        );
     }
-    let status = output
-        .lines()
-        .find_map(|l| l.strip_prefix("@@SMUDGE-EXIT ").and_then(|s| s.trim().parse::<i32>().ok()));
+    let status = output.lines().find_map(|l| {
+        l.strip_prefix("@@SMUDGE-EXIT ")
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    });
     let Some(status) = status else {
         if timed_out {
             bail!("the emulated machine hung (no exit after {timeout} s); output so far:\n{}\nkernel log:\n{}", tail(&output, 40), tail(&kernel_log, 40));
         }
         bail!("the emulated machine stopped without reporting the command's status; output:\n{}\nkernel log:\n{}\nbochs log:\n{}", tail(&output, 40), tail(&kernel_log, 40), tail(&std::fs::read_to_string(work.join("bochs.log")).unwrap_or_default(), 20));
     };
-    let output: String = output.lines().filter(|l| !l.starts_with("@@SMUDGE-")).map(|l| format!("{l}\n")).collect();
+    let output: String = output
+        .lines()
+        .filter(|l| !l.starts_with("@@SMUDGE-"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let _ = std::fs::remove_dir_all(&work);
-    Ok(Boot { status, output, kernel_log, seconds })
+    Ok(Boot {
+        status,
+        output,
+        kernel_log,
+        seconds,
+    })
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -255,7 +338,9 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 fn is_elf(p: &Path) -> bool {
-    std::fs::read(p).map(|b| b.starts_with(b"\x7fELF")).unwrap_or(false)
+    std::fs::read(p)
+        .map(|b| b.starts_with(b"\x7fELF"))
+        .unwrap_or(false)
 }
 
 fn write_exec(p: &Path, text: &str) -> Result<()> {
@@ -266,7 +351,10 @@ fn write_exec(p: &Path, text: &str) -> Result<()> {
 }
 
 fn tempdir(tag: &str) -> Result<PathBuf> {
-    let d = root().join("target/bochs-runs").join(format!("{tag}-{}-{}", std::process::id(), unique()));
+    let d =
+        root()
+            .join("target/bochs-runs")
+            .join(format!("{tag}-{}-{}", std::process::id(), unique()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     Ok(d)
@@ -282,8 +370,19 @@ fn unique() -> u64 {
 pub fn run_cli(a: BochsArgs) -> Result<()> {
     let arts = Artifacts::build()?;
     step(&format!("booting Bochs ({}, {} CPU(s))", a.cpu, a.smp));
-    let b = boot(&arts, &a.cpu, a.smp, &a.files, &a.cmd.join(" "), a.timeout, true)?;
-    step(&format!("command exited with {} after {:.1} s", b.status, b.seconds));
+    let b = boot(
+        &arts,
+        &a.cpu,
+        a.smp,
+        &a.files,
+        &a.cmd.join(" "),
+        a.timeout,
+        true,
+    )?;
+    step(&format!(
+        "command exited with {} after {:.1} s",
+        b.status, b.seconds
+    ));
     std::process::exit(b.status);
 }
 
@@ -300,7 +399,10 @@ pub fn demo() -> Result<()> {
         300,
         true,
     )?;
-    step(&format!("demo finished in {:.1} s with status {}", b.seconds, b.status));
+    step(&format!(
+        "demo finished in {:.1} s with status {}",
+        b.seconds, b.status
+    ));
     if b.status != 0 {
         bail!("the demo command failed");
     }

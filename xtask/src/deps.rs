@@ -10,7 +10,10 @@ use crate::step;
 const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "/usr/bin/rustc"),
     ("cargo-web", "/usr/bin/cargo"),
-    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/core/Cargo.toml"),
+    (
+        "rust-web-src",
+        "/usr/lib/rustlib/src/rust/library/core/Cargo.toml",
+    ),
     ("linux-source-6.12", "/usr/src/linux-source-6.12.tar.xz"),
     ("clang-19", "/usr/bin/clang-19"),
     ("lld-19", "/usr/bin/ld.lld-19"),
@@ -27,7 +30,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("vgabios", "/usr/share/vgabios/vgabios.bin"),
     ("busybox-static", "/bin/busybox"),
     ("isolinux", "/usr/lib/ISOLINUX/isolinux.bin"),
-    ("syslinux-common", "/usr/lib/syslinux/modules/bios/ldlinux.c32"),
+    (
+        "syslinux-common",
+        "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+    ),
     ("xorriso", "/usr/bin/xorriso"),
     ("osslsigncode", "/usr/bin/osslsigncode"),
     ("openssl", "/usr/bin/openssl"),
@@ -35,7 +41,9 @@ const PACKAGES: &[(&str, &str)] = &[
 
 /// Where builds that outlive a clone are cached (the kernel, bindgen, the test certificate).
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("SMUDGE_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/smudge"))
+    std::env::var_os("SMUDGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/smudge"))
 }
 
 /// bindgen-cli 0.70.1 (Debian's 0.60 is too old for Linux 6.12).
@@ -45,10 +53,16 @@ pub fn bindgen() -> PathBuf {
 
 /// Installs every missing package and tool.
 pub fn ensure_all() -> Result<()> {
-    let missing: Vec<&str> =
-        PACKAGES.iter().filter(|(_, f)| !Path::new(f).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if !missing.is_empty() {
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -66,7 +80,9 @@ pub fn ensure_all() -> Result<()> {
 
 /// Runs a command, streaming its output, and fails with its status.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

@@ -18,10 +18,17 @@ pub(crate) struct Case {
 }
 
 /// Runs `cases` (name, shell command) in one boot; returns each case's output and status.
-pub(crate) fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, String)]) -> Result<(Vec<Case>, f64)> {
+pub(crate) fn run_cases(
+    a: &Artifacts,
+    cpu: &str,
+    smp: u32,
+    cases: &[(&str, String)],
+) -> Result<(Vec<Case>, f64)> {
     let mut script = String::from("set +e\n");
     for (name, cmd) in cases {
-        script.push_str(&format!("echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"));
+        script.push_str(&format!(
+            "echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"
+        ));
     }
     let b = boot(a, cpu, smp, &[], &script, 600, false)?;
     let raw = b.output;
@@ -30,10 +37,17 @@ pub(crate) fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, Stri
     let mut cur: Option<Case> = None;
     for line in raw.lines() {
         if let Some(n) = line.strip_prefix("@@CASE ") {
-            cur = Some(Case { name: n.to_string(), rc: -1, out: String::new() });
+            cur = Some(Case {
+                name: n.to_string(),
+                rc: -1,
+                out: String::new(),
+            });
         } else if let Some(rest) = line.strip_prefix("@@RC ") {
             let mut it = rest.split_whitespace();
-            let (n, rc) = (it.next().unwrap_or_default(), it.next().and_then(|s| s.parse().ok()).unwrap_or(-1));
+            let (n, rc) = (
+                it.next().unwrap_or_default(),
+                it.next().and_then(|s| s.parse().ok()).unwrap_or(-1),
+            );
             if let Some(mut c) = cur.take() {
                 if c.name == n {
                     c.rc = rc;
@@ -54,15 +68,24 @@ pub(crate) fn run_cases(a: &Artifacts, cpu: &str, smp: u32, cases: &[(&str, Stri
 }
 
 pub(crate) fn case<'a>(cases: &'a [Case], name: &str) -> Result<&'a Case> {
-    cases.iter().find(|c| c.name == name).with_context(|| format!("no case {name}"))
+    cases
+        .iter()
+        .find(|c| c.name == name)
+        .with_context(|| format!("no case {name}"))
 }
 
 fn json_lines(out: &str) -> Vec<Value> {
-    out.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 fn gfns(v: &Value) -> BTreeSet<u64> {
-    v["dirty_gfns"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
+    v["dirty_gfns"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default()
 }
 
 /// The pagewriter's own account: the pages it wrote before each checkpoint.
@@ -87,10 +110,19 @@ fn check_pagewriter(c: &Case, mode: &str) -> Result<(usize, usize)> {
         bail!("{}: exit status {}:\n{}", c.name, c.rc, c.out);
     }
     let events = json_lines(&c.out);
-    let cps: Vec<&Value> = events.iter().filter(|e| e["event"] == "checkpoint").collect();
+    let cps: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "checkpoint")
+        .collect();
     let reported = reported_rounds(&c.out);
     if cps.is_empty() || cps.len() != reported.len() {
-        bail!("{}: {} checkpoints but {} reported rounds:\n{}", c.name, cps.len(), reported.len(), c.out);
+        bail!(
+            "{}: {} checkpoints but {} reported rounds:\n{}",
+            c.name,
+            cps.len(),
+            reported.len(),
+            c.out
+        );
     }
     let mut pages = 0;
     for (i, (cp, want)) in cps.iter().zip(&reported).enumerate() {
@@ -119,7 +151,12 @@ pub(crate) fn exit_event(c: &Case) -> Result<Value> {
 fn expect_reason(c: &Case, reason: &str) -> Result<()> {
     let e = exit_event(c)?;
     if e["reason"] != reason {
-        bail!("{}: expected reason {reason}, got {}:\n{}", c.name, e["reason"], c.out);
+        bail!(
+            "{}: expected reason {reason}, got {}:\n{}",
+            c.name,
+            e["reason"],
+            c.out
+        );
     }
     Ok(())
 }
@@ -128,11 +165,20 @@ fn expect_reason(c: &Case, reason: &str) -> Result<()> {
 /// (already backed), so its exits are the final counts minus those at checkpoint 1.
 fn exits_per_redirty(c: &Case) -> Result<(f64, u64)> {
     let events = json_lines(&c.out);
-    let cp1 = events.iter().find(|e| e["event"] == "checkpoint" && e["seq"] == 1).context("seqwriter: no checkpoint 1")?;
-    let cp2 = events.iter().find(|e| e["event"] == "checkpoint" && e["seq"] == 2).context("seqwriter: no checkpoint 2")?;
+    let cp1 = events
+        .iter()
+        .find(|e| e["event"] == "checkpoint" && e["seq"] == 1)
+        .context("seqwriter: no checkpoint 1")?;
+    let cp2 = events
+        .iter()
+        .find(|e| e["event"] == "checkpoint" && e["seq"] == 2)
+        .context("seqwriter: no checkpoint 2")?;
     let pages = gfns(cp2).len() as u64;
     let count = |e: &Value| -> u64 {
-        ["ept_violation", "pml_full"].iter().map(|k| e["exits"][k].as_u64().unwrap_or(0)).sum()
+        ["ept_violation", "pml_full"]
+            .iter()
+            .map(|k| e["exits"][k].as_u64().unwrap_or(0))
+            .sum()
     };
     let d = count(cp2).saturating_sub(count(cp1));
     if pages == 0 {
@@ -161,10 +207,22 @@ fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
             n += 1;
         }
     }
-    let lost: Vec<String> = written.difference(&harvested).map(|g| format!("{g:#x}")).collect();
-    let spurious: Vec<String> = harvested.difference(&written).map(|g| format!("{g:#x}")).collect();
+    let lost: Vec<String> = written
+        .difference(&harvested)
+        .map(|g| format!("{g:#x}"))
+        .collect();
+    let spurious: Vec<String> = harvested
+        .difference(&written)
+        .map(|g| format!("{g:#x}"))
+        .collect();
     if written.is_empty() || !lost.is_empty() || !spurious.is_empty() {
-        bail!("{}: written {}, lost {:?}, spurious {:?}", c.name, written.len(), lost, spurious);
+        bail!(
+            "{}: written {}, lost {:?}, spurious {:?}",
+            c.name,
+            written.len(),
+            lost,
+            spurious
+        );
     }
     Ok((written.len(), harvested.len(), n))
 }
@@ -175,11 +233,17 @@ pub fn suite() -> Result<()> {
     let mut cases: Vec<(&str, String)> = vec![("hello", "smudge run /guests/hello".into())];
     for m in ["ad", "pml", "wp"] {
         let name: &'static str = Box::leak(format!("pagewriter-{m}").into_boxed_str());
-        cases.push((name, format!("smudge run --json --mode {m} /guests/pagewriter")));
+        cases.push((
+            name,
+            format!("smudge run --json --mode {m} /guests/pagewriter"),
+        ));
     }
     for m in ["ad", "pml", "wp"] {
         let name: &'static str = Box::leak(format!("seqwriter-{m}").into_boxed_str());
-        cases.push((name, format!("smudge run --json --mode {m} /guests/seqwriter")));
+        cases.push((
+            name,
+            format!("smudge run --json --mode {m} /guests/seqwriter"),
+        ));
     }
     cases.extend([
         ("explain", "smudge explain /guests/pagewriter".to_string()),
@@ -205,163 +269,250 @@ pub fn suite() -> Result<()> {
             failures.push(name.to_string());
         }
     };
-    check("hello console", (|| {
-        let c = case(&res, "hello")?;
-        if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
-            bail!("rc {}:\n{}", c.rc, c.out);
-        }
-        Ok("guest console reached the tool".into())
-    })());
+    check(
+        "hello console",
+        (|| {
+            let c = case(&res, "hello")?;
+            if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
+                bail!("rc {}:\n{}", c.rc, c.out);
+            }
+            Ok("guest console reached the tool".into())
+        })(),
+    );
     for m in ["ad", "pml", "wp"] {
-        check(&format!("dirty log = guest's report ({m})"), (|| {
-            let (n, pages) = check_pagewriter(case(&res, &format!("pagewriter-{m}"))?, m)?;
-            Ok(format!("{n} checkpoints, {pages} pages, 0 lost, 0 spurious"))
-        })());
+        check(
+            &format!("dirty log = guest's report ({m})"),
+            (|| {
+                let (n, pages) = check_pagewriter(case(&res, &format!("pagewriter-{m}"))?, m)?;
+                Ok(format!(
+                    "{n} checkpoints, {pages} pages, 0 lost, 0 spurious"
+                ))
+            })(),
+        );
     }
     let mut per_page = Vec::new();
     for m in ["ad", "pml", "wp"] {
-        check(&format!("exits per re-dirtied page ({m})"), (|| {
-            let c = case(&res, &format!("seqwriter-{m}"))?;
-            if c.rc != 0 {
-                bail!("rc {}:\n{}", c.rc, c.out);
-            }
-            let (x, pages) = exits_per_redirty(c)?;
-            let ok = match m {
-                "ad" => x < 0.01,
-                "pml" => x > 0.0 && x < 0.01,
-                _ => (x - 1.0).abs() < 0.01,
-            };
-            per_page.push(format!("{m}: {x:.4}"));
-            if !ok {
-                bail!("{x:.4} exits per page over {pages} pages is not what {m} should cost");
-            }
-            Ok(format!("{x:.4} exits/page over {pages} re-dirtied pages"))
-        })());
+        check(
+            &format!("exits per re-dirtied page ({m})"),
+            (|| {
+                let c = case(&res, &format!("seqwriter-{m}"))?;
+                if c.rc != 0 {
+                    bail!("rc {}:\n{}", c.rc, c.out);
+                }
+                let (x, pages) = exits_per_redirty(c)?;
+                let ok = match m {
+                    "ad" => x < 0.01,
+                    "pml" => x > 0.0 && x < 0.01,
+                    _ => (x - 1.0).abs() < 0.01,
+                };
+                per_page.push(format!("{m}: {x:.4}"));
+                if !ok {
+                    bail!("{x:.4} exits per page over {pages} pages is not what {m} should cost");
+                }
+                Ok(format!("{x:.4} exits/page over {pages} re-dirtied pages"))
+            })(),
+        );
     }
-    check("explain: EPT D=1, host (user) PTE D=0", (|| {
-        let c = case(&res, "explain")?;
-        // Every explained page: EPT leaf D=1, and the tool's own read-only user PTE of the same
-        // backing page D=0 (the seed's observation).
-        let lines: Vec<&str> = c.out.lines().filter(|l| l.contains(" EPT 0x")).collect();
-        let seed = lines
-            .iter()
-            .filter(|l| {
-                let ept = l.split(" EPT ").nth(1).unwrap_or_default();
-                let user = l.split(" user PTE ").nth(1).unwrap_or_default();
-                ept.contains("A=1 D=1") && user.contains("D=0")
-            })
-            .count();
-        if c.rc != 0 || lines.is_empty() || seed != lines.len() {
-            bail!("rc {}, {} of {} pages show EPT D=1 with user PTE D=0:\n{}", c.rc, seed, lines.len(), c.out);
-        }
-        Ok(format!("{seed} pages: EPT leaf D=1, user PTE of the same backing page D=0"))
-    })());
-    check("triple fault", expect_reason(case(&res, "triple")?, "triple_fault").map(|_| "ends the run".into()));
-    check("endless loop", expect_reason(case(&res, "spin")?, "timeout").map(|_| "stopped by the timeout".into()));
-    check("access beyond memory", expect_reason(case(&res, "beyond")?, "mmio").map(|_| "MMIO exit".into()));
-    check("write to own page tables", (|| {
-        let c = case(&res, "ptwrite")?;
-        let e = exit_event(c)?;
-        if e["code"] != 0 {
-            bail!("{}", c.out);
-        }
-        Ok("guest survives".into())
-    })());
-    check("guest VMX instruction", (|| {
-        let c = case(&res, "vmx")?;
-        expect_reason(c, "error")?;
-        if !c.out.contains("VMX instruction") {
-            bail!("{}", c.out);
-        }
-        Ok("stopped with a precise reason".into())
-    })());
-    check("bad VMCS refused by the software checker before VMLAUNCH", (|| {
-        let c = case(&res, "bad-vmcs-precheck")?;
-        let e = exit_event(c)?;
-        let msg = e["message"].as_str().unwrap_or_default();
-        if e["reason"] != "error" || !msg.contains("before VMLAUNCH") || !msg.contains("[guest.cr0.fixed]") || !msg.contains("SDM 27.3.1.1") {
-            bail!("{}", c.out);
-        }
-        Ok("named rule [guest.cr0.fixed], SDM 27.3.1.1".into())
-    })());
-    check("bad VMCS: Bochs refuses the entry, the checker names the rule", (|| {
-        let c = case(&res, "bad-vmcs-cpu")?;
-        let e = exit_event(c)?;
-        let msg = e["message"].as_str().unwrap_or_default();
-        if e["reason"] != "error" || !msg.contains("VM entry failed") || !msg.contains("[guest.cr0.fixed]") || e["exit_reason_number"] != 33 {
-            bail!("{}", c.out);
-        }
-        Ok("exit reason 33 (invalid guest state) explained as [guest.cr0.fixed]".into())
-    })());
-    check("host healthy after hostile guests", (|| {
-        let c = case(&res, "after-hostile")?;
-        if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
-            bail!("{}", c.out);
-        }
-        Ok("next run works".into())
-    })());
-    check("unload refused while a VM is open", (|| {
-        let c = case(&res, "unload-refused-while-open")?;
-        if !c.out.contains("REFUSED") {
-            bail!("{}", c.out);
-        }
-        Ok("rmmod fails while a guest runs; the module stays usable".into())
-    })());
-    check("page accounting back to zero", (|| {
-        let c = case(&res, "pages-held")?;
-        if c.out.trim() != "0" {
-            bail!("pages_held = {}", c.out.trim());
-        }
-        Ok("0 pages held after every VM closed".into())
-    })());
-    check("unload", (|| {
-        let c = case(&res, "unload")?;
-        if c.rc != 0 {
-            bail!("{}", c.out);
-        }
-        Ok("rmmod succeeded".into())
-    })());
+    check(
+        "explain: EPT D=1, host (user) PTE D=0",
+        (|| {
+            let c = case(&res, "explain")?;
+            // Every explained page: EPT leaf D=1, and the tool's own read-only user PTE of the same
+            // backing page D=0 (the seed's observation).
+            let lines: Vec<&str> = c.out.lines().filter(|l| l.contains(" EPT 0x")).collect();
+            let seed = lines
+                .iter()
+                .filter(|l| {
+                    let ept = l.split(" EPT ").nth(1).unwrap_or_default();
+                    let user = l.split(" user PTE ").nth(1).unwrap_or_default();
+                    ept.contains("A=1 D=1") && user.contains("D=0")
+                })
+                .count();
+            if c.rc != 0 || lines.is_empty() || seed != lines.len() {
+                bail!(
+                    "rc {}, {} of {} pages show EPT D=1 with user PTE D=0:\n{}",
+                    c.rc,
+                    seed,
+                    lines.len(),
+                    c.out
+                );
+            }
+            Ok(format!(
+                "{seed} pages: EPT leaf D=1, user PTE of the same backing page D=0"
+            ))
+        })(),
+    );
+    check(
+        "triple fault",
+        expect_reason(case(&res, "triple")?, "triple_fault").map(|_| "ends the run".into()),
+    );
+    check(
+        "endless loop",
+        expect_reason(case(&res, "spin")?, "timeout").map(|_| "stopped by the timeout".into()),
+    );
+    check(
+        "access beyond memory",
+        expect_reason(case(&res, "beyond")?, "mmio").map(|_| "MMIO exit".into()),
+    );
+    check(
+        "write to own page tables",
+        (|| {
+            let c = case(&res, "ptwrite")?;
+            let e = exit_event(c)?;
+            if e["code"] != 0 {
+                bail!("{}", c.out);
+            }
+            Ok("guest survives".into())
+        })(),
+    );
+    check(
+        "guest VMX instruction",
+        (|| {
+            let c = case(&res, "vmx")?;
+            expect_reason(c, "error")?;
+            if !c.out.contains("VMX instruction") {
+                bail!("{}", c.out);
+            }
+            Ok("stopped with a precise reason".into())
+        })(),
+    );
+    check(
+        "bad VMCS refused by the software checker before VMLAUNCH",
+        (|| {
+            let c = case(&res, "bad-vmcs-precheck")?;
+            let e = exit_event(c)?;
+            let msg = e["message"].as_str().unwrap_or_default();
+            if e["reason"] != "error"
+                || !msg.contains("before VMLAUNCH")
+                || !msg.contains("[guest.cr0.fixed]")
+                || !msg.contains("SDM 27.3.1.1")
+            {
+                bail!("{}", c.out);
+            }
+            Ok("named rule [guest.cr0.fixed], SDM 27.3.1.1".into())
+        })(),
+    );
+    check(
+        "bad VMCS: Bochs refuses the entry, the checker names the rule",
+        (|| {
+            let c = case(&res, "bad-vmcs-cpu")?;
+            let e = exit_event(c)?;
+            let msg = e["message"].as_str().unwrap_or_default();
+            if e["reason"] != "error"
+                || !msg.contains("VM entry failed")
+                || !msg.contains("[guest.cr0.fixed]")
+                || e["exit_reason_number"] != 33
+            {
+                bail!("{}", c.out);
+            }
+            Ok("exit reason 33 (invalid guest state) explained as [guest.cr0.fixed]".into())
+        })(),
+    );
+    check(
+        "host healthy after hostile guests",
+        (|| {
+            let c = case(&res, "after-hostile")?;
+            if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
+                bail!("{}", c.out);
+            }
+            Ok("next run works".into())
+        })(),
+    );
+    check(
+        "unload refused while a VM is open",
+        (|| {
+            let c = case(&res, "unload-refused-while-open")?;
+            if !c.out.contains("REFUSED") {
+                bail!("{}", c.out);
+            }
+            Ok("rmmod fails while a guest runs; the module stays usable".into())
+        })(),
+    );
+    check(
+        "page accounting back to zero",
+        (|| {
+            let c = case(&res, "pages-held")?;
+            if c.out.trim() != "0" {
+                bail!("pages_held = {}", c.out.trim());
+            }
+            Ok("0 pages held after every VM closed".into())
+        })(),
+    );
+    check(
+        "unload",
+        (|| {
+            let c = case(&res, "unload")?;
+            if c.rc != 0 {
+                bail!("{}", c.out);
+            }
+            Ok("rmmod succeeded".into())
+        })(),
+    );
     println!("  (skylake_x boot with {} cases: {secs:.1} s)", cases.len());
 
     step("end-to-end suite on Bochs tigerlake (1 CPU)");
     let tl_cases: Vec<(&str, String)> = ["ad", "pml", "wp"]
         .iter()
-        .map(|m| (&*Box::leak(format!("tl-pagewriter-{m}").into_boxed_str()), format!("smudge run --json --mode {m} /guests/pagewriter")))
+        .map(|m| {
+            (
+                &*Box::leak(format!("tl-pagewriter-{m}").into_boxed_str()),
+                format!("smudge run --json --mode {m} /guests/pagewriter"),
+            )
+        })
         .collect();
     let (tl, secs) = run_cases(&a, "tigerlake", 1, &tl_cases)?;
     for m in ["ad", "pml", "wp"] {
-        check(&format!("tigerlake: dirty log = guest's report ({m})"), (|| {
-            let (n, pages) = check_pagewriter(case(&tl, &format!("tl-pagewriter-{m}"))?, m)?;
-            Ok(format!("{n} checkpoints, {pages} pages, 0 lost, 0 spurious"))
-        })());
+        check(
+            &format!("tigerlake: dirty log = guest's report ({m})"),
+            (|| {
+                let (n, pages) = check_pagewriter(case(&tl, &format!("tl-pagewriter-{m}"))?, m)?;
+                Ok(format!(
+                    "{n} checkpoints, {pages} pages, 0 lost, 0 spurious"
+                ))
+            })(),
+        );
     }
     println!("  (tigerlake boot: {secs:.1} s)");
 
     step("end-to-end suite on Bochs corei7_skylake_x with 2 CPUs (2 vCPUs)");
     let mut smp_cases: Vec<(&str, String)> = ["ad", "pml", "wp"]
         .iter()
-        .map(|m| (&*Box::leak(format!("smp-{m}").into_boxed_str()), format!("smudge run --json --vcpus 2 --mode {m} /guests/smpwriter")))
+        .map(|m| {
+            (
+                &*Box::leak(format!("smp-{m}").into_boxed_str()),
+                format!("smudge run --json --vcpus 2 --mode {m} /guests/smpwriter"),
+            )
+        })
         .collect();
-    smp_cases.push(("smp-pages-held", "cat /sys/module/smudge/parameters/pages_held".into()));
+    smp_cases.push((
+        "smp-pages-held",
+        "cat /sys/module/smudge/parameters/pages_held".into(),
+    ));
     smp_cases.push(("smp-unload", "rmmod smudge".into()));
     let (smp, secs) = run_cases(&a, "corei7_skylake_x", 2, &smp_cases)?;
     for m in ["ad", "pml", "wp"] {
-        check(&format!("2 vCPUs: no page lost or spurious ({m})"), (|| {
-            let c = case(&smp, &format!("smp-{m}"))?;
-            if c.rc != 0 {
-                bail!("rc {}:\n{}", c.rc, c.out);
-            }
-            let (written, harvested, n) = union_check(c)?;
-            Ok(format!("{n} harvests (other vCPU kicked out each time), {written} pages written, {harvested} harvested, 0 lost, 0 spurious"))
-        })());
+        check(
+            &format!("2 vCPUs: no page lost or spurious ({m})"),
+            (|| {
+                let c = case(&smp, &format!("smp-{m}"))?;
+                if c.rc != 0 {
+                    bail!("rc {}:\n{}", c.rc, c.out);
+                }
+                let (written, harvested, n) = union_check(c)?;
+                Ok(format!("{n} harvests (other vCPU kicked out each time), {written} pages written, {harvested} harvested, 0 lost, 0 spurious"))
+            })(),
+        );
     }
-    check("2 vCPUs: pages back to zero, unload", (|| {
-        let held = case(&smp, "smp-pages-held")?.out.trim().to_string();
-        if held != "0" || case(&smp, "smp-unload")?.rc != 0 {
-            bail!("pages_held = {held}");
-        }
-        Ok("0 pages held, rmmod succeeded".into())
-    })());
+    check(
+        "2 vCPUs: pages back to zero, unload",
+        (|| {
+            let held = case(&smp, "smp-pages-held")?.out.trim().to_string();
+            if held != "0" || case(&smp, "smp-unload")?.rc != 0 {
+                bail!("pages_held = {held}");
+            }
+            Ok("0 pages held, rmmod succeeded".into())
+        })(),
+    );
     println!("  (2-CPU boot: {secs:.1} s)");
     println!("  exits per re-dirtied page: {}", per_page.join(", "));
     // Hostile input and faults (xtask/src/e2e_hostile.rs): its own 2-CPU boot.
@@ -370,7 +521,11 @@ pub fn suite() -> Result<()> {
         failures.push("hostile input and faults".into());
     }
     if !failures.is_empty() {
-        bail!("{} end-to-end check(s) failed: {}", failures.len(), failures.join(", "));
+        bail!(
+            "{} end-to-end check(s) failed: {}",
+            failures.len(),
+            failures.join(", ")
+        );
     }
     Ok(())
 }

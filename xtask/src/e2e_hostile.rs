@@ -32,9 +32,18 @@ fn with_pages(cmd: &str) -> String {
 }
 
 fn pages_after(c: &Case) -> Result<()> {
-    let held = c.out.lines().rev().find_map(|l| l.strip_prefix("pages_held=")).context("no pages_held line")?;
+    let held = c
+        .out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("pages_held="))
+        .context("no pages_held line")?;
     if held.trim() != "0" {
-        bail!("{}: pages_held = {} after the VM closed", c.name, held.trim());
+        bail!(
+            "{}: pages_held = {} after the VM closed",
+            c.name,
+            held.trim()
+        );
     }
     Ok(())
 }
@@ -71,7 +80,10 @@ pub fn suite(a: &Artifacts) -> Result<()> {
         ));
     }
     cases.extend([
-        ("dmesg", "dmesg | grep -E 'Oops|BUG|WARNING|general protection' || true".to_string()),
+        (
+            "dmesg",
+            "dmesg | grep -E 'Oops|BUG|WARNING|general protection' || true".to_string(),
+        ),
         ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
     ]);
     step("hostile input and faults on Bochs corei7_skylake_x with 2 CPUs");
@@ -86,117 +98,204 @@ pub fn suite(a: &Artifacts) -> Result<()> {
     };
     let mut figures = Vec::new();
 
-    check("smudge-hostile: every malformed request, race and injected fault handled", (|| {
-        let c = case(&res, "hostile-tool")?;
-        let total = c.out.lines().find_map(parse_totals).context("no totals line")?;
-        let fails: Vec<&str> = c.out.lines().filter(|l| l.starts_with("FAIL ")).collect();
-        let (ioctls, faults) = c.out.lines().find_map(parse_figures).unwrap_or((0, 0));
-        figures.push(format!("smudge-hostile: {} cases ({ioctls} ioctls), {faults} injected faults survived", total.0 + total.1));
-        if c.rc != 0 || total.1 != 0 || !fails.is_empty() {
-            bail!("rc {}, {} passed, {} failed:\n{}", c.rc, total.0, total.1, fails.join("\n"));
-        }
-        Ok(format!("{} cases passed, {ioctls} ioctls, {faults} injected faults survived", total.0))
-    })());
-
-    check("exception storm stays inside the guest", (|| {
-        let c = case(&res, "ud-storm")?;
-        let e = exit_event(c)?;
-        let line = c.out.lines().find(|l| l.contains("hostile_ud_storm: handled")).context("no handler count")?;
-        let total = field(line, "total=").context("no total")?;
-        let expected = field(line, "expected=").context("no expected")?;
-        // SDM 26.2: with the exception bitmap empty, guest exceptions never cause a VM exit
-        // (basic reason 0 counts only the NMIs the host takes).
-        let exc_exits = e["exits"]["exception_nmi"].as_u64().unwrap_or(0);
-        if e["reason"] != "exit" || e["code"] != 0 || total != expected || exc_exits * 100 > total {
-            bail!("{line}; exit {} code {}; {exc_exits} exception exits:\n{}", e["reason"], e["code"], c.out);
-        }
-        pages_after(c)?;
-        figures.push(format!("exception storm: {total} guest exceptions handled by the guest's own IDT"));
-        Ok(format!("{total} #UD/#BP/#DE/#GP handled by the guest, exit code 0, pages back to 0"))
-    })());
-
-    // SDM Appendix C: basic exit reasons 23 (VMREAD) and 50 (INVEPT).
-    for (name, reason) in [("vmread", 23u64), ("invept", 50)] {
-        check(&format!("guest {name} stops the VM"), (|| {
-            let c = case(&res, name)?;
-            let e = exit_event(c)?;
-            let msg = e["message"].as_str().unwrap_or_default();
-            if e["reason"] != "error" || !msg.contains("VMX instruction") || e["exit_reason_number"] != reason || c.out.contains("returned") {
-                bail!("{}", c.out);
+    check(
+        "smudge-hostile: every malformed request, race and injected fault handled",
+        (|| {
+            let c = case(&res, "hostile-tool")?;
+            let total = c
+                .out
+                .lines()
+                .find_map(parse_totals)
+                .context("no totals line")?;
+            let fails: Vec<&str> = c.out.lines().filter(|l| l.starts_with("FAIL ")).collect();
+            let (ioctls, faults) = c.out.lines().find_map(parse_figures).unwrap_or((0, 0));
+            figures.push(format!(
+                "smudge-hostile: {} cases ({ioctls} ioctls), {faults} injected faults survived",
+                total.0 + total.1
+            ));
+            if c.rc != 0 || total.1 != 0 || !fails.is_empty() {
+                bail!(
+                    "rc {}, {} passed, {} failed:\n{}",
+                    c.rc,
+                    total.0,
+                    total.1,
+                    fails.join("\n")
+                );
             }
-            pages_after(c)?;
-            Ok(format!("reason error, exit reason {reason} ({}), \"{msg}\"", e["exit_reason"].as_str().unwrap_or_default()))
-        })());
-    }
+            Ok(format!(
+                "{} cases passed, {ioctls} ioctls, {faults} injected faults survived",
+                total.0
+            ))
+        })(),
+    );
 
-    check("page hog under a failing host allocator", (|| {
-        let c = case(&res, "hog-oom")?;
-        let e = exit_event(c)?;
-        let msg = e["message"].as_str().unwrap_or_default();
-        if e["reason"] != "error" || !(msg.contains("out of memory") || msg.contains("page limit")) {
-            bail!("{}", c.out);
-        }
-        pages_after(c)?;
-        let faults = e["exits"]["ept_violation"].as_u64().unwrap_or(0);
-        figures.push(format!("page hog: stopped cleanly when the host allocator failed ({HOG_ALLOCS} allocations allowed, {faults} EPT violations served)"));
-        Ok(format!("\"{msg}\" after {faults} EPT violations ({HOG_ALLOCS} allocations allowed), pages back to 0"))
-    })());
-
-    check("the same hog runs to the end once the allocator works", (|| {
-        let c = case(&res, "hog-after")?;
-        let e = exit_event(c)?;
-        if c.rc != 0 || e["reason"] != "exit" || e["code"] != 0 {
-            bail!("rc {}:\n{}", c.rc, c.out);
-        }
-        pages_after(c)?;
-        let touched = c.out.lines().find(|l| l.contains("hostile_hog: touched")).unwrap_or_default();
-        Ok(format!("{}, pages back to 0", touched.trim()))
-    })());
-
-    for m in ["ad", "pml", "wp"] {
-        check(&format!("lost-page hunt, 2 vCPUs ({m})"), (|| {
-            let c = case(&res, &format!("lostpage-{m}"))?;
-            let line = c.out.lines().find(|l| l.starts_with("lostpage-check: writes=")).context("no lostpage-check summary")?;
-            let f = |k: &str| field(line, &format!("{k}=")).unwrap_or(u64::MAX);
-            let clean = ["union_lost", "union_spurious", "lost", "spurious"].iter().all(|k| f(k) == 0);
-            if c.rc != 0 || !clean || !line.contains("end=hlt") || !c.out.contains("run_status=0") {
-                bail!("rc {}:\n{}", c.rc, c.out);
+    check(
+        "exception storm stays inside the guest",
+        (|| {
+            let c = case(&res, "ud-storm")?;
+            let e = exit_event(c)?;
+            let line = c
+                .out
+                .lines()
+                .find(|l| l.contains("hostile_ud_storm: handled"))
+                .context("no handler count")?;
+            let total = field(line, "total=").context("no total")?;
+            let expected = field(line, "expected=").context("no expected")?;
+            // SDM 26.2: with the exception bitmap empty, guest exceptions never cause a VM exit
+            // (basic reason 0 counts only the NMIs the host takes).
+            let exc_exits = e["exits"]["exception_nmi"].as_u64().unwrap_or(0);
+            if e["reason"] != "exit"
+                || e["code"] != 0
+                || total != expected
+                || exc_exits * 100 > total
+            {
+                bail!(
+                    "{line}; exit {} code {}; {exc_exits} exception exits:\n{}",
+                    e["reason"],
+                    e["code"],
+                    c.out
+                );
             }
             pages_after(c)?;
             figures.push(format!(
+                "exception storm: {total} guest exceptions handled by the guest's own IDT"
+            ));
+            Ok(format!(
+                "{total} #UD/#BP/#DE/#GP handled by the guest, exit code 0, pages back to 0"
+            ))
+        })(),
+    );
+
+    // SDM Appendix C: basic exit reasons 23 (VMREAD) and 50 (INVEPT).
+    for (name, reason) in [("vmread", 23u64), ("invept", 50)] {
+        check(
+            &format!("guest {name} stops the VM"),
+            (|| {
+                let c = case(&res, name)?;
+                let e = exit_event(c)?;
+                let msg = e["message"].as_str().unwrap_or_default();
+                if e["reason"] != "error"
+                    || !msg.contains("VMX instruction")
+                    || e["exit_reason_number"] != reason
+                    || c.out.contains("returned")
+                {
+                    bail!("{}", c.out);
+                }
+                pages_after(c)?;
+                Ok(format!(
+                    "reason error, exit reason {reason} ({}), \"{msg}\"",
+                    e["exit_reason"].as_str().unwrap_or_default()
+                ))
+            })(),
+        );
+    }
+
+    check(
+        "page hog under a failing host allocator",
+        (|| {
+            let c = case(&res, "hog-oom")?;
+            let e = exit_event(c)?;
+            let msg = e["message"].as_str().unwrap_or_default();
+            if e["reason"] != "error"
+                || !(msg.contains("out of memory") || msg.contains("page limit"))
+            {
+                bail!("{}", c.out);
+            }
+            pages_after(c)?;
+            let faults = e["exits"]["ept_violation"].as_u64().unwrap_or(0);
+            figures.push(format!("page hog: stopped cleanly when the host allocator failed ({HOG_ALLOCS} allocations allowed, {faults} EPT violations served)"));
+            Ok(format!("\"{msg}\" after {faults} EPT violations ({HOG_ALLOCS} allocations allowed), pages back to 0"))
+        })(),
+    );
+
+    check(
+        "the same hog runs to the end once the allocator works",
+        (|| {
+            let c = case(&res, "hog-after")?;
+            let e = exit_event(c)?;
+            if c.rc != 0 || e["reason"] != "exit" || e["code"] != 0 {
+                bail!("rc {}:\n{}", c.rc, c.out);
+            }
+            pages_after(c)?;
+            let touched = c
+                .out
+                .lines()
+                .find(|l| l.contains("hostile_hog: touched"))
+                .unwrap_or_default();
+            Ok(format!("{}, pages back to 0", touched.trim()))
+        })(),
+    );
+
+    for m in ["ad", "pml", "wp"] {
+        check(
+            &format!("lost-page hunt, 2 vCPUs ({m})"),
+            (|| {
+                let c = case(&res, &format!("lostpage-{m}"))?;
+                let line = c
+                    .out
+                    .lines()
+                    .find(|l| l.starts_with("lostpage-check: writes="))
+                    .context("no lostpage-check summary")?;
+                let f = |k: &str| field(line, &format!("{k}=")).unwrap_or(u64::MAX);
+                let clean = ["union_lost", "union_spurious", "lost", "spurious"]
+                    .iter()
+                    .all(|k| f(k) == 0);
+                if c.rc != 0
+                    || !clean
+                    || !line.contains("end=hlt")
+                    || !c.out.contains("run_status=0")
+                {
+                    bail!("rc {}:\n{}", c.rc, c.out);
+                }
+                pages_after(c)?;
+                figures.push(format!(
                 "lost-page hunt ({m}): {} writes to {} pages by 2 vCPUs, {} harvests reported {} pages; \
                  {} writes re-dirtied a harvested page; 0 lost, 0 spurious",
                 f("writes"), f("pages"), f("harvests"), f("harvested"), f("redirtied")
             ));
-            Ok(format!(
+                Ok(format!(
                 "{} writes, {} pages written, {} harvested over {} harvests, {} re-dirtied after a harvest; \
                  union and per-write window: 0 lost, 0 spurious",
                 f("writes"), f("pages"), f("harvested"), f("harvests"), f("redirtied")
             ))
-        })());
+            })(),
+        );
     }
 
-    check("kernel log clean", (|| {
-        let c = case(&res, "dmesg")?;
-        if !c.out.trim().is_empty() {
-            bail!("{}", c.out);
-        }
-        Ok("no Oops, BUG, WARNING or general protection fault".into())
-    })());
-    check("unload after everything", (|| {
-        let c = case(&res, "unload")?;
-        if c.rc != 0 {
-            bail!("{}", c.out);
-        }
-        Ok("rmmod succeeded, /dev/smudge gone".into())
-    })());
-    println!("  (hostile 2-CPU boot with {} cases: {secs:.1} s)", cases.len());
+    check(
+        "kernel log clean",
+        (|| {
+            let c = case(&res, "dmesg")?;
+            if !c.out.trim().is_empty() {
+                bail!("{}", c.out);
+            }
+            Ok("no Oops, BUG, WARNING or general protection fault".into())
+        })(),
+    );
+    check(
+        "unload after everything",
+        (|| {
+            let c = case(&res, "unload")?;
+            if c.rc != 0 {
+                bail!("{}", c.out);
+            }
+            Ok("rmmod succeeded, /dev/smudge gone".into())
+        })(),
+    );
+    println!(
+        "  (hostile 2-CPU boot with {} cases: {secs:.1} s)",
+        cases.len()
+    );
     println!("  reliability figures:");
     for f in &figures {
         println!("    {f}");
     }
     if !failures.is_empty() {
-        bail!("{} hostile check(s) failed: {}", failures.len(), failures.join(", "));
+        bail!(
+            "{} hostile check(s) failed: {}",
+            failures.len(),
+            failures.join(", ")
+        );
     }
     Ok(())
 }
@@ -218,7 +317,9 @@ fn parse_figures(line: &str) -> Option<(u64, u64)> {
 
 /// The number after `key` in a line of `key=value` words.
 fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
 }
 
 #[cfg(test)]
@@ -228,7 +329,15 @@ mod tests {
     #[test]
     fn totals_parse() {
         assert_eq!(parse_totals("512 passed, 0 failed"), Some((512, 0)));
-        assert_eq!(parse_figures("smudge-hostile: 9000 ioctls sent, 120 faults injected or provoked and survived"), Some((9000, 120)));
-        assert_eq!(field("x: handled #UD=5 total=20000 expected=20000", "total="), Some(20000));
+        assert_eq!(
+            parse_figures(
+                "smudge-hostile: 9000 ioctls sent, 120 faults injected or provoked and survived"
+            ),
+            Some((9000, 120))
+        );
+        assert_eq!(
+            field("x: handled #UD=5 total=20000 expected=20000", "total="),
+            Some(20000)
+        );
     }
 }

@@ -51,10 +51,18 @@ impl FuzzReport {
                 t.execs,
                 t.execs_per_sec,
                 t.crashes.len(),
-                t.crashes.iter().map(|c| format!("\n    {}", c.display())).collect::<String>()
+                t.crashes
+                    .iter()
+                    .map(|c| format!("\n    {}", c.display()))
+                    .collect::<String>()
             ));
         }
-        let crashed: Vec<&str> = self.targets.iter().filter(|t| !t.crashes.is_empty()).map(|t| t.name).collect();
+        let crashed: Vec<&str> = self
+            .targets
+            .iter()
+            .filter(|t| !t.crashes.is_empty())
+            .map(|t| t.name)
+            .collect();
         if !crashed.is_empty() {
             bail!(
                 "fuzz targets crashed: {} (reproduce: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET ARTIFACT; \
@@ -104,7 +112,10 @@ pub fn bounded(seconds_per_target: u64) -> Result<FuzzReport> {
         c
     };
     step("fuzz: building the targets (cargo fuzz build, ASan, overflow checks)");
-    run(cargo_fuzz_cmd().arg("build").arg("--target-dir").arg(&target_dir))?;
+    run(cargo_fuzz_cmd()
+        .arg("build")
+        .arg("--target-dir")
+        .arg(&target_dir))?;
     let mut targets = Vec::new();
     for name in TARGETS {
         let corpus = work.join("corpus").join(name);
@@ -129,10 +140,16 @@ pub fn bounded(seconds_per_target: u64) -> Result<FuzzReport> {
             .output()
             .with_context(|| format!("cannot run cargo fuzz for {name}"))?;
         let log = String::from_utf8_lossy(&out.stderr);
-        let crashes: Vec<PathBuf> = std::fs::read_dir(&artifacts)?.flatten().map(|e| e.path()).collect();
+        let crashes: Vec<PathBuf> = std::fs::read_dir(&artifacts)?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         if !out.status.success() && crashes.is_empty() {
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            bail!("cargo fuzz run {name} failed without a crash input:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            bail!(
+                "cargo fuzz run {name} failed without a crash input:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         if !crashes.is_empty() {
             let tail: Vec<&str> = log.lines().rev().take(40).collect();

@@ -10,7 +10,9 @@ use crate::{root, step};
 /// Builds every guest; returns the directory holding the ELF files.
 pub fn build() -> Result<PathBuf> {
     let target_dir = root().join("target/guests");
-    if !root().join("guests/Cargo.toml").exists() || std::env::var_os("SMUDGE_SKIP_GUESTS").is_some() {
+    if !root().join("guests/Cargo.toml").exists()
+        || std::env::var_os("SMUDGE_SKIP_GUESTS").is_some()
+    {
         std::fs::create_dir_all(&target_dir)?;
         return Ok(target_dir);
     }

@@ -11,9 +11,15 @@ use crate::{root, step};
 /// The built kernel tree (`<cache>/kernel-<key>/linux`), building it when missing.
 pub fn kernel() -> Result<PathBuf> {
     let scripts = root().join("xtask/kernel");
-    let out = Command::new("bash").arg(scripts.join("key.sh")).output().context("kernel key")?;
+    let out = Command::new("bash")
+        .arg(scripts.join("key.sh"))
+        .output()
+        .context("kernel key")?;
     if !out.status.success() {
-        bail!("xtask/kernel/key.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "xtask/kernel/key.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let dir = cache_dir().join(format!("kernel-{key}"));
@@ -21,27 +27,45 @@ pub fn kernel() -> Result<PathBuf> {
     if tree.join("arch/x86/boot/bzImage").exists() {
         return Ok(tree);
     }
-    step(&format!("building Linux 6.12 with Rust into {} (3-8 minutes, cached afterwards)", dir.display()));
-    run(Command::new("bash").arg(scripts.join("build-kernel.sh")).arg(&dir).arg(bindgen()))?;
+    step(&format!(
+        "building Linux 6.12 with Rust into {} (3-8 minutes, cached afterwards)",
+        dir.display()
+    ));
+    run(Command::new("bash")
+        .arg(scripts.join("build-kernel.sh"))
+        .arg(&dir)
+        .arg(bindgen()))?;
     Ok(tree)
 }
 
 /// Codegen flags the kernel used for its own `core`, minus those cargo sets itself.
 fn kernel_rustflags(kdir: &Path) -> Result<Vec<String>> {
-    let cmd = std::fs::read_to_string(kdir.join("rust/.core.o.cmd")).context("reading rust/.core.o.cmd")?;
+    let cmd = std::fs::read_to_string(kdir.join("rust/.core.o.cmd"))
+        .context("reading rust/.core.o.cmd")?;
     let line = cmd.lines().next().unwrap_or_default();
     let rustc_part = line.split(';').next().unwrap_or_default();
     let mut flags = Vec::new();
     for tok in rustc_part.split_whitespace() {
         let keep = (tok.starts_with("-C") || tok.starts_with("-Z"))
-            && !["-Cpanic=", "-Copt-level=", "-Ccodegen-units=", "-Cembed-bitcode=", "-Clto=", "-Zbinary_dep_depinfo", "-Zunstable-options"]
-                .iter()
-                .any(|p| tok.starts_with(p));
+            && ![
+                "-Cpanic=",
+                "-Copt-level=",
+                "-Ccodegen-units=",
+                "-Cembed-bitcode=",
+                "-Clto=",
+                "-Zbinary_dep_depinfo",
+                "-Zunstable-options",
+            ]
+            .iter()
+            .any(|p| tok.starts_with(p));
         if keep {
             flags.push(tok.to_string());
         }
     }
-    flags.push(format!("@{}", kdir.join("include/generated/rustc_cfg").display()));
+    flags.push(format!(
+        "@{}",
+        kdir.join("include/generated/rustc_cfg").display()
+    ));
     flags.extend(["-Zunstable-options", "--sysroot=/dev/null", "-L"].map(String::from));
     flags.push(kdir.join("rust").display().to_string());
     flags.push("-Cpanic=abort".into());
@@ -56,7 +80,14 @@ pub fn module() -> Result<PathBuf> {
     let flags = kernel_rustflags(&kdir)?;
     run(debian_cargo()
         .current_dir(root())
-        .args(["-Zjson-target-spec", "build", "--release", "-p", "smudge-core", "--target"])
+        .args([
+            "-Zjson-target-spec",
+            "build",
+            "--release",
+            "-p",
+            "smudge-core",
+            "--target",
+        ])
         .arg(kdir.join("scripts/target.json"))
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f")))?;
@@ -66,7 +97,8 @@ pub fn module() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&build);
     std::fs::create_dir_all(&lib)?;
     for f in ["Kbuild", "helpers.c", "smudge_main.rs"] {
-        std::fs::copy(root().join("linux-driver").join(f), build.join(f)).with_context(|| format!("copy {f}"))?;
+        std::fs::copy(root().join("linux-driver").join(f), build.join(f))
+            .with_context(|| format!("copy {f}"))?;
     }
     // Every rlib of the build: smudge-core and its crates.io dependencies.
     let objs = build.join("objs");
@@ -84,14 +116,21 @@ pub fn module() -> Result<PathBuf> {
         std::fs::create_dir_all(&d)?;
         run(Command::new("llvm-ar-19").current_dir(&d).arg("x").arg(r))?;
     }
-    std::fs::copy(rel.join("libsmudge_core.rlib"), lib.join("libsmudge_core.rlib"))?;
+    std::fs::copy(
+        rel.join("libsmudge_core.rlib"),
+        lib.join("libsmudge_core.rlib"),
+    )?;
     let mut o_files = Vec::new();
     for e in walk(&objs)? {
         if e.extension().is_some_and(|x| x == "o") {
             o_files.push(e);
         }
     }
-    run(Command::new("ld.lld-19").arg("-r").arg("-o").arg(build.join("smudge_core.o_shipped")).args(&o_files))?;
+    run(Command::new("ld.lld-19")
+        .arg("-r")
+        .arg("-o")
+        .arg(build.join("smudge_core.o_shipped"))
+        .args(&o_files))?;
     step("building smudge.ko (Kbuild)");
     let out = Command::new("make")
         .arg("-C")
@@ -102,7 +141,11 @@ pub fn module() -> Result<PathBuf> {
         .output()
         .context("make modules")?;
     if !out.status.success() {
-        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         bail!("building smudge.ko failed");
     }
     let ko = build.join("smudge.ko");
@@ -143,7 +186,16 @@ pub fn tools() -> Result<(PathBuf, PathBuf)> {
     let target_dir = root().join("target/static");
     run(Command::new("cargo")
         .current_dir(root())
-        .args(["build", "--release", "-p", "smudge-cli", "-p", "smudge-hostile", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "smudge-cli",
+            "-p",
+            "smudge-hostile",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
     let tool = target_dir.join("x86_64-unknown-linux-gnu/release/smudge");

@@ -70,7 +70,12 @@ fn main() -> Result<()> {
         Cmd::Linux => {
             let ko = linux::module()?;
             let (tool, guests) = linux::tools()?;
-            step(&format!("built {}, {}, guests in {}", ko.display(), tool.display(), guests.display()));
+            step(&format!(
+                "built {}, {}, guests in {}",
+                ko.display(),
+                tool.display(),
+                guests.display()
+            ));
             Ok(())
         }
         Cmd::Bochs(a) => bochs::run_cli(a),
@@ -104,5 +109,8 @@ pub fn step(msg: &str) {
 
 /// The workspace root.
 pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default()
 }

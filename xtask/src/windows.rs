@@ -84,7 +84,10 @@ fn build_signed(p: &Paths) -> Result<()> {
     run(debian_cargo()
         .current_dir(&p.driver_dir)
         .args(["build", "--release", "--bin", "smudge", "--target", TARGET])
-        .args(["-Zbuild-std=core,compiler_builtins", "-Zbuild-std-features=compiler-builtins-mem"])
+        .args([
+            "-Zbuild-std=core,compiler_builtins",
+            "-Zbuild-std-features=compiler-builtins-mem",
+        ])
         .env("CARGO_TARGET_DIR", &p.target_dir)
         .env("CARGO_TARGET_X86_64_PC_WINDOWS_MSVC_LINKER", "lld-link-19")
         .env("SMUDGE_WINDOWS_MAP", &p.map))?;
@@ -97,7 +100,16 @@ fn build_signed(p: &Paths) -> Result<()> {
     run(Command::new("osslsigncode")
         .args(["sign", "-pkcs12"])
         .arg(&cert.pfx)
-        .args(["-pass", PFX_PASSWORD, "-h", "sha256", "-ph", "-n", "smudge hypervisor (test-signed)", "-in"])
+        .args([
+            "-pass",
+            PFX_PASSWORD,
+            "-h",
+            "sha256",
+            "-ph",
+            "-n",
+            "smudge hypervisor (test-signed)",
+            "-in",
+        ])
         .arg(&p.built)
         .arg("-out")
         .arg(&sys)
@@ -109,7 +121,10 @@ fn build_signed(p: &Paths) -> Result<()> {
         std::fs::copy(&pdb, p.out.join("smudge.pdb"))?;
     }
     std::fs::write(p.out.join("smudge.inf"), inf_text())?;
-    step(&format!("windows driver: wrote {}/{{smudge.sys, smudge.pdb, smudge.inf, smudge.cer}}", p.out.display()));
+    step(&format!(
+        "windows driver: wrote {}/{{smudge.sys, smudge.pdb, smudge.inf, smudge.cer}}",
+        p.out.display()
+    ));
     Ok(())
 }
 
@@ -169,13 +184,15 @@ ServiceName = \"smudge hypervisor (test-signed)\"\r
 fn verify(p: &Paths) -> Result<()> {
     let mut allowed = BTreeSet::new();
     for def in IMPORT_DEFS {
-        let text = std::fs::read_to_string(p.driver_dir.join(def)).with_context(|| format!("reading {def}"))?;
+        let text = std::fs::read_to_string(p.driver_dir.join(def))
+            .with_context(|| format!("reading {def}"))?;
         let (library, names) = pe::parse_def(&text).with_context(|| format!("parsing {def}"))?;
         for n in names {
             allowed.insert((library.to_ascii_lowercase(), n));
         }
     }
-    let map = std::fs::read_to_string(&p.map).with_context(|| format!("reading {}", p.map.display()))?;
+    let map =
+        std::fs::read_to_string(&p.map).with_context(|| format!("reading {}", p.map.display()))?;
     let entry = pe::map_symbol(&map, "DriverEntry")?;
 
     step("windows driver: verifying the unsigned image (lld-link output)");
@@ -191,9 +208,20 @@ fn verify(p: &Paths) -> Result<()> {
     let sys = p.sys();
     let cer = p.cer();
     let ok = osslsigncode_verify(&sys, &cer)?;
-    ensure!(ok.0, "osslsigncode verify failed on {}:\n{}", sys.display(), ok.1);
-    ensure!(ok.1.contains("Calculated page hash"), "the signature carries no page hashes (-ph):\n{}", ok.1);
-    report(&["Authenticode signature (SHA-256, with page hashes) verifies against smudge.cer".into()]);
+    ensure!(
+        ok.0,
+        "osslsigncode verify failed on {}:\n{}",
+        sys.display(),
+        ok.1
+    );
+    ensure!(
+        ok.1.contains("Calculated page hash"),
+        "the signature carries no page hashes (-ph):\n{}",
+        ok.1
+    );
+    report(&[
+        "Authenticode signature (SHA-256, with page hashes) verifies against smudge.cer".into(),
+    ]);
 
     let tampered = p.target_dir.join("smudge.tampered.sys");
     let mut bytes = signed.clone();
@@ -205,8 +233,16 @@ fn verify(p: &Paths) -> Result<()> {
     bytes[field..field + 4].copy_from_slice(&sum.to_le_bytes());
     std::fs::write(&tampered, &bytes)?;
     let bad = osslsigncode_verify(&tampered, &cer)?;
-    ensure!(!bad.0, "osslsigncode verify ACCEPTED a copy with .text byte {at:#x} flipped:\n{}", bad.1);
-    ensure!(bad.1.contains("MISMATCH"), "the tampered copy failed, but not on its digest:\n{}", bad.1);
+    ensure!(
+        !bad.0,
+        "osslsigncode verify ACCEPTED a copy with .text byte {at:#x} flipped:\n{}",
+        bad.1
+    );
+    ensure!(
+        bad.1.contains("MISMATCH"),
+        "the tampered copy failed, but not on its digest:\n{}",
+        bad.1
+    );
     report(&[format!(
         "a copy with one .text byte flipped (file offset {at:#x}, checksum fixed up) fails: digest MISMATCH"
     )]);
@@ -229,8 +265,15 @@ fn osslsigncode_verify(file: &Path, ca: &Path) -> Result<(bool, String)> {
         .arg(file)
         .output()
         .context("cannot run osslsigncode")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success() && text.contains("Signature verification: ok"), text))
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((
+        out.status.success() && text.contains("Signature verification: ok"),
+        text,
+    ))
 }
 
 /// The local test-signing certificate (never committed; regenerated when missing or expiring).
@@ -255,14 +298,23 @@ mod cert {
                 .map(|s| s.success())
                 .unwrap_or(false);
         if fresh {
-            step(&format!("windows driver: reusing the test certificate in {}", dir.display()));
+            step(&format!(
+                "windows driver: reusing the test certificate in {}",
+                dir.display()
+            ));
             return Ok(TestCert { crt, pfx });
         }
-        step(&format!("windows driver: creating a self-signed code-signing certificate in {}", dir.display()));
+        step(&format!(
+            "windows driver: creating a self-signed code-signing certificate in {}",
+            dir.display()
+        ));
         std::fs::create_dir_all(dir)?;
         set_mode(dir, 0o700)?;
         run(Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:3072", "-sha256", "-days", "3650", "-nodes", "-keyout"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:3072", "-sha256", "-days", "3650", "-nodes",
+                "-keyout",
+            ])
             .arg(&key)
             .arg("-out")
             .arg(&crt)
@@ -296,14 +348,19 @@ mod pe {
     use super::*;
     use object::pe as ipe;
     use object::read::pe::{ImageNtHeaders, ImageOptionalHeader, PeFile64};
-    use object::{Object, LittleEndian as LE};
+    use object::{LittleEndian as LE, Object};
 
     /// Offset of the 4-byte CheckSum field: e_lfanew + 4 (signature) + 20 (file header) + 64.
     pub fn checksum_offset(data: &[u8]) -> Result<usize> {
-        let lfanew = data.get(0x3c..0x40).context("file shorter than a DOS header")?;
+        let lfanew = data
+            .get(0x3c..0x40)
+            .context("file shorter than a DOS header")?;
         let lfanew = u32::from_le_bytes(lfanew.try_into()?) as usize;
         let off = lfanew + 4 + 20 + 64;
-        ensure!(off + 4 <= data.len(), "CheckSum field beyond the end of the file");
+        ensure!(
+            off + 4 <= data.len(),
+            "CheckSum field beyond the end of the file"
+        );
         Ok(off)
     }
 
@@ -340,7 +397,10 @@ mod pe {
             } else if line == "EXPORTS" {
                 in_exports = true;
             } else if in_exports {
-                ensure!(!line.contains(char::is_whitespace), "unsupported .def line {line:?}");
+                ensure!(
+                    !line.contains(char::is_whitespace),
+                    "unsupported .def line {line:?}"
+                );
                 ensure!(names.insert(line.to_string()), "{line} listed twice");
             } else {
                 bail!("unexpected .def line {line:?}");
@@ -372,9 +432,18 @@ mod pe {
             }
         }
         let base = base.context("map file has no 'Preferred load address'")?;
-        ensure!(va.len() == 1, "map file lists {name} {} times, expected once", va.len());
-        let rva = va[0].checked_sub(base).context("symbol below the image base")?;
-        Ok(MapSymbol { rva: u32::try_from(rva)?, timestamp: timestamp.context("map file has no timestamp")? })
+        ensure!(
+            va.len() == 1,
+            "map file lists {name} {} times, expected once",
+            va.len()
+        );
+        let rva = va[0]
+            .checked_sub(base)
+            .context("symbol below the image base")?;
+        Ok(MapSymbol {
+            rva: u32::try_from(rva)?,
+            timestamp: timestamp.context("map file has no timestamp")?,
+        })
     }
 
     type Pe<'a> = PeFile64<'a>;
@@ -382,19 +451,31 @@ mod pe {
     /// Machine, PE32+ and an executable (not DLL) image.
     pub fn check_format(pe: &Pe) -> Result<String> {
         let fh = pe.nt_headers().file_header();
-        ensure!(fh.machine.get(LE) == ipe::IMAGE_FILE_MACHINE_AMD64, "machine is not AMD64");
+        ensure!(
+            fh.machine.get(LE) == ipe::IMAGE_FILE_MACHINE_AMD64,
+            "machine is not AMD64"
+        );
         let c = fh.characteristics.get(LE);
-        ensure!(c & ipe::IMAGE_FILE_EXECUTABLE_IMAGE != 0, "not marked executable");
+        ensure!(
+            c & ipe::IMAGE_FILE_EXECUTABLE_IMAGE != 0,
+            "not marked executable"
+        );
         ensure!(c & ipe::IMAGE_FILE_DLL == 0, "marked as a DLL");
         // PeFile64::parse already insisted on the PE32+ optional-header magic (0x20b).
-        ensure!(pe.nt_headers().optional_header().magic() == ipe::IMAGE_NT_OPTIONAL_HDR64_MAGIC, "not PE32+");
+        ensure!(
+            pe.nt_headers().optional_header().magic() == ipe::IMAGE_NT_OPTIONAL_HDR64_MAGIC,
+            "not PE32+"
+        );
         Ok("PE32+ (magic 0x20b), machine AMD64, executable image, not a DLL".into())
     }
 
     pub fn check_subsystem(pe: &Pe) -> Result<String> {
         let oh = pe.nt_headers().optional_header();
         let s = oh.subsystem();
-        ensure!(s == ipe::IMAGE_SUBSYSTEM_NATIVE, "subsystem is {s}, expected 1 (NATIVE)");
+        ensure!(
+            s == ipe::IMAGE_SUBSYSTEM_NATIVE,
+            "subsystem is {s}, expected 1 (NATIVE)"
+        );
         Ok(format!(
             "subsystem NATIVE (1), version {}.{}",
             oh.major_subsystem_version(),
@@ -411,8 +492,14 @@ mod pe {
             fh.time_date_stamp.get(LE)
         );
         let e = pe.nt_headers().optional_header().address_of_entry_point();
-        ensure!(e == entry.rva, "entry point RVA {e:#x} is not DriverEntry ({:#x} in the map file)", entry.rva);
-        Ok(format!("entry point = DriverEntry (RVA {e:#x}, from the linker map)"))
+        ensure!(
+            e == entry.rva,
+            "entry point RVA {e:#x} is not DriverEntry ({:#x} in the map file)",
+            entry.rva
+        );
+        Ok(format!(
+            "entry point = DriverEntry (RVA {e:#x}, from the linker map)"
+        ))
     }
 
     pub fn check_checksum(data: &[u8]) -> Result<String> {
@@ -420,21 +507,35 @@ mod pe {
         let stored = u32::from_le_bytes(data[field..field + 4].try_into()?);
         let computed = checksum(data, field);
         ensure!(stored != 0, "PE checksum is 0 (link with /RELEASE)");
-        ensure!(stored == computed, "PE checksum {stored:#x} in the header, {computed:#x} computed");
+        ensure!(
+            stored == computed,
+            "PE checksum {stored:#x} in the header, {computed:#x} computed"
+        );
         Ok(format!("PE checksum {stored:#x} matches the computed one"))
     }
 
     pub fn check_dll_characteristics(pe: &Pe) -> Result<String> {
         let d = pe.nt_headers().optional_header().dll_characteristics();
-        ensure!(d & ipe::IMAGE_DLLCHARACTERISTICS_DYNAMIC_BASE != 0, "DYNAMIC_BASE not set");
-        ensure!(d & ipe::IMAGE_DLLCHARACTERISTICS_NX_COMPAT != 0, "NX_COMPAT not set");
-        Ok(format!("DllCharacteristics {d:#06x}: DYNAMIC_BASE, NX_COMPAT"))
+        ensure!(
+            d & ipe::IMAGE_DLLCHARACTERISTICS_DYNAMIC_BASE != 0,
+            "DYNAMIC_BASE not set"
+        );
+        ensure!(
+            d & ipe::IMAGE_DLLCHARACTERISTICS_NX_COMPAT != 0,
+            "NX_COMPAT not set"
+        );
+        Ok(format!(
+            "DllCharacteristics {d:#06x}: DYNAMIC_BASE, NX_COMPAT"
+        ))
     }
 
     /// A `.reloc` section whose DIR64 entries each hold an address inside the image.
     pub fn check_relocations(pe: &Pe, data: &[u8]) -> Result<String> {
         let sections = pe.section_table();
-        ensure!(sections.iter().any(|s| &s.name == b".reloc\0\0"), "no .reloc section");
+        ensure!(
+            sections.iter().any(|s| &s.name == b".reloc\0\0"),
+            "no .reloc section"
+        );
         let oh = pe.nt_headers().optional_header();
         let (base, size) = (oh.image_base(), u64::from(oh.size_of_image()));
         let mut blocks = pe
@@ -450,7 +551,12 @@ mod pe {
                         let bytes = sections
                             .pe_data_at(data, r.virtual_address)
                             .and_then(|d| d.get(..8))
-                            .with_context(|| format!("relocation at RVA {:#x} outside the file", r.virtual_address))?;
+                            .with_context(|| {
+                                format!(
+                                    "relocation at RVA {:#x} outside the file",
+                                    r.virtual_address
+                                )
+                            })?;
                         let target = u64::from_le_bytes(bytes.try_into()?);
                         ensure!(
                             (base..base + size).contains(&target),
@@ -459,26 +565,36 @@ mod pe {
                         );
                         dir64 += 1;
                     }
-                    t => bail!("unexpected base relocation type {t} at RVA {:#x}", r.virtual_address),
+                    t => bail!(
+                        "unexpected base relocation type {t} at RVA {:#x}",
+                        r.virtual_address
+                    ),
                 }
             }
         }
         ensure!(dir64 > 0, "the base relocation directory is empty");
-        Ok(format!(".reloc present: {dir64} DIR64 relocation(s), each pointing inside the image"))
+        Ok(format!(
+            ".reloc present: {dir64} DIR64 relocation(s), each pointing inside the image"
+        ))
     }
 
     pub fn check_wx(pe: &Pe) -> Result<String> {
         let mut names = Vec::new();
         for s in pe.section_table().iter() {
             let c = s.characteristics.get(LE);
-            let name = String::from_utf8_lossy(&s.name).trim_end_matches('\0').to_string();
+            let name = String::from_utf8_lossy(&s.name)
+                .trim_end_matches('\0')
+                .to_string();
             ensure!(
                 !(c & ipe::IMAGE_SCN_MEM_WRITE != 0 && c & ipe::IMAGE_SCN_MEM_EXECUTE != 0),
                 "section {name} is both writable and executable"
             );
             names.push(name);
         }
-        Ok(format!("no section is both writable and executable ({})", names.join(" ")))
+        Ok(format!(
+            "no section is both writable and executable ({})",
+            names.join(" ")
+        ))
     }
 
     /// Imports exactly the (library, name) pairs of the .def files, case-insensitive library names.
@@ -493,8 +609,15 @@ mod pe {
             );
             seen.insert((lib, name));
         }
-        let unused: Vec<_> = allowed.difference(&seen).map(|(l, n)| format!("{l}!{n}")).collect();
-        ensure!(unused.is_empty(), "listed in a .def file but not imported: {}", unused.join(", "));
+        let unused: Vec<_> = allowed
+            .difference(&seen)
+            .map(|(l, n)| format!("{l}!{n}"))
+            .collect();
+        ensure!(
+            unused.is_empty(),
+            "listed in a .def file but not imported: {}",
+            unused.join(", ")
+        );
         let libs: BTreeSet<_> = seen.iter().map(|(l, _)| l.as_str()).collect();
         ensure!(pe.exports()?.is_empty(), "the image exports symbols");
         Ok(format!(
@@ -505,7 +628,11 @@ mod pe {
     }
 
     /// Every property above, in order; the first failure is the error.
-    pub fn verify_image(data: &[u8], allowed: &BTreeSet<(String, String)>, entry: &MapSymbol) -> Result<Vec<String>> {
+    pub fn verify_image(
+        data: &[u8],
+        allowed: &BTreeSet<(String, String)>,
+        entry: &MapSymbol,
+    ) -> Result<Vec<String>> {
         let pe = Pe::parse(data).context("not a PE32+ image")?;
         Ok(vec![
             check_format(&pe)?,
@@ -528,20 +655,38 @@ mod pe {
             .get(ipe::IMAGE_DIRECTORY_ENTRY_SECURITY)
             .context("no security directory")?;
         // For this directory the "address" is a file offset.
-        let (off, len) = (dir.virtual_address.get(LE) as usize, dir.size.get(LE) as usize);
-        ensure!(len > 8 && off + len == signed.len(), "certificate table is not at the end of the file");
+        let (off, len) = (
+            dir.virtual_address.get(LE) as usize,
+            dir.size.get(LE) as usize,
+        );
+        ensure!(
+            len > 8 && off + len == signed.len(),
+            "certificate table is not at the end of the file"
+        );
         let cert = &signed[off..off + len];
         let revision = u16::from_le_bytes([cert[4], cert[5]]);
         let typ = u16::from_le_bytes([cert[6], cert[7]]);
-        ensure!(revision == 0x0200 && typ == 0x0002, "WIN_CERTIFICATE revision {revision:#x} type {typ:#x}");
-        ensure!(off >= unsigned.len() && off - unsigned.len() < 8, "signing moved more than the alignment padding");
-        Ok(format!("certificate table (WIN_CERTIFICATE 2.0, PKCS#7) of {len} bytes at the end of the file"))
+        ensure!(
+            revision == 0x0200 && typ == 0x0002,
+            "WIN_CERTIFICATE revision {revision:#x} type {typ:#x}"
+        );
+        ensure!(
+            off >= unsigned.len() && off - unsigned.len() < 8,
+            "signing moved more than the alignment padding"
+        );
+        Ok(format!(
+            "certificate table (WIN_CERTIFICATE 2.0, PKCS#7) of {len} bytes at the end of the file"
+        ))
     }
 
     /// A file offset in the middle of the `.text` section's raw data.
     pub fn text_byte_offset(data: &[u8]) -> Result<usize> {
         let pe = Pe::parse(data)?;
-        let text = pe.section_table().iter().find(|s| &s.name == b".text\0\0\0").context("no .text")?;
+        let text = pe
+            .section_table()
+            .iter()
+            .find(|s| &s.name == b".text\0\0\0")
+            .context("no .text")?;
         let (start, size) = text.pe_file_range();
         ensure!(size > 0, ".text is empty");
         Ok((start + size / 2) as usize)
@@ -614,7 +759,8 @@ mod pe {
         /// Links the tiny object into a native image with lld-link-19 /RELEASE (lld computes the
         /// checksum: the independent oracle) and returns (image, map file text).
         fn lld_image(name: &str) -> (Vec<u8>, String) {
-            let dir = std::env::temp_dir().join(format!("smudge-xtask-{}-{name}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("smudge-xtask-{}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("t.obj"), tiny_object()).unwrap();
             let status = Command::new("lld-link-19")
@@ -671,10 +817,16 @@ mod pe {
             // An import the .def lists but the image lacks is an error ("exactly").
             let mut extra = BTreeSet::new();
             extra.insert(("ntoskrnl.exe".to_string(), "IoCreateDevice".to_string()));
-            assert!(check_imports(&pe, &extra).unwrap_err().to_string().contains("not imported"));
+            assert!(check_imports(&pe, &extra)
+                .unwrap_err()
+                .to_string()
+                .contains("not imported"));
 
             // Entry point moved by one byte.
-            let wrong = MapSymbol { rva: entry.rva + 1, timestamp: entry.timestamp };
+            let wrong = MapSymbol {
+                rva: entry.rva + 1,
+                timestamp: entry.timestamp,
+            };
             assert!(check_entry(&pe, &wrong).is_err());
 
             // Subsystem WINDOWS_GUI (2) instead of NATIVE: optional header offset 68.
@@ -684,16 +836,21 @@ mod pe {
             assert!(check_subsystem(&Pe::parse(&gui).unwrap()).is_err());
 
             // First section made writable too.
-            let size_of_opt = u16::from_le_bytes(image[lfanew + 20..lfanew + 22].try_into().unwrap()) as usize;
+            let size_of_opt =
+                u16::from_le_bytes(image[lfanew + 20..lfanew + 22].try_into().unwrap()) as usize;
             let flags = lfanew + 24 + size_of_opt + 36;
             let mut wx = image.clone();
             wx[flags + 3] |= 0x80; // IMAGE_SCN_MEM_WRITE
-            assert!(check_wx(&Pe::parse(&wx).unwrap()).unwrap_err().to_string().contains("writable and executable"));
+            assert!(check_wx(&Pe::parse(&wx).unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("writable and executable"));
         }
 
         #[test]
         fn def_files_parse_and_the_driver_def_is_well_formed() {
-            let (lib, names) = parse_def("; c\nLIBRARY ntoskrnl.exe\nEXPORTS\n  A ; x\nB\n").unwrap();
+            let (lib, names) =
+                parse_def("; c\nLIBRARY ntoskrnl.exe\nEXPORTS\n  A ; x\nB\n").unwrap();
             assert_eq!(lib, "ntoskrnl.exe");
             assert_eq!(names.into_iter().collect::<Vec<_>>(), ["A", "B"]);
             assert!(parse_def("LIBRARY x\nEXPORTS\nA\nA\n").is_err());
@@ -707,7 +864,13 @@ mod pe {
         #[test]
         fn map_symbol_reads_lld_link_maps() {
             let map = " smudge\n\n Timestamp is 6b070340 (Wed Nov 25 15:48:16 2026)\n\n Preferred load address is 0000000140000000\n\n  Address         Publics by Value              Rva+Base               Lib:Object\n\n 0001:000000e0       DriverEntry                00000001400010e0     smudge.o\n";
-            assert_eq!(map_symbol(map, "DriverEntry").unwrap(), MapSymbol { rva: 0x10e0, timestamp: 0x6b070340 });
+            assert_eq!(
+                map_symbol(map, "DriverEntry").unwrap(),
+                MapSymbol {
+                    rva: 0x10e0,
+                    timestamp: 0x6b070340
+                }
+            );
             assert!(map_symbol(map, "Missing").is_err());
         }
     }

@@ -73,7 +73,14 @@ impl Device {
         // SAFETY: a fresh read-only shared mapping of the VM's descriptor; never dereferenced
         // here (only its page-table entries are inspected, by the driver).
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ, libc::MAP_SHARED, self.file.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             None
@@ -85,7 +92,12 @@ impl Device {
     /// A second handle on the same VM (dup of the descriptor): RUN of another vCPU from
     /// another thread.
     pub fn try_clone(&self) -> anyhow::Result<Device> {
-        Ok(Device { file: self.file.try_clone().map_err(|e| anyhow!("cannot duplicate the VM descriptor: {}", std_message(&e)))? })
+        Ok(Device {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| anyhow!("cannot duplicate the VM descriptor: {}", std_message(&e)))?,
+        })
     }
 }
 

@@ -64,7 +64,10 @@ impl Device {
                     io::ErrorKind::PermissionDenied => " (run from an elevated prompt)",
                     _ => "",
                 };
-                Err(anyhow!("cannot open {DEVICE_PATH}: {}{hint}", std_message(&e)))
+                Err(anyhow!(
+                    "cannot open {DEVICE_PATH}: {}{hint}",
+                    std_message(&e)
+                ))
             }
         }
     }
@@ -74,7 +77,10 @@ impl Device {
     pub fn ioctl(&self, op: Op, buf: &mut [u8]) -> io::Result<()> {
         let len = op.buffer_size();
         let Some(buf) = buf.get_mut(..len) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "ioctl buffer too short"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ioctl buffer too short",
+            ));
         };
         let len = u32::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ioctl buffer too long"))?;

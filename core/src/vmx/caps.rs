@@ -20,7 +20,10 @@ pub struct Ctls {
 impl Ctls {
     /// Decodes a capability MSR value.
     pub const fn from_msr(v: u64) -> Ctls {
-        Ctls { must_be_1: v as u32, may_be_1: (v >> 32) as u32 }
+        Ctls {
+            must_be_1: v as u32,
+            may_be_1: (v >> 32) as u32,
+        }
     }
     /// True if `value` respects both the allowed-0 and allowed-1 settings.
     pub const fn valid(&self, value: u32) -> bool {
@@ -297,8 +300,14 @@ impl VmxCaps {
     /// `rdmsr` is a #GP-safe read on a live CPU, or a dump lookup (which may say `Unknown`).
     /// `cpuid(leaf, subleaf)` gives `None` when unknown. A VMX MSR that is needed but unreadable
     /// is left 0 and remembered in [`VmxCaps::unreadable`]; [`VmxCaps::choose_mode`] reports it.
-    pub fn from_reader(rdmsr: impl Fn(u32) -> MsrValue, cpuid: impl Fn(u32, u32) -> Option<CpuidRegs>) -> VmxCaps {
-        let mut caps = VmxCaps { max_phys_bits: 36, ..VmxCaps::default() };
+    pub fn from_reader(
+        rdmsr: impl Fn(u32) -> MsrValue,
+        cpuid: impl Fn(u32, u32) -> Option<CpuidRegs>,
+    ) -> VmxCaps {
+        let mut caps = VmxCaps {
+            max_phys_bits: 36,
+            ..VmxCaps::default()
+        };
 
         caps.cpuid_vmx = cpuid(1, 0).map(|r| r.ecx & (1 << 5) != 0);
         // MAXPHYADDR: CPUID.80000008H:EAX[7:0] when that leaf exists (CPUID.80000000H:EAX >=
@@ -335,22 +344,38 @@ impl VmxCaps {
             // that may be 0.
             let t = caps.basic & basic::TRUE_CTLS != 0;
             let pick = |plain: u32, true_: u32| if t { true_ } else { plain };
-            caps.pinbased = Ctls::from_msr(need(pick(msr::IA32_VMX_PINBASED_CTLS, msr::IA32_VMX_TRUE_PINBASED_CTLS)));
-            caps.procbased =
-                Ctls::from_msr(need(pick(msr::IA32_VMX_PROCBASED_CTLS, msr::IA32_VMX_TRUE_PROCBASED_CTLS)));
-            caps.exit = Ctls::from_msr(need(pick(msr::IA32_VMX_EXIT_CTLS, msr::IA32_VMX_TRUE_EXIT_CTLS)));
-            caps.entry = Ctls::from_msr(need(pick(msr::IA32_VMX_ENTRY_CTLS, msr::IA32_VMX_TRUE_ENTRY_CTLS)));
+            caps.pinbased = Ctls::from_msr(need(pick(
+                msr::IA32_VMX_PINBASED_CTLS,
+                msr::IA32_VMX_TRUE_PINBASED_CTLS,
+            )));
+            caps.procbased = Ctls::from_msr(need(pick(
+                msr::IA32_VMX_PROCBASED_CTLS,
+                msr::IA32_VMX_TRUE_PROCBASED_CTLS,
+            )));
+            caps.exit = Ctls::from_msr(need(pick(
+                msr::IA32_VMX_EXIT_CTLS,
+                msr::IA32_VMX_TRUE_EXIT_CTLS,
+            )));
+            caps.entry = Ctls::from_msr(need(pick(
+                msr::IA32_VMX_ENTRY_CTLS,
+                msr::IA32_VMX_TRUE_ENTRY_CTLS,
+            )));
             caps.misc = need(msr::IA32_VMX_MISC);
             caps.cr0_fixed0 = need(msr::IA32_VMX_CR0_FIXED0);
             caps.cr0_fixed1 = need(msr::IA32_VMX_CR0_FIXED1);
             caps.cr4_fixed0 = need(msr::IA32_VMX_CR4_FIXED0);
             caps.cr4_fixed1 = need(msr::IA32_VMX_CR4_FIXED1);
             // SDM A.3.3: 0x48B exists only if the primary controls allow bit 31.
-            if caps.procbased.allows(primary::ACTIVATE_SECONDARY_CONTROLS_BIT) {
+            if caps
+                .procbased
+                .allows(primary::ACTIVATE_SECONDARY_CONTROLS_BIT)
+            {
                 caps.procbased2 = Ctls::from_msr(need(msr::IA32_VMX_PROCBASED_CTLS2));
             }
             // SDM A.10: 0x48C exists only if EPT or VPID may be enabled.
-            if caps.procbased2.allows(secondary::ENABLE_EPT_BIT) || caps.procbased2.allows(secondary::ENABLE_VPID_BIT) {
+            if caps.procbased2.allows(secondary::ENABLE_EPT_BIT)
+                || caps.procbased2.allows(secondary::ENABLE_VPID_BIT)
+            {
                 caps.ept_vpid_cap = need(msr::IA32_VMX_EPT_VPID_CAP);
             }
         }
@@ -454,7 +479,8 @@ impl VmxCaps {
 
     /// Primary control bit 31: the secondary controls exist.
     pub const fn secondary_controls(&self) -> bool {
-        self.procbased.allows(primary::ACTIVATE_SECONDARY_CONTROLS_BIT)
+        self.procbased
+            .allows(primary::ACTIVATE_SECONDARY_CONTROLS_BIT)
     }
     /// Secondary control bit 1: EPT (SDM 29.3).
     pub const fn ept(&self) -> bool {
@@ -946,7 +972,14 @@ impl fmt::Display for ControlError {
             }
             first = false;
             let name = self.field.control_name(bit).unwrap_or("(unnamed)");
-            write!(f, "{} '{}' (bit {}) not allowed by {}", self.field.kind(), name, bit, msr::name(msr))?;
+            write!(
+                f,
+                "{} '{}' (bit {}) not allowed by {}",
+                self.field.kind(),
+                name,
+                bit,
+                msr::name(msr)
+            )?;
         }
         if self.no_secondary_controls {
             f.write_str(" (no secondary controls: IA32_VMX_PROCBASED_CTLS allowed-1 bit 31 is 0)")?;
@@ -1031,7 +1064,10 @@ impl ControlRequest {
                     | exit::LOAD_IA32_PAT
                     | exit::SAVE_PREEMPTION_TIMER,
             },
-            entry: Want { required: 0, wanted: entry::LOAD_IA32_EFER | entry::LOAD_IA32_PAT },
+            entry: Want {
+                required: 0,
+                wanted: entry::LOAD_IA32_EFER | entry::LOAD_IA32_PAT,
+            },
         }
     }
 }
@@ -1064,7 +1100,12 @@ impl VmxCaps {
     }
 
     /// [`Ctls::adjust`] for one field, with a named error.
-    pub const fn adjust(&self, field: ControlField, required: u32, wanted: u32) -> Result<u32, ControlError> {
+    pub const fn adjust(
+        &self,
+        field: ControlField,
+        required: u32,
+        wanted: u32,
+    ) -> Result<u32, ControlError> {
         match self.ctls(field).adjust(required, wanted) {
             Ok(v) => Ok(v),
             Err(missing) => Err(ControlError {
@@ -1102,10 +1143,11 @@ impl VmxCaps {
             pin_req.wanted |= pin::ACTIVATE_PREEMPTION_TIMER;
         }
 
-        let mut secondary_v = match self.adjust(ControlField::SecondaryProcBased, sec.required, sec.wanted) {
-            Ok(v) => v,
-            Err(e) => return Err(e),
-        };
+        let mut secondary_v =
+            match self.adjust(ControlField::SecondaryProcBased, sec.required, sec.wanted) {
+                Ok(v) => v,
+                Err(e) => return Err(e),
+            };
         if secondary_v & secondary::ENABLE_EPT == 0 {
             secondary_v &= !needs_ept;
         }
@@ -1115,10 +1157,11 @@ impl VmxCaps {
         } else if secondary_v != 0 {
             prim.wanted |= primary::ACTIVATE_SECONDARY_CONTROLS;
         }
-        let primary_v = match self.adjust(ControlField::PrimaryProcBased, prim.required, prim.wanted) {
-            Ok(v) => v,
-            Err(e) => return Err(e),
-        };
+        let primary_v =
+            match self.adjust(ControlField::PrimaryProcBased, prim.required, prim.wanted) {
+                Ok(v) => v,
+                Err(e) => return Err(e),
+            };
         if primary_v & primary::ACTIVATE_SECONDARY_CONTROLS == 0 {
             secondary_v = 0;
         }
@@ -1137,7 +1180,13 @@ impl VmxCaps {
             Ok(v) => v,
             Err(e) => return Err(e),
         };
-        Ok(Controls { pin: pin_v, primary: primary_v, secondary: secondary_v, exit: exit_v, entry: entry_v })
+        Ok(Controls {
+            pin: pin_v,
+            primary: primary_v,
+            secondary: secondary_v,
+            exit: exit_v,
+            entry: entry_v,
+        })
     }
 }
 
@@ -1235,7 +1284,9 @@ impl VmxCaps {
         // SDM 24.7: with the lock bit set, bit 2 clear makes VMXON #GP outside SMX.
         if let MsrValue::Value(fc) = self.feature_control {
             if fc & feature_control::LOCK != 0 && fc & feature_control::VMX_OUTSIDE_SMX == 0 {
-                return unsupported(Reason::VmxDisabledLocked { feature_control: fc });
+                return unsupported(Reason::VmxDisabledLocked {
+                    feature_control: fc,
+                });
             }
         }
         if let Some(u) = self.unreadable {
@@ -1249,10 +1300,14 @@ impl VmxCaps {
         }
         // smudge's EPTP is WB with a 4-level walk (SDM 25.6.11; crate::ept::Eptp::new).
         if !self.ept_walk_4() {
-            return unsupported(Reason::EptCapability { what: "a 4-level EPT page walk (bit 6)" });
+            return unsupported(Reason::EptCapability {
+                what: "a 4-level EPT page walk (bit 6)",
+            });
         }
         if !self.ept_wb() {
-            return unsupported(Reason::EptCapability { what: "write-back EPT paging structures (bit 14)" });
+            return unsupported(Reason::EptCapability {
+                what: "write-back EPT paging structures (bit 14)",
+            });
         }
         // SDM 29.4.3.4: every mode clears D or W and must then INVEPT.
         if !self.invept() || !(self.invept_single() || self.invept_all()) {
@@ -1275,12 +1330,16 @@ impl VmxCaps {
     }
 
     fn mode_specific(&self, mode: Mode) -> Result<(), Unsupported> {
-        let ad = Reason::EptCapability { what: "EPT accessed and dirty flags (bit 21)" };
+        let ad = Reason::EptCapability {
+            what: "EPT accessed and dirty flags (bit 21)",
+        };
         match mode {
             Mode::WriteProtect => Ok(()),
             Mode::AdScan if self.ept_ad() => Ok(()),
             Mode::AdScan => unsupported(ad),
-            Mode::Pml if !self.pml() => unsupported(self.missing_secondary(secondary::ENABLE_PML_BIT)),
+            Mode::Pml if !self.pml() => {
+                unsupported(self.missing_secondary(secondary::ENABLE_PML_BIT))
+            }
             Mode::Pml if !self.ept_ad() => unsupported(ad),
             Mode::Pml => Ok(()),
         }
@@ -1313,9 +1372,21 @@ mod tests {
         let caps = VmxCaps::from_reader(
             |m| {
                 asked.borrow_mut().push(m);
-                table.iter().find(|e| e.0 == m).map_or(MsrValue::Absent, |e| MsrValue::Value(e.1))
+                table
+                    .iter()
+                    .find(|e| e.0 == m)
+                    .map_or(MsrValue::Absent, |e| MsrValue::Value(e.1))
             },
-            |leaf, _| if leaf == 1 { cpuid_ecx.map(|ecx| CpuidRegs { ecx, ..CpuidRegs::default() }) } else { None },
+            |leaf, _| {
+                if leaf == 1 {
+                    cpuid_ecx.map(|ecx| CpuidRegs {
+                        ecx,
+                        ..CpuidRegs::default()
+                    })
+                } else {
+                    None
+                }
+            },
         );
         (caps, asked.into_inner())
     }
@@ -1323,7 +1394,10 @@ mod tests {
     #[test]
     fn adjust_follows_sdm_31_5_1() {
         // must-be-1 bits 1,2; may-be-1 bits 1,2,3,5.
-        let c = Ctls { must_be_1: 0b110, may_be_1: 0b10_1110 };
+        let c = Ctls {
+            must_be_1: 0b110,
+            may_be_1: 0b10_1110,
+        };
         assert_eq!(c.adjust(0, 0), Ok(0b110));
         assert_eq!(c.adjust(0b1000, 0b1_0001), Ok(0b1110)); // bits 0 and 4 wanted, not allowed: dropped
         assert_eq!(c.adjust(0b1_1001, 0), Err(0b1_0001));
@@ -1334,13 +1408,20 @@ mod tests {
     fn no_vmx_in_cpuid_reads_no_msr() {
         let (caps, asked) = read_with(&[], Some(0));
         assert!(asked.is_empty(), "{:x?}", asked);
-        assert_eq!(caps.check_usable(false).unwrap_err().reason, Reason::VmxAbsent);
+        assert_eq!(
+            caps.check_usable(false).unwrap_err().reason,
+            Reason::VmxAbsent
+        );
     }
 
     #[test]
     fn msr_selection_follows_appendix_a() {
         // No bit 55, primary allowed-1 bit 31 clear: plain MSRs, no 0x48B/0x48C.
-        let plain = [(0x3a, 5), (0x480, 0x001a_0400_0000_0007), (0x482, 0x77b9_fffe_0401_e172)];
+        let plain = [
+            (0x3a, 5),
+            (0x480, 0x001a_0400_0000_0007),
+            (0x482, 0x77b9_fffe_0401_e172),
+        ];
         let (caps, asked) = read_with(&plain, Some(1 << 5));
         assert!(asked.contains(&0x481) && !asked.contains(&0x48d));
         assert!(!asked.contains(&0x48b) && !asked.contains(&0x48c));
@@ -1364,7 +1445,10 @@ mod tests {
         // It is blocked by the missing VMX MSRs instead (they read as absent here).
         assert_eq!(
             caps.check_usable(false).unwrap_err().reason,
-            Reason::MsrUnreadable(UnreadableMsr { msr: 0x480, state: MsrValue::Absent })
+            Reason::MsrUnreadable(UnreadableMsr {
+                msr: 0x480,
+                state: MsrValue::Absent
+            })
         );
     }
 }

@@ -151,7 +151,11 @@ pub fn check_entry(vmcs: &dyn VmcsAccess, caps: &VmxCaps) -> Result<(), Violatio
 
 /// Runs every check; stores the violations in `out` in SDM order (as many as fit) and returns
 /// how many there are in total (which may exceed `out.len()`).
-pub fn all_violations(vmcs: &dyn VmcsAccess, caps: &VmxCaps, out: &mut [Option<Violation>]) -> usize {
+pub fn all_violations(
+    vmcs: &dyn VmcsAccess,
+    caps: &VmxCaps,
+    out: &mut [Option<Violation>],
+) -> usize {
     let ctx = Ctx { v: vmcs, caps };
     let mut n = 0;
     for check in CHECKS {
@@ -173,8 +177,16 @@ pub fn find(id: &str) -> Option<&'static Check> {
 fn run(ctx: &Ctx<'_>, check: &'static Check) -> Option<Violation> {
     match (check.eval)(ctx) {
         Ok(None) => None,
-        Ok(Some((field, value))) => Some(Violation::Rule { check, field, value }),
-        Err((field, error)) => Some(Violation::Unreadable { check, field, error }),
+        Ok(Some((field, value))) => Some(Violation::Rule {
+            check,
+            field,
+            value,
+        }),
+        Err((field, error)) => Some(Violation::Unreadable {
+            check,
+            field,
+            error,
+        }),
     }
 }
 
@@ -260,7 +272,9 @@ impl Ctx<'_> {
         Ok(self.rflags()? & RFLAGS_VM != 0)
     }
     fn event(&self) -> R<InterruptionInfo> {
-        Ok(InterruptionInfo(self.rd32(Field::VmEntryInterruptionInformation)?))
+        Ok(InterruptionInfo(
+            self.rd32(Field::VmEntryInterruptionInformation)?,
+        ))
     }
     fn ar(&self, s: Seg) -> R<AccessRights> {
         Ok(AccessRights(self.rd32(s.ar())?))
@@ -287,7 +301,11 @@ impl Ctx<'_> {
     /// CR3 bits that must be 0 (SDM 27.2.2 / 27.3.1.1): 63:MAXPHYADDR, except bits 62:61
     /// when the processor supports LAM (they are LAM_U57/LAM_U48).
     fn cr3_reserved(&self, cr3: u64) -> u64 {
-        let mut mask = if self.phys_bits() >= 64 { 0 } else { !0u64 << self.phys_bits() };
+        let mut mask = if self.phys_bits() >= 64 {
+            0
+        } else {
+            !0u64 << self.phys_bits()
+        };
         if self.caps.cr4_fixed1 & CR4_LAM_SUP != 0 {
             mask &= !(3u64 << 61);
         }
@@ -333,7 +351,9 @@ fn fixed_ok(v: u64, fixed0: u64, fixed1: u64, ignore: u64) -> bool {
 
 /// PAT: each byte 0 (UC), 1 (WC), 4 (WT), 5 (WP), 6 (WB) or 7 (UC-) (SDM 27.2.2, 27.3.1.1).
 fn pat_ok(pat: u64) -> bool {
-    pat.to_le_bytes().iter().all(|b| matches!(b, 0 | 1 | 4 | 5 | 6 | 7))
+    pat.to_le_bytes()
+        .iter()
+        .all(|b| matches!(b, 0 | 1 | 4 | 5 | 6 | 7))
 }
 
 /// MSR-load/store area: address bits 3:0 zero, address and last byte within the physical width
@@ -351,7 +371,11 @@ fn msr_area(c: &Ctx<'_>, count: Field, addr: Field) -> Eval {
     // "The arithmetic used for the computation uses more bits than the physical-address width."
     let last = a as u128 + (n as u128) * 16 - 1;
     let last_beyond = width < 128 && last >> width != 0;
-    fail_if(a & 0xF != 0 || beyond_phys(a, width) || last_beyond, addr, a)
+    fail_if(
+        a & 0xF != 0 || beyond_phys(a, width) || last_beyond,
+        addr,
+        a,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,13 +454,21 @@ fn checked_ar(c: &Ctx<'_>, s: Seg) -> R<Option<AccessRights>> {
         return Ok(None);
     }
     let ar = c.ar(s)?;
-    Ok(if s == Seg::Cs || !ar.unusable() { Some(ar) } else { None })
+    Ok(if s == Seg::Cs || !ar.unusable() {
+        Some(ar)
+    } else {
+        None
+    })
 }
 
 /// Usable-register access rights for TR (always) and LDTR (when usable).
 fn system_ar(c: &Ctx<'_>, s: Seg) -> R<Option<AccessRights>> {
     let ar = c.ar(s)?;
-    Ok(if s == Seg::Tr || !ar.unusable() { Some(ar) } else { None })
+    Ok(if s == Seg::Tr || !ar.unusable() {
+        Some(ar)
+    } else {
+        None
+    })
 }
 
 fn seg_s(c: &Ctx<'_>, s: Seg) -> Eval {
@@ -518,7 +550,9 @@ fn base_canonical(c: &Ctx<'_>, s: Seg) -> Eval {
 }
 
 fn system_type(c: &Ctx<'_>, s: Seg) -> Eval {
-    let Some(ar) = system_ar(c, s)? else { return ok() };
+    let Some(ar) = system_ar(c, s)? else {
+        return ok();
+    };
     let t = ar.seg_type();
     let good = match s {
         Seg::Ldtr => t == 2,
@@ -648,7 +682,11 @@ fn guest_cr0_fixed(c: &Ctx<'_>) -> Eval {
     if c.unrestricted()? {
         ignore |= CR0_PE | CR0_PG;
     }
-    fail_if(!fixed_ok(v, c.caps.cr0_fixed0, c.caps.cr0_fixed1, ignore), Field::GuestCr0, v)
+    fail_if(
+        !fixed_ok(v, c.caps.cr0_fixed0, c.caps.cr0_fixed1, ignore),
+        Field::GuestCr0,
+        v,
+    )
 }
 
 fn guest_efer(c: &Ctx<'_>) -> R<Option<u64>> {
@@ -671,19 +709,25 @@ fn host_efer(c: &Ctx<'_>) -> R<Option<u64>> {
 const EFER_DEFINED: u64 = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
 
 fn cs_type(c: &Ctx<'_>) -> Eval {
-    let Some(ar) = checked_ar(c, Seg::Cs)? else { return ok() };
+    let Some(ar) = checked_ar(c, Seg::Cs)? else {
+        return ok();
+    };
     let t = ar.seg_type();
     let good = matches!(t, 9 | 11 | 13 | 15) || (t == 3 && c.unrestricted()?);
     fail_if(!good, Seg::Cs.ar(), ar.0 as u64)
 }
 
 fn ss_type(c: &Ctx<'_>) -> Eval {
-    let Some(ar) = checked_ar(c, Seg::Ss)? else { return ok() };
+    let Some(ar) = checked_ar(c, Seg::Ss)? else {
+        return ok();
+    };
     fail_if(!matches!(ar.seg_type(), 3 | 7), Seg::Ss.ar(), ar.0 as u64)
 }
 
 fn cs_dpl(c: &Ctx<'_>) -> Eval {
-    let Some(ar) = checked_ar(c, Seg::Cs)? else { return ok() };
+    let Some(ar) = checked_ar(c, Seg::Cs)? else {
+        return ok();
+    };
     let ss_dpl = c.ar(Seg::Ss)?.dpl();
     let bad = match ar.seg_type() {
         3 => ar.dpl() != 0,
@@ -708,7 +752,11 @@ fn ss_dpl_zero(c: &Ctx<'_>) -> Eval {
     }
     let cs_type_3 = c.ar(Seg::Cs)?.seg_type() == 3;
     let ar = c.ar(Seg::Ss)?;
-    fail_if((cs_type_3 || !c.pe()?) && ar.dpl() != 0, Seg::Ss.ar(), ar.0 as u64)
+    fail_if(
+        (cs_type_3 || !c.pe()?) && ar.dpl() != 0,
+        Seg::Ss.ar(),
+        ar.0 as u64,
+    )
 }
 
 fn v8086_base(c: &Ctx<'_>) -> Eval {
@@ -812,7 +860,11 @@ fn pending_dbg_rtm(c: &Ctx<'_>) -> Eval {
     }
     let mov_ss = c.rd(Field::GuestInterruptibilityState)? & intr::MOV_SS != 0;
     // Bits 11:0 and 15:13 must be 0 (11:4, 13, 15 are reserved anyway), no MOV-SS blocking.
-    fail_if(p & (0xF | PENDING_DBG_BS) != 0 || mov_ss, Field::GuestPendingDebugExceptions, p)
+    fail_if(
+        p & (0xF | PENDING_DBG_BS) != 0 || mov_ss,
+        Field::GuestPendingDebugExceptions,
+        p,
+    )
 }
 
 fn pdpte(c: &Ctx<'_>) -> Eval {
@@ -822,7 +874,12 @@ fn pdpte(c: &Ctx<'_>) -> Eval {
     if !c.ept()? || cr0 & CR0_PG == 0 || !pae || c.ia32e()? {
         return ok();
     }
-    for f in [Field::GuestPdpte0, Field::GuestPdpte1, Field::GuestPdpte2, Field::GuestPdpte3] {
+    for f in [
+        Field::GuestPdpte0,
+        Field::GuestPdpte1,
+        Field::GuestPdpte2,
+        Field::GuestPdpte3,
+    ] {
         let p = c.rd(f)?;
         // PAE PDPTE: bits 2:1, 8:5 and 63:MAXPHYADDR are reserved (SDM Vol. 3A 4.4.1).
         if p & 1 != 0 && (p & 0x1E6 != 0 || beyond_phys(p, c.phys_bits())) {
@@ -838,11 +895,19 @@ fn pdpte(c: &Ctx<'_>) -> Eval {
 
 const CTL: Stage = Stage::Controls;
 const HOST: Stage = Stage::HostState;
-const GUEST: Stage = Stage::GuestState { exit_qualification: 0 };
+const GUEST: Stage = Stage::GuestState {
+    exit_qualification: 0,
+};
 
 macro_rules! check {
     ($id:literal, $sec:literal, $stage:expr, $rule:literal, $eval:expr) => {
-        Check { id: $id, section: $sec, stage: $stage, rule: $rule, eval: $eval }
+        Check {
+            id: $id,
+            section: $sec,
+            stage: $stage,
+            rule: $rule,
+            eval: $eval,
+        }
     };
 }
 
@@ -1435,7 +1500,13 @@ mod tests {
     #[test]
     fn ids_are_unique_and_well_formed() {
         for (i, a) in CHECKS.iter().enumerate() {
-            assert!(a.id.starts_with("ctrl.") || a.id.starts_with("host.") || a.id.starts_with("guest."), "{}", a.id);
+            assert!(
+                a.id.starts_with("ctrl.")
+                    || a.id.starts_with("host.")
+                    || a.id.starts_with("guest."),
+                "{}",
+                a.id
+            );
             assert!(a.section.starts_with("27."), "{}", a.id);
             for b in CHECKS.iter().skip(i + 1) {
                 assert_ne!(a.id, b.id);

@@ -480,7 +480,10 @@ impl Field {
     }
     /// The field with this (full-access) encoding, if smudge knows it.
     pub fn from_encoding(encoding: u32) -> Option<Field> {
-        Field::ALL.iter().copied().find(|f| f.encoding() == encoding)
+        Field::ALL
+            .iter()
+            .copied()
+            .find(|f| f.encoding() == encoding)
     }
 }
 

@@ -145,7 +145,10 @@ impl HwVcpu {
             state: VcpuState::new(index),
             pages,
             cache: PageCache::new(),
-            gprs: GuestGprs { rdi: index.into(), ..GuestGprs::default() },
+            gprs: GuestGprs {
+                rdi: index.into(),
+                ..GuestGprs::default()
+            },
             fx: FxArea::reset(),
             launched: false,
             programmed: false,
@@ -173,7 +176,10 @@ fn step<T>(step: &'static str, r: Result<T, VmFail>) -> Result<T, HwError> {
 }
 
 fn vmcs_step<T>(step: &'static str, r: Result<T, VmcsError>) -> Result<T, HwError> {
-    r.map_err(|e| HwError::Vmx { step, fail: vm_fail(e) })
+    r.map_err(|e| HwError::Vmx {
+        step,
+        fail: vm_fail(e),
+    })
 }
 
 /// Runs `vcpu` on this CPU until something needs user space, the OS, or more pages.
@@ -199,7 +205,12 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     let (layout, mode, eptp_ad) = vm.with(|vm| (vm.layout(), vm.mode(), vm.ept().eptp(true)));
     let layout = match layout {
         Some(l) => l,
-        None => return Ok(HwExit::Exit(RunExit::Stopped { reason: 0, what: crate::vm::StopCause::EntryFailed })),
+        None => {
+            return Ok(HwExit::Exit(RunExit::Stopped {
+                reason: 0,
+                what: crate::vm::StopCause::EntryFailed,
+            }))
+        }
     };
     let p = &Cached::new(p, &vcpu.cache);
     // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
@@ -209,7 +220,10 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     // SAFETY: preemption is off: the snapshot describes this CPU for the whole run.
     let host: HostState = unsafe { arch::host_state() };
     let mut eptp_v = eptp_ad;
-    eptp_v.set_ad_enabled(eptp_ad.ad_enabled() && matches!(mode, crate::dirty::Mode::AdScan | crate::dirty::Mode::Pml));
+    eptp_v.set_ad_enabled(
+        eptp_ad.ad_enabled()
+            && matches!(mode, crate::dirty::Mode::AdScan | crate::dirty::Mode::Pml),
+    );
     let eptp = eptp_v.0;
     let cfg = VcpuConfig {
         eptp,
@@ -220,7 +234,10 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         rsp: layout.stack_top(u64::from(vcpu.state.index)),
     };
     if !vcpu.programmed {
-        vmcs_step("vmwrite (setup)", setup::program(&mut vmcs, caps, ctls, &host, &layout, &cfg))?;
+        vmcs_step(
+            "vmwrite (setup)",
+            setup::program(&mut vmcs, caps, ctls, &host, &layout, &cfg),
+        )?;
         let mut precheck = true;
         if let Some((field, value, skip)) = vcpu.debug_override {
             vmcs_step("vmwrite (override)", vmcs.write(field, value))?;
@@ -231,12 +248,19 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         if precheck {
             if let Err(violation) = checks::check_entry(&vmcs, caps) {
                 vcpu.state.halted = true;
-                return Err(HwError::EntryCheck { violation, fail: None, exit_reason: 0 });
+                return Err(HwError::EntryCheck {
+                    violation,
+                    fail: None,
+                    exit_reason: 0,
+                });
             }
         }
     } else {
         // The host state can differ per CPU (GDT, TSS, GS base): refresh it every run.
-        vmcs_step("vmwrite (host)", setup::program_host(&mut vmcs, ctls, &host))?;
+        vmcs_step(
+            "vmwrite (host)",
+            setup::program_host(&mut vmcs, ctls, &host),
+        )?;
     }
     let timer = ctls.pin & pin::ACTIVATE_PREEMPTION_TIMER != 0;
     let pml = ctls.secondary & secondary::ENABLE_PML != 0;
@@ -265,11 +289,17 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             Ok(())
         });
         if let Err(fail) = flushed {
-            break Err(HwError::Vmx { step: "invept", fail });
+            break Err(HwError::Vmx {
+                step: "invept",
+                fail,
+            });
         }
         if timer {
             if let Err(e) = vmcs.write(Field::VmxPreemptionTimerValue, PREEMPTION_QUANTUM) {
-                break Err(HwError::Vmx { step: "vmwrite (timer)", fail: vm_fail(e) });
+                break Err(HwError::Vmx {
+                    step: "vmwrite (timer)",
+                    fail: vm_fail(e),
+                });
             }
         }
         let flags = env.irq_save();
@@ -279,10 +309,22 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         unsafe { arch::restore_after_exit(&host) };
         env.irq_restore(flags);
         if let Err(fail) = entered {
-            if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&vmcs, caps)) {
-                break Err(HwError::EntryCheck { violation, fail: Some(fail), exit_reason: 0 });
+            if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&vmcs, caps))
+            {
+                break Err(HwError::EntryCheck {
+                    violation,
+                    fail: Some(fail),
+                    exit_reason: 0,
+                });
             }
-            break Err(HwError::Vmx { step: if vcpu.launched { "vmresume" } else { "vmlaunch" }, fail });
+            break Err(HwError::Vmx {
+                step: if vcpu.launched {
+                    "vmresume"
+                } else {
+                    "vmlaunch"
+                },
+                fail,
+            });
         }
         vcpu.launched = true;
         let exit = ExitInfo {
@@ -304,8 +346,13 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             let index = vmcs.read(Field::GuestPmlIndex).unwrap_or(511) as u16;
             if index != crate::dirty::pml::INDEX_RESET {
                 vm.with(|vm| vm.pml_drain(p, vcpu.pages.pml, index));
-                if let Err(e) = vmcs.write(Field::GuestPmlIndex, crate::dirty::pml::INDEX_RESET.into()) {
-                    break Err(HwError::Vmx { step: "vmwrite (pml index)", fail: vm_fail(e) });
+                if let Err(e) =
+                    vmcs.write(Field::GuestPmlIndex, crate::dirty::pml::INDEX_RESET.into())
+                {
+                    break Err(HwError::Vmx {
+                        step: "vmwrite (pml index)",
+                        fail: vm_fail(e),
+                    });
                 }
             }
         }
@@ -313,7 +360,11 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             // VM-entry failure (SDM 27.8): ask the checker which rule the guest state breaks.
             if let Err(violation) = checks::check_entry(&vmcs, caps) {
                 vcpu.state.halted = true;
-                break Err(HwError::EntryCheck { violation, fail: None, exit_reason: exit.reason });
+                break Err(HwError::EntryCheck {
+                    violation,
+                    fail: None,
+                    exit_reason: exit.reason,
+                });
             }
         }
         if exit.reason == reason::EPT_VIOLATION && !vcpu.cache.ready_for_fault() {
@@ -323,17 +374,23 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             break Ok(HwExit::NeedPages);
         }
         let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);
-        let action = vm.with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid));
+        let action =
+            vm.with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid));
         let advance = match action {
             Action::Resume { advance } => advance,
             // A hypercall or console write that goes to user space resumes after it.
-            Action::ToUser(_) if exit.reason == reason::VMCALL || exit.reason == reason::IO => exit.instr_len,
+            Action::ToUser(_) if exit.reason == reason::VMCALL || exit.reason == reason::IO => {
+                exit.instr_len
+            }
             _ => 0,
         };
         if advance != 0 {
             let rip = vmcs.read(Field::GuestRip).unwrap_or(0);
             if let Err(e) = vmcs.write(Field::GuestRip, rip.wrapping_add(advance)) {
-                break Err(HwError::Vmx { step: "vmwrite (rip)", fail: vm_fail(e) });
+                break Err(HwError::Vmx {
+                    step: "vmwrite (rip)",
+                    fail: vm_fail(e),
+                });
             }
         }
         match action {

@@ -3,7 +3,7 @@
 pub mod caps;
 pub mod checks;
 pub mod fields;
-pub mod msr_dump;
 pub mod hw;
+pub mod msr_dump;
 pub mod setup;
 pub mod vmcs;

@@ -104,19 +104,35 @@ impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "line {}: ", self.line)?;
         match self.kind {
-            ParseErrorKind::BadMsrNumber => f.write_str("expected a 0x-prefixed 32-bit MSR number or 'cpuid'"),
-            ParseErrorKind::MissingValue => f.write_str("MSR without a value (expected 0x<64-bit hex> or 'absent')"),
-            ParseErrorKind::BadValue => f.write_str("bad MSR value (expected 0x<64-bit hex> or 'absent')"),
+            ParseErrorKind::BadMsrNumber => {
+                f.write_str("expected a 0x-prefixed 32-bit MSR number or 'cpuid'")
+            }
+            ParseErrorKind::MissingValue => {
+                f.write_str("MSR without a value (expected 0x<64-bit hex> or 'absent')")
+            }
+            ParseErrorKind::BadValue => {
+                f.write_str("bad MSR value (expected 0x<64-bit hex> or 'absent')")
+            }
             ParseErrorKind::TrailingText => f.write_str("unexpected text after the value"),
-            ParseErrorKind::BadCpuidInput => f.write_str("cpuid needs a 0x-prefixed leaf and subleaf"),
+            ParseErrorKind::BadCpuidInput => {
+                f.write_str("cpuid needs a 0x-prefixed leaf and subleaf")
+            }
             ParseErrorKind::BadCpuidRegister => {
                 f.write_str("expected eax=/ebx=/ecx=/edx= with a 0x-prefixed 32-bit value")
             }
-            ParseErrorKind::DuplicateCpuidRegister => f.write_str("a CPUID register is given twice"),
-            ParseErrorKind::MissingCpuidRegister => f.write_str("a CPUID line needs eax, ebx, ecx and edx"),
+            ParseErrorKind::DuplicateCpuidRegister => {
+                f.write_str("a CPUID register is given twice")
+            }
+            ParseErrorKind::MissingCpuidRegister => {
+                f.write_str("a CPUID line needs eax, ebx, ecx and edx")
+            }
             ParseErrorKind::DuplicateMsr { msr } => write!(f, "MSR {:#x} listed twice", msr),
             ParseErrorKind::DuplicateCpuid { leaf, subleaf } => {
-                write!(f, "CPUID leaf {:#x} subleaf {:#x} listed twice", leaf, subleaf)
+                write!(
+                    f,
+                    "CPUID leaf {:#x} subleaf {:#x} listed twice",
+                    leaf, subleaf
+                )
             }
             ParseErrorKind::TooManyMsrs => write!(f, "more than {} MSR lines", MAX_MSRS),
             ParseErrorKind::TooManyCpuid => write!(f, "more than {} CPUID lines", MAX_CPUID),
@@ -126,7 +142,9 @@ impl fmt::Display for ParseError {
 
 /// Parses `0x` + 1..=digits hex digits. `from_str_radix` alone would accept a sign.
 fn hex(word: &str) -> Option<u64> {
-    let digits = word.strip_prefix("0x").or_else(|| word.strip_prefix("0X"))?;
+    let digits = word
+        .strip_prefix("0x")
+        .or_else(|| word.strip_prefix("0X"))?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
@@ -143,7 +161,16 @@ impl MsrDump {
         MsrDump {
             msrs: [(0, MsrValue::Unknown); MAX_MSRS],
             n_msrs: 0,
-            cpuid: [CpuidEntry { leaf: 0, subleaf: 0, regs: CpuidRegs { eax: 0, ebx: 0, ecx: 0, edx: 0 } }; MAX_CPUID],
+            cpuid: [CpuidEntry {
+                leaf: 0,
+                subleaf: 0,
+                regs: CpuidRegs {
+                    eax: 0,
+                    ebx: 0,
+                    ecx: 0,
+                    edx: 0,
+                },
+            }; MAX_CPUID],
             n_cpuid: 0,
         }
     }
@@ -158,11 +185,19 @@ impl MsrDump {
             let mut words = content.split_ascii_whitespace();
             let Some(first) = words.next() else { continue };
             if first == "cpuid" {
-                let leaf = words.next().and_then(hex32).ok_or(err(ParseErrorKind::BadCpuidInput))?;
-                let subleaf = words.next().and_then(hex32).ok_or(err(ParseErrorKind::BadCpuidInput))?;
+                let leaf = words
+                    .next()
+                    .and_then(hex32)
+                    .ok_or(err(ParseErrorKind::BadCpuidInput))?;
+                let subleaf = words
+                    .next()
+                    .and_then(hex32)
+                    .ok_or(err(ParseErrorKind::BadCpuidInput))?;
                 let mut regs: [Option<u32>; 4] = [None; 4];
                 for w in words {
-                    let (name, value) = w.split_once('=').ok_or(err(ParseErrorKind::BadCpuidRegister))?;
+                    let (name, value) = w
+                        .split_once('=')
+                        .ok_or(err(ParseErrorKind::BadCpuidRegister))?;
                     let slot = match name {
                         "eax" => &mut regs[0],
                         "ebx" => &mut regs[1],
@@ -178,8 +213,12 @@ impl MsrDump {
                 let [Some(eax), Some(ebx), Some(ecx), Some(edx)] = regs else {
                     return Err(err(ParseErrorKind::MissingCpuidRegister));
                 };
-                dump.insert_cpuid(CpuidEntry { leaf, subleaf, regs: CpuidRegs { eax, ebx, ecx, edx } })
-                    .map_err(err)?;
+                dump.insert_cpuid(CpuidEntry {
+                    leaf,
+                    subleaf,
+                    regs: CpuidRegs { eax, ebx, ecx, edx },
+                })
+                .map_err(err)?;
             } else {
                 let msr = hex32(first).ok_or(err(ParseErrorKind::BadMsrNumber))?;
                 let word = words.next().ok_or(err(ParseErrorKind::MissingValue))?;
@@ -205,7 +244,10 @@ impl MsrDump {
         if self.msr(msr) != MsrValue::Unknown {
             return Err(ParseErrorKind::DuplicateMsr { msr });
         }
-        let slot = self.msrs.get_mut(self.n_msrs).ok_or(ParseErrorKind::TooManyMsrs)?;
+        let slot = self
+            .msrs
+            .get_mut(self.n_msrs)
+            .ok_or(ParseErrorKind::TooManyMsrs)?;
         *slot = (msr, value);
         self.n_msrs += 1;
         Ok(())
@@ -214,9 +256,15 @@ impl MsrDump {
     /// Adds a CPUID entry.
     pub fn insert_cpuid(&mut self, e: CpuidEntry) -> Result<(), ParseErrorKind> {
         if self.cpuid(e.leaf, e.subleaf).is_some() {
-            return Err(ParseErrorKind::DuplicateCpuid { leaf: e.leaf, subleaf: e.subleaf });
+            return Err(ParseErrorKind::DuplicateCpuid {
+                leaf: e.leaf,
+                subleaf: e.subleaf,
+            });
         }
-        let slot = self.cpuid.get_mut(self.n_cpuid).ok_or(ParseErrorKind::TooManyCpuid)?;
+        let slot = self
+            .cpuid
+            .get_mut(self.n_cpuid)
+            .ok_or(ParseErrorKind::TooManyCpuid)?;
         *slot = e;
         self.n_cpuid += 1;
         Ok(())
@@ -224,12 +272,16 @@ impl MsrDump {
 
     /// The MSR as the dump records it: a value, absent (#GP), or unknown (not listed).
     pub fn msr(&self, msr: u32) -> MsrValue {
-        self.msrs().find(|&(m, _)| m == msr).map_or(MsrValue::Unknown, |(_, v)| v)
+        self.msrs()
+            .find(|&(m, _)| m == msr)
+            .map_or(MsrValue::Unknown, |(_, v)| v)
     }
 
     /// The CPUID output for `leaf`/`subleaf`, if listed.
     pub fn cpuid(&self, leaf: u32, subleaf: u32) -> Option<CpuidRegs> {
-        self.cpuid_entries().find(|e| e.leaf == leaf && e.subleaf == subleaf).map(|e| e.regs)
+        self.cpuid_entries()
+            .find(|e| e.leaf == leaf && e.subleaf == subleaf)
+            .map(|e| e.regs)
     }
 
     /// Every listed MSR, in file order.
@@ -271,29 +323,58 @@ mod tests {
         assert_eq!(d.msr(0x480), MsrValue::Value(0x00d8_1000_0000_002b));
         assert_eq!(d.msr(0x492), MsrValue::Absent);
         assert_eq!(d.msr(0x48c), MsrValue::Unknown);
-        assert_eq!(d.cpuid(1, 0), Some(CpuidRegs { eax: 1, ebx: 2, ecx: 3, edx: 4 }));
+        assert_eq!(
+            d.cpuid(1, 0),
+            Some(CpuidRegs {
+                eax: 1,
+                ebx: 2,
+                ecx: 3,
+                edx: 4
+            })
+        );
         assert_eq!(d.cpuid(1, 1), None);
         assert_eq!(d.msrs().count(), 2);
     }
 
     #[test]
     fn bad_lines_name_their_line() {
-        assert_eq!(kind("0x480 0x1\ngarbage here\n"), (2, ParseErrorKind::BadMsrNumber));
+        assert_eq!(
+            kind("0x480 0x1\ngarbage here\n"),
+            (2, ParseErrorKind::BadMsrNumber)
+        );
         assert_eq!(kind("480 0x1"), (1, ParseErrorKind::BadMsrNumber));
         assert_eq!(kind("0x100000000 0x1"), (1, ParseErrorKind::BadMsrNumber));
         assert_eq!(kind("0x480"), (1, ParseErrorKind::MissingValue));
         assert_eq!(kind("0x480 12"), (1, ParseErrorKind::BadValue));
         assert_eq!(kind("0x480 0x+1"), (1, ParseErrorKind::BadValue));
         assert_eq!(kind("0x480 0x"), (1, ParseErrorKind::BadValue));
-        assert_eq!(kind("0x480 0x10000000000000000"), (1, ParseErrorKind::BadValue));
+        assert_eq!(
+            kind("0x480 0x10000000000000000"),
+            (1, ParseErrorKind::BadValue)
+        );
         assert_eq!(kind("0x480 Absent"), (1, ParseErrorKind::BadValue));
         assert_eq!(kind("\n\n0x480 0x1 0x2"), (3, ParseErrorKind::TrailingText));
-        assert_eq!(kind("cpuid 1 0 eax=0x0 ebx=0x0 ecx=0x0 edx=0x0"), (1, ParseErrorKind::BadCpuidInput));
+        assert_eq!(
+            kind("cpuid 1 0 eax=0x0 ebx=0x0 ecx=0x0 edx=0x0"),
+            (1, ParseErrorKind::BadCpuidInput)
+        );
         assert_eq!(kind("cpuid 0x1"), (1, ParseErrorKind::BadCpuidInput));
-        assert_eq!(kind("cpuid 0x1 0x0 eax=0x0 ebx=0x0 ecx=0x0"), (1, ParseErrorKind::MissingCpuidRegister));
-        assert_eq!(kind("cpuid 0x1 0x0 eax=0x0 ebx=0x0 ecx=0x0 esi=0x0"), (1, ParseErrorKind::BadCpuidRegister));
-        assert_eq!(kind("cpuid 0x1 0x0 eax=0x100000000 ebx=0x0 ecx=0x0 edx=0x0"), (1, ParseErrorKind::BadCpuidRegister));
-        assert_eq!(kind("cpuid 0x1 0x0 eax 0x0"), (1, ParseErrorKind::BadCpuidRegister));
+        assert_eq!(
+            kind("cpuid 0x1 0x0 eax=0x0 ebx=0x0 ecx=0x0"),
+            (1, ParseErrorKind::MissingCpuidRegister)
+        );
+        assert_eq!(
+            kind("cpuid 0x1 0x0 eax=0x0 ebx=0x0 ecx=0x0 esi=0x0"),
+            (1, ParseErrorKind::BadCpuidRegister)
+        );
+        assert_eq!(
+            kind("cpuid 0x1 0x0 eax=0x100000000 ebx=0x0 ecx=0x0 edx=0x0"),
+            (1, ParseErrorKind::BadCpuidRegister)
+        );
+        assert_eq!(
+            kind("cpuid 0x1 0x0 eax 0x0"),
+            (1, ParseErrorKind::BadCpuidRegister)
+        );
         assert_eq!(
             kind("cpuid 0x1 0x0 eax=0x0 eax=0x0 ecx=0x0 edx=0x0"),
             (1, ParseErrorKind::DuplicateCpuidRegister)
@@ -302,12 +383,27 @@ mod tests {
 
     #[test]
     fn duplicates_are_errors() {
-        assert_eq!(kind("0x480 0x1\n0x480 0x1"), (2, ParseErrorKind::DuplicateMsr { msr: 0x480 }));
-        assert_eq!(kind("0x480 absent\n0x480 0x1"), (2, ParseErrorKind::DuplicateMsr { msr: 0x480 }));
+        assert_eq!(
+            kind("0x480 0x1\n0x480 0x1"),
+            (2, ParseErrorKind::DuplicateMsr { msr: 0x480 })
+        );
+        assert_eq!(
+            kind("0x480 absent\n0x480 0x1"),
+            (2, ParseErrorKind::DuplicateMsr { msr: 0x480 })
+        );
         let c = "cpuid 0x7 0x0 eax=0x0 ebx=0x0 ecx=0x0 edx=0x0\n";
         let mut two = std::string::String::from(c);
         two.push_str(c);
-        assert_eq!(kind(&two), (2, ParseErrorKind::DuplicateCpuid { leaf: 7, subleaf: 0 }));
+        assert_eq!(
+            kind(&two),
+            (
+                2,
+                ParseErrorKind::DuplicateCpuid {
+                    leaf: 7,
+                    subleaf: 0
+                }
+            )
+        );
         // Same leaf, another subleaf: fine.
         two.truncate(c.len());
         two.push_str("cpuid 0x7 0x1 eax=0x0 ebx=0x0 ecx=0x0 edx=0x0\n");

@@ -8,7 +8,9 @@
 use crate::arch::HostState;
 use crate::dirty::Mode;
 use crate::guest::{self as abi, Layout};
-use crate::vmx::caps::{entry, exit, pin, primary, secondary, ControlError, ControlRequest, Controls, VmxCaps, Want};
+use crate::vmx::caps::{
+    entry, exit, pin, primary, secondary, ControlError, ControlRequest, Controls, VmxCaps, Want,
+};
 use crate::vmx::fields::Field;
 use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 
@@ -46,7 +48,10 @@ pub const fn guest_request(mode: Mode, vpid: bool) -> ControlRequest {
                 | primary::CR8_STORE_EXITING,
             wanted: 0,
         },
-        secondary: Want { required: sec_required, wanted: sec_wanted },
+        secondary: Want {
+            required: sec_required,
+            wanted: sec_wanted,
+        },
         exit: Want {
             required: exit::HOST_ADDRESS_SPACE_SIZE | exit::SAVE_IA32_EFER | exit::LOAD_IA32_EFER,
             wanted: exit::SAVE_IA32_PAT | exit::LOAD_IA32_PAT,
@@ -60,7 +65,11 @@ pub const fn guest_request(mode: Mode, vpid: bool) -> ControlRequest {
 
 /// [`guest_request`] adjusted to the capabilities (SDM 31.5.1), or the required control the
 /// processor does not allow.
-pub const fn guest_controls(caps: &VmxCaps, mode: Mode, vpid: bool) -> Result<Controls, ControlError> {
+pub const fn guest_controls(
+    caps: &VmxCaps,
+    mode: Mode,
+    vpid: bool,
+) -> Result<Controls, ControlError> {
     caps.adjust_controls(&guest_request(mode, vpid))
 }
 
@@ -129,9 +138,15 @@ pub fn program(
     program_host(v, ctls, host_state)?;
 
     // Guest-state area (SDM 25.4, checks in SDM 27.3.1).
-    v.write(F::GuestCr0, fix_cr(abi::CR0, caps.cr0_fixed0, caps.cr0_fixed1))?;
+    v.write(
+        F::GuestCr0,
+        fix_cr(abi::CR0, caps.cr0_fixed0, caps.cr0_fixed1),
+    )?;
     v.write(F::GuestCr3, layout.cr3())?;
-    v.write(F::GuestCr4, fix_cr(abi::CR4, caps.cr4_fixed0, caps.cr4_fixed1))?;
+    v.write(
+        F::GuestCr4,
+        fix_cr(abi::CR4, caps.cr4_fixed0, caps.cr4_fixed1),
+    )?;
     v.write(F::GuestDr7, 0x400)?;
     v.write(F::GuestRsp, cfg.rsp)?;
     v.write(F::GuestRip, cfg.rip)?;
@@ -142,11 +157,36 @@ pub fn program(
     v.write(F::GuestCsLimit, 0xffff_ffff)?;
     v.write(F::GuestCsAccessRights, 0xa09b)?;
     for (s, b, l, a) in [
-        (F::GuestSsSelector, F::GuestSsBase, F::GuestSsLimit, F::GuestSsAccessRights),
-        (F::GuestDsSelector, F::GuestDsBase, F::GuestDsLimit, F::GuestDsAccessRights),
-        (F::GuestEsSelector, F::GuestEsBase, F::GuestEsLimit, F::GuestEsAccessRights),
-        (F::GuestFsSelector, F::GuestFsBase, F::GuestFsLimit, F::GuestFsAccessRights),
-        (F::GuestGsSelector, F::GuestGsBase, F::GuestGsLimit, F::GuestGsAccessRights),
+        (
+            F::GuestSsSelector,
+            F::GuestSsBase,
+            F::GuestSsLimit,
+            F::GuestSsAccessRights,
+        ),
+        (
+            F::GuestDsSelector,
+            F::GuestDsBase,
+            F::GuestDsLimit,
+            F::GuestDsAccessRights,
+        ),
+        (
+            F::GuestEsSelector,
+            F::GuestEsBase,
+            F::GuestEsLimit,
+            F::GuestEsAccessRights,
+        ),
+        (
+            F::GuestFsSelector,
+            F::GuestFsBase,
+            F::GuestFsLimit,
+            F::GuestFsAccessRights,
+        ),
+        (
+            F::GuestGsSelector,
+            F::GuestGsBase,
+            F::GuestGsLimit,
+            F::GuestGsAccessRights,
+        ),
     ] {
         v.write(s, abi::DS_SELECTOR.into())?;
         v.write(b, 0)?;
@@ -184,7 +224,11 @@ pub fn program(
 
 /// Writes the host-state area from a snapshot of this CPU (SDM 25.5; checks in SDM 27.2.3).
 /// HOST_RSP and HOST_RIP are written by the entry trampoline.
-pub fn program_host(v: &mut dyn VmcsAccess, ctls: &Controls, host_state: &HostState) -> Result<(), VmcsError> {
+pub fn program_host(
+    v: &mut dyn VmcsAccess,
+    ctls: &Controls,
+    host_state: &HostState,
+) -> Result<(), VmcsError> {
     use Field as F;
     // Selectors with RPL=0 and TI=0 (SDM 27.2.3); DS/ES null (restored after the exit).
     let h = host_state;

@@ -67,7 +67,9 @@ pub struct VmcsImage {
 impl VmcsImage {
     /// An image with every field 0.
     pub const fn new() -> VmcsImage {
-        VmcsImage { values: [0; Field::COUNT] }
+        VmcsImage {
+            values: [0; Field::COUNT],
+        }
     }
 }
 
@@ -93,10 +95,16 @@ impl core::fmt::Debug for VmcsImage {
 
 impl VmcsAccess for VmcsImage {
     fn read(&self, field: Field) -> Result<u64, VmcsError> {
-        self.values.get(field.slot()).copied().ok_or(VmcsError::UnsupportedField(field))
+        self.values
+            .get(field.slot())
+            .copied()
+            .ok_or(VmcsError::UnsupportedField(field))
     }
     fn write(&mut self, field: Field, value: u64) -> Result<(), VmcsError> {
-        let slot = self.values.get_mut(field.slot()).ok_or(VmcsError::UnsupportedField(field))?;
+        let slot = self
+            .values
+            .get_mut(field.slot())
+            .ok_or(VmcsError::UnsupportedField(field))?;
         *slot = value & field.width().mask();
         Ok(())
     }
@@ -341,7 +349,9 @@ pub struct InterruptionInfo(pub u32);
 impl InterruptionInfo {
     /// Builds a valid event of `ty` with `vector`.
     pub const fn new(ty: u8, vector: u8, deliver_error_code: bool) -> InterruptionInfo {
-        InterruptionInfo(1 << 31 | (deliver_error_code as u32) << 11 | (ty as u32 & 7) << 8 | vector as u32)
+        InterruptionInfo(
+            1 << 31 | (deliver_error_code as u32) << 11 | (ty as u32 & 7) << 8 | vector as u32,
+        )
     }
     /// Valid, bit 31.
     pub const fn valid(self) -> bool {
@@ -435,7 +445,10 @@ mod tests {
         assert_eq!(cs.0, 0xA09B);
         assert!(cs.l() && !cs.db() && cs.g() && cs.p() && cs.s());
         // Flat data: type 3, S, P, D/B, G -> 0xC093.
-        assert_eq!(AccessRights::new(3, true, 0, true, false, true, true, false).0, 0xC093);
+        assert_eq!(
+            AccessRights::new(3, true, 0, true, false, true, true, false).0,
+            0xC093
+        );
         assert_eq!(AccessRights(0x60).dpl(), 3);
         assert!(AccessRights::UNUSABLE.unusable());
         assert!(AccessRights(0x100).reserved_bits_set());

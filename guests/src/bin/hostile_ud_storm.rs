@@ -115,7 +115,10 @@ fn main(_vcpu: u64) -> u64 {
         let stack_top = core::ptr::addr_of_mut!(IST_STACK) as u64 + 8192;
         let ist1 = (g::reserved_base() + TSS_OFF + TSS_IST1) as *mut u64;
         core::ptr::write_unaligned(ist1, stack_top);
-        let idtr = Idtr { limit: (28 * 8 - 1) as u16, base: idt as u64 };
+        let idtr = Idtr {
+            limit: (28 * 8 - 1) as u16,
+            base: idt as u64,
+        };
         asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack));
     }
     for _ in 0..ROUNDS {

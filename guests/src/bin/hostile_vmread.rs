@@ -10,7 +10,9 @@ g::entry!(main);
 fn main(_vcpu: u64) -> u64 {
     g::print("hostile_vmread: vmread\n");
     // SAFETY: exits to the host; no guest state is involved.
-    unsafe { core::arch::asm!("vmread rax, rcx", out("rax") _, in("rcx") 0x6800u64, options(nostack)) };
+    unsafe {
+        core::arch::asm!("vmread rax, rcx", out("rax") _, in("rcx") 0x6800u64, options(nostack))
+    };
     g::print("hostile_vmread: vmread returned\n");
     1
 }

@@ -150,8 +150,8 @@ unsigned long smudge_cr4_read(void) { return __read_cr4(); }
 int smudge_rdmsr_safe(u32 msr, u64 *val) { return rdmsrl_safe(msr, val); }
 void *smudge_va(u64 pa) { return __va(pa); }
 u64 smudge_pa(void *va) { return __pa(va); }
-/* GFP_ATOMIC inside the run loop (preemption off), GFP_KERNEL elsewhere. */
-unsigned long smudge_get_zeroed_page(int atomic) { return get_zeroed_page(atomic ? GFP_ATOMIC : GFP_KERNEL); }
+/* Only in process context: the run loop takes guest pages from a per-vCPU cache refilled here. */
+unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(GFP_KERNEL); }
 void smudge_free_page(unsigned long va) { free_page(va); }
 int smudge_copy_from_user(void *dst, unsigned long src, unsigned long n) { return copy_from_user(dst, (const void __user *)src, n) ? -EFAULT : 0; }
 int smudge_copy_to_user(unsigned long dst, const void *src, unsigned long n) { return copy_to_user((void __user *)dst, src, n) ? -EFAULT : 0; }

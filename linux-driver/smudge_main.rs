@@ -48,7 +48,7 @@ extern "C" {
     fn smudge_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
     fn smudge_va(pa: u64) -> *mut c_void;
     fn smudge_pa(va: *const c_void) -> u64;
-    fn smudge_get_zeroed_page(atomic: i32) -> usize;
+    fn smudge_get_zeroed_page() -> usize;
     fn smudge_free_page(va: usize);
     fn smudge_copy_from_user(dst: *mut c_void, src: usize, n: usize) -> i32;
     fn smudge_copy_to_user(dst: usize, src: *const c_void, n: usize) -> i32;
@@ -88,7 +88,7 @@ impl Platform for LinuxPlatform {
             if smudge_fault_inject() != 0 {
                 return None;
             }
-            let va = smudge_get_zeroed_page(0);
+            let va = smudge_get_zeroed_page();
             if va == 0 {
                 return None;
             }
@@ -308,10 +308,6 @@ impl VmFile {
         self.kick.store(false, Ordering::SeqCst);
     }
 
-    fn pages(&self) -> u64 {
-        self.vm.with(|vm| vm.as_ref().map_or(0, |v| v.pages_held())) + self.vcpu_pages()
-    }
-
     /// Pages the vCPUs hold (their own and their caches). Every vCPU must be out of RUN or
     /// kicked out.
     fn vcpu_pages(&self) -> u64 {
@@ -322,35 +318,10 @@ impl VmFile {
             .sum::<u64>()
     }
 
-    /// INVEPT on every CPU (SDM 29.4.3.4): after a harvest clears D or W, any CPU where a vCPU
-    /// ran may still cache the old translations. Called with every vCPU kicked out.
-    fn invept_everywhere(&self, p: &LinuxPlatform) {
-        self.vm.with(|vm| {
-            if let Some(vm) = vm.as_mut() {
-                if vm.ept().needs_invept() {
-                    // SAFETY: runs INVEPT in IPI context on each CPU.
-                    unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
-                    vm.ept_mut().invept_done(p);
-                }
-            }
-        })
-    }
-
     /// Frees everything; no RUN is in progress (release, or a failed Setup).
     fn free_all(&self) {
         let p = LinuxPlatform;
-        for slot in self.vcpus() {
-            // SAFETY: no RUN is in progress, so nobody else references the vCPU.
-            let v = unsafe { &mut *slot.v.get() };
-            if v.cpu >= 0 {
-                // SAFETY: VMCLEAR on the CPU that has the VMCS active.
-                unsafe { smudge_on_cpu(v.cpu, vmclear_on_cpu, v.hw.pages.vmcs as *mut c_void) };
-                v.cpu = -1;
-            }
-            v.hw.free_pages(&p);
-        }
-        // SAFETY: as above; the vector is not shared any more.
-        unsafe { *self.vcpus.get() = KVec::new() };
+        free_vcpus(self, &p);
         // SAFETY: invalidate every cached translation before the tables and pages are freed.
         unsafe { smudge_on_each_cpu(invept_on_cpu, core::ptr::null_mut()) };
         if let Some(vm) = self.vm.with(|vm| vm.take()) {
@@ -696,16 +667,8 @@ fn handle(
         }
         Request::Explain { gpa, user_va } => {
             let vm = vm_slot.as_ref().ok_or(-EINVAL)?;
-            let mut r = abi::ExplainResp::default();
-            // The guest's own PDE for this address (2 MiB pages, identity map below 4 GiB).
-            if let Some(pde) = vm.guest_pde(&p, gpa).map_err(core_err)? {
-                r.guest_pte = pde;
-                r.guest_level = 2;
-            }
-            if let Some(t) = vm.ept().translate(&p, gpa) {
-                r.ept_leaf = t.entry.0;
-                r.ept_level = t.level.into();
-                r.hpa = t.hpa & !0xfff;
+            let mut r = smudge_core::answer::explain_guest(vm, &p, gpa).map_err(core_err)?;
+            if r.ept_leaf != 0 {
                 // SAFETY: the direct-map address of a page the VM owns; lookup_address only reads.
                 unsafe {
                     r.host_va = smudge_va(r.hpa) as u64;

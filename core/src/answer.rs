@@ -434,3 +434,24 @@ mod tests {
         }
     }
 }
+
+/// The guest's and the EPT's part of an EXPLAIN answer for `gpa`: the guest's own PDE (its
+/// tables map 4 GiB with 2 MiB pages) and the EPT leaf with the backing page. The shim adds
+/// what only the OS knows: the host mappings of that page (`host_va`, `host_pte`, `user_pte`).
+pub fn explain_guest<P: crate::platform::Platform + ?Sized>(
+    vm: &crate::vm::Vm,
+    p: &P,
+    gpa: u64,
+) -> Result<crate::abi::ExplainResp, crate::Error> {
+    let mut r = crate::abi::ExplainResp::default();
+    if let Some(pde) = vm.guest_pde(p, gpa)? {
+        r.guest_pte = pde;
+        r.guest_level = 2;
+    }
+    if let Some(t) = vm.ept().translate(p, gpa) {
+        r.ept_leaf = t.entry.0;
+        r.ept_level = t.level.into();
+        r.hpa = t.hpa & !0xfff;
+    }
+    Ok(r)
+}

@@ -27,27 +27,7 @@ fn vm_header(mode: u8, limit: u32) -> Builder {
 }
 
 fn minimal_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
-    // ELF64 header (64 bytes) + one program header (56 bytes), then the code: SysV ABI gABI
-    // e_ident, e_type ET_EXEC (2), e_machine EM_X86_64 (62), PT_LOAD (1).
-    let mut b = vec![0u8; 120];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2;
-    b[5] = 1;
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes());
-    b[18..20].copy_from_slice(&62u16.to_le_bytes());
-    b[24..32].copy_from_slice(&paddr.to_le_bytes());
-    b[32..40].copy_from_slice(&64u64.to_le_bytes());
-    b[54..56].copy_from_slice(&56u16.to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    b[64..68].copy_from_slice(&1u32.to_le_bytes());
-    b[72..80].copy_from_slice(&120u64.to_le_bytes());
-    b[80..88].copy_from_slice(&paddr.to_le_bytes());
-    b[88..96].copy_from_slice(&paddr.to_le_bytes());
-    b[96..104].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b[104..112].copy_from_slice(&(code.len() as u64 + 8192).to_le_bytes());
-    b.extend_from_slice(code);
-    b
+    smudge_tests::elf::minimal(paddr, code, code.len() as u64 + 8192)
 }
 
 fn vm_seeds() -> Vec<(&'static str, Vec<u8>)> {

@@ -5,6 +5,7 @@
 //! - [`model::Cpu`]: the SDM's EPT translation, the oracle the core is tested against.
 //! - [`harness::TrackedVm`]: slots, dirty logs and the exit handling of the VM loop.
 
+pub mod elf;
 pub mod harness;
 pub mod model;
 pub mod platform;

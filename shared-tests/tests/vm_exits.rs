@@ -53,26 +53,7 @@ fn exit(
 
 /// A minimal ELF64 executable: one PT_LOAD of `code` at `paddr`, entry at its start.
 fn elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
-    let mut b = vec![0u8; 120];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2;
-    b[5] = 1;
-    b[6] = 1;
-    b[16..18].copy_from_slice(&2u16.to_le_bytes());
-    b[18..20].copy_from_slice(&62u16.to_le_bytes());
-    b[24..32].copy_from_slice(&paddr.to_le_bytes());
-    b[32..40].copy_from_slice(&64u64.to_le_bytes());
-    b[54..56].copy_from_slice(&56u16.to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = 64;
-    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-    b[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
-    b[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-    b[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-    b[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    b[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
-    b.extend_from_slice(code);
-    b
+    smudge_tests::elf::minimal(paddr, code, memsz)
 }
 
 #[test]
@@ -344,4 +325,19 @@ fn bss_reads_zero_even_over_earlier_writes() {
         b[0x2800..].iter().all(|&x| x == 0xaa),
         "bytes past p_memsz are not the image's"
     );
+}
+
+#[test]
+fn explain_reports_the_guest_pde_and_the_ept_leaf_of_the_backing_page() {
+    let p = MockPlatform::new();
+    let mut vm = vm(&p, Mode::AdScan);
+    let unbacked = smudge_core::answer::explain_guest(&vm, &p, 0x40_0000).expect("explain");
+    assert_eq!((unbacked.ept_leaf, unbacked.hpa), (0, 0));
+    assert_eq!(vm.on_ept_violation(&p, 0x40_0123, 0x2), Fault::Resolved);
+    let r = smudge_core::answer::explain_guest(&vm, &p, 0x40_0123).expect("explain");
+    // The guest's 2 MiB PDE for 4 MiB: P|RW|PS (SDM Vol. 3A 4.5).
+    assert_eq!((r.guest_pte, r.guest_level), (0x40_0000 | 0x83, 2));
+    // A 4 KiB EPT leaf, RWX and WB (SDM 29.3.2), pointing at a page the platform handed out.
+    assert_eq!((r.ept_level, r.ept_leaf & 0x3f), (1, 0x7 | (6 << 3)));
+    assert!(p.is_live(r.hpa) && r.ept_leaf & !0xfff & 0x000f_ffff_ffff_f000 == r.hpa);
 }

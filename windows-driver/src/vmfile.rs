@@ -248,16 +248,8 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
         }
         Request::Explain { gpa, .. } => {
             let vm = f.vm.as_ref().ok_or(STATUS_INVALID_DEVICE_STATE)?;
-            let mut r = abi::ExplainResp::default();
-            // The guest's own PDE for this address (2 MiB pages, identity map below 4 GiB).
-            if let Some(pde) = vm.guest_pde(&p, gpa).map_err(from_core)? {
-                r.guest_pte = pde;
-                r.guest_level = 2;
-            }
-            if let Some(t) = vm.ept().translate(&p, gpa) {
-                r.ept_leaf = t.entry.0;
-                r.ept_level = t.level.into();
-                r.hpa = t.hpa & !0xfff;
+            let mut r = smudge_core::answer::explain_guest(vm, &p, gpa).map_err(from_core)?;
+            if r.ept_leaf != 0 {
                 // SAFETY: MmGetVirtualForPhysical only looks the address up.
                 r.host_va = unsafe { nt::MmGetVirtualForPhysical(r.hpa as i64) } as u64;
                 if let Some(leaf) = host_pte(r.host_va) {

@@ -38,8 +38,6 @@ pub struct Boot {
     pub status: i32,
     /// The command's output (COM2).
     pub output: String,
-    /// Kernel messages (COM1).
-    pub kernel_log: String,
     /// Wall time.
     pub seconds: f64,
 }
@@ -327,7 +325,6 @@ pub fn boot(
     Ok(Boot {
         status,
         output,
-        kernel_log,
         seconds,
     })
 }

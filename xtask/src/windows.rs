@@ -46,11 +46,6 @@ impl Paths {
     }
 }
 
-/// Builds and signs smudge.sys.
-pub fn build() -> Result<()> {
-    build_signed(&Paths::new())
-}
-
 /// Builds, signs and verifies smudge.sys.
 pub fn build_and_verify() -> Result<()> {
     let p = Paths::new();

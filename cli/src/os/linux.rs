@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -160,23 +160,7 @@ pub struct Alarm {
 impl Alarm {
     /// Arms the alarm for the calling thread.
     pub fn at(deadline: Instant) -> io::Result<Alarm> {
-        static HANDLER: Once = Once::new();
-        let mut err = None;
-        HANDLER.call_once(|| {
-            // SAFETY: installs a handler that does nothing (async-signal-safe).
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_sigalrm as extern "C" fn(libc::c_int) as usize;
-                libc::sigemptyset(&mut sa.sa_mask);
-                sa.sa_flags = 0;
-                if libc::sigaction(libc::SIGALRM, &sa, std::ptr::null_mut()) != 0 {
-                    err = Some(io::Error::last_os_error());
-                }
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+        install_interrupt_handler()?;
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };
         let stop = Arc::new(AtomicBool::new(false));

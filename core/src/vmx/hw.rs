@@ -262,7 +262,15 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             setup::program_host(&mut vmcs, ctls, &host),
         )?;
     }
-    let timer = ctls.pin & pin::ACTIVATE_PREEMPTION_TIMER != 0;
+    if ctls.pin & pin::ACTIVATE_PREEMPTION_TIMER != 0 {
+        // Once per run, not per entry: without the "save VMX-preemption timer value" exit
+        // control, a VM exit leaves the field alone and every entry counts down from it again
+        // (SDM 26.5.1, "VMX-Preemption Timer").
+        vmcs_step(
+            "vmwrite (timer)",
+            vmcs.write(Field::VmxPreemptionTimerValue, PREEMPTION_QUANTUM),
+        )?;
+    }
     let pml = ctls.secondary & secondary::ENABLE_PML != 0;
     // SAFETY: the caller owns the FPU; the area holds a valid image.
     unsafe { arch::fxrstor(&vcpu.fx) };
@@ -293,14 +301,6 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
                 step: "invept",
                 fail,
             });
-        }
-        if timer {
-            if let Err(e) = vmcs.write(Field::VmxPreemptionTimerValue, PREEMPTION_QUANTUM) {
-                break Err(HwError::Vmx {
-                    step: "vmwrite (timer)",
-                    fail: vm_fail(e),
-                });
-            }
         }
         let flags = env.irq_save();
         // SAFETY: the VMCS is complete, interrupts are off, and the host area describes this CPU.

@@ -9,7 +9,7 @@
 
 use core::cell::UnsafeCell;
 use core::ffi::{c_long, c_void};
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use kernel::prelude::*;
 use smudge_core::abi::{self, Op, Request, Wire};
@@ -21,7 +21,6 @@ use smudge_core::vcpu::{write_revision_id, VcpuPages};
 use smudge_core::vm::{RunExit, Vm};
 use smudge_core::vmx::caps::{Controls, CpuidRegs, MsrValue, VmxCaps};
 use smudge_core::vmx::hw::{self, HwExit, HwVcpu, RunEnv};
-use smudge_core::vmx::setup;
 
 module! {
     type: Smudge,
@@ -75,6 +74,8 @@ const EIO: c_long = 5;
 const EOPNOTSUPP: c_long = 95;
 const ENOEXEC: c_long = 8;
 const ENOENT: c_long = 2;
+const ENOSPC: c_long = 28;
+const EEXIST: c_long = 17;
 
 /// Pages from the kernel's page allocator (GFP_KERNEL), seen through the direct map. The run
 /// loop never allocates from it while preemption is off: guest memory is backed from the
@@ -258,15 +259,20 @@ fn panic_free_unreachable<R, F: FnOnce(&mut Vm) -> R>(_f: F, _vm: Option<Vm>) ->
 struct VmFile {
     /// A VM-level request is in progress.
     busy: AtomicBool,
-    /// Setup finished: `vcpus` and `ctls` no longer change.
+    /// Setup finished: the VM exists until release.
     ready: AtomicBool,
     /// vCPUs must leave guest mode and wait (harvest, clear, load, explain...).
     kick: AtomicBool,
     /// vCPUs inside the run loop.
     running: AtomicU32,
     vm: VmLock,
+    /// Written by Setup and SET_MODE (VM-level, every vCPU kicked out), read by RUN inside the
+    /// run loop's kick protocol.
     ctls: UnsafeCell<Option<Controls>>,
-    vcpus: UnsafeCell<KVec<KBox<VcpuSlot>>>,
+    /// vCPU `i` (from `KBox::into_raw`), published before `nr_vcpus` counts it; freed only when
+    /// no RUN is in progress (release, a failed Setup).
+    vcpus: [AtomicPtr<VcpuSlot>; abi::MAX_VCPUS as usize],
+    nr_vcpus: AtomicU32,
 }
 
 // SAFETY: every field is either atomic or guarded by the protocol documented on each.
@@ -288,9 +294,20 @@ extern "C" fn invept_on_cpu(info: *mut c_void) {
 }
 
 impl VmFile {
-    fn vcpus(&self) -> &[KBox<VcpuSlot>] {
-        // SAFETY: `vcpus` is written only during Setup (busy held, ready false, no RUN).
-        unsafe { &*self.vcpus.get() }
+    /// vCPU `index`, once created.
+    fn vcpu(&self, index: u32) -> Option<&VcpuSlot> {
+        if index >= self.nr_vcpus.load(Ordering::Acquire) {
+            return None;
+        }
+        let ptr = self.vcpus.get(index as usize)?.load(Ordering::Acquire);
+        // SAFETY: a published vCPU stays allocated until release (or a failed Setup), when no
+        // request of this file runs.
+        unsafe { ptr.as_ref() }
+    }
+
+    /// The vCPUs created so far.
+    fn vcpus(&self) -> impl Iterator<Item = &VcpuSlot> {
+        (0..self.nr_vcpus.load(Ordering::Acquire)).filter_map(|i| self.vcpu(i))
     }
 
     /// Kicks every vCPU out of guest mode and waits until none is in the run loop. vCPUs notice
@@ -312,7 +329,6 @@ impl VmFile {
     /// kicked out.
     fn vcpu_pages(&self) -> u64 {
         self.vcpus()
-            .iter()
             // SAFETY: no vCPU runs (the caller's contract), so nobody writes its cache.
             .map(|slot| unsafe { &*slot.v.get() }.hw.pages_held())
             .sum::<u64>()
@@ -346,7 +362,8 @@ pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
             vm: UnsafeCell::new(None),
         },
         ctls: UnsafeCell::new(None),
-        vcpus: UnsafeCell::new(KVec::new()),
+        vcpus: [const { AtomicPtr::new(core::ptr::null_mut()) }; abi::MAX_VCPUS as usize],
+        nr_vcpus: AtomicU32::new(0),
     };
     match KBox::new(f, GFP_KERNEL) {
         Ok(b) => {
@@ -453,6 +470,9 @@ fn core_err(e: smudge_core::Error) -> c_long {
     match e {
         E::OutOfMemory => -ENOMEM,
         E::Unsupported => -EOPNOTSUPP,
+        E::NoFreeSlot => -ENOSPC,
+        E::AlreadyRunning => -EBUSY,
+        E::Overlap => -EEXIST,
         _ => -EINVAL,
     }
 }
@@ -478,15 +498,20 @@ fn ioctl(f: &VmFile, op: Op, arg: usize) -> c_long {
         if f.busy.swap(true, Ordering::Acquire) {
             return -EBUSY;
         }
-        let setup = matches!(req, Request::Setup { .. });
-        if !setup {
+        // Setup has no vCPU to kick yet; GET_REGS and SET_REGS hold their vCPU instead.
+        let kick = !matches!(
+            req,
+            Request::Setup { .. } | Request::GetRegs { .. } | Request::SetRegs { .. }
+        );
+        if kick {
             f.kick_all();
         }
         // SAFETY: `busy` excludes other VM-level requests and the kick excludes every vCPU, so
-        // this thread alone uses the VM, the controls and the vCPU vector now.
+        // this thread alone uses the VM and the controls now (GET_REGS and SET_REGS use
+        // neither).
         let (vm, ctls) = unsafe { (&mut *f.vm.vm.get(), &mut *f.ctls.get()) };
         let r = handle(f, g, vm, ctls, req, &mut buf);
-        if !setup {
+        if kick {
             f.unkick();
         }
         f.busy.store(false, Ordering::Release);
@@ -508,10 +533,18 @@ fn invept_vm(vm: &mut Vm, p: &LinuxPlatform) {
     }
 }
 
-/// Frees the vCPUs' pages (no RUN in progress).
+/// Frees the vCPUs (no request of the file in progress but the caller's).
 fn free_vcpus(f: &VmFile, p: &LinuxPlatform) {
-    for slot in f.vcpus() {
-        // SAFETY: no RUN is in progress, so nobody else references the vCPU.
+    f.nr_vcpus.store(0, Ordering::Release);
+    for ptr in f.vcpus.iter() {
+        let raw = ptr.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if raw.is_null() {
+            continue;
+        }
+        // SAFETY: published by add_vcpu from KBox::into_raw, taken back exactly once (the swap);
+        // no RUN is in progress, so nobody else references the vCPU.
+        let slot = unsafe { KBox::from_raw(raw) };
+        // SAFETY: as above.
         let v = unsafe { &mut *slot.v.get() };
         if v.cpu >= 0 {
             // SAFETY: VMCLEAR on the CPU that has the VMCS active.
@@ -520,8 +553,23 @@ fn free_vcpus(f: &VmFile, p: &LinuxPlatform) {
         }
         v.hw.free_pages(p);
     }
-    // SAFETY: as above.
-    unsafe { *f.vcpus.get() = KVec::new() };
+}
+
+/// Runs `op` on vCPU `index` between its runs: a RUN of it in progress gets -EBUSY.
+fn with_idle_vcpu<R>(
+    f: &VmFile,
+    index: u32,
+    op: impl FnOnce(&mut HwVcpu) -> R,
+) -> core::result::Result<R, c_long> {
+    let slot = f.vcpu(index).ok_or(-EINVAL)?;
+    if slot.busy.swap(true, Ordering::Acquire) {
+        return Err(-EBUSY);
+    }
+    // SAFETY: `slot.busy` excludes its RUN, the file's `busy` every other request that touches
+    // vCPU state.
+    let r = op(&mut unsafe { &mut *slot.v.get() }.hw);
+    slot.busy.store(false, Ordering::Release);
+    Ok(r)
 }
 
 fn handle(
@@ -544,30 +592,14 @@ fn handle(
             if vm_slot.is_some() || f.ready.load(Ordering::Acquire) {
                 return Err(-EBUSY);
             }
-            let mode = match mode {
-                None => g.mode,
-                Some(m) => {
-                    g.caps.mode_available(m).map_err(|_| -EOPNOTSUPP)?;
-                    m
-                }
-            };
-            let ctls = setup::guest_controls(&g.caps, mode, g.caps.ept_vpid_cap & (1 << 32) != 0)
-                .map_err(|_| -EOPNOTSUPP)?;
+            let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(core_err)?;
             let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(core_err)?;
             if let Err(e) = vm.add_ram(&p, mem_bytes) {
                 vm.destroy(&p);
                 return Err(core_err(e));
             }
-            // SAFETY: Setup holds `busy` and `ready` is false: no other thread reads the vector.
-            if unsafe { &mut *f.vcpus.get() }
-                .reserve(vcpus as usize, GFP_KERNEL)
-                .is_err()
-            {
-                vm.destroy(&p);
-                return Err(-ENOMEM);
-            }
-            for i in 0..vcpus {
-                if let Err(e) = add_vcpu(f, &p, g, i) {
+            for _ in 0..vcpus {
+                if let Err(e) = add_vcpu(f, &p, g, &vm) {
                     free_vcpus(f, &p);
                     vm.destroy(&p);
                     return Err(e);
@@ -592,11 +624,54 @@ fn handle(
             };
             for slot in f.vcpus() {
                 // SAFETY: every vCPU is kicked out; this thread alone uses them.
-                unsafe { (*slot.v.get()).hw.rip = entry };
+                let hw = unsafe { &mut (*slot.v.get()).hw };
+                hw.rip = entry;
+                hw.regs_dirty = true;
             }
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }
         Request::Run { .. } => Err(-EINVAL),
+        Request::GetRegs { vcpu } => {
+            let regs = with_idle_vcpu(f, vcpu, |hw| hw.regs())?;
+            enc(regs.to_bytes(buf))
+        }
+        Request::SetRegs { vcpu, regs } => {
+            with_idle_vcpu(f, vcpu, |hw| hw.set_regs(&regs))?;
+            Ok(0)
+        }
+        Request::AddSlot { gpa, size } => {
+            let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
+            let slot = vm.add_slot(&p, gpa, size).map_err(core_err)?;
+            // A new slot only fills EPT entries that were not present; the INVEPT its clean-up
+            // asks for is cheap and keeps the rule simple.
+            invept_vm(vm, &p);
+            enc(abi::AddSlotResp {
+                slot: slot as u32,
+                reserved: 0,
+            }
+            .to_bytes(buf))
+        }
+        Request::CreateVcpu => {
+            let vm = vm_slot.as_ref().ok_or(-EINVAL)?;
+            let index = f.nr_vcpus.load(Ordering::Acquire);
+            if index >= abi::MAX_VCPUS {
+                return Err(-ENOSPC);
+            }
+            add_vcpu(f, &p, g, vm)?;
+            enc(abi::CreateVcpuResp {
+                vcpu: index,
+                reserved: 0,
+            }
+            .to_bytes(buf))
+        }
+        Request::SetMode { mode } => {
+            let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
+            let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(core_err)?;
+            vm.set_mode(&p, mode).map_err(core_err)?;
+            invept_vm(vm, &p);
+            *ctls_slot = Some(ctls);
+            Ok(0)
+        }
         Request::DirtyLog {
             slot,
             bitmap,
@@ -651,7 +726,7 @@ fn handle(
             // SAFETY: reads the module's counter.
             s.driver_pages = unsafe { smudge_pages_held() };
             s.mode = vm_slot.as_ref().map_or(0, |v| v.mode() as u32);
-            s.vcpus = f.vcpus().len() as u32;
+            s.vcpus = f.nr_vcpus.load(Ordering::Acquire);
             for slot in f.vcpus() {
                 // SAFETY: every vCPU is kicked out.
                 let v = unsafe { &*slot.v.get() };
@@ -710,15 +785,20 @@ fn handle(
     }
 }
 
+/// Creates the next vCPU of `vm` and publishes it. Only VM-level requests call it (the
+/// file's `busy` held), so indices cannot race.
 fn add_vcpu(
     f: &VmFile,
     p: &LinuxPlatform,
     g: &Global,
-    index: u32,
+    vm: &Vm,
 ) -> core::result::Result<(), c_long> {
+    let index = f.nr_vcpus.load(Ordering::Acquire);
+    let ptr = f.vcpus.get(index as usize).ok_or(-ENOSPC)?;
+    let (rip, rsp) = answer::vcpu_entry(vm, index).map_err(core_err)?;
     let pages = VcpuPages::alloc(p, &g.caps).map_err(core_err)?;
     let v = LinuxVcpu {
-        hw: HwVcpu::new(index, pages),
+        hw: HwVcpu::new(index, pages, rip, rsp),
         cpu: -1,
     };
     let b = match KBox::new(
@@ -735,10 +815,8 @@ fn add_vcpu(
             return Err(-ENOMEM);
         }
     };
-    // SAFETY: Setup holds `busy` and `ready` is false: no other thread reads the vector.
-    let vcpus = unsafe { &mut *f.vcpus.get() };
-    // Capacity was reserved by Setup, so this push does not allocate and cannot fail.
-    vcpus.push(b, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+    ptr.store(KBox::into_raw(b), Ordering::Release);
+    f.nr_vcpus.store(index + 1, Ordering::Release);
     Ok(())
 }
 
@@ -766,7 +844,7 @@ fn run_request(f: &VmFile, g: &Global, index: u32) -> core::result::Result<abi::
     if !f.ready.load(Ordering::Acquire) {
         return Err(-EINVAL);
     }
-    let slot = f.vcpus().get(index as usize).ok_or(-EINVAL)?;
+    let slot = f.vcpu(index).ok_or(-EINVAL)?;
     if slot.busy.swap(true, Ordering::Acquire) {
         return Err(-EBUSY);
     }
@@ -792,8 +870,6 @@ fn wait_unkicked(f: &VmFile) -> bool {
 }
 
 fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::RunResp, c_long> {
-    // SAFETY: set during Setup, read-only afterwards.
-    let ctls = unsafe { *f.ctls.get() }.ok_or(-EINVAL)?;
     let p = LinuxPlatform;
     let mut resp = abi::RunResp::default();
     let env = LinuxEnv { kick: &f.kick };
@@ -831,6 +907,12 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         // SAFETY: `slot.busy` makes this thread the vCPU's only user; VM-level requests touch
         // it only while `running` is 0.
         let v = unsafe { &mut *vp };
+        // SAFETY: inside the kick protocol: Setup and SET_MODE write the controls only while
+        // `running` is 0, and this vCPU counts in `running` until it leaves the loop body.
+        let Some(ctls) = (unsafe { *f.ctls.get() }) else {
+            f.running.fetch_sub(1, Ordering::SeqCst);
+            return Err(-EINVAL);
+        };
         // Preemption is still on: GFP_KERNEL may sleep. The exit handler backs guest memory
         // from this cache only (never with GFP_ATOMIC).
         v.hw.cache.refill(&p);

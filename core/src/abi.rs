@@ -45,11 +45,21 @@ pub enum Op {
     ReadGuest = 10,
     /// nothing -> [`CapsResp`].
     Caps = 11,
+    /// [`AddSlotReq`] -> [`AddSlotResp`]: another guest-physical memory slot.
+    AddSlot = 12,
+    /// [`CreateVcpuReq`] -> [`CreateVcpuResp`]: one more vCPU.
+    CreateVcpu = 13,
+    /// [`SetModeReq`]: the dirty-tracking mode, before the first RUN.
+    SetMode = 14,
+    /// [`VcpuReq`] -> [`Regs`].
+    GetRegs = 15,
+    /// [`SetRegsReq`].
+    SetRegs = 16,
 }
 
 impl Op {
     /// All requests.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 16] = [
         Op::Setup,
         Op::LoadElf,
         Op::Run,
@@ -61,6 +71,11 @@ impl Op {
         Op::WriteGuest,
         Op::ReadGuest,
         Op::Caps,
+        Op::AddSlot,
+        Op::CreateVcpu,
+        Op::SetMode,
+        Op::GetRegs,
+        Op::SetRegs,
     ];
 
     /// Bytes of the request struct.
@@ -68,12 +83,16 @@ impl Op {
         match self {
             Op::Setup => core::mem::size_of::<SetupReq>(),
             Op::LoadElf => core::mem::size_of::<LoadElfReq>(),
-            Op::Run => core::mem::size_of::<RunReq>(),
+            Op::Run | Op::GetRegs => core::mem::size_of::<VcpuReq>(),
             Op::GetDirtyLog | Op::HarvestDirtyLog => core::mem::size_of::<DirtyLogReq>(),
             Op::ClearDirtyLog => core::mem::size_of::<ClearDirtyLogReq>(),
             Op::Explain => core::mem::size_of::<ExplainReq>(),
             Op::WriteGuest | Op::ReadGuest => core::mem::size_of::<MemReq>(),
             Op::Stats | Op::Caps => core::mem::size_of::<u32>(),
+            Op::AddSlot => core::mem::size_of::<AddSlotReq>(),
+            Op::CreateVcpu => core::mem::size_of::<CreateVcpuReq>(),
+            Op::SetMode => core::mem::size_of::<SetModeReq>(),
+            Op::SetRegs => core::mem::size_of::<SetRegsReq>(),
         }
     }
 
@@ -85,6 +104,9 @@ impl Op {
             Op::Stats => core::mem::size_of::<StatsResp>(),
             Op::Explain => core::mem::size_of::<ExplainResp>(),
             Op::Caps => core::mem::size_of::<CapsResp>(),
+            Op::AddSlot => core::mem::size_of::<AddSlotResp>(),
+            Op::CreateVcpu => core::mem::size_of::<CreateVcpuResp>(),
+            Op::GetRegs => core::mem::size_of::<Regs>(),
             _ => 0,
         }
     }
@@ -162,15 +184,141 @@ pub struct LoadElfResp {
     pub entry: u64,
 }
 
-/// Runs a vCPU.
+/// Names a vCPU: RUN and GET_REGS.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunReq {
+pub struct VcpuReq {
     /// [`VERSION`].
     pub version: u32,
     /// vCPU index.
     pub vcpu: u32,
 }
+
+/// Runs a vCPU.
+pub type RunReq = VcpuReq;
+
+/// Adds a guest-physical memory slot, backed lazily like RAM and dirty-logged in the VM's mode.
+/// Guest accesses outside every slot are MMIO exits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddSlotReq {
+    /// [`VERSION`].
+    pub version: u32,
+    /// Padding (0).
+    pub reserved: u32,
+    /// First guest-physical address (4 KiB aligned).
+    pub gpa: u64,
+    /// Bytes (a multiple of 4 KiB, at most [`MAX_SLOT`]; `gpa + size` at most [`GPA_LIMIT`]).
+    pub size: u64,
+}
+
+/// Largest slot: its dirty bitmap (one bit per 4 KiB page) fits the 2 MiB a dirty-log request
+/// may name.
+pub const MAX_SLOT: u64 = 64 << 30;
+/// Guest-physical addresses end here (a 4-level EPT translates 48 bits, SDM 29.3.2).
+pub const GPA_LIMIT: u64 = 1 << 48;
+
+/// The new slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddSlotResp {
+    /// Its index for the dirty-log requests (RAM is slot 0).
+    pub slot: u32,
+    /// Padding.
+    pub reserved: u32,
+}
+
+/// Creates one more vCPU (index = the number of vCPUs so far).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateVcpuReq {
+    /// [`VERSION`].
+    pub version: u32,
+    /// Padding (0).
+    pub reserved: u32,
+}
+
+/// The new vCPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateVcpuResp {
+    /// Its index.
+    pub vcpu: u32,
+    /// Padding.
+    pub reserved: u32,
+}
+
+/// Changes the dirty-tracking mode. Allowed until the first RUN of any vCPU (the mode shapes
+/// the VMCS: EPTP bit 6, the PML controls); the dirty logs start empty in the new mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetModeReq {
+    /// [`VERSION`].
+    pub version: u32,
+    /// As [`SetupReq::mode`].
+    pub mode: u32,
+}
+
+/// A vCPU's general-purpose registers, RIP and RFLAGS, in KVM's `struct kvm_regs` order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    /// RAX.
+    pub rax: u64,
+    /// RBX.
+    pub rbx: u64,
+    /// RCX.
+    pub rcx: u64,
+    /// RDX.
+    pub rdx: u64,
+    /// RSI.
+    pub rsi: u64,
+    /// RDI.
+    pub rdi: u64,
+    /// RSP.
+    pub rsp: u64,
+    /// RBP.
+    pub rbp: u64,
+    /// R8.
+    pub r8: u64,
+    /// R9.
+    pub r9: u64,
+    /// R10.
+    pub r10: u64,
+    /// R11.
+    pub r11: u64,
+    /// R12.
+    pub r12: u64,
+    /// R13.
+    pub r13: u64,
+    /// R14.
+    pub r14: u64,
+    /// R15.
+    pub r15: u64,
+    /// RIP.
+    pub rip: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+}
+
+/// Sets a vCPU's registers (between runs). A vCPU stopped by HLT, an exit hypercall, a triple
+/// fault or an MMIO exit becomes runnable again and continues at the new RIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetRegsReq {
+    /// [`VERSION`].
+    pub version: u32,
+    /// vCPU index.
+    pub vcpu: u32,
+    /// The registers.
+    pub regs: Regs,
+}
+
+/// RFLAGS bits that must be 0 on VM entry: 63:22, 15, 5, 3 (SDM 27.3.1.4), and VM (bit 17),
+/// which must be 0 for an IA-32e mode guest (smudge's guests are).
+pub const RFLAGS_MUST_BE_0: u64 = !0x3f_ffff | (1 << 15) | (1 << 5) | (1 << 3) | (1 << 17);
+/// RFLAGS bit 1 must be 1 on VM entry (SDM 27.3.1.4).
+pub const RFLAGS_MUST_BE_1: u64 = 1 << 1;
 
 /// Kinds of [`RunResp`].
 pub mod exit_kind {
@@ -399,6 +547,12 @@ pub enum AbiError {
     BadLength,
     /// A user pointer that is null or wraps.
     BadPointer,
+    /// A slot that is misaligned, empty, too large or beyond the guest-physical limit.
+    BadSlot,
+    /// RFLAGS breaks the VM-entry rules.
+    BadRflags,
+    /// RIP is not canonical.
+    BadRip,
 }
 
 impl AbiError {
@@ -416,6 +570,13 @@ impl AbiError {
             AbiError::BadVcpu => "vCPU count or index out of range",
             AbiError::BadLength => "length is zero or above the limit",
             AbiError::BadPointer => "null or wrapping user pointer",
+            AbiError::BadSlot => {
+                "slot must be 4 KiB aligned, 4 KiB to 64 GiB long, and end at or below 2^48"
+            }
+            AbiError::BadRflags => {
+                "RFLAGS bits 63:22, 17 (VM), 15, 5 and 3 must be 0 and bit 1 must be 1 (SDM 27.3.1.4)"
+            }
+            AbiError::BadRip => "RIP must be canonical (bits 63:47 equal, SDM 27.3.1.4)",
         }
     }
 
@@ -500,6 +661,56 @@ pub enum Request {
     },
     /// Capabilities.
     Caps,
+    /// Add a memory slot.
+    AddSlot {
+        /// First GPA.
+        gpa: u64,
+        /// Bytes.
+        size: u64,
+    },
+    /// Create one more vCPU.
+    CreateVcpu,
+    /// Change the dirty-tracking mode.
+    SetMode {
+        /// `None` = the best the CPU has.
+        mode: Option<Mode>,
+    },
+    /// Read a vCPU's registers.
+    GetRegs {
+        /// Index (checked against the VM by the caller).
+        vcpu: u32,
+    },
+    /// Write a vCPU's registers.
+    SetRegs {
+        /// Index (checked against the VM by the caller).
+        vcpu: u32,
+        /// Values (RFLAGS and RIP checked).
+        regs: Regs,
+    },
+}
+
+fn mode_of(mode: u32) -> Result<Option<Mode>, AbiError> {
+    Ok(match mode {
+        0 => None,
+        1 => Some(Mode::AdScan),
+        2 => Some(Mode::Pml),
+        3 => Some(Mode::WriteProtect),
+        _ => return Err(AbiError::BadMode),
+    })
+}
+
+fn vcpu_index(vcpu: u32) -> Result<u32, AbiError> {
+    if vcpu >= MAX_VCPUS {
+        return Err(AbiError::BadVcpu);
+    }
+    Ok(vcpu)
+}
+
+/// A canonical address: bits 63:47 all equal (48-bit linear addresses; SDM 27.3.1.4 checks
+/// bits 63:N for the processor's N, and smudge's guests use 4-level paging).
+pub const fn is_canonical(va: u64) -> bool {
+    let top = va >> 47;
+    top == 0 || top == (1 << 17) - 1
 }
 
 fn user_range(ptr: u64, len: u64, max: u64) -> Result<(), AbiError> {
@@ -521,13 +732,7 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
     Ok(match op {
         Op::Setup => {
             let r = SetupReq::from_bytes(buf)?;
-            let mode = match r.mode {
-                0 => None,
-                1 => Some(Mode::AdScan),
-                2 => Some(Mode::Pml),
-                3 => Some(Mode::WriteProtect),
-                _ => return Err(AbiError::BadMode),
-            };
+            let mode = mode_of(r.mode)?;
             if r.mem_bytes % (2 << 20) != 0 || r.mem_bytes < MIN_MEM || r.mem_bytes > MAX_MEM {
                 return Err(AbiError::BadMemSize);
             }
@@ -559,11 +764,56 @@ pub fn decode(op: Op, buf: &[u8]) -> Result<Request, AbiError> {
             }
         }
         Op::Run => {
-            let r = RunReq::from_bytes(buf)?;
-            if r.vcpu >= MAX_VCPUS {
-                return Err(AbiError::BadVcpu);
+            let r = VcpuReq::from_bytes(buf)?;
+            Request::Run {
+                vcpu: vcpu_index(r.vcpu)?,
             }
-            Request::Run { vcpu: r.vcpu }
+        }
+        Op::GetRegs => {
+            let r = VcpuReq::from_bytes(buf)?;
+            Request::GetRegs {
+                vcpu: vcpu_index(r.vcpu)?,
+            }
+        }
+        Op::SetRegs => {
+            let r = SetRegsReq::from_bytes(buf)?;
+            let vcpu = vcpu_index(r.vcpu)?;
+            let f = r.regs.rflags;
+            if f & RFLAGS_MUST_BE_0 != 0 || f & RFLAGS_MUST_BE_1 == 0 {
+                return Err(AbiError::BadRflags);
+            }
+            if !is_canonical(r.regs.rip) {
+                return Err(AbiError::BadRip);
+            }
+            Request::SetRegs { vcpu, regs: r.regs }
+        }
+        Op::AddSlot => {
+            let r = AddSlotReq::from_bytes(buf)?;
+            if r.reserved != 0 {
+                return Err(AbiError::ReservedNonZero);
+            }
+            let aligned = r.gpa % 4096 == 0 && r.size % 4096 == 0;
+            let end = r.gpa.saturating_add(r.size);
+            if !aligned || r.size == 0 || r.size > MAX_SLOT || end > GPA_LIMIT {
+                return Err(AbiError::BadSlot);
+            }
+            Request::AddSlot {
+                gpa: r.gpa,
+                size: r.size,
+            }
+        }
+        Op::CreateVcpu => {
+            let r = CreateVcpuReq::from_bytes(buf)?;
+            if r.reserved != 0 {
+                return Err(AbiError::ReservedNonZero);
+            }
+            Request::CreateVcpu
+        }
+        Op::SetMode => {
+            let r = SetModeReq::from_bytes(buf)?;
+            Request::SetMode {
+                mode: mode_of(r.mode)?,
+            }
         }
         Op::GetDirtyLog | Op::HarvestDirtyLog => {
             let r = DirtyLogReq::from_bytes(buf)?;
@@ -653,6 +903,12 @@ impl<'a> Reader<'a> {
         }
         Ok(a)
     }
+    /// Next [`Regs`].
+    pub fn regs(&mut self) -> Result<Regs, AbiError> {
+        Regs::from_bytes(self.buf.get(self.pos..).ok_or(AbiError::Truncated)?).inspect(|_| {
+            self.pos += core::mem::size_of::<Regs>();
+        })
+    }
     /// Next N (u64, u64) pairs.
     pub fn pairs<const N: usize>(&mut self) -> Result<[[u64; 2]; N], AbiError> {
         let mut a = [[0u64; 2]; N];
@@ -698,6 +954,12 @@ impl<'a> Writer<'a> {
     /// Writes u64s.
     pub fn u64s<const N: usize>(&mut self, v: &[u64; N]) -> Result<(), AbiError> {
         v.iter().try_for_each(|x| self.u64(x))
+    }
+    /// Writes [`Regs`].
+    pub fn regs(&mut self, v: &Regs) -> Result<(), AbiError> {
+        let n = v.to_bytes(self.buf.get_mut(self.pos..).ok_or(AbiError::Truncated)?)?;
+        self.pos += n;
+        Ok(())
     }
     /// Writes pairs.
     pub fn pairs<const N: usize>(&mut self, v: &[[u64; 2]; N]) -> Result<(), AbiError> {
@@ -752,9 +1014,56 @@ wire!(LoadElfReq {
     len: u64
 });
 wire!(LoadElfResp { entry: u64 });
-wire!(RunReq {
+wire!(VcpuReq {
     version: u32,
     vcpu: u32
+});
+wire!(AddSlotReq {
+    version: u32,
+    reserved: u32,
+    gpa: u64,
+    size: u64
+});
+wire!(AddSlotResp {
+    slot: u32,
+    reserved: u32
+});
+wire!(CreateVcpuReq {
+    version: u32,
+    reserved: u32
+});
+wire!(CreateVcpuResp {
+    vcpu: u32,
+    reserved: u32
+});
+wire!(SetModeReq {
+    version: u32,
+    mode: u32
+});
+wire!(Regs {
+    rax: u64,
+    rbx: u64,
+    rcx: u64,
+    rdx: u64,
+    rsi: u64,
+    rdi: u64,
+    rsp: u64,
+    rbp: u64,
+    r8: u64,
+    r9: u64,
+    r10: u64,
+    r11: u64,
+    r12: u64,
+    r13: u64,
+    r14: u64,
+    r15: u64,
+    rip: u64,
+    rflags: u64,
+});
+wire!(SetRegsReq {
+    version: u32,
+    vcpu: u32,
+    regs: regs
 });
 wire!(RunResp {
     kind: u32, reason: u32, code: u64, gpa: u64, console_len: u32, write: u32,

@@ -6,9 +6,11 @@ use core::fmt::Write;
 use crate::abi::{exit_kind as k, CapsResp, RunResp, MESSAGE_LEN};
 use crate::arch::VmFail;
 use crate::dirty::Mode;
-use crate::vm::{RunExit, StopCause, VcpuState};
-use crate::vmx::caps::{msr, secondary, VmxCaps};
+use crate::error::Error;
+use crate::vm::{RunExit, StopCause, VcpuState, Vm};
+use crate::vmx::caps::{msr, secondary, Controls, VmxCaps};
 use crate::vmx::hw::HwError;
+use crate::vmx::setup;
 
 // ---------------------------------------------------------------------------------------------
 // RUN
@@ -138,6 +140,32 @@ impl Write for Message {
         }
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SETUP, SET_MODE, CREATE_VCPU
+// ---------------------------------------------------------------------------------------------
+
+/// The dirty-tracking mode a SETUP or SET_MODE asks for (`None`: `best`, the driver's choice for
+/// this CPU), checked against the capabilities, with the VMX controls it needs.
+pub fn mode_controls(
+    caps: &VmxCaps,
+    best: Mode,
+    asked: Option<Mode>,
+) -> Result<(Mode, Controls), Error> {
+    let mode = asked.unwrap_or(best);
+    caps.mode_available(mode).map_err(|_| Error::Unsupported)?;
+    // VPID when INVVPID exists (EPT_VPID_CAP bit 32, SDM A.10).
+    let vpid = caps.ept_vpid_cap & (1 << 32) != 0;
+    let ctls = setup::guest_controls(caps, mode, vpid).map_err(|_| Error::Unsupported)?;
+    Ok((mode, ctls))
+}
+
+/// Where vCPU `index` of `vm` starts (the guest ABI's entry state): RIP at the loaded image's
+/// entry point (0 before one is loaded; LOAD_ELF sets it) and RSP at the top of its stack.
+pub fn vcpu_entry(vm: &Vm, index: u32) -> Result<(u64, u64), Error> {
+    let layout = vm.layout().ok_or(Error::NotMapped)?;
+    Ok((vm.entry(), layout.stack_top(index.into())))
 }
 
 // ---------------------------------------------------------------------------------------------

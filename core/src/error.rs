@@ -28,6 +28,10 @@ pub enum Error {
     SlotTooLarge,
     /// The requested feature is not offered by this processor.
     Unsupported,
+    /// Every memory slot is in use.
+    NoFreeSlot,
+    /// A vCPU of the VM has run: what shapes the VMCS (the dirty-tracking mode) is fixed.
+    AlreadyRunning,
 }
 
 impl Error {
@@ -50,6 +54,10 @@ impl Error {
             Error::BitmapTooSmall => "bitmap too small for the slot",
             Error::SlotTooLarge => "slot larger than the dirty-log limit (64 GiB)",
             Error::Unsupported => "not supported by this processor",
+            Error::NoFreeSlot => "every memory slot of the VM is in use",
+            Error::AlreadyRunning => {
+                "a vCPU has run: the dirty-tracking mode can only change before the first RUN"
+            }
         }
     }
 }

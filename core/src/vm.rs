@@ -44,6 +44,8 @@ pub struct Vm {
     backing: u64,
     page_limit: u64,
     layout: Option<Layout>,
+    entry: u64,
+    started: bool,
 }
 
 /// Why a guest-physical access could not be resolved.
@@ -96,6 +98,8 @@ impl Vm {
             backing: 0,
             page_limit,
             layout: None,
+            entry: 0,
+            started: false,
         })
     }
 
@@ -112,6 +116,61 @@ impl Vm {
     /// The dirty-tracking mode.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The entry point of the last image loaded (0 before).
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+
+    /// Records that a vCPU is about to enter the guest for the first time: from now on the
+    /// VMCS of every vCPU depends on the mode, which [`Vm::set_mode`] then refuses to change.
+    pub fn mark_started(&mut self) {
+        self.started = true;
+    }
+
+    /// Changes the dirty-tracking mode before any vCPU has run. Every slot gets a fresh, empty
+    /// log in the new mode (write-protect gives W back first; the new mode cleans the slot and
+    /// raises the INVEPT obligation). On failure nothing changed.
+    pub fn set_mode<P: Platform + ?Sized>(&mut self, p: &P, mode: Mode) -> Result<(), Error> {
+        if self.started {
+            return Err(Error::AlreadyRunning);
+        }
+        if matches!(mode, Mode::AdScan | Mode::Pml) && !self.ept.features().ad {
+            return Err(Error::Unsupported);
+        }
+        // Every fallible step first: 4 KiB leaves (already so since each slot's log was
+        // enabled; splitting again changes nothing) and the new logs' bitmaps.
+        let mut fresh: [Option<DirtyLog>; MAX_SLOTS] = Default::default();
+        for (new, slot) in fresh.iter_mut().zip(self.slots.iter()) {
+            if let Some(s) = slot {
+                let made = self
+                    .ept
+                    .split_range(p, s.base, s.pages * PAGE_SIZE)
+                    .and_then(|_| DirtyLog::new(p, mode, s.base, s.pages));
+                match made {
+                    Ok(log) => *new = Some(log),
+                    Err(e) => {
+                        fresh.into_iter().flatten().for_each(|l| l.free(p));
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // Then the swap. Enabling cleans the slot in the new mode (D and the upper A cleared, or
+        // W removed) and raises the INVEPT obligation; with the slot split it cannot fail.
+        let mut result = Ok(());
+        for (new, slot) in fresh.iter_mut().zip(self.slots.iter_mut()) {
+            if let (Some(log), Some(s)) = (new.take(), slot.as_mut()) {
+                s.log.disable(p, &mut self.ept);
+                core::mem::replace(&mut s.log, log).free(p);
+                if let Err(e) = s.log.enable(p, &mut self.ept) {
+                    result = Err(e);
+                }
+            }
+        }
+        self.mode = mode;
+        result
     }
 
     /// The guest RAM layout, once RAM was added with [`Vm::add_ram`].
@@ -172,7 +231,7 @@ impl Vm {
             .slots
             .iter()
             .position(|s| s.is_none())
-            .ok_or(Error::Overlap)?;
+            .ok_or(Error::NoFreeSlot)?;
         let mut log = DirtyLog::new(p, self.mode, base, size / PAGE_SIZE)?;
         if let Err(e) = log.enable(p, &mut self.ept) {
             log.free(p);
@@ -441,6 +500,7 @@ impl Vm {
         })
         .map_err(LoadError::Elf)?;
         res.map_err(LoadError::Vm)?;
+        self.entry = elf.entry;
         Ok(elf.entry)
     }
 

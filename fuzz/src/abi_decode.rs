@@ -136,6 +136,79 @@ fn expected(op: Op, buf: &[u8]) -> Option<Request> {
                 write: op == Op::WriteGuest,
             }
         }
+        Op::AddSlot => {
+            let gpa = le64(buf, offset_of!(AddSlotReq, gpa));
+            let size = le64(buf, offset_of!(AddSlotReq, size));
+            // 4 KiB aligned, 4 KiB..=64 GiB, ending at or below 2^48.
+            if le32(buf, offset_of!(AddSlotReq, reserved)) != 0
+                || gpa % 4096 != 0
+                || size % 4096 != 0
+                || size == 0
+                || size > 64 << 30
+                || u128::from(gpa) + u128::from(size) > 1 << 48
+            {
+                return None;
+            }
+            Request::AddSlot { gpa, size }
+        }
+        Op::CreateVcpu => {
+            if le32(buf, offset_of!(CreateVcpuReq, reserved)) != 0 {
+                return None;
+            }
+            Request::CreateVcpu
+        }
+        Op::SetMode => Request::SetMode {
+            mode: match le32(buf, offset_of!(SetModeReq, mode)) {
+                0 => None,
+                1 => Some(Mode::AdScan),
+                2 => Some(Mode::Pml),
+                3 => Some(Mode::WriteProtect),
+                _ => return None,
+            },
+        },
+        Op::GetRegs => {
+            let vcpu = le32(buf, offset_of!(VcpuReq, vcpu));
+            if vcpu >= MAX_VCPUS {
+                return None;
+            }
+            Request::GetRegs { vcpu }
+        }
+        Op::SetRegs => {
+            let vcpu = le32(buf, offset_of!(SetRegsReq, vcpu));
+            let r = offset_of!(SetRegsReq, regs);
+            let q = |field: usize| le64(buf, r + field);
+            let regs = Regs {
+                rax: q(offset_of!(Regs, rax)),
+                rbx: q(offset_of!(Regs, rbx)),
+                rcx: q(offset_of!(Regs, rcx)),
+                rdx: q(offset_of!(Regs, rdx)),
+                rsi: q(offset_of!(Regs, rsi)),
+                rdi: q(offset_of!(Regs, rdi)),
+                rsp: q(offset_of!(Regs, rsp)),
+                rbp: q(offset_of!(Regs, rbp)),
+                r8: q(offset_of!(Regs, r8)),
+                r9: q(offset_of!(Regs, r9)),
+                r10: q(offset_of!(Regs, r10)),
+                r11: q(offset_of!(Regs, r11)),
+                r12: q(offset_of!(Regs, r12)),
+                r13: q(offset_of!(Regs, r13)),
+                r14: q(offset_of!(Regs, r14)),
+                r15: q(offset_of!(Regs, r15)),
+                rip: q(offset_of!(Regs, rip)),
+                rflags: q(offset_of!(Regs, rflags)),
+            };
+            // SDM 27.3.1.4: RFLAGS bit 1 set; 63:22, 17 (VM, IA-32e guest), 15, 5, 3 clear; RIP
+            // canonical for 48-bit linear addresses (bits 63:47 all equal).
+            let f = regs.rflags;
+            let rflags_ok =
+                f & 2 != 0 && f >> 22 == 0 && f & (1 << 17 | 1 << 15 | 1 << 5 | 1 << 3) == 0;
+            let top = regs.rip >> 47;
+            let rip_ok = top == 0 || top == 0x1_ffff;
+            if vcpu >= MAX_VCPUS || !rflags_ok || !rip_ok {
+                return None;
+            }
+            Request::SetRegs { vcpu, regs }
+        }
     })
 }
 
@@ -207,6 +280,13 @@ pub fn run(data: &[u8]) {
     round_trip::<ExplainResp>(buf);
     round_trip::<MemReq>(buf);
     round_trip::<CapsResp>(buf);
+    round_trip::<AddSlotReq>(buf);
+    round_trip::<AddSlotResp>(buf);
+    round_trip::<CreateVcpuReq>(buf);
+    round_trip::<CreateVcpuResp>(buf);
+    round_trip::<SetModeReq>(buf);
+    round_trip::<Regs>(buf);
+    round_trip::<SetRegsReq>(buf);
 
     // asm-generic/ioctl.h: 14 size bits, direction in 31:30, type in 15:8, number in 7:0.
     assert!(op.buffer_size() < 1 << 14);

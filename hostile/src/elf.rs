@@ -74,6 +74,18 @@ impl Image {
         rd64(&self.bytes, ehdr::ENTRY)
     }
 
+    /// The file offset of guest-physical address `addr` inside a PT_LOAD's file bytes, with
+    /// `addr` itself (the guest runs identity-mapped, so code addresses are p_paddr based).
+    pub fn code_at(&self, addr: u64) -> Option<(usize, u64)> {
+        self.loads.iter().find_map(|&o| {
+            let paddr = rd64(&self.bytes, o + phdr::PADDR);
+            let filesz = rd64(&self.bytes, o + phdr::FILESZ);
+            let offset = rd64(&self.bytes, o + phdr::OFFSET);
+            (addr >= paddr && addr - paddr < filesz)
+                .then(|| ((offset + (addr - paddr)) as usize, addr))
+        })
+    }
+
     /// The image bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

@@ -8,9 +8,10 @@
 //! works. Exit status 0 only when every case passed.
 //!
 //! Usage: smudge-hostile [GUESTS_DIR] (default /guests: hello, hostile_spin, hostile_churn,
-//! hostile_hog). `smudge-hostile lostpage-check FILE` checks the output of a lost-page run
+//! hostile_hog, regwriter). `smudge-hostile lostpage-check FILE` checks the output of a lost-page run
 //! (lostpage.rs) instead.
 
+mod api;
 mod elf;
 mod faults;
 mod lostpage;
@@ -49,11 +50,12 @@ fn main() -> ExitCode {
     let read = |n: &str| {
         std::fs::read(format!("{dir}/{n}")).unwrap_or_else(|e| panic!("cannot read {dir}/{n}: {e}"))
     };
-    let (hello, spin, churn, hog) = (
+    let (hello, spin, churn, hog, regwriter) = (
         read("hello"),
         read("hostile_spin"),
         read("hostile_churn"),
         read("hostile_hog"),
+        read("regwriter"),
     );
     let image = elf::Image::new(hello.clone());
     sys::install_sigalrm();
@@ -69,6 +71,8 @@ fn main() -> ExitCode {
     requests::mmap(&mut t);
     requests::closed_fd(&mut t);
     expect_no_pages(&mut t, "malformed-requests-pages-freed");
+
+    api::all(&mut t, &regwriter);
 
     races::requests_while_running(&mut t, &churn);
     races::same_vcpu_twice(&mut t, &spin);

@@ -65,7 +65,7 @@ pub fn numbers(t: &mut Tally, mem: &Mem) {
     }
     let setup = Op::Setup.linux_ioctl();
     let mut buf = sample(Op::Setup, 0, 0);
-    for nr in [0u32, 12, 13, 0x7f, 0xff] {
+    for nr in [0u32, 17, 18, 0x7f, 0xff] {
         t.errno(
             &format!("ioctl-number-nr-{nr}"),
             vm.send_raw((setup & !0xff) | nr, &mut buf),

@@ -323,6 +323,8 @@ pub fn errno_name(e: i32) -> String {
         libc::ESPIPE => "ESPIPE".into(),
         libc::EINTR => "EINTR".into(),
         libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
+        libc::ENOSPC => "ENOSPC".into(),
+        libc::EEXIST => "EEXIST".into(),
         n => format!("errno {n}"),
     }
 }

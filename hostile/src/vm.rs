@@ -93,6 +93,48 @@ pub fn sample(op: Op, image: u64, bitmap: u64) -> Vec<u8> {
             },
         ),
         Op::Stats | Op::Caps => version_only(op, v),
+        Op::AddSlot => encode(
+            op,
+            &abi::AddSlotReq {
+                version: v,
+                reserved: 0,
+                gpa: 1 << 30,
+                size: 1 << 20,
+            },
+        ),
+        Op::CreateVcpu => encode(
+            op,
+            &abi::CreateVcpuReq {
+                version: v,
+                reserved: 0,
+            },
+        ),
+        Op::SetMode => encode(
+            op,
+            &abi::SetModeReq {
+                version: v,
+                mode: 0,
+            },
+        ),
+        Op::GetRegs => encode(
+            op,
+            &abi::VcpuReq {
+                version: v,
+                vcpu: 0,
+            },
+        ),
+        Op::SetRegs => encode(
+            op,
+            &abi::SetRegsReq {
+                version: v,
+                vcpu: 0,
+                regs: abi::Regs {
+                    rflags: 0x2,
+                    rip: 0x10_0000,
+                    ..Default::default()
+                },
+            },
+        ),
     }
 }
 
@@ -265,6 +307,76 @@ impl Vm {
             },
         );
         self.send(op, &mut b)
+    }
+
+    /// ADD_SLOT; returns the slot index.
+    pub fn add_slot(&self, gpa: u64, size: u64) -> Result<u32, i32> {
+        let mut b = encode(
+            Op::AddSlot,
+            &abi::AddSlotReq {
+                version: abi::VERSION,
+                reserved: 0,
+                gpa,
+                size,
+            },
+        );
+        self.send(Op::AddSlot, &mut b)?;
+        abi::AddSlotResp::from_bytes(&b)
+            .map(|r| r.slot)
+            .map_err(|_| libc::EPROTO)
+    }
+
+    /// CREATE_VCPU; returns the vCPU index.
+    pub fn create_vcpu(&self) -> Result<u32, i32> {
+        let mut b = encode(
+            Op::CreateVcpu,
+            &abi::CreateVcpuReq {
+                version: abi::VERSION,
+                reserved: 0,
+            },
+        );
+        self.send(Op::CreateVcpu, &mut b)?;
+        abi::CreateVcpuResp::from_bytes(&b)
+            .map(|r| r.vcpu)
+            .map_err(|_| libc::EPROTO)
+    }
+
+    /// SET_MODE (0 auto, 1 ad, 2 pml, 3 wp).
+    pub fn set_mode(&self, mode: u32) -> Result<(), i32> {
+        let mut b = encode(
+            Op::SetMode,
+            &abi::SetModeReq {
+                version: abi::VERSION,
+                mode,
+            },
+        );
+        self.send(Op::SetMode, &mut b)
+    }
+
+    /// GET_REGS.
+    pub fn get_regs(&self, vcpu: u32) -> Result<abi::Regs, i32> {
+        let mut b = encode(
+            Op::GetRegs,
+            &abi::VcpuReq {
+                version: abi::VERSION,
+                vcpu,
+            },
+        );
+        self.send(Op::GetRegs, &mut b)?;
+        abi::Regs::from_bytes(&b).map_err(|_| libc::EPROTO)
+    }
+
+    /// SET_REGS.
+    pub fn set_regs(&self, vcpu: u32, regs: &abi::Regs) -> Result<(), i32> {
+        let mut b = encode(
+            Op::SetRegs,
+            &abi::SetRegsReq {
+                version: abi::VERSION,
+                vcpu,
+                regs: *regs,
+            },
+        );
+        self.send(Op::SetRegs, &mut b)
     }
 
     /// Runs vCPU `vcpu` until an exit other than CONSOLE, INTERRUPTED or CHECKPOINT (harvesting

@@ -3,9 +3,11 @@
 //!
 //! - [`platform::MockPlatform`]: pages in host memory, accounting, fault injection.
 //! - [`model::Cpu`]: the SDM's EPT translation, the oracle the core is tested against.
+//! - [`fixtures::all_caps`]: the real VMX capability MSR dumps, decoded.
 //! - [`harness::TrackedVm`]: slots, dirty logs and the exit handling of the VM loop.
 
 pub mod elf;
+pub mod fixtures;
 pub mod harness;
 pub mod model;
 pub mod platform;

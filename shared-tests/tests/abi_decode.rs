@@ -31,6 +31,16 @@ proptest! {
             Ok(Request::Run { vcpu }) => prop_assert!(vcpu < MAX_VCPUS),
             Ok(Request::Mem { buf, len, .. }) => prop_assert!(buf != 0 && len > 0 && len <= MAX_COPY),
             Ok(Request::DirtyLog { bitmap, bitmap_len, .. }) => prop_assert!(bitmap != 0 && bitmap_len > 0),
+            Ok(Request::GetRegs { vcpu }) => prop_assert!(vcpu < MAX_VCPUS),
+            Ok(Request::SetRegs { vcpu, regs }) => {
+                prop_assert!(vcpu < MAX_VCPUS);
+                prop_assert!(regs.rflags & RFLAGS_MUST_BE_0 == 0 && regs.rflags & RFLAGS_MUST_BE_1 != 0);
+                prop_assert!(is_canonical(regs.rip));
+            }
+            Ok(Request::AddSlot { gpa, size }) => {
+                prop_assert!(gpa % 4096 == 0 && size % 4096 == 0 && size > 0 && size <= MAX_SLOT);
+                prop_assert!(gpa.checked_add(size).is_some_and(|e| e <= GPA_LIMIT));
+            }
             Ok(_) => {}
         }
     }

@@ -165,7 +165,8 @@ fn pages_per_fault_covers_the_worst_fault_and_one_less_does_not() {
 #[test]
 fn a_vcpu_accounts_for_its_cache_and_frees_it() {
     let p = MockPlatform::new();
-    let mut v = HwVcpu::new(3, VcpuPages::alloc(&p, &VmxCaps::default()).expect("pages"));
+    let pages = VcpuPages::alloc(&p, &VmxCaps::default()).expect("pages");
+    let mut v = HwVcpu::new(3, pages, 0x10_0000, 0x7f_0000);
     assert_eq!(v.gprs.rdi, 3, "guest ABI: RDI = vCPU index");
     assert_eq!(v.pages_held(), 3);
     v.cache.refill(&p);

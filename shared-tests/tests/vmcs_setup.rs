@@ -8,8 +8,6 @@
 //! smudge documents, written here as SDM bit numbers (Tables 25-5 to 25-15), not through the
 //! crate's constants.
 
-use std::path::Path;
-
 use smudge_core::arch::{DescriptorTablePointer, HostState};
 use smudge_core::dirty::Mode;
 use smudge_core::ept::Eptp;
@@ -17,32 +15,11 @@ use smudge_core::guest::Layout;
 use smudge_core::vmx::caps::{Ctls, VmxCaps};
 use smudge_core::vmx::checks::check_entry;
 use smudge_core::vmx::fields::Field;
-use smudge_core::vmx::msr_dump::MsrDump;
 use smudge_core::vmx::setup::{self, VcpuConfig};
 use smudge_core::vmx::vmcs::{VmcsAccess, VmcsImage};
 
 fn fixtures() -> Vec<(String, VmxCaps)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vmx-msrs");
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).expect("fixture dir") {
-        let path = e.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        if !name.ends_with(".msr") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("read");
-        let d = MsrDump::parse(&text).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        out.push((
-            name,
-            VmxCaps::from_reader(|m| d.msr(m), |l, s| d.cpuid(l, s)),
-        ));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    smudge_tests::fixtures::all_caps()
 }
 
 fn fit(v: u64, fixed0: u64, fixed1: u64) -> u64 {
@@ -150,6 +127,7 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
                     msr_bitmap: 0x31_0000,
                     rip: 0x10_0000,
                     rsp: layout.stack_top(0),
+                    rflags: 0x2,
                 };
                 let mut img = VmcsImage::new();
                 setup::program(&mut img, &caps, &ctls, &host(&caps), &layout, &cfg)

@@ -32,6 +32,11 @@ pub const STATUS_ACCESS_VIOLATION: NtStatus = 0xC000_0005_u32 as i32;
 /// A VMX instruction failed where it should not (VMXON lost on this processor).
 pub const STATUS_IO_DEVICE_ERROR: NtStatus = 0xC000_0185_u32 as i32;
 
+/// ADD_SLOT with every slot in use, CREATE_VCPU with every vCPU created (Linux: ENOSPC).
+pub const STATUS_QUOTA_EXCEEDED: NtStatus = 0xC000_0044_u32 as i32;
+/// ADD_SLOT overlapping a slot (Linux: EEXIST).
+pub const STATUS_OBJECT_NAME_COLLISION: NtStatus = 0xC000_0035_u32 as i32;
+
 /// LOAD_ELF: the image is not a static ELF64 the core accepts (Linux: ENOEXEC).
 pub const STATUS_INVALID_IMAGE_FORMAT: NtStatus = 0xC000_007B_u32 as i32;
 
@@ -43,17 +48,25 @@ pub const fn from_abi(e: smudge_core::abi::AbiError) -> NtStatus {
         A::Truncated => STATUS_BUFFER_TOO_SMALL,
         A::BadVersion => STATUS_REVISION_MISMATCH,
         A::BadPointer => STATUS_ACCESS_VIOLATION,
-        A::ReservedNonZero | A::BadMode | A::BadMemSize | A::BadVcpu | A::BadLength => {
-            STATUS_INVALID_PARAMETER
-        }
+        A::ReservedNonZero
+        | A::BadMode
+        | A::BadMemSize
+        | A::BadVcpu
+        | A::BadLength
+        | A::BadSlot
+        | A::BadRflags
+        | A::BadRip => STATUS_INVALID_PARAMETER,
     }
 }
 
-/// The NTSTATUS of a core error (Linux: ENOMEM, EOPNOTSUPP, else EINVAL).
+/// The NTSTATUS of a core error (Linux: ENOMEM, EOPNOTSUPP, ENOSPC, EEXIST, EBUSY, else EINVAL).
 pub const fn from_core(e: smudge_core::Error) -> NtStatus {
     match e {
         smudge_core::Error::OutOfMemory => STATUS_INSUFFICIENT_RESOURCES,
         smudge_core::Error::Unsupported => STATUS_NOT_SUPPORTED,
+        smudge_core::Error::NoFreeSlot => STATUS_QUOTA_EXCEEDED,
+        smudge_core::Error::Overlap => STATUS_OBJECT_NAME_COLLISION,
+        smudge_core::Error::AlreadyRunning => STATUS_INVALID_DEVICE_STATE,
         _ => STATUS_INVALID_PARAMETER,
     }
 }
@@ -73,6 +86,8 @@ mod tests {
             STATUS_REVISION_MISMATCH,
             STATUS_ACCESS_VIOLATION,
             STATUS_IO_DEVICE_ERROR,
+            STATUS_QUOTA_EXCEEDED,
+            STATUS_OBJECT_NAME_COLLISION,
         ] {
             assert!(s < 0, "{s:#x} must fail NT_SUCCESS");
         }

@@ -15,7 +15,6 @@ use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::{LoadError, RunExit, Vm};
 use smudge_core::vmx::caps::Controls;
 use smudge_core::vmx::hw::{self, HwExit, HwVcpu, RunEnv, SharedVm};
-use smudge_core::vmx::setup;
 use smudge_core::{answer, hostpt};
 use smudge_windows::budget;
 use smudge_windows::status::*;
@@ -133,16 +132,7 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             if f.vm.is_some() {
                 return Err(STATUS_INVALID_DEVICE_STATE);
             }
-            let mode = match mode {
-                None => g.mode,
-                Some(m) => {
-                    g.caps.mode_available(m).map_err(|_| STATUS_NOT_SUPPORTED)?;
-                    m
-                }
-            };
-            let vpid = g.caps.ept_vpid_cap & (1 << 32) != 0;
-            let ctls =
-                setup::guest_controls(&g.caps, mode, vpid).map_err(|_| STATUS_NOT_SUPPORTED)?;
+            let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(from_core)?;
             let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(from_core)?;
             if let Err(e) = vm.add_ram(&p, mem_bytes) {
                 vm.destroy(&p);
@@ -150,8 +140,8 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             }
             f.vm = Some(vm);
             f.ctls = Some(ctls);
-            for i in 0..vcpus {
-                if let Err(e) = add_vcpu(f, g, i) {
+            for _ in 0..vcpus {
+                if let Err(e) = add_vcpu(f, g) {
                     f.free_all();
                     return Err(e);
                 }
@@ -169,12 +159,44 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             };
             for v in f.vcpus.iter_mut().flatten() {
                 v.hw.rip = entry;
+                v.hw.regs_dirty = true;
             }
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }
         Request::Run { vcpu } => {
             let resp = run(f, g, vcpu)?;
             enc(resp.to_bytes(buf))
+        }
+        Request::GetRegs { vcpu } => enc(vcpu_mut(f, vcpu)?.hw.regs().to_bytes(buf)),
+        Request::SetRegs { vcpu, regs } => {
+            vcpu_mut(f, vcpu)?.hw.set_regs(&regs);
+            Ok(0)
+        }
+        Request::AddSlot { gpa, size } => {
+            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let slot = vm.add_slot(&p, gpa, size).map_err(from_core)?;
+            invept_vm(vm);
+            enc(abi::AddSlotResp {
+                slot: slot as u32,
+                reserved: 0,
+            }
+            .to_bytes(buf))
+        }
+        Request::CreateVcpu => {
+            let index = add_vcpu(f, g)?;
+            enc(abi::CreateVcpuResp {
+                vcpu: index,
+                reserved: 0,
+            }
+            .to_bytes(buf))
+        }
+        Request::SetMode { mode } => {
+            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(from_core)?;
+            vm.set_mode(&p, mode).map_err(from_core)?;
+            invept_vm(vm);
+            f.ctls = Some(ctls);
+            Ok(0)
         }
         Request::DirtyLog {
             slot,
@@ -325,21 +347,34 @@ fn invept_vm(vm: &mut Vm) {
     }
 }
 
-fn add_vcpu(f: &mut VmState, g: &Global, index: u32) -> Result<(), NtStatus> {
+/// vCPU `index`, between runs (requests of a handle never overlap).
+fn vcpu_mut(f: &mut VmState, index: u32) -> Result<&mut WinVcpu, NtStatus> {
+    f.vcpus
+        .get_mut(index as usize)
+        .and_then(|v| v.as_mut())
+        .map(|v| &mut **v)
+        .ok_or(STATUS_INVALID_PARAMETER)
+}
+
+/// Creates the next vCPU of the VM; returns its index.
+fn add_vcpu(f: &mut VmState, g: &Global) -> Result<u32, NtStatus> {
     let p = NtPlatform;
+    let index = f.vcpu_count() as u32;
+    let vm = f.vm.as_ref().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let (rip, rsp) = answer::vcpu_entry(vm, index).map_err(from_core)?;
     let slot = f
         .vcpus
         .get_mut(index as usize)
-        .ok_or(STATUS_INVALID_PARAMETER)?;
+        .ok_or(STATUS_QUOTA_EXCEEDED)?;
     let pages = VcpuPages::alloc(&p, &g.caps).map_err(|_| STATUS_INSUFFICIENT_RESOURCES)?;
     let v = WinVcpu {
-        hw: HwVcpu::new(index, pages),
+        hw: HwVcpu::new(index, pages, rip, rsp),
         cpu: None,
     };
     match PoolBox::new(v) {
         Ok(b) => {
             *slot = Some(b);
-            Ok(())
+            Ok(index)
         }
         Err(mut v) => {
             v.hw.free_pages(&p);

@@ -1,6 +1,7 @@
 //! The hardware run loop (part of the arch layer): VMCS load, VM entry, exit decoding, and the
 //! hand-off to the safe exit handler in `vm`. Shared by the Linux and Windows shims.
 
+use crate::abi::Regs;
 use crate::arch::{self, FxArea, GuestGprs, HostState, InveptType, VmFail};
 use crate::platform::Platform;
 use crate::vcpu::{Cached, PageCache, VcpuPages};
@@ -129,8 +130,17 @@ pub struct HwVcpu {
     pub launched: bool,
     /// The guest-state area was written.
     pub programmed: bool,
-    /// Guest entry point (first run).
+    /// Guest RIP, RSP and RFLAGS between runs (they live in the VMCS, which only the CPU that
+    /// has it active can read): read back when a run ends, written before the next entry when
+    /// `regs_dirty` says SET_REGS changed them. Before the first run: the guest ABI's entry
+    /// state (the image's entry point, the top of the vCPU's stack, 0x2).
     pub rip: u64,
+    /// Guest RSP (see `rip`).
+    pub rsp: u64,
+    /// Guest RFLAGS (see `rip`).
+    pub rflags: u64,
+    /// `rip`, `rsp` or `rflags` changed since the VMCS was programmed.
+    pub regs_dirty: bool,
     /// The guest's IA32_KERNEL_GS_BASE between runs.
     pub kernel_gs_base: u64,
     /// Test hook: one VMCS field overwritten after setup (to prove the checker catches a bad
@@ -139,8 +149,9 @@ pub struct HwVcpu {
 }
 
 impl HwVcpu {
-    /// vCPU `index` on `pages`, before its first run: RDI holds the index (the guest ABI).
-    pub fn new(index: u32, pages: VcpuPages) -> HwVcpu {
+    /// vCPU `index` on `pages`, before its first run: RDI holds the index, RSP `stack_top`, RIP
+    /// `entry` (the guest ABI).
+    pub fn new(index: u32, pages: VcpuPages, entry: u64, stack_top: u64) -> HwVcpu {
         HwVcpu {
             state: VcpuState::new(index),
             pages,
@@ -152,10 +163,65 @@ impl HwVcpu {
             fx: FxArea::reset(),
             launched: false,
             programmed: false,
-            rip: 0,
+            rip: entry,
+            rsp: stack_top,
+            rflags: 0x2,
+            regs_dirty: false,
             kernel_gs_base: 0,
             debug_override: None,
         }
+    }
+
+    /// The registers as GET_REGS reports them. A checkpoint's RAX = 0 is already in `gprs`.
+    pub fn regs(&self) -> Regs {
+        let g = &self.gprs;
+        Regs {
+            rax: g.rax,
+            rbx: g.rbx,
+            rcx: g.rcx,
+            rdx: g.rdx,
+            rsi: g.rsi,
+            rdi: g.rdi,
+            rsp: self.rsp,
+            rbp: g.rbp,
+            r8: g.r8,
+            r9: g.r9,
+            r10: g.r10,
+            r11: g.r11,
+            r12: g.r12,
+            r13: g.r13,
+            r14: g.r14,
+            r15: g.r15,
+            rip: self.rip,
+            rflags: self.rflags,
+        }
+    }
+
+    /// SET_REGS (values validated by `abi::decode`). A stopped vCPU becomes runnable again: it
+    /// continues at the new RIP.
+    pub fn set_regs(&mut self, r: &Regs) {
+        self.gprs = GuestGprs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+        };
+        self.rip = r.rip;
+        self.rsp = r.rsp;
+        self.rflags = r.rflags;
+        self.regs_dirty = true;
+        self.state.halted = false;
     }
 
     /// Pages the vCPU holds: its own and those in its cache.
@@ -202,7 +268,12 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
     if vcpu.state.halted {
         return Ok(HwExit::Exit(RunExit::Hlt));
     }
-    let (layout, mode, eptp_ad) = vm.with(|vm| (vm.layout(), vm.mode(), vm.ept().eptp(true)));
+    let (layout, mode, eptp_ad) = vm.with(|vm| {
+        if !vcpu.programmed {
+            vm.mark_started();
+        }
+        (vm.layout(), vm.mode(), vm.ept().eptp(true))
+    });
     let layout = match layout {
         Some(l) => l,
         None => {
@@ -231,7 +302,8 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         pml_buffer: vcpu.pages.pml,
         msr_bitmap: vcpu.pages.msr_bitmap,
         rip: vcpu.rip,
-        rsp: layout.stack_top(u64::from(vcpu.state.index)),
+        rsp: vcpu.rsp,
+        rflags: vcpu.rflags,
     };
     if !vcpu.programmed {
         vmcs_step(
@@ -244,6 +316,7 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             precheck = !skip;
         }
         vcpu.programmed = true;
+        vcpu.regs_dirty = false;
         // Cheap, and turns an opaque VM-entry failure into a named SDM rule.
         if precheck {
             if let Err(violation) = checks::check_entry(&vmcs, caps) {
@@ -261,6 +334,15 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             "vmwrite (host)",
             setup::program_host(&mut vmcs, ctls, &host),
         )?;
+        if vcpu.regs_dirty {
+            vmcs_step("vmwrite (rip)", vmcs.write(Field::GuestRip, vcpu.rip))?;
+            vmcs_step("vmwrite (rsp)", vmcs.write(Field::GuestRsp, vcpu.rsp))?;
+            vmcs_step(
+                "vmwrite (rflags)",
+                vmcs.write(Field::GuestRflags, vcpu.rflags),
+            )?;
+            vcpu.regs_dirty = false;
+        }
     }
     if ctls.pin & pin::ACTIVATE_PREEMPTION_TIMER != 0 {
         // Once per run, not per entry: without the "save VMX-preemption timer value" exit
@@ -406,6 +488,16 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             break Ok(HwExit::Exit(RunExit::Interrupted));
         }
     };
+    // The VMCS is still current here: keep RIP/RSP/RFLAGS for GET_REGS and the next run.
+    for (field, shadow) in [
+        (Field::GuestRip, &mut vcpu.rip),
+        (Field::GuestRsp, &mut vcpu.rsp),
+        (Field::GuestRflags, &mut vcpu.rflags),
+    ] {
+        if let Ok(v) = vmcs.read(field) {
+            *shadow = v;
+        }
+    }
     // SAFETY: the caller owns the FPU; the area is aligned.
     unsafe { arch::fxsave(&mut vcpu.fx) };
     // SAFETY: as above; the host's value goes back before anything returns to user space.

@@ -88,6 +88,8 @@ pub struct VcpuConfig {
     pub rip: u64,
     /// Guest RSP.
     pub rsp: u64,
+    /// Guest RFLAGS (0x2 for the guest ABI's entry state).
+    pub rflags: u64,
 }
 
 /// Fits `value` to the CR0/CR4 fixed bits (SDM A.7, A.8).
@@ -150,7 +152,7 @@ pub fn program(
     v.write(F::GuestDr7, 0x400)?;
     v.write(F::GuestRsp, cfg.rsp)?;
     v.write(F::GuestRip, cfg.rip)?;
-    v.write(F::GuestRflags, 0x2)?;
+    v.write(F::GuestRflags, cfg.rflags)?;
     // CS: 64-bit code, type 11, S, P, L, G (access-rights format SDM 25.4.1 Table 25-2).
     v.write(F::GuestCsSelector, abi::CS_SELECTOR.into())?;
     v.write(F::GuestCsBase, 0)?;

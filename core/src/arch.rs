@@ -197,11 +197,26 @@ pub struct GuestGprs {
     pub r14: u64,
     /// R15 (112).
     pub r15: u64,
+    /// CR2 (120): no VMCS field holds it (SDM 25.4.1) and MOV to/from CR2 never exits, so the
+    /// trampoline loads the guest's before VM entry and saves it at VM exit, as KVM does; in
+    /// between, a host page fault may overwrite the processor's CR2.
+    pub cr2: u64,
 }
 
+// The offsets the trampoline below uses.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(GuestGprs, rax) == 0);
+    assert!(offset_of!(GuestGprs, rdi) == 40);
+    assert!(offset_of!(GuestGprs, r15) == 112);
+    assert!(offset_of!(GuestGprs, cr2) == 120);
+};
+
 // The VM-entry/exit trampoline. `smudge_vmx_run(gprs, launched)` writes HOST_RSP (0x6C14) and
-// HOST_RIP (0x6C16), loads the guest GPRs, executes VMLAUNCH (launched == 0) or VMRESUME, and
-// returns 0 after a VM exit with the guest GPRs saved, 1 on VMfailInvalid, 2 on VMfailValid.
+// HOST_RIP (0x6C16), loads the guest CR2 (when it differs: MOV to CR2 is slow) and GPRs,
+// executes VMLAUNCH (launched == 0) or VMRESUME, and returns 0 after a VM exit with the guest
+// GPRs and CR2 saved, 1 on VMfailInvalid, 2 on VMfailValid. Interrupts are off throughout, so no
+// host page fault can come between the CR2 load and the entry.
 // The host's callee-saved registers are kept on the stack; a VM exit restores only RSP/RIP and
 // the VMCS host-state area (SDM 28.5), so everything else is restored here.
 global_asm!(
@@ -221,6 +236,12 @@ global_asm!(
     "mov rax, 0x6C16",
     "vmwrite rax, rbx",
     "jbe 3f",
+    "mov rax, [rdi + 120]",
+    "mov rbx, cr2",
+    "cmp rax, rbx",
+    "je 5f",
+    "mov cr2, rax",
+    "5:",
     "test rsi, rsi",
     "mov rax, [rdi + 0]",
     "mov rbx, [rdi + 8]",
@@ -274,6 +295,8 @@ global_asm!(
     "mov [rax + 96], r13",
     "mov [rax + 104], r14",
     "mov [rax + 112], r15",
+    "mov rbx, cr2",
+    "mov [rax + 120], rbx",
     "pop rbx",
     "mov [rax + 0], rbx",
     "pop rdi",

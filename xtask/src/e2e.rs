@@ -484,6 +484,14 @@ pub fn suite() -> Result<()> {
             )
         })
         .collect();
+    // Two shell loops that fork and page-fault all the time share the CPUs with the guest, so
+    // the host takes page faults (which write CR2) between the guest's exits and entries.
+    smp_cases.push((
+        "smp-cr2",
+        "sh -c 'while :; do ls / >/dev/null; done' & A=$!; sh -c 'while :; do ls / >/dev/null; done' & B=$!; \
+         smudge run --json /guests/cr2keeper; kill $A $B"
+            .into(),
+    ));
     smp_cases.push((
         "smp-pages-held",
         "cat /sys/module/smudge/parameters/pages_held".into(),
@@ -503,6 +511,17 @@ pub fn suite() -> Result<()> {
             })(),
         );
     }
+    check(
+        "guest CR2 survives exits while the host page-faults",
+        (|| {
+            let c = case(&smp, "smp-cr2")?;
+            let e = exit_event(c)?;
+            if e["code"] != 0 || !c.out.contains("40 of 40 rounds kept CR2") {
+                bail!("{}", c.out);
+            }
+            Ok("40 of 40 checkpoints: the guest read back the CR2 it wrote".into())
+        })(),
+    );
     check(
         "2 vCPUs: pages back to zero, unload",
         (|| {

@@ -216,6 +216,7 @@ impl HwVcpu {
             r13: r.r13,
             r14: r.r14,
             r15: r.r15,
+            cr2: self.gprs.cr2,
         };
         self.rip = r.rip;
         self.rsp = r.rsp;

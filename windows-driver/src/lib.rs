@@ -1,5 +1,6 @@
 //! The OS-free half of smudge.sys: the VT-x admission check, ioctl lengths and answers, the
-//! NTSTATUS mapping, the RUN time budget, the user-range rule and the VMXON fixed-bit check.
+//! NTSTATUS mapping, the RUN time budget, the sharing protocol of a VM between concurrent
+//! requests, the user-range rule and the VMXON fixed-bit check.
 //!
 //! Everything here is safe Rust and takes plain values, so the host unit-tests it (`cargo test
 //! --lib` in this directory, run by `cargo xtask windows`). The driver binary (`main.rs`) supplies
@@ -16,6 +17,7 @@
 pub mod budget;
 pub mod ioctl;
 pub mod msg;
+pub mod share;
 pub mod status;
 pub mod usercopy;
 pub mod vmxon;

@@ -478,7 +478,8 @@ fn vm_request(
     if ctx.is_null() {
         return Err(STATUS_INVALID_DEVICE_STATE);
     }
-    // SAFETY: as above; shared access only (VmFile serialises requests with its busy flag).
+    // SAFETY: as above; shared access only (VmFile shares its VM between concurrent requests
+    // through `smudge_windows::share`).
     vmfile::request(unsafe { &*ctx }, op, buf)
 }
 

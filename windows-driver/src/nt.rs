@@ -244,6 +244,8 @@ pub const MM_COPY_MEMORY_PHYSICAL: u32 = 0x1;
 pub const MM_COPY_MEMORY_VIRTUAL: u32 = 0x2;
 /// FILE_DEVICE_SECURE_OPEN: apply the device's ACL to opens of names below it too.
 pub const FILE_DEVICE_SECURE_OPEN: u32 = 0x100;
+/// KernelMode (KPROCESSOR_MODE): a wait that user-mode APCs do not interrupt.
+pub const KERNEL_MODE: i8 = 0;
 /// IO_NO_INCREMENT.
 pub const IO_NO_INCREMENT: i8 = 0;
 /// ALL_PROCESSOR_GROUPS.
@@ -290,6 +292,9 @@ extern "system" {
         previous: *mut GroupAffinity,
     );
     pub fn KeRevertToUserGroupAffinityThread(previous: *const GroupAffinity);
+    /// Puts the thread in a wait for `interval` (100 ns units; negative = relative). IRQL <=
+    /// APC_LEVEL. With `KERNEL_MODE` and not alertable it returns STATUS_SUCCESS.
+    pub fn KeDelayExecutionThread(wait_mode: i8, alertable: u8, interval: *const i64) -> NtStatus;
     /// The system-wide index of the current processor (`number` may be null).
     pub fn KeGetCurrentProcessorNumberEx(number: *mut ProcessorNumber) -> u32;
     pub fn KeSaveExtendedProcessorState(mask: u64, save: *mut XStateSave) -> NtStatus;

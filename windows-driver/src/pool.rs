@@ -86,6 +86,19 @@ impl<T> PoolBox<T> {
         p
     }
 
+    /// Moves the value out and frees the pool memory (for values consumed by value, like
+    /// `Vm::destroy`).
+    pub fn into_inner(self) -> T {
+        let p = self.into_raw();
+        // SAFETY: `p` holds an initialised T owned by us (from `new`); it is read out once and
+        // the memory freed without dropping the moved-out value again.
+        unsafe {
+            let value = p.read();
+            nt::ExFreePoolWithTag(p.cast::<c_void>(), TAG);
+            value
+        }
+    }
+
     /// # Safety
     /// `ptr` came from [`PoolBox::into_raw`] and is not owned by anyone else.
     pub unsafe fn from_raw(ptr: *mut T) -> PoolBox<T> {

@@ -21,7 +21,9 @@ pub const STATUS_DEVICE_CONFIGURATION_ERROR: NtStatus = 0xC000_0182_u32 as i32;
 pub const STATUS_RESOURCE_IN_USE: NtStatus = 0xC000_0708_u32 as i32;
 /// VMX is there but without EPT (or without what smudge's EPT needs).
 pub const STATUS_HV_FEATURE_UNAVAILABLE: NtStatus = 0xC035_001E_u32 as i32;
-/// A second request on a handle whose previous request is still running (`VmFile::busy`).
+/// The handle's VM or vCPU is taken (`share`): a VM-level request while another one of the handle
+/// is in progress, or a RUN, GET_REGS or SET_REGS of a vCPU whose RUN is in progress (Linux:
+/// EBUSY).
 pub const STATUS_DEVICE_BUSY: NtStatus = 0x8000_0011_u32 as i32;
 /// A request that needs a VM before Setup, or a second Setup.
 pub const STATUS_INVALID_DEVICE_STATE: NtStatus = 0xC000_0184_u32 as i32;

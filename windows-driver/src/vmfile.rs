@@ -3,20 +3,29 @@
 //! the RUN and CAPS answers, the host page-table walk).
 //!
 //! The per-handle object lives in nonpaged pool, reached through FILE_OBJECT.FsContext. Its
-//! `busy` flag admits one request at a time (a concurrent one gets STATUS_DEVICE_BUSY), so every
-//! request has the VM to itself.
+//! requests share the VM as the Linux module's do (`smudge_windows::share` holds the protocol
+//! and its tests): vCPUs are indices within the VM, and RUN calls for different vCPUs run at
+//! once from different threads, one RUN per vCPU. VM-level requests (everything else) run one
+//! at a time; most of them first kick every vCPU out of guest mode and wait until none is in the
+//! run loop. A request that finds its vCPU, or the VM, taken gets STATUS_DEVICE_BUSY.
+//!
+//! Note that the I/O manager serialises every request on a file object opened for synchronous
+//! I/O (no FILE_FLAG_OVERLAPPED) before the driver sees it; concurrent RUNs need a handle opened
+//! with FILE_FLAG_OVERLAPPED.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 
 use smudge_core::abi::{self, Request, Wire};
 use smudge_core::arch;
 use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::{LoadError, RunExit, Vm};
 use smudge_core::vmx::caps::Controls;
-use smudge_core::vmx::hw::{self, HwExit, HwVcpu, RunEnv, SharedVm};
+use smudge_core::vmx::hw::{self, HwError, HwExit, HwVcpu, RunEnv, SharedVm};
 use smudge_core::{answer, hostpt};
 use smudge_windows::budget;
+use smudge_windows::share::{Backoff, Busy, Pause, Share};
 use smudge_windows::status::*;
 
 use crate::platform::{self, NtPlatform};
@@ -32,64 +41,110 @@ struct WinVcpu {
     cpu: Option<u32>,
 }
 
-/// The per-handle object (the Linux module's `VmFile`).
-pub struct VmFile {
-    /// A request is in progress; it alone uses `state`.
-    busy: AtomicBool,
-    state: UnsafeCell<VmState>,
+/// A vCPU slot: one RUN (or GET_REGS/SET_REGS) of it at a time.
+struct VcpuSlot {
+    busy: Busy,
+    /// Used by the holder of `busy` while it is in the run loop or holds the handle's VM-level
+    /// claim, and by kicking VM-level requests (no vCPU in the loop then).
+    v: UnsafeCell<WinVcpu>,
 }
 
-// SAFETY: `state` is reached only by the request holding `busy`, or by CLOSE (exclusive).
+/// The per-handle object (the Linux module's `VmFile`).
+pub struct VmFile {
+    /// The handle's half of the protocol: VM-level claim, kick, vCPUs in the loop.
+    share: Share,
+    /// Setup finished: the VM exists until IRP_MJ_CLOSE.
+    ready: AtomicBool,
+    /// The spin lock around the VM: vCPUs take it only around exit handling (inside
+    /// `hw::run`, at DISPATCH_LEVEL). VM-level requests do not need it: they use the VM only
+    /// while every vCPU is kicked out of the loop.
+    locked: AtomicBool,
+    /// The VM (from `PoolBox::into_raw`), set by Setup, freed at IRP_MJ_CLOSE (or by a failed
+    /// Setup).
+    vm: AtomicPtr<Vm>,
+    /// Written by Setup and SET_MODE (VM-level, every vCPU kicked out), read by RUN inside the
+    /// run loop's protocol.
+    ctls: UnsafeCell<Option<Controls>>,
+    /// vCPU `i` (from `PoolBox::into_raw`), published before `nr_vcpus` counts it; freed only
+    /// when no request of the handle runs (IRP_MJ_CLOSE, a failed Setup).
+    vcpus: [AtomicPtr<VcpuSlot>; abi::MAX_VCPUS as usize],
+    nr_vcpus: AtomicU32,
+}
+
+// SAFETY: every field is atomic or guarded by the protocol documented on it (`share`).
 unsafe impl Sync for VmFile {}
+
+// PoolBox holds objects aligned to at most 16 bytes (x64 pool granularity).
+const _: () = assert!(
+    core::mem::align_of::<VcpuSlot>() <= 16
+        && core::mem::align_of::<Vm>() <= 16
+        && core::mem::align_of::<VmFile>() <= 16
+);
 
 impl VmFile {
     pub const fn new() -> VmFile {
         VmFile {
-            busy: AtomicBool::new(false),
-            state: UnsafeCell::new(VmState::new()),
+            share: Share::new(),
+            ready: AtomicBool::new(false),
+            locked: AtomicBool::new(false),
+            vm: AtomicPtr::new(core::ptr::null_mut()),
+            ctls: UnsafeCell::new(None),
+            vcpus: [const { AtomicPtr::new(core::ptr::null_mut()) }; abi::MAX_VCPUS as usize],
+            nr_vcpus: AtomicU32::new(0),
         }
     }
 
-    /// Frees the VM (IRP_MJ_CLOSE). Call at PASSIVE_LEVEL.
+    /// Frees the VM (IRP_MJ_CLOSE: no request of the handle is outstanding). Call at
+    /// PASSIVE_LEVEL.
     pub fn free_all(&mut self) {
-        self.state.get_mut().free_all();
+        self.release();
     }
-}
 
-/// The VM of one handle.
-struct VmState {
-    vm: Option<Vm>,
-    ctls: Option<Controls>,
-    vcpus: [Option<PoolBox<WinVcpu>>; abi::MAX_VCPUS as usize],
-}
-
-impl VmState {
-    const fn new() -> VmState {
-        VmState {
-            vm: None,
-            ctls: None,
-            vcpus: [const { None }; abi::MAX_VCPUS as usize],
+    /// vCPU `index`, once created.
+    fn vcpu(&self, index: u32) -> Option<&VcpuSlot> {
+        if index >= self.nr_vcpus.load(Ordering::Acquire) {
+            return None;
         }
+        let ptr = self.vcpus.get(index as usize)?.load(Ordering::Acquire);
+        // SAFETY: a published vCPU stays allocated until IRP_MJ_CLOSE or a failed Setup, and
+        // neither overlaps a request that reaches this (Setup holds the VM-level claim and runs
+        // before `ready`, which RUN checks first).
+        unsafe { ptr.as_ref() }
     }
 
-    fn vcpu_count(&self) -> usize {
-        self.vcpus.iter().flatten().count()
+    /// The vCPUs created so far.
+    fn vcpus(&self) -> impl Iterator<Item = &VcpuSlot> {
+        (0..self.nr_vcpus.load(Ordering::Acquire)).filter_map(|i| self.vcpu(i))
     }
 
-    /// Frees everything (IRP_MJ_CLOSE, or a failed Setup). Call at PASSIVE_LEVEL.
-    fn free_all(&mut self) {
+    /// Frees the vCPUs, the controls and the VM. No other request of the handle runs (CLOSE, or
+    /// a failed Setup: it holds the VM-level claim and `ready` is false, so no RUN started).
+    /// Call at PASSIVE_LEVEL.
+    fn release(&self) {
         let p = NtPlatform;
-        for slot in self.vcpus.iter_mut() {
-            if let Some(mut v) = slot.take() {
-                if let Some(c) = v.cpu {
-                    vmxroot::vmclear_on(c, v.hw.pages.vmcs);
-                }
-                // At PASSIVE_LEVEL: the pages are freed at once, the cache's included.
-                v.hw.free_pages(&p);
+        self.ready.store(false, Ordering::Release);
+        self.nr_vcpus.store(0, Ordering::Release);
+        for ptr in self.vcpus.iter() {
+            let raw = ptr.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            if raw.is_null() {
+                continue;
             }
+            // SAFETY: published by add_vcpu from PoolBox::into_raw and taken back exactly once
+            // (the swap); no other request runs, so nobody references the vCPU.
+            let mut slot = unsafe { PoolBox::from_raw(raw) };
+            let v = slot.v.get_mut();
+            if let Some(c) = v.cpu.take() {
+                vmxroot::vmclear_on(c, v.hw.pages.vmcs);
+            }
+            // At PASSIVE_LEVEL: the pages are freed at once, the cache's included.
+            v.hw.free_pages(&p);
         }
-        self.ctls = None;
-        if let Some(vm) = self.vm.take() {
+        // SAFETY: no other request runs (see above), so nobody reads the controls.
+        unsafe { *self.ctls.get() = None };
+        let raw = self.vm.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if !raw.is_null() {
+            // SAFETY: stored by Setup from PoolBox::into_raw, taken back once (the swap).
+            let vm = unsafe { PoolBox::from_raw(raw) }.into_inner();
             // Vm::destroy's precondition: INVEPT all-context after the last VM exit, on every
             // processor that may cache this EPT.
             vmxroot::invept_everywhere();
@@ -99,8 +154,24 @@ impl VmState {
     }
 }
 
+/// The waiting of the protocol, at PASSIVE_LEVEL: spin while a kick normally ends, then sleep
+/// (KeDelayExecutionThread) 1 ms at a time.
+fn waiter() -> impl FnMut() {
+    let mut backoff = Backoff::new();
+    move || match backoff.step(now()) {
+        Pause::Spin => core::hint::spin_loop(),
+        Pause::Sleep => {
+            let interval = smudge_windows::share::SLEEP;
+            // SAFETY: PASSIVE_LEVEL (every caller waits there); a non-alertable kernel-mode wait
+            // on a valid relative interval that outlives the call.
+            let _ = unsafe { nt::KeDelayExecutionThread(nt::KERNEL_MODE, 0, &interval) };
+        }
+    }
+}
+
 /// Answers one request. `buf` is the METHOD_BUFFERED system buffer, at least the request size
-/// (checked by the caller); the answer is written over it. Returns the answer's length.
+/// (checked by the caller); the answer is written over it. Returns the answer's length. Call at
+/// PASSIVE_LEVEL.
 pub fn request(f: &VmFile, op: abi::Op, buf: &mut [u8]) -> Result<usize, NtStatus> {
     let req = abi::decode(
         op,
@@ -108,48 +179,126 @@ pub fn request(f: &VmFile, op: abi::Op, buf: &mut [u8]) -> Result<usize, NtStatu
             .ok_or(STATUS_INVALID_PARAMETER)?,
     )
     .map_err(from_abi)?;
-    if f.busy.swap(true, Ordering::Acquire) {
-        return Err(STATUS_DEVICE_BUSY);
-    }
-    // SAFETY: `busy` was false and is now ours: no other request uses the state until we
-    // release it, and IRP_MJ_CLOSE cannot run while this IRP holds the file object.
-    let r = handle(unsafe { &mut *f.state.get() }, req, buf);
-    f.busy.store(false, Ordering::Release);
-    r
-}
-
-fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStatus> {
     let g = vmxroot::global().ok_or(STATUS_INVALID_DEVICE_STATE)?;
-    let p = NtPlatform;
     let enc = |r: Result<usize, abi::AbiError>| r.map_err(|_| STATUS_BUFFER_TOO_SMALL);
-    match req {
+    if let Request::Run { vcpu } = req {
+        let resp = run_request(f, g, vcpu)?;
+        return enc(resp.to_bytes(buf));
+    }
+    // Setup has no vCPU to kick yet, GET_REGS and SET_REGS hold their vCPU instead, CAPS uses
+    // no VM state.
+    let kick = !matches!(
+        req,
+        Request::Setup { .. } | Request::GetRegs { .. } | Request::SetRegs { .. } | Request::Caps
+    );
+    let claim = f
+        .share
+        .vm_request(kick, waiter())
+        .ok_or(STATUS_DEVICE_BUSY)?;
+    let r = match req {
         Request::Setup {
             mode,
             mem_bytes,
             vcpus,
             page_limit,
-        } => {
-            if f.vm.is_some() {
-                return Err(STATUS_INVALID_DEVICE_STATE);
-            }
-            let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(from_core)?;
-            let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(from_core)?;
-            if let Err(e) = vm.add_ram(&p, mem_bytes) {
-                vm.destroy(&p);
-                return Err(from_core(e));
-            }
-            f.vm = Some(vm);
-            f.ctls = Some(ctls);
-            for _ in 0..vcpus {
-                if let Err(e) = add_vcpu(f, g) {
-                    f.free_all();
-                    return Err(e);
-                }
-            }
+        } => setup(f, g, mode, mem_bytes, vcpus, page_limit),
+        Request::GetRegs { vcpu } => {
+            let regs = with_idle_vcpu(f, vcpu, |hw| hw.regs())?;
+            enc(regs.to_bytes(buf))
+        }
+        Request::SetRegs { vcpu, regs } => {
+            with_idle_vcpu(f, vcpu, |hw| hw.set_regs(&regs))?;
             Ok(0)
         }
+        Request::Caps => {
+            // Windows has no #GP-safe RDMSR: the core asks only for MSRs that exist.
+            let c = answer::caps_resp(&g.caps, g.mode, &mut |msr| {
+                // SAFETY: `answer::caps_msr_exists` held the MSR to the SDM's existence rules on
+                // a processor the admission check accepted; CPL 0.
+                Some(unsafe { cpu::rdmsr(msr) })
+            });
+            enc(c.to_bytes(buf))
+        }
+        // Every other request kicked (`kick` above); checked, since the SAFETY below rests on it.
+        _ if !claim.kicked() => Err(STATUS_INVALID_DEVICE_REQUEST),
+        req => {
+            // SAFETY: the VM-level claim excludes every other request but RUNs, and its kick
+            // (checked just above) keeps every RUN out of the run loop, the only place where
+            // RUNs touch the VM and the controls. The VM stays allocated until CLOSE.
+            let (mut vm, ctls) =
+                unsafe { (f.vm.load(Ordering::Acquire).as_mut(), &mut *f.ctls.get()) };
+            let r = handle(f, vm.as_deref_mut(), ctls, req, buf);
+            // No INVEPT obligation may outlive the kick: vCPUs of other processors could run
+            // on stale translations otherwise.
+            if let Some(vm) = vm {
+                invept_vm(vm);
+            }
+            r
+        }
+    };
+    drop(claim);
+    r
+}
+
+/// SETUP: the VM, its controls and its first vCPUs. The caller holds the VM-level claim.
+fn setup(
+    f: &VmFile,
+    g: &Global,
+    mode: Option<smudge_core::dirty::Mode>,
+    mem_bytes: u64,
+    vcpus: u32,
+    page_limit: u64,
+) -> Result<usize, NtStatus> {
+    let p = NtPlatform;
+    if f.ready.load(Ordering::Acquire) || !f.vm.load(Ordering::Acquire).is_null() {
+        return Err(STATUS_INVALID_DEVICE_STATE);
+    }
+    let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(from_core)?;
+    let mut vm = Vm::new(&p, g.caps.ept_features(), mode, page_limit).map_err(from_core)?;
+    if let Err(e) = vm.add_ram(&p, mem_bytes) {
+        vm.destroy(&p);
+        return Err(from_core(e));
+    }
+    let vm = match PoolBox::new(vm) {
+        Ok(b) => b.into_raw(),
+        Err(vm) => {
+            vm.destroy(&p);
+            return Err(STATUS_INSUFFICIENT_RESOURCES);
+        }
+    };
+    // SAFETY: `ready` is false, so no RUN has started, and the caller's claim excludes every
+    // other request: nobody else reads the controls.
+    unsafe { *f.ctls.get() = Some(ctls) };
+    f.vm.store(vm, Ordering::Release);
+    for _ in 0..vcpus {
+        // SAFETY: stored just above, freed only by `release` (below, or at CLOSE); no other
+        // request uses it yet (see above).
+        let r = add_vcpu(f, g, unsafe { &*vm });
+        if let Err(e) = r {
+            f.release();
+            return Err(e);
+        }
+    }
+    // SAFETY: as above; the shared borrows of the loop have ended.
+    invept_vm(unsafe { &mut *vm });
+    f.ready.store(true, Ordering::Release);
+    Ok(0)
+}
+
+/// A VM-level request with every vCPU kicked out: `vm` and `ctls` are this thread's alone.
+fn handle(
+    f: &VmFile,
+    vm: Option<&mut Vm>,
+    ctls: &mut Option<Controls>,
+    req: Request,
+    buf: &mut [u8],
+) -> Result<usize, NtStatus> {
+    let g = vmxroot::global().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let p = NtPlatform;
+    let enc = |r: Result<usize, abi::AbiError>| r.map_err(|_| STATUS_BUFFER_TOO_SMALL);
+    match req {
         Request::LoadElf { image, len } => {
-            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let mut bytes = PoolBuf::zeroed(len as usize).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
             copy_from_user(bytes.bytes_mut(), image)?;
             let entry = match vm.load_elf(&p, bytes.bytes()) {
@@ -157,23 +306,17 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
                 Err(LoadError::Elf(_)) => return Err(STATUS_INVALID_IMAGE_FORMAT),
                 Err(LoadError::Vm(e)) => return Err(from_core(e)),
             };
-            for v in f.vcpus.iter_mut().flatten() {
-                v.hw.rip = entry;
-                v.hw.regs_dirty = true;
+            for slot in f.vcpus() {
+                // SAFETY: every vCPU is kicked out and no other VM-level request runs: this
+                // thread alone uses the vCPUs' state (only the `hw` field is borrowed).
+                let hw = unsafe { &mut (*slot.v.get()).hw };
+                hw.rip = entry;
+                hw.regs_dirty = true;
             }
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }
-        Request::Run { vcpu } => {
-            let resp = run(f, g, vcpu)?;
-            enc(resp.to_bytes(buf))
-        }
-        Request::GetRegs { vcpu } => enc(vcpu_mut(f, vcpu)?.hw.regs().to_bytes(buf)),
-        Request::SetRegs { vcpu, regs } => {
-            vcpu_mut(f, vcpu)?.hw.set_regs(&regs);
-            Ok(0)
-        }
         Request::AddSlot { gpa, size } => {
-            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let slot = vm.add_slot(&p, gpa, size).map_err(from_core)?;
             invept_vm(vm);
             enc(abi::AddSlotResp {
@@ -183,7 +326,8 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             .to_bytes(buf))
         }
         Request::CreateVcpu => {
-            let index = add_vcpu(f, g)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let index = add_vcpu(f, g, vm)?;
             enc(abi::CreateVcpuResp {
                 vcpu: index,
                 reserved: 0,
@@ -191,11 +335,11 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             .to_bytes(buf))
         }
         Request::SetMode { mode } => {
-            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
-            let (mode, ctls) = answer::mode_controls(&g.caps, g.mode, mode).map_err(from_core)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let (mode, new) = answer::mode_controls(&g.caps, g.mode, mode).map_err(from_core)?;
             vm.set_mode(&p, mode).map_err(from_core)?;
             invept_vm(vm);
-            f.ctls = Some(ctls);
+            *ctls = Some(new);
             Ok(0)
         }
         Request::DirtyLog {
@@ -204,7 +348,7 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             bitmap_len,
             harvest,
         } => {
-            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let pages = vm
                 .slots()
                 .find(|(i, _)| *i == slot as usize)
@@ -232,7 +376,7 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             num_pages,
             mask,
         } => {
-            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let words = num_pages.div_ceil(64) as usize;
             let mut m = PoolBuf::zeroed(words * 8).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
             copy_from_user(m.bytes_mut(), mask)?;
@@ -242,34 +386,25 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             Ok(0)
         }
         Request::Stats => {
-            let mut s = abi::StatsResp::default();
-            s.vm_pages = f.vm.as_ref().map_or(0, |v| v.pages_held())
-                + f.vcpus
-                    .iter()
-                    .flatten()
-                    .map(|v| v.hw.pages_held())
-                    .sum::<u64>();
-            s.driver_pages = platform::pages_held();
-            s.mode = f.vm.as_ref().map_or(0, |v| v.mode() as u32);
-            s.vcpus = f.vcpu_count() as u32;
-            for v in f.vcpus.iter().flatten() {
-                for (a, b) in s.exits.iter_mut().zip(v.hw.state.exits.iter()) {
+            let mut s = abi::StatsResp {
+                vm_pages: vm.as_ref().map_or(0, |v| v.pages_held()),
+                driver_pages: platform::pages_held(),
+                mode: vm.as_ref().map_or(0, |v| v.mode() as u32),
+                vcpus: f.nr_vcpus.load(Ordering::Acquire),
+                ..Default::default()
+            };
+            for slot in f.vcpus() {
+                // SAFETY: every vCPU is kicked out: nobody writes its state now.
+                let hw = unsafe { &(*slot.v.get()).hw };
+                s.vm_pages += hw.pages_held();
+                for (a, b) in s.exits.iter_mut().zip(hw.state.exits.iter()) {
                     *a += *b;
                 }
             }
             enc(s.to_bytes(buf))
         }
-        Request::Caps => {
-            // Windows has no #GP-safe RDMSR: the core asks only for MSRs that exist.
-            let c = answer::caps_resp(&g.caps, g.mode, &mut |msr| {
-                // SAFETY: `answer::caps_msr_exists` held the MSR to the SDM's existence rules on
-                // a processor the admission check accepted; CPL 0.
-                Some(unsafe { cpu::rdmsr(msr) })
-            });
-            enc(c.to_bytes(buf))
-        }
         Request::Explain { gpa, .. } => {
-            let vm = f.vm.as_ref().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let mut r = smudge_core::answer::explain_guest(vm, &p, gpa).map_err(from_core)?;
             if r.ept_leaf != 0 {
                 // SAFETY: MmGetVirtualForPhysical only looks the address up.
@@ -287,7 +422,7 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             len,
             write,
         } => {
-            let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+            let vm = vm.ok_or(STATUS_INVALID_DEVICE_STATE)?;
             let mut tmp = PoolBuf::zeroed(len as usize).ok_or(STATUS_INSUFFICIENT_RESOURCES)?;
             if write {
                 copy_from_user(tmp.bytes_mut(), ubuf)?;
@@ -298,6 +433,12 @@ fn handle(f: &mut VmState, req: Request, buf: &mut [u8]) -> Result<usize, NtStat
             }
             Ok(0)
         }
+        // Served by `request` itself.
+        Request::Setup { .. }
+        | Request::Run { .. }
+        | Request::GetRegs { .. }
+        | Request::SetRegs { .. }
+        | Request::Caps => Err(STATUS_INVALID_DEVICE_REQUEST),
     }
 }
 
@@ -338,7 +479,8 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
     hostpt::walk(cr3, va, la57, &mut read)
 }
 
-/// INVEPT on every processor when the EPT asks for it (after a harvest or clear).
+/// INVEPT on every processor when the EPT asks for it (after a harvest or clear). Only with
+/// every vCPU kicked out (or none running yet).
 fn invept_vm(vm: &mut Vm) {
     if vm.ept().needs_invept() {
         vmxroot::invept_everywhere();
@@ -347,51 +489,74 @@ fn invept_vm(vm: &mut Vm) {
     }
 }
 
-/// vCPU `index`, between runs (requests of a handle never overlap).
-fn vcpu_mut(f: &mut VmState, index: u32) -> Result<&mut WinVcpu, NtStatus> {
-    f.vcpus
-        .get_mut(index as usize)
-        .and_then(|v| v.as_mut())
-        .map(|v| &mut **v)
-        .ok_or(STATUS_INVALID_PARAMETER)
+/// Runs `op` on vCPU `index` between its runs: a RUN of it in progress gets STATUS_DEVICE_BUSY.
+/// The caller holds the VM-level claim.
+fn with_idle_vcpu<R>(
+    f: &VmFile,
+    index: u32,
+    op: impl FnOnce(&mut HwVcpu) -> R,
+) -> Result<R, NtStatus> {
+    let slot = f.vcpu(index).ok_or(STATUS_INVALID_PARAMETER)?;
+    let claim = slot.busy.claim().ok_or(STATUS_DEVICE_BUSY)?;
+    // SAFETY: the vCPU's claim excludes its RUN, the caller's VM-level claim every other
+    // request that touches vCPU state (LOAD_ELF, STATS); only the `hw` field is borrowed.
+    let r = op(unsafe { &mut (*slot.v.get()).hw });
+    drop(claim);
+    Ok(r)
 }
 
-/// Creates the next vCPU of the VM; returns its index.
-fn add_vcpu(f: &mut VmState, g: &Global) -> Result<u32, NtStatus> {
+/// Creates the next vCPU of `vm` and publishes it; returns its index. Only VM-level requests call
+/// it (the claim held), so indices cannot race.
+fn add_vcpu(f: &VmFile, g: &Global, vm: &Vm) -> Result<u32, NtStatus> {
     let p = NtPlatform;
-    let index = f.vcpu_count() as u32;
-    let vm = f.vm.as_ref().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let index = f.nr_vcpus.load(Ordering::Acquire);
+    let ptr = f.vcpus.get(index as usize).ok_or(STATUS_QUOTA_EXCEEDED)?;
     let (rip, rsp) = answer::vcpu_entry(vm, index).map_err(from_core)?;
-    let slot = f
-        .vcpus
-        .get_mut(index as usize)
-        .ok_or(STATUS_QUOTA_EXCEEDED)?;
     let pages = VcpuPages::alloc(&p, &g.caps).map_err(|_| STATUS_INSUFFICIENT_RESOURCES)?;
-    let v = WinVcpu {
-        hw: HwVcpu::new(index, pages, rip, rsp),
-        cpu: None,
+    let slot = VcpuSlot {
+        busy: Busy::new(),
+        v: UnsafeCell::new(WinVcpu {
+            hw: HwVcpu::new(index, pages, rip, rsp),
+            cpu: None,
+        }),
     };
-    match PoolBox::new(v) {
+    match PoolBox::new(slot) {
         Ok(b) => {
-            *slot = Some(b);
+            ptr.store(b.into_raw(), Ordering::Release);
+            f.nr_vcpus.store(index + 1, Ordering::Release);
             Ok(index)
         }
-        Err(mut v) => {
-            v.hw.free_pages(&p);
+        Err(mut slot) => {
+            slot.v.get_mut().hw.free_pages(&p);
             Err(STATUS_INSUFFICIENT_RESOURCES)
         }
     }
 }
 
-/// The VM as `hw::run` sees it. RUN holds the handle's `busy` flag, so this thread alone uses
-/// the VM; the loop takes it only around exit handling and never nests those calls.
-struct Exclusive<'a>(UnsafeCell<&'a mut Vm>);
+/// The VM as `hw::run` sees it: a spin lock around it. The loop takes it at DISPATCH_LEVEL
+/// (interrupts on) only around exit handling and never nests those calls, so a holder never
+/// waits for anything and two vCPUs pinned to one processor never meet in it (only one of them
+/// can be at DISPATCH_LEVEL there).
+struct LockedVm<'a> {
+    locked: &'a AtomicBool,
+    vm: NonNull<Vm>,
+}
 
-impl SharedVm for Exclusive<'_> {
+impl SharedVm for LockedVm<'_> {
     fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R {
-        // SAFETY: exclusive by `busy` (see the type); `hw::run` does not call `with` from
-        // inside `f`, so no two &mut to the VM exist at once.
-        f(unsafe { &mut **self.0.get() })
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the flag excludes the other vCPUs until it is released below; VM-level
+        // requests touch the VM only while no vCPU is in the run loop, and the caller of
+        // `hw::run` is in it; the VM stays allocated until CLOSE, after every RUN.
+        let r = f(unsafe { &mut *self.vm.as_ptr() });
+        self.locked.store(false, Ordering::Release);
+        r
     }
 }
 
@@ -402,12 +567,14 @@ fn now() -> u64 {
     unsafe { nt::KeQueryInterruptTimePrecise(&mut qpc) }
 }
 
-/// The run loop's view of Windows: one stay at DISPATCH_LEVEL ends after `budget::DISPATCH_STAY`.
-struct NtEnv {
+/// The run loop's view of Windows: one stay at DISPATCH_LEVEL ends after `budget::DISPATCH_STAY`,
+/// or at the first VM exit after a VM-level request kicked the vCPUs.
+struct NtEnv<'a> {
     stay_start: u64,
+    share: &'a Share,
 }
 
-impl RunEnv for NtEnv {
+impl RunEnv for NtEnv<'_> {
     fn irq_save(&self) -> usize {
         cpu::irq_save()
     }
@@ -415,33 +582,62 @@ impl RunEnv for NtEnv {
         cpu::irq_restore(flags)
     }
     fn should_return(&self) -> bool {
-        budget::stay_over(self.stay_start, now())
+        self.share.kicked() || budget::stay_over(self.stay_start, now())
     }
 }
 
-fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus> {
-    let ctls = f.ctls.ok_or(STATUS_INVALID_DEVICE_STATE)?;
-    let vm = f.vm.as_mut().ok_or(STATUS_INVALID_DEVICE_STATE)?;
-    // Harvests done between runs may have left an INVEPT obligation.
-    invept_vm(vm);
-    let v = f
-        .vcpus
-        .get_mut(index as usize)
-        .and_then(|v| v.as_mut())
-        .ok_or(STATUS_INVALID_PARAMETER)?;
+/// RUN of vCPU `index`: one at a time per vCPU, several vCPUs at once.
+fn run_request(f: &VmFile, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus> {
+    if !f.ready.load(Ordering::Acquire) {
+        return Err(STATUS_INVALID_DEVICE_STATE);
+    }
+    let slot = f.vcpu(index).ok_or(STATUS_INVALID_PARAMETER)?;
+    let vm = NonNull::new(f.vm.load(Ordering::Acquire)).ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let claim = slot.busy.claim().ok_or(STATUS_DEVICE_BUSY)?;
+    let r = run(f, g, slot, vm);
+    drop(claim);
+    r
+}
+
+/// What one pass of the loop decided.
+type Outcome = Result<Result<RunExit, HwError>, NtStatus>;
+
+/// The RUN itself; the caller holds the vCPU's claim. Everything that touches the vCPU or the
+/// VM happens inside the run loop's protocol (`f.share.enter`), so a kicking VM-level request
+/// never overlaps it; between passes the thread waits at PASSIVE_LEVEL while a kick is on.
+fn run(f: &VmFile, g: &Global, slot: &VcpuSlot, vm: NonNull<Vm>) -> Result<abi::RunResp, NtStatus> {
+    let vp = slot.v.get();
+    let shared = LockedVm {
+        locked: &f.locked,
+        vm,
+    };
     let here = processors::current();
-    if let Some(old) = v.cpu {
-        if old != here {
-            // SDM 25.11.1: the VMCS leaves `old` through VMCLEAR there.
-            vmxroot::vmclear_on(old, v.hw.pages.vmcs);
-            v.cpu = None;
+    {
+        let inside = f.share.enter(waiter());
+        // SAFETY: the claim makes this thread the vCPU's only RUN (and excludes GET_REGS and
+        // SET_REGS of it); `inside` keeps the VM-level requests that touch vCPUs out.
+        let v = unsafe { &mut *vp };
+        if let Some(old) = v.cpu {
+            if old != here {
+                // SDM 25.11.1: the VMCS leaves `old` through VMCLEAR there.
+                vmxroot::vmclear_on(old, v.hw.pages.vmcs);
+                v.cpu = None;
+            }
         }
+        drop(inside);
     }
     // The request stays on this processor; every stay at DISPATCH_LEVEL below is on it.
     let pinned = processors::pin(here)?;
-    let shared = Exclusive(UnsafeCell::new(vm));
     let start = now();
-    let result = loop {
+    let (result, inside) = loop {
+        let inside = f.share.enter(waiter());
+        // SAFETY: as above.
+        let v = unsafe { &mut *vp };
+        // SAFETY: inside the protocol: Setup and SET_MODE write the controls only while no vCPU
+        // is in the loop, and this one counts in it until `inside` is dropped.
+        let Some(ctls) = (unsafe { *f.ctls.get() }) else {
+            break (Err(STATUS_INVALID_DEVICE_STATE), inside);
+        };
         // PASSIVE_LEVEL: the exit handler backs guest memory from this cache only.
         v.hw.cache.refill(&NtPlatform);
         let mut xsave = nt::XStateSave::new();
@@ -449,7 +645,7 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
         let status =
             unsafe { nt::KeSaveExtendedProcessorState(nt::XSTATE_MASK_LEGACY, &mut xsave) };
         if status < 0 {
-            break Err(status);
+            break (Err(status), inside);
         }
         // SAFETY: PASSIVE_LEVEL; lowered below.
         let old_irql = unsafe { cpu::raise_to_dispatch() };
@@ -464,7 +660,10 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
                 v.hw.launched = false;
                 v.cpu = Some(cpu_now);
             }
-            let env = NtEnv { stay_start: now() };
+            let env = NtEnv {
+                stay_start: now(),
+                share: &f.share,
+            };
             // SAFETY: VMX root operation on this processor, DISPATCH_LEVEL (no preemption), the
             // legacy FPU state saved for the guest's use, the VMCS clear or active here.
             Ok(unsafe { hw::run(&shared, &mut v.hw, &NtPlatform, &g.caps, &ctls, &env) })
@@ -474,26 +673,37 @@ fn run(f: &mut VmState, g: &Global, index: u32) -> Result<abi::RunResp, NtStatus
         // SAFETY: pairs with the save above, at the same IRQL.
         unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
         platform::drain_deferred();
-        match r {
-            Err(s) => break Err(s),
+        let done: Option<Outcome> = match r {
+            Err(s) => Some(Err(s)),
             // Refilled at the top of the loop.
-            Ok(Ok(HwExit::NeedPages)) => {}
+            Ok(Ok(HwExit::NeedPages)) => None,
+            // The stay ended (its time, or a kick: the next pass waits for the request).
             Ok(Ok(HwExit::Exit(RunExit::Interrupted))) => {
                 if v.hw.state.console_len > 0 {
-                    break Ok(Ok(RunExit::Console));
-                }
-                if budget::slice_over(start, now()) {
-                    break Ok(Ok(RunExit::Interrupted));
+                    Some(Ok(Ok(RunExit::Console)))
+                } else if budget::slice_over(start, now()) {
+                    Some(Ok(Ok(RunExit::Interrupted)))
+                } else {
+                    None
                 }
             }
-            Ok(Ok(HwExit::Exit(x))) => break Ok(Ok(x)),
-            Ok(Err(e)) => break Ok(Err(e)),
+            Ok(Ok(HwExit::Exit(x))) => Some(Ok(Ok(x))),
+            Ok(Err(e)) => Some(Ok(Err(e))),
+        };
+        if let Some(done) = done {
+            break (done, inside);
         }
+        drop(inside);
     };
     drop(pinned);
-    let result = result?;
-    let mut resp = abi::RunResp::default();
-    answer::take_console(&mut resp, &mut v.hw.state);
-    answer::fill_run(&mut resp, result, &mut v.hw.state);
-    Ok(resp)
+    let answer = result.map(|result| {
+        // SAFETY: as above (`inside` is still held).
+        let v = unsafe { &mut *vp };
+        let mut resp = abi::RunResp::default();
+        answer::take_console(&mut resp, &mut v.hw.state);
+        answer::fill_run(&mut resp, result, &mut v.hw.state);
+        resp
+    });
+    drop(inside);
+    answer
 }

@@ -1,13 +1,16 @@
 //! Windows: `\\.\Smudge` and `DeviceIoControl` with the codes of `abi::Op::windows_ioctl`
 //! (METHOD_BUFFERED, FILE_WRITE_ACCESS).
 //!
-//! The handle is a `std::fs::File`: `OpenOptions` with read + write is `CreateFileW(path,
-//! GENERIC_READ | GENERIC_WRITE, FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE, NULL,
-//! OPEN_EXISTING, 0, NULL)` (a synchronous handle: no FILE_FLAG_OVERLAPPED), `File::try_clone`
-//! is `DuplicateHandle(.., DUPLICATE_SAME_ACCESS)` of that same handle, and drop is
-//! `CloseHandle`. Only `DeviceIoControl` is declared here: one kernel32 function does not
+//! The handle is a `std::fs::File`: `OpenOptions` with read + write and the custom flag
+//! FILE_FLAG_OVERLAPPED is `CreateFileW(path, GENERIC_READ | GENERIC_WRITE, FILE_SHARE_READ |
+//! FILE_SHARE_WRITE | FILE_SHARE_DELETE, NULL, OPEN_EXISTING, FILE_FLAG_OVERLAPPED, NULL)`,
+//! `File::try_clone` is `DuplicateHandle(.., DUPLICATE_SAME_ACCESS)` of that same handle, and drop
+//! is `CloseHandle`. The handle is asynchronous because the I/O manager serialises every request
+//! on a synchronous file object: RUNs of two vCPUs from two threads (`--vcpus N`) would take
+//! turns instead of running at once. Each request still waits for its own completion (an event
+//! per call, `GetOverlappedResult`). The four kernel32 functions are declared here: they do not
 //! justify a dependency outside the team's list (windows-sys would bring hundreds of bindings
-//! for one signature that has been stable since Windows NT 3.1).
+//! for signatures that have been stable since Windows NT 3.1).
 //!
 //! Interrupting a RUN: Windows has no signals, and smudge.sys neither sets a cancel routine nor
 //! checks `Irp->Cancel`, so `CancelSynchronousIo` would only set a flag nobody reads. Instead
@@ -19,6 +22,7 @@
 use std::ffi::c_void;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::windows::fs::OpenOptionsExt;
 use std::os::windows::io::AsRawHandle;
 use std::time::Instant;
 
@@ -31,6 +35,20 @@ pub const DEVICE_PATH: &str = r"\\.\Smudge";
 /// winerror.h: what `DeviceIoControl` reports for the driver's STATUS_NOT_SUPPORTED
 /// (0xC00000BB; RtlNtStatusToDosError maps it to ERROR_NOT_SUPPORTED).
 const ERROR_NOT_SUPPORTED: i32 = 50;
+/// winerror.h: an overlapped request is still in progress.
+const ERROR_IO_PENDING: i32 = 997;
+/// winbase.h: CreateFileW's flag for an asynchronous handle.
+const FILE_FLAG_OVERLAPPED: u32 = 0x4000_0000;
+
+/// minwinbase.h `OVERLAPPED` (x64: 32 bytes). The offsets are unused for a device control.
+#[repr(C)]
+struct Overlapped {
+    internal: usize,
+    internal_high: usize,
+    offset: u32,
+    offset_high: u32,
+    event: *mut c_void,
+}
 
 #[link(name = "kernel32")]
 extern "system" {
@@ -44,8 +62,45 @@ extern "system" {
         out_buffer: *mut c_void,
         out_buffer_size: u32,
         bytes_returned: *mut u32,
-        overlapped: *mut c_void,
+        overlapped: *mut Overlapped,
     ) -> i32;
+    /// synchapi.h: an unnamed event; null on failure.
+    fn CreateEventW(
+        attributes: *mut c_void,
+        manual_reset: i32,
+        initial_state: i32,
+        name: *const u16,
+    ) -> *mut c_void;
+    /// ioapiset.h: waits (`wait` nonzero) for the overlapped request and gives its outcome.
+    fn GetOverlappedResult(
+        file: *mut c_void,
+        overlapped: *mut Overlapped,
+        bytes: *mut u32,
+        wait: i32,
+    ) -> i32;
+    /// handleapi.h.
+    fn CloseHandle(handle: *mut c_void) -> i32;
+}
+
+/// An event handle for one request, closed on drop.
+struct Event(*mut c_void);
+
+impl Event {
+    fn new() -> io::Result<Event> {
+        // SAFETY: no security attributes, no name: a fresh manual-reset event, initially clear.
+        let h = unsafe { CreateEventW(std::ptr::null_mut(), 1, 0, std::ptr::null()) };
+        if h.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Event(h))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from CreateEventW and is closed once, here.
+        unsafe { CloseHandle(self.0) };
+    }
 }
 
 /// One open of the device: one VM (the driver keeps it in the FILE_OBJECT of this open).
@@ -56,7 +111,12 @@ pub struct Device {
 impl Device {
     /// Opens the device.
     pub fn open() -> anyhow::Result<Device> {
-        match OpenOptions::new().read(true).write(true).open(DEVICE_PATH) {
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(FILE_FLAG_OVERLAPPED)
+            .open(DEVICE_PATH)
+        {
             Ok(file) => Ok(Device { file }),
             Err(e) => {
                 let hint = match e.kind() {
@@ -85,28 +145,44 @@ impl Device {
         let len = u32::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ioctl buffer too long"))?;
         let ptr = buf.as_mut_ptr().cast::<c_void>();
+        let event = Event::new()?;
+        let mut ov = Overlapped {
+            internal: 0,
+            internal_high: 0,
+            offset: 0,
+            offset_high: 0,
+            event: event.0,
+        };
         let mut returned = 0u32;
+        let handle = self.file.as_raw_handle();
         // SAFETY: the handle is open for the life of `self.file`; `ptr` addresses `len` bytes
-        // that stay borrowed (and are not otherwise touched) for the whole call. METHOD_BUFFERED:
-        // the I/O manager copies `len` bytes in and at most `len` bytes back into the same
-        // buffer, which is what an in/out pair naming one buffer means. The handle is
-        // synchronous, so a null OVERLAPPED makes the call return only when the request is
-        // complete, and `returned` is a valid out pointer (required when OVERLAPPED is null).
-        // User pointers inside the request (image, bitmap) point into buffers the caller keeps
-        // alive across the call.
+        // that stay borrowed (and are not otherwise touched) until the request completes below,
+        // as do `ov` and its event. METHOD_BUFFERED: the I/O manager copies `len` bytes in and at
+        // most `len` bytes back into the same buffer, which is what an in/out pair naming one
+        // buffer means. User pointers inside the request (image, bitmap) point into buffers the
+        // caller keeps alive across the call.
         let ok = unsafe {
             DeviceIoControl(
-                self.file.as_raw_handle(),
+                handle,
                 op.windows_ioctl(),
                 ptr.cast_const(),
                 len,
                 ptr,
                 len,
                 &mut returned,
-                std::ptr::null_mut(),
+                &mut ov,
             )
         };
-        if ok == 0 {
+        if ok != 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(ERROR_IO_PENDING) {
+            return Err(e);
+        }
+        // SAFETY: `ov` is the OVERLAPPED of the pending request on `handle`; waiting (TRUE)
+        // returns only once it completed, after which the buffer and `ov` may go.
+        if unsafe { GetOverlappedResult(handle, &mut ov, &mut returned, 1) } == 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -16,7 +16,7 @@ use smudge_core::abi::{self, Op, Request, Wire};
 use smudge_core::answer;
 use smudge_core::arch;
 use smudge_core::dirty::Mode;
-use smudge_core::platform::{PageWords, Platform};
+use smudge_core::platform::{PageMut, PageWords, Platform};
 use smudge_core::vcpu::{write_revision_id, VcpuPages};
 use smudge_core::vm::{RunExit, Vm};
 use smudge_core::vmx::caps::{Controls, CpuidRegs, MsrValue, VmxCaps};
@@ -108,6 +108,15 @@ impl Platform for LinuxPlatform {
         // SAFETY: the core only passes addresses of pages it allocated (tables, bitmaps,
         // backing pages); the direct map covers them, and AtomicU64 has no invalid values.
         unsafe { &*(smudge_va(hpa) as *const PageWords) }
+    }
+    fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
+        // SAFETY: as in `page`, the direct map covers this 4 KiB-aligned page the core
+        // allocated, and u64 has no invalid values. The core lends a page only while nothing else
+        // reads or writes it (the trait's contract: every vCPU kicked out of VMX non-root
+        // operation, so no processor sets A/D flags in it, SDM 29.3.5; the EPT borrowed
+        // mutably), so this is the only reference in use until `f` returns.
+        let words = unsafe { &mut *(smudge_va(hpa) as *mut [u64; 512]) };
+        f(PageMut::Exclusive(words))
     }
 }
 

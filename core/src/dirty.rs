@@ -17,13 +17,16 @@
 //! calls [`crate::ept::Ept::invept_done`].
 //!
 //! Precondition of every method that clears: no vCPU using the EPT is in VMX non-root operation
-//! (the VM kicks them out first), so entries are updated with plain loads and stores.
+//! (the VM kicks them out first), so entries are updated with plain loads and stores. The A/D
+//! scan goes further: with the EPT borrowed mutably as well, nothing else can touch a page table
+//! while it is cleared, so each table is borrowed whole through [`Platform::with_page_mut`],
+//! as plain memory where the platform allows it (vectorized loops).
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::ept::{bits, level_span, Ept, EptEntry, PAGE_SIZE, SW_WRITABLE};
 use crate::error::Error;
-use crate::platform::Platform;
+use crate::platform::{PageMut, Platform};
 
 /// The dirty-tracking mode of a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -514,7 +517,9 @@ pub enum ScanOp {
     /// Report leaves with D=1; change nothing.
     Read,
     /// Report and clear D, and clear A in upper entries whose span lies inside the range.
-    /// With `prune`, skip subtrees whose upper entry has A=0.
+    /// With `prune`, skip subtrees whose upper entry has A=0. Precondition: the module's (no
+    /// vCPU on this EPT in VMX non-root operation), and nothing else uses the EPT during the
+    /// scan (as under `&mut Ept`): its page tables are lent by [`Platform::with_page_mut`].
     Clear {
         /// Skip subtrees whose A flag is clear.
         prune: bool,
@@ -585,6 +590,192 @@ fn report_range<F: FnMut(u64, u64)>(lo: u64, hi: u64, f: &mut F) {
     }
 }
 
+/// 1 when `v` is a present leaf with D set (D is bit 9; the processor ignores the other bits of
+/// a not-present entry, SDM 29.3.2), else 0.
+fn dirty_bit(v: u64) -> u64 {
+    (v >> 9) & 1 & u64::from(v & bits::RWX != 0)
+}
+
+/// True when every leaf folded into `all` (their AND) is present and dirty: D and one of R, W, X
+/// set in all of them.
+fn all_dirty(all: u64) -> bool {
+    all & bits::D != 0 && all & bits::RWX != 0
+}
+
+/// Calls `f(j)` for every bit j set in `mask`, lowest first.
+#[inline]
+fn for_each_bit(mask: u64, mut f: impl FnMut(usize)) {
+    let mut m = mask;
+    while m != 0 {
+        f(m.trailing_zeros() as usize);
+        m &= m - 1;
+    }
+}
+
+/// Leaves per cache line (8 bytes each).
+const LINE: usize = 8;
+
+/// Up to 64 consecutive leaves of one page table, as [`scan_leaves`] sees them: through the
+/// atomics, or as plain memory lent by [`Platform::with_page_mut`], whose loops the compiler
+/// vectorizes. Bit j of a mask is leaf j.
+trait Chunk {
+    /// Number of leaves (1..=64).
+    fn leaves(&self) -> usize;
+    /// The OR of the leaves.
+    fn any(&self) -> u64;
+    /// The AND of the leaves.
+    fn all(&self) -> u64;
+    /// The mask of the present leaves with D set; the per-leaf work is done only in cache lines
+    /// whose OR has D.
+    fn dirty_mask(&self) -> u64;
+    /// Clears D in the leaves of `mask`.
+    fn clear_d(&mut self, mask: u64);
+    /// Flips D in every leaf and returns the AND of the leaves as they were.
+    fn flip_d(&mut self) -> u64;
+}
+
+impl Chunk for &[AtomicU64] {
+    #[inline]
+    fn leaves(&self) -> usize {
+        self.len()
+    }
+    #[inline]
+    fn any(&self) -> u64 {
+        self.iter().fold(0, |any, w| any | w.load(Relaxed))
+    }
+    #[inline]
+    fn all(&self) -> u64 {
+        self.iter().fold(u64::MAX, |all, w| all & w.load(Relaxed))
+    }
+    #[inline]
+    fn dirty_mask(&self) -> u64 {
+        let mut mask = 0;
+        for (i, line) in self.chunks(LINE).enumerate() {
+            if line.any() & bits::D != 0 {
+                let m = line
+                    .iter()
+                    .enumerate()
+                    .fold(0, |m, (j, w)| m | dirty_bit(w.load(Relaxed)) << j);
+                mask |= m << (i * LINE);
+            }
+        }
+        mask
+    }
+    #[inline]
+    fn clear_d(&mut self, mask: u64) {
+        for_each_bit(mask, |j| {
+            if let Some(w) = self.get(j) {
+                w.store(w.load(Relaxed) & !bits::D, Relaxed);
+            }
+        });
+    }
+    #[inline]
+    fn flip_d(&mut self) -> u64 {
+        self.iter().fold(u64::MAX, |all, w| {
+            let v = w.load(Relaxed);
+            w.store(v ^ bits::D, Relaxed);
+            all & v
+        })
+    }
+}
+
+impl Chunk for &mut [u64] {
+    #[inline]
+    fn leaves(&self) -> usize {
+        self.len()
+    }
+    #[inline]
+    fn any(&self) -> u64 {
+        self.iter().fold(0, |any, &v| any | v)
+    }
+    #[inline]
+    fn all(&self) -> u64 {
+        self.iter().fold(u64::MAX, |all, &v| all & v)
+    }
+    #[inline]
+    fn dirty_mask(&self) -> u64 {
+        let mut mask = 0;
+        for (i, line) in self.chunks(LINE).enumerate() {
+            if line.iter().fold(0, |any, &v| any | v) & bits::D != 0 {
+                let m = line
+                    .iter()
+                    .enumerate()
+                    .fold(0, |m, (j, &v)| m | dirty_bit(v) << j);
+                mask |= m << (i * LINE);
+            }
+        }
+        mask
+    }
+    #[inline]
+    fn clear_d(&mut self, mask: u64) {
+        for_each_bit(mask, |j| {
+            if let Some(w) = self.get_mut(j) {
+                *w &= !bits::D;
+            }
+        });
+    }
+    #[inline]
+    fn flip_d(&mut self) -> u64 {
+        self.iter_mut().fold(u64::MAX, |all, w| {
+            let v = *w;
+            *w = v ^ bits::D;
+            all & v
+        })
+    }
+}
+
+/// The hot loop: the 4 KiB leaves of one page table from `gpa` on, in chunks of up to 64.
+/// Reports every chunk with dirty leaves as `f(gpa of the chunk, mask)`; with `clear`, clears
+/// their D. Plain stores suffice: no vCPU runs on this EPT (the module's precondition), and
+/// nothing else sees the table while it is being cleared.
+///
+/// A chunk is sorted without per-leaf bit work when it can be: an OR with no D means clean
+/// (skipped); an AND with D and a common R/W/X bit means every leaf is present and dirty (mask
+/// all ones, and flipping D clears it). After such a dense chunk the next one is predicted dense
+/// and cleared in one pass, a load and a store per leaf: D is flipped in every leaf while the AND
+/// of the old values is taken. If the prediction was wrong the flip is undone (flipping again
+/// restores every leaf exactly) and the chunk takes the mixed path: mask built leaf by leaf,
+/// then D cleared in the dirty leaves only.
+fn scan_leaves<C: Chunk, F: FnMut(u64, u64)>(
+    chunks: impl Iterator<Item = C>,
+    gpa: u64,
+    clear: bool,
+    f: &mut F,
+) {
+    let mut dense = false;
+    for (c, mut chunk) in chunks.enumerate() {
+        let flipped = clear && dense;
+        let all = if flipped {
+            chunk.flip_d()
+        } else if chunk.any() & bits::D != 0 {
+            chunk.all()
+        } else {
+            dense = false;
+            continue;
+        };
+        let full = u64::MAX >> (64 - chunk.leaves());
+        let mask = if all_dirty(all) {
+            if clear && !flipped {
+                chunk.flip_d();
+            }
+            full
+        } else {
+            if flipped {
+                chunk.flip_d();
+            }
+            let mask = chunk.dirty_mask();
+            if clear {
+                chunk.clear_d(mask);
+            }
+            mask
+        };
+        dense = mask == full;
+        if mask != 0 {
+            f(gpa + (c * 64) as u64 * PAGE_SIZE, mask);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(
     p: &P,
@@ -597,7 +788,6 @@ fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(
     f: &mut F,
 ) {
     let span = level_span(level);
-    let t = p.page(table);
     let first = if gpa > base {
         ((gpa - base) / span) as usize
     } else {
@@ -605,49 +795,32 @@ fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(
     };
     let last = (((end - 1 - base) / span) as usize).min(511);
     if level == 1 {
-        // The hot loop, 64 leaves at a time: branch-free loads build the mask of dirty present
-        // leaves (D is bit 9). Clearing stores only into chunks with dirty leaves; after a dense
-        // chunk, the next one is cleared in the same pass as it is read (one load and one store
-        // per leaf, unchanged for clean ones: no vCPU runs, see the module's precondition).
-        let clear = matches!(op, ScanOp::Clear { .. });
-        let leaves = t.get(first..=last).unwrap_or(&[]);
-        let mut dense = false;
-        for (c, chunk) in leaves.chunks(64).enumerate() {
-            let mut mask = 0u64;
-            if clear && dense {
-                for (j, word) in chunk.iter().enumerate() {
-                    let v = word.load(Relaxed);
-                    mask |= ((v >> 9) & 1 & u64::from(v & bits::RWX != 0)) << j;
-                    word.store(v & !bits::D, Relaxed);
+        let leaves = first..last + 1;
+        let gpa = base + first as u64 * PAGE_SIZE;
+        match op {
+            ScanOp::Read => {
+                if let Some(t) = p.page(table).get(leaves) {
+                    scan_leaves(t.chunks(64), gpa, false, f);
                 }
-            } else {
-                // A clean chunk costs one load and one OR per leaf.
-                if chunk.iter().fold(0, |a, w| a | w.load(Relaxed)) & bits::D == 0 {
-                    dense = false;
-                    continue;
-                }
-                for (j, word) in chunk.iter().enumerate() {
-                    let v = word.load(Relaxed);
-                    mask |= ((v >> 9) & 1 & u64::from(v & bits::RWX != 0)) << j;
-                }
-                if clear && mask != 0 {
-                    let mut m = mask;
-                    while m != 0 {
-                        let j = m.trailing_zeros() as usize;
-                        m &= m - 1;
-                        if let Some(word) = chunk.get(j) {
-                            word.store(word.load(Relaxed) & !bits::D, Relaxed);
-                        }
+            }
+            // Clearing: the table is lent for the whole pass, as plain memory where the platform
+            // allows it; the module's precondition makes that sound.
+            ScanOp::Clear { .. } => p.with_page_mut(table, &mut |page| match page {
+                PageMut::Shared(t) => {
+                    if let Some(t) = t.get(leaves.clone()) {
+                        scan_leaves(t.chunks(64), gpa, true, f);
                     }
                 }
-            }
-            dense = mask.count_ones() > 32;
-            if mask != 0 {
-                f(base + (first + c * 64) as u64 * PAGE_SIZE, mask);
-            }
+                PageMut::Exclusive(t) => {
+                    if let Some(t) = t.get_mut(leaves.clone()) {
+                        scan_leaves(t.chunks_mut(64), gpa, true, f);
+                    }
+                }
+            }),
         }
         return;
     }
+    let t = p.page(table);
     let prune = match op {
         ScanOp::Read => true,
         ScanOp::Clear { prune } => prune,

@@ -10,6 +10,15 @@ use core::sync::atomic::AtomicU64;
 /// A 4 KiB page seen as 512 atomic quadwords.
 pub type PageWords = [AtomicU64; 512];
 
+/// A page lent by [`Platform::with_page_mut`].
+#[derive(Debug)]
+pub enum PageMut<'a> {
+    /// Through the atomics, as [`Platform::page`] gives it (the default).
+    Shared(&'a PageWords),
+    /// As plain memory, which the compiler may vectorize.
+    Exclusive(&'a mut [u64; 512]),
+}
+
 /// What the core needs from an operating system.
 pub trait Platform {
     /// A zeroed, 4 KiB-aligned page of host memory; returns its host-physical address, or `None`
@@ -19,6 +28,23 @@ pub trait Platform {
     fn free_page(&self, hpa: u64);
     /// The page at `hpa` (4 KiB aligned, owned by the caller through `alloc_page`).
     fn page(&self, hpa: u64) -> &PageWords;
+
+    /// Calls `f` once with the page at `hpa` (as for [`Platform::page`]) for an update nothing
+    /// else observes. The default lends it through the atomics ([`PageMut::Shared`]); a platform
+    /// may override this to lend it as plain memory ([`PageMut::Exclusive`]), so that loops over
+    /// the page can be vectorized (the full dirty-log harvest of the 1 GiB benchmark: 60 us
+    /// instead of 95 us).
+    ///
+    /// Caller's contract, which an `Exclusive` implementation relies on: while `f` runs, nothing
+    /// else reads or writes the page: no other software (and `f` not through the platform), and
+    /// no processor. For an EPT page table that means no vCPU using the EPT is in VMX non-root
+    /// operation: the processor sets EPT A/D flags with locked read-modify-write cycles whenever
+    /// it walks the table (SDM 29.3.5), which would race with plain loads and stores. The core
+    /// calls this only from clearing A/D scans, which run after the VM kicked its vCPUs out and
+    /// with the EPT to themselves (see the precondition in [`crate::dirty`]).
+    fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
+        f(PageMut::Shared(self.page(hpa)))
+    }
 }
 
 /// Copies `src` into the page at `hpa` from byte `offset` (`offset + src.len() <= 4096`).

@@ -12,7 +12,9 @@
 //!   bandwidth bound of any scan that reads every leaf and writes some back.
 //!
 //! After criterion's own report, a summary table is printed from the same measurements (median
-//! time per iteration). `SMUDGE_BENCH_GIB=1,16` limits the slot sizes.
+//! time per iteration). `SMUDGE_BENCH_GIB=1,16` limits the slot sizes. The mock lends page tables
+//! to clearing scans as plain memory, as a kernel shim may; `SMUDGE_BENCH_ATOMICS=1` lends them
+//! through the atomics instead (the default of `Platform::with_page_mut`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -105,6 +107,7 @@ struct Fixture {
 impl Fixture {
     fn new(gib: u64) -> Fixture {
         let p = MockPlatform::new();
+        p.lend_through_atomics(std::env::var("SMUDGE_BENCH_ATOMICS").is_ok_and(|v| v == "1"));
         let mut ept = Ept::new(&p, EptFeatures::ALL).expect("EPT");
         ept.map(&p, 0, 0, gib * GIB, Perms::RW, MemoryType::WriteBack, false)
             .expect("map");

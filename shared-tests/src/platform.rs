@@ -6,6 +6,10 @@
 //!   of silently reading a neighbour. HPAs are never reused.
 //! - Every misuse fails the test with a panic: freeing a page twice, freeing or touching a page
 //!   this platform never handed out (foreign, misaligned), touching a page after it was freed.
+//! - [`Platform::with_page_mut`] lends the page as plain memory (`&mut [u64; 512]`), as a kernel
+//!   shim overriding it does; while it is lent, touching, lending or freeing that page panics (the
+//!   trait's exclusivity contract). [`MockPlatform::lend_through_atomics`] switches to the
+//!   trait's default (lent through the atomics), so tests reach both forms.
 //! - A freed page is not reused while the platform lives, so a stale reference cannot alias a
 //!   new owner. Pages return to a process-wide pool when the platform is dropped.
 //! - [`MockPlatform::fail_nth_alloc`] / [`MockPlatform::fail_allocs_after`] make `alloc_page`
@@ -14,10 +18,10 @@
 //! Lookups are lock-free (two-level table indexed by the page number), so benchmarks that go
 //! through [`Platform::page`] measure the core, not the mock.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use smudge_core::platform::{PageWords, Platform};
+use smudge_core::platform::{PageMut, PageWords, Platform};
 
 /// First fake HPA handed out (64 GiB: above the identity-mapped guest memory the tests use).
 pub const DEFAULT_HPA_BASE: u64 = 1 << 36;
@@ -31,6 +35,8 @@ const SEGMENTS: usize = 1 << 14; // 64 Mi pages (256 GiB) per platform
 const NEVER: u8 = 0;
 const LIVE: u8 = 1;
 const FREED: u8 = 2;
+/// Live and lent by `with_page_mut` as plain memory.
+const LENT: u8 = 3;
 
 #[derive(Default)]
 struct Slot {
@@ -92,6 +98,8 @@ pub struct MockPlatform {
     allocated: AtomicU64,
     freed: AtomicU64,
     faults: Mutex<Faults>,
+    /// `with_page_mut` lends through the atomics (the trait default) instead of plain memory.
+    lend_atomic: AtomicBool,
 }
 
 impl Default for MockPlatform {
@@ -125,11 +133,19 @@ impl MockPlatform {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),
+            lend_atomic: AtomicBool::new(false),
         }
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
         self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// With `on`, [`Platform::with_page_mut`] lends pages through the atomics, as the trait's
+    /// default does (a platform without the override); without, as plain memory (the default
+    /// of the mock, as a kernel shim overriding it does).
+    pub fn lend_through_atomics(&self, on: bool) {
+        self.lend_atomic.store(on, Ordering::SeqCst);
     }
 
     /// The `n`-th `alloc_page` call from now (1-based) returns `None`; the others succeed.
@@ -178,7 +194,7 @@ impl MockPlatform {
     /// True when `hpa` is a page of this platform that is allocated now.
     pub fn is_live(&self, hpa: u64) -> bool {
         self.slot(hpa)
-            .is_some_and(|s| s.state.load(Ordering::Acquire) == LIVE)
+            .is_some_and(|s| matches!(s.state.load(Ordering::Acquire), LIVE | LENT))
     }
 
     fn slot(&self, hpa: u64) -> Option<&Slot> {
@@ -231,23 +247,57 @@ impl Platform for MockPlatform {
                 self.freed.fetch_add(1, Ordering::SeqCst);
             }
             Err(FREED) => panic!("free_page({hpa:#x}): double free"),
+            Err(LENT) => panic!("free_page({hpa:#x}): page is lent by with_page_mut"),
             Err(_) => panic!("free_page({hpa:#x}): page was never allocated"),
         }
     }
 
     fn page(&self, hpa: u64) -> &PageWords {
+        self.live_page(hpa, "page").1
+    }
+
+    /// Lends the page as plain memory, as a kernel shim may (unless `lend_through_atomics`).
+    fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
+        let (slot, page) = self.live_page(hpa, "with_page_mut");
+        if self.lend_atomic.load(Ordering::SeqCst) {
+            return f(PageMut::Shared(page));
+        }
+        // Until `f` returns, `page`, `with_page_mut` and `free_page` of this page panic.
+        if slot
+            .state
+            .compare_exchange(LIVE, LENT, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            panic!("with_page_mut({hpa:#x}): page touched by another thread");
+        }
+        let words = page.as_ptr().cast_mut().cast::<[u64; 512]>();
+        // SAFETY: `words` points to the live, leaked 4 KiB of the page: 512 AtomicU64, which
+        // have the size and alignment of u64 and may be mutated through a shared reference
+        // (UnsafeCell). The caller guarantees nothing else accesses the page while `f` runs
+        // (trait contract; the LENT state catches this process's own accesses), so this is the
+        // only reference in use until `f` returns.
+        let plain = unsafe { &mut *words };
+        f(PageMut::Exclusive(plain));
+        slot.state.store(LIVE, Ordering::Release);
+    }
+}
+
+impl MockPlatform {
+    /// The slot and storage of the live, not lent page at `hpa`; panics on any misuse.
+    fn live_page(&self, hpa: u64, what: &str) -> (&Slot, &'static PageWords) {
         let Some(slot) = self.slot(hpa) else {
-            panic!("page({hpa:#x}): not a page of this platform (foreign or misaligned)");
+            panic!("{what}({hpa:#x}): not a page of this platform (foreign or misaligned)");
         };
         match slot.state.load(Ordering::Acquire) {
             LIVE => match slot.page.get() {
-                Some(p) => p,
-                None => panic!("page({hpa:#x}): live page without storage"),
+                Some(p) => (slot, p),
+                None => panic!("{what}({hpa:#x}): live page without storage"),
             },
-            FREED => panic!("page({hpa:#x}): use after free"),
+            FREED => panic!("{what}({hpa:#x}): use after free"),
+            LENT => panic!("{what}({hpa:#x}): page is lent by with_page_mut"),
             s => {
                 debug_assert_eq!(s, NEVER);
-                panic!("page({hpa:#x}): page was never allocated")
+                panic!("{what}({hpa:#x}): page was never allocated")
             }
         }
     }
@@ -321,6 +371,46 @@ mod tests {
         let p = MockPlatform::new();
         let a = p.alloc_page().unwrap();
         p.free_page(a + 4096);
+    }
+
+    #[test]
+    fn with_page_mut_lends_plain_or_atomic_memory() {
+        let p = MockPlatform::new();
+        let a = p.alloc_page().unwrap();
+        p.page(a)[5].store(7, Ordering::Relaxed);
+        let mut plain = false;
+        p.with_page_mut(a, &mut |page| match page {
+            PageMut::Exclusive(w) => {
+                plain = true;
+                assert_eq!(w[5], 7);
+                w[5] = 9;
+            }
+            PageMut::Shared(_) => {}
+        });
+        assert!(plain);
+        assert_eq!(p.page(a)[5].load(Ordering::Relaxed), 9);
+        p.lend_through_atomics(true);
+        let mut shared = false;
+        p.with_page_mut(a, &mut |page| {
+            if let PageMut::Shared(w) = page {
+                shared = true;
+                w[5].store(11, Ordering::Relaxed);
+            }
+        });
+        assert!(shared);
+        assert_eq!(p.page(a)[5].load(Ordering::Relaxed), 11);
+        p.free_page(a);
+        p.assert_all_freed();
+    }
+
+    #[test]
+    #[should_panic(expected = "lent by with_page_mut")]
+    fn touching_a_lent_page_fails() {
+        let p = MockPlatform::new();
+        let a = p.alloc_page().unwrap();
+        p.with_page_mut(a, &mut |_| {
+            let _ = p.page(a);
+        });
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use smudge_core::platform::{PageWords, Platform};
+use smudge_core::platform::{PageMut, PageWords, Platform};
 
 use crate::nt;
 
@@ -137,7 +137,22 @@ impl Platform for NtPlatform {
         }
         // SAFETY: `hpa` is a page from `alloc_page` the caller still owns (trait contract), so `va`
         // maps 4096 bytes of nonpaged, 8-byte aligned memory that stays valid while borrowed.
-        // AtomicU64 has the layout of u64, and every access to the page goes through the atomics.
+        // AtomicU64 has the layout of u64, and every access to the page goes through the atomics
+        // or, while it is lent by `with_page_mut`, through that one `&mut`.
         unsafe { &*va.cast::<PageWords>() }
+    }
+
+    fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
+        let va = Self::virt(hpa);
+        if va.is_null() {
+            // Not mapped: the scratch page of `page`, through the atomics.
+            return f(PageMut::Shared(self.page(hpa)));
+        }
+        // SAFETY: `hpa` is a page from `alloc_page` the caller still owns (trait contract), so
+        // `va` maps 4096 bytes of nonpaged, 8-byte aligned memory valid while borrowed; u64 has
+        // no invalid values. The core lends a page only while nothing else reads or writes it
+        // (every vCPU kicked out of VMX non-root operation, so no processor sets A/D flags in it,
+        // SDM 29.3.5; the EPT borrowed mutably), so this is the only reference until `f` returns.
+        f(PageMut::Exclusive(unsafe { &mut *va.cast::<[u64; 512]>() }))
     }
 }

@@ -242,25 +242,27 @@ impl VmLock {
     }
 }
 
-impl hw::SharedVm for VmLock {
-    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R {
-        VmLock::with(self, |vm| match vm.as_mut() {
-            Some(vm) => f(vm),
-            // Unreachable: RUN requires a set-up VM, and only release removes it.
-            None => {
-                let mut empty = None;
-                core::mem::swap(&mut empty, vm);
-                panic_free_unreachable(f, empty)
-            }
-        })
-    }
+/// The VM as a RUN sees it: the set-up VM of the file (which exists from Setup until release,
+/// and release cannot run during a RUN), behind the file's lock.
+struct LockedVm<'a> {
+    locked: &'a AtomicBool,
+    vm: core::ptr::NonNull<Vm>,
 }
 
-/// The VM disappears only in release, after every RUN returned; a vCPU can never see None.
-/// Kept as a function so the impossible path is explicit and still panic-free.
-fn panic_free_unreachable<R, F: FnOnce(&mut Vm) -> R>(_f: F, _vm: Option<Vm>) -> R {
-    loop {
-        core::hint::spin_loop();
+impl hw::SharedVm for LockedVm<'_> {
+    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R {
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the VM outlives the RUN (see the type), and the flag gives this thread
+        // exclusive access until it is released; `hw::run` never nests `with`.
+        let r = f(unsafe { &mut *self.vm.as_ptr() });
+        self.locked.store(false, Ordering::Release);
+        r
     }
 }
 
@@ -880,6 +882,14 @@ fn wait_unkicked(f: &VmFile) -> bool {
 
 fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::RunResp, c_long> {
     let p = LinuxPlatform;
+    // `ready` (checked by the caller) means Setup put the VM in place; only release removes it.
+    let vm = LockedVm {
+        locked: &f.vm.locked,
+        vm: f
+            .vm
+            .with(|vm| vm.as_mut().map(core::ptr::NonNull::from))
+            .ok_or(-EINVAL)?,
+    };
     let mut resp = abi::RunResp::default();
     let env = LinuxEnv { kick: &f.kick };
     let vp = slot.v.get();
@@ -949,7 +959,7 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         }
         // SAFETY: VMX is on here, preemption is off, the FPU is ours, the VMCS is clear or
         // active on this CPU.
-        let r = unsafe { hw::run(&f.vm, &mut v.hw, &p, &g.caps, &ctls, &env) };
+        let r = unsafe { hw::run(&vm, &mut v.hw, &p, &g.caps, &ctls, &env) };
         // SAFETY: still on the CPU of the VM exits, preemption off: mark its TSS limit stale so
         // Linux reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
         unsafe { smudge_invalidate_tss_limit() };

@@ -503,30 +503,48 @@ fn ioctl(f: &VmFile, op: Op, arg: usize) -> c_long {
         Err(e) => return -(e.errno() as c_long),
     };
     let enc = |r: core::result::Result<usize, abi::AbiError>| r.map_err(|_| -EINVAL);
-    let out = if let Request::Run { vcpu } = req {
-        run_request(f, g, vcpu).and_then(|resp| enc(resp.to_bytes(&mut buf)))
-    } else {
-        if f.busy.swap(true, Ordering::Acquire) {
-            return -EBUSY;
+    let out = match req {
+        Request::Run { vcpu } => {
+            run_request(f, g, vcpu).and_then(|resp| enc(resp.to_bytes(&mut buf)))
         }
-        // Setup has no vCPU to kick yet; GET_REGS and SET_REGS hold their vCPU instead.
-        let kick = !matches!(
-            req,
-            Request::Setup { .. } | Request::GetRegs { .. } | Request::SetRegs { .. }
-        );
-        if kick {
-            f.kick_all();
+        // They hold the file's `busy` (no VM-level request touches vCPUs meanwhile) and their
+        // vCPU (not running), and touch neither the VM nor the controls: other vCPUs keep
+        // running.
+        Request::GetRegs { vcpu } | Request::SetRegs { vcpu, .. } => {
+            if f.busy.swap(true, Ordering::Acquire) {
+                return -EBUSY;
+            }
+            let r = with_idle_vcpu(f, vcpu, |hw| match req {
+                Request::SetRegs { regs, .. } => {
+                    hw.set_regs(&regs);
+                    Ok(0)
+                }
+                _ => enc(hw.regs().to_bytes(&mut buf)),
+            })
+            .and_then(|r| r);
+            f.busy.store(false, Ordering::Release);
+            r
         }
-        // SAFETY: `busy` excludes other VM-level requests and the kick excludes every vCPU, so
-        // this thread alone uses the VM and the controls now (GET_REGS and SET_REGS use
-        // neither).
-        let (vm, ctls) = unsafe { (&mut *f.vm.vm.get(), &mut *f.ctls.get()) };
-        let r = handle(f, g, vm, ctls, req, &mut buf);
-        if kick {
-            f.unkick();
+        _ => {
+            if f.busy.swap(true, Ordering::Acquire) {
+                return -EBUSY;
+            }
+            // Setup has no vCPU to kick yet (`ready` is false until it succeeds).
+            let kick = !matches!(req, Request::Setup { .. });
+            if kick {
+                f.kick_all();
+            }
+            // SAFETY: `busy` excludes other VM-level requests, and the kick (or, for Setup, the
+            // absence of vCPUs) excludes every vCPU, so this thread alone uses the VM and the
+            // controls now.
+            let (vm, ctls) = unsafe { (&mut *f.vm.vm.get(), &mut *f.ctls.get()) };
+            let r = handle(f, g, vm, ctls, req, &mut buf);
+            if kick {
+                f.unkick();
+            }
+            f.busy.store(false, Ordering::Release);
+            r
         }
-        f.busy.store(false, Ordering::Release);
-        r
     };
     match out {
         Ok(len) if len > 0 => copy_out(arg, &buf[..len]).map_or_else(|e| e, |_| 0),
@@ -636,20 +654,12 @@ fn handle(
             for slot in f.vcpus() {
                 // SAFETY: every vCPU is kicked out; this thread alone uses them.
                 let hw = unsafe { &mut (*slot.v.get()).hw };
-                hw.rip = entry;
-                hw.regs_dirty = true;
+                hw.load_entry(entry);
             }
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }
-        Request::Run { .. } => Err(-EINVAL),
-        Request::GetRegs { vcpu } => {
-            let regs = with_idle_vcpu(f, vcpu, |hw| hw.regs())?;
-            enc(regs.to_bytes(buf))
-        }
-        Request::SetRegs { vcpu, regs } => {
-            with_idle_vcpu(f, vcpu, |hw| hw.set_regs(&regs))?;
-            Ok(0)
-        }
+        // Served by `ioctl` without the VM.
+        Request::Run { .. } | Request::GetRegs { .. } | Request::SetRegs { .. } => Err(-EINVAL),
         Request::AddSlot { gpa, size } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let slot = vm.add_slot(&p, gpa, size).map_err(core_err)?;
@@ -893,8 +903,12 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
     let mut resp = abi::RunResp::default();
     let env = LinuxEnv { kick: &f.kick };
     let vp = slot.v.get();
-    {
-        // SAFETY: `slot.busy` makes this thread the vCPU's only user.
+    // Every use of the vCPU below happens while this thread counts in `running` (between
+    // `enter` and the matching decrement): VM-level requests that touch vCPUs (LOAD_ELF, STATS)
+    // run only while `running` is 0.
+    let result = loop {
+        enter(f);
+        // SAFETY: `slot.busy` makes this thread the vCPU's only RUN, and it counts in `running`.
         let v = unsafe { &mut *vp };
         if !v.hw.programmed {
             // SAFETY: reads a module parameter.
@@ -913,19 +927,6 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
                 _ => None,
             };
         }
-    }
-    let result = loop {
-        // Enter the loop, then look at the kick: with SeqCst on both sides, a VM-level request
-        // either sees this vCPU running and waits, or this vCPU sees the kick and waits.
-        f.running.fetch_add(1, Ordering::SeqCst);
-        if f.kick.load(Ordering::SeqCst) {
-            f.running.fetch_sub(1, Ordering::SeqCst);
-            wait_unkicked(f);
-            continue;
-        }
-        // SAFETY: `slot.busy` makes this thread the vCPU's only user; VM-level requests touch
-        // it only while `running` is 0.
-        let v = unsafe { &mut *vp };
         // SAFETY: inside the kick protocol: Setup and SET_MODE write the controls only while
         // `running` is 0, and this vCPU counts in `running` until it leaves the loop body.
         let Some(ctls) = (unsafe { *f.ctls.get() }) else {
@@ -965,7 +966,6 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
         unsafe { smudge_invalidate_tss_limit() };
         // SAFETY: pairs with fpu_begin.
         unsafe { smudge_fpu_end() };
-        f.running.fetch_sub(1, Ordering::SeqCst);
         match r {
             // Refilled at the top of the loop.
             Ok(HwExit::NeedPages) => {}
@@ -973,23 +973,42 @@ fn run(f: &VmFile, g: &Global, slot: &VcpuSlot) -> core::result::Result<abi::Run
                 if v.hw.state.console_len > 0 {
                     break Ok(RunExit::Console);
                 }
+                f.running.fetch_sub(1, Ordering::SeqCst);
                 // SAFETY: may sleep: preemption is on again.
                 unsafe { smudge_cond_resched() };
                 // A pending signal returns to user space; a kick or a reschedule continues.
                 // SAFETY: reads current's flags.
                 if unsafe { smudge_should_return() } != 0 && !f.kick.load(Ordering::SeqCst) {
+                    enter(f);
                     break Ok(RunExit::Interrupted);
                 }
+                continue;
             }
             Ok(HwExit::Exit(x)) => break Ok(x),
             Err(e) => break Err(e),
         }
+        f.running.fetch_sub(1, Ordering::SeqCst);
     };
-    // SAFETY: as above.
+    // SAFETY: as above: still counted in `running`.
     let v = unsafe { &mut *vp };
     answer::take_console(&mut resp, &mut v.hw.state);
     answer::fill_run(&mut resp, result, &mut v.hw.state);
+    f.running.fetch_sub(1, Ordering::SeqCst);
     Ok(resp)
+}
+
+/// Counts this thread in `running` once no VM-level request has the vCPUs kicked out. With
+/// SeqCst on both sides, a VM-level request either sees this vCPU running and waits, or this
+/// vCPU sees the kick, backs out and waits. The caller decrements `running` when it is done.
+fn enter(f: &VmFile) {
+    loop {
+        f.running.fetch_add(1, Ordering::SeqCst);
+        if !f.kick.load(Ordering::SeqCst) {
+            return;
+        }
+        f.running.fetch_sub(1, Ordering::SeqCst);
+        wait_unkicked(f);
+    }
 }
 
 /// A small stack buffer for formatted messages.

@@ -301,8 +301,9 @@ pub struct Regs {
     pub rflags: u64,
 }
 
-/// Sets a vCPU's registers (between runs). A vCPU stopped by HLT, an exit hypercall, a triple
-/// fault or an MMIO exit becomes runnable again and continues at the new RIP.
+/// Sets a vCPU's registers (between runs). A stopped vCPU (HLT, an exit hypercall, a triple
+/// fault, an MMIO exit, or an error) becomes runnable again and continues at the new RIP, with
+/// no interrupt shadow or pending debug exception left from before.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SetRegsReq {

@@ -216,7 +216,8 @@ const _: () = {
 // HOST_RIP (0x6C16), loads the guest CR2 (when it differs: MOV to CR2 is slow) and GPRs,
 // executes VMLAUNCH (launched == 0) or VMRESUME, and returns 0 after a VM exit with the guest
 // GPRs and CR2 saved, 1 on VMfailInvalid, 2 on VMfailValid. Interrupts are off throughout, so no
-// host page fault can come between the CR2 load and the entry.
+// host page fault can come between the CR2 load and the entry (an NMI handler that faults
+// restores CR2 itself, as Linux's does).
 // The host's callee-saved registers are kept on the stack; a VM exit restores only RSP/RIP and
 // the VMCS host-state area (SDM 28.5), so everything else is restored here.
 global_asm!(

@@ -368,6 +368,16 @@ fn guest_run(t: &mut Tally, image: &[u8], mode: u32) {
             &format!("harvested {harvested:?}, written {want:?}"),
         );
     }
+    // LOAD_ELF again after the runs: the vCPU keeps its registers (only a vCPU that has not
+    // run starts at the entry point).
+    let before = vm.get_regs(0);
+    let reload = vm.load(image);
+    let after = vm.get_regs(0);
+    t.check(
+        &name("load-after-run-keeps-regs"),
+        reload.is_ok() && before.is_ok() && after == before,
+        &format!("{reload:?}, before {before:x?}, after {after:x?}"),
+    );
     // An address outside every slot (below 4 GiB, so the guest maps it) is an MMIO exit.
     if let Ok(mut regs) = vm.get_regs(0) {
         regs.rip = entry;

@@ -305,6 +305,14 @@ fn a_new_vcpu_starts_in_the_guest_abi_entry_state_and_set_regs_round_trips() {
     );
     assert_eq!(v.gprs.r15, 16);
 
+    // LOAD_ELF moves only a vCPU that has not run: once its VMCS is programmed, the registers
+    // are the guest's (a memory load never moves a running vCPU, as in KVM).
+    v.load_entry(0x30_0000);
+    assert_eq!(v.rip, 0x30_0000, "not run yet: starts at the new entry");
+    v.programmed = true;
+    v.load_entry(0x40_0000);
+    assert_eq!(v.rip, 0x30_0000, "has run: keeps its RIP");
+
     // Without RAM there is no stack to point at.
     let bare = Vm::new(&p, EptFeatures::ALL, Mode::AdScan, 16).expect("vm");
     assert_eq!(answer::vcpu_entry(&bare, 0), Err(Error::NotMapped));

@@ -310,8 +310,7 @@ fn handle(
                 // SAFETY: every vCPU is kicked out and no other VM-level request runs: this
                 // thread alone uses the vCPUs' state (only the `hw` field is borrowed).
                 let hw = unsafe { &mut (*slot.v.get()).hw };
-                hw.rip = entry;
-                hw.regs_dirty = true;
+                hw.load_entry(entry);
             }
             enc(abi::LoadElfResp { entry }.to_bytes(buf))
         }

@@ -225,6 +225,14 @@ impl HwVcpu {
         self.state.halted = false;
     }
 
+    /// LOAD_ELF: a vCPU that has not run yet starts at the image's entry point. One that has
+    /// run keeps its registers (as KVM, a memory load never moves a vCPU; SET_REGS does).
+    pub fn load_entry(&mut self, entry: u64) {
+        if !self.programmed {
+            self.rip = entry;
+        }
+    }
+
     /// Pages the vCPU holds: its own and those in its cache.
     pub fn pages_held(&self) -> u64 {
         VcpuPages::COUNT + self.cache.len() as u64
@@ -341,6 +349,17 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             vmcs_step(
                 "vmwrite (rflags)",
                 vmcs.write(Field::GuestRflags, vcpu.rflags),
+            )?;
+            // New registers start a fresh instruction stream: no STI/MOV-SS blocking or pending
+            // debug exception of the old one may survive, or the new RFLAGS (IF, TF) could break
+            // SDM 27.3.1.5 (checks on guest non-register state).
+            vmcs_step(
+                "vmwrite (interruptibility)",
+                vmcs.write(Field::GuestInterruptibilityState, 0),
+            )?;
+            vmcs_step(
+                "vmwrite (pending debug)",
+                vmcs.write(Field::GuestPendingDebugExceptions, 0),
             )?;
             vcpu.regs_dirty = false;
         }

@@ -11,6 +11,7 @@
 #include <linux/miscdevice.h>
 #include <linux/fs.h>
 #include <linux/mm.h>
+#include <linux/slab.h>
 #include <linux/gfp.h>
 #include <linux/smp.h>
 #include <linux/sched.h>
@@ -35,13 +36,20 @@ long smudge_rs_mmap_begin(void *priv);
 long smudge_rs_mmap_pfn(void *priv, unsigned long gfn);
 void smudge_rs_mmap_end(void *priv);
 
-/* Module parameters: fault injection and the driver-wide page count (read-only). */
+/* Module parameters: fault injection, the driver-wide page count (read-only; core's
+ * hostmem::PageBudget updates it atomically) and its cap (0: core's default, half of RAM). */
 static int fail_alloc_after = -1;
 module_param(fail_alloc_after, int, 0644);
 MODULE_PARM_DESC(fail_alloc_after, "fail every page allocation after this many more succeed (-1: never)");
-static unsigned long pages_held;
-module_param(pages_held, ulong, 0444);
+unsigned long smudge_pages_held_count;
+module_param_named(pages_held, smudge_pages_held_count, ulong, 0444);
 MODULE_PARM_DESC(pages_held, "pages held by all VMs (0 when none is open)");
+static unsigned long max_pages;
+module_param(max_pages, ulong, 0644);
+MODULE_PARM_DESC(max_pages, "most pages all VMs together may hold (0: half of RAM)");
+unsigned long smudge_max_pages(void) { return READ_ONCE(max_pages); }
+unsigned long smudge_totalram_pages(void) { return totalram_pages(); }
+unsigned long smudge_mem_available(void) { return si_mem_available(); }
 
 int smudge_fault_inject(void)
 {
@@ -62,8 +70,6 @@ module_param(test_bad_vmcs, int, 0644);
 MODULE_PARM_DESC(test_bad_vmcs, "test hook: 1/2 corrupt the guest state of new VMCSs (see README)");
 int smudge_test_bad_vmcs(void) { return READ_ONCE(test_bad_vmcs); }
 
-void smudge_pages_add(long delta) { __atomic_add_fetch(&pages_held, delta, __ATOMIC_RELAXED); }
-unsigned long smudge_pages_held(void) { return __atomic_load_n(&pages_held, __ATOMIC_RELAXED); }
 
 static int smudge_open(struct inode *inode, struct file *f)
 {
@@ -121,7 +127,8 @@ static struct miscdevice smudge_misc = {
 	.minor = MISC_DYNAMIC_MINOR,
 	.name = "smudge",
 	.fops = &smudge_fops,
-	.mode = 0666,
+	/* Root only, like /dev/kvm before a distribution's udev rule opens it to a group (README). */
+	.mode = 0600,
 };
 int smudge_misc_register(void) { return misc_register(&smudge_misc); }
 void smudge_misc_deregister(void) { misc_deregister(&smudge_misc); }
@@ -150,9 +157,17 @@ unsigned long smudge_cr4_read(void) { return __read_cr4(); }
 int smudge_rdmsr_safe(u32 msr, u64 *val) { return rdmsrl_safe(msr, val); }
 void *smudge_va(u64 pa) { return __va(pa); }
 u64 smudge_pa(void *va) { return __pa(va); }
-/* Only in process context: the run loop takes guest pages from a per-vCPU cache refilled here. */
-unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(GFP_KERNEL); }
+/*
+ * Every allocation a VM makes on demand (pages, request buffers): fail rather than wake the OOM
+ * killer, no warning for a failure the caller reports, charged to the opener's memory cgroup
+ * (as KVM's GFP_KERNEL_ACCOUNT). The Rust alloc::Flags of 6.12 lack __GFP_RETRY_MAYFAIL.
+ * Only in process context: the run loop takes guest pages from a per-vCPU cache refilled here.
+ */
+#define SMUDGE_GFP (GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN)
+unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP); }
 void smudge_free_page(unsigned long va) { free_page(va); }
+void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
+void smudge_kvfree(void *p) { kvfree(p); }
 int smudge_copy_from_user(void *dst, unsigned long src, unsigned long n) { return copy_from_user(dst, (const void __user *)src, n) ? -EFAULT : 0; }
 int smudge_copy_to_user(unsigned long dst, const void *src, unsigned long n) { return copy_to_user((void __user *)dst, src, n) ? -EFAULT : 0; }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).

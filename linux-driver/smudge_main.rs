@@ -16,7 +16,8 @@ use smudge_core::abi::{self, Op, Request, Wire};
 use smudge_core::answer;
 use smudge_core::arch;
 use smudge_core::dirty::Mode;
-use smudge_core::platform::{PageMut, PageWords, Platform};
+use smudge_core::hostmem::{self, PageBudget};
+use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 use smudge_core::vcpu::{write_revision_id, VcpuPages};
 use smudge_core::vm::{RunExit, Vm};
 use smudge_core::vmx::caps::{Controls, CpuidRegs, MsrValue, VmxCaps};
@@ -33,8 +34,13 @@ module! {
 extern "C" {
     fn smudge_fault_inject() -> i32;
     fn smudge_test_bad_vmcs() -> i32;
-    fn smudge_pages_add(delta: c_long);
-    fn smudge_pages_held() -> u64;
+    /// The module parameter `pages_held` (an `unsigned long`, updated only atomically).
+    static smudge_pages_held_count: AtomicU64;
+    fn smudge_max_pages() -> u64;
+    fn smudge_totalram_pages() -> u64;
+    fn smudge_mem_available() -> u64;
+    fn smudge_kvzalloc(n: usize) -> *mut c_void;
+    fn smudge_kvfree(p: *mut c_void);
     fn smudge_misc_register() -> i32;
     fn smudge_misc_deregister();
     fn smudge_notifiers_register();
@@ -76,33 +82,53 @@ const ENOEXEC: c_long = 8;
 const ENOENT: c_long = 2;
 const ENOSPC: c_long = 28;
 const EEXIST: c_long = 17;
+const EDQUOT: c_long = 122;
 
-/// Pages from the kernel's page allocator (GFP_KERNEL), seen through the direct map. The run
-/// loop never allocates from it while preemption is off: guest memory is backed from the
-/// vCPU's page cache, refilled here before each entry.
+/// The driver-wide page count (module parameter `pages_held`) under the cap `max_pages`.
+fn budget() -> PageBudget<'static> {
+    // SAFETY: the C variable lives as long as the module and is only accessed atomically
+    // (AtomicU64 has the layout of the C `unsigned long` on x86-64); the others read values.
+    unsafe {
+        PageBudget {
+            held: &*core::ptr::addr_of!(smudge_pages_held_count),
+            cap: hostmem::cap_pages(smudge_max_pages(), smudge_totalram_pages()),
+        }
+    }
+}
+
+/// Pages from the kernel's page allocator (helpers.c: fail instead of OOM-killing, charged to
+/// the memory cgroup), seen through the direct map and counted by [`budget`]. The run loop
+/// never allocates from it while preemption is off: guest memory is backed from the vCPU's
+/// page cache, refilled here before each entry.
 struct LinuxPlatform;
 
-impl Platform for LinuxPlatform {
-    fn alloc_page(&self) -> Option<u64> {
+impl LinuxPlatform {
+    /// A zeroed page from the kernel, uncounted (VMXON regions belong to the driver); none when
+    /// that would leave the host less than core's reserve.
+    fn os_alloc() -> Option<u64> {
         // SAFETY: plain C calls; the page is zeroed by get_zeroed_page.
         unsafe {
-            if smudge_fault_inject() != 0 {
+            if smudge_fault_inject() != 0
+                || !hostmem::above_reserve(smudge_mem_available(), smudge_totalram_pages())
+            {
                 return None;
             }
             let va = smudge_get_zeroed_page();
-            if va == 0 {
-                return None;
-            }
-            smudge_pages_add(1);
-            Some(smudge_pa(va as *const c_void))
+            (va != 0).then(|| smudge_pa(va as *const c_void))
         }
     }
+    fn os_free(hpa: u64) {
+        // SAFETY: `hpa` came from os_alloc, so its direct-map address is a page we own.
+        unsafe { smudge_free_page(smudge_va(hpa) as usize) }
+    }
+}
+
+impl Platform for LinuxPlatform {
+    fn alloc_page(&self) -> core::result::Result<u64, AllocError> {
+        budget().alloc(Self::os_alloc)
+    }
     fn free_page(&self, hpa: u64) {
-        // SAFETY: `hpa` came from alloc_page, so its direct-map address is a page we own.
-        unsafe {
-            smudge_free_page(smudge_va(hpa) as usize);
-            smudge_pages_add(-1);
-        }
+        budget().free(|| Self::os_free(hpa))
     }
     fn page(&self, hpa: u64) -> &PageWords {
         // SAFETY: the core only passes addresses of pages it allocated (tables, bitmaps,
@@ -117,6 +143,43 @@ impl Platform for LinuxPlatform {
         // mutably), so this is the only reference in use until `f` returns.
         let words = unsafe { &mut *(smudge_va(hpa) as *mut [u64; 512]) };
         f(PageMut::Exclusive(words))
+    }
+}
+
+/// A zeroed buffer for one request (copied-in images, bitmaps, masks), allocated like guest
+/// pages (helpers.c: fails instead of OOM-killing, charged to the memory cgroup), freed on drop.
+struct KernBuf {
+    ptr: core::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl KernBuf {
+    fn zeroed(len: usize) -> core::result::Result<KernBuf, c_long> {
+        // SAFETY: kvzalloc returns null or `len` zeroed bytes aligned to at least 8.
+        let p = unsafe { smudge_kvzalloc(len.max(1)) } as *mut u8;
+        core::ptr::NonNull::new(p)
+            .map(|ptr| KernBuf { ptr, len })
+            .ok_or(-ENOMEM)
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialised bytes owned by self.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed exclusively.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+    /// The buffer as whole quadwords.
+    fn words_mut(&mut self) -> &mut [u64] {
+        // SAFETY: kvzalloc memory is 8-byte aligned; every bit pattern is a valid u64.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut u64, self.len / 8) }
+    }
+}
+
+impl Drop for KernBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by kvzalloc in `zeroed`, freed once.
+        unsafe { smudge_kvfree(self.ptr.as_ptr() as *mut c_void) }
     }
 }
 
@@ -376,7 +439,7 @@ pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
         vcpus: [const { AtomicPtr::new(core::ptr::null_mut()) }; abi::MAX_VCPUS as usize],
         nr_vcpus: AtomicU32::new(0),
     };
-    match KBox::new(f, GFP_KERNEL) {
+    match KBox::new(f, GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
         Ok(b) => {
             // SAFETY: `out` is the C caller's local.
             unsafe { *out = KBox::into_raw(b) as *mut c_void };
@@ -480,6 +543,7 @@ fn core_err(e: smudge_core::Error) -> c_long {
     use smudge_core::Error as E;
     match e {
         E::OutOfMemory => -ENOMEM,
+        E::HostPageCap => -EDQUOT,
         E::Unsupported => -EOPNOTSUPP,
         E::NoFreeSlot => -ENOSPC,
         E::AlreadyRunning => -EBUSY,
@@ -641,10 +705,9 @@ fn handle(
         }
         Request::LoadElf { image, len } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
-            let mut bytes =
-                KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
-            copy_in(&mut bytes, image as usize)?;
-            let entry = match vm.load_elf(&p, &bytes) {
+            let mut bytes = KernBuf::zeroed(len as usize)?;
+            copy_in(bytes.bytes_mut(), image as usize)?;
+            let entry = match vm.load_elf(&p, bytes.bytes()) {
                 Ok(e) => e,
                 // No log line: any user could flood the kernel log with bad images. The tool
                 // checks the image with the same loader first and prints the precise reason.
@@ -709,18 +772,16 @@ fn handle(
             if bitmap_len < words as u64 * 8 {
                 return Err(-EINVAL);
             }
-            let mut bits = KVVec::<u64>::from_elem(0, words, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            let mut bits = KernBuf::zeroed(words * 8)?;
             if harvest {
-                vm.harvest(&p, slot as usize, &mut bits).map_err(core_err)?;
+                vm.harvest(&p, slot as usize, bits.words_mut())
+                    .map_err(core_err)?;
             } else {
-                vm.get_dirty_log(&p, slot as usize, &mut bits)
+                vm.get_dirty_log(&p, slot as usize, bits.words_mut())
                     .map_err(core_err)?;
             }
             invept_vm(vm, &p);
-            // SAFETY: u64 slice viewed as bytes for the copy.
-            let bytes =
-                unsafe { core::slice::from_raw_parts(bits.as_ptr() as *const u8, words * 8) };
-            copy_out(bitmap as usize, bytes)?;
+            copy_out(bitmap as usize, bits.bytes())?;
             Ok(0)
         }
         Request::ClearDirtyLog {
@@ -731,12 +792,9 @@ fn handle(
         } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
             let words = num_pages.div_ceil(64) as usize;
-            let mut m = KVVec::<u64>::from_elem(0, words, GFP_KERNEL).map_err(|_| -ENOMEM)?;
-            // SAFETY: u64 slice viewed as bytes for the copy.
-            let bytes =
-                unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr() as *mut u8, words * 8) };
-            copy_in(bytes, mask as usize)?;
-            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, &m)
+            let mut m = KernBuf::zeroed(words * 8)?;
+            copy_in(m.bytes_mut(), mask as usize)?;
+            vm.clear_dirty_log(&p, slot as usize, first_page, num_pages, m.words_mut())
                 .map_err(core_err)?;
             invept_vm(vm, &p);
             Ok(0)
@@ -744,8 +802,7 @@ fn handle(
         Request::Stats => {
             let mut s = abi::StatsResp::default();
             s.vm_pages = vm_slot.as_ref().map_or(0, |v| v.pages_held()) + f.vcpu_pages();
-            // SAFETY: reads the module's counter.
-            s.driver_pages = unsafe { smudge_pages_held() };
+            s.driver_pages = budget().held();
             s.mode = vm_slot.as_ref().map_or(0, |v| v.mode() as u32);
             s.vcpus = f.nr_vcpus.load(Ordering::Acquire);
             for slot in f.vcpus() {
@@ -792,14 +849,13 @@ fn handle(
             write,
         } => {
             let vm = vm_slot.as_mut().ok_or(-EINVAL)?;
-            let mut tmp =
-                KVVec::<u8>::from_elem(0, len as usize, GFP_KERNEL).map_err(|_| -ENOMEM)?;
+            let mut tmp = KernBuf::zeroed(len as usize)?;
             if write {
-                copy_in(&mut tmp, ubuf as usize)?;
-                vm.write_guest(&p, gpa, &tmp).map_err(core_err)?;
+                copy_in(tmp.bytes_mut(), ubuf as usize)?;
+                vm.write_guest(&p, gpa, tmp.bytes()).map_err(core_err)?;
             } else {
-                vm.read_guest(&p, gpa, &mut tmp).map_err(core_err)?;
-                copy_out(ubuf as usize, &tmp)?;
+                vm.read_guest(&p, gpa, tmp.bytes_mut()).map_err(core_err)?;
+                copy_out(ubuf as usize, tmp.bytes())?;
             }
             Ok(0)
         }
@@ -827,7 +883,7 @@ fn add_vcpu(
             busy: AtomicBool::new(false),
             v: UnsafeCell::new(v),
         },
-        GFP_KERNEL,
+        GFP_KERNEL_ACCOUNT | __GFP_NOWARN,
     ) {
         Ok(b) => b,
         Err(_) => {
@@ -1061,7 +1117,7 @@ impl kernel::Module for Smudge {
         let p = LinuxPlatform;
         let mut vmxon = [0u64; MAX_CPUS];
         for slot in vmxon.iter_mut().take(ncpu) {
-            match p.alloc_page() {
+            match LinuxPlatform::os_alloc() {
                 Some(pg) => {
                     // SDM 25.11.5: the VMXON region starts with the revision identifier.
                     write_revision_id(&p, pg, &caps);
@@ -1069,15 +1125,12 @@ impl kernel::Module for Smudge {
                 }
                 None => {
                     for pg in vmxon.iter().filter(|&&x| x != 0) {
-                        p.free_page(*pg);
+                        LinuxPlatform::os_free(*pg);
                     }
                     return Err(ENOMEM_ERR);
                 }
             }
         }
-        // VMXON regions belong to the driver, not to a VM: keep them out of `pages_held`.
-        // SAFETY: adjusts the module's counter.
-        unsafe { smudge_pages_add(-(ncpu as c_long)) };
         // SAFETY: single-threaded init: nobody reads GLOBAL yet.
         unsafe { *core::ptr::addr_of_mut!(GLOBAL) = Some(Global { caps, mode, vmxon }) };
         // SAFETY: VMXON on every CPU in IPI context.
@@ -1118,12 +1171,9 @@ const ENOMEM_ERR: kernel::error::Error = kernel::error::code::ENOMEM;
 fn teardown() {
     // SAFETY: VMXOFF where this module did VMXON.
     unsafe { smudge_on_each_cpu(vmxoff_this_cpu, core::ptr::null_mut()) };
-    let p = LinuxPlatform;
     if let Some(g) = global() {
         for pg in g.vmxon.iter().filter(|&&x| x != 0) {
-            // SAFETY: balances the counter adjustment in init.
-            unsafe { smudge_pages_add(1) };
-            p.free_page(*pg);
+            LinuxPlatform::os_free(*pg);
         }
     }
     // SAFETY: no CPU uses GLOBAL any more (device gone, VMX off).
@@ -1138,7 +1188,6 @@ impl Drop for Smudge {
             smudge_notifiers_unregister();
         }
         teardown();
-        // SAFETY: reads the counter.
-        pr_info!("unloaded, {} pages held\n", unsafe { smudge_pages_held() });
+        pr_info!("unloaded, {} pages held\n", budget().held());
     }
 }

@@ -17,6 +17,15 @@ pub struct ReqError {
 
 impl std::fmt::Display for ReqError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if crate::os::is_host_page_cap(&self.err) {
+            // The OS's text for this code ("Disk quota exceeded") would mislead.
+            return write!(
+                f,
+                "{:?} request failed: {}",
+                self.op,
+                smudge_core::error::HOST_PAGE_CAP_MESSAGE
+            );
+        }
         write!(f, "{:?} request failed: {}", self.op, self.err)
     }
 }

@@ -99,6 +99,7 @@ pub const fn stop_message(what: StopCause) -> &'static str {
         StopCause::EptMisconfig => "EPT misconfiguration (a smudge bug)",
         StopCause::PageLimit => "the VM reached its page limit",
         StopCause::OutOfMemory => "host out of memory while backing guest memory",
+        StopCause::HostPageCap => crate::error::HOST_PAGE_CAP_MESSAGE,
         StopCause::UnexpectedViolation => "unexpected EPT violation",
         StopCause::EntryFailed => "VM entry failed",
     }

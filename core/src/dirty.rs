@@ -70,18 +70,18 @@ impl PagedBitmap {
         if bits == 0 || bits > MAX_TRACKED_PAGES {
             return Err(Error::SlotTooLarge);
         }
-        let dir = p.alloc_page().ok_or(Error::OutOfMemory)?;
+        let dir = p.alloc_page()?;
         let n = bits.div_ceil(BITS_PER_PAGE) as usize;
         for i in 0..n {
             match p.alloc_page() {
-                Some(pg) => p.page(dir)[i].store(pg, Relaxed),
-                None => {
+                Ok(pg) => p.page(dir)[i].store(pg, Relaxed),
+                Err(e) => {
                     let partial = PagedBitmap {
                         dir,
                         bits: i as u64 * BITS_PER_PAGE,
                     };
                     partial.free(p);
-                    return Err(Error::OutOfMemory);
+                    return Err(e.into());
                 }
             }
         }

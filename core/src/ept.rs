@@ -240,7 +240,7 @@ pub struct Ept {
 impl Ept {
     /// An empty EPT (one zeroed PML4 page).
     pub fn new<P: Platform + ?Sized>(p: &P, features: EptFeatures) -> Result<Ept, Error> {
-        let pml4 = p.alloc_page().ok_or(Error::OutOfMemory)?;
+        let pml4 = p.alloc_page()?;
         Ok(Ept {
             pml4,
             features,
@@ -439,16 +439,19 @@ impl Ept {
                 }
                 table = e.addr();
             } else {
-                let Some(new) = p.alloc_page() else {
-                    // Undo in reverse: unlink each created table from its parent and free it.
-                    while ncreated > 0 {
-                        ncreated -= 1;
-                        let (parent, child, idx) = created[ncreated];
-                        Self::table(p, parent)[idx].store(0, Relaxed);
-                        p.free_page(child);
-                        self.tables -= 1;
+                let new = match p.alloc_page() {
+                    Ok(new) => new,
+                    Err(e) => {
+                        // Undo in reverse: unlink each created table from its parent and free it.
+                        while ncreated > 0 {
+                            ncreated -= 1;
+                            let (parent, child, idx) = created[ncreated];
+                            Self::table(p, parent)[idx].store(0, Relaxed);
+                            p.free_page(child);
+                            self.tables -= 1;
+                        }
+                        return Err(e.into());
                     }
-                    return Err(Error::OutOfMemory);
                 };
                 self.tables += 1;
                 Self::table(p, table)[i].store(new | NON_LEAF, Relaxed);
@@ -582,7 +585,7 @@ impl Ept {
             return Ok(false);
         }
         let old = EptEntry(word.load(Relaxed));
-        let new = p.alloc_page().ok_or(Error::OutOfMemory)?;
+        let new = p.alloc_page()?;
         self.tables += 1;
         let child_span = level_span(level - 1);
         let t = Self::table(p, new);

@@ -20,6 +20,8 @@ pub enum Error {
     InvalidPermissions,
     /// The platform could not supply a page.
     OutOfMemory,
+    /// The driver-wide cap on the pages all VMs hold is reached.
+    HostPageCap,
     /// A dirty-log range or bitmap argument that breaks the KVM rules (64-page alignment, size).
     InvalidDirtyLogRange,
     /// The caller's bitmap is too small for the slot.
@@ -33,6 +35,10 @@ pub enum Error {
     /// A vCPU of the VM has run: what shapes the VMCS (the dirty-tracking mode) is fixed.
     AlreadyRunning,
 }
+
+/// What a user reads when the driver-wide page cap stops a request or a vCPU.
+pub const HOST_PAGE_CAP_MESSAGE: &str =
+    "smudge's host page cap reached: all VMs together hold the most pages the driver allows (Linux: module parameter max_pages, default half of RAM)";
 
 impl Error {
     /// A one-line description for logs and user space.
@@ -48,6 +54,7 @@ impl Error {
                 "invalid EPT permissions (W requires R, X-only requires the capability; SDM 29.3.3.1)"
             }
             Error::OutOfMemory => "out of memory: the platform could not supply a page",
+            Error::HostPageCap => HOST_PAGE_CAP_MESSAGE,
             Error::InvalidDirtyLogRange => {
                 "dirty-log range must start and span multiples of 64 pages, unless it ends at the slot end"
             }

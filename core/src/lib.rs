@@ -14,6 +14,7 @@ pub mod dirty;
 pub mod ept;
 pub mod error;
 pub mod guest;
+pub mod hostmem;
 pub mod hostpt;
 pub mod platform;
 pub mod vcpu;

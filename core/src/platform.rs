@@ -19,11 +19,29 @@ pub enum PageMut<'a> {
     Exclusive(&'a mut [u64; 512]),
 }
 
+/// Why [`Platform::alloc_page`] gave no page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocError {
+    /// The OS has no page to give (it failed instead of reclaiming by force).
+    OutOfMemory,
+    /// The driver-wide cap on the pages all VMs hold is reached ([`crate::hostmem`]).
+    HostPageCap,
+}
+
+impl From<AllocError> for crate::Error {
+    fn from(e: AllocError) -> crate::Error {
+        match e {
+            AllocError::OutOfMemory => crate::Error::OutOfMemory,
+            AllocError::HostPageCap => crate::Error::HostPageCap,
+        }
+    }
+}
+
 /// What the core needs from an operating system.
 pub trait Platform {
-    /// A zeroed, 4 KiB-aligned page of host memory; returns its host-physical address, or `None`
-    /// when memory is exhausted (never panics).
-    fn alloc_page(&self) -> Option<u64>;
+    /// A zeroed, 4 KiB-aligned page of host memory; returns its host-physical address, or why
+    /// there is none (never panics).
+    fn alloc_page(&self) -> Result<u64, AllocError>;
     /// Returns a page obtained from [`Platform::alloc_page`].
     fn free_page(&self, hpa: u64);
     /// The page at `hpa` (4 KiB aligned, owned by the caller through `alloc_page`).

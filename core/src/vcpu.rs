@@ -11,7 +11,7 @@ use core::cell::Cell;
 use core::sync::atomic::Ordering::Relaxed;
 
 use crate::error::Error;
-use crate::platform::{PageWords, Platform};
+use crate::platform::{AllocError, PageWords, Platform};
 use crate::vmx::caps::VmxCaps;
 
 /// Writes the VMCS revision identifier (IA32_VMX_BASIC bits 30:0) into the first dword of a
@@ -79,12 +79,12 @@ impl VcpuPages {
         let mut pages = [0u64; 3];
         for i in 0..pages.len() {
             match (p.alloc_page(), pages.get_mut(i)) {
-                (Some(pg), Some(slot)) => *slot = pg,
+                (Ok(pg), Some(slot)) => *slot = pg,
                 (got, _) => {
-                    for pg in pages.iter().chain(got.as_ref()).filter(|&&x| x != 0) {
+                    for pg in pages.iter().chain(got.as_ref().ok()).filter(|&&x| x != 0) {
                         p.free_page(*pg);
                     }
-                    return Err(Error::OutOfMemory);
+                    return Err(got.err().map_or(Error::OutOfMemory, Error::from));
                 }
             }
         }
@@ -122,9 +122,10 @@ pub const PAGES_PER_FAULT: usize = 4;
 pub struct PageCache {
     pages: [Cell<u64>; CACHE_PAGES],
     len: Cell<usize>,
-    /// The last refill could not fill the cache: the OS is out of memory. The run loop then lets
-    /// a fault run with what is left (and fail as out of memory) instead of asking again.
-    dry: Cell<bool>,
+    /// The last refill could not fill the cache, and why (the OS is out of memory, or the
+    /// driver's page cap is reached). The run loop then lets a fault run with what is left (and
+    /// fail with that reason) instead of asking again.
+    dry: Cell<Option<AllocError>>,
 }
 
 impl Default for PageCache {
@@ -148,7 +149,7 @@ impl PageCache {
         PageCache {
             pages: [const { Cell::new(0) }; CACHE_PAGES],
             len: Cell::new(0),
-            dry: Cell::new(false),
+            dry: Cell::new(None),
         }
     }
 
@@ -165,20 +166,25 @@ impl PageCache {
     /// True if the run loop may handle an EPT violation now: the cache covers the worst case
     /// ([`PAGES_PER_FAULT`]), or the OS has no more to give.
     pub fn ready_for_fault(&self) -> bool {
-        self.len.get() >= PAGES_PER_FAULT || self.dry.get()
+        self.len.get() >= PAGES_PER_FAULT || self.dry.get().is_some()
     }
 
     /// Fills the cache up to [`CACHE_PAGES`] from `p`; call where the OS may sleep. Returns the
     /// pages added. A refill that stops short marks the cache dry (see [`Self::ready_for_fault`]).
     pub fn refill<P: Platform + ?Sized>(&self, p: &P) -> usize {
         let mut added = 0;
+        self.dry.set(None);
         while let Some(slot) = self.pages.get(self.len.get()) {
-            let Some(hpa) = p.alloc_page() else { break };
-            slot.set(hpa);
+            match p.alloc_page() {
+                Ok(hpa) => slot.set(hpa),
+                Err(e) => {
+                    self.dry.set(Some(e));
+                    break;
+                }
+            }
             self.len.set(self.len.get() + 1);
             added += 1;
         }
-        self.dry.set(self.len.get() < CACHE_PAGES);
         added
     }
 
@@ -195,7 +201,7 @@ impl PageCache {
         while let Some(hpa) = self.take() {
             p.free_page(hpa);
         }
-        self.dry.set(false);
+        self.dry.set(None);
     }
 }
 
@@ -215,8 +221,10 @@ impl<'a, P: Platform + ?Sized> Cached<'a, P> {
 }
 
 impl<P: Platform + ?Sized> Platform for Cached<'_, P> {
-    fn alloc_page(&self) -> Option<u64> {
-        self.cache.take()
+    fn alloc_page(&self) -> Result<u64, AllocError> {
+        self.cache
+            .take()
+            .ok_or(self.cache.dry.get().unwrap_or(AllocError::OutOfMemory))
     }
     fn free_page(&self, hpa: u64) {
         // A freed page is not zero any more: it goes back to the OS, not to the cache.

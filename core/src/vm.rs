@@ -8,7 +8,7 @@ use crate::dirty::{self, DirtyLog, Mode};
 use crate::ept::{bits, Ept, EptFeatures, MemoryType, Perms, PAGE_SIZE, SW_WRITABLE};
 use crate::error::Error;
 use crate::guest::{Elf, ElfError, Layout};
-use crate::platform::{self, Platform};
+use crate::platform::{self, AllocError, Platform};
 
 /// Memory slots per VM.
 pub const MAX_SLOTS: usize = 8;
@@ -48,6 +48,15 @@ pub struct Vm {
     started: bool,
 }
 
+impl From<AllocError> for Fault {
+    fn from(e: AllocError) -> Fault {
+        match e {
+            AllocError::OutOfMemory => Fault::OutOfMemory,
+            AllocError::HostPageCap => Fault::HostPageCap,
+        }
+    }
+}
+
 /// Why a guest-physical access could not be resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -64,6 +73,8 @@ pub enum Fault {
     LimitReached,
     /// The platform could not supply a page.
     OutOfMemory,
+    /// The driver-wide page cap is reached.
+    HostPageCap,
     /// A violation on a present page that smudge did not protect (a bug).
     Unexpected,
 }
@@ -298,8 +309,9 @@ impl Vm {
         if self.backing >= self.page_limit {
             return Fault::LimitReached;
         }
-        let Some(hpa) = p.alloc_page() else {
-            return Fault::OutOfMemory;
+        let hpa = match p.alloc_page() {
+            Ok(hpa) => hpa,
+            Err(e) => return Fault::from(e),
         };
         let page = gpa & !(PAGE_SIZE - 1);
         match self.ept.map(
@@ -315,6 +327,10 @@ impl Vm {
             Err(Error::OutOfMemory) => {
                 p.free_page(hpa);
                 return Fault::OutOfMemory;
+            }
+            Err(Error::HostPageCap) => {
+                p.free_page(hpa);
+                return Fault::HostPageCap;
             }
             Err(_) => {
                 p.free_page(hpa);
@@ -471,6 +487,7 @@ impl Vm {
         match self.back_page(p, gpa, false) {
             Fault::Resolved => {}
             Fault::LimitReached | Fault::OutOfMemory => return Err(Error::OutOfMemory),
+            Fault::HostPageCap => return Err(Error::HostPageCap),
             _ => return Err(Error::GpaOutOfRange),
         }
         self.ept
@@ -712,6 +729,8 @@ pub enum StopCause {
     PageLimit,
     /// Host allocation failed.
     OutOfMemory,
+    /// The driver-wide page cap is reached.
+    HostPageCap,
     /// An EPT violation smudge cannot explain.
     UnexpectedViolation,
     /// VM entry failed (the message comes from the entry checker).
@@ -932,6 +951,7 @@ impl Vm {
                 }
                 Fault::LimitReached => self.stop(vcpu, basic, StopCause::PageLimit),
                 Fault::OutOfMemory => self.stop(vcpu, basic, StopCause::OutOfMemory),
+                Fault::HostPageCap => self.stop(vcpu, basic, StopCause::HostPageCap),
                 Fault::Unexpected => self.stop(vcpu, basic, StopCause::UnexpectedViolation),
             },
             reason::EPT_MISCONFIG => self.stop(vcpu, basic, StopCause::EptMisconfig),

@@ -289,6 +289,7 @@ impl<'p> Run<'p> {
                             assert!(self.faults, "OutOfMemory without fault injection");
                             return;
                         }
+                        Fault::HostPageCap => panic!("host page cap hit without a cap"),
                         Fault::Unexpected => {
                             panic!("guest {kind:?} of {g:#x}: violation the VM cannot explain")
                         }

@@ -21,7 +21,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use smudge_core::platform::{PageMut, PageWords, Platform};
+use smudge_core::hostmem::PageBudget;
+use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 
 /// First fake HPA handed out (64 GiB: above the identity-mapped guest memory the tests use).
 pub const DEFAULT_HPA_BASE: u64 = 1 << 36;
@@ -100,6 +101,10 @@ pub struct MockPlatform {
     faults: Mutex<Faults>,
     /// `with_page_mut` lends through the atomics (the trait default) instead of plain memory.
     lend_atomic: AtomicBool,
+    /// The driver-wide page count and cap, kept by core's `hostmem::PageBudget` as a shim
+    /// keeps them (no cap unless [`MockPlatform::set_host_cap`]).
+    held: AtomicU64,
+    cap: AtomicU64,
 }
 
 impl Default for MockPlatform {
@@ -134,6 +139,21 @@ impl MockPlatform {
             freed: AtomicU64::new(0),
             faults: Mutex::new(Faults::default()),
             lend_atomic: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+            cap: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Caps the pages held at `pages` through core's driver-wide budget, as the drivers do:
+    /// past it `alloc_page` fails with `AllocError::HostPageCap`.
+    pub fn set_host_cap(&self, pages: u64) {
+        self.cap.store(pages, Ordering::SeqCst);
+    }
+
+    fn budget(&self) -> PageBudget<'_> {
+        PageBudget {
+            held: &self.held,
+            cap: self.cap.load(Ordering::SeqCst),
         }
     }
 
@@ -207,8 +227,9 @@ impl MockPlatform {
     }
 }
 
-impl Platform for MockPlatform {
-    fn alloc_page(&self) -> Option<u64> {
+impl MockPlatform {
+    /// The "OS" allocator behind the budget, with the injected faults.
+    fn os_alloc(&self) -> Option<u64> {
         {
             let mut f = self.faults();
             f.calls += 1;
@@ -234,6 +255,12 @@ impl Platform for MockPlatform {
         self.allocated.fetch_add(1, Ordering::SeqCst);
         Some(self.base + idx as u64 * HPA_STRIDE)
     }
+}
+
+impl Platform for MockPlatform {
+    fn alloc_page(&self) -> Result<u64, AllocError> {
+        self.budget().alloc(|| self.os_alloc())
+    }
 
     fn free_page(&self, hpa: u64) {
         let Some(slot) = self.slot(hpa) else {
@@ -245,6 +272,7 @@ impl Platform for MockPlatform {
         {
             Ok(_) => {
                 self.freed.fetch_add(1, Ordering::SeqCst);
+                self.budget().uncharge();
             }
             Err(FREED) => panic!("free_page({hpa:#x}): double free"),
             Err(LENT) => panic!("free_page({hpa:#x}): page is lent by with_page_mut"),
@@ -343,15 +371,15 @@ mod tests {
     fn fault_injection() {
         let p = MockPlatform::new();
         p.fail_nth_alloc(2);
-        assert!(p.alloc_page().is_some());
-        assert!(p.alloc_page().is_none());
-        assert!(p.alloc_page().is_some());
+        assert!(p.alloc_page().is_ok());
+        assert!(p.alloc_page().is_err());
+        assert!(p.alloc_page().is_ok());
         p.fail_allocs_after(1);
-        assert!(p.alloc_page().is_some());
-        assert!(p.alloc_page().is_none());
-        assert!(p.alloc_page().is_none());
+        assert!(p.alloc_page().is_ok());
+        assert!(p.alloc_page().is_err());
+        assert!(p.alloc_page().is_err());
         p.clear_faults();
-        assert!(p.alloc_page().is_some());
+        assert!(p.alloc_page().is_ok());
         assert_eq!(p.stats().failed_allocs, 3);
         assert_eq!(p.live_pages(), 4);
     }

@@ -155,6 +155,53 @@ fn page_limit_and_allocation_failure_stop_cleanly() {
 }
 
 #[test]
+fn host_page_cap_stops_the_vm_cleanly_and_names_the_cap() {
+    let p = MockPlatform::new();
+    // Write-protect mode logs the write of a fault that backs a page (A/D would need the CPU).
+    let mut vm = vm(&p, Mode::WriteProtect);
+    let held = p.live_pages();
+    // Room for the cap's worth of faults: each backs one page (the tables exist after the first).
+    p.set_host_cap(held + 3);
+    let mut resolved = 0u64;
+    let mut stop = None;
+    for gfn in 0x400..0x410u64 {
+        match vm.on_ept_violation(&p, gfn << 12, 0x2) {
+            Fault::Resolved => resolved += 1,
+            f => {
+                stop = Some(f);
+                break;
+            }
+        }
+    }
+    assert_eq!(stop, Some(Fault::HostPageCap));
+    assert!(p.live_pages() <= held + 3, "never past the cap");
+    assert!(
+        resolved >= 1 && resolved <= 3,
+        "{resolved} faults served under the cap"
+    );
+    // Requests that need a page say so too, and the VM stays usable: its log reads.
+    assert_eq!(
+        vm.write_guest(&p, 0x60_0000, &[1]),
+        Err(smudge_core::Error::HostPageCap)
+    );
+    assert!(smudge_core::Error::HostPageCap
+        .message()
+        .contains("max_pages"));
+    let mut bits = vec![0u64; (MEM / 4096 / 64) as usize];
+    vm.harvest(&p, 0, &mut bits).expect("harvest under the cap");
+    assert_eq!(
+        bits.iter().map(|w| w.count_ones() as u64).sum::<u64>(),
+        resolved,
+        "every page backed for a write is in the log"
+    );
+    // With the cap lifted the same VM goes on.
+    p.set_host_cap(u64::MAX);
+    assert_eq!(vm.on_ept_violation(&p, 0x41_0000, 0x2), Fault::Resolved);
+    vm.destroy(&p);
+    p.assert_all_freed();
+}
+
+#[test]
 fn hypercalls_console_cpuid_and_cr8() {
     let p = MockPlatform::new();
     let mut vm = vm(&p, Mode::AdScan);

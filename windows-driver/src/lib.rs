@@ -17,6 +17,7 @@
 pub mod budget;
 pub mod ioctl;
 pub mod msg;
+pub mod security;
 pub mod share;
 pub mod status;
 pub mod usercopy;

@@ -150,7 +150,7 @@ fn check_every_processor() -> Result<(vtx::Admission, u32), CheckFailure> {
 fn platform_self_test(p: &NtPlatform) -> Result<(), &'static CStr> {
     let hpa = p
         .alloc_page()
-        .ok_or(c"platform self-test: no contiguous page")?;
+        .map_err(|_| c"platform self-test: no contiguous page")?;
     let mapped = p.maps(hpa);
     let zeroed = p.page(hpa).iter().all(|w| w.load(Ordering::Relaxed) == 0);
     write_bytes(p, hpa, 4090, b"smudge");
@@ -236,6 +236,16 @@ pub unsafe extern "system" fn DriverEntry(
             mode_name(admission.mode).as_ptr(),
         )
     };
+    match platform::total_ram_pages() {
+        Some(pages) => platform::set_cap(pages),
+        None => {
+            log(
+                nt::DPFLTR_ERROR_LEVEL,
+                c"MmGetPhysicalMemoryRanges failed: cannot size the page cap",
+            );
+            return STATUS_INSUFFICIENT_RESOURCES;
+        }
+    }
     if let Err(msg) = platform_self_test(&NtPlatform) {
         log(nt::DPFLTR_ERROR_LEVEL, msg);
         return STATUS_INSUFFICIENT_RESOURCES;
@@ -294,6 +304,17 @@ pub unsafe extern "system" fn DriverEntry(
         leave_vmx();
         return status;
     }
+    let status = restrict_to_administrators(device);
+    if status < 0 {
+        log(
+            nt::DPFLTR_ERROR_LEVEL,
+            c"cannot set the device's DACL (SYSTEM and Administrators only)",
+        );
+        // SAFETY: `device` was created above and nothing else references it yet.
+        unsafe { nt::IoDeleteDevice(device) };
+        leave_vmx();
+        return status;
+    }
     // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
     let status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
     if status < 0 {
@@ -316,6 +337,59 @@ pub unsafe extern "system" fn DriverEntry(
     }
     log(nt::DPFLTR_INFO_LEVEL, c"loaded: \\\\.\\Smudge is ready");
     STATUS_SUCCESS
+}
+
+/// Replaces the device's DACL with one that admits only LocalSystem and Administrators (the
+/// default DACL lets every user open a device), built with the Rtl security functions:
+/// IoCreateDeviceSecure would do the same but lives in wdmsec.lib, not ntoskrnl.
+fn restrict_to_administrators(device: *mut DeviceObject) -> NtStatus {
+    use smudge_windows::security as s;
+    // u64 arrays: the descriptor holds pointers and the ACL must be DWORD aligned.
+    let mut sd = [0u64; s::SECURITY_DESCRIPTOR_LEN / 8];
+    let mut acl = [0u64; s::DACL_LEN.div_ceil(8)];
+    let sd_ptr = sd.as_mut_ptr().cast::<core::ffi::c_void>();
+    let acl_ptr = acl.as_mut_ptr().cast::<core::ffi::c_void>();
+    // SAFETY: each buffer is as large as the call needs (sizes in `security`, host-tested) and
+    // outlives ZwSetSecurityObject, which copies the descriptor into the object; the SIDs are
+    // static, well-formed SIDs; the handle is a kernel handle closed before returning.
+    unsafe {
+        let mut status = nt::RtlCreateSecurityDescriptor(sd_ptr, s::SECURITY_DESCRIPTOR_REVISION);
+        if status >= 0 {
+            status = nt::RtlCreateAcl(acl_ptr, s::DACL_LEN as u32, s::ACL_REVISION);
+        }
+        for sid in [&s::SID_LOCAL_SYSTEM[..], &s::SID_ADMINISTRATORS[..]] {
+            if status >= 0 {
+                status = nt::RtlAddAccessAllowedAce(
+                    acl_ptr,
+                    s::ACL_REVISION,
+                    s::FILE_ALL_ACCESS,
+                    sid.as_ptr().cast(),
+                );
+            }
+        }
+        if status >= 0 {
+            status = nt::RtlSetDaclSecurityDescriptor(sd_ptr, 1, acl_ptr, 0);
+        }
+        if status < 0 {
+            return status;
+        }
+        let mut handle = core::ptr::null_mut();
+        status = nt::ObOpenObjectByPointer(
+            device.cast(),
+            s::OBJ_KERNEL_HANDLE,
+            core::ptr::null_mut(),
+            s::WRITE_DAC,
+            core::ptr::null_mut(),
+            nt::KERNEL_MODE,
+            &mut handle,
+        );
+        if status < 0 {
+            return status;
+        }
+        status = nt::ZwSetSecurityObject(handle, s::DACL_SECURITY_INFORMATION, sd_ptr);
+        nt::ZwClose(handle);
+        status
+    }
 }
 
 /// VMXOFF everywhere and forget the capabilities (no device, or no handle, exists).

@@ -313,6 +313,44 @@ extern "system" {
     pub fn ExFreePoolWithTag(p: *mut c_void, tag: u32);
     /// The first address above user space ProbeForRead/ProbeForWrite accept (a variable).
     pub static MmUserProbeAddress: usize;
+    /// The physical memory ranges, ended by an all-zero entry; a nonpaged pool allocation the
+    /// caller frees with ExFreePool (ExFreePoolWithTag with tag 0). Null on failure.
+    pub fn MmGetPhysicalMemoryRanges() -> *mut PhysicalMemoryRange;
+    /// An absolute security descriptor in `sd` (at least SECURITY_DESCRIPTOR_MIN_LENGTH bytes).
+    pub fn RtlCreateSecurityDescriptor(sd: *mut c_void, revision: u32) -> NtStatus;
+    pub fn RtlCreateAcl(acl: *mut c_void, len: u32, revision: u32) -> NtStatus;
+    pub fn RtlAddAccessAllowedAce(
+        acl: *mut c_void,
+        revision: u32,
+        mask: u32,
+        sid: *const c_void,
+    ) -> NtStatus;
+    pub fn RtlSetDaclSecurityDescriptor(
+        sd: *mut c_void,
+        present: u8,
+        dacl: *mut c_void,
+        defaulted: u8,
+    ) -> NtStatus;
+    /// A kernel handle to `object` with `access` (object type null: any type).
+    pub fn ObOpenObjectByPointer(
+        object: *mut c_void,
+        attributes: u32,
+        access_state: *mut c_void,
+        access: u32,
+        object_type: *mut c_void,
+        mode: i8,
+        handle: *mut *mut c_void,
+    ) -> NtStatus;
+    pub fn ZwSetSecurityObject(handle: *mut c_void, info: u32, sd: *mut c_void) -> NtStatus;
+    pub fn ZwClose(handle: *mut c_void) -> NtStatus;
+}
+
+/// PHYSICAL_MEMORY_RANGE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhysicalMemoryRange {
+    pub base_address: i64,
+    pub number_of_bytes: i64,
 }
 
 #[link(name = "ntoskrnl")]

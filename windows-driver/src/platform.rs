@@ -11,9 +11,10 @@
 //! and really freed by [`drain_deferred`] at PASSIVE_LEVEL.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use smudge_core::platform::{PageMut, PageWords, Platform};
+use smudge_core::hostmem::{self, PageBudget};
+use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 
 use crate::nt;
 
@@ -23,20 +24,53 @@ const PAGE: usize = 4096;
 /// land here instead of at a null or foreign address. Never handed out on a correct path.
 static SCRATCH: PageWords = [const { AtomicU64::new(0) }; 512];
 
-/// Pages held by every VM (the STATS answer's `driver_pages`); VMXON regions are not counted.
-static PAGES: AtomicI64 = AtomicI64::new(0);
+/// Pages held by every VM (the STATS answer's `driver_pages`), deferred frees included; VMXON
+/// regions are not counted.
+static PAGES: AtomicU64 = AtomicU64::new(0);
+/// The driver-wide cap on [`PAGES`] ([`set_cap`]; none until DriverEntry sets it).
+static CAP: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Head of the deferred-free list: a page's physical address, 0 = empty. Each listed page's
 /// first quadword holds the next one.
 static DEFERRED: AtomicU64 = AtomicU64::new(0);
 
-/// Pages currently held (allocated and not yet freed, deferred frees included).
-pub fn pages_held() -> u64 {
-    PAGES.load(Ordering::Relaxed).max(0) as u64
+fn budget() -> PageBudget<'static> {
+    PageBudget {
+        held: &PAGES,
+        cap: CAP.load(Ordering::Relaxed),
+    }
 }
 
-/// Excludes `n` pages (e.g. VMXON regions) from, or returns them to, the count.
-pub fn uncount(n: i64) {
-    PAGES.fetch_sub(n, Ordering::Relaxed);
+/// Pages currently held (allocated and not yet freed, deferred frees included).
+pub fn pages_held() -> u64 {
+    budget().held()
+}
+
+/// Sets the cap to core's default for a machine of `total_ram_pages` (half of RAM).
+pub fn set_cap(total_ram_pages: u64) {
+    CAP.store(hostmem::cap_pages(0, total_ram_pages), Ordering::Relaxed);
+}
+
+/// The pages of RAM the memory manager reports (MmGetPhysicalMemoryRanges), or None.
+pub fn total_ram_pages() -> Option<u64> {
+    // SAFETY: no arguments; returns null or an array ended by an all-zero entry, which we own.
+    let ranges = unsafe { nt::MmGetPhysicalMemoryRanges() };
+    if ranges.is_null() {
+        return None;
+    }
+    let mut bytes = 0u64;
+    let mut i = 0;
+    loop {
+        // SAFETY: entries up to and including the all-zero terminator are readable.
+        let r = unsafe { ranges.add(i).read() };
+        if r.base_address == 0 && r.number_of_bytes == 0 {
+            break;
+        }
+        bytes = bytes.saturating_add(r.number_of_bytes.max(0) as u64);
+        i += 1;
+    }
+    // SAFETY: the array is a pool allocation the caller frees (ExFreePool = tag 0), once.
+    unsafe { nt::ExFreePoolWithTag(ranges.cast::<c_void>(), 0) };
+    Some(bytes / PAGE as u64)
 }
 
 /// Frees the pages freed above APC_LEVEL. Call at PASSIVE_LEVEL.
@@ -53,7 +87,7 @@ pub fn drain_deferred() {
         // SAFETY: `va` is the base of a MmAllocateContiguousMemorySpecifyCache allocation that
         // nobody references any more (the core gave it back), freed once.
         unsafe { nt::MmFreeContiguousMemory(va) };
-        PAGES.fetch_sub(1, Ordering::Relaxed);
+        budget().uncharge();
         hpa = next;
     }
 }
@@ -77,9 +111,9 @@ impl NtPlatform {
     }
 }
 
-impl Platform for NtPlatform {
-    /// Callable at IRQL <= DISPATCH_LEVEL.
-    fn alloc_page(&self) -> Option<u64> {
+impl NtPlatform {
+    /// A zeroed page, uncounted (VMXON regions belong to the driver). IRQL <= DISPATCH_LEVEL.
+    pub fn os_alloc() -> Option<u64> {
         // SAFETY: plain by-value arguments: any physical address (0..=all ones), no boundary
         // restriction, cached memory. Returns null on failure.
         let va =
@@ -96,8 +130,23 @@ impl Platform for NtPlatform {
             unsafe { nt::MmFreeContiguousMemory(va) };
             return None;
         }
-        PAGES.fetch_add(1, Ordering::Relaxed);
         Some(pa)
+    }
+
+    /// Frees a page from [`NtPlatform::os_alloc`] at IRQL <= APC_LEVEL, uncounted.
+    pub fn os_free(hpa: u64) {
+        let va = Self::virt(hpa);
+        if !va.is_null() {
+            // SAFETY: `hpa` came from os_alloc; `va` is that allocation's base, freed once.
+            unsafe { nt::MmFreeContiguousMemory(va) };
+        }
+    }
+}
+
+impl Platform for NtPlatform {
+    /// Callable at IRQL <= DISPATCH_LEVEL.
+    fn alloc_page(&self) -> Result<u64, AllocError> {
+        budget().alloc(Self::os_alloc)
     }
 
     /// At IRQL <= APC_LEVEL frees at once (MmFreeContiguousMemory's rule), above it defers.
@@ -126,8 +175,7 @@ impl Platform for NtPlatform {
         }
         // SAFETY: the core returns only addresses from `alloc_page`, each once (trait contract);
         // `va` is that allocation's base address.
-        unsafe { nt::MmFreeContiguousMemory(va) };
-        PAGES.fetch_sub(1, Ordering::Relaxed);
+        budget().free(|| unsafe { nt::MmFreeContiguousMemory(va) });
     }
 
     fn page(&self, hpa: u64) -> &PageWords {

@@ -36,6 +36,8 @@ pub const STATUS_IO_DEVICE_ERROR: NtStatus = 0xC000_0185_u32 as i32;
 
 /// ADD_SLOT with every slot in use, CREATE_VCPU with every vCPU created (Linux: ENOSPC).
 pub const STATUS_QUOTA_EXCEEDED: NtStatus = 0xC000_0044_u32 as i32;
+/// The driver-wide page cap is reached (Linux: EDQUOT; Win32 ERROR_WORKING_SET_QUOTA, 1453).
+pub const STATUS_WORKING_SET_QUOTA: NtStatus = 0xC000_00A1_u32 as i32;
 /// ADD_SLOT overlapping a slot (Linux: EEXIST).
 pub const STATUS_OBJECT_NAME_COLLISION: NtStatus = 0xC000_0035_u32 as i32;
 
@@ -61,10 +63,12 @@ pub const fn from_abi(e: smudge_core::abi::AbiError) -> NtStatus {
     }
 }
 
-/// The NTSTATUS of a core error (Linux: ENOMEM, EOPNOTSUPP, ENOSPC, EEXIST, EBUSY, else EINVAL).
+/// The NTSTATUS of a core error (Linux: ENOMEM, EDQUOT, EOPNOTSUPP, ENOSPC, EEXIST, EBUSY, else
+/// EINVAL).
 pub const fn from_core(e: smudge_core::Error) -> NtStatus {
     match e {
         smudge_core::Error::OutOfMemory => STATUS_INSUFFICIENT_RESOURCES,
+        smudge_core::Error::HostPageCap => STATUS_WORKING_SET_QUOTA,
         smudge_core::Error::Unsupported => STATUS_NOT_SUPPORTED,
         smudge_core::Error::NoFreeSlot => STATUS_QUOTA_EXCEEDED,
         smudge_core::Error::Overlap => STATUS_OBJECT_NAME_COLLISION,
@@ -89,6 +93,7 @@ mod tests {
             STATUS_ACCESS_VIOLATION,
             STATUS_IO_DEVICE_ERROR,
             STATUS_QUOTA_EXCEEDED,
+            STATUS_WORKING_SET_QUOTA,
             STATUS_OBJECT_NAME_COLLISION,
         ] {
             assert!(s < 0, "{s:#x} must fail NT_SUCCESS");

@@ -6,13 +6,12 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use smudge_core::arch;
 use smudge_core::dirty::Mode;
-use smudge_core::platform::Platform;
 use smudge_core::vcpu::write_revision_id;
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_windows::vmxon::{cr4_for_vmxon, CrMismatch, CR4_VMXE};
 
 use crate::cpu;
-use crate::platform::{self, NtPlatform};
+use crate::platform::NtPlatform;
 use crate::processors::{self, MAX_PROCESSORS};
 
 /// What DriverEntry decided, read by every request.
@@ -74,12 +73,11 @@ pub fn vmxon_all(caps: &VmxCaps) -> Result<(), (u32, VmxonFailure)> {
     let p = NtPlatform;
     let count = processors::count();
     for i in 0..count {
-        let Some(page) = p.alloc_page() else {
+        // VMXON regions belong to the driver, not to a VM: out of the page count and its cap.
+        let Some(page) = NtPlatform::os_alloc() else {
             vmxoff_all();
             return Err((i, VmxonFailure::NoMemory));
         };
-        // VMXON regions belong to the driver, not to a VM: keep them out of the page count.
-        platform::uncount(1);
         // SDM 25.11.5: the VMXON region starts with the revision identifier.
         write_revision_id(&p, page, caps);
         if let Some(slot) = VMXON_REGION.get(i as usize) {
@@ -137,7 +135,6 @@ fn vmxon_here(index: u32, region: u64, caps: &VmxCaps) -> Result<(), VmxonFailur
 
 /// VMXOFF wherever this driver did VMXON, and frees the VMXON regions.
 pub fn vmxoff_all() {
-    let p = NtPlatform;
     for i in 0..processors::count().min(MAX_PROCESSORS as u32) {
         let _ = processors::on_processor(i, || {
             if VMX_ON
@@ -157,8 +154,7 @@ pub fn vmxoff_all() {
     for slot in VMXON_REGION.iter() {
         let page = slot.swap(0, Ordering::Relaxed);
         if page != 0 {
-            platform::uncount(-1);
-            p.free_page(page);
+            NtPlatform::os_free(page);
         }
     }
 }

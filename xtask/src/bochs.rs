@@ -100,10 +100,17 @@ pub fn boot(
     let work = tempdir("bochs")?;
     let stage = work.join("root");
     for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "files", "guests",
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "files", "guests", "etc",
     ] {
         std::fs::create_dir_all(stage.join(d))?;
     }
+    // An unprivileged user (uid 1000) for `su -s /bin/sh user -c CMD`: busybox's setpriv cannot
+    // change uid, and root needs no password for su.
+    std::fs::write(
+        stage.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nuser:x:1000:1000:user:/files:/bin/sh\n",
+    )?;
+    std::fs::write(stage.join("etc/group"), "root:x:0:\nuser:x:1000:\n")?;
     std::fs::copy("/bin/busybox", stage.join("bin/busybox")).context("busybox-static")?;
     run(Command::new(stage.join("bin/busybox"))
         .arg("--install")

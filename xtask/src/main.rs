@@ -61,6 +61,9 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Every command starts by installing what is missing (cheap when everything is there), so
+    // that any of them, `demo` first, works on a fresh machine.
+    deps::ensure_all()?;
     match cli.cmd {
         Cmd::BuildAndTest { host_only } => build_and_test(host_only),
         Cmd::CheckTargets { no_kernel } => host::check_targets(!no_kernel),
@@ -87,7 +90,6 @@ fn main() -> Result<()> {
 }
 
 fn build_and_test(host_only: bool) -> Result<()> {
-    deps::ensure_all()?;
     host::host_tests()?;
     fuzz::bounded(20)?.check()?;
     host::check_targets(false)?;

@@ -28,7 +28,8 @@ impl Device {
                 let hint = match e.kind() {
                     io::ErrorKind::NotFound => " (is smudge.ko loaded?)",
                     io::ErrorKind::PermissionDenied => {
-                        " (run as root or check the device's permissions)"
+                        " (only root may open it by default: run as root, or let a group open it \
+                         with a udev rule, see the README's \"Who may open the device\")"
                     }
                     _ => "",
                 };
@@ -138,6 +139,11 @@ pub fn is_unsupported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
 
+/// True when the driver refused a page because all VMs together hold its cap (EDQUOT).
+pub fn is_host_page_cap(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EDQUOT)
+}
+
 /// The error text without std's " (os error N)" suffix.
 fn std_message(e: &io::Error) -> String {
     let s = e.to_string();
@@ -193,5 +199,27 @@ impl Drop for Alarm {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::ReqError;
+
+    #[test]
+    fn the_page_cap_is_named_not_called_a_disk_quota() {
+        let e = ReqError {
+            op: Op::Run,
+            err: io::Error::from_raw_os_error(libc::EDQUOT),
+        };
+        let text = e.to_string();
+        assert!(text.contains("max_pages"), "{text}");
+        assert!(!text.contains("quota"), "{text}");
+        let e = ReqError {
+            op: Op::Run,
+            err: io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        assert!(!e.to_string().contains("max_pages"));
     }
 }

@@ -121,7 +121,9 @@ impl Device {
             Err(e) => {
                 let hint = match e.kind() {
                     io::ErrorKind::NotFound => " (is smudge.sys loaded?)",
-                    io::ErrorKind::PermissionDenied => " (run from an elevated prompt)",
+                    io::ErrorKind::PermissionDenied => {
+                        " (only SYSTEM and Administrators may open it: run from an elevated prompt)"
+                    }
                     _ => "",
                 };
                 Err(anyhow!(
@@ -204,6 +206,12 @@ impl Device {
 /// (`windows-driver/src/status.rs`, the Linux module's EOPNOTSUPP).
 pub fn is_unsupported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(ERROR_NOT_SUPPORTED)
+}
+
+/// True when the driver refused a page because all VMs together hold its cap: its
+/// STATUS_WORKING_SET_QUOTA, which Windows reports as ERROR_WORKING_SET_QUOTA (1453).
+pub fn is_host_page_cap(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(1453)
 }
 
 /// The error text without std's " (os error N)" suffix.

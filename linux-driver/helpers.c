@@ -48,6 +48,10 @@ static unsigned long max_pages;
 module_param(max_pages, ulong, 0644);
 MODULE_PARM_DESC(max_pages, "most pages all VMs together may hold (0: half of RAM)");
 unsigned long smudge_max_pages(void) { return READ_ONCE(max_pages); }
+static unsigned long reserve_pages;
+module_param(reserve_pages, ulong, 0644);
+MODULE_PARM_DESC(reserve_pages, "refuse VM pages while MemAvailable is below this (0: 1/64 of RAM, at least 16 MiB)");
+unsigned long smudge_reserve_pages(void) { return READ_ONCE(reserve_pages); }
 unsigned long smudge_totalram_pages(void) { return totalram_pages(); }
 unsigned long smudge_mem_available(void) { return si_mem_available(); }
 

@@ -39,6 +39,7 @@ extern "C" {
     fn smudge_max_pages() -> u64;
     fn smudge_totalram_pages() -> u64;
     fn smudge_mem_available() -> u64;
+    fn smudge_reserve_pages() -> u64;
     fn smudge_kvzalloc(n: usize) -> *mut c_void;
     fn smudge_kvfree(p: *mut c_void);
     fn smudge_misc_register() -> i32;
@@ -109,7 +110,11 @@ impl LinuxPlatform {
         // SAFETY: plain C calls; the page is zeroed by get_zeroed_page.
         unsafe {
             if smudge_fault_inject() != 0
-                || !hostmem::above_reserve(smudge_mem_available(), smudge_totalram_pages())
+                || !hostmem::above_reserve(
+                    smudge_mem_available(),
+                    smudge_reserve_pages(),
+                    smudge_totalram_pages(),
+                )
             {
                 return None;
             }

@@ -48,6 +48,53 @@ fn pages_after(c: &Case) -> Result<()> {
     Ok(())
 }
 
+/// Guest RAM of each VM of the host-memory cases: four at once need more than the machine's
+/// 512 MiB.
+const HOG_MIB: u32 = 200;
+
+/// Four VMs of [`HOG_MIB`] touching all their RAM at once, with the driver-wide cap `max_pages`
+/// (0 = the default, half of RAM); prints each VM's exit event (without its page list), then
+/// `pages_held=N`.
+fn four_hogs(tag: &str, max_pages: u64) -> String {
+    format!(
+        "echo {max_pages} > {PARAMS}/max_pages; \
+         for i in 1 2 3 4; do smudge run --json --mem {HOG_MIB} /guests/hostile_hog > /files/{tag}-$i.txt 2>&1 & done; wait; \
+         for i in 1 2 3 4; do grep '\"event\":\"exit\"' /files/{tag}-$i.txt | sed 's/,\"dirty_gfns\":\\[[^]]*\\]//; s/,\"exits\":{{[^}}]*}}//'; done; \
+         echo 0 > {PARAMS}/max_pages; echo \"pages_held=$(cat {PARAMS}/pages_held)\""
+    )
+}
+
+/// Checks a [`four_hogs`] case: every VM ran to its end or stopped with a message containing
+/// `expected`, at least one did stop so, and every page came back. Returns how many stopped.
+fn hogs_stopped(c: &Case, expected: &str) -> Result<usize> {
+    let events: Vec<serde_json::Value> = c
+        .out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if events.len() != 4 {
+        bail!("{} exit events of 4:\n{}", events.len(), c.out);
+    }
+    let mut stopped = 0;
+    for e in &events {
+        let msg = e["message"].as_str().unwrap_or_default();
+        if e["reason"] == "error" && msg.contains(expected) {
+            stopped += 1;
+        } else if !(e["reason"] == "exit" && e["code"] == 0) {
+            bail!("a VM ended otherwise: {e}\n{}", c.out);
+        }
+    }
+    if stopped == 0 {
+        bail!(
+            "no VM stopped with \"{expected}\": the limit was never reached\n{}",
+            c.out
+        );
+    }
+    pages_after(c)?;
+    Ok(stopped)
+}
+
 /// The whole hostile suite; prints one line per check and the figures.
 pub fn suite(a: &Artifacts) -> Result<()> {
     let mut cases: Vec<(&str, String)> = vec![
@@ -66,6 +113,19 @@ pub fn suite(a: &Artifacts) -> Result<()> {
             )),
         ),
         ("hog-after", with_pages("smudge run --json --mem 64 /guests/hostile_hog")),
+        // Above the machine's 131,072 pages: the allocator (with smudge's host reserve) runs out.
+        ("oom-4x200", four_hogs("oom", 1 << 20)),
+        ("cap-4x200", four_hogs("cap", 0)),
+        (
+            "hog-200-after",
+            with_pages(&format!("smudge run --json --mem {HOG_MIB} /guests/hostile_hog")),
+        ),
+        (
+            "device-access",
+            "ls -l /dev/smudge | cut -c1-10; su -s /bin/sh user -c 'id -u; smudge caps'; echo \"user_rc=$?\"; \
+             smudge caps > /dev/null; echo \"root_rc=$?\""
+                .into(),
+        ),
     ];
     for m in ["ad", "pml", "wp"] {
         let name: &'static str = Box::leak(format!("lostpage-{m}").into_boxed_str());
@@ -82,7 +142,7 @@ pub fn suite(a: &Artifacts) -> Result<()> {
     cases.extend([
         (
             "dmesg",
-            "dmesg | grep -E 'Oops|BUG|WARNING|general protection' || true".to_string(),
+            "dmesg | grep -E 'Oops|BUG|WARNING|general protection|Out of memory|oom-killer|page allocation failure' || true".to_string(),
         ),
         ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
     ]);
@@ -226,6 +286,58 @@ pub fn suite(a: &Artifacts) -> Result<()> {
         })(),
     );
 
+    check(
+        "four 200 MiB VMs at once on 512 MiB, cap above RAM: clean out-of-memory stops",
+        (|| {
+            let c = case(&res, "oom-4x200")?;
+            let n = hogs_stopped(c, "host out of memory")?;
+            figures.push(format!("four {HOG_MIB} MiB VMs at once on the 512 MiB machine, cap above RAM: {n} of 4 stopped with \"host out of memory\", the others completed; no OOM kill, pages back to 0"));
+            Ok(format!(
+                "{n} of 4 stopped with \"host out of memory\", the rest completed, pages back to 0"
+            ))
+        })(),
+    );
+    check(
+        "the same under the default cap (half of RAM): stops name the cap",
+        (|| {
+            let c = case(&res, "cap-4x200")?;
+            let n = hogs_stopped(c, "max_pages")?;
+            figures.push(format!("the same with the default cap (half of RAM): {n} of 4 stopped with the cap's message, the others completed; pages back to 0"));
+            Ok(format!(
+                "{n} of 4 stopped with the message naming max_pages, pages back to 0"
+            ))
+        })(),
+    );
+    check(
+        "a 200 MiB VM afterwards runs to its end",
+        (|| {
+            let c = case(&res, "hog-200-after")?;
+            let e = exit_event(c)?;
+            if c.rc != 0 || e["reason"] != "exit" || e["code"] != 0 {
+                bail!("rc {}:\n{}", c.rc, c.out);
+            }
+            pages_after(c)?;
+            Ok("exit 0, pages back to 0".into())
+        })(),
+    );
+    check(
+        "only root opens /dev/smudge",
+        (|| {
+            let c = case(&res, "device-access")?;
+            let o = &c.out;
+            if !o.starts_with("crw-------")
+                || !o.lines().any(|l| l.trim() == "1000")
+                || !o.contains("Permission denied (only root may open it")
+                || o.contains("user_rc=0")
+                || !o.contains("root_rc=0")
+            {
+                bail!("{o}");
+            }
+            figures.push("uid 1000 opening /dev/smudge (crw-------): refused with \"Permission denied (only root may open it by default ...)\"; root: works".into());
+            Ok("crw-------; uid 1000 refused with the tool's hint; root works".into())
+        })(),
+    );
+
     for m in ["ad", "pml", "wp"] {
         check(
             &format!("lost-page hunt, 2 vCPUs ({m})"),
@@ -269,7 +381,7 @@ pub fn suite(a: &Artifacts) -> Result<()> {
             if !c.out.trim().is_empty() {
                 bail!("{}", c.out);
             }
-            Ok("no Oops, BUG, WARNING or general protection fault".into())
+            Ok("no Oops, BUG, WARNING, general protection fault, OOM kill or page-allocation failure".into())
         })(),
     );
     check(

@@ -2,7 +2,7 @@
 /*
  * The few kernel facilities Linux 6.12 offers to C only (macros, inlines, or structs missing
  * from the Rust bindings): the misc device, IRQ/preemption control, CR4 updates through the
- * kernel's shadow, __va/__pa, user copies, cross-CPU calls, the host page-table lookup, module
+ * kernel's shadow, __va/__pa, time, cross-CPU calls, the host page-table lookup, module
  * parameters and the reboot/panic notifiers. Each function is one line of policy-free glue;
  * everything else is Rust.
  */
@@ -16,7 +16,7 @@
 #include <linux/smp.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
-#include <linux/uaccess.h>
+#include <linux/ktime.h>
 #include <linux/reboot.h>
 #include <linux/panic_notifier.h>
 #include <linux/notifier.h>
@@ -32,9 +32,6 @@ long smudge_rs_open(void **priv);
 void smudge_rs_release(void *priv);
 long smudge_rs_ioctl(void *priv, unsigned int cmd, unsigned long arg);
 void smudge_rs_emergency_vmxoff(void);
-long smudge_rs_mmap_begin(void *priv);
-long smudge_rs_mmap_pfn(void *priv, unsigned long gfn);
-void smudge_rs_mmap_end(void *priv);
 
 /* Module parameters: fault injection, the driver-wide page count (read-only; core's
  * hostmem::PageBudget updates it atomically) and its cap (0: core's default, half of RAM). */
@@ -93,31 +90,17 @@ static long smudge_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { 
  * are refused: a user write would bypass the EPT and the dirty log. The open file (held by the
  * vma) keeps the VM and its pages alive until munmap. Pages not backed yet are left unmapped.
  */
+long smudge_rs_mmap(void *priv, void *vma, unsigned long pgoff, unsigned long pages);
 static int smudge_mmap(struct file *f, struct vm_area_struct *vma)
 {
-	unsigned long i, n = vma_pages(vma);
-	long r = 0;
 	if (vma->vm_flags & (VM_WRITE | VM_EXEC))
 		return -EPERM;
 	vm_flags_clear(vma, VM_MAYWRITE | VM_MAYEXEC);
-	r = smudge_rs_mmap_begin(f->private_data);
-	if (r)
-		return r;
-	for (i = 0; i < n; i++) {
-		long pfn = smudge_rs_mmap_pfn(f->private_data, vma->vm_pgoff + i);
-		if (pfn == -ENOENT)
-			continue;
-		if (pfn < 0) {
-			r = pfn;
-			break;
-		}
-		if (remap_pfn_range(vma, vma->vm_start + i * PAGE_SIZE, pfn, PAGE_SIZE, vma->vm_page_prot)) {
-			r = -EAGAIN;
-			break;
-		}
-	}
-	smudge_rs_mmap_end(f->private_data);
-	return r;
+	return smudge_rs_mmap(f->private_data, vma, vma->vm_pgoff, vma_pages(vma));
+}
+int smudge_remap_page(struct vm_area_struct *vma, unsigned long i, unsigned long pfn)
+{
+	return remap_pfn_range(vma, vma->vm_start + i * PAGE_SIZE, pfn, PAGE_SIZE, vma->vm_page_prot);
 }
 
 static const struct file_operations smudge_fops = {
@@ -172,8 +155,6 @@ unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP);
 void smudge_free_page(unsigned long va) { free_page(va); }
 void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
 void smudge_kvfree(void *p) { kvfree(p); }
-int smudge_copy_from_user(void *dst, unsigned long src, unsigned long n) { return copy_from_user(dst, (const void __user *)src, n) ? -EFAULT : 0; }
-int smudge_copy_to_user(unsigned long dst, const void *src, unsigned long n) { return copy_to_user((void __user *)dst, src, n) ? -EFAULT : 0; }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).
  * The kernel's own helper reloads TR lazily before a task with an I/O bitmap needs it. */
 void smudge_invalidate_tss_limit(void) { invalidate_tss_limit(); }
@@ -181,7 +162,9 @@ void smudge_fpu_begin(void) { kernel_fpu_begin(); }
 void smudge_fpu_end(void) { kernel_fpu_end(); }
 int smudge_cpu(void) { return smp_processor_id(); }
 int smudge_nr_cpu_ids(void) { return nr_cpu_ids; }
-int smudge_should_return(void) { return signal_pending(current) || need_resched(); }
+int smudge_signal_pending(void) { return signal_pending(current); }
+int smudge_need_resched(void) { return need_resched(); }
+u64 smudge_now_ns(void) { return ktime_get_ns(); }
 void smudge_cond_resched(void) { cond_resched(); }
 void smudge_on_each_cpu(void (*fn)(void *), void *info) { on_each_cpu(fn, info, 1); }
 int smudge_on_cpu(int cpu, void (*fn)(void *), void *info) { return smp_call_function_single(cpu, fn, info, 1); }

@@ -8,7 +8,7 @@
 
 /// Bits 51:12 of a paging-structure entry or of CR3: the next table's (or the page's) physical
 /// address (SDM 4.5, Tables 4-14 to 4-20).
-const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+pub const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
 /// Present (bit 0).
 const P: u64 = 1;
 /// Page size (bit 7) in a PDPTE (1 GiB page) or PDE (2 MiB page).

@@ -17,6 +17,7 @@ pub mod guest;
 pub mod hostmem;
 pub mod hostpt;
 pub mod platform;
+pub mod session;
 pub mod vcpu;
 pub mod vm;
 pub mod vmx;

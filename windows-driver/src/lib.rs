@@ -1,6 +1,7 @@
-//! The OS-free half of smudge.sys: the VT-x admission check, ioctl lengths and answers, the
-//! NTSTATUS mapping, the RUN time budget, the sharing protocol of a VM between concurrent
-//! requests, the user-range rule and the VMXON fixed-bit check.
+//! The OS-free half of smudge.sys that only Windows needs: the VT-x admission check, ioctl
+//! lengths and answers, the NTSTATUS mapping, the RUN time budget, the device's DACL, the
+//! user-range rule and the VMXON fixed-bit check. (What a request does is the core's session
+//! layer.)
 //!
 //! Everything here is safe Rust and takes plain values, so the host unit-tests it (`cargo test
 //! --lib` in this directory, run by `cargo xtask windows`). The driver binary (`main.rs`) supplies
@@ -18,7 +19,6 @@ pub mod budget;
 pub mod ioctl;
 pub mod msg;
 pub mod security;
-pub mod share;
 pub mod status;
 pub mod usercopy;
 pub mod vmxon;

@@ -3,7 +3,8 @@
 //! DriverEntry admits the driver only if every processor can run smudge (VT-x, EPT, no other
 //! hypervisor; see `vtx`), checks the core's platform seam once, enters VMX operation on every
 //! processor (`vmxroot`), then creates `\Device\Smudge` (`\\.\Smudge` for user space). Each
-//! open is one VM (`vmfile`), served by the same core and the same ABI as the Linux module;
+//! open is one VM session of the core (`smudge_core::session`), the same as on Linux; `os`
+//! supplies Windows to it;
 //! DriverUnload leaves VMX operation and removes both names. Nothing here panics: every kernel
 //! call's failure is a returned NTSTATUS.
 #![no_std]
@@ -18,11 +19,11 @@
 
 mod cpu;
 mod nt;
+mod os;
 mod platform;
 mod pool;
 mod processors;
 mod usermem;
-mod vmfile;
 mod vmxroot;
 
 use core::ffi::CStr;
@@ -38,7 +39,10 @@ use smudge_windows::vtx;
 use nt::{DeviceObject, DriverObject, Irp};
 use platform::NtPlatform;
 use pool::PoolBox;
-use vmfile::VmFile;
+use smudge_core::session::Session;
+
+/// One open of the device.
+type NtSession = Session<NtPlatform>;
 
 const DEVICE_PATH: &str = r"\Device\Smudge";
 const DOS_PATH: &str = r"\DosDevices\Smudge";
@@ -447,7 +451,7 @@ unsafe extern "system" fn dispatch_create(_device: *mut DeviceObject, irp: *mut 
         // SAFETY: the IRP is ours until completed.
         return unsafe { complete(irp, STATUS_INVALID_DEVICE_STATE, 0) };
     }
-    let status = match PoolBox::new(VmFile::new()) {
+    let status = match PoolBox::new(NtSession::new()) {
         Ok(b) => {
             // SAFETY: the file object is being opened on our device; FsContext is ours.
             unsafe { (*file).fs_context = b.into_raw().cast() };
@@ -469,8 +473,8 @@ unsafe extern "system" fn dispatch_close(_device: *mut DeviceObject, irp: *mut I
         let ctx = unsafe { core::mem::replace(&mut (*file).fs_context, core::ptr::null_mut()) };
         if !ctx.is_null() {
             // SAFETY: `ctx` came from PoolBox::into_raw in dispatch_create; nobody else owns it.
-            let mut f = unsafe { PoolBox::from_raw(ctx.cast::<VmFile>()) };
-            f.free_all();
+            let mut s = unsafe { PoolBox::from_raw(ctx.cast::<NtSession>()) };
+            s.release(&NtPlatform);
         }
     }
     // SAFETY: the IRP is ours until completed.
@@ -529,7 +533,7 @@ unsafe extern "system" fn dispatch_device_control(
     unsafe { complete(irp, status, written) }
 }
 
-/// A VM request: lengths, the handle's VmFile, then the same handling as on Linux.
+/// A VM request: lengths, then the handle's session, as on Linux.
 fn vm_request(
     op: Op,
     input_len: usize,
@@ -546,15 +550,17 @@ fn vm_request(
     // that only this request uses until it completes (non-null checked above; check_lengths
     // made `len` at least the request size).
     let buf = unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), len) };
-    // SAFETY: FsContext holds this open's VmFile from CREATE until CLOSE, and CLOSE cannot run
+    // SAFETY: FsContext holds this open's session from CREATE until CLOSE, and CLOSE cannot run
     // while this IRP references the file object.
-    let ctx = unsafe { (*file).fs_context }.cast::<VmFile>();
+    let ctx = unsafe { (*file).fs_context }.cast::<NtSession>();
     if ctx.is_null() {
         return Err(STATUS_INVALID_DEVICE_STATE);
     }
-    // SAFETY: as above; shared access only (VmFile shares its VM between concurrent requests
-    // through `smudge_windows::share`).
-    vmfile::request(unsafe { &*ctx }, op, buf)
+    let drv = vmxroot::global().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    // SAFETY: as above; shared access only (the session shares its VM between concurrent
+    // requests itself).
+    let s = unsafe { &*ctx };
+    s.request(&NtPlatform, drv, op, buf).map_err(from_fail)
 }
 
 /// No path panics (the lints above deny the usual sources). Should one ever, stop with #UD: the

@@ -5,7 +5,7 @@
 //! address; MmGetVirtualForPhysical maps it back to the system-space address.
 //!
 //! The run loop does not allocate at DISPATCH_LEVEL: it backs guest memory from the vCPU's page
-//! cache, which `vmfile::run` refills at PASSIVE_LEVEL. It may free there (the core frees EPT
+//! cache, which the core's run loop refills at PASSIVE_LEVEL. It may free there (the core frees EPT
 //! tables after an INVEPT), but MmFreeContiguousMemory requires IRQL <= APC_LEVEL. A page freed
 //! above APC_LEVEL is therefore pushed on a lock-free list threaded through the pages themselves
 //! and really freed by [`drain_deferred`] at PASSIVE_LEVEL.

@@ -48,6 +48,18 @@ impl PoolBuf {
     }
 }
 
+impl smudge_core::session::Buffer for PoolBuf {
+    fn bytes(&self) -> &[u8] {
+        PoolBuf::bytes(self)
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        PoolBuf::bytes_mut(self)
+    }
+    fn words_mut(&mut self) -> &mut [u64] {
+        PoolBuf::words_mut(self)
+    }
+}
+
 impl Drop for PoolBuf {
     fn drop(&mut self) {
         // SAFETY: allocated by ExAllocatePoolWithTag with TAG, freed once.
@@ -59,6 +71,10 @@ impl Drop for PoolBuf {
 pub struct PoolBox<T> {
     ptr: *mut T,
 }
+
+// SAFETY: a PoolBox owns its T exclusively (like Box), so it may move to another thread when
+// the T may.
+unsafe impl<T: Send> Send for PoolBox<T> {}
 
 impl<T> PoolBox<T> {
     /// Moves `value` into the pool, or gives it back when the pool is exhausted.
@@ -84,19 +100,6 @@ impl<T> PoolBox<T> {
         let p = self.ptr;
         core::mem::forget(self);
         p
-    }
-
-    /// Moves the value out and frees the pool memory (for values consumed by value, like
-    /// `Vm::destroy`).
-    pub fn into_inner(self) -> T {
-        let p = self.into_raw();
-        // SAFETY: `p` holds an initialised T owned by us (from `new`); it is read out once and
-        // the memory freed without dropping the moved-out value again.
-        unsafe {
-            let value = p.read();
-            nt::ExFreePoolWithTag(p.cast::<c_void>(), TAG);
-            value
-        }
     }
 
     /// # Safety

@@ -63,17 +63,22 @@ pub const fn from_abi(e: smudge_core::abi::AbiError) -> NtStatus {
     }
 }
 
-/// The NTSTATUS of a core error (Linux: ENOMEM, EDQUOT, EOPNOTSUPP, ENOSPC, EEXIST, EBUSY, else
-/// EINVAL).
-pub const fn from_core(e: smudge_core::Error) -> NtStatus {
-    match e {
-        smudge_core::Error::OutOfMemory => STATUS_INSUFFICIENT_RESOURCES,
-        smudge_core::Error::HostPageCap => STATUS_WORKING_SET_QUOTA,
-        smudge_core::Error::Unsupported => STATUS_NOT_SUPPORTED,
-        smudge_core::Error::NoFreeSlot => STATUS_QUOTA_EXCEEDED,
-        smudge_core::Error::Overlap => STATUS_OBJECT_NAME_COLLISION,
-        smudge_core::Error::AlreadyRunning => STATUS_INVALID_DEVICE_STATE,
-        _ => STATUS_INVALID_PARAMETER,
+/// The NTSTATUS of a failed session request (Linux: `Fail::errno`).
+pub const fn from_fail(f: smudge_core::session::Fail) -> NtStatus {
+    use smudge_core::session::Fail as F;
+    match f {
+        F::Invalid => STATUS_INVALID_PARAMETER,
+        F::Fault => STATUS_ACCESS_VIOLATION,
+        F::Busy => STATUS_DEVICE_BUSY,
+        F::NoMemory => STATUS_INSUFFICIENT_RESOURCES,
+        F::HostPageCap => STATUS_WORKING_SET_QUOTA,
+        F::NotSupported => STATUS_NOT_SUPPORTED,
+        F::NoSpace => STATUS_QUOTA_EXCEEDED,
+        F::Exists => STATUS_OBJECT_NAME_COLLISION,
+        F::NoExec => STATUS_INVALID_IMAGE_FORMAT,
+        F::Io => STATUS_IO_DEVICE_ERROR,
+        F::NoEntry => STATUS_INVALID_PARAMETER,
+        F::Abi(e) => from_abi(e),
     }
 }
 
@@ -111,15 +116,15 @@ mod tests {
         );
         assert_eq!(from_abi(AbiError::BadMemSize), STATUS_INVALID_PARAMETER);
         assert_eq!(
-            from_core(smudge_core::Error::OutOfMemory),
+            from_fail(smudge_core::Error::OutOfMemory.into()),
             STATUS_INSUFFICIENT_RESOURCES
         );
         assert_eq!(
-            from_core(smudge_core::Error::Unsupported),
+            from_fail(smudge_core::Error::Unsupported.into()),
             STATUS_NOT_SUPPORTED
         );
         assert_eq!(
-            from_core(smudge_core::Error::GpaOutOfRange),
+            from_fail(smudge_core::Error::GpaOutOfRange.into()),
             STATUS_INVALID_PARAMETER
         );
     }

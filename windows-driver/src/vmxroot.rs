@@ -5,7 +5,6 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use smudge_core::arch;
-use smudge_core::dirty::Mode;
 use smudge_core::vcpu::write_revision_id;
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_windows::vmxon::{cr4_for_vmxon, CrMismatch, CR4_VMXE};
@@ -15,10 +14,7 @@ use crate::platform::NtPlatform;
 use crate::processors::{self, MAX_PROCESSORS};
 
 /// What DriverEntry decided, read by every request.
-pub struct Global {
-    pub caps: VmxCaps,
-    pub mode: Mode,
-}
+pub type Global = smudge_core::session::Driver;
 
 struct GlobalCell(UnsafeCell<Option<Global>>);
 
@@ -157,29 +153,4 @@ pub fn vmxoff_all() {
             NtPlatform::os_free(page);
         }
     }
-}
-
-/// INVEPT all-context on every processor in VMX operation (SDM 29.4.3.4): after D or W bits
-/// were cleared, or before EPT tables are freed, no processor may keep cached translations.
-/// Call at PASSIVE_LEVEL.
-pub fn invept_everywhere() {
-    for i in 0..processors::count() {
-        let _ = processors::on_processor(i, || {
-            if vmx_on(i) {
-                // SAFETY: VMX root operation on this processor.
-                let _ = unsafe { arch::invept(arch::InveptType::AllContext, 0) };
-            }
-        });
-    }
-}
-
-/// VMCLEAR of `vmcs` on processor `index`, where it may be active (SDM 25.11.1: a VMCS moves
-/// between processors only through VMCLEAR on the old one). Call at PASSIVE_LEVEL.
-pub fn vmclear_on(index: u32, vmcs: u64) {
-    let _ = processors::on_processor(index, || {
-        if vmx_on(index) {
-            // SAFETY: VMX root operation here; `vmcs` is a VMCS region of ours.
-            let _ = unsafe { arch::vmclear(vmcs) };
-        }
-    });
 }

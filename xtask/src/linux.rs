@@ -78,19 +78,45 @@ pub fn module() -> Result<PathBuf> {
     let target_dir = root().join("target/kernel");
     step("building smudge-core against the kernel's libcore");
     let flags = kernel_rustflags(&kdir)?;
-    run(debian_cargo()
+    // The rlibs of this very build, as cargo reports them (the deps directory also keeps those
+    // of earlier builds with other dependency sets).
+    let out = debian_cargo()
         .current_dir(root())
         .args([
             "-Zjson-target-spec",
             "build",
             "--release",
+            "--message-format=json-render-diagnostics",
             "-p",
             "smudge-core",
             "--target",
         ])
         .arg(kdir.join("scripts/target.json"))
         .env("CARGO_TARGET_DIR", &target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f")))?;
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo build of smudge-core for the kernel")?;
+    if !out.status.success() {
+        bail!(
+            "cargo build of smudge-core for the kernel failed: {}",
+            out.status
+        );
+    }
+    let mut rlibs: Vec<PathBuf> = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        for f in msg["filenames"].as_array().into_iter().flatten() {
+            if let Some(f) = f.as_str().filter(|f| f.ends_with(".rlib")) {
+                rlibs.push(PathBuf::from(f));
+            }
+        }
+    }
     let rel = target_dir.join("target/release");
     let build = root().join("target/linux-module");
     let lib = build.join("lib");
@@ -103,13 +129,6 @@ pub fn module() -> Result<PathBuf> {
     // Every rlib of the build: smudge-core and its crates.io dependencies.
     let objs = build.join("objs");
     std::fs::create_dir_all(&objs)?;
-    let mut rlibs = Vec::new();
-    for e in std::fs::read_dir(rel.join("deps"))? {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "rlib") {
-            rlibs.push(p);
-        }
-    }
     for (i, r) in rlibs.iter().enumerate() {
         std::fs::copy(r, lib.join(r.file_name().unwrap_or_default()))?;
         let d = objs.join(i.to_string());

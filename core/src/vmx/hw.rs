@@ -64,11 +64,10 @@ fn vm_fail(e: VmcsError) -> VmFail {
 pub const PREEMPTION_QUANTUM: u64 = 200_000;
 
 /// A VM shared by the vCPUs of several CPUs: the loop takes the VM only around exit handling,
-/// never while the guest runs. The Linux and Windows shims wrap it in a spin lock; a
-/// single-threaded caller can use `core::cell::RefCell`-like exclusive access.
+/// never while the guest runs (`session` keeps it behind a spin lock).
 pub trait SharedVm {
-    /// Runs `f` with exclusive access to the VM.
-    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> R;
+    /// Runs `f` with exclusive access to the VM; None when there is no VM (any more).
+    fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> Option<R>;
 }
 
 /// What the OS supplies to the loop.
@@ -79,6 +78,75 @@ pub trait RunEnv {
     fn irq_restore(&self, flags: usize);
     /// True when the loop must return to the OS (a signal, a reschedule, a time budget).
     fn should_return(&self) -> bool;
+    /// VMCLEAR of `pages`' VMCS on CPU `cpu`, where it was last active (an IPI); called with
+    /// preemption off, interrupts on.
+    fn vmclear_on(&self, cpu: u32, pages: &VcpuPages);
+}
+
+/// Proof that the current CPU is in VMX root operation and stays the current CPU while the
+/// value lives (preemption or interrupts off). Only a shim can know both, so only a shim makes
+/// one; with it, the VMX instructions below are safe to call.
+#[derive(Debug)]
+pub struct VmxCpu {
+    cpu: u32,
+    /// Neither Send nor Sync: the proof holds on this CPU only.
+    _here: core::marker::PhantomData<*const ()>,
+}
+
+impl VmxCpu {
+    /// The proof for CPU number `cpu`, the current one.
+    ///
+    /// # Safety
+    /// This CPU is in VMX root operation and the caller stays on it (preemption disabled, or
+    /// IPI/DPC context) for as long as the value lives.
+    pub unsafe fn assume(cpu: u32) -> VmxCpu {
+        VmxCpu {
+            cpu,
+            _here: core::marker::PhantomData,
+        }
+    }
+
+    /// The CPU's number.
+    pub fn cpu(&self) -> u32 {
+        self.cpu
+    }
+
+    /// VMCLEAR of a vCPU's VMCS here: it may then become active on another CPU, or be freed
+    /// (SDM 25.11.1).
+    pub fn vmclear(&self, pages: &VcpuPages) -> Result<(), VmFail> {
+        // SAFETY: VMX root operation (the proof); `pages.vmcs` is a VMCS region the core
+        // allocated with the revision id.
+        unsafe { arch::vmclear(pages.vmcs) }
+    }
+
+    /// INVEPT all-context here (SDM 29.4.3.4): no translation cached from any EPT survives.
+    pub fn invept_all(&self) -> Result<(), VmFail> {
+        // SAFETY: VMX root operation (the proof); all-context INVEPT is supported wherever
+        // smudge loads (VmxCaps::choose_mode requires INVEPT).
+        unsafe { arch::invept(InveptType::AllContext, 0) }
+    }
+}
+
+/// Proof that a guest may run on this CPU now: VMX root operation, preemption off, and the
+/// host's FPU and extended state saved so that the guest may own the FPU (Linux
+/// kernel_fpu_begin, Windows KeSaveExtendedProcessorState at DISPATCH_LEVEL).
+#[derive(Debug)]
+pub struct GuestContext {
+    vmx: VmxCpu,
+}
+
+impl GuestContext {
+    /// # Safety
+    /// Besides `vmx`'s own promise, the host's FPU state is saved and the caller keeps it so
+    /// (and preemption off) for as long as the value lives.
+    pub unsafe fn assume(vmx: VmxCpu) -> GuestContext {
+        GuestContext { vmx }
+    }
+
+    /// This CPU.
+    pub fn vmx(&self) -> &VmxCpu {
+        &self.vmx
+    }
 }
 
 /// Why the hardware run failed before the guest could run or after an entry failure.
@@ -128,6 +196,8 @@ pub struct HwVcpu {
     pub fx: FxArea,
     /// VMLAUNCH done since the last VMCLEAR.
     pub launched: bool,
+    /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere).
+    pub cpu: Option<u32>,
     /// The guest-state area was written.
     pub programmed: bool,
     /// Guest RIP, RSP and RFLAGS between runs (they live in the VMCS, which only the CPU that
@@ -162,6 +232,7 @@ impl HwVcpu {
             },
             fx: FxArea::reset(),
             launched: false,
+            cpu: None,
             programmed: false,
             rip: entry,
             rsp: stack_top,
@@ -260,32 +331,39 @@ fn vmcs_step<T>(step: &'static str, r: Result<T, VmcsError>) -> Result<T, HwErro
 /// Runs `vcpu` on this CPU until something needs user space, the OS, or more pages.
 ///
 /// Every page the VM takes during the run comes from `vcpu.cache`, never from `p` (which may
-/// not allocate with interrupts off); `p` frees pages and maps them.
-///
-/// # Safety
-/// VMX root operation on this CPU; preemption disabled and the FPU owned by the caller
-/// (kernel_fpu_begin / KeSaveExtendedProcessorState); the VMCS is either launched on this
-/// CPU or was VMCLEARed (then `launched` is false); `p` gives access to every page involved.
-pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
+/// not allocate with interrupts off); `p` frees pages and maps them. A VMCS last active on
+/// another CPU is VMCLEARed there first (`env.vmclear_on`, SDM 25.11.1).
+pub fn run<P: Platform + ?Sized, S: SharedVm>(
     vm: &S,
     vcpu: &mut HwVcpu,
     p: &P,
     caps: &VmxCaps,
     ctls: &Controls,
     env: &dyn RunEnv,
+    ctx: &GuestContext,
 ) -> Result<HwExit, HwError> {
     if vcpu.state.halted {
         return Ok(HwExit::Exit(RunExit::Hlt));
     }
-    let (layout, mode, eptp_ad) = vm.with(|vm| {
+    let here = ctx.vmx().cpu();
+    if vcpu.cpu != Some(here) {
+        match vcpu.cpu {
+            Some(old) => env.vmclear_on(old, &vcpu.pages),
+            // A VMCS is cleared before its first VMPTRLD (SDM 25.11.3).
+            None => step("vmclear", ctx.vmx().vmclear(&vcpu.pages))?,
+        }
+        vcpu.launched = false;
+        vcpu.cpu = Some(here);
+    }
+    let started = vm.with(|vm| {
         if !vcpu.programmed {
             vm.mark_started();
         }
         (vm.layout(), vm.mode(), vm.ept().eptp(true))
     });
-    let layout = match layout {
-        Some(l) => l,
-        None => {
+    let (layout, mode, eptp_ad) = match started {
+        Some((Some(l), mode, eptp)) => (l, mode, eptp),
+        _ => {
             return Ok(HwExit::Exit(RunExit::Stopped {
                 reason: 0,
                 what: crate::vm::StopCause::EntryFailed,
@@ -293,11 +371,12 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         }
     };
     let p = &Cached::new(p, &vcpu.cache);
-    // SAFETY: caller guarantees VMX root operation and a valid VMCS region.
+    // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that is
+    // clear or active here (just above).
     step("vmptrld", unsafe { arch::vmptrld(vcpu.pages.vmcs) })?;
-    // SAFETY: VMX root operation, and the VMCS just loaded is current.
+    // SAFETY: VMX root operation (`ctx`), and the VMCS just loaded is current.
     let mut vmcs = unsafe { HwVmcs::current() };
-    // SAFETY: preemption is off: the snapshot describes this CPU for the whole run.
+    // SAFETY: preemption is off (`ctx`): the snapshot describes this CPU for the whole run.
     let host: HostState = unsafe { arch::host_state() };
     let mut eptp_v = eptp_ad;
     eptp_v.set_ad_enabled(
@@ -374,30 +453,32 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
         )?;
     }
     let pml = ctls.secondary & secondary::ENABLE_PML != 0;
-    // SAFETY: the caller owns the FPU; the area holds a valid image.
+    // SAFETY: the FPU is the guest's (`ctx`); the area holds a valid image.
     unsafe { arch::fxrstor(&vcpu.fx) };
     // SAFETY: the MSR exists on every x86-64 processor.
     let kernel_gs_base = unsafe { arch::rdmsr(arch::IA32_KERNEL_GS_BASE) };
     // SAFETY: the guest's own value, saved at its last exit (0 at first).
     unsafe { arch::wrmsr(arch::IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
     let result = loop {
-        let flushed = vm.with(|vm| {
-            if !vm.ept().needs_invept() {
-                return Ok(());
-            }
-            // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
-            // must not survive in cached translations when the guest runs again. (Callers
-            // that cleared flags while several CPUs may cache the EPT flush them all first.)
-            let kind = if caps.ept_vpid_cap & ept_cap::INVEPT_SINGLE != 0 {
-                InveptType::SingleContext
-            } else {
-                InveptType::AllContext
-            };
-            // SAFETY: VMX root operation.
-            unsafe { arch::invept(kind, eptp) }?;
-            vm.ept_mut().invept_done(p);
-            Ok(())
-        });
+        let flushed = vm
+            .with(|vm| {
+                if !vm.ept().needs_invept() {
+                    return Ok(());
+                }
+                // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
+                // must not survive in cached translations when the guest runs again. (Callers
+                // that cleared flags while several CPUs may cache the EPT flush them all first.)
+                let kind = if caps.ept_vpid_cap & ept_cap::INVEPT_SINGLE != 0 {
+                    InveptType::SingleContext
+                } else {
+                    InveptType::AllContext
+                };
+                // SAFETY: VMX root operation (`ctx`); single-context only when supported.
+                unsafe { arch::invept(kind, eptp) }?;
+                vm.ept_mut().invept_done(p);
+                Ok(())
+            })
+            .unwrap_or(Ok(()));
         if let Err(fail) = flushed {
             break Err(HwError::Vmx {
                 step: "invept",
@@ -447,7 +528,7 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             // Drain on every exit, before anything reports the dirty log (SDM 29.3.6).
             let index = vmcs.read(Field::GuestPmlIndex).unwrap_or(511) as u16;
             if index != crate::dirty::pml::INDEX_RESET {
-                vm.with(|vm| vm.pml_drain(p, vcpu.pages.pml, index));
+                let _ = vm.with(|vm| vm.pml_drain(p, vcpu.pages.pml, index));
                 if let Err(e) =
                     vmcs.write(Field::GuestPmlIndex, crate::dirty::pml::INDEX_RESET.into())
                 {
@@ -476,8 +557,12 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             break Ok(HwExit::NeedPages);
         }
         let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);
-        let action =
-            vm.with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid));
+        let action = vm
+            .with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid))
+            .unwrap_or(Action::ToUser(RunExit::Stopped {
+                reason: exit.reason,
+                what: crate::vm::StopCause::EntryFailed,
+            }));
         let advance = match action {
             Action::Resume { advance } => advance,
             // A hypercall or console write that goes to user space resumes after it.
@@ -518,7 +603,7 @@ pub unsafe fn run<P: Platform + ?Sized, S: SharedVm>(
             *shadow = v;
         }
     }
-    // SAFETY: the caller owns the FPU; the area is aligned.
+    // SAFETY: the FPU is the guest's (`ctx`); the area is aligned.
     unsafe { arch::fxsave(&mut vcpu.fx) };
     // SAFETY: as above; the host's value goes back before anything returns to user space.
     unsafe {

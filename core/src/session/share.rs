@@ -1,12 +1,12 @@
-//! How the requests of one handle share its VM: the protocol of the Linux module's `VmFile`
-//! (`busy`, per-vCPU `busy`, `kick`, `running`), without the OS.
+//! How the requests of one session share its VM.
 //!
-//! One handle is one VM; RUN calls for different vCPUs may run at once from different threads.
+//! One session (one open of the device) is one VM; RUN calls for different vCPUs may run at once
+//! from different threads.
 //!
-//! * A **VM-level request** (everything but RUN) claims the handle ([`Share::vm_request`]); a
-//!   second one meanwhile is refused (STATUS_DEVICE_BUSY). Unless it only touches an idle vCPU
-//!   (GET_REGS, SET_REGS) or comes before any vCPU can run (SETUP), it also **kicks**: vCPUs
-//!   leave guest mode at their next VM exit, and the request waits until none is in the run
+//! * A **VM-level request** (everything but RUN and CAPS) claims the session
+//!   ([`Share::vm_request`]); a second one meanwhile is refused (busy). Unless it only touches an
+//!   idle vCPU (GET_REGS, SET_REGS) or comes before any vCPU can run (SETUP), it also **kicks**:
+//!   vCPUs leave guest mode at their next VM exit, and the request waits until none is in the run
 //!   loop. It then has the VM, the controls and every vCPU's state to itself until it ends.
 //! * A **RUN** claims its vCPU ([`Busy::claim`]; a second RUN of it, or a GET_REGS/SET_REGS of
 //!   it, is refused) and counts itself **in the loop** ([`Share::enter`]) around everything it
@@ -16,50 +16,9 @@
 //! Entering (`running += 1`, then read `kick`) and kicking (`kick = true`, then read `running`)
 //! are both SeqCst, so of a vCPU and a request that meet, at least one sees the other: either
 //! the request waits for the vCPU to leave, or the vCPU backs out and waits. Waiting is the
-//! caller's `pause` (the driver spins briefly, then sleeps with KeDelayExecutionThread at
-//! PASSIVE_LEVEL, see [`Backoff`]; the tests yield).
+//! caller's `pause` (the OS's [`super::Os::pause`]; the tests yield).
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-
-/// How long a waiter spins before it sleeps, in interrupt-time units (100 ns): 2 ms, two stays
-/// at DISPATCH_LEVEL (`budget::DISPATCH_STAY`), which is how long a kick normally takes.
-pub const SPIN: u64 = 20_000;
-
-/// One sleep of a waiter past [`SPIN`]: KeDelayExecutionThread's interval for 1 ms, relative
-/// (negative), in 100 ns units. The clock's granularity may stretch it to a timer tick.
-pub const SLEEP: i64 = -10_000;
-
-/// What a waiter does next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pause {
-    /// Spin (`core::hint::spin_loop`): the wait is expected to end within [`SPIN`].
-    Spin,
-    /// Sleep for [`SLEEP`]: the wait is long (a large LOAD_ELF or harvest), give the CPU away.
-    Sleep,
-}
-
-/// A waiter's policy: spin for [`SPIN`] after the first pause, then sleep. A clock that seems
-/// to go backwards counts as no time passed.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Backoff {
-    start: Option<u64>,
-}
-
-impl Backoff {
-    pub const fn new() -> Backoff {
-        Backoff { start: None }
-    }
-
-    /// The pause to take at interrupt time `now`.
-    pub fn step(&mut self, now: u64) -> Pause {
-        let start = *self.start.get_or_insert(now);
-        if now.saturating_sub(start) >= SPIN {
-            Pause::Sleep
-        } else {
-            Pause::Spin
-        }
-    }
-}
 
 /// A flag one user at a time may hold: a vCPU's "a RUN (or GET_REGS/SET_REGS) has it".
 #[derive(Debug, Default)]
@@ -190,6 +149,7 @@ impl Drop for InLoop<'_> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
+    extern crate std;
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::thread;
@@ -388,19 +348,5 @@ mod tests {
         let g = s.enter(|| panic!("held out without a kick"));
         drop(r);
         drop(g);
-    }
-
-    #[test]
-    fn backoff_spins_first_then_sleeps() {
-        let mut b = Backoff::new();
-        assert_eq!(b.step(1_000), Pause::Spin);
-        assert_eq!(b.step(1_000 + SPIN - 1), Pause::Spin);
-        assert_eq!(b.step(1_000 + SPIN), Pause::Sleep);
-        assert_eq!(b.step(500), Pause::Spin, "a clock going backwards");
-        // The spin lasts a couple of stays at DISPATCH_LEVEL; the sleep is relative and short.
-        const {
-            assert!(SPIN >= 2 * crate::budget::DISPATCH_STAY);
-            assert!(SLEEP < 0 && SLEEP >= -(crate::budget::DISPATCH_STAY as i64));
-        }
     }
 }

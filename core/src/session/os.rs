@@ -1,0 +1,175 @@
+//! The seam between a session and an operating system: what an OS must supply, and nothing it
+//! may decide. Each shim implements [`Os`] once (SimpleVisor's `ShvOs*` idea); the policy where
+//! the OSes differ is a value ([`RunPolicy`]), not a loop the shim writes.
+
+use crate::abi::AbiError;
+use crate::platform::Platform;
+use crate::vmx::hw::{GuestContext, HwVcpu, VmxCpu};
+
+/// Why a request failed, decided once for both OSes; each shim maps it to its error codes
+/// ([`Fail::errno`] on Linux, an NTSTATUS table on Windows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fail {
+    /// The request does not fit the session's state or names what does not exist (EINVAL).
+    Invalid,
+    /// A user pointer could not be read or written (EFAULT).
+    Fault,
+    /// Another request has the VM or the vCPU (EBUSY).
+    Busy,
+    /// The OS had no memory for the request (ENOMEM).
+    NoMemory,
+    /// The driver-wide page cap is reached (EDQUOT).
+    HostPageCap,
+    /// The processor lacks what the request needs (EOPNOTSUPP).
+    NotSupported,
+    /// Every slot, or every vCPU, is in use (ENOSPC).
+    NoSpace,
+    /// The range overlaps a slot (EEXIST).
+    Exists,
+    /// The image is not a static ELF64 the loader accepts (ENOEXEC).
+    NoExec,
+    /// VMX is not on in this CPU, or the OS could not give the guest the CPU (EIO).
+    Io,
+    /// The guest page is not backed yet (ENOENT, mmap only).
+    NoEntry,
+    /// The request's bytes were refused by the ABI decoder.
+    Abi(AbiError),
+}
+
+impl Fail {
+    /// The Linux errno (positive).
+    pub const fn errno(self) -> i32 {
+        match self {
+            Fail::Invalid => 22,
+            Fail::Fault => 14,
+            Fail::Busy => 16,
+            Fail::NoMemory => 12,
+            Fail::HostPageCap => 122,
+            Fail::NotSupported => 95,
+            Fail::NoSpace => 28,
+            Fail::Exists => 17,
+            Fail::NoExec => 8,
+            Fail::Io => 5,
+            Fail::NoEntry => 2,
+            Fail::Abi(e) => e.errno(),
+        }
+    }
+}
+
+impl From<crate::Error> for Fail {
+    fn from(e: crate::Error) -> Fail {
+        use crate::Error as E;
+        match e {
+            E::OutOfMemory => Fail::NoMemory,
+            E::HostPageCap => Fail::HostPageCap,
+            E::Unsupported => Fail::NotSupported,
+            E::NoFreeSlot => Fail::NoSpace,
+            E::AlreadyRunning => Fail::Busy,
+            E::Overlap => Fail::Exists,
+            _ => Fail::Invalid,
+        }
+    }
+}
+
+/// When a RUN gives the CPU back, where the OSes differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunPolicy {
+    /// The longest stay in guest mode with preemption off, in ns (None: until the OS asks,
+    /// [`Os::resched_pending`]).
+    pub stay_ns: Option<u64>,
+    /// The longest RUN before it returns "interrupted" to user space, in ns (None: only for a
+    /// pending signal or a real exit).
+    pub slice_ns: Option<u64>,
+}
+
+/// A zeroed, 8-byte-aligned buffer for one request (copied-in images, bitmaps, masks, guest
+/// memory copies), freed on drop.
+pub trait Buffer {
+    /// Its bytes.
+    fn bytes(&self) -> &[u8];
+    /// Its bytes, writable.
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Its whole quadwords.
+    fn words_mut(&mut self) -> &mut [u64];
+}
+
+/// How the host maps the backing page of a guest page (EXPLAIN).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostMapping {
+    /// The kernel virtual address of the page.
+    pub va: u64,
+    /// The host page-table entry that maps it.
+    pub pte: u64,
+    /// Its level (1 = 4 KiB, 2 = 2 MiB, 3 = 1 GiB; 0 = not found).
+    pub level: u32,
+}
+
+/// What an operating system supplies to a session. Pages come through the [`Platform`]
+/// supertrait (allocated under core's `hostmem` policy).
+pub trait Os: Platform + Sync {
+    /// A request buffer (see [`Buffer`]).
+    type Buf: Buffer;
+    /// Storage for one vCPU (the shim's box); the session keeps it until the vCPU is freed.
+    type VcpuBox: core::ops::DerefMut<Target = HwVcpu> + Send;
+    /// What [`Os::pin`] returns: the thread stays on its CPU until it is dropped.
+    type Pin;
+    /// How RUN gives the CPU back.
+    const POLICY: RunPolicy;
+
+    /// `len` zeroed bytes, or None when memory is short (never waking an OOM killer).
+    fn buffer(&self, len: usize) -> Option<Self::Buf>;
+    /// Moves a new vCPU into OS memory; gives it back when memory is short.
+    fn box_vcpu(&self, vcpu: HwVcpu) -> Result<Self::VcpuBox, HwVcpu>;
+    /// Copies user memory at `src` into `dst`.
+    fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail>;
+    /// Copies `src` to user memory at `dst`.
+    fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail>;
+
+    /// The current CPU's number (only a hint unless preemption is off).
+    fn current_cpu(&self) -> u32;
+    /// Runs `f` on CPU `cpu` and waits; `f` gets the proof of VMX operation there, or None when
+    /// that CPU is not in VMX operation.
+    fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync));
+    /// Runs `f` on every CPU (as [`Os::on_cpu`]) and waits.
+    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync));
+    /// Keeps the thread on CPU `cpu` for a whole RUN where the OS needs that (Windows, whose
+    /// cross-processor calls cannot be made at DISPATCH_LEVEL); elsewhere a no-op.
+    fn pin(&self, cpu: u32) -> Result<Self::Pin, Fail>;
+    /// Calls `f` where a guest may run: preemption off, the host's FPU state saved, and the
+    /// proof of it ([`GuestContext`]); `Err(Fail::Io)` when VMX is not on in this CPU. The state
+    /// is restored before this returns.
+    fn with_guest_context<R>(&self, f: impl FnOnce(&GuestContext) -> R) -> Result<R, Fail>;
+    /// Interrupts off on this CPU; returns the previous state.
+    fn irq_save(&self) -> usize;
+    /// Restores what [`Os::irq_save`] returned.
+    fn irq_restore(&self, flags: usize);
+
+    /// A signal (or the OS's equivalent) asks the thread back to user space.
+    fn signal_pending(&self) -> bool;
+    /// The OS wants this CPU back (Linux need_resched); the loop then leaves guest mode.
+    fn resched_pending(&self) -> bool;
+    /// Lets the OS reschedule (Linux cond_resched), between stays.
+    fn resched(&self);
+    /// One pause of a thread that waits for the other half of the sharing protocol, after
+    /// `waited_ns` of waiting (spin, yield or sleep).
+    fn pause(&self, waited_ns: u64);
+    /// Monotonic time in ns.
+    fn now_ns(&self) -> u64;
+
+    /// How the host maps the page at host-physical `hpa` in its own address space.
+    fn host_mapping(&self, hpa: u64) -> Option<HostMapping>;
+    /// The calling process's page-table entry for `va` and its level, if it maps a page.
+    fn user_pte(&self, va: u64) -> Option<(u64, u32)>;
+    /// A capability MSR for CAPS (None: absent).
+    fn rdmsr(&self, msr: u32) -> Option<u64>;
+    /// Pages all VMs of the driver hold (STATS).
+    fn driver_pages(&self) -> u64;
+    /// Called after pages may have been freed where the OS could not free them at once (Windows
+    /// frees pages freed at DISPATCH_LEVEL here).
+    fn after_free(&self) {}
+    /// Test hook (Linux module parameter `test_bad_vmcs`): 1/2 corrupt the guest CR0 of new
+    /// VMCSs, with and without the pre-launch check.
+    fn test_bad_vmcs(&self) -> u32 {
+        0
+    }
+}

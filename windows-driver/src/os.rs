@@ -1,0 +1,177 @@
+//! Windows for the core's session layer: the one implementation of
+//! `smudge_core::session::Os`. What a request does is decided in the core; here are only the
+//! Windows means (pool, user buffers, processor affinity, IRQL, extended state, interrupt time).
+
+use smudge_core::hostpt;
+use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
+use smudge_core::vmx::hw::{GuestContext, HwVcpu, VmxCpu};
+use smudge_windows::budget;
+
+use crate::platform::{self, NtPlatform};
+use crate::pool::{PoolBox, PoolBuf};
+use crate::usermem::{copy_from_user, copy_to_user};
+use crate::{cpu, nt, processors, vmxroot};
+
+/// The proof of VMX operation on processor `index`, the current one at DISPATCH_LEVEL.
+fn vmx_here(index: u32) -> Option<VmxCpu> {
+    // SAFETY: the caller runs on `index` at DISPATCH_LEVEL (on_processor, or the raised IRQL
+    // of a guest stay), and VMX_ON says this driver did VMXON there.
+    vmxroot::vmx_on(index).then(|| unsafe { VmxCpu::assume(index) })
+}
+
+/// Interrupt time, 100 ns units.
+fn interrupt_time() -> u64 {
+    let mut qpc = 0u64;
+    // SAFETY: a valid out pointer; callable at any IRQL.
+    unsafe { nt::KeQueryInterruptTimePrecise(&mut qpc) }
+}
+
+impl Os for NtPlatform {
+    type Buf = PoolBuf;
+    type VcpuBox = PoolBox<HwVcpu>;
+    type Pin = processors::Pinned;
+    const POLICY: RunPolicy = budget::POLICY;
+
+    fn buffer(&self, len: usize) -> Option<PoolBuf> {
+        PoolBuf::zeroed(len)
+    }
+    fn box_vcpu(&self, vcpu: HwVcpu) -> Result<PoolBox<HwVcpu>, HwVcpu> {
+        PoolBox::new(vcpu)
+    }
+    fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail> {
+        copy_from_user(dst, src).map_err(|_| Fail::Fault)
+    }
+    fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail> {
+        copy_to_user(dst, src).map_err(|_| Fail::Fault)
+    }
+    fn current_cpu(&self) -> u32 {
+        processors::current()
+    }
+    fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
+        let _ = processors::on_processor(cpu, || f(vmx_here(cpu).as_ref()));
+    }
+    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
+        for i in 0..processors::count() {
+            self.on_cpu(i, f);
+        }
+    }
+    fn pin(&self, cpu: u32) -> Result<processors::Pinned, Fail> {
+        processors::pin(cpu).map_err(|_| Fail::Io)
+    }
+    fn with_guest_context<R>(&self, f: impl FnOnce(&GuestContext) -> R) -> Result<R, Fail> {
+        let mut xsave = nt::XStateSave::new();
+        // SAFETY: PASSIVE_LEVEL (a RUN request); `xsave` stays in place until the matching
+        // restore below.
+        let status =
+            unsafe { nt::KeSaveExtendedProcessorState(nt::XSTATE_MASK_LEGACY, &mut xsave) };
+        if status < 0 {
+            return Err(Fail::Io);
+        }
+        // SAFETY: PASSIVE_LEVEL; lowered below.
+        let old_irql = unsafe { cpu::raise_to_dispatch() };
+        let r = match vmx_here(processors::current()) {
+            Some(vmx) => {
+                // SAFETY: DISPATCH_LEVEL (no preemption) and the legacy FPU state saved until
+                // the lines below.
+                Ok(f(&unsafe { GuestContext::assume(vmx) }))
+            }
+            None => Err(Fail::Io),
+        };
+        // SAFETY: pairs with the raise above.
+        unsafe { cpu::lower_irql(old_irql) };
+        // SAFETY: pairs with the save above, at the same IRQL.
+        unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
+        r
+    }
+    fn irq_save(&self) -> usize {
+        cpu::irq_save()
+    }
+    fn irq_restore(&self, flags: usize) {
+        cpu::irq_restore(flags)
+    }
+    /// No signals reach a thread in a driver: the RUN slice ([`budget::POLICY`]) brings it back.
+    fn signal_pending(&self) -> bool {
+        false
+    }
+    fn resched_pending(&self) -> bool {
+        false
+    }
+    fn resched(&self) {}
+    fn pause(&self, waited_ns: u64) {
+        match budget::pause(waited_ns) {
+            budget::Pause::Spin => core::hint::spin_loop(),
+            budget::Pause::Sleep => {
+                let interval = budget::SLEEP;
+                // SAFETY: PASSIVE_LEVEL (every waiter waits there); a non-alertable kernel-mode
+                // wait on a valid relative interval that outlives the call.
+                let _ = unsafe { nt::KeDelayExecutionThread(nt::KERNEL_MODE, 0, &interval) };
+            }
+        }
+    }
+    fn now_ns(&self) -> u64 {
+        interrupt_time().saturating_mul(100)
+    }
+    fn host_mapping(&self, hpa: u64) -> Option<HostMapping> {
+        // SAFETY: MmGetVirtualForPhysical only looks the address up.
+        let va = unsafe { nt::MmGetVirtualForPhysical(hpa as i64) } as u64;
+        let leaf = host_pte(va)?;
+        Some(HostMapping {
+            va,
+            pte: leaf.entry,
+            level: leaf.level,
+        })
+    }
+    /// The tool's read-only mapping of guest RAM is Linux only.
+    fn user_pte(&self, _va: u64) -> Option<(u64, u32)> {
+        None
+    }
+    fn rdmsr(&self, msr: u32) -> Option<u64> {
+        // SAFETY: Windows has no #GP-safe RDMSR: `answer::caps_resp` asks only for MSRs that
+        // `answer::caps_msr_exists` held to the SDM's existence rules, on a processor the
+        // admission check accepted; CPL 0.
+        Some(unsafe { cpu::rdmsr(msr) })
+    }
+    fn driver_pages(&self) -> u64 {
+        platform::pages_held()
+    }
+    fn after_free(&self) {
+        platform::drain_deferred();
+    }
+}
+
+/// The host PTE that maps `va`, through a walk from this processor's CR3 whose table reads
+/// cannot fault (MmCopyMemory of physical memory).
+fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
+    if va == 0 {
+        return None;
+    }
+    let mut cell = PoolBuf::zeroed(8)?;
+    let cr3: u64;
+    // SAFETY: reading CR3 at CPL 0 has no side effects.
+    unsafe {
+        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
+    };
+    let la57 = cpu::cr4() & (1 << 12) != 0;
+    let mut read = |pa: u64| -> Option<u64> {
+        let mut copied = 0usize;
+        let target = cell.bytes_mut();
+        // SAFETY: an 8-byte nonpaged target; a physical source that MmCopyMemory validates
+        // (it fails instead of faulting).
+        let s = unsafe {
+            nt::MmCopyMemory(
+                target.as_mut_ptr().cast(),
+                pa,
+                8,
+                nt::MM_COPY_MEMORY_PHYSICAL,
+                &mut copied,
+            )
+        };
+        if s < 0 || copied != 8 {
+            return None;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(target.get(..8)?);
+        Some(u64::from_le_bytes(b))
+    };
+    hostpt::walk(cr3, va, la57, &mut read)
+}

@@ -18,7 +18,7 @@ use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 use smudge_core::session::{Buffer, Driver, Fail, HostMapping, Os, RunPolicy, Session};
 use smudge_core::vcpu::write_revision_id;
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue, VmxCaps};
-use smudge_core::vmx::hw::{GuestContext, HwVcpu, VmxCpu};
+use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
 
 module! {
     type: Smudge,
@@ -200,6 +200,7 @@ impl Os for LinuxOs {
     type Buf = KernBuf;
     type VcpuBox = KBox<HwVcpu>;
     type Pin = ();
+    type Cpu<'a> = Hardware<'a>;
     /// Back to user space only for a signal or a real exit; a reschedule is served in place.
     const POLICY: RunPolicy = RunPolicy {
         stay_ns: None,
@@ -245,7 +246,7 @@ impl Os for LinuxOs {
     }
     fn with_guest_context<R>(
         &self,
-        f: impl FnOnce(&GuestContext) -> R,
+        f: impl FnOnce(&mut Hardware<'_>) -> R,
     ) -> core::result::Result<R, Fail> {
         // SAFETY: kernel_fpu_begin disables preemption and saves the task's FPU state.
         unsafe { smudge_fpu_begin() };
@@ -253,7 +254,7 @@ impl Os for LinuxOs {
             Some(vmx) => {
                 // SAFETY: preemption stays off and the FPU is ours until fpu_end below.
                 let ctx = unsafe { GuestContext::assume(vmx) };
-                let r = f(&ctx);
+                let r = f(&mut Hardware::new(&ctx));
                 // SAFETY: still on the CPU of the VM exits: mark its TSS limit stale so Linux
                 // reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
                 unsafe { smudge_invalidate_tss_limit() };

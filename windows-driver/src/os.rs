@@ -4,7 +4,7 @@
 
 use smudge_core::hostpt;
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
-use smudge_core::vmx::hw::{GuestContext, HwVcpu, VmxCpu};
+use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
 use smudge_windows::budget;
 
 use crate::platform::{self, NtPlatform};
@@ -30,6 +30,7 @@ impl Os for NtPlatform {
     type Buf = PoolBuf;
     type VcpuBox = PoolBox<HwVcpu>;
     type Pin = processors::Pinned;
+    type Cpu<'a> = Hardware<'a>;
     const POLICY: RunPolicy = budget::POLICY;
 
     fn buffer(&self, len: usize) -> Option<PoolBuf> {
@@ -58,7 +59,7 @@ impl Os for NtPlatform {
     fn pin(&self, cpu: u32) -> Result<processors::Pinned, Fail> {
         processors::pin(cpu).map_err(|_| Fail::Io)
     }
-    fn with_guest_context<R>(&self, f: impl FnOnce(&GuestContext) -> R) -> Result<R, Fail> {
+    fn with_guest_context<R>(&self, f: impl FnOnce(&mut Hardware<'_>) -> R) -> Result<R, Fail> {
         let mut xsave = nt::XStateSave::new();
         // SAFETY: PASSIVE_LEVEL (a RUN request); `xsave` stays in place until the matching
         // restore below.
@@ -73,7 +74,8 @@ impl Os for NtPlatform {
             Some(vmx) => {
                 // SAFETY: DISPATCH_LEVEL (no preemption) and the legacy FPU state saved until
                 // the lines below.
-                Ok(f(&unsafe { GuestContext::assume(vmx) }))
+                let ctx = unsafe { GuestContext::assume(vmx) };
+                Ok(f(&mut Hardware::new(&ctx)))
             }
             None => Err(Fail::Io),
         };

@@ -79,30 +79,12 @@ fn waiter<O: Os>(os: &O) -> impl FnMut() + '_ {
     move || os.pause(os.now_ns().saturating_sub(start))
 }
 
-/// VMCLEAR of `pages`' VMCS on CPU `cpu` (SDM 25.11.1).
-fn vmclear_on<O: Os>(os: &O, cpu: u32, pages: &VcpuPages) {
-    os.on_cpu(cpu, &|c| {
-        if let Some(c) = c {
-            let _ = c.vmclear(pages);
-        }
-    });
-}
-
-/// INVEPT all-context on every CPU in VMX operation (SDM 29.4.3.4).
-fn invept_everywhere<O: Os>(os: &O) {
-    os.on_each_cpu(&|c| {
-        if let Some(c) = c {
-            let _ = c.invept_all();
-        }
-    });
-}
-
 /// INVEPT everywhere when the EPT asks for it: after flags were cleared, permissions removed or
 /// entries unmapped, no CPU may keep a cached translation once a vCPU runs again. Only while no
 /// vCPU is in the run loop.
 fn invept_vm<O: Os>(os: &O, vm: &mut Vm) {
     if vm.ept().needs_invept() {
-        invept_everywhere(os);
+        os.invept_everywhere();
         vm.ept_mut().invept_done(os);
         os.after_free();
     }
@@ -140,7 +122,7 @@ impl<O: Os> RunEnv for Env<'_, O> {
                 .is_some_and(|s| self.os.now_ns().saturating_sub(self.stay_start) >= s)
     }
     fn vmclear_on(&self, cpu: u32, pages: &VcpuPages) {
-        vmclear_on(self.os, cpu, pages)
+        self.os.vmclear_on(cpu, pages)
     }
 }
 
@@ -304,7 +286,7 @@ impl<O: Os> Session<O> {
         for slot in &self.slots {
             if let Some(mut hw) = slot.hw.lock().take() {
                 if let Some(cpu) = hw.cpu.take() {
-                    vmclear_on(os, cpu, &hw.pages);
+                    os.vmclear_on(cpu, &hw.pages);
                 }
                 hw.free_pages(os);
             }
@@ -320,7 +302,7 @@ impl<O: Os> Session<O> {
         if let Some(vm) = st.vm.take() {
             // Vm::destroy's precondition: INVEPT all-context after the last VM exit, on every
             // CPU that may cache this EPT.
-            invept_everywhere(os);
+            os.invept_everywhere();
             vm.destroy(os);
         }
         os.after_free();
@@ -497,7 +479,7 @@ impl<O: Os> Session<O> {
             let mut g = slot.hw.lock();
             if let Some(hw) = g.as_mut() {
                 if let Some(old) = hw.cpu.filter(|&c| c != here) {
-                    vmclear_on(os, old, &hw.pages);
+                    os.vmclear_on(old, &hw.pages);
                     hw.cpu = None;
                 }
             }
@@ -519,8 +501,8 @@ impl<O: Os> Session<O> {
                 share: &self.share,
                 stay_start: os.now_ns(),
             };
-            let r = os.with_guest_context(|ctx| {
-                hw::run(&RunVm(&self.vm), hw, os, &drv.caps, &ctls, &env, ctx)
+            let r = os.with_guest_context(|cpu| {
+                hw::run(&RunVm(&self.vm), hw, os, &drv.caps, &ctls, &env, cpu)
             });
             os.after_free();
             let done = match r? {

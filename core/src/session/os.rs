@@ -4,7 +4,8 @@
 
 use crate::abi::AbiError;
 use crate::platform::Platform;
-use crate::vmx::hw::{GuestContext, HwVcpu, VmxCpu};
+use crate::vcpu::VcpuPages;
+use crate::vmx::hw::{HwVcpu, Processor, VmxCpu};
 
 /// Why a request failed, decided once for both OSes; each shim maps it to its error codes
 /// ([`Fail::errno`] on Linux, an NTSTATUS table on Windows).
@@ -113,6 +114,8 @@ pub trait Os: Platform + Sync {
     type VcpuBox: core::ops::DerefMut<Target = HwVcpu> + Send;
     /// What [`Os::pin`] returns: the thread stays on its CPU until it is dropped.
     type Pin;
+    /// The processor a guest stays on (`vmx::hw::Hardware`; the host tests' SDM model).
+    type Cpu<'a>: Processor;
     /// How RUN gives the CPU back.
     const POLICY: RunPolicy;
 
@@ -132,13 +135,31 @@ pub trait Os: Platform + Sync {
     fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync));
     /// Runs `f` on every CPU (as [`Os::on_cpu`]) and waits.
     fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync));
+    /// INVEPT all-context on every CPU in VMX operation (SDM 29.4.3.4). (The host tests' model
+    /// OS flushes its model CPUs instead.)
+    fn invept_everywhere(&self) {
+        self.on_each_cpu(&|c| {
+            if let Some(c) = c {
+                let _ = c.invept_all();
+            }
+        });
+    }
+    /// VMCLEAR of `pages`' VMCS on CPU `cpu`, where it was last active (SDM 25.11.1).
+    fn vmclear_on(&self, cpu: u32, pages: &VcpuPages) {
+        self.on_cpu(cpu, &|c| {
+            if let Some(c) = c {
+                let _ = c.vmclear(pages);
+            }
+        });
+    }
     /// Keeps the thread on CPU `cpu` for a whole RUN where the OS needs that (Windows, whose
     /// cross-processor calls cannot be made at DISPATCH_LEVEL); elsewhere a no-op.
     fn pin(&self, cpu: u32) -> Result<Self::Pin, Fail>;
-    /// Calls `f` where a guest may run: preemption off, the host's FPU state saved, and the
-    /// proof of it ([`GuestContext`]); `Err(Fail::Io)` when VMX is not on in this CPU. The state
-    /// is restored before this returns.
-    fn with_guest_context<R>(&self, f: impl FnOnce(&GuestContext) -> R) -> Result<R, Fail>;
+    /// Calls `f` with this CPU where a guest may run: preemption off, the host's FPU state
+    /// saved (for the real processor: `vmx::hw::Hardware` over the proof of it,
+    /// `vmx::hw::GuestContext`); `Err(Fail::Io)` when VMX is not on in this CPU. The state is
+    /// restored before this returns.
+    fn with_guest_context<R>(&self, f: impl FnOnce(&mut Self::Cpu<'_>) -> R) -> Result<R, Fail>;
     /// Interrupts off on this CPU; returns the previous state.
     fn irq_save(&self) -> usize;
     /// Restores what [`Os::irq_save`] returned.

@@ -149,6 +149,121 @@ impl GuestContext {
     }
 }
 
+/// The processor a vCPU runs on, as [`run`] uses it: the real one ([`Hardware`]), or the SDM
+/// model of the host tests, so that the same loop runs in both.
+pub trait Processor {
+    /// The current VMCS after [`Processor::load`].
+    type Vmcs: VmcsAccess;
+    /// This CPU's number.
+    fn cpu(&self) -> u32;
+    /// VMCLEAR of `pages`' VMCS here.
+    fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail>;
+    /// VMPTRLD: makes `pages`' VMCS current here; returns access to it.
+    fn load(&mut self, pages: &VcpuPages) -> Result<Self::Vmcs, VmFail>;
+    /// What the VMCS host area must hold on this CPU.
+    fn host_state(&self) -> HostState;
+    /// VMLAUNCH (`launched` false) or VMRESUME of the current VMCS with the guest's `gprs`;
+    /// returns after the VM exit (the host's state restored), or with the failed entry.
+    /// Interrupts are off (the caller's).
+    fn enter(
+        &mut self,
+        vmcs: &mut Self::Vmcs,
+        gprs: &mut GuestGprs,
+        launched: bool,
+        host: &HostState,
+    ) -> Result<(), VmFail>;
+    /// INVEPT of `kind` here.
+    fn invept(&mut self, kind: InveptType, eptp: u64) -> Result<(), VmFail>;
+    /// Loads the guest's x87/SSE state and IA32_KERNEL_GS_BASE; returns the host's
+    /// IA32_KERNEL_GS_BASE.
+    fn guest_state_in(&mut self, fx: &FxArea, kernel_gs_base: u64) -> u64;
+    /// Saves the guest's x87/SSE state, restores the host's IA32_KERNEL_GS_BASE; returns the
+    /// guest's.
+    fn guest_state_out(&mut self, fx: &mut FxArea, host_kernel_gs_base: u64) -> u64;
+    /// Hands an NMI that caused a VM exit to the host (SDM 28.2.2: it was not delivered).
+    fn raise_nmi(&mut self);
+    /// CPUID of this CPU (the guest sees it filtered).
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+}
+
+/// The real processor, with the proof that a guest may run here.
+pub struct Hardware<'a> {
+    ctx: &'a GuestContext,
+}
+
+impl<'a> Hardware<'a> {
+    /// This CPU, where `ctx` proves a guest may run.
+    pub fn new(ctx: &'a GuestContext) -> Hardware<'a> {
+        Hardware { ctx }
+    }
+}
+
+impl Processor for Hardware<'_> {
+    type Vmcs = HwVmcs;
+    fn cpu(&self) -> u32 {
+        self.ctx.vmx().cpu()
+    }
+    fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail> {
+        self.ctx.vmx().vmclear(pages)
+    }
+    fn load(&mut self, pages: &VcpuPages) -> Result<HwVmcs, VmFail> {
+        // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that
+        // `run` made clear or active here first.
+        unsafe { arch::vmptrld(pages.vmcs) }?;
+        // SAFETY: VMX root operation (`ctx`), and the VMCS just loaded is current.
+        Ok(unsafe { HwVmcs::current() })
+    }
+    fn host_state(&self) -> HostState {
+        // SAFETY: preemption is off (`ctx`): the snapshot describes this CPU for the whole run.
+        unsafe { arch::host_state() }
+    }
+    fn enter(
+        &mut self,
+        _vmcs: &mut HwVmcs,
+        gprs: &mut GuestGprs,
+        launched: bool,
+        host: &HostState,
+    ) -> Result<(), VmFail> {
+        // SAFETY: `run` completed the current VMCS, interrupts are off (the caller), and the host
+        // area describes this CPU (`host`, read on it by `run`).
+        let entered = unsafe { arch::vm_enter(gprs, launched) };
+        // SAFETY: right after the exit (or failed entry) on the same CPU.
+        unsafe { arch::restore_after_exit(host) };
+        entered
+    }
+    fn invept(&mut self, kind: InveptType, eptp: u64) -> Result<(), VmFail> {
+        // SAFETY: VMX root operation (`ctx`); `run` asks for single-context only when the
+        // capability says it is supported.
+        unsafe { arch::invept(kind, eptp) }
+    }
+    fn guest_state_in(&mut self, fx: &FxArea, kernel_gs_base: u64) -> u64 {
+        // SAFETY: the FPU is the guest's (`ctx`); the area holds a valid image; the MSR exists
+        // on every x86-64 processor.
+        unsafe {
+            arch::fxrstor(fx);
+            let host = arch::rdmsr(arch::IA32_KERNEL_GS_BASE);
+            arch::wrmsr(arch::IA32_KERNEL_GS_BASE, kernel_gs_base);
+            host
+        }
+    }
+    fn guest_state_out(&mut self, fx: &mut FxArea, host_kernel_gs_base: u64) -> u64 {
+        // SAFETY: as above; the host's value goes back before anything returns to user space.
+        unsafe {
+            arch::fxsave(fx);
+            let guest = arch::rdmsr(arch::IA32_KERNEL_GS_BASE);
+            arch::wrmsr(arch::IA32_KERNEL_GS_BASE, host_kernel_gs_base);
+            guest
+        }
+    }
+    fn raise_nmi(&mut self) {
+        // SAFETY: right after the exit on this CPU, with the host IDT loaded.
+        unsafe { arch::raise_nmi() }
+    }
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        arch::cpuid(leaf, subleaf)
+    }
+}
+
 /// Why the hardware run failed before the guest could run or after an entry failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HwError {
@@ -333,24 +448,24 @@ fn vmcs_step<T>(step: &'static str, r: Result<T, VmcsError>) -> Result<T, HwErro
 /// Every page the VM takes during the run comes from `vcpu.cache`, never from `p` (which may
 /// not allocate with interrupts off); `p` frees pages and maps them. A VMCS last active on
 /// another CPU is VMCLEARed there first (`env.vmclear_on`, SDM 25.11.1).
-pub fn run<P: Platform + ?Sized, S: SharedVm>(
+pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     vm: &S,
     vcpu: &mut HwVcpu,
     p: &P,
     caps: &VmxCaps,
     ctls: &Controls,
     env: &dyn RunEnv,
-    ctx: &GuestContext,
+    cpu: &mut C,
 ) -> Result<HwExit, HwError> {
     if vcpu.state.halted {
         return Ok(HwExit::Exit(RunExit::Hlt));
     }
-    let here = ctx.vmx().cpu();
+    let here = cpu.cpu();
     if vcpu.cpu != Some(here) {
         match vcpu.cpu {
             Some(old) => env.vmclear_on(old, &vcpu.pages),
             // A VMCS is cleared before its first VMPTRLD (SDM 25.11.3).
-            None => step("vmclear", ctx.vmx().vmclear(&vcpu.pages))?,
+            None => step("vmclear", cpu.vmclear(&vcpu.pages))?,
         }
         vcpu.launched = false;
         vcpu.cpu = Some(here);
@@ -371,13 +486,8 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
         }
     };
     let p = &Cached::new(p, &vcpu.cache);
-    // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that is
-    // clear or active here (just above).
-    step("vmptrld", unsafe { arch::vmptrld(vcpu.pages.vmcs) })?;
-    // SAFETY: VMX root operation (`ctx`), and the VMCS just loaded is current.
-    let mut vmcs = unsafe { HwVmcs::current() };
-    // SAFETY: preemption is off (`ctx`): the snapshot describes this CPU for the whole run.
-    let host: HostState = unsafe { arch::host_state() };
+    let mut vmcs = step("vmptrld", cpu.load(&vcpu.pages))?;
+    let host: HostState = cpu.host_state();
     let mut eptp_v = eptp_ad;
     eptp_v.set_ad_enabled(
         eptp_ad.ad_enabled()
@@ -453,12 +563,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
         )?;
     }
     let pml = ctls.secondary & secondary::ENABLE_PML != 0;
-    // SAFETY: the FPU is the guest's (`ctx`); the area holds a valid image.
-    unsafe { arch::fxrstor(&vcpu.fx) };
-    // SAFETY: the MSR exists on every x86-64 processor.
-    let kernel_gs_base = unsafe { arch::rdmsr(arch::IA32_KERNEL_GS_BASE) };
-    // SAFETY: the guest's own value, saved at its last exit (0 at first).
-    unsafe { arch::wrmsr(arch::IA32_KERNEL_GS_BASE, vcpu.kernel_gs_base) };
+    let kernel_gs_base = cpu.guest_state_in(&vcpu.fx, vcpu.kernel_gs_base);
     let result = loop {
         let flushed = vm
             .with(|vm| {
@@ -473,8 +578,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
                 } else {
                     InveptType::AllContext
                 };
-                // SAFETY: VMX root operation (`ctx`); single-context only when supported.
-                unsafe { arch::invept(kind, eptp) }?;
+                cpu.invept(kind, eptp)?;
                 vm.ept_mut().invept_done(p);
                 Ok(())
             })
@@ -486,10 +590,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
             });
         }
         let flags = env.irq_save();
-        // SAFETY: the VMCS is complete, interrupts are off, and the host area describes this CPU.
-        let entered = unsafe { arch::vm_enter(&mut vcpu.gprs, vcpu.launched) };
-        // SAFETY: right after the exit (or failed entry) on the same CPU.
-        unsafe { arch::restore_after_exit(&host) };
+        let entered = cpu.enter(&mut vmcs, &mut vcpu.gprs, vcpu.launched, &host);
         env.irq_restore(flags);
         if let Err(fail) = entered {
             if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&vmcs, caps))
@@ -520,8 +621,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
             let info = vmcs.read(Field::VmExitInterruptionInformation).unwrap_or(0);
             // SDM 25.9.2: valid (bit 31) with type 2 (NMI) in bits 10:8.
             if info & (1 << 31) != 0 && (info >> 8) & 7 == 2 {
-                // SAFETY: right after the exit on this CPU, host IDT loaded.
-                unsafe { arch::raise_nmi() };
+                cpu.raise_nmi();
             }
         }
         if pml {
@@ -556,7 +656,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
             // re-enters, and that exit is handled.
             break Ok(HwExit::NeedPages);
         }
-        let cpuid = |leaf: u32, sub: u32| arch::cpuid(leaf, sub);
+        let cpuid = |leaf: u32, sub: u32| cpu.cpuid(leaf, sub);
         let action = vm
             .with(|vm| vm.handle_exit(p, &mut vcpu.state, &exit, &mut vcpu.gprs, &cpuid))
             .unwrap_or(Action::ToUser(RunExit::Stopped {
@@ -603,12 +703,6 @@ pub fn run<P: Platform + ?Sized, S: SharedVm>(
             *shadow = v;
         }
     }
-    // SAFETY: the FPU is the guest's (`ctx`); the area is aligned.
-    unsafe { arch::fxsave(&mut vcpu.fx) };
-    // SAFETY: as above; the host's value goes back before anything returns to user space.
-    unsafe {
-        vcpu.kernel_gs_base = arch::rdmsr(arch::IA32_KERNEL_GS_BASE);
-        arch::wrmsr(arch::IA32_KERNEL_GS_BASE, kernel_gs_base);
-    }
+    vcpu.kernel_gs_base = cpu.guest_state_out(&mut vcpu.fx, kernel_gs_base);
     result
 }

@@ -1,0 +1,674 @@
+//! The session layer on the host: a mock OS ([`MockOs`]) whose CPUs are the SDM model of the
+//! processor ([`crate::model::Cpu`]) behind a model of VMX operation ([`ModelCpu`]), so that
+//! `core::session` and `vmx::hw::run` run unchanged, on real threads.
+//!
+//! The model of VMX is the part of SDM chapters 25-28 the run loop relies on:
+//! * a VMCS is active on at most one CPU; VMPTRLD of a VMCS active on another CPU, VMCLEAR of it
+//!   from another CPU, and VM entry on a VMCS that another CPU is running are SDM violations
+//!   (SDM 25.11.1), recorded in [`ModelMachine::violations`];
+//! * VMLAUNCH needs the launch state "clear", VMRESUME "launched" (VM-instruction errors 4, 5);
+//! * the guest's accesses go through the model's EPT walk, TLB and PML with the EPTP, PML
+//!   address and PML index of the VMCS; the index is written back at every exit;
+//! * a guest runs a script ([`Step`]) and leaves at an EPT violation, a PML-full exit, a VMCALL,
+//!   HLT, or after a quantum of steps as at the VMX-preemption timer.
+//!
+//! Every guest write that completes is recorded with a global sequence number, the oracle of the
+//! dirty-log tests ([`ModelMachine::writes`]).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use smudge_core::arch::{DescriptorTablePointer, FxArea, GuestGprs, HostState, InveptType, VmFail};
+use smudge_core::ept::EptFeatures;
+use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
+use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
+use smudge_core::vcpu::VcpuPages;
+use smudge_core::vm::reason;
+use smudge_core::vmx::caps::VmxCaps;
+use smudge_core::vmx::fields::Field;
+use smudge_core::vmx::hw::{HwVcpu, Processor, VmxCpu};
+use smudge_core::vmx::vmcs::{ctl, VmcsAccess, VmcsError, VmcsImage};
+
+use crate::model::{self, Exit};
+use crate::platform::MockPlatform;
+
+/// One step of a scripted guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A data write of one byte at this guest-physical address.
+    Write(u64),
+    /// VMCALL with RAX = 1 (checkpoint).
+    Checkpoint,
+    /// VMCALL with RAX = 0 and RDI = the code (exit).
+    Exit(u64),
+}
+
+/// A completed guest write: its place in the global order, the vCPU, the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Write {
+    /// Global sequence number (see [`ModelMachine::tick`]).
+    pub seq: u64,
+    /// vCPU index.
+    pub vcpu: u32,
+    /// Guest-physical page number.
+    pub gfn: u64,
+}
+
+#[derive(Default)]
+struct VmcsState {
+    image: VmcsImage,
+    active_on: Option<u32>,
+    launched: bool,
+    running_on: Option<u32>,
+    /// The CPU of the last VM entry.
+    last_cpu: Option<u32>,
+}
+
+struct CpuState {
+    cpu: model::Cpu,
+    current: Option<u64>,
+}
+
+#[derive(Default)]
+struct Program {
+    steps: Vec<Step>,
+    pc: usize,
+}
+
+/// The model machine: CPUs, VMCS regions, guest programs, the write record.
+pub struct ModelMachine {
+    caps: VmxCaps,
+    cpus: Vec<Mutex<CpuState>>,
+    /// A stay in guest mode holds its CPU (as preemption off does).
+    occupied: Vec<AtomicBool>,
+    vmcs: Mutex<HashMap<u64, VmcsState>>,
+    programs: Mutex<HashMap<u32, Program>>,
+    seq: AtomicU64,
+    writes: Mutex<Vec<Write>>,
+    violations: Mutex<Vec<String>>,
+    /// Steps a guest runs before a preemption-timer exit.
+    pub quantum: usize,
+    entries: AtomicU64,
+    migrations: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ModelMachine {
+    fn new(caps: VmxCaps, ncpus: usize) -> ModelMachine {
+        ModelMachine {
+            caps,
+            cpus: (0..ncpus)
+                .map(|_| {
+                    Mutex::new(CpuState {
+                        cpu: model::Cpu::new(EptFeatures::ALL),
+                        current: None,
+                    })
+                })
+                .collect(),
+            occupied: (0..ncpus).map(|_| AtomicBool::new(false)).collect(),
+            vmcs: Mutex::new(HashMap::new()),
+            programs: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            writes: Mutex::new(Vec::new()),
+            violations: Mutex::new(Vec::new()),
+            quantum: 16,
+            entries: AtomicU64::new(0),
+            migrations: AtomicU64::new(0),
+        }
+    }
+
+    /// The next global sequence number (guest writes and test events share one order).
+    pub fn tick(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Gives vCPU `index` a script (replacing what is left of an earlier one).
+    pub fn program(&self, index: u32, steps: Vec<Step>) {
+        lock(&self.programs).insert(index, Program { steps, pc: 0 });
+    }
+
+    /// Steps of vCPU `index`'s script not run yet.
+    pub fn remaining(&self, index: u32) -> usize {
+        lock(&self.programs)
+            .get(&index)
+            .map_or(0, |p| p.steps.len() - p.pc)
+    }
+
+    /// Every guest write so far.
+    pub fn writes(&self) -> Vec<Write> {
+        lock(&self.writes).clone()
+    }
+
+    /// SDM rules the code under test broke (empty when it follows them).
+    pub fn violations(&self) -> Vec<String> {
+        lock(&self.violations).clone()
+    }
+
+    /// VM entries so far, and how many of them found their VMCS last active on another CPU.
+    pub fn entries(&self) -> (u64, u64) {
+        (
+            self.entries.load(Ordering::SeqCst),
+            self.migrations.load(Ordering::SeqCst),
+        )
+    }
+
+    fn violation(&self, what: String) {
+        lock(&self.violations).push(what);
+    }
+
+    /// VMCLEAR on `cpu` (SDM 25.11.3).
+    fn vmclear(&self, cpu: u32, pa: u64) {
+        let mut all = lock(&self.vmcs);
+        let st = all.entry(pa).or_default();
+        if let Some(other) = st.active_on.filter(|&c| c != cpu) {
+            self.violation(format!(
+                "VMCLEAR of VMCS {pa:#x} on CPU {cpu} while it is active on CPU {other}"
+            ));
+        }
+        if st.running_on.is_some() {
+            self.violation(format!("VMCLEAR of VMCS {pa:#x} while a guest runs on it"));
+        }
+        st.active_on = None;
+        st.launched = false;
+        // Lock order: a CPU's state, then the VMCS table (as a stay takes them).
+        drop(all);
+        if let Some(c) = self.cpus.get(cpu as usize) {
+            let mut c = lock(c);
+            if c.current == Some(pa) {
+                c.current = None;
+            }
+        }
+    }
+
+    /// INVEPT all-context on every model CPU.
+    fn invept_all(&self) {
+        for c in &self.cpus {
+            lock(c).cpu.invept();
+        }
+    }
+}
+
+/// A plausible 64-bit Linux host (as `vmcs_setup`'s tests use), fitted to the fixed bits.
+fn host_state(caps: &VmxCaps) -> HostState {
+    let fit = |v: u64, f0: u64, f1: u64| (v | f0) & f1;
+    HostState {
+        cr0: fit(0x8005_0033, caps.cr0_fixed0, caps.cr0_fixed1),
+        cr3: 0x0123_4000,
+        cr4: fit(0x26b0, caps.cr4_fixed0, caps.cr4_fixed1),
+        cs: 0x10,
+        ss: 0x18,
+        ds: 0,
+        es: 0,
+        fs: 0,
+        gs: 0,
+        tr: 0x40,
+        fs_base: 0x7f12_3456_7000,
+        gs_base: 0xffff_8880_0fa0_0000,
+        tr_base: 0xffff_fe00_0000_3000,
+        gdtr: DescriptorTablePointer {
+            limit: 0x7f,
+            base: 0xffff_fe00_0000_1000,
+        },
+        idtr: DescriptorTablePointer {
+            limit: 0xfff,
+            base: 0xffff_fe00_0000_0000,
+        },
+        sysenter_cs: 0x10,
+        sysenter_esp: 0xffff_fe00_0000_5000,
+        sysenter_eip: 0xffff_ffff_8100_0000,
+        efer: 0xd01,
+        pat: 0x0007_0406_0007_0406,
+    }
+}
+
+/// The current VMCS of a model CPU.
+pub struct ModelVmcs<'a> {
+    m: &'a ModelMachine,
+    pa: u64,
+}
+
+impl VmcsAccess for ModelVmcs<'_> {
+    fn read(&self, field: Field) -> Result<u64, VmcsError> {
+        lock(&self.m.vmcs)
+            .get(&self.pa)
+            .ok_or(VmcsError::NoCurrentVmcs)?
+            .image
+            .read(field)
+    }
+    fn write(&mut self, field: Field, value: u64) -> Result<(), VmcsError> {
+        lock(&self.m.vmcs)
+            .get_mut(&self.pa)
+            .ok_or(VmcsError::NoCurrentVmcs)?
+            .image
+            .write(field, value)
+    }
+}
+
+/// One model CPU during a stay in guest mode.
+pub struct ModelCpu<'a> {
+    m: &'a ModelMachine,
+    p: &'a MockPlatform,
+    cpu: u32,
+}
+
+impl ModelCpu<'_> {
+    fn state(&self) -> MutexGuard<'_, CpuState> {
+        // `cpu` is a valid index: MockOs picks it from 0..ncpus.
+        lock(&self.m.cpus[self.cpu as usize])
+    }
+
+    /// Runs the guest of the current VMCS until an exit; returns (reason, qualification, gpa,
+    /// instruction length).
+    fn run_guest(&self, pa: u64, gprs: &mut GuestGprs) -> (u32, u64, u64, u64) {
+        let (index, eptp, pml) = {
+            let all = lock(&self.m.vmcs);
+            let img = all.get(&pa).map(|s| s.image.clone()).unwrap_or_default();
+            let r = |f| img.read(f).unwrap_or(0);
+            let pml_on =
+                r(Field::SecondaryProcessorBasedControls) as u32 & ctl::proc2::ENABLE_PML != 0;
+            let pml = pml_on.then(|| (r(Field::PmlAddress), r(Field::GuestPmlIndex) as u16));
+            (
+                (r(Field::VirtualProcessorId) as u32).wrapping_sub(1),
+                r(Field::EptPointer),
+                pml,
+            )
+        };
+        let mut st = self.state();
+        match pml {
+            Some((buffer, idx)) => {
+                st.cpu.enable_pml(buffer);
+                st.cpu.set_pml_index(idx);
+            }
+            None => st.cpu.pml = None,
+        }
+        let mut exit = (reason::PREEMPTION_TIMER, 0, 0, 0);
+        for _ in 0..self.m.quantum {
+            let step = {
+                let progs = lock(&self.m.programs);
+                progs.get(&index).and_then(|p| p.steps.get(p.pc).copied())
+            };
+            let advance = || {
+                if let Some(p) = lock(&self.m.programs).get_mut(&index) {
+                    p.pc += 1;
+                }
+            };
+            match step {
+                None => {
+                    exit = (reason::HLT, 0, 0, 1);
+                    break;
+                }
+                // The write takes its place in the global order before it happens: a harvest
+                // that starts later waits (its kick) until this stay, and the write, are over.
+                Some(Step::Write(gpa)) => {
+                    match (self.m.tick(), st.cpu.access(self.p, eptp, gpa, true)) {
+                        (seq, Ok(_)) => {
+                            lock(&self.m.writes).push(Write {
+                                seq,
+                                vcpu: index,
+                                gfn: gpa >> 12,
+                            });
+                            advance();
+                        }
+                        (_, Err(Exit::EptViolation { gpa, qualification })) => {
+                            exit = (reason::EPT_VIOLATION, qualification, gpa, 0);
+                            break;
+                        }
+                        (_, Err(Exit::PmlFull { gpa })) => {
+                            exit = (reason::PML_FULL, 0, gpa, 0);
+                            break;
+                        }
+                        (_, Err(e)) => {
+                            self.m.violation(format!("guest write of {gpa:#x}: {e:?}"));
+                            exit = (reason::EPT_MISCONFIG, 0, gpa, 0);
+                            break;
+                        }
+                    }
+                }
+                Some(Step::Checkpoint) => {
+                    gprs.rax = 1;
+                    advance();
+                    exit = (reason::VMCALL, 0, 0, 3);
+                    break;
+                }
+                Some(Step::Exit(code)) => {
+                    gprs.rax = 0;
+                    gprs.rdi = code;
+                    advance();
+                    exit = (reason::VMCALL, 0, 0, 3);
+                    break;
+                }
+            }
+        }
+        if let (Some(_), Some(state)) = (pml, st.cpu.pml) {
+            if let Some(s) = lock(&self.m.vmcs).get_mut(&pa) {
+                let _ = s.image.write(Field::GuestPmlIndex, state.index.into());
+            }
+        }
+        exit
+    }
+}
+
+impl<'a> Processor for ModelCpu<'a> {
+    type Vmcs = ModelVmcs<'a>;
+    fn cpu(&self) -> u32 {
+        self.cpu
+    }
+    fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail> {
+        self.m.vmclear(self.cpu, pages.vmcs);
+        Ok(())
+    }
+    fn load(&mut self, pages: &VcpuPages) -> Result<ModelVmcs<'a>, VmFail> {
+        let pa = pages.vmcs;
+        let mut all = lock(&self.m.vmcs);
+        let st = all.entry(pa).or_default();
+        if let Some(other) = st.active_on.filter(|&c| c != self.cpu) {
+            self.m.violation(format!(
+                "VMPTRLD of VMCS {pa:#x} on CPU {} while it is active on CPU {other} (SDM 25.11.1)",
+                self.cpu
+            ));
+        }
+        st.active_on = Some(self.cpu);
+        drop(all);
+        self.state().current = Some(pa);
+        Ok(ModelVmcs { m: self.m, pa })
+    }
+    fn host_state(&self) -> HostState {
+        host_state(&self.m.caps)
+    }
+    fn enter(
+        &mut self,
+        vmcs: &mut ModelVmcs<'a>,
+        gprs: &mut GuestGprs,
+        launched: bool,
+        _host: &HostState,
+    ) -> Result<(), VmFail> {
+        let pa = vmcs.pa;
+        if self.state().current != Some(pa) {
+            return Err(VmFail::Invalid);
+        }
+        {
+            let mut all = lock(&self.m.vmcs);
+            let st = all.entry(pa).or_default();
+            // SDM 31.3 VMLAUNCH/VMRESUME: errors 4 and 5.
+            if st.launched != launched {
+                return Err(VmFail::Valid(if launched { 5 } else { 4 }));
+            }
+            if let Some(other) = st.running_on {
+                self.m.violation(format!(
+                    "VM entry on VMCS {pa:#x} on CPU {} while CPU {other} runs it",
+                    self.cpu
+                ));
+            }
+            st.running_on = Some(self.cpu);
+            st.launched = true;
+            if st.last_cpu.is_some_and(|c| c != self.cpu) {
+                self.m.migrations.fetch_add(1, Ordering::SeqCst);
+            }
+            st.last_cpu = Some(self.cpu);
+        }
+        self.m.entries.fetch_add(1, Ordering::SeqCst);
+        let (r, q, gpa, len) = self.run_guest(pa, gprs);
+        let mut all = lock(&self.m.vmcs);
+        if let Some(st) = all.get_mut(&pa) {
+            st.running_on = None;
+            for (f, v) in [
+                (Field::ExitReason, u64::from(r)),
+                (Field::ExitQualification, q),
+                (Field::GuestPhysicalAddress, gpa),
+                (Field::VmExitInstructionLength, len),
+            ] {
+                let _ = st.image.write(f, v);
+            }
+        }
+        Ok(())
+    }
+    fn invept(&mut self, kind: InveptType, eptp: u64) -> Result<(), VmFail> {
+        let mut st = self.state();
+        match kind {
+            InveptType::SingleContext => st.cpu.invept_single(eptp),
+            InveptType::AllContext => st.cpu.invept(),
+        }
+        Ok(())
+    }
+    fn guest_state_in(&mut self, _fx: &FxArea, kernel_gs_base: u64) -> u64 {
+        kernel_gs_base
+    }
+    fn guest_state_out(&mut self, _fx: &mut FxArea, host_kernel_gs_base: u64) -> u64 {
+        host_kernel_gs_base
+    }
+    fn raise_nmi(&mut self) {}
+    fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
+        [leaf, 0, 0, 0]
+    }
+}
+
+/// A request buffer.
+pub struct MockBuf(Vec<u64>, usize);
+
+impl Buffer for MockBuf {
+    fn bytes(&self) -> &[u8] {
+        let all: &[u8] = bytemuck_u8(&self.0);
+        &all[..self.1]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.1;
+        &mut bytemuck_u8_mut(&mut self.0)[..n]
+    }
+    fn words_mut(&mut self) -> &mut [u64] {
+        let n = self.1 / 8;
+        &mut self.0[..n]
+    }
+}
+
+fn bytemuck_u8(w: &[u64]) -> &[u8] {
+    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
+    unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 8) }
+}
+
+fn bytemuck_u8_mut(w: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as above, borrowed exclusively.
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), w.len() * 8) }
+}
+
+thread_local! {
+    /// The CPU this thread runs on, and its pin (None: free to move).
+    static HERE: Cell<(u32, Option<u32>, u64)> = const { Cell::new((0, None, 0)) };
+}
+
+/// Keeps a thread on its CPU (Windows' policy) until dropped.
+pub struct MockPin;
+
+impl Drop for MockPin {
+    fn drop(&mut self) {
+        HERE.with(|h| {
+            let (cpu, _, n) = h.get();
+            h.set((cpu, None, n));
+        });
+    }
+}
+
+/// The mock OS: the mock platform for pages, the model machine for CPUs, real threads.
+/// `WINDOWS` picks Windows' run policy (1 ms stays, 50 ms slices, pinned RUNs) over Linux's.
+pub struct MockOs<const WINDOWS: bool> {
+    /// Pages.
+    pub p: MockPlatform,
+    /// The CPUs.
+    pub m: Arc<ModelMachine>,
+    /// Makes `signal_pending` true for every thread (to end Linux-policy RUNs).
+    pub signal: AtomicBool,
+    /// Request buffers fail while this is non-zero (decremented per request buffer).
+    pub fail_buffers: AtomicUsize,
+    start: Instant,
+}
+
+impl<const W: bool> MockOs<W> {
+    /// A machine of `ncpus` model CPUs with the capabilities `caps`.
+    pub fn new(caps: VmxCaps, ncpus: usize) -> MockOs<W> {
+        MockOs {
+            p: MockPlatform::new(),
+            m: Arc::new(ModelMachine::new(caps, ncpus)),
+            signal: AtomicBool::new(false),
+            fail_buffers: AtomicUsize::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// Moves this thread to CPU `cpu` (as the OS's scheduler may, between stays).
+    pub fn migrate_to(&self, cpu: u32) {
+        HERE.with(|h| {
+            let (_, pin, n) = h.get();
+            h.set((cpu % self.m.cpus.len() as u32, pin, n));
+        });
+    }
+}
+
+impl<const W: bool> Platform for MockOs<W> {
+    fn alloc_page(&self) -> Result<u64, AllocError> {
+        self.p.alloc_page()
+    }
+    fn free_page(&self, hpa: u64) {
+        self.p.free_page(hpa)
+    }
+    fn page(&self, hpa: u64) -> &PageWords {
+        self.p.page(hpa)
+    }
+    fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
+        self.p.with_page_mut(hpa, f)
+    }
+}
+
+impl<const W: bool> Os for MockOs<W> {
+    type Buf = MockBuf;
+    type VcpuBox = Box<HwVcpu>;
+    type Pin = MockPin;
+    type Cpu<'a> = ModelCpu<'a>;
+    const POLICY: RunPolicy = if W {
+        RunPolicy {
+            stay_ns: Some(1_000_000),
+            slice_ns: Some(50_000_000),
+        }
+    } else {
+        RunPolicy {
+            stay_ns: None,
+            slice_ns: None,
+        }
+    };
+
+    fn buffer(&self, len: usize) -> Option<MockBuf> {
+        let failing = self
+            .fail_buffers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        (!failing).then(|| MockBuf(vec![0; len.div_ceil(8)], len))
+    }
+    fn box_vcpu(&self, vcpu: HwVcpu) -> Result<Box<HwVcpu>, HwVcpu> {
+        Ok(Box::new(vcpu))
+    }
+    /// User memory is this process's memory: `src` is an address the test owns (0..4096 is the
+    /// "bad pointer" and faults).
+    fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail> {
+        if src < 4096 {
+            return Err(Fail::Fault);
+        }
+        // SAFETY: the tests pass addresses of live buffers of at least `dst.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail> {
+        if dst < 4096 {
+            return Err(Fail::Fault);
+        }
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn current_cpu(&self) -> u32 {
+        HERE.with(|h| h.get().0)
+    }
+    /// No real VMX here: the model's VMCLEAR and INVEPT come through the overrides below.
+    fn on_cpu(&self, _cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
+        f(None)
+    }
+    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
+        f(None)
+    }
+    fn invept_everywhere(&self) {
+        self.m.invept_all();
+    }
+    fn vmclear_on(&self, cpu: u32, pages: &VcpuPages) {
+        self.m.vmclear(cpu, pages.vmcs);
+    }
+    fn pin(&self, cpu: u32) -> Result<MockPin, Fail> {
+        if W {
+            HERE.with(|h| {
+                let (_, _, n) = h.get();
+                h.set((cpu, Some(cpu), n));
+            });
+        }
+        Ok(MockPin)
+    }
+    fn with_guest_context<R>(&self, f: impl FnOnce(&mut ModelCpu<'_>) -> R) -> Result<R, Fail> {
+        let n = self.m.cpus.len() as u32;
+        // Between stays the scheduler moves an unpinned thread now and then (every third
+        // stay), so VMCSs change CPUs as they do on Linux.
+        let cpu = HERE.with(|h| {
+            let (cpu, pin, k) = h.get();
+            let cpu = pin.unwrap_or(if k % 3 == 2 { (cpu + 1) % n } else { cpu });
+            h.set((cpu, pin, k + 1));
+            cpu
+        });
+        // Preemption off: nothing else runs on this CPU meanwhile.
+        let flag = &self.m.occupied[cpu as usize];
+        while flag
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        let mut c = ModelCpu {
+            m: &self.m,
+            p: &self.p,
+            cpu,
+        };
+        let r = f(&mut c);
+        flag.store(false, Ordering::Release);
+        Ok(r)
+    }
+    fn irq_save(&self) -> usize {
+        0
+    }
+    fn irq_restore(&self, _flags: usize) {}
+    fn signal_pending(&self) -> bool {
+        self.signal.load(Ordering::SeqCst)
+    }
+    fn resched_pending(&self) -> bool {
+        false
+    }
+    fn resched(&self) {
+        std::thread::yield_now()
+    }
+    fn pause(&self, _waited_ns: u64) {
+        std::thread::yield_now()
+    }
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    fn host_mapping(&self, _hpa: u64) -> Option<HostMapping> {
+        None
+    }
+    fn user_pte(&self, _va: u64) -> Option<(u64, u32)> {
+        None
+    }
+    fn rdmsr(&self, _msr: u32) -> Option<u64> {
+        None
+    }
+    fn driver_pages(&self) -> u64 {
+        self.p.live_pages()
+    }
+}

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use smudge_core::arch::{DescriptorTablePointer, FxArea, GuestGprs, HostState, InveptType, VmFail};
+use smudge_core::arch::{FxArea, GuestGprs, HostState, InveptType, VmFail};
 use smudge_core::ept::EptFeatures;
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
@@ -194,39 +194,6 @@ impl ModelMachine {
     }
 }
 
-/// A plausible 64-bit Linux host (as `vmcs_setup`'s tests use), fitted to the fixed bits.
-fn host_state(caps: &VmxCaps) -> HostState {
-    let fit = |v: u64, f0: u64, f1: u64| (v | f0) & f1;
-    HostState {
-        cr0: fit(0x8005_0033, caps.cr0_fixed0, caps.cr0_fixed1),
-        cr3: 0x0123_4000,
-        cr4: fit(0x26b0, caps.cr4_fixed0, caps.cr4_fixed1),
-        cs: 0x10,
-        ss: 0x18,
-        ds: 0,
-        es: 0,
-        fs: 0,
-        gs: 0,
-        tr: 0x40,
-        fs_base: 0x7f12_3456_7000,
-        gs_base: 0xffff_8880_0fa0_0000,
-        tr_base: 0xffff_fe00_0000_3000,
-        gdtr: DescriptorTablePointer {
-            limit: 0x7f,
-            base: 0xffff_fe00_0000_1000,
-        },
-        idtr: DescriptorTablePointer {
-            limit: 0xfff,
-            base: 0xffff_fe00_0000_0000,
-        },
-        sysenter_cs: 0x10,
-        sysenter_esp: 0xffff_fe00_0000_5000,
-        sysenter_eip: 0xffff_ffff_8100_0000,
-        efer: 0xd01,
-        pat: 0x0007_0406_0007_0406,
-    }
-}
-
 /// The current VMCS of a model CPU.
 pub struct ModelVmcs<'a> {
     m: &'a ModelMachine,
@@ -379,7 +346,7 @@ impl<'a> Processor for ModelCpu<'a> {
         Ok(ModelVmcs { m: self.m, pa })
     }
     fn host_state(&self) -> HostState {
-        host_state(&self.m.caps)
+        crate::fixtures::linux_host(&self.m.caps)
     }
     fn enter(
         &mut self,

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,12 +19,19 @@ const MIB: u64 = 1 << 20;
 const MEM: u64 = 16 * MIB;
 const PAGES: u64 = MEM / 4096;
 
-fn caps() -> VmxCaps {
-    smudge_tests::fixtures::all_caps()
+/// A machine of `ncpus` model CPUs with the Bochs skylake_x capabilities (VMX, EPT A/D, PML),
+/// and what the driver would find on it.
+fn machine<const W: bool>(ncpus: usize) -> (Driver, MockOs<W>) {
+    let caps: VmxCaps = smudge_tests::fixtures::all_caps()
         .into_iter()
         .find(|(n, _)| n.contains("skylake_x"))
         .map(|(_, c)| c)
-        .expect("the Bochs skylake_x dump (VMX, EPT A/D, PML)")
+        .expect("the Bochs skylake_x dump");
+    let d = Driver {
+        caps,
+        mode: caps.choose_mode(false).expect("mode"),
+    };
+    (d, MockOs::new(caps, ncpus))
 }
 
 /// A user of one session, as a shim would pass requests to it.
@@ -160,12 +166,7 @@ fn run_to_exit<const W: bool>(c: &Client<'_, W>, i: u32) -> u64 {
 /// Two vCPUs write while the main thread harvests, reads registers and statistics; then the
 /// model's record of every write is held against the harvests.
 fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
-    let caps = caps();
-    let d = Driver {
-        caps,
-        mode: caps.choose_mode(false).expect("mode"),
-    };
-    let os = MockOs::<W>::new(caps, 3);
+    let (d, os) = machine::<W>(3);
     let mut session = Session::new();
     let c = Client {
         s: &session,
@@ -295,12 +296,7 @@ fn windows_policy_no_write_lost_in_any_mode() {
 /// after an allocation failure.
 #[test]
 fn every_request_in_every_state() {
-    let caps = caps();
-    let d = Driver {
-        caps,
-        mode: caps.choose_mode(false).expect("mode"),
-    };
-    let os = MockOs::<false>::new(caps, 2);
+    let (d, os) = machine::<false>(2);
     let mut session = Session::new();
     let c = Client {
         s: &session,
@@ -430,12 +426,7 @@ fn every_request_in_every_state() {
 /// neither side waits forever nor overlaps the other.
 #[test]
 fn kicks_race_entries_without_deadlock() {
-    let caps = caps();
-    let d = Driver {
-        caps,
-        mode: caps.choose_mode(false).expect("mode"),
-    };
-    let os = Arc::new(MockOs::<true>::new(caps, 2));
+    let (d, os) = machine::<true>(2);
     let mut session = Session::new();
     let c = Client {
         s: &session,
@@ -465,7 +456,7 @@ fn kicks_race_entries_without_deadlock() {
     thread::scope(|sc| {
         let runners: Vec<_> = (0..2)
             .map(|i| {
-                let (s, os, d) = (&session, &*os, &d);
+                let (s, os, d) = (&session, &os, &d);
                 sc.spawn(move || run_to_exit(&Client { s, os, d }, i))
             })
             .collect();

@@ -8,7 +8,7 @@
 //! smudge documents, written here as SDM bit numbers (Tables 25-5 to 25-15), not through the
 //! crate's constants.
 
-use smudge_core::arch::{DescriptorTablePointer, HostState};
+use smudge_core::arch::HostState;
 use smudge_core::dirty::Mode;
 use smudge_core::ept::Eptp;
 use smudge_core::guest::Layout;
@@ -22,42 +22,8 @@ fn fixtures() -> Vec<(String, VmxCaps)> {
     smudge_tests::fixtures::all_caps()
 }
 
-fn fit(v: u64, fixed0: u64, fixed1: u64) -> u64 {
-    (v | fixed0) & fixed1
-}
-
-/// A 64-bit Linux host as `arch::host_state` would read it: CR0 PG|WP|NE|ET|MP|PE, CR4
-/// PAE|PGE|PSE|OSFXSR|OSXMMEXCPT|VMXE (fitted to the fixed bits, SDM 27.2.2), kernel CS/SS/TR
-/// selectors, canonical kernel bases, EFER SCE|LME|LMA|NXE, the power-up PAT.
 fn host(caps: &VmxCaps) -> HostState {
-    HostState {
-        cr0: fit(0x8005_0033, caps.cr0_fixed0, caps.cr0_fixed1),
-        cr3: 0x0123_4000,
-        cr4: fit(0x26b0, caps.cr4_fixed0, caps.cr4_fixed1),
-        cs: 0x10,
-        ss: 0x18,
-        ds: 0,
-        es: 0,
-        fs: 0,
-        gs: 0,
-        tr: 0x40,
-        fs_base: 0x7f12_3456_7000,
-        gs_base: 0xffff_8880_0fa0_0000,
-        tr_base: 0xffff_fe00_0000_3000,
-        gdtr: DescriptorTablePointer {
-            limit: 0x7f,
-            base: 0xffff_fe00_0000_1000,
-        },
-        idtr: DescriptorTablePointer {
-            limit: 0xfff,
-            base: 0xffff_fe00_0000_0000,
-        },
-        sysenter_cs: 0x10,
-        sysenter_esp: 0xffff_fe00_0000_5000,
-        sysenter_eip: 0xffff_ffff_8100_0000,
-        efer: 0xd01,
-        pat: 0x0007_0406_0007_0406,
-    }
+    smudge_tests::fixtures::linux_host(caps)
 }
 
 fn bits(list: &[u32]) -> u32 {

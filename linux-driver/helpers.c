@@ -141,6 +141,7 @@ void smudge_irq_restore(unsigned long f) { local_irq_restore(f); }
 void smudge_cr4_set_vmxe(void) { cr4_set_bits(X86_CR4_VMXE); }
 void smudge_cr4_clear_vmxe(void) { cr4_clear_bits(X86_CR4_VMXE); }
 unsigned long smudge_cr4_read(void) { return __read_cr4(); }
+unsigned long smudge_cr0_read(void) { return read_cr0(); }
 int smudge_rdmsr_safe(u32 msr, u64 *val) { return rdmsrl_safe(msr, val); }
 void *smudge_va(u64 pa) { return __va(pa); }
 u64 smudge_pa(void *va) { return __pa(va); }

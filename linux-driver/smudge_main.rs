@@ -7,7 +7,7 @@
 //! seam ([`LinuxOs`]). What a request does is decided in the core's session layer.
 
 use core::ffi::{c_long, c_void};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use kernel::prelude::*;
 use kernel::uaccess::UserSlice;
@@ -16,9 +16,10 @@ use smudge_core::arch;
 use smudge_core::hostmem::{self, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 use smudge_core::session::{Buffer, Driver, Fail, HostMapping, Os, RunPolicy, Session};
-use smudge_core::vcpu::write_revision_id;
-use smudge_core::vmx::caps::{CpuidRegs, MsrValue, VmxCaps};
+use smudge_core::vmx::admission::{self, Admission, Refusal};
+use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
 use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
+use smudge_core::vmx::root::{ControlRegs, VmxRoot};
 
 module! {
     type: Smudge,
@@ -48,6 +49,7 @@ extern "C" {
     fn smudge_cr4_set_vmxe();
     fn smudge_cr4_clear_vmxe();
     fn smudge_cr4_read() -> u64;
+    fn smudge_cr0_read() -> u64;
     fn smudge_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
     fn smudge_va(pa: u64) -> *mut c_void;
     fn smudge_pa(va: *const c_void) -> u64;
@@ -174,19 +176,18 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
 }
 
 const MAX_CPUS: usize = 64;
-static VMX_ON: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Every CPU's VMX state.
+static ROOT: VmxRoot<MAX_CPUS> = VmxRoot::new();
+/// CPUs where VMXON failed at load (bit per CPU), and the last reason.
 static VMXON_FAILED: AtomicU64 = AtomicU64::new(0);
-/// VMXON region per CPU (0 when none), written in init before any CPU uses it.
-static VMXON_REGION: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// The proof of VMX operation on the current CPU, if this module turned it on here.
 /// Preemption must be off (IPI context, or between fpu_begin and fpu_end).
 fn vmx_here() -> Option<VmxCpu> {
     // SAFETY: reads the CPU number; the caller keeps preemption off.
     let cpu = unsafe { smudge_cpu() } as u32;
-    let on = VMX_ON.get(cpu as usize)?.load(Ordering::Acquire);
-    // SAFETY: VMX_ON says this CPU is in VMX root operation, and the caller stays on it.
-    on.then(|| unsafe { VmxCpu::assume(cpu) })
+    // SAFETY: ROOT says this CPU is in VMX root operation, and the caller stays on it.
+    ROOT.is_on(cpu).then(|| unsafe { VmxCpu::assume(cpu) })
 }
 
 /// IPI trampoline of [`Os::on_cpu`]: `info` points at the `&dyn Fn` to call.
@@ -419,43 +420,44 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
     }
 }
 
+/// CR0 and CR4 through the kernel (a raw write to CR4 would be undone by the next update of the
+/// kernel's CR4 shadow).
+struct LinuxCr;
+
+impl ControlRegs for LinuxCr {
+    fn cr0(&self) -> u64 {
+        // SAFETY: reads CR0.
+        unsafe { smudge_cr0_read() }
+    }
+    fn cr4(&self) -> u64 {
+        // SAFETY: reads CR4.
+        unsafe { smudge_cr4_read() }
+    }
+    fn set_vmxe(&self, on: bool) {
+        // SAFETY: cr4_set_bits/cr4_clear_bits with interrupts off (IPI context or the callers').
+        unsafe {
+            if on {
+                smudge_cr4_set_vmxe()
+            } else {
+                smudge_cr4_clear_vmxe()
+            }
+        }
+    }
+}
+
 extern "C" fn vmxon_this_cpu(_: *mut c_void) {
     // SAFETY: runs in on_each_cpu's IPI context with interrupts off.
-    let cpu = unsafe { smudge_cpu() } as usize;
-    let Some(region) = VMXON_REGION.get(cpu) else {
-        return;
-    };
-    let region = region.load(Ordering::Relaxed);
-    if region == 0 || driver().is_none() {
-        return;
+    let cpu = unsafe { smudge_cpu() } as u32;
+    let Some(d) = driver() else { return };
+    if ROOT.vmxon_here(cpu, &d.caps, &LinuxCr).is_err() {
+        VMXON_FAILED.fetch_or(1u64.checked_shl(cpu).unwrap_or(0), Ordering::Relaxed);
     }
-    // SAFETY: CR4 through the kernel's helpers; VMXON with a region holding the revision id;
-    // IA32_FEATURE_CONTROL was checked at load.
-    unsafe {
-        if smudge_cr4_read() & (1 << 13) != 0 {
-            VMXON_FAILED.fetch_or(1 << cpu, Ordering::Relaxed);
-            return;
-        }
-        smudge_cr4_set_vmxe();
-        if arch::vmxon(region).is_err() {
-            smudge_cr4_clear_vmxe();
-            VMXON_FAILED.fetch_or(1 << cpu, Ordering::Relaxed);
-            return;
-        }
-        let _ = arch::invept(arch::InveptType::AllContext, 0);
-    }
-    VMX_ON[cpu].store(true, Ordering::Release);
 }
 
 extern "C" fn vmxoff_this_cpu(_: *mut c_void) {
-    // SAFETY: IPI context; VMXOFF only where this module did VMXON.
-    unsafe {
-        let cpu = smudge_cpu() as usize;
-        if cpu < MAX_CPUS && VMX_ON[cpu].swap(false, Ordering::AcqRel) {
-            let _ = arch::vmxoff();
-            smudge_cr4_clear_vmxe();
-        }
-    }
+    // SAFETY: IPI context (or a notifier on this CPU with interrupts off).
+    let cpu = unsafe { smudge_cpu() } as u32;
+    ROOT.vmxoff_here(cpu, &LinuxCr);
 }
 
 /// Called by the reboot and panic notifiers.
@@ -464,72 +466,42 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
     vmxoff_this_cpu(core::ptr::null_mut());
 }
 
-/// A small stack buffer for formatted messages.
-struct MsgBuf {
-    b: [u8; 480],
-    n: usize,
-}
-
-impl MsgBuf {
-    fn new() -> MsgBuf {
-        MsgBuf { b: [0; 480], n: 0 }
-    }
-    fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.b[..self.n]).unwrap_or("")
-    }
-}
-
-impl core::fmt::Write for MsgBuf {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        let room = self.b.len() - self.n;
-        let k = s.len().min(room);
-        self.b[self.n..self.n + k].copy_from_slice(&s.as_bytes()[..k]);
-        self.n += k;
-        Ok(())
-    }
-}
-
 struct Smudge;
 
 impl kernel::Module for Smudge {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        let caps = VmxCaps::from_reader(rdmsr_safe, |leaf, sub| {
+        // Refuse precisely: VMX absent, disabled and locked, EPT absent, another hypervisor
+        // (the core's admission check; each CPU's VMXON checks VMXE and the fixed bits again).
+        let cpuid = |leaf: u32, sub: u32| {
             let r = arch::cpuid(leaf, sub);
-            Some(CpuidRegs {
+            CpuidRegs {
                 eax: r[0],
                 ebx: r[1],
                 ecx: r[2],
                 edx: r[3],
-            })
-        });
-        // Refuse precisely: VMX absent, disabled and locked, EPT absent, another hypervisor.
-        // SAFETY: reads CR4 through the kernel's shadow.
-        if unsafe { smudge_cr4_read() } & (1 << 13) != 0 {
-            pr_err!("CR4.VMXE is already set: another hypervisor is in VMX operation\n");
-            return Err(EBUSY);
-        }
-        let mode = match caps.choose_mode(false) {
-            Ok(m) => m,
-            Err(u) => {
-                let mut msg = MsgBuf::new();
-                let _ = core::fmt::write(&mut msg, format_args!("{}", u));
-                pr_err!("cannot load: {}\n", msg.as_str());
-                return Err(ENODEV);
+            }
+        };
+        let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
+        let Admission { caps, mode } = match admission::check(&cpuid, LinuxCr.cr4(), &rdmsr) {
+            Ok(a) => a,
+            Err(why) => {
+                pr_err!("cannot load: {}\n", why.message().as_str());
+                return Err(if why == Refusal::VmxInUse {
+                    EBUSY
+                } else {
+                    ENODEV
+                });
             }
         };
         // SAFETY: reads the CPU count.
         let ncpu = (unsafe { smudge_nr_cpu_ids() } as usize).min(MAX_CPUS);
-        for i in 0..ncpu {
+        for i in 0..ncpu as u32 {
+            // VMXON regions belong to the driver, not to a VM: outside `pages_held` and its cap.
             let Some(pg) = os_alloc() else {
-                free_vmxon_regions();
+                ROOT.take_regions(os_free);
                 return Err(ENOMEM);
             };
-            // SDM 25.11.5: the VMXON region starts with the revision identifier. VMXON regions
-            // belong to the driver, not to a VM: outside `pages_held` and its cap.
-            write_revision_id(&LinuxOs, pg, &caps);
-            if let Some(r) = VMXON_REGION.get(i) {
-                r.store(pg, Ordering::Relaxed);
-            }
+            ROOT.set_region(i, pg, &LinuxOs, &caps);
         }
         // SAFETY: single-threaded init: nobody reads DRIVER yet.
         unsafe { *core::ptr::addr_of_mut!(DRIVER) = Some(Driver { caps, mode }) };
@@ -538,7 +510,7 @@ impl kernel::Module for Smudge {
         let failed = VMXON_FAILED.load(Ordering::Relaxed);
         if failed != 0 {
             pr_err!(
-                "VMXON failed on CPUs {:#x} (another hypervisor, or CR0/CR4 fixed bits)\n",
+                "VMXON failed on CPUs {:#x} (another hypervisor in VMX operation, or CR0/CR4 outside the VMX fixed bits)\n",
                 failed
             );
             teardown();
@@ -564,19 +536,10 @@ impl kernel::Module for Smudge {
     }
 }
 
-fn free_vmxon_regions() {
-    for r in VMXON_REGION.iter() {
-        let pg = r.swap(0, Ordering::Relaxed);
-        if pg != 0 {
-            os_free(pg);
-        }
-    }
-}
-
 fn teardown() {
     // SAFETY: VMXOFF where this module did VMXON.
     unsafe { smudge_on_each_cpu(vmxoff_this_cpu, core::ptr::null_mut()) };
-    free_vmxon_regions();
+    ROOT.take_regions(os_free);
     // SAFETY: no CPU uses DRIVER any more (device gone, VMX off).
     unsafe { *core::ptr::addr_of_mut!(DRIVER) = None };
 }

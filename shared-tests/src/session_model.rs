@@ -40,6 +40,8 @@ use crate::platform::MockPlatform;
 pub enum Step {
     /// A data write of one byte at this guest-physical address.
     Write(u64),
+    /// The same write again and again: the script never moves past it.
+    WriteForever(u64),
     /// VMCALL with RAX = 1 (checkpoint).
     Checkpoint,
     /// VMCALL with RAX = 0 and RDI = the code (exit).
@@ -272,7 +274,7 @@ impl ModelCpu<'_> {
                 }
                 // The write takes its place in the global order before it happens: a harvest
                 // that starts later waits (its kick) until this stay, and the write, are over.
-                Some(Step::Write(gpa)) => {
+                Some(Step::Write(gpa) | Step::WriteForever(gpa)) => {
                     match (self.m.tick(), st.cpu.access(self.p, eptp, gpa, true)) {
                         (seq, Ok(_)) => {
                             lock(&self.m.writes).push(Write {
@@ -280,7 +282,9 @@ impl ModelCpu<'_> {
                                 vcpu: index,
                                 gfn: gpa >> 12,
                             });
-                            advance();
+                            if matches!(step, Some(Step::Write(_))) {
+                                advance();
+                            }
                         }
                         (_, Err(Exit::EptViolation { gpa, qualification })) => {
                             exit = (reason::EPT_VIOLATION, qualification, gpa, 0);

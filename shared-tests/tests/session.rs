@@ -180,7 +180,7 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
         .iter()
         .flatten()
         .filter_map(|s| match s {
-            Step::Write(g) => Some(g >> 12),
+            Step::Write(g) | Step::WriteForever(g) => Some(g >> 12),
             _ => None,
         })
         .collect();
@@ -358,7 +358,7 @@ fn every_request_in_every_state() {
     assert!(c.dirty_log(true).is_ok());
     // While vCPU 0 runs an endless writer: VM-level requests kick it and proceed; its own
     // RUN and registers are busy; the mode is fixed.
-    os.m.program(0, vec![Step::Write(0x20_0000); 1 << 22]);
+    os.m.program(0, vec![Step::WriteForever(0x20_0000)]);
     thread::scope(|sc| {
         let runner = sc.spawn(|| {
             let c = Client {
@@ -407,7 +407,12 @@ fn every_request_in_every_state() {
         // A signal ends the RUN (Linux: only a signal or a real exit return).
         os.signal.store(true, Ordering::SeqCst);
         let r0 = runner.join().expect("runner").expect("RUN");
-        assert_eq!(r0.kind, exit_kind::INTERRUPTED);
+        assert_eq!(
+            r0.kind,
+            exit_kind::INTERRUPTED,
+            "{r0:?} {}",
+            String::from_utf8_lossy(&r0.message)
+        );
         os.signal.store(false, Ordering::SeqCst);
     });
     // After the exit: vCPU 1 is halted and says so again.

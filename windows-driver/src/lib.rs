@@ -1,6 +1,5 @@
-//! The OS-free half of smudge.sys that only Windows needs: the VT-x admission check, ioctl
-//! lengths and answers, the NTSTATUS mapping, the RUN time budget, the device's DACL, the
-//! user-range rule and the VMXON fixed-bit check. (What a request does is the core's session
+//! The OS-free half of smudge.sys that only Windows needs: ioctl lengths and answers, the
+//! NTSTATUS mapping, the RUN time budget, the device's DACL and the user-range rule. (What a request does is the core's session
 //! layer.)
 //!
 //! Everything here is safe Rust and takes plain values, so the host unit-tests it (`cargo test
@@ -17,9 +16,6 @@
 
 pub mod budget;
 pub mod ioctl;
-pub mod msg;
 pub mod security;
 pub mod status;
 pub mod usercopy;
-pub mod vmxon;
-pub mod vtx;

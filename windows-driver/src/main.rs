@@ -1,7 +1,7 @@
 //! smudge.sys: the Windows kernel driver of smudge.
 //!
 //! DriverEntry admits the driver only if every processor can run smudge (VT-x, EPT, no other
-//! hypervisor; see `vtx`), checks the core's platform seam once, enters VMX operation on every
+//! hypervisor; see the core's `vmx::admission`), checks the core's platform seam once, enters VMX operation on every
 //! processor (`vmxroot`), then creates `\Device\Smudge` (`\\.\Smudge` for user space). Each
 //! open is one VM session of the core (`smudge_core::session`), the same as on Linux; `os`
 //! supplies Windows to it;
@@ -32,9 +32,9 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use smudge_core::abi::Op;
 use smudge_core::dirty::Mode;
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
+use smudge_core::vmx::admission as vtx;
 use smudge_windows::ioctl::{self, VersionInfo};
 use smudge_windows::status::*;
-use smudge_windows::vtx;
 
 use nt::{DeviceObject, DriverObject, Irp};
 use platform::NtPlatform;
@@ -204,7 +204,7 @@ pub unsafe extern "system" fn DriverEntry(
                     msg.as_cstr().as_ptr(),
                 )
             };
-            return why.status();
+            return from_refusal(why);
         }
         Err(CheckFailure::NoProcessorNumber { cpu, status }) => {
             // SAFETY: "%u" u32, "0x%x" u32.
@@ -262,18 +262,14 @@ pub unsafe extern "system" fn DriverEntry(
         return STATUS_NOT_SUPPORTED;
     }
     if let Err((cpu, why)) = vmxroot::vmxon_all(caps) {
-        let mut msg = smudge_windows::msg::MsgBuf::new();
+        let mut msg = smudge_core::msg::MsgBuf::new();
         // MsgBuf truncates instead of failing.
         let _ = core::fmt::Write::write_fmt(
             &mut msg,
             format_args!("VMXON failed on processor {cpu}: {why:?}"),
         );
         log(nt::DPFLTR_ERROR_LEVEL, msg.as_cstr());
-        return match why {
-            vmxroot::VmxonFailure::NoMemory => STATUS_INSUFFICIENT_RESOURCES,
-            vmxroot::VmxonFailure::InUse => STATUS_RESOURCE_IN_USE,
-            _ => STATUS_DEVICE_CONFIGURATION_ERROR,
-        };
+        return from_vmxon(why);
     }
     // SAFETY: the device does not exist yet, so no request reads the global state.
     unsafe {

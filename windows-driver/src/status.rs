@@ -3,6 +3,10 @@
 /// An NTSTATUS: negative (severity bits 11) means error.
 pub type NtStatus = i32;
 
+use smudge_core::vmx::admission::Refusal;
+use smudge_core::vmx::caps::{Reason, Unsupported};
+use smudge_core::vmx::root::VmxonFailure;
+
 /// Success.
 pub const STATUS_SUCCESS: NtStatus = 0;
 /// Unknown ioctl code or major function.
@@ -63,6 +67,32 @@ pub const fn from_abi(e: smudge_core::abi::AbiError) -> NtStatus {
     }
 }
 
+/// The NTSTATUS DriverEntry returns for an admission refusal (what `sc start` reports).
+pub const fn from_refusal(r: Refusal) -> NtStatus {
+    match r {
+        Refusal::Core(Unsupported {
+            reason: Reason::VmxAbsent,
+        }) => STATUS_NOT_SUPPORTED,
+        Refusal::Core(Unsupported {
+            reason: Reason::VmxDisabledLocked { .. },
+        })
+        | Refusal::FeatureControlUnlocked => STATUS_DEVICE_CONFIGURATION_ERROR,
+        // Missing controls, EPT capabilities, unreadable capability MSRs.
+        Refusal::Core(_) | Refusal::AsymmetricProcessors => STATUS_HV_FEATURE_UNAVAILABLE,
+        Refusal::VmxHiddenByHypervisor | Refusal::VmxInUse => STATUS_RESOURCE_IN_USE,
+    }
+}
+
+/// The NTSTATUS DriverEntry returns when VMXON fails on a processor (None: it could not be
+/// selected).
+pub const fn from_vmxon(f: Option<VmxonFailure>) -> NtStatus {
+    match f {
+        Some(VmxonFailure::NoRegion) => STATUS_INSUFFICIENT_RESOURCES,
+        Some(VmxonFailure::InUse) => STATUS_RESOURCE_IN_USE,
+        _ => STATUS_DEVICE_CONFIGURATION_ERROR,
+    }
+}
+
 /// The NTSTATUS of a failed session request (Linux: `Fail::errno`).
 pub const fn from_fail(f: smudge_core::session::Fail) -> NtStatus {
     use smudge_core::session::Fail as F;
@@ -104,6 +134,34 @@ mod tests {
             assert!(s < 0, "{s:#x} must fail NT_SUCCESS");
         }
         assert_eq!((STATUS_DEVICE_BUSY as u32) >> 30, 2);
+    }
+
+    #[test]
+    fn refusals_map_to_what_sc_start_reports() {
+        assert_eq!(
+            from_refusal(Refusal::Core(Unsupported {
+                reason: Reason::VmxAbsent
+            })),
+            STATUS_NOT_SUPPORTED
+        );
+        assert_eq!(
+            from_refusal(Refusal::FeatureControlUnlocked),
+            STATUS_DEVICE_CONFIGURATION_ERROR
+        );
+        assert_eq!(from_refusal(Refusal::VmxInUse), STATUS_RESOURCE_IN_USE);
+        assert_eq!(
+            from_refusal(Refusal::VmxHiddenByHypervisor),
+            STATUS_RESOURCE_IN_USE
+        );
+        assert_eq!(
+            from_refusal(Refusal::AsymmetricProcessors),
+            STATUS_HV_FEATURE_UNAVAILABLE
+        );
+        assert_eq!(from_vmxon(None), STATUS_DEVICE_CONFIGURATION_ERROR);
+        assert_eq!(
+            from_vmxon(Some(VmxonFailure::InUse)),
+            STATUS_RESOURCE_IN_USE
+        );
     }
 
     #[test]

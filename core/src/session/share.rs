@@ -157,9 +157,9 @@ mod tests {
 
     const Y: fn() = thread::yield_now;
 
-    /// Waits (yielding) until `cond` holds; false after 10 s.
+    /// Waits (yielding) until `cond` holds; false after 60 s.
     fn eventually(cond: impl Fn() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !cond() {
             if Instant::now() > deadline {
                 return false;
@@ -210,7 +210,7 @@ mod tests {
                     }
                 }
                 let _stop = Stop(&stop);
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + Duration::from_secs(60);
                 let pause = || {
                     assert!(Instant::now() < deadline, "the vCPUs never left the loop");
                     thread::yield_now();

@@ -1,9 +1,12 @@
-//! VMX: capabilities and controls, the VMCS, the software VM-entry checker, VM exits.
+//! VMX: the admission check, capabilities and controls, VMX operation on every CPU, the VMCS,
+//! the software VM-entry checker, the run loop.
 
+pub mod admission;
 pub mod caps;
 pub mod checks;
 pub mod fields;
 pub mod hw;
 pub mod msr_dump;
+pub mod root;
 pub mod setup;
 pub mod vmcs;

@@ -1,4 +1,5 @@
-//! A fixed-size, NUL-terminated text buffer for DbgPrintEx messages (no allocation).
+//! A fixed-size, NUL-terminated text buffer for the drivers' log lines (pr_err, DbgPrintEx),
+//! formatted without allocation.
 
 use core::ffi::CStr;
 use core::fmt;
@@ -22,6 +23,14 @@ impl MsgBuf {
             len: 0,
             full: false,
         }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        self.buf
+            .get(..self.len)
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .unwrap_or("")
     }
 
     /// The text with its NUL terminator.
@@ -62,6 +71,7 @@ impl fmt::Write for MsgBuf {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    extern crate std;
     use super::*;
     use core::fmt::Write;
 
@@ -70,12 +80,13 @@ mod tests {
         let mut m = MsgBuf::new();
         write!(m, "cpu {} of {:#x}", 3, 255).unwrap();
         assert_eq!(m.as_cstr(), c"cpu 3 of 0xff");
+        assert_eq!(m.as_str(), "cpu 3 of 0xff");
     }
 
     #[test]
     fn truncates_on_a_char_boundary() {
         let mut m = MsgBuf::new();
-        write!(m, "{}", "é".repeat(200)).unwrap(); // 400 bytes of 2-byte chars
+        write!(m, "{}", std::string::String::from("é").repeat(200)).unwrap(); // 400 bytes of 2-byte chars
         let text = m.as_cstr().to_str().unwrap();
         assert_eq!(text.len(), 254); // 127 chars; a 128th would need bytes 254..256, past the NUL
         assert!(text.chars().all(|c| c == 'é'));

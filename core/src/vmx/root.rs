@@ -1,0 +1,235 @@
+//! VMX operation on every CPU: each CPU's VMXON region, which CPUs are in VMX root operation,
+//! and the rules before VMXON (SDM 24.7, 24.8, A.7, A.8), the same for both drivers. A shim
+//! calls [`VmxRoot::vmxon_here`] and [`VmxRoot::vmxoff_here`] on each CPU (an IPI, a DPC) with
+//! its means of reading and changing the control registers ([`ControlRegs`]). Part of the arch
+//! layer: it executes VMXON and VMXOFF.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::arch::{self, VmFail};
+use crate::platform::Platform;
+use crate::vcpu::write_revision_id;
+use crate::vmx::caps::VmxCaps;
+
+/// CR4.VMXE (bit 13): set while a VMM has VMX enabled on the CPU (SDM 24.7).
+pub const CR4_VMXE: u64 = 1 << 13;
+
+/// CR0 or CR4 breaks the VMX fixed-bit rules, so VMXON would fail (SDM 24.8, A.7, A.8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrMismatch {
+    /// CR0 lacks a FIXED0 bit or has a bit FIXED1 forbids.
+    Cr0 {
+        /// Bits that must be 1 but are 0.
+        missing: u64,
+        /// Bits that must be 0 but are 1.
+        forbidden: u64,
+    },
+    /// CR4 (with VMXE set) lacks a FIXED0 bit or has a bit FIXED1 forbids.
+    Cr4 {
+        /// Bits that must be 1 but are 0.
+        missing: u64,
+        /// Bits that must be 0 but are 1.
+        forbidden: u64,
+    },
+}
+
+fn fits(value: u64, fixed0: u64, fixed1: u64) -> (u64, u64) {
+    // SDM A.7/A.8: a bit set in FIXED0 must be 1; a bit clear in FIXED1 must be 0.
+    (fixed0 & !value, value & !fixed1)
+}
+
+/// The CR4 to load before VMXON: the current CR4 plus VMXE. The driver changes no other bit of a
+/// register Windows owns; if anything else breaks the fixed bits it refuses instead.
+pub fn cr4_for_vmxon(cr0: u64, cr4: u64, caps: &VmxCaps) -> Result<u64, CrMismatch> {
+    let (missing, forbidden) = fits(cr0, caps.cr0_fixed0, caps.cr0_fixed1);
+    if missing != 0 || forbidden != 0 {
+        return Err(CrMismatch::Cr0 { missing, forbidden });
+    }
+    let new = cr4 | CR4_VMXE;
+    let (missing, forbidden) = fits(new, caps.cr4_fixed0, caps.cr4_fixed1);
+    if missing != 0 || forbidden != 0 {
+        return Err(CrMismatch::Cr4 { missing, forbidden });
+    }
+    Ok(new)
+}
+
+/// How a shim reads and changes this CPU's control registers (Linux through the kernel's CR4
+/// shadow, Windows directly with interrupts off).
+pub trait ControlRegs {
+    /// CR0.
+    fn cr0(&self) -> u64;
+    /// CR4.
+    fn cr4(&self) -> u64;
+    /// Sets or clears CR4.VMXE, and nothing else.
+    fn set_vmxe(&self, on: bool);
+}
+
+/// Why VMXON failed on a CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmxonFailure {
+    /// No VMXON region for this CPU (no page, or a CPU beyond the driver's table).
+    NoRegion,
+    /// CR4.VMXE was already set: another hypervisor.
+    InUse,
+    /// CR0/CR4 break the VMX fixed bits.
+    FixedBits(CrMismatch),
+    /// VMXON itself failed.
+    Vmxon(VmFail),
+}
+
+/// The VMX state of a driver's CPUs (`N` at most).
+#[derive(Debug)]
+pub struct VmxRoot<const N: usize> {
+    region: [AtomicU64; N],
+    on: [AtomicBool; N],
+}
+
+impl<const N: usize> Default for VmxRoot<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> VmxRoot<N> {
+    /// No region, no CPU in VMX operation.
+    pub const fn new() -> VmxRoot<N> {
+        VmxRoot {
+            region: [const { AtomicU64::new(0) }; N],
+            on: [const { AtomicBool::new(false) }; N],
+        }
+    }
+
+    /// Makes the page at `pa` (4 KiB, zeroed, the driver's) CPU `cpu`'s VMXON region: it starts
+    /// with the revision identifier (SDM 25.11.5). False for a CPU beyond the table.
+    pub fn set_region<P: Platform + ?Sized>(
+        &self,
+        cpu: u32,
+        pa: u64,
+        p: &P,
+        caps: &VmxCaps,
+    ) -> bool {
+        let Some(r) = self.region.get(cpu as usize) else {
+            return false;
+        };
+        write_revision_id(p, pa, caps);
+        r.store(pa, Ordering::Release);
+        true
+    }
+
+    /// Gives every region back through `free` (after VMXOFF everywhere).
+    pub fn take_regions(&self, mut free: impl FnMut(u64)) {
+        for r in &self.region {
+            let pa = r.swap(0, Ordering::AcqRel);
+            if pa != 0 {
+                free(pa);
+            }
+        }
+    }
+
+    /// True if CPU `cpu` is in VMX root operation (read on that CPU, preemption off).
+    pub fn is_on(&self, cpu: u32) -> bool {
+        self.on
+            .get(cpu as usize)
+            .is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// VMXON on the current CPU, number `cpu`, then INVEPT all-context (stale translations of an
+    /// earlier VMM must not survive, SDM 29.4.3.4). Call with interrupts off, where nothing else
+    /// changes CR4 meanwhile, after the admission check accepted this CPU (IA32_FEATURE_CONTROL
+    /// locked with VMX outside SMX on). On failure CR4 is as it was.
+    pub fn vmxon_here(
+        &self,
+        cpu: u32,
+        caps: &VmxCaps,
+        cr: &dyn ControlRegs,
+    ) -> Result<(), VmxonFailure> {
+        let region = self
+            .region
+            .get(cpu as usize)
+            .map(|r| r.load(Ordering::Acquire))
+            .filter(|&r| r != 0)
+            .ok_or(VmxonFailure::NoRegion)?;
+        let flag = self.on.get(cpu as usize).ok_or(VmxonFailure::NoRegion)?;
+        let cr4 = cr.cr4();
+        if cr4 & CR4_VMXE != 0 {
+            return Err(VmxonFailure::InUse);
+        }
+        cr4_for_vmxon(cr.cr0(), cr4, caps).map_err(VmxonFailure::FixedBits)?;
+        cr.set_vmxe(true);
+        // SAFETY: CR4.VMXE = 1 and CR0/CR4 fit the fixed bits (checked just above), the caller's
+        // admission check found IA32_FEATURE_CONTROL locked with VMX outside SMX enabled, and
+        // `region` holds the revision identifier (`set_region`).
+        if let Err(f) = unsafe { arch::vmxon(region) } {
+            cr.set_vmxe(false);
+            return Err(VmxonFailure::Vmxon(f));
+        }
+        // SAFETY: VMX root operation now; all-context INVEPT is required by the admission check
+        // (VmxCaps::choose_mode).
+        let _ = unsafe { arch::invept(arch::InveptType::AllContext, 0) };
+        flag.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// VMXOFF on the current CPU, number `cpu`, if this driver did VMXON here; clears CR4.VMXE.
+    /// Also what the emergency paths (reboot, panic, crash) call.
+    pub fn vmxoff_here(&self, cpu: u32, cr: &dyn ControlRegs) {
+        if self
+            .on
+            .get(cpu as usize)
+            .is_some_and(|f| f.swap(false, Ordering::AcqRel))
+        {
+            // SAFETY: this driver did VMXON on this CPU (the flag), so it is in VMX operation.
+            let _ = unsafe { arch::vmxoff() };
+            cr.set_vmxe(false);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    /// Bochs corei7_skylake_x, read from the fixture dump like the driver reads the MSRs: CR0
+    /// FIXED0 0x80000021 (PE, NE, PG), CR4 FIXED0 0x2000 (VMXE), CR4 FIXED1 0x3727ff.
+    fn caps() -> VmxCaps {
+        use crate::vmx::caps::MsrValue;
+        use crate::vmx::msr_dump::MsrDump;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared-tests/fixtures/vmx-msrs/bochs-corei7_skylake_x.msr"
+        );
+        let d = MsrDump::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let caps = VmxCaps::from_reader(|m| d.msr(m), |l, s| d.cpuid(l, s));
+        assert!(matches!(d.msr(0x489), MsrValue::Value(0x3727ff)));
+        caps
+    }
+
+    #[test]
+    fn vmxon_adds_only_vmxe() {
+        let cr0 = 0x8005_0033; // PG, AM, WP, NE, ET, MP, PE: a Windows x64 CR0
+        assert_eq!(cr4_for_vmxon(cr0, 0x0035_06f8, &caps()), Ok(0x0035_26f8));
+    }
+
+    #[test]
+    fn fixed_bit_violations_are_named() {
+        let caps = caps();
+        // CR0 without NE (bit 5).
+        assert_eq!(
+            cr4_for_vmxon(0x8005_0013, 0x6f8, &caps),
+            Err(CrMismatch::Cr0 {
+                missing: 0x20,
+                forbidden: 0
+            })
+        );
+        // CR4 with bit 22 (PKS, not allowed by this FIXED1).
+        assert_eq!(
+            cr4_for_vmxon(0x8005_0033, 0x6f8 | 1 << 22, &caps),
+            Err(CrMismatch::Cr4 {
+                missing: 0,
+                forbidden: 1 << 22
+            })
+        );
+    }
+}

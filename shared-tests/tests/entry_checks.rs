@@ -199,7 +199,7 @@ fn valid_vmcs(caps: &VmxCaps) -> VmcsImage {
         exit::HOST_ADDRESS_SPACE_SIZE
             | exit::LOAD_IA32_EFER
             | exit::LOAD_IA32_PAT
-            | exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT,
+            | exit::ACK_INTERRUPT_ON_EXIT,
     );
     let entry = adjust(
         &caps.entry,
@@ -565,7 +565,7 @@ fn cases() -> Vec<Case> {
             posted(v);
             v.clear(
                 F::VmExitControls,
-                exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT as u64,
+                exit::ACK_INTERRUPT_ON_EXIT as u64,
             )
         }),
         wide("ctrl.posted_int.vector", |v, _| {
@@ -692,7 +692,7 @@ fn cases() -> Vec<Case> {
             v.clear(F::VmExitControls, c.exit.must_be_1 as u64)
         }),
         case("ctrl.exit.save_timer_requires_timer", |v, _| {
-            v.or(F::VmExitControls, exit::SAVE_PREEMPTION_TIMER_VALUE as u64)
+            v.or(F::VmExitControls, exit::SAVE_PREEMPTION_TIMER as u64)
         }),
         case("ctrl.exit.msr_store.addr", |v, _| {
             v.set(F::VmExitMsrStoreCount, 1);

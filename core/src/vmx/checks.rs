@@ -976,7 +976,7 @@ pub static CHECKS: &[Check] = &[
         |c| { let p2 = c.proc2()?; fail_if(c.pin()? & ctl::pin::PROCESS_POSTED_INTERRUPTS != 0 && p2 & ctl::proc2::VIRTUAL_INTERRUPT_DELIVERY == 0, Field::SecondaryProcessorBasedControls, p2 as u64) }),
     check!("ctrl.posted_int.requires_ack_on_exit", "27.2.1.1", CTL,
         "\"process posted interrupts\" requires the \"acknowledge interrupt on exit\" VM-exit control",
-        |c| { let x = c.exit()?; fail_if(c.pin()? & ctl::pin::PROCESS_POSTED_INTERRUPTS != 0 && x & ctl::exit::ACKNOWLEDGE_INTERRUPT_ON_EXIT == 0, Field::VmExitControls, x as u64) }),
+        |c| { let x = c.exit()?; fail_if(c.pin()? & ctl::pin::PROCESS_POSTED_INTERRUPTS != 0 && x & ctl::exit::ACK_INTERRUPT_ON_EXIT == 0, Field::VmExitControls, x as u64) }),
     check!("ctrl.posted_int.vector", "27.2.1.1", CTL,
         "with \"process posted interrupts\", the posted-interrupt notification vector must be 0-255 (bits 15:8 = 0)",
         |c| {
@@ -1076,7 +1076,7 @@ pub static CHECKS: &[Check] = &[
         |c| { let v = c.exit()?; fail_if(!ctls_ok(&c.caps.exit, v), Field::VmExitControls, v as u64) }),
     check!("ctrl.exit.save_timer_requires_timer", "27.2.1.2", CTL,
         "\"save VMX-preemption timer value\" (exit) requires \"activate VMX-preemption timer\" (pin-based)",
-        |c| { let x = c.exit()?; fail_if(c.pin()? & ctl::pin::ACTIVATE_PREEMPTION_TIMER == 0 && x & ctl::exit::SAVE_PREEMPTION_TIMER_VALUE != 0, Field::VmExitControls, x as u64) }),
+        |c| { let x = c.exit()?; fail_if(c.pin()? & ctl::pin::ACTIVATE_PREEMPTION_TIMER == 0 && x & ctl::exit::SAVE_PREEMPTION_TIMER != 0, Field::VmExitControls, x as u64) }),
     check!("ctrl.exit.msr_store.addr", "27.2.1.2", CTL,
         "with a non-zero VM-exit MSR-store count, the MSR-store address must be 16-byte aligned and the whole area within MAXPHYADDR",
         |c| msr_area(c, Field::VmExitMsrStoreCount, Field::VmExitMsrStoreAddress)),

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod caps;
 pub mod checks;
+pub mod controls;
 pub mod fields;
 pub mod hw;
 pub mod msr_dump;

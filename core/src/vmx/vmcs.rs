@@ -110,122 +110,12 @@ impl VmcsAccess for VmcsImage {
     }
 }
 
-/// Bit positions of the VMX controls the checker interprets (SDM 25.6-25.8, Tables 25-5 to 25-15;
-/// 24.6-24.8 in older editions).
+/// The controls the checker interprets, under the names it uses (defined once in
+/// `vmx::controls`).
 pub mod ctl {
-    /// Pin-based VM-execution controls (SDM 25.6.1, Table 25-5).
-    pub mod pin {
-        /// External-interrupt exiting.
-        pub const EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
-        /// NMI exiting.
-        pub const NMI_EXITING: u32 = 1 << 3;
-        /// Virtual NMIs.
-        pub const VIRTUAL_NMIS: u32 = 1 << 5;
-        /// Activate VMX-preemption timer.
-        pub const ACTIVATE_PREEMPTION_TIMER: u32 = 1 << 6;
-        /// Process posted interrupts.
-        pub const PROCESS_POSTED_INTERRUPTS: u32 = 1 << 7;
-    }
-    /// Primary processor-based VM-execution controls (SDM 25.6.2, Table 25-6).
-    pub mod proc {
-        /// HLT exiting.
-        pub const HLT_EXITING: u32 = 1 << 7;
-        /// Use TPR shadow.
-        pub const USE_TPR_SHADOW: u32 = 1 << 21;
-        /// NMI-window exiting.
-        pub const NMI_WINDOW_EXITING: u32 = 1 << 22;
-        /// Use I/O bitmaps.
-        pub const USE_IO_BITMAPS: u32 = 1 << 25;
-        /// Monitor trap flag.
-        pub const MONITOR_TRAP_FLAG: u32 = 1 << 27;
-        /// Use MSR bitmaps.
-        pub const USE_MSR_BITMAPS: u32 = 1 << 28;
-        /// Activate secondary controls.
-        pub const ACTIVATE_SECONDARY_CONTROLS: u32 = 1 << 31;
-    }
-    /// Secondary processor-based VM-execution controls (SDM 25.6.2, Table 25-7).
-    pub mod proc2 {
-        /// Virtualize APIC accesses.
-        pub const VIRTUALIZE_APIC_ACCESSES: u32 = 1 << 0;
-        /// Enable EPT.
-        pub const ENABLE_EPT: u32 = 1 << 1;
-        /// Virtualize x2APIC mode.
-        pub const VIRTUALIZE_X2APIC_MODE: u32 = 1 << 4;
-        /// Enable VPID.
-        pub const ENABLE_VPID: u32 = 1 << 5;
-        /// Unrestricted guest.
-        pub const UNRESTRICTED_GUEST: u32 = 1 << 7;
-        /// APIC-register virtualization.
-        pub const APIC_REGISTER_VIRTUALIZATION: u32 = 1 << 8;
-        /// Virtual-interrupt delivery.
-        pub const VIRTUAL_INTERRUPT_DELIVERY: u32 = 1 << 9;
-        /// Enable VM functions.
-        pub const ENABLE_VM_FUNCTIONS: u32 = 1 << 13;
-        /// VMCS shadowing.
-        pub const VMCS_SHADOWING: u32 = 1 << 14;
-        /// Enable PML.
-        pub const ENABLE_PML: u32 = 1 << 17;
-        /// EPT-violation #VE.
-        pub const EPT_VIOLATION_VE: u32 = 1 << 18;
-        /// Mode-based execute control for EPT.
-        pub const MODE_BASED_EXECUTE_CONTROL: u32 = 1 << 22;
-        /// Sub-page write permissions for EPT.
-        pub const SUB_PAGE_WRITE_PERMISSIONS: u32 = 1 << 23;
-        /// Intel PT uses guest physical addresses.
-        pub const PT_USES_GUEST_PHYSICAL_ADDRESSES: u32 = 1 << 24;
-    }
-    /// Primary VM-exit controls (SDM 25.7.1, Table 25-13).
-    pub mod exit {
-        /// Save debug controls.
-        pub const SAVE_DEBUG_CONTROLS: u32 = 1 << 2;
-        /// Host address-space size.
-        pub const HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
-        /// Load IA32_PERF_GLOBAL_CTRL.
-        pub const LOAD_IA32_PERF_GLOBAL_CTRL: u32 = 1 << 12;
-        /// Acknowledge interrupt on exit.
-        pub const ACKNOWLEDGE_INTERRUPT_ON_EXIT: u32 = 1 << 15;
-        /// Save IA32_PAT.
-        pub const SAVE_IA32_PAT: u32 = 1 << 18;
-        /// Load IA32_PAT.
-        pub const LOAD_IA32_PAT: u32 = 1 << 19;
-        /// Save IA32_EFER.
-        pub const SAVE_IA32_EFER: u32 = 1 << 20;
-        /// Load IA32_EFER.
-        pub const LOAD_IA32_EFER: u32 = 1 << 21;
-        /// Save VMX-preemption timer value.
-        pub const SAVE_PREEMPTION_TIMER_VALUE: u32 = 1 << 22;
-        /// Clear IA32_RTIT_CTL.
-        pub const CLEAR_IA32_RTIT_CTL: u32 = 1 << 25;
-        /// Load CET state.
-        pub const LOAD_CET_STATE: u32 = 1 << 28;
-        /// Load PKRS.
-        pub const LOAD_PKRS: u32 = 1 << 29;
-    }
-    /// VM-entry controls (SDM 25.8.1, Table 25-15).
-    pub mod entry {
-        /// Load debug controls.
-        pub const LOAD_DEBUG_CONTROLS: u32 = 1 << 2;
-        /// IA-32e mode guest.
-        pub const IA32E_MODE_GUEST: u32 = 1 << 9;
-        /// Entry to SMM.
-        pub const ENTRY_TO_SMM: u32 = 1 << 10;
-        /// Deactivate dual-monitor treatment.
-        pub const DEACTIVATE_DUAL_MONITOR: u32 = 1 << 11;
-        /// Load IA32_PERF_GLOBAL_CTRL.
-        pub const LOAD_IA32_PERF_GLOBAL_CTRL: u32 = 1 << 13;
-        /// Load IA32_PAT.
-        pub const LOAD_IA32_PAT: u32 = 1 << 14;
-        /// Load IA32_EFER.
-        pub const LOAD_IA32_EFER: u32 = 1 << 15;
-        /// Load IA32_BNDCFGS.
-        pub const LOAD_IA32_BNDCFGS: u32 = 1 << 16;
-        /// Load IA32_RTIT_CTL.
-        pub const LOAD_IA32_RTIT_CTL: u32 = 1 << 18;
-        /// Load CET state.
-        pub const LOAD_CET_STATE: u32 = 1 << 20;
-        /// Load PKRS.
-        pub const LOAD_PKRS: u32 = 1 << 22;
-    }
+    pub use crate::vmx::controls::primary as proc;
+    pub use crate::vmx::controls::secondary as proc2;
+    pub use crate::vmx::controls::{entry, exit, pin};
 }
 
 /// A segment selector (SDM Vol. 3A 3.4.2).

@@ -67,6 +67,86 @@ pub(crate) fn run_cases(
     Ok((out, b.seconds))
 }
 
+/// A check of one boot's output: it reads the outputs of the boot's cases and may add lines to
+/// the figures printed at the end (the README's numbers); it returns its one-line result.
+type Verify = Box<dyn Fn(&[Case], &mut Vec<String>) -> Result<String>>;
+
+/// One boot of the emulated machine: the cases it runs (name, shell command), and the checks of
+/// their output, each printed as one `ok` or `FAIL` line.
+pub(crate) struct Boot {
+    title: String,
+    cpu: &'static str,
+    smp: u32,
+    cases: Vec<(String, String)>,
+    checks: Vec<(String, Verify)>,
+}
+
+impl Boot {
+    pub(crate) fn new(title: &str, cpu: &'static str, smp: u32) -> Boot {
+        Boot {
+            title: title.into(),
+            cpu,
+            smp,
+            cases: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    /// A case: `cmd` runs in the machine, its output and status are kept under `name`.
+    pub(crate) fn case(&mut self, name: impl Into<String>, cmd: impl Into<String>) {
+        self.cases.push((name.into(), cmd.into()));
+    }
+
+    /// A check of the cases' output.
+    pub(crate) fn check(
+        &mut self,
+        title: impl Into<String>,
+        verify: impl Fn(&[Case], &mut Vec<String>) -> Result<String> + 'static,
+    ) {
+        self.checks.push((title.into(), Box::new(verify)));
+    }
+}
+
+/// Boots each of `boots` once, runs its checks, prints one line per check, the boot times and
+/// the figures, and fails naming every check that failed.
+pub(crate) fn run_boots(a: &Artifacts, boots: Vec<Boot>) -> Result<()> {
+    let mut failures = Vec::new();
+    let mut figures = Vec::new();
+    for b in boots {
+        step(&b.title);
+        let cases: Vec<(&str, String)> = b
+            .cases
+            .iter()
+            .map(|(n, c)| (n.as_str(), c.clone()))
+            .collect();
+        let (res, secs) = run_cases(a, b.cpu, b.smp, &cases)?;
+        for (title, verify) in &b.checks {
+            match verify(&res, &mut figures) {
+                Ok(msg) => println!("  ok    {title}: {msg}"),
+                Err(e) => {
+                    println!("  FAIL  {title}: {e:#}");
+                    failures.push(title.clone());
+                }
+            }
+        }
+        println!("  (boot with {} cases: {secs:.1} s)", cases.len());
+    }
+    if !figures.is_empty() {
+        println!("  figures:");
+        for f in &figures {
+            println!("    {f}");
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} end-to-end check(s) failed: {}",
+            failures.len(),
+            failures.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn case<'a>(cases: &'a [Case], name: &str) -> Result<&'a Case> {
     cases
         .iter()
@@ -227,25 +307,41 @@ fn union_check(c: &Case) -> Result<(usize, usize, usize)> {
     Ok((written.len(), harvested.len(), n))
 }
 
-/// The whole suite.
+/// The whole suite: three boots here, and the hostile suite's.
 pub fn suite() -> Result<()> {
     let a = Artifacts::build()?;
-    let mut cases: Vec<(&str, String)> = vec![("hello", "smudge run /guests/hello".into())];
+    run_boots(
+        &a,
+        vec![
+            main_boot(),
+            tigerlake_boot(),
+            smp_boot(),
+            crate::e2e_hostile::boot(),
+        ],
+    )
+}
+
+/// Dirty logs, the seed's observation, hostile guests and a bad VMCS on skylake_x with 1 CPU.
+fn main_boot() -> Boot {
+    let mut b = Boot::new(
+        "end-to-end suite on Bochs corei7_skylake_x (1 CPU)",
+        "corei7_skylake_x",
+        1,
+    );
+    b.case("hello", "smudge run /guests/hello");
     for m in ["ad", "pml", "wp"] {
-        let name: &'static str = Box::leak(format!("pagewriter-{m}").into_boxed_str());
-        cases.push((
-            name,
+        b.case(
+            format!("pagewriter-{m}"),
             format!("smudge run --json --mode {m} /guests/pagewriter"),
-        ));
+        );
     }
     for m in ["ad", "pml", "wp"] {
-        let name: &'static str = Box::leak(format!("seqwriter-{m}").into_boxed_str());
-        cases.push((
-            name,
+        b.case(
+            format!("seqwriter-{m}"),
             format!("smudge run --json --mode {m} /guests/seqwriter"),
-        ));
+        );
     }
-    cases.extend([
+    for (name, cmd) in [
         ("explain", "smudge explain /guests/pagewriter".to_string()),
         ("triple", "smudge run --json /guests/hostile_triple".into()),
         ("spin", "smudge run --json --timeout 3 /guests/hostile_spin".into()),
@@ -258,44 +354,32 @@ pub fn suite() -> Result<()> {
         ("unload-refused-while-open", "smudge run --timeout 4 /guests/hostile_spin > /dev/null 2>&1 & sleep 1; if rmmod smudge 2>/dev/null; then echo UNLOADED; else echo REFUSED; fi; wait".into()),
         ("pages-held", "cat /sys/module/smudge/parameters/pages_held".into()),
         ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
-    ]);
-    step("end-to-end suite on Bochs corei7_skylake_x (1 CPU)");
-    let (res, secs) = run_cases(&a, "corei7_skylake_x", 1, &cases)?;
-    let mut failures = Vec::new();
-    let mut check = |name: &str, r: Result<String>| match r {
-        Ok(msg) => println!("  ok    {name}: {msg}"),
-        Err(e) => {
-            println!("  FAIL  {name}: {e:#}");
-            failures.push(name.to_string());
+    ] {
+        b.case(name, cmd);
+    }
+    b.check("hello console", move |res, _| {
+        let c = case(res, "hello")?;
+        if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
+            bail!("rc {}:\n{}", c.rc, c.out);
         }
-    };
-    check(
-        "hello console",
-        (|| {
-            let c = case(&res, "hello")?;
-            if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
-                bail!("rc {}:\n{}", c.rc, c.out);
-            }
-            Ok("guest console reached the tool".into())
-        })(),
-    );
+        Ok("guest console reached the tool".into())
+    });
     for m in ["ad", "pml", "wp"] {
-        check(
+        b.check(
             &format!("dirty log = guest's report ({m})"),
-            (|| {
-                let (n, pages) = check_pagewriter(case(&res, &format!("pagewriter-{m}"))?, m)?;
+            move |res, _| {
+                let (n, pages) = check_pagewriter(case(res, &format!("pagewriter-{m}"))?, m)?;
                 Ok(format!(
                     "{n} checkpoints, {pages} pages, 0 lost, 0 spurious"
                 ))
-            })(),
+            },
         );
     }
-    let mut per_page = Vec::new();
     for m in ["ad", "pml", "wp"] {
-        check(
+        b.check(
             &format!("exits per re-dirtied page ({m})"),
-            (|| {
-                let c = case(&res, &format!("seqwriter-{m}"))?;
+            move |res, figures| {
+                let c = case(res, &format!("seqwriter-{m}"))?;
                 if c.rc != 0 {
                     bail!("rc {}:\n{}", c.rc, c.out);
                 }
@@ -305,81 +389,69 @@ pub fn suite() -> Result<()> {
                     "pml" => x > 0.0 && x < 0.01,
                     _ => (x - 1.0).abs() < 0.01,
                 };
-                per_page.push(format!("{m}: {x:.4}"));
+                figures.push(format!("exits per re-dirtied page ({m}): {x:.4}"));
                 if !ok {
                     bail!("{x:.4} exits per page over {pages} pages is not what {m} should cost");
                 }
                 Ok(format!("{x:.4} exits/page over {pages} re-dirtied pages"))
-            })(),
+            },
         );
     }
-    check(
-        "explain: EPT D=1, host (user) PTE D=0",
-        (|| {
-            let c = case(&res, "explain")?;
-            // Every explained page: EPT leaf D=1, and the tool's own read-only user PTE of the same
-            // backing page D=0 (the seed's observation).
-            let lines: Vec<&str> = c.out.lines().filter(|l| l.contains(" EPT 0x")).collect();
-            let seed = lines
-                .iter()
-                .filter(|l| {
-                    let ept = l.split(" EPT ").nth(1).unwrap_or_default();
-                    let user = l.split(" user PTE ").nth(1).unwrap_or_default();
-                    ept.contains("A=1 D=1") && user.contains("D=0")
-                })
-                .count();
-            if c.rc != 0 || lines.is_empty() || seed != lines.len() {
-                bail!(
-                    "rc {}, {} of {} pages show EPT D=1 with user PTE D=0:\n{}",
-                    c.rc,
-                    seed,
-                    lines.len(),
-                    c.out
-                );
-            }
-            Ok(format!(
-                "{seed} pages: EPT leaf D=1, user PTE of the same backing page D=0"
-            ))
-        })(),
-    );
-    check(
-        "triple fault",
-        expect_reason(case(&res, "triple")?, "triple_fault").map(|_| "ends the run".into()),
-    );
-    check(
-        "endless loop",
-        expect_reason(case(&res, "spin")?, "timeout").map(|_| "stopped by the timeout".into()),
-    );
-    check(
-        "access beyond memory",
-        expect_reason(case(&res, "beyond")?, "mmio").map(|_| "MMIO exit".into()),
-    );
-    check(
-        "write to own page tables",
-        (|| {
-            let c = case(&res, "ptwrite")?;
-            let e = exit_event(c)?;
-            if e["code"] != 0 {
-                bail!("{}", c.out);
-            }
-            Ok("guest survives".into())
-        })(),
-    );
-    check(
-        "guest VMX instruction",
-        (|| {
-            let c = case(&res, "vmx")?;
-            expect_reason(c, "error")?;
-            if !c.out.contains("VMX instruction") {
-                bail!("{}", c.out);
-            }
-            Ok("stopped with a precise reason".into())
-        })(),
-    );
-    check(
+    b.check("explain: EPT D=1, host (user) PTE D=0", move |res, _| {
+        let c = case(res, "explain")?;
+        // Every explained page: EPT leaf D=1, and the tool's own read-only user PTE of the same
+        // backing page D=0 (the seed's observation).
+        let lines: Vec<&str> = c.out.lines().filter(|l| l.contains(" EPT 0x")).collect();
+        let seed = lines
+            .iter()
+            .filter(|l| {
+                let ept = l.split(" EPT ").nth(1).unwrap_or_default();
+                let user = l.split(" user PTE ").nth(1).unwrap_or_default();
+                ept.contains("A=1 D=1") && user.contains("D=0")
+            })
+            .count();
+        if c.rc != 0 || lines.is_empty() || seed != lines.len() {
+            bail!(
+                "rc {}, {} of {} pages show EPT D=1 with user PTE D=0:\n{}",
+                c.rc,
+                seed,
+                lines.len(),
+                c.out
+            );
+        }
+        Ok(format!(
+            "{seed} pages: EPT leaf D=1, user PTE of the same backing page D=0"
+        ))
+    });
+    b.check("triple fault", move |res, _| {
+        expect_reason(case(res, "triple")?, "triple_fault").map(|_| "ends the run".into())
+    });
+    b.check("endless loop", move |res, _| {
+        expect_reason(case(res, "spin")?, "timeout").map(|_| "stopped by the timeout".into())
+    });
+    b.check("access beyond memory", move |res, _| {
+        expect_reason(case(res, "beyond")?, "mmio").map(|_| "MMIO exit".into())
+    });
+    b.check("write to own page tables", move |res, _| {
+        let c = case(res, "ptwrite")?;
+        let e = exit_event(c)?;
+        if e["code"] != 0 {
+            bail!("{}", c.out);
+        }
+        Ok("guest survives".into())
+    });
+    b.check("guest VMX instruction", move |res, _| {
+        let c = case(res, "vmx")?;
+        expect_reason(c, "error")?;
+        if !c.out.contains("VMX instruction") {
+            bail!("{}", c.out);
+        }
+        Ok("stopped with a precise reason".into())
+    });
+    b.check(
         "bad VMCS refused by the software checker before VMLAUNCH",
-        (|| {
-            let c = case(&res, "bad-vmcs-precheck")?;
+        move |res, _| {
+            let c = case(res, "bad-vmcs-precheck")?;
             let e = exit_event(c)?;
             let msg = e["message"].as_str().unwrap_or_default();
             if e["reason"] != "error"
@@ -390,12 +462,12 @@ pub fn suite() -> Result<()> {
                 bail!("{}", c.out);
             }
             Ok("named rule [guest.cr0.fixed], SDM 27.3.1.1".into())
-        })(),
+        },
     );
-    check(
+    b.check(
         "bad VMCS: Bochs refuses the entry, the checker names the rule",
-        (|| {
-            let c = case(&res, "bad-vmcs-cpu")?;
+        move |res, _| {
+            let c = case(res, "bad-vmcs-cpu")?;
             let e = exit_event(c)?;
             let msg = e["message"].as_str().unwrap_or_default();
             if e["reason"] != "error"
@@ -406,145 +478,118 @@ pub fn suite() -> Result<()> {
                 bail!("{}", c.out);
             }
             Ok("exit reason 33 (invalid guest state) explained as [guest.cr0.fixed]".into())
-        })(),
+        },
     );
-    check(
-        "host healthy after hostile guests",
-        (|| {
-            let c = case(&res, "after-hostile")?;
-            if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
-                bail!("{}", c.out);
-            }
-            Ok("next run works".into())
-        })(),
-    );
-    check(
-        "unload refused while a VM is open",
-        (|| {
-            let c = case(&res, "unload-refused-while-open")?;
-            if !c.out.contains("REFUSED") {
-                bail!("{}", c.out);
-            }
-            Ok("rmmod fails while a guest runs; the module stays usable".into())
-        })(),
-    );
-    check(
-        "page accounting back to zero",
-        (|| {
-            let c = case(&res, "pages-held")?;
-            if c.out.trim() != "0" {
-                bail!("pages_held = {}", c.out.trim());
-            }
-            Ok("0 pages held after every VM closed".into())
-        })(),
-    );
-    check(
-        "unload",
-        (|| {
-            let c = case(&res, "unload")?;
-            if c.rc != 0 {
-                bail!("{}", c.out);
-            }
-            Ok("rmmod succeeded".into())
-        })(),
-    );
-    println!("  (skylake_x boot with {} cases: {secs:.1} s)", cases.len());
+    b.check("host healthy after hostile guests", move |res, _| {
+        let c = case(res, "after-hostile")?;
+        if c.rc != 0 || !c.out.contains("hello from the smudge guest") {
+            bail!("{}", c.out);
+        }
+        Ok("next run works".into())
+    });
+    b.check("unload refused while a VM is open", move |res, _| {
+        let c = case(res, "unload-refused-while-open")?;
+        if !c.out.contains("REFUSED") {
+            bail!("{}", c.out);
+        }
+        Ok("rmmod fails while a guest runs; the module stays usable".into())
+    });
+    b.check("page accounting back to zero", move |res, _| {
+        let c = case(res, "pages-held")?;
+        if c.out.trim() != "0" {
+            bail!("pages_held = {}", c.out.trim());
+        }
+        Ok("0 pages held after every VM closed".into())
+    });
+    b.check("unload", move |res, _| {
+        let c = case(res, "unload")?;
+        if c.rc != 0 {
+            bail!("{}", c.out);
+        }
+        Ok("rmmod succeeded".into())
+    });
+    b
+}
 
-    step("end-to-end suite on Bochs tigerlake (1 CPU)");
-    let tl_cases: Vec<(&str, String)> = ["ad", "pml", "wp"]
-        .iter()
-        .map(|m| {
-            (
-                &*Box::leak(format!("tl-pagewriter-{m}").into_boxed_str()),
-                format!("smudge run --json --mode {m} /guests/pagewriter"),
-            )
-        })
-        .collect();
-    let (tl, secs) = run_cases(&a, "tigerlake", 1, &tl_cases)?;
+/// The dirty logs again on another CPU model.
+fn tigerlake_boot() -> Boot {
+    let mut b = Boot::new(
+        "end-to-end suite on Bochs tigerlake (1 CPU)",
+        "tigerlake",
+        1,
+    );
     for m in ["ad", "pml", "wp"] {
-        check(
+        b.case(
+            format!("tl-pagewriter-{m}"),
+            format!("smudge run --json --mode {m} /guests/pagewriter"),
+        );
+    }
+    for m in ["ad", "pml", "wp"] {
+        b.check(
             &format!("tigerlake: dirty log = guest's report ({m})"),
-            (|| {
-                let (n, pages) = check_pagewriter(case(&tl, &format!("tl-pagewriter-{m}"))?, m)?;
+            move |res, _| {
+                let (n, pages) = check_pagewriter(case(res, &format!("tl-pagewriter-{m}"))?, m)?;
                 Ok(format!(
                     "{n} checkpoints, {pages} pages, 0 lost, 0 spurious"
                 ))
-            })(),
+            },
         );
     }
-    println!("  (tigerlake boot: {secs:.1} s)");
+    b
+}
 
-    step("end-to-end suite on Bochs corei7_skylake_x with 2 CPUs (2 vCPUs)");
-    let mut smp_cases: Vec<(&str, String)> = ["ad", "pml", "wp"]
-        .iter()
-        .map(|m| {
-            (
-                &*Box::leak(format!("smp-{m}").into_boxed_str()),
-                format!("smudge run --json --vcpus 2 --mode {m} /guests/smpwriter"),
-            )
-        })
-        .collect();
+/// Two vCPUs on two CPUs: harvests with the other vCPU kicked out, and CR2 kept across exits.
+fn smp_boot() -> Boot {
+    let mut b = Boot::new(
+        "end-to-end suite on Bochs corei7_skylake_x with 2 CPUs (2 vCPUs)",
+        "corei7_skylake_x",
+        2,
+    );
+    for m in ["ad", "pml", "wp"] {
+        b.case(
+            format!("smp-{m}"),
+            format!("smudge run --json --vcpus 2 --mode {m} /guests/smpwriter"),
+        );
+    }
     // Two shell loops that fork and page-fault all the time share the CPUs with the guest, so
     // the host takes page faults (which write CR2) between the guest's exits and entries.
-    smp_cases.push((
+    b.case(
         "smp-cr2",
         "sh -c 'while :; do ls / >/dev/null; done' & A=$!; sh -c 'while :; do ls / >/dev/null; done' & B=$!; \
-         smudge run --json /guests/cr2keeper; kill $A $B"
-            .into(),
-    ));
-    smp_cases.push((
+         smudge run --json /guests/cr2keeper; kill $A $B",
+    );
+    b.case(
         "smp-pages-held",
-        "cat /sys/module/smudge/parameters/pages_held".into(),
-    ));
-    smp_cases.push(("smp-unload", "rmmod smudge".into()));
-    let (smp, secs) = run_cases(&a, "corei7_skylake_x", 2, &smp_cases)?;
+        "cat /sys/module/smudge/parameters/pages_held",
+    );
+    b.case("smp-unload", "rmmod smudge");
     for m in ["ad", "pml", "wp"] {
-        check(
-            &format!("2 vCPUs: no page lost or spurious ({m})"),
-            (|| {
-                let c = case(&smp, &format!("smp-{m}"))?;
+        b.check(&format!("2 vCPUs: no page lost or spurious ({m})"), move |res, _| {
+                let c = case(res, &format!("smp-{m}"))?;
                 if c.rc != 0 {
                     bail!("rc {}:\n{}", c.rc, c.out);
                 }
                 let (written, harvested, n) = union_check(c)?;
                 Ok(format!("{n} harvests (other vCPU kicked out each time), {written} pages written, {harvested} harvested, 0 lost, 0 spurious"))
-            })(),
-        );
+        });
     }
-    check(
+    b.check(
         "guest CR2 survives exits while the host page-faults",
-        (|| {
-            let c = case(&smp, "smp-cr2")?;
+        move |res, _| {
+            let c = case(res, "smp-cr2")?;
             let e = exit_event(c)?;
             if e["code"] != 0 || !c.out.contains("40 of 40 rounds kept CR2") {
                 bail!("{}", c.out);
             }
             Ok("40 of 40 checkpoints: the guest read back the CR2 it wrote".into())
-        })(),
+        },
     );
-    check(
-        "2 vCPUs: pages back to zero, unload",
-        (|| {
-            let held = case(&smp, "smp-pages-held")?.out.trim().to_string();
-            if held != "0" || case(&smp, "smp-unload")?.rc != 0 {
-                bail!("pages_held = {held}");
-            }
-            Ok("0 pages held, rmmod succeeded".into())
-        })(),
-    );
-    println!("  (2-CPU boot: {secs:.1} s)");
-    println!("  exits per re-dirtied page: {}", per_page.join(", "));
-    // Hostile input and faults (xtask/src/e2e_hostile.rs): its own 2-CPU boot.
-    if let Err(e) = crate::e2e_hostile::suite(&a) {
-        println!("  FAIL  hostile input and faults: {e:#}");
-        failures.push("hostile input and faults".into());
-    }
-    if !failures.is_empty() {
-        bail!(
-            "{} end-to-end check(s) failed: {}",
-            failures.len(),
-            failures.join(", ")
-        );
-    }
-    Ok(())
+    b.check("2 vCPUs: pages back to zero, unload", move |res, _| {
+        let held = case(res, "smp-pages-held")?.out.trim().to_string();
+        if held != "0" || case(res, "smp-unload")?.rc != 0 {
+            bail!("pages_held = {held}");
+        }
+        Ok("0 pages held, rmmod succeeded".into())
+    });
+    b
 }

@@ -12,8 +12,7 @@
 use anyhow::{bail, Context, Result};
 
 use crate::bochs::Artifacts;
-use crate::e2e::{case, exit_event, run_cases, Case};
-use crate::step;
+use crate::e2e::{case, exit_event, run_boots, Boot, Case};
 
 /// The module parameters inside the machine.
 const PARAMS: &str = "/sys/module/smudge/parameters";
@@ -95,9 +94,19 @@ fn hogs_stopped(c: &Case, expected: &str) -> Result<usize> {
     Ok(stopped)
 }
 
-/// The whole hostile suite; prints one line per check and the figures.
+/// The hostile suite alone (`cargo xtask e2e-hostile`).
 pub fn suite(a: &Artifacts) -> Result<()> {
-    let mut cases: Vec<(&str, String)> = vec![
+    run_boots(a, vec![boot()])
+}
+
+/// The hostile suite's boot: one line per check, and the reliability figures.
+pub fn boot() -> Boot {
+    let mut b = Boot::new(
+        "hostile input and faults on Bochs corei7_skylake_x with 2 CPUs",
+        "corei7_skylake_x",
+        2,
+    );
+    let cases: Vec<(&str, String)> = vec![
         (
             "hostile-tool",
             "smudge-hostile /guests > /files/hostile.log 2>&1; rc=$?; grep -v '^ok ' /files/hostile.log; exit $rc".into(),
@@ -127,41 +136,30 @@ pub fn suite(a: &Artifacts) -> Result<()> {
                 .into(),
         ),
     ];
+    for (name, cmd) in cases {
+        b.case(name, cmd);
+    }
     for m in ["ad", "pml", "wp"] {
-        let name: &'static str = Box::leak(format!("lostpage-{m}").into_boxed_str());
         let out = format!("/files/lostpage-{m}.txt");
-        cases.push((
-            name,
+        b.case(
+            format!("lostpage-{m}"),
             format!(
                 "smudge run --json --vcpus 2 --mode {m} /guests/lostpage > {out} 2>&1; rc=$?; \
                  smudge-hostile lostpage-check {out}; rc2=$?; echo \"run_status=$rc\"; grep -v '^[WC] ' {out} | grep -v '^{{' | head -5; \
                  echo \"pages_held=$(cat {PARAMS}/pages_held)\"; exit $rc2"
             ),
-        ));
+        );
     }
-    cases.extend([
-        (
-            "dmesg",
-            "dmesg | grep -E 'Oops|BUG|WARNING|general protection|Out of memory|oom-killer|page allocation failure' || true".to_string(),
-        ),
-        ("unload", "rmmod smudge && ! test -e /dev/smudge".into()),
-    ]);
-    step("hostile input and faults on Bochs corei7_skylake_x with 2 CPUs");
-    let (res, secs) = run_cases(a, "corei7_skylake_x", 2, &cases)?;
-    let mut failures = Vec::new();
-    let mut check = |name: &str, r: Result<String>| match r {
-        Ok(msg) => println!("  ok    {name}: {msg}"),
-        Err(e) => {
-            println!("  FAIL  {name}: {e:#}");
-            failures.push(name.to_string());
-        }
-    };
-    let mut figures = Vec::new();
+    b.case(
+        "dmesg",
+        "dmesg | grep -E 'Oops|BUG|WARNING|general protection|Out of memory|oom-killer|page allocation failure' || true",
+    );
+    b.case("unload", "rmmod smudge && ! test -e /dev/smudge");
 
-    check(
+    b.check(
         "smudge-hostile: every malformed request, race and injected fault handled",
-        (|| {
-            let c = case(&res, "hostile-tool")?;
+        move |res, figures| {
+            let c = case(res, "hostile-tool")?;
             let total = c
                 .out
                 .lines()
@@ -186,13 +184,13 @@ pub fn suite(a: &Artifacts) -> Result<()> {
                 "{} cases passed, {ioctls} ioctls, {faults} injected faults survived",
                 total.0
             ))
-        })(),
+        },
     );
 
-    check(
+    b.check(
         "exception storm stays inside the guest",
-        (|| {
-            let c = case(&res, "ud-storm")?;
+        move |res, figures| {
+            let c = case(res, "ud-storm")?;
             let e = exit_event(c)?;
             let line = c
                 .out
@@ -223,37 +221,32 @@ pub fn suite(a: &Artifacts) -> Result<()> {
             Ok(format!(
                 "{total} #UD/#BP/#DE/#GP handled by the guest, exit code 0, pages back to 0"
             ))
-        })(),
+        },
     );
 
     // SDM Appendix C: basic exit reasons 23 (VMREAD) and 50 (INVEPT).
     for (name, reason) in [("vmread", 23u64), ("invept", 50)] {
-        check(
-            &format!("guest {name} stops the VM"),
-            (|| {
-                let c = case(&res, name)?;
-                let e = exit_event(c)?;
-                let msg = e["message"].as_str().unwrap_or_default();
-                if e["reason"] != "error"
-                    || !msg.contains("VMX instruction")
-                    || e["exit_reason_number"] != reason
-                    || c.out.contains("returned")
-                {
-                    bail!("{}", c.out);
-                }
-                pages_after(c)?;
-                Ok(format!(
-                    "reason error, exit reason {reason} ({}), \"{msg}\"",
-                    e["exit_reason"].as_str().unwrap_or_default()
-                ))
-            })(),
-        );
+        b.check(&format!("guest {name} stops the VM"), move |res, _| {
+            let c = case(res, name)?;
+            let e = exit_event(c)?;
+            let msg = e["message"].as_str().unwrap_or_default();
+            if e["reason"] != "error"
+                || !msg.contains("VMX instruction")
+                || e["exit_reason_number"] != reason
+                || c.out.contains("returned")
+            {
+                bail!("{}", c.out);
+            }
+            pages_after(c)?;
+            Ok(format!(
+                "reason error, exit reason {reason} ({}), \"{msg}\"",
+                e["exit_reason"].as_str().unwrap_or_default()
+            ))
+        });
     }
 
-    check(
-        "page hog under a failing host allocator",
-        (|| {
-            let c = case(&res, "hog-oom")?;
+    b.check("page hog under a failing host allocator", move |res, figures| {
+            let c = case(res, "hog-oom")?;
             let e = exit_event(c)?;
             let msg = e["message"].as_str().unwrap_or_default();
             if e["reason"] != "error"
@@ -265,13 +258,13 @@ pub fn suite(a: &Artifacts) -> Result<()> {
             let faults = e["exits"]["ept_violation"].as_u64().unwrap_or(0);
             figures.push(format!("page hog: stopped cleanly when the host allocator failed ({HOG_ALLOCS} allocations allowed, {faults} EPT violations served)"));
             Ok(format!("\"{msg}\" after {faults} EPT violations ({HOG_ALLOCS} allocations allowed), pages back to 0"))
-        })(),
-    );
 
-    check(
+    });
+
+    b.check(
         "the same hog runs to the end once the allocator works",
-        (|| {
-            let c = case(&res, "hog-after")?;
+        move |res, _| {
+            let c = case(res, "hog-after")?;
             let e = exit_event(c)?;
             if c.rc != 0 || e["reason"] != "exit" || e["code"] != 0 {
                 bail!("rc {}:\n{}", c.rc, c.out);
@@ -283,47 +276,37 @@ pub fn suite(a: &Artifacts) -> Result<()> {
                 .find(|l| l.contains("hostile_hog: touched"))
                 .unwrap_or_default();
             Ok(format!("{}, pages back to 0", touched.trim()))
-        })(),
+        },
     );
 
-    check(
-        "four 200 MiB VMs at once on 512 MiB, cap above RAM: clean out-of-memory stops",
-        (|| {
-            let c = case(&res, "oom-4x200")?;
+    b.check("four 200 MiB VMs at once on 512 MiB, cap above RAM: clean out-of-memory stops", move |res, figures| {
+            let c = case(res, "oom-4x200")?;
             let n = hogs_stopped(c, "host out of memory")?;
             figures.push(format!("four {HOG_MIB} MiB VMs at once on the 512 MiB machine, cap above RAM: {n} of 4 stopped with \"host out of memory\", the others completed; no OOM kill, pages back to 0"));
             Ok(format!(
                 "{n} of 4 stopped with \"host out of memory\", the rest completed, pages back to 0"
             ))
-        })(),
-    );
-    check(
-        "the same under the default cap (half of RAM): stops name the cap",
-        (|| {
-            let c = case(&res, "cap-4x200")?;
+
+    });
+    b.check("the same under the default cap (half of RAM): stops name the cap", move |res, figures| {
+            let c = case(res, "cap-4x200")?;
             let n = hogs_stopped(c, "max_pages")?;
             figures.push(format!("the same with the default cap (half of RAM): {n} of 4 stopped with the cap's message, the others completed; pages back to 0"));
             Ok(format!(
                 "{n} of 4 stopped with the message naming max_pages, pages back to 0"
             ))
-        })(),
-    );
-    check(
-        "a 200 MiB VM afterwards runs to its end",
-        (|| {
-            let c = case(&res, "hog-200-after")?;
-            let e = exit_event(c)?;
-            if c.rc != 0 || e["reason"] != "exit" || e["code"] != 0 {
-                bail!("rc {}:\n{}", c.rc, c.out);
-            }
-            pages_after(c)?;
-            Ok("exit 0, pages back to 0".into())
-        })(),
-    );
-    check(
-        "only root opens /dev/smudge",
-        (|| {
-            let c = case(&res, "device-access")?;
+    });
+    b.check("a 200 MiB VM afterwards runs to its end", move |res, _| {
+        let c = case(res, "hog-200-after")?;
+        let e = exit_event(c)?;
+        if c.rc != 0 || e["reason"] != "exit" || e["code"] != 0 {
+            bail!("rc {}:\n{}", c.rc, c.out);
+        }
+        pages_after(c)?;
+        Ok("exit 0, pages back to 0".into())
+    });
+    b.check("only root opens /dev/smudge", move |res, figures| {
+            let c = case(res, "device-access")?;
             let o = &c.out;
             if !o.starts_with("crw-------")
                 || !o.lines().any(|l| l.trim() == "1000")
@@ -335,14 +318,11 @@ pub fn suite(a: &Artifacts) -> Result<()> {
             }
             figures.push("uid 1000 opening /dev/smudge (crw-------): refused with \"Permission denied (only root may open it by default ...)\"; root: works".into());
             Ok("crw-------; uid 1000 refused with the tool's hint; root works".into())
-        })(),
-    );
+    });
 
     for m in ["ad", "pml", "wp"] {
-        check(
-            &format!("lost-page hunt, 2 vCPUs ({m})"),
-            (|| {
-                let c = case(&res, &format!("lostpage-{m}"))?;
+        b.check(&format!("lost-page hunt, 2 vCPUs ({m})"), move |res, figures| {
+                let c = case(res, &format!("lostpage-{m}"))?;
                 let line = c
                     .out
                     .lines()
@@ -370,46 +350,27 @@ pub fn suite(a: &Artifacts) -> Result<()> {
                  union and per-write window: 0 lost, 0 spurious",
                 f("writes"), f("pages"), f("harvested"), f("harvests"), f("redirtied")
             ))
-            })(),
-        );
+        });
     }
 
-    check(
-        "kernel log clean",
-        (|| {
-            let c = case(&res, "dmesg")?;
-            if !c.out.trim().is_empty() {
-                bail!("{}", c.out);
-            }
-            Ok("no Oops, BUG, WARNING, general protection fault, OOM kill or page-allocation failure".into())
-        })(),
-    );
-    check(
-        "unload after everything",
-        (|| {
-            let c = case(&res, "unload")?;
-            if c.rc != 0 {
-                bail!("{}", c.out);
-            }
-            Ok("rmmod succeeded, /dev/smudge gone".into())
-        })(),
-    );
-    println!(
-        "  (hostile 2-CPU boot with {} cases: {secs:.1} s)",
-        cases.len()
-    );
-    println!("  reliability figures:");
-    for f in &figures {
-        println!("    {f}");
-    }
-    if !failures.is_empty() {
-        bail!(
-            "{} hostile check(s) failed: {}",
-            failures.len(),
-            failures.join(", ")
-        );
-    }
-    Ok(())
+    b.check("kernel log clean", move |res, _| {
+        let c = case(res, "dmesg")?;
+        if !c.out.trim().is_empty() {
+            bail!("{}", c.out);
+        }
+        Ok(
+            "no Oops, BUG, WARNING, general protection fault, OOM kill or page-allocation failure"
+                .into(),
+        )
+    });
+    b.check("unload after everything", move |res, _| {
+        let c = case(res, "unload")?;
+        if c.rc != 0 {
+            bail!("{}", c.out);
+        }
+        Ok("rmmod succeeded, /dev/smudge gone".into())
+    });
+    b
 }
 
 /// `N passed, M failed`.

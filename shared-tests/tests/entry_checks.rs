@@ -563,10 +563,7 @@ fn cases() -> Vec<Case> {
         }),
         wide("ctrl.posted_int.requires_ack_on_exit", |v, _| {
             posted(v);
-            v.clear(
-                F::VmExitControls,
-                exit::ACK_INTERRUPT_ON_EXIT as u64,
-            )
+            v.clear(F::VmExitControls, exit::ACK_INTERRUPT_ON_EXIT as u64)
         }),
         wide("ctrl.posted_int.vector", |v, _| {
             posted(v);

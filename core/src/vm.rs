@@ -628,6 +628,8 @@ pub mod reason {
     pub const EPT_MISCONFIG: u32 = 49;
     /// VMX-preemption timer expired.
     pub const PREEMPTION_TIMER: u32 = 52;
+    /// WBINVD or WBNOINVD (with "WBINVD exiting").
+    pub const WBINVD: u32 = 54;
     /// XSETBV.
     pub const XSETBV: u32 = 55;
     /// Page-modification log full.
@@ -665,6 +667,7 @@ pub mod reason {
             50 => "invept",
             52 => "preemption_timer",
             53 => "invvpid",
+            54 => "wbinvd",
             55 => "xsetbv",
             62 => "pml_full",
             _ => "other",
@@ -941,6 +944,12 @@ impl Vm {
                 }
             }
             reason::WRMSR | reason::XSETBV => Action::Resume {
+                advance: exit.instr_len,
+            },
+            // Guest memory is write-back and no device is assigned: nothing needs the caches
+            // written back, so the instruction is skipped (as KVM does without assigned
+            // devices) and the host CPU's caches stay the host's.
+            reason::WBINVD => Action::Resume {
                 advance: exit.instr_len,
             },
             reason::EPT_VIOLATION => match self.on_ept_violation(p, exit.gpa, exit.qualification) {

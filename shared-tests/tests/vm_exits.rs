@@ -388,3 +388,24 @@ fn explain_reports_the_guest_pde_and_the_ept_leaf_of_the_backing_page() {
     assert_eq!((r.ept_level, r.ept_leaf & 0x3f), (1, 0x7 | (6 << 3)));
     assert!(p.is_live(r.hpa) && r.ept_leaf & !0xfff & 0x000f_ffff_ffff_f000 == r.hpa);
 }
+
+#[test]
+fn wbinvd_is_skipped_and_counted() {
+    // SDM Table 25-7 bit 6 makes WBINVD/WBNOINVD exit with basic reason 54 (Appendix C): the
+    // host skips the instruction (no cache of the host CPU is written back or invalidated for
+    // the guest) and counts the exit.
+    let p = MockPlatform::new();
+    let mut vm = vm(&p, Mode::AdScan);
+    let mut v = VcpuState::new(0);
+    let mut g = GuestGprs::default();
+    for _ in 0..5 {
+        assert_eq!(
+            exit(&mut vm, &p, &mut v, &mut g, 54, 0, 0),
+            Action::Resume { advance: 3 }
+        );
+    }
+    assert_eq!(v.exits[54], 5);
+    assert_eq!(smudge_core::vm::reason::name(54), "wbinvd");
+    vm.destroy(&p);
+    p.assert_all_freed();
+}

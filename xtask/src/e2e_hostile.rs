@@ -114,6 +114,7 @@ pub fn boot() -> Boot {
         ("ud-storm", with_pages("smudge run --json /guests/hostile_ud_storm")),
         ("vmread", with_pages("smudge run --json /guests/hostile_vmread")),
         ("invept", with_pages("smudge run --json /guests/hostile_invept")),
+        ("wbinvd", with_pages("smudge run --json /guests/hostile_wbinvd")),
         (
             "hog-oom",
             with_pages(&format!(
@@ -245,6 +246,17 @@ pub fn boot() -> Boot {
         });
     }
 
+    b.check("guest WBINVD exits and is skipped", move |res, figures| {
+        let c = case(res, "wbinvd")?;
+        let e = exit_event(c)?;
+        let n = e["exits"]["wbinvd"].as_u64().unwrap_or(0);
+        if c.rc != 0 || e["code"] != 0 || n != 2000 {
+            bail!("{n} WBINVD exits:\n{}", c.out);
+        }
+        pages_after(c)?;
+        figures.push("a guest running WBINVD 2,000 times: 2,000 WBINVD exits, each skipped; the host CPU's caches are not flushed".into());
+        Ok("2000 of 2000 WBINVDs exited (reason 54) and were skipped, exit code 0".into())
+    });
     b.check("page hog under a failing host allocator", move |res, figures| {
             let c = case(res, "hog-oom")?;
             let e = exit_event(c)?;

@@ -142,6 +142,8 @@ pub mod secondary {
     pub const ENABLE_EPT_BIT: u32 = 1;
     /// Bit 3: enable RDTSCP.
     pub const ENABLE_RDTSCP_BIT: u32 = 3;
+    /// Bit 6: WBINVD (and WBNOINVD) cause VM exits.
+    pub const WBINVD_EXITING_BIT: u32 = 6;
     /// Bit 5: enable VPID.
     pub const ENABLE_VPID_BIT: u32 = 5;
     /// Bit 7: unrestricted guest (requires enable EPT; SDM 27.2.1.1).
@@ -159,6 +161,8 @@ pub mod secondary {
     pub const ENABLE_EPT: u32 = 1 << ENABLE_EPT_BIT;
     /// Mask of bit 3.
     pub const ENABLE_RDTSCP: u32 = 1 << ENABLE_RDTSCP_BIT;
+    /// Mask of bit 6.
+    pub const WBINVD_EXITING: u32 = 1 << WBINVD_EXITING_BIT;
     /// Mask of bit 5.
     pub const ENABLE_VPID: u32 = 1 << ENABLE_VPID_BIT;
     /// Mask of bit 7.

@@ -22,7 +22,8 @@ use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 ///   exiting is not asked for: with EPT the guest owns CR3, and the adjustment leaves those
 ///   default1 bits set only where the MSR forces them (no TRUE controls, SDM A.2);
 /// - secondary: EPT (required), PML in PML mode (required), RDTSCP and INVPCID (wanted), VPID
-///   when `vpid` (wanted);
+///   when `vpid` (wanted), WBINVD exiting (wanted: a guest must not write back and invalidate
+///   the caches of a host CPU, a noisy-neighbour attack on everything else on it);
 /// - VM-exit: 64-bit host and save/load EFER (required), save/load PAT (wanted);
 /// - VM-entry: IA-32e mode guest and load EFER (required), load PAT (wanted).
 pub const fn guest_request(mode: Mode, vpid: bool) -> ControlRequest {
@@ -30,7 +31,8 @@ pub const fn guest_request(mode: Mode, vpid: bool) -> ControlRequest {
     if let Mode::Pml = mode {
         sec_required |= secondary::ENABLE_PML;
     }
-    let mut sec_wanted = secondary::ENABLE_RDTSCP | secondary::ENABLE_INVPCID;
+    let mut sec_wanted =
+        secondary::ENABLE_RDTSCP | secondary::ENABLE_INVPCID | secondary::WBINVD_EXITING;
     if vpid {
         sec_wanted |= secondary::ENABLE_VPID;
     }

@@ -255,7 +255,8 @@ impl Os for LinuxOs {
             Some(vmx) => {
                 // SAFETY: preemption stays off and the FPU is ours until fpu_end below.
                 let ctx = unsafe { GuestContext::assume(vmx) };
-                let r = f(&mut Hardware::new(&ctx));
+                let debugctl = rdmsr_safe(arch::IA32_DEBUGCTL).value().unwrap_or(0);
+                let r = f(&mut Hardware::new(&ctx, debugctl));
                 // SAFETY: still on the CPU of the VM exits: mark its TSS limit stale so Linux
                 // reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
                 unsafe { smudge_invalidate_tss_limit() };

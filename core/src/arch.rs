@@ -219,7 +219,8 @@ const _: () = {
 // host page fault can come between the CR2 load and the entry (an NMI handler that faults
 // restores CR2 itself, as Linux's does).
 // The host's callee-saved registers are kept on the stack; a VM exit restores only RSP/RIP and
-// the VMCS host-state area (SDM 28.5), so everything else is restored here.
+// the VMCS host-state area (SDM 28.5), so everything else is restored here. After an exit the
+// return stack buffer is refilled before the first RET (see below).
 global_asm!(
     ".global smudge_vmx_run",
     "smudge_vmx_run:",
@@ -301,6 +302,16 @@ global_asm!(
     "pop rbx",
     "mov [rax + 0], rbx",
     "pop rdi",
+    // Before the host's first RET: overwrite the return stack buffer, which now holds
+    // guest-chosen entries, with 32 calls whose speculated returns land on INT3 (as Linux's
+    // FILL_RETURN_BUFFER after a VM exit), then drop their return addresses.
+    ".rept 32",
+    "call 7f",
+    "int3",
+    "7:",
+    ".endr",
+    "add rsp, 256",
+    "lfence",
     "xor eax, eax",
     "jmp 4b",
 );
@@ -423,7 +434,19 @@ pub struct HostState {
     pub efer: u64,
     /// IA32_PAT.
     pub pat: u64,
+    /// DR7: a VM exit sets it to 0x400 (SDM 28.5.1), disarming the host's hardware
+    /// breakpoints; `restore_after_exit` re-arms them.
+    pub dr7: u64,
+    /// IA32_DEBUGCTL: a VM exit clears it (SDM 28.5.1), switching off the host's LBR/BTF (perf);
+    /// `restore_after_exit` loads it again. Read by the shim (`vmx::hw::Hardware::new`), which
+    /// can read an MSR safely: the MSR is architectural on Intel 64, but Bochs 2.7 lacks it.
+    pub debugctl: u64,
 }
+
+/// IA32_DEBUGCTL.
+pub const IA32_DEBUGCTL: u32 = 0x1D9;
+/// DR7's local and global breakpoint enables (L0-L3, G0-G3, SDM 18.2.4).
+pub const DR7_ENABLES: u64 = 0xFF;
 
 /// Reads the current processor's host state.
 ///
@@ -452,6 +475,7 @@ pub unsafe fn host_state() -> HostState {
         s.sysenter_eip = rdmsr(0x176);
         s.efer = rdmsr(0xC000_0080);
         s.pat = rdmsr(0x277);
+        asm!("mov {}, dr7", out(reg) s.dr7, options(nomem, nostack));
         s.tr_base = tss_base(s.gdtr.base, s.tr);
     }
     s
@@ -466,17 +490,27 @@ unsafe fn tss_base(gdt: u64, sel: u16) -> u64 {
 }
 
 /// Restores what a VM exit changes but the host-state area cannot express: GDTR and IDTR
-/// limits (set to 0xFFFF on exit, SDM 28.5.2), and DS/ES (loaded from the null host selectors).
+/// limits (set to 0xFFFF on exit, SDM 28.5.2), DS/ES (loaded from the null host selectors), and
+/// the host's debug state (SDM 28.5.1 sets DR7 to 0x400 and clears IA32_DEBUGCTL): DEBUGCTL
+/// when the host had bits set (perf's LBR, BTF), DR7 when it had breakpoints armed, as KVM does
+/// after every exit. (DR0-DR3 and DR6 stay the host's: MOV-DR exiting keeps the guest off them.)
 ///
 /// # Safety
 /// Called on the CPU whose `host` was snapshotted, right after a VM exit.
 pub unsafe fn restore_after_exit(host: &HostState) {
-    // SAFETY: reloading this CPU's own descriptor tables and data selectors in ring 0.
+    // SAFETY: reloading this CPU's own descriptor tables, data selectors, DEBUGCTL and DR7 with
+    // the values read on it before the entry, in ring 0.
     unsafe {
         asm!("lgdt [{}]", in(reg) &host.gdtr, options(nostack));
         asm!("lidt [{}]", in(reg) &host.idtr, options(nostack));
         asm!("mov ds, {0:x}", in(reg) host.ds, options(nostack));
         asm!("mov es, {0:x}", in(reg) host.es, options(nostack));
+        if host.debugctl != 0 {
+            wrmsr(IA32_DEBUGCTL, host.debugctl);
+        }
+        if host.dr7 & DR7_ENABLES != 0 {
+            asm!("mov dr7, {}", in(reg) host.dr7, options(nostack));
+        }
     }
 }
 

@@ -608,6 +608,8 @@ pub mod reason {
     pub const CPUID: u32 = 10;
     /// Control-register access.
     pub const CR_ACCESS: u32 = 28;
+    /// MOV DR (with "MOV-DR exiting").
+    pub const DR_ACCESS: u32 = 29;
     /// HLT.
     pub const HLT: u32 = 12;
     /// VMCALL.
@@ -771,6 +773,11 @@ pub struct VcpuState {
     pub checkpoint_pending: bool,
     /// The guest's private CR8 (task priority).
     pub cr8: u64,
+    /// The guest's debug registers DR0-DR3, DR6 and DR7 (indices 0-3, 6, 7; 4 and 5 alias 6
+    /// and 7, SDM 18.2.2), kept here by the MOV-DR exit handler: they never reach the
+    /// processor, so a guest can neither read nor change the host's, and its own breakpoints
+    /// stay disarmed (the VMCS guest DR7 stays 0x400).
+    pub dr: [u64; 8],
 }
 
 /// General-purpose register `n` in the SDM's encoding (0 = RAX ... 15 = R15). RSP (4) lives in
@@ -812,6 +819,8 @@ impl VcpuState {
             halted: false,
             checkpoint_pending: false,
             cr8: 0,
+            // SDM 18.2.4, 18.2.6: DR6 and DR7 power up as 0xFFFF0FF0 and 0x400.
+            dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
         }
     }
 }
@@ -867,6 +876,48 @@ impl Vm {
                     vcpu.cr8 = gpr(gprs, reg).map_or(0, |v| v & 0xf);
                 } else if let Some(r) = gpr_mut(gprs, reg) {
                     *r = vcpu.cr8;
+                }
+                Action::Resume {
+                    advance: exit.instr_len,
+                }
+            }
+            reason::DR_ACCESS => {
+                // SDM 28.2.1 Table 28-4: DR number in 2:0, direction in 4 (0 = MOV to DR, 1 =
+                // MOV from DR), register in 11:8. DR4/DR5 alias DR6/DR7 (SDM 18.2.2; with
+                // CR4.DE they would #UD, which smudge does not inject).
+                let q = exit.qualification;
+                let (dr, from_dr, reg) = (
+                    (q & 7) as usize,
+                    q & (1 << 4) != 0,
+                    ((q >> 8) & 0xf) as usize,
+                );
+                let dr = match dr {
+                    4 => 6,
+                    5 => 7,
+                    n => n,
+                };
+                let Some(slot) = vcpu.dr.get_mut(dr) else {
+                    return self.stop(vcpu, basic, StopCause::UnhandledExit);
+                };
+                if from_dr {
+                    match gpr_mut(gprs, reg) {
+                        Some(r) => *r = *slot,
+                        None => return self.stop(vcpu, basic, StopCause::UnhandledExit),
+                    }
+                } else {
+                    match gpr(gprs, reg) {
+                        // DR6 and DR7 keep their fixed bits (SDM 18.2.4: DR6 bits 4-11 and 16-31
+                        // read 1; 18.2.6: DR7 bit 10 reads 1, bits 11, 12, 14, 15 read 0); their
+                        // bits 63:32 must be 0 (a processor raises #GP): kept clear here.
+                        Some(v) => {
+                            *slot = match dr {
+                                6 => (v | 0xFFFF_0FF0) & 0xFFFF_FFFF,
+                                7 => (v & 0xFFFF_FFFF & !0xD800) | 0x400,
+                                _ => v,
+                            }
+                        }
+                        None => return self.stop(vcpu, basic, StopCause::UnhandledExit),
+                    }
                 }
                 Action::Resume {
                     advance: exit.instr_len,

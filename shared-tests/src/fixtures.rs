@@ -64,5 +64,7 @@ pub fn linux_host(caps: &VmxCaps) -> HostState {
         sysenter_eip: 0xffff_ffff_8100_0000,
         efer: 0xd01,
         pat: 0x0007_0406_0007_0406,
+        dr7: 0x400,
+        debugctl: 0,
     }
 }

@@ -409,3 +409,38 @@ fn wbinvd_is_skipped_and_counted() {
     vm.destroy(&p);
     p.assert_all_freed();
 }
+
+#[test]
+fn debug_registers_are_the_guests_own() {
+    // SDM 28.2.1 Table 28-4: DR number in 2:0, direction in bit 4 (1 = MOV from DR), register
+    // in 11:8.
+    let q = |dr: u64, from: bool, reg: u64| dr | (u64::from(from) << 4) | (reg << 8);
+    let p = MockPlatform::new();
+    let mut vm = vm(&p, Mode::AdScan);
+    let mut v = VcpuState::new(0);
+    let mut g = GuestGprs::default();
+    // Power-up values first (SDM 18.2.4, 18.2.6).
+    exit(&mut vm, &p, &mut v, &mut g, 29, q(7, true, 3), 0);
+    assert_eq!(g.rbx, 0x400);
+    // MOV DR0, RAX; MOV RCX, DR0.
+    g.rax = 0xffff_8000_1234_5000;
+    assert_eq!(
+        exit(&mut vm, &p, &mut v, &mut g, 29, q(0, false, 0), 0),
+        Action::Resume { advance: 3 }
+    );
+    exit(&mut vm, &p, &mut v, &mut g, 29, q(0, true, 1), 0);
+    assert_eq!(g.rcx, 0xffff_8000_1234_5000);
+    // DR7 keeps bit 10 set and bits 11, 12, 14, 15 clear; DR5 aliases DR7.
+    g.rdx = 0xffff_ffff_ffff_f80b;
+    exit(&mut vm, &p, &mut v, &mut g, 29, q(7, false, 2), 0);
+    exit(&mut vm, &p, &mut v, &mut g, 29, q(5, true, 8), 0);
+    assert_eq!(g.r8, 0xffff_27ff & 0xffff_f80b | 0x400);
+    // DR6 bits 4-11 and 16-31 read as 1; DR4 aliases DR6.
+    g.rsi = 1;
+    exit(&mut vm, &p, &mut v, &mut g, 29, q(4, false, 6), 0);
+    exit(&mut vm, &p, &mut v, &mut g, 29, q(6, true, 7), 0);
+    assert_eq!(g.rdi, 0xffff_0ff1);
+    assert_eq!(v.exits[29], 7);
+    vm.destroy(&p);
+    p.assert_all_freed();
+}

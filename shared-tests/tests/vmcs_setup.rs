@@ -111,14 +111,15 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
                     &[0, 3],
                     &[6],
                 );
-                // Primary (Table 25-6): HLT 7, CR8 load 19 / store 20, unconditional I/O 24, MSR
-                // bitmaps 28, secondary 31. CR3 load/store (15, 16) only where must-be-1.
+                // Primary (Table 25-6): HLT 7, CR8 load 19 / store 20, MOV-DR 23, unconditional
+                // I/O 24, MSR bitmaps 28, secondary 31. CR3 load/store (15, 16) only where
+                // must-be-1.
                 let primary = rd(Field::PrimaryProcessorBasedControls);
                 expect_field(
                     &format!("{what} primary"),
                     primary,
                     caps.procbased,
-                    &[7, 19, 20, 24, 28, 31],
+                    &[7, 19, 20, 23, 24, 28, 31],
                     &[],
                 );
                 for b in [15, 16] {

@@ -75,7 +75,9 @@ impl Os for NtPlatform {
                 // SAFETY: DISPATCH_LEVEL (no preemption) and the legacy FPU state saved until
                 // the lines below.
                 let ctx = unsafe { GuestContext::assume(vmx) };
-                Ok(f(&mut Hardware::new(&ctx)))
+                // SAFETY: IA32_DEBUGCTL is architectural on every Intel 64 processor; CPL 0.
+                let debugctl = unsafe { cpu::rdmsr(smudge_core::arch::IA32_DEBUGCTL) };
+                Ok(f(&mut Hardware::new(&ctx, debugctl)))
             }
             None => Err(Fail::Io),
         };

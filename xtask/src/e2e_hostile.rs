@@ -115,6 +115,7 @@ pub fn boot() -> Boot {
         ("vmread", with_pages("smudge run --json /guests/hostile_vmread")),
         ("invept", with_pages("smudge run --json /guests/hostile_invept")),
         ("wbinvd", with_pages("smudge run --json /guests/hostile_wbinvd")),
+        ("debugregs", with_pages("smudge run --json /guests/debugregs")),
         (
             "hog-oom",
             with_pages(&format!(
@@ -256,6 +257,17 @@ pub fn boot() -> Boot {
         pages_after(c)?;
         figures.push("a guest running WBINVD 2,000 times: 2,000 WBINVD exits, each skipped; the host CPU's caches are not flushed".into());
         Ok("2000 of 2000 WBINVDs exited (reason 54) and were skipped, exit code 0".into())
+    });
+    b.check("guest debug registers are the guest's own", move |res, figures| {
+        let c = case(res, "debugregs")?;
+        let e = exit_event(c)?;
+        let n = e["exits"]["dr_access"].as_u64().unwrap_or(0);
+        if c.rc != 0 || e["code"] != 0 || n != 600 || !c.out.contains(", 0 wrong") {
+            bail!("{n} MOV-DR exits:\n{}", c.out);
+        }
+        pages_after(c)?;
+        figures.push("a guest writing and reading DR0-DR3, DR6, DR7 300 times each way: 600 MOV-DR exits, every value read back as written, none reaching the processor".into());
+        Ok("600 of 600 MOV DR exited (reason 29), 300 values read back as written".into())
     });
     b.check("page hog under a failing host allocator", move |res, figures| {
             let c = case(res, "hog-oom")?;

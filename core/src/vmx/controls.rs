@@ -58,6 +58,8 @@ pub mod primary {
     pub const CR8_LOAD_EXITING_BIT: u32 = 19;
     /// Bit 20: MOV from CR8 exits.
     pub const CR8_STORE_EXITING_BIT: u32 = 20;
+    /// Bit 23: MOV DR causes VM exits.
+    pub const MOV_DR_EXITING_BIT: u32 = 23;
     /// Bit 24: every I/O instruction exits (the I/O bitmaps are ignored).
     pub const UNCONDITIONAL_IO_EXITING_BIT: u32 = 24;
     /// Bit 25: use I/O bitmaps.
@@ -79,6 +81,8 @@ pub mod primary {
     pub const CR8_LOAD_EXITING: u32 = 1 << CR8_LOAD_EXITING_BIT;
     /// Mask of bit 20.
     pub const CR8_STORE_EXITING: u32 = 1 << CR8_STORE_EXITING_BIT;
+    /// Mask of bit 23.
+    pub const MOV_DR_EXITING: u32 = 1 << MOV_DR_EXITING_BIT;
     /// Mask of bit 24.
     pub const UNCONDITIONAL_IO_EXITING: u32 = 1 << UNCONDITIONAL_IO_EXITING_BIT;
     /// Mask of bit 25.

@@ -189,12 +189,17 @@ pub trait Processor {
 /// The real processor, with the proof that a guest may run here.
 pub struct Hardware<'a> {
     ctx: &'a GuestContext,
+    debugctl: u64,
 }
 
 impl<'a> Hardware<'a> {
-    /// This CPU, where `ctx` proves a guest may run.
-    pub fn new(ctx: &'a GuestContext) -> Hardware<'a> {
-        Hardware { ctx }
+    /// This CPU, where `ctx` proves a guest may run; `host_debugctl` is its IA32_DEBUGCTL (0 when
+    /// it cannot be read), restored after every VM exit.
+    pub fn new(ctx: &'a GuestContext, host_debugctl: u64) -> Hardware<'a> {
+        Hardware {
+            ctx,
+            debugctl: host_debugctl,
+        }
     }
 }
 
@@ -215,7 +220,9 @@ impl Processor for Hardware<'_> {
     }
     fn host_state(&self) -> HostState {
         // SAFETY: preemption is off (`ctx`): the snapshot describes this CPU for the whole run.
-        unsafe { arch::host_state() }
+        let mut s = unsafe { arch::host_state() };
+        s.debugctl = self.debugctl;
+        s
     }
     fn enter(
         &mut self,

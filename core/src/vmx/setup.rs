@@ -18,7 +18,9 @@ use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 /// - pin-based: external interrupts and NMIs exit to the host (required), the preemption timer
 ///   bounds a stay in the guest (wanted);
 /// - primary: HLT, unconditional I/O (the console is port I/O), MSR bitmaps, secondary controls,
-///   and CR8 load/store exiting so the guest's TPR stays private (all required). CR3 load/store
+///   CR8 load/store exiting so the guest's TPR stays private, and MOV-DR exiting so the guest's
+///   debug registers stay private too (the exit handler keeps them; the host's DR0-DR3 and DR6
+///   are never the guest's) (all required). CR3 load/store
 ///   exiting is not asked for: with EPT the guest owns CR3, and the adjustment leaves those
 ///   default1 bits set only where the MSR forces them (no TRUE controls, SDM A.2);
 /// - secondary: EPT (required), PML in PML mode (required), RDTSCP and INVPCID (wanted), VPID
@@ -47,7 +49,8 @@ pub const fn guest_request(mode: Mode, vpid: bool) -> ControlRequest {
                 | primary::USE_MSR_BITMAPS
                 | primary::ACTIVATE_SECONDARY_CONTROLS
                 | primary::CR8_LOAD_EXITING
-                | primary::CR8_STORE_EXITING,
+                | primary::CR8_STORE_EXITING
+                | primary::MOV_DR_EXITING,
             wanted: 0,
         },
         secondary: Want {

@@ -304,28 +304,25 @@ pub unsafe extern "system" fn DriverEntry(
         leave_vmx();
         return status;
     }
-    let status = restrict_to_administrators(device);
-    if status < 0 {
-        log(
-            nt::DPFLTR_ERROR_LEVEL,
-            c"cannot set the device's DACL (SYSTEM and Administrators only)",
-        );
+    // The device exists but is not yet reachable: a failure now deletes it again.
+    let undo = |status: NtStatus, msg: &CStr| {
+        log(nt::DPFLTR_ERROR_LEVEL, msg);
         // SAFETY: `device` was created above and nothing else references it yet.
         unsafe { nt::IoDeleteDevice(device) };
         leave_vmx();
-        return status;
+        status
+    };
+    let status = restrict_to_administrators(device);
+    if status < 0 {
+        return undo(
+            status,
+            c"cannot set the device's DACL (SYSTEM and Administrators only)",
+        );
     }
     // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
     let status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
     if status < 0 {
-        log(
-            nt::DPFLTR_ERROR_LEVEL,
-            c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed",
-        );
-        // SAFETY: `device` was created above and nothing else references it yet.
-        unsafe { nt::IoDeleteDevice(device) };
-        leave_vmx();
-        return status;
+        return undo(status, c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed");
     }
     // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
     unsafe {

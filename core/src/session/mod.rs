@@ -309,6 +309,9 @@ impl<O: Os> Session<O> {
     }
 
     /// A kicking VM-level request: every vCPU is out of the run loop, the VM is `st`'s.
+    /// (Not inlined, like `run`: kernel stacks are small, and the Windows driver links no
+    /// `__chkstk` for frames over 4 KiB.)
+    #[inline(never)]
     fn handle(
         &self,
         os: &O,
@@ -465,6 +468,7 @@ impl<O: Os> Session<O> {
     /// touches the vCPU or the VM happens while this thread counts in the run loop
     /// (`share.enter`), so a kicking VM-level request never overlaps it; between stays the
     /// thread waits outside the loop while a kick is on.
+    #[inline(never)]
     fn run(&self, os: &O, drv: &Driver, index: u32) -> Result<abi::RunResp, Fail> {
         if !self.ready.load(Ordering::Acquire) {
             return Err(Fail::Invalid);

@@ -455,6 +455,7 @@ fn vmcs_step<T>(step: &'static str, r: Result<T, VmcsError>) -> Result<T, HwErro
 /// Every page the VM takes during the run comes from `vcpu.cache`, never from `p` (which may
 /// not allocate with interrupts off); `p` frees pages and maps them. A VMCS last active on
 /// another CPU is VMCLEARed there first (`env.vmclear_on`, SDM 25.11.1).
+#[inline(never)]
 pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     vm: &S,
     vcpu: &mut HwVcpu,

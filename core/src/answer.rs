@@ -102,6 +102,9 @@ pub const fn stop_message(what: StopCause) -> &'static str {
         StopCause::HostPageCap => crate::error::HOST_PAGE_CAP_MESSAGE,
         StopCause::UnexpectedViolation => "unexpected EPT violation",
         StopCause::EntryFailed => "VM entry failed",
+        StopCause::HostOwnedCr4 => {
+            "the guest tried to set a host-owned CR4 bit (OSXSAVE: smudge offers no extended state beyond x87/SSE)"
+        }
     }
 }
 

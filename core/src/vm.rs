@@ -740,6 +740,8 @@ pub enum StopCause {
     UnexpectedViolation,
     /// VM entry failed (the message comes from the entry checker).
     EntryFailed,
+    /// The guest tried to change a CR4 bit the host owns (OSXSAVE).
+    HostOwnedCr4,
 }
 
 /// What the hardware loop does after an exit.
@@ -825,12 +827,42 @@ impl VcpuState {
     }
 }
 
-/// CPUID as the guest sees it: the host's, with VMX hidden and the hypervisor bit set
-/// (CPUID.1:ECX bit 5 and bit 31).
-pub fn filter_cpuid(leaf: u32, mut r: [u32; 4]) -> [u32; 4] {
-    if leaf == 1 {
-        r[2] &= !(1 << 5);
-        r[2] |= 1 << 31;
+/// CPUID.1:ECX features the guest does not see: VMX (5); FMA (12), XSAVE (26), OSXSAVE (27),
+/// AVX (28) and F16C (29), which need extended state beyond x87/SSE.
+const LEAF1_ECX_HIDDEN: u32 = (1 << 5) | (1 << 12) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29);
+/// CPUID.(7,0):EBX: AVX2 (5), AVX-512 F, DQ, IFMA, PF, ER, CD, BW, VL (16, 17, 21, 26-28, 30, 31).
+const LEAF7_EBX_HIDDEN: u32 =
+    (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (7 << 26) | (1 << 30) | (1 << 31);
+/// CPUID.(7,0):ECX: AVX-512 VBMI (1), VBMI2 (6), VAES (9), VPCLMULQDQ (10), VNNI (11), BITALG
+/// (12), VPOPCNTDQ (14).
+const LEAF7_ECX_HIDDEN: u32 =
+    (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
+/// CPUID.(7,0):EDX: AVX-512 4VNNIW (2), 4FMAPS (3), VP2INTERSECT (8), AMX-BF16 (22),
+/// AVX-512 FP16 (23), AMX-TILE (24), AMX-INT8 (25).
+const LEAF7_EDX_HIDDEN: u32 = (1 << 2) | (1 << 3) | (1 << 8) | (0xf << 22);
+/// CPUID.(7,1):EAX: AVX-VNNI (4), AVX-512 BF16 (5).
+const LEAF7_1_EAX_HIDDEN: u32 = (1 << 4) | (1 << 5);
+
+/// CPUID as the guest sees it: the host's, with VMX hidden, the hypervisor bit set (CPUID.1:ECX
+/// bit 31), and no extended state beyond x87/SSE: XSAVE, AVX and AVX-512 are hidden and leaf
+/// 0xD is empty. smudge switches only the legacy FXSAVE state between guest and host, and keeps
+/// CR4.OSXSAVE host-owned (clear for the guest; `vmx::setup`), so a guest can neither use nor
+/// change the host's XCR0 and YMM/ZMM state: AVX instructions #UD in it (SDM 14.3), as on a
+/// processor without them.
+pub fn filter_cpuid(leaf: u32, subleaf: u32, mut r: [u32; 4]) -> [u32; 4] {
+    match (leaf, subleaf) {
+        (1, _) => {
+            r[2] &= !LEAF1_ECX_HIDDEN;
+            r[2] |= 1 << 31;
+        }
+        (7, 0) => {
+            r[1] &= !LEAF7_EBX_HIDDEN;
+            r[2] &= !LEAF7_ECX_HIDDEN;
+            r[3] &= !LEAF7_EDX_HIDDEN;
+        }
+        (7, 1) => r[0] &= !LEAF7_1_EAX_HIDDEN,
+        (0xD, _) => r = [0; 4],
+        _ => {}
     }
     r
 }
@@ -869,6 +901,11 @@ impl Vm {
                 // never change the host's task priority (on Windows, the IRQL).
                 let q = exit.qualification;
                 let (cr, kind, reg) = (q & 0xf, (q >> 4) & 3, ((q >> 8) & 0xf) as usize);
+                // A MOV to CR4 exits only when it changes a host-owned bit (OSXSAVE, VMXE; SDM
+                // 25.6.6). A processor without XSAVE would #GP; smudge injects no exceptions.
+                if cr == 4 && kind == 0 {
+                    return self.stop(vcpu, basic, StopCause::HostOwnedCr4);
+                }
                 if cr != 8 || kind > 1 {
                     return self.stop(vcpu, basic, StopCause::UnhandledExit);
                 }
@@ -932,7 +969,8 @@ impl Vm {
                 Action::ToUser(RunExit::Hlt)
             }
             reason::CPUID => {
-                let r = filter_cpuid(gprs.rax as u32, cpuid(gprs.rax as u32, gprs.rcx as u32));
+                let (leaf, sub) = (gprs.rax as u32, gprs.rcx as u32);
+                let r = filter_cpuid(leaf, sub, cpuid(leaf, sub));
                 gprs.rax = r[0].into();
                 gprs.rbx = r[1].into();
                 gprs.rcx = r[2].into();

@@ -444,3 +444,38 @@ fn debug_registers_are_the_guests_own() {
     vm.destroy(&p);
     p.assert_all_freed();
 }
+
+#[test]
+fn cpuid_hides_extended_state_beyond_sse() {
+    use smudge_core::vm::filter_cpuid;
+    // All ones in: the bits the SDM names for VMX, XSAVE/AVX and AVX-512 come out clear, stated
+    // here by their SDM bit numbers (Vol. 2A CPUID, Tables 3-10, 3-11 and leaf 07H).
+    let ones = [u32::MAX; 4];
+    let l1 = filter_cpuid(1, 0, ones);
+    for b in [5, 12, 26, 27, 28, 29] {
+        assert_eq!(l1[2] & (1 << b), 0, "CPUID.1:ECX bit {b}");
+    }
+    assert_ne!(l1[2] & (1 << 31), 0, "hypervisor bit");
+    assert_eq!(l1[3], u32::MAX, "EDX (x87, SSE, SSE2...) untouched");
+    let l7 = filter_cpuid(7, 0, ones);
+    for b in [5, 16, 17, 21, 26, 27, 28, 30, 31] {
+        assert_eq!(l7[1] & (1 << b), 0, "CPUID.7:EBX bit {b}");
+    }
+    assert_ne!(l7[1] & (1 << 0), 0, "FSGSBASE stays");
+    for b in [1, 6, 9, 10, 11, 12, 14] {
+        assert_eq!(l7[2] & (1 << b), 0, "CPUID.7:ECX bit {b}");
+    }
+    for b in [2, 3, 8, 22, 23, 24, 25] {
+        assert_eq!(l7[3] & (1 << b), 0, "CPUID.7:EDX bit {b}");
+    }
+    assert_eq!(
+        filter_cpuid(7, 1, ones)[0] & 0x30,
+        0,
+        "AVX-VNNI, AVX512_BF16"
+    );
+    assert_eq!(filter_cpuid(0xD, 0, ones), [0; 4], "no XSAVE leaf");
+    assert_eq!(filter_cpuid(0xD, 1, ones), [0; 4]);
+    // On this machine's own processor: no XSAVE or AVX feature reaches a guest.
+    let real = smudge_core::arch::cpuid(1, 0);
+    assert_eq!(filter_cpuid(1, 0, real)[2] & (0xf << 26), 0);
+}

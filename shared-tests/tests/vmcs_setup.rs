@@ -148,6 +148,19 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
                     &sec_req,
                     &sec_opt,
                 );
+                // CR4 guest/host mask (SDM 25.6.6): VMXE (bit 13) and OSXSAVE (bit 18) are the
+                // host's; the read shadow shows them clear.
+                let mask = rd(Field::Cr4GuestHostMask);
+                assert_eq!(
+                    mask & (1 << 18 | 1 << 13),
+                    1 << 18 | 1 << 13,
+                    "{what}: CR4 mask"
+                );
+                assert_eq!(
+                    rd(Field::Cr4ReadShadow) & (1 << 18 | 1 << 13),
+                    0,
+                    "{what}: shadow"
+                );
                 // VM-exit (Table 25-13): host address-space size 9, save/load EFER 20/21; save/load
                 // PAT 18/19.
                 expect_field(

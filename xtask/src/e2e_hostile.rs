@@ -116,6 +116,7 @@ pub fn boot() -> Boot {
         ("invept", with_pages("smudge run --json /guests/hostile_invept")),
         ("wbinvd", with_pages("smudge run --json /guests/hostile_wbinvd")),
         ("debugregs", with_pages("smudge run --json /guests/debugregs")),
+        ("xsave", with_pages("smudge run --json /guests/hostile_xsave")),
         (
             "hog-oom",
             with_pages(&format!(
@@ -268,6 +269,22 @@ pub fn boot() -> Boot {
         pages_after(c)?;
         figures.push("a guest writing and reading DR0-DR3, DR6, DR7 300 times each way: 600 MOV-DR exits, every value read back as written, none reaching the processor".into());
         Ok("600 of 600 MOV DR exited (reason 29), 300 values read back as written".into())
+    });
+    b.check("guest cannot enable extended state", move |res, figures| {
+        let c = case(res, "xsave")?;
+        let e = exit_event(c)?;
+        // SDM Appendix C: basic exit reason 28, control-register access.
+        if !c.out.contains("XSAVE/AVX hidden in CPUID")
+            || c.out.contains("CR4.OSXSAVE set")
+            || e["reason"] != "error"
+            || e["exit_reason_number"] != 28
+            || !e["message"].as_str().unwrap_or_default().contains("host-owned CR4 bit")
+        {
+            bail!("{}", c.out);
+        }
+        pages_after(c)?;
+        figures.push("a guest looking for XSAVE/AVX and setting CR4.OSXSAVE: CPUID shows none, the MOV to CR4 exits (reason 28) and the VM stops".into());
+        Ok("XSAVE/AVX hidden in CPUID; MOV to CR4 setting OSXSAVE exits (reason 28), VM stopped".into())
     });
     b.check("page hog under a failing host allocator", move |res, figures| {
             let c = case(res, "hog-oom")?;

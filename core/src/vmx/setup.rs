@@ -102,6 +102,9 @@ pub fn fix_cr(value: u64, fixed0: u64, fixed1: u64) -> u64 {
     (value | fixed0) & fixed1
 }
 
+/// CR4.OSXSAVE (bit 18).
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+
 /// The guest's IA32_PAT: the power-up value (SDM Vol. 3A 13.12.4, Table 13-12).
 pub const GUEST_PAT: u64 = 0x0007_0406_0007_0406;
 
@@ -139,7 +142,10 @@ pub fn program(
     // The guest must keep CR4.VMXE=1 (CR4_FIXED0) but sees it clear: own the bit, shadow 0.
     v.write(F::Cr0GuestHostMask, 0)?;
     v.write(F::Cr0ReadShadow, abi::CR0)?;
-    v.write(F::Cr4GuestHostMask, caps.cr4_fixed0)?;
+    // Host-owned CR4 bits (SDM 25.6.6): those VMX fixes (VMXE), and OSXSAVE: the guest sees
+    // it clear and cannot set it (the MOV to CR4 exits), so it never runs with the host's XCR0
+    // and extended state (CPUID hides XSAVE, `vm::filter_cpuid`).
+    v.write(F::Cr4GuestHostMask, caps.cr4_fixed0 | CR4_OSXSAVE)?;
     v.write(F::Cr4ReadShadow, abi::CR4)?;
 
     program_host(v, ctls, host_state)?;

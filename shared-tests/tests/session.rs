@@ -129,7 +129,7 @@ impl Rng {
 fn script(rng: &mut Rng, i: u32, n: usize) -> Vec<Step> {
     let mut v = Vec::new();
     for k in 0..n {
-        let gfn = if rng.next() % 8 == 0 {
+        let gfn = if rng.next().is_multiple_of(8) {
             0x7f0 + rng.next() % 16
         } else {
             0x100 + u64::from(i) * 0x380 + rng.next() % 0x380
@@ -259,7 +259,6 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
     let foreign: Vec<u64> = reported.difference(&allowed).copied().collect();
     let violations = os.m.violations();
     let (entries, migrations) = os.m.entries();
-    drop(c);
     session.release(&os);
     assert!(violations.is_empty(), "SDM rules broken: {violations:?}");
     assert!(
@@ -422,7 +421,6 @@ fn every_request_in_every_state() {
     assert_eq!(s.vcpus, 2);
     assert!(s.vm_pages > 0);
     assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
-    drop(c);
     session.release(&os);
     os.p.assert_all_freed();
 }
@@ -482,7 +480,6 @@ fn kicks_race_entries_without_deadlock() {
     }
     assert_eq!(per_page.len(), 128, "both vCPUs' 64 pages each");
     assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
-    drop(c);
     session.release(&os);
     os.p.assert_all_freed();
 }

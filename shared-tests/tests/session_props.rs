@@ -222,10 +222,10 @@ fn run(mode: u32, slot_pages: [u64; 2], ops: Vec<Op>) {
             }
         }
     }
-    for slot in 0..3 {
+    for (slot, w) in written.iter().enumerate() {
         assert_eq!(
             vm.log(slot, log_pages(slot), true),
-            written[slot],
+            *w,
             "final harvest of slot {slot}"
         );
     }

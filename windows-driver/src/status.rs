@@ -107,7 +107,7 @@ pub const fn from_fail(f: smudge_core::session::Fail) -> NtStatus {
         F::Exists => STATUS_OBJECT_NAME_COLLISION,
         F::NoExec => STATUS_INVALID_IMAGE_FORMAT,
         F::Io => STATUS_IO_DEVICE_ERROR,
-        F::NoEntry => STATUS_INVALID_PARAMETER,
+
         F::Abi(e) => from_abi(e),
     }
 }

@@ -320,23 +320,26 @@ pub fn boot() -> Boot {
         },
     );
 
-    b.check("four 200 MiB VMs at once on 512 MiB, cap above RAM: clean out-of-memory stops", move |res, figures| {
-            let c = case(res, "oom-4x200")?;
-            let n = hogs_stopped(c, "host out of memory")?;
-            figures.push(format!("four {HOG_MIB} MiB VMs at once on the 512 MiB machine, cap above RAM: {n} of 4 stopped with \"host out of memory\", the others completed; no OOM kill, pages back to 0"));
-            Ok(format!(
-                "{n} of 4 stopped with \"host out of memory\", the rest completed, pages back to 0"
-            ))
-
-    });
-    b.check("the same under the default cap (half of RAM): stops name the cap", move |res, figures| {
-            let c = case(res, "cap-4x200")?;
-            let n = hogs_stopped(c, "max_pages")?;
-            figures.push(format!("the same with the default cap (half of RAM): {n} of 4 stopped with the cap's message, the others completed; pages back to 0"));
-            Ok(format!(
-                "{n} of 4 stopped with the message naming max_pages, pages back to 0"
-            ))
-    });
+    for (title, name, says, what) in [
+        (
+            "four 200 MiB VMs at once on 512 MiB, cap above RAM: clean out-of-memory stops",
+            "oom-4x200",
+            "host out of memory",
+            "four 200 MiB VMs at once on the 512 MiB machine, cap above RAM",
+        ),
+        (
+            "the same under the default cap (half of RAM): stops name the cap",
+            "cap-4x200",
+            "max_pages",
+            "the same with the default cap (half of RAM)",
+        ),
+    ] {
+        b.check(title, move |res, figures| {
+            let n = hogs_stopped(case(res, name)?, says)?;
+            figures.push(format!("{what}: {n} of 4 stopped with \"{says}\" in the message, the others completed; no OOM kill, pages back to 0"));
+            Ok(format!("{n} of 4 stopped with \"{says}\", the rest completed, pages back to 0"))
+        });
+    }
     b.check("a 200 MiB VM afterwards runs to its end", move |res, _| {
         let c = case(res, "hog-200-after")?;
         let e = exit_event(c)?;

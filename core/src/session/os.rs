@@ -31,8 +31,7 @@ pub enum Fail {
     NoExec,
     /// VMX is not on in this CPU, or the OS could not give the guest the CPU (EIO).
     Io,
-    /// The guest page is not backed yet (ENOENT, mmap only).
-    NoEntry,
+
     /// The request's bytes were refused by the ABI decoder.
     Abi(AbiError),
 }
@@ -51,7 +50,7 @@ impl Fail {
             Fail::Exists => 17,
             Fail::NoExec => 8,
             Fail::Io => 5,
-            Fail::NoEntry => 2,
+
             Fail::Abi(e) => e.errno(),
         }
     }

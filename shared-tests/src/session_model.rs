@@ -40,7 +40,8 @@ use crate::platform::MockPlatform;
 pub enum Step {
     /// A data write of one byte at this guest-physical address.
     Write(u64),
-    /// The same write again and again: the script never moves past it.
+    /// The same write again and again: the script never moves past it (not recorded in
+    /// [`ModelMachine::writes`]).
     WriteForever(u64),
     /// VMCALL with RAX = 1 (checkpoint).
     Checkpoint,
@@ -276,13 +277,15 @@ impl ModelCpu<'_> {
                 // that starts later waits (its kick) until this stay, and the write, are over.
                 Some(Step::Write(gpa) | Step::WriteForever(gpa)) => {
                     match (self.m.tick(), st.cpu.access(self.p, eptp, gpa, true)) {
+                        // An endless write is not recorded: its record would grow without
+                        // bound (in a release build, by gigabytes in a minute).
                         (seq, Ok(_)) => {
-                            lock(&self.m.writes).push(Write {
-                                seq,
-                                vcpu: index,
-                                gfn: gpa >> 12,
-                            });
                             if matches!(step, Some(Step::Write(_))) {
+                                lock(&self.m.writes).push(Write {
+                                    seq,
+                                    vcpu: index,
+                                    gfn: gpa >> 12,
+                                });
                                 advance();
                             }
                         }

@@ -143,12 +143,19 @@ fn script(rng: &mut Rng, i: u32, n: usize) -> Vec<Step> {
     v
 }
 
-/// RUNs vCPU `i` until its guest exits; returns the RUN calls it took.
+/// RUNs vCPU `i` until its guest exits; returns the RUN calls it took. A RUN that finds the
+/// vCPU held by another thread's GET_REGS gets Busy, as the protocol says, and is tried again.
 fn run_to_exit<const W: bool>(c: &Client<'_, W>, i: u32) -> u64 {
     let mut calls = 0;
     loop {
         calls += 1;
-        let r = c.run(i).expect("RUN");
+        let r = match c.run(i) {
+            Err(Fail::Busy) => {
+                thread::yield_now();
+                continue;
+            }
+            r => r.expect("RUN"),
+        };
         match r.kind {
             exit_kind::EXIT => {
                 assert_eq!(r.code, 0);

@@ -597,20 +597,32 @@ impl<const W: bool> Os for MockOs<W> {
         let n = self.m.cpus.len() as u32;
         // Between stays the scheduler moves an unpinned thread now and then (every third
         // stay), so VMCSs change CPUs as they do on Linux.
-        let cpu = HERE.with(|h| {
+        let (want, pin) = HERE.with(|h| {
             let (cpu, pin, k) = h.get();
             let cpu = pin.unwrap_or(if k % 3 == 2 { (cpu + 1) % n } else { cpu });
             h.set((cpu, pin, k + 1));
-            cpu
+            (cpu, pin)
         });
-        // Preemption off: nothing else runs on this CPU meanwhile.
-        let flag = &self.m.occupied[cpu as usize];
-        while flag
+        // Preemption off: nothing else runs on this CPU meanwhile. A pinned thread waits
+        // for its CPU; an unpinned one goes wherever the scheduler finds a CPU free (a
+        // thread staying in the guest on one CPU does not hold up the others).
+        let mut cpu = want;
+        while self.m.occupied[cpu as usize]
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            std::thread::yield_now();
+            if pin.is_none() {
+                cpu = (cpu + 1) % n;
+            }
+            if cpu == want {
+                std::thread::yield_now();
+            }
         }
+        HERE.with(|h| {
+            let (_, pin, k) = h.get();
+            h.set((cpu, pin, k));
+        });
+        let flag = &self.m.occupied[cpu as usize];
         let mut c = ModelCpu {
             m: &self.m,
             p: &self.p,

@@ -26,6 +26,9 @@
 #include <asm/msr.h>
 #include <asm/pgtable_types.h>
 #include <asm/pgtable.h>
+#include <asm/cpufeature.h>
+#include <asm/processor.h>
+#include <linux/cpu.h>
 
 /* Implemented in smudge_main.rs. */
 long smudge_rs_open(void **priv);
@@ -70,6 +73,40 @@ static int test_bad_vmcs;
 module_param(test_bad_vmcs, int, 0644);
 MODULE_PARM_DESC(test_bad_vmcs, "test hook: 1/2 corrupt the guest state of new VMCSs (see README)");
 int smudge_test_bad_vmcs(void) { return READ_ONCE(test_bad_vmcs); }
+
+/* Speculation barriers around VM entries (core's `spec`): the kernel's choices, or every one
+ * the CPU supports; and the test-only read-out of the host's debug state. Read at load. */
+static bool force_barriers;
+module_param(force_barriers, bool, 0444);
+MODULE_PARM_DESC(force_barriers, "every speculation barrier the CPU supports before each VM entry, needed or not (default: the kernel's bug bits and mitigation choices, as KVM)");
+bool smudge_force_barriers(void) { return force_barriers; }
+static bool probe_host;
+module_param(probe_host, bool, 0444);
+MODULE_PARM_DESC(probe_host, "test only: compare the host's DR0-DR3, DR7, DEBUGCTL and XCR0 before each run with their values after every VM exit (STATS counts differences)");
+bool smudge_probe_host(void) { return probe_host; }
+
+/* Fills core's spec::KernelChoices (repr(C), the same fields in the same order). */
+struct smudge_kernel_choices {
+	bool l1tf_bug, l1tf_mitigated, skip_l1d_flush_vmentry, flush_l1d, clear_cpu_buf, use_ibpb;
+};
+void smudge_kernel_choices(struct smudge_kernel_choices *k)
+{
+	u64 arch_caps = 0;
+
+	if (boot_cpu_has(X86_FEATURE_ARCH_CAPABILITIES))
+		rdmsrl_safe(MSR_IA32_ARCH_CAPABILITIES, &arch_caps);
+	k->l1tf_bug = boot_cpu_has_bug(X86_BUG_L1TF);
+#if IS_ENABLED(CONFIG_KVM_INTEL)
+	k->l1tf_mitigated = l1tf_mitigation != L1TF_MITIGATION_OFF;
+#else
+	/* l1tf_mitigation is exported for KVM only. */
+	k->l1tf_mitigated = !cpu_mitigations_off();
+#endif
+	k->skip_l1d_flush_vmentry = arch_caps & ARCH_CAP_SKIP_VMENTRY_L1DFLUSH;
+	k->flush_l1d = boot_cpu_has(X86_FEATURE_FLUSH_L1D);
+	k->clear_cpu_buf = cpu_feature_enabled(X86_FEATURE_CLEAR_CPU_BUF);
+	k->use_ibpb = boot_cpu_has(X86_FEATURE_USE_IBPB);
+}
 
 
 static int smudge_open(struct inode *inode, struct file *f)

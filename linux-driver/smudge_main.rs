@@ -14,8 +14,10 @@ use kernel::uaccess::UserSlice;
 use smudge_core::abi::Op;
 use smudge_core::arch;
 use smudge_core::hostmem::{self, PageBudget};
+use smudge_core::msg::MsgBuf;
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 use smudge_core::session::{Buffer, Driver, Fail, HostMapping, Os, RunPolicy, Session};
+use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission::{self, Admission, Refusal};
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
 use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
@@ -32,6 +34,9 @@ module! {
 extern "C" {
     fn smudge_fault_inject() -> i32;
     fn smudge_test_bad_vmcs() -> i32;
+    fn smudge_force_barriers() -> bool;
+    fn smudge_probe_host() -> bool;
+    fn smudge_kernel_choices(k: *mut KernelChoices);
     /// The module parameter `pages_held` (an `unsigned long`, updated only atomically).
     static smudge_pages_held_count: AtomicU64;
     fn smudge_max_pages() -> u64;
@@ -255,7 +260,7 @@ impl Os for LinuxOs {
             Some(vmx) => {
                 // SAFETY: preemption stays off and the FPU is ours until fpu_end below.
                 let ctx = unsafe { GuestContext::assume(vmx) };
-                let debugctl = rdmsr_safe(arch::IA32_DEBUGCTL).value().unwrap_or(0);
+                let debugctl = rdmsr_safe(arch::IA32_DEBUGCTL).value();
                 let r = f(&mut Hardware::new(&ctx, debugctl));
                 // SAFETY: still on the CPU of the VM exits: mark its TSS limit stale so Linux
                 // reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
@@ -504,8 +509,31 @@ impl kernel::Module for Smudge {
             };
             ROOT.set_region(i, pg, &LinuxOs, &caps);
         }
+        // SAFETY: reads module parameters and the kernel's CPU bug and feature bits.
+        let (duties, probe) = unsafe {
+            let duties = if smudge_force_barriers() {
+                Duties::all_on_this_cpu()
+            } else {
+                let mut k = KernelChoices::default();
+                smudge_kernel_choices(&mut k);
+                Duties::from_kernel(k)
+            };
+            (duties, smudge_probe_host())
+        };
+        let mut said = MsgBuf::new();
+        duties.describe(&mut said);
+        pr_info!(
+            "speculation barriers before each VM entry: {}\n",
+            said.as_str()
+        );
+        let drv = Driver {
+            caps,
+            mode,
+            duties,
+            probe,
+        };
         // SAFETY: single-threaded init: nobody reads DRIVER yet.
-        unsafe { *core::ptr::addr_of_mut!(DRIVER) = Some(Driver { caps, mode }) };
+        unsafe { *core::ptr::addr_of_mut!(DRIVER) = Some(drv) };
         // SAFETY: VMXON on every CPU in IPI context.
         unsafe { smudge_on_each_cpu(vmxon_this_cpu, core::ptr::null_mut()) };
         let failed = VMXON_FAILED.load(Ordering::Relaxed);

@@ -176,7 +176,7 @@ pub fn run_vcpus(
     let stats = dev
         .stats()
         .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
-    let (json, human) = exit_event(&end, mode, seq, &exit_counts(&stats.exits), &gfns);
+    let (json, human) = exit_event(&end, mode, seq, &stats, &gfns);
     out.event(cfg.json, &json, &human)?;
     Ok(end.status())
 }

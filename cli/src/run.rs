@@ -253,21 +253,34 @@ pub fn checkpoint_event(
     (json, human)
 }
 
+/// What the run loop did for the host around the VM entries (STATS `isolation`).
+fn isolation_json(i: &smudge_core::abi::Isolation) -> Json {
+    Json::object()
+        .with("entries", i.entries)
+        .with("l1d_flushes", i.l1d_flushes)
+        .with("verws", i.verws)
+        .with("ibpbs", i.ibpbs)
+        .with("host_probes", i.probes)
+        .with("host_changed", i.host_changed)
+}
+
 /// The exit event.
 pub fn exit_event(
     end: &End,
     mode: &str,
     checkpoints: u64,
-    exits: &[(&'static str, u64)],
+    stats: &smudge_core::abi::StatsResp,
     gfns: &[u64],
 ) -> (Json, String) {
+    let exits = &exit_counts(&stats.exits);
     let mut json = Json::object()
         .with("event", "exit")
         .with("code", end.code())
         .with("reason", end.name())
         .with("status", end.status() as u64)
         .with("mode", mode)
-        .with("checkpoints", checkpoints);
+        .with("checkpoints", checkpoints)
+        .with("isolation", isolation_json(&stats.isolation));
     let mut human = match end {
         End::Exit(c) => format!("exit: the guest exited with code {c}"),
         End::Hlt => "exit: the guest executed HLT".to_string(),
@@ -459,7 +472,7 @@ pub fn run_prepared(
     let stats = vmm
         .stats()
         .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
-    let (json, human) = exit_event(&end, mode, seq, &exit_counts(&stats.exits), &gfns);
+    let (json, human) = exit_event(&end, mode, seq, &stats, &gfns);
     out.event(cfg.json, &json, &human)?;
     if cfg.explain.is_some() {
         out.note(cfg.json, &explain::note(mode))?;

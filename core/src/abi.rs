@@ -434,6 +434,28 @@ pub struct StatsResp {
     pub vcpus: u32,
     /// Exits per basic reason, summed over vCPUs.
     pub exits: [u64; 70],
+    /// What the run loop did for the host around the entries, summed over vCPUs.
+    pub isolation: Isolation,
+}
+
+/// What the run loop did for the host's isolation around VM entries (`spec`, and the
+/// test-only read-out of the host's debug state).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Isolation {
+    /// VM entries.
+    pub entries: u64,
+    /// L1D flushes before an entry.
+    pub l1d_flushes: u64,
+    /// VERWs before an entry.
+    pub verws: u64,
+    /// IBPBs on a VMCS switch.
+    pub ibpbs: u64,
+    /// Exits after which the host's DR0-DR3, DR7, XCR0 and IA32_DEBUGCTL were compared with
+    /// their values before the run (only with the driver's test-only probe on).
+    pub probes: u64,
+    /// Of those, exits after which any differed.
+    pub host_changed: u64,
 }
 
 impl Default for StatsResp {
@@ -444,6 +466,7 @@ impl Default for StatsResp {
             mode: 0,
             vcpus: 0,
             exits: [0; 70],
+            isolation: Isolation::default(),
         }
     }
 }
@@ -904,10 +927,10 @@ impl<'a> Reader<'a> {
         }
         Ok(a)
     }
-    /// Next [`Regs`].
-    pub fn regs(&mut self) -> Result<Regs, AbiError> {
-        Regs::from_bytes(self.buf.get(self.pos..).ok_or(AbiError::Truncated)?).inspect(|_| {
-            self.pos += core::mem::size_of::<Regs>();
+    /// Next nested struct ([`Regs`], [`Isolation`]).
+    pub fn nested<T: Wire>(&mut self) -> Result<T, AbiError> {
+        T::from_bytes(self.buf.get(self.pos..).ok_or(AbiError::Truncated)?).inspect(|_| {
+            self.pos += core::mem::size_of::<T>();
         })
     }
     /// Next N (u64, u64) pairs.
@@ -956,8 +979,8 @@ impl<'a> Writer<'a> {
     pub fn u64s<const N: usize>(&mut self, v: &[u64; N]) -> Result<(), AbiError> {
         v.iter().try_for_each(|x| self.u64(x))
     }
-    /// Writes [`Regs`].
-    pub fn regs(&mut self, v: &Regs) -> Result<(), AbiError> {
+    /// Writes a nested struct ([`Regs`], [`Isolation`]).
+    pub fn nested<T: Wire>(&mut self, v: &T) -> Result<(), AbiError> {
         let n = v.to_bytes(self.buf.get_mut(self.pos..).ok_or(AbiError::Truncated)?)?;
         self.pos += n;
         Ok(())
@@ -1064,7 +1087,7 @@ wire!(Regs {
 wire!(SetRegsReq {
     version: u32,
     vcpu: u32,
-    regs: regs
+    regs: nested
 });
 wire!(RunResp {
     kind: u32, reason: u32, code: u64, gpa: u64, console_len: u32, write: u32,
@@ -1083,7 +1106,22 @@ wire!(ClearDirtyLogReq {
     num_pages: u64,
     mask: u64
 });
-wire!(StatsResp { vm_pages: u64, driver_pages: u64, mode: u32, vcpus: u32, exits: u64s<70> });
+wire!(StatsResp {
+    vm_pages: u64,
+    driver_pages: u64,
+    mode: u32,
+    vcpus: u32,
+    exits: u64s<70>,
+    isolation: nested
+});
+wire!(Isolation {
+    entries: u64,
+    l1d_flushes: u64,
+    verws: u64,
+    ibpbs: u64,
+    probes: u64,
+    host_changed: u64
+});
 wire!(ExplainReq {
     version: u32,
     reserved: u32,

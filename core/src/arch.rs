@@ -514,6 +514,71 @@ pub unsafe fn restore_after_exit(host: &HostState) {
     }
 }
 
+/// L1D flush before a VM entry (`spec`): IA32_FLUSH_CMD bit 0.
+///
+/// # Safety
+/// Ring 0, on a processor that enumerates L1D_FLUSH (CPUID.(7,0):EDX[28]).
+pub unsafe fn flush_l1d() {
+    // SAFETY: the caller checked the enumeration; the write only flushes this CPU's L1D.
+    unsafe { wrmsr(crate::spec::IA32_FLUSH_CMD, crate::spec::L1D_FLUSH) }
+}
+
+/// IBPB (`spec`): IA32_PRED_CMD bit 0.
+///
+/// # Safety
+/// Ring 0, on a processor that enumerates IBPB (CPUID.(7,0):EDX[26]).
+pub unsafe fn ibpb() {
+    // SAFETY: the caller checked the enumeration; the write only drops branch predictions.
+    unsafe { wrmsr(crate::spec::IA32_PRED_CMD, crate::spec::PRED_CMD_IBPB) }
+}
+
+/// VERW with a memory operand holding `selector` (`spec`): with the MD_CLEAR microcode it
+/// overwrites the CPU's fill and store buffers (Intel, "Deep Dive: MDS"); it changes only
+/// RFLAGS.ZF.
+pub fn verw(selector: u16) {
+    // SAFETY: VERW only tests the selector's access rights; it reads the 2-byte operand.
+    unsafe { asm!("verw [{}]", in(reg) &selector, options(nostack, readonly)) };
+}
+
+/// The host debug state a guest must never change: DR0-DR3, DR7 and XCR0 (`xcr0` 0 when
+/// CR4.OSXSAVE is clear); IA32_DEBUGCTL is read by the shim, which can read an MSR safely.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DebugState {
+    /// DR0-DR3.
+    pub dr: [u64; 4],
+    /// DR7.
+    pub dr7: u64,
+    /// XCR0.
+    pub xcr0: u64,
+}
+
+/// CR4.OSXSAVE (SDM 2.5): XGETBV/XSETBV are enabled.
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+
+/// Reads this CPU's [`DebugState`].
+///
+/// # Safety
+/// Ring 0.
+pub unsafe fn debug_state() -> DebugState {
+    let mut d = DebugState::default();
+    let cr4: u64;
+    // SAFETY: ring 0 reads of debug and control registers; XGETBV only with CR4.OSXSAVE set.
+    unsafe {
+        asm!("mov {}, dr0", out(reg) d.dr[0], options(nomem, nostack));
+        asm!("mov {}, dr1", out(reg) d.dr[1], options(nomem, nostack));
+        asm!("mov {}, dr2", out(reg) d.dr[2], options(nomem, nostack));
+        asm!("mov {}, dr3", out(reg) d.dr[3], options(nomem, nostack));
+        asm!("mov {}, dr7", out(reg) d.dr7, options(nomem, nostack));
+        asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
+        if cr4 & CR4_OSXSAVE != 0 {
+            let (lo, hi): (u32, u32);
+            asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+            d.xcr0 = (u64::from(hi) << 32) | u64::from(lo);
+        }
+    }
+    d
+}
+
 /// FXSAVE64 into a 512-byte, 16-byte-aligned area.
 ///
 /// # Safety

@@ -19,6 +19,7 @@ pub mod hostpt;
 pub mod msg;
 pub mod platform;
 pub mod session;
+pub mod spec;
 pub mod vcpu;
 pub mod vm;
 pub mod vmx;

@@ -780,6 +780,8 @@ pub struct VcpuState {
     /// processor, so a guest can neither read nor change the host's, and its own breakpoints
     /// stay disarmed (the VMCS guest DR7 stays 0x400).
     pub dr: [u64; 8],
+    /// What the run loop did for the host around this vCPU's entries.
+    pub isolation: crate::abi::Isolation,
 }
 
 /// General-purpose register `n` in the SDM's encoding (0 = RAX ... 15 = R15). RSP (4) lives in
@@ -823,6 +825,7 @@ impl VcpuState {
             cr8: 0,
             // SDM 18.2.4, 18.2.6: DR6 and DR7 power up as 0xFFFF0FF0 and 0x400.
             dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
+            isolation: crate::abi::Isolation::default(),
         }
     }
 }

@@ -9,11 +9,13 @@
 //!
 //! Usage: smudge-hostile [GUESTS_DIR] (default /guests: hello, hostile_spin, hostile_churn,
 //! hostile_hog, regwriter). `smudge-hostile lostpage-check FILE` checks the output of a lost-page run
-//! (lostpage.rs) instead.
+//! (lostpage.rs) instead; `smudge-hostile isolation [GUEST]` checks what a guest leaves of the
+//! host's state (isolation.rs).
 
 mod api;
 mod elf;
 mod faults;
+mod isolation;
 mod lostpage;
 mod races;
 mod requests;
@@ -38,6 +40,13 @@ pub fn expect_no_pages(t: &mut Tally, name: &str) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("isolation") {
+        return if isolation::main(args.get(2).map_or("/guests/isolation", String::as_str)) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     if args.get(1).map(String::as_str) == Some("lostpage-check") {
         let ok = lostpage::main(args.get(2).map_or("", String::as_str));
         return if ok {

@@ -25,6 +25,7 @@ use smudge_core::arch::{FxArea, GuestGprs, HostState, InveptType, VmFail};
 use smudge_core::ept::EptFeatures;
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
+use smudge_core::spec::Duties;
 use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::reason;
 use smudge_core::vmx::caps::VmxCaps;
@@ -73,6 +74,12 @@ struct VmcsState {
 struct CpuState {
     cpu: model::Cpu,
     current: Option<u64>,
+    /// The VMCS whose guest ran here last.
+    last_entered: Option<u64>,
+    /// Barriers since the last entry here.
+    flushed: bool,
+    verw: bool,
+    ibpb: bool,
 }
 
 #[derive(Default)]
@@ -94,6 +101,11 @@ pub struct ModelMachine {
     violations: Mutex<Vec<String>>,
     /// Steps a guest runs before a preemption-timer exit.
     pub quantum: usize,
+    /// The speculation barriers every entry needs (`spec`): an entry without one is recorded
+    /// as a violation. Set before the first run.
+    pub required: Duties,
+    /// L1D flushes, VERWs and IBPBs done.
+    barriers: [AtomicU64; 3],
     entries: AtomicU64,
     migrations: AtomicU64,
 }
@@ -111,6 +123,10 @@ impl ModelMachine {
                     Mutex::new(CpuState {
                         cpu: model::Cpu::new(EptFeatures::ALL),
                         current: None,
+                        last_entered: None,
+                        flushed: false,
+                        verw: false,
+                        ibpb: false,
                     })
                 })
                 .collect(),
@@ -121,6 +137,8 @@ impl ModelMachine {
             writes: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
             quantum: 16,
+            required: Duties::NONE,
+            barriers: Default::default(),
             entries: AtomicU64::new(0),
             migrations: AtomicU64::new(0),
         }
@@ -151,6 +169,12 @@ impl ModelMachine {
     /// SDM rules the code under test broke (empty when it follows them).
     pub fn violations(&self) -> Vec<String> {
         lock(&self.violations).clone()
+    }
+
+    /// L1D flushes, VERWs and IBPBs the loop did.
+    pub fn barriers(&self) -> [u64; 3] {
+        let b = &self.barriers;
+        [0, 1, 2].map(|i| b[i].load(Ordering::SeqCst))
     }
 
     /// VM entries so far, and how many of them found their VMCS last active on another CPU.
@@ -337,7 +361,7 @@ impl<'a> Processor for ModelCpu<'a> {
         self.m.vmclear(self.cpu, pages.vmcs);
         Ok(())
     }
-    fn load(&mut self, pages: &VcpuPages) -> Result<ModelVmcs<'a>, VmFail> {
+    fn load(&mut self, pages: &VcpuPages) -> Result<(ModelVmcs<'a>, bool), VmFail> {
         let pa = pages.vmcs;
         let mut all = lock(&self.m.vmcs);
         let st = all.entry(pa).or_default();
@@ -349,8 +373,8 @@ impl<'a> Processor for ModelCpu<'a> {
         }
         st.active_on = Some(self.cpu);
         drop(all);
-        self.state().current = Some(pa);
-        Ok(ModelVmcs { m: self.m, pa })
+        let switched = self.state().current.replace(pa) != Some(pa);
+        Ok((ModelVmcs { m: self.m, pa }, switched))
     }
     fn host_state(&self) -> HostState {
         crate::fixtures::linux_host(&self.m.caps)
@@ -365,6 +389,28 @@ impl<'a> Processor for ModelCpu<'a> {
         let pa = vmcs.pa;
         if self.state().current != Some(pa) {
             return Err(VmFail::Invalid);
+        }
+        let need = self.m.required;
+        let missing = {
+            let mut st = self.state();
+            let switch = st.last_entered.is_some_and(|l| l != pa);
+            let missing = [
+                (need.l1d_flush && !st.flushed, "an L1D flush"),
+                (need.verw && !st.verw, "a VERW"),
+                (
+                    need.ibpb && switch && !st.ibpb,
+                    "an IBPB after another VMCS's guest",
+                ),
+            ];
+            (st.flushed, st.verw, st.ibpb) = (false, false, false);
+            st.last_entered = Some(pa);
+            missing
+        };
+        for (_, what) in missing.iter().filter(|m| m.0) {
+            self.m.violation(format!(
+                "VM entry of VMCS {pa:#x} on CPU {} without {what} (spec)",
+                self.cpu
+            ));
         }
         {
             let mut all = lock(&self.m.vmcs);
@@ -419,6 +465,22 @@ impl<'a> Processor for ModelCpu<'a> {
     fn raise_nmi(&mut self) {}
     fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
         [leaf, 0, 0, 0]
+    }
+    fn flush_l1d(&mut self) {
+        self.state().flushed = true;
+        self.m.barriers[0].fetch_add(1, Ordering::SeqCst);
+    }
+    fn clear_cpu_buffers(&mut self, _selector: u16) {
+        self.state().verw = true;
+        self.m.barriers[1].fetch_add(1, Ordering::SeqCst);
+    }
+    fn ibpb(&mut self) {
+        self.state().ibpb = true;
+        self.m.barriers[2].fetch_add(1, Ordering::SeqCst);
+    }
+    fn host_debug(&self) -> (smudge_core::arch::DebugState, u64) {
+        // The model's guests cannot reach the host's debug state.
+        (smudge_core::arch::DebugState::default(), 0)
     }
 }
 
@@ -481,12 +543,23 @@ pub struct MockOs<const WINDOWS: bool> {
     start: Instant,
 }
 
+/// Every barrier on: the session tests require them all of the loop.
+pub const ALL_DUTIES: Duties = Duties {
+    l1d_flush: true,
+    verw: true,
+    ibpb: true,
+    l1tf_unmitigated: false,
+};
+
 impl<const W: bool> MockOs<W> {
-    /// A machine of `ncpus` model CPUs with the capabilities `caps`.
-    pub fn new(caps: VmxCaps, ncpus: usize) -> MockOs<W> {
+    /// A machine of `ncpus` model CPUs with the capabilities `caps`, whose every VM entry
+    /// needs the barriers of `required`.
+    pub fn new(caps: VmxCaps, ncpus: usize, required: Duties) -> MockOs<W> {
+        let mut m = ModelMachine::new(caps, ncpus);
+        m.required = required;
         MockOs {
             p: MockPlatform::new(),
-            m: Arc::new(ModelMachine::new(caps, ncpus)),
+            m: Arc::new(m),
             signal: AtomicBool::new(false),
             fail_buffers: AtomicUsize::new(0),
             start: Instant::now(),

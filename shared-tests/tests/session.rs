@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use smudge_core::abi::{self, exit_kind, Op, Wire};
 use smudge_core::session::{Driver, Fail, Session};
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_tests::session_model::{MockOs, Step};
+use smudge_tests::session_model::{MockOs, Step, ALL_DUTIES};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM of the tests (the top 1 MiB is smudge's, below it the guests write).
@@ -30,8 +30,10 @@ fn machine<const W: bool>(ncpus: usize) -> (Driver, MockOs<W>) {
     let d = Driver {
         caps,
         mode: caps.choose_mode(false).expect("mode"),
+        duties: ALL_DUTIES,
+        probe: true,
     };
-    (d, MockOs::new(caps, ncpus))
+    (d, MockOs::new(caps, ncpus, ALL_DUTIES))
 }
 
 /// A user of one session, as a shim would pass requests to it.
@@ -265,6 +267,8 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
     let foreign: Vec<u64> = reported.difference(&allowed).copied().collect();
     let violations = os.m.violations();
     let (entries, migrations) = os.m.entries();
+    let iso = c.stats().expect("STATS").isolation;
+    let [flushes, verws, ibpbs] = os.m.barriers();
     session.release(&os);
     assert!(violations.is_empty(), "SDM rules broken: {violations:?}");
     assert!(
@@ -279,6 +283,16 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
     if !W {
         assert!(migrations > 0, "Linux policy: VMCSs moved between CPUs");
     }
+    // Every entry had its barriers (the model records any without as a violation above), and
+    // STATS counts what the processor saw.
+    assert_eq!(
+        (iso.entries, iso.l1d_flushes, iso.verws),
+        (entries, flushes, verws)
+    );
+    assert_eq!((flushes, verws), (entries, entries));
+    assert_eq!(iso.ibpbs, ibpbs);
+    assert!(ibpbs > 0, "two vCPUs shared CPUs: IBPBs on the switches");
+    assert_eq!((iso.probes, iso.host_changed), (entries, 0));
 
     os.p.assert_all_freed();
 }
@@ -486,6 +500,34 @@ fn kicks_race_entries_without_deadlock() {
     }
     assert_eq!(per_page.len(), 128, "both vCPUs' 64 pages each");
     assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
+    session.release(&os);
+    os.p.assert_all_freed();
+}
+
+/// The model catches a loop that skips the barriers: a driver that decided on none, on a
+/// machine whose entries need them all.
+#[test]
+fn entries_without_barriers_are_caught() {
+    let (mut d, os) = machine::<false>(2);
+    d.duties = smudge_core::spec::Duties::NONE;
+    let mut session = Session::new();
+    let c = Client {
+        s: &session,
+        os: &os,
+        d: &d,
+    };
+    c.setup(0, 2).expect("SETUP");
+    for i in 0..2 {
+        // Both on CPU 0: the second is a switch between VMCSs there.
+        os.migrate_to(0);
+        os.m.program(i, vec![Step::Write(0x20_0000), Step::Exit(0)]);
+        assert_eq!(c.run(i).expect("RUN").kind, exit_kind::EXIT);
+    }
+    let v = os.m.violations();
+    for what in ["an L1D flush", "a VERW", "an IBPB"] {
+        assert!(v.iter().any(|m| m.contains(what)), "{what}: {v:?}");
+    }
+    assert_eq!(os.m.barriers(), [0, 0, 0]);
     session.release(&os);
     os.p.assert_all_freed();
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use proptest::prelude::*;
 use smudge_core::abi::{self, exit_kind, Op as AbiOp, Wire};
 use smudge_core::session::{Driver, Fail, Session};
-use smudge_tests::session_model::{MockOs, Step};
+use smudge_tests::session_model::{MockOs, Step, ALL_DUTIES};
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 8 MiB; the guests write below smudge's reserved top 1 MiB.
@@ -106,8 +106,10 @@ fn run(mode: u32, slot_pages: [u64; 2], ops: Vec<Op>) {
         d: Driver {
             caps,
             mode: caps.choose_mode(false).expect("mode"),
+            duties: ALL_DUTIES,
+            probe: true,
         },
-        os: MockOs::new(caps, 2),
+        os: MockOs::new(caps, 2, ALL_DUTIES),
         s: Session::new(),
     };
     let setup = abi::SetupReq {

@@ -271,11 +271,21 @@ pub unsafe extern "system" fn DriverEntry(
         log(nt::DPFLTR_ERROR_LEVEL, msg.as_cstr());
         return from_vmxon(why);
     }
+    // Windows documents no interface to its own mitigation choices for a third-party
+    // hypervisor: the barriers follow what the processor enumerates (core `spec`).
+    // SAFETY: IA32_ARCH_CAPABILITIES is read only where CPUID enumerates it; CPL 0.
+    let duties = smudge_core::spec::Duties::of_this_cpu(&|m| unsafe { cpu::rdmsr(m) });
+    let mut said = smudge_core::msg::MsgBuf::new();
+    let _ = core::fmt::Write::write_str(&mut said, "speculation barriers before each VM entry: ");
+    duties.describe(&mut said);
+    log(nt::DPFLTR_INFO_LEVEL, said.as_cstr());
     // SAFETY: the device does not exist yet, so no request reads the global state.
     unsafe {
         vmxroot::set_global(Some(vmxroot::Global {
             caps: admission.caps,
             mode: admission.mode,
+            duties,
+            probe: false,
         }))
     };
     FEATURES.store(admission.feature_bits(), Ordering::Release);

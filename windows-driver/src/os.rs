@@ -76,7 +76,7 @@ impl Os for NtPlatform {
                 // the lines below.
                 let ctx = unsafe { GuestContext::assume(vmx) };
                 // SAFETY: IA32_DEBUGCTL is architectural on every Intel 64 processor; CPL 0.
-                let debugctl = unsafe { cpu::rdmsr(smudge_core::arch::IA32_DEBUGCTL) };
+                let debugctl = Some(unsafe { cpu::rdmsr(smudge_core::arch::IA32_DEBUGCTL) });
                 Ok(f(&mut Hardware::new(&ctx, debugctl)))
             }
             None => Err(Fail::Io),

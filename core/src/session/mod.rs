@@ -37,6 +37,11 @@ pub struct Driver {
     pub caps: VmxCaps,
     /// The best dirty-tracking mode they allow (`auto`).
     pub mode: Mode,
+    /// The speculation duties around every entry (`spec`).
+    pub duties: crate::spec::Duties,
+    /// Test-only: compare the host's debug state before each run with the state after every
+    /// exit (`abi::Isolation::host_changed`).
+    pub probe: bool,
 }
 
 /// The VM and the VM-execution controls of its vCPUs (set by SETUP and SET_MODE).
@@ -102,6 +107,7 @@ impl SharedVm for RunVm<'_> {
 /// The run loop's view of the OS and of the protocol for one stay in guest mode.
 struct Env<'a, O: Os> {
     os: &'a O,
+    drv: &'a Driver,
     share: &'a Share,
     stay_start: u64,
 }
@@ -123,6 +129,12 @@ impl<O: Os> RunEnv for Env<'_, O> {
     }
     fn vmclear_on(&self, cpu: u32, pages: &VcpuPages) {
         self.os.vmclear_on(cpu, pages)
+    }
+    fn duties(&self) -> crate::spec::Duties {
+        self.drv.duties
+    }
+    fn probe(&self) -> bool {
+        self.drv.probe
     }
 }
 
@@ -415,6 +427,13 @@ impl<O: Os> Session<O> {
                         for (a, b) in s.exits.iter_mut().zip(hw.state.exits.iter()) {
                             *a += *b;
                         }
+                        let (t, v) = (&mut s.isolation, &hw.state.isolation);
+                        t.entries += v.entries;
+                        t.l1d_flushes += v.l1d_flushes;
+                        t.verws += v.verws;
+                        t.ibpbs += v.ibpbs;
+                        t.probes += v.probes;
+                        t.host_changed += v.host_changed;
                     }
                 }
                 enc(s.to_bytes(buf))
@@ -502,6 +521,7 @@ impl<O: Os> Session<O> {
             hw.cache.refill(os);
             let env = Env {
                 os,
+                drv,
                 share: &self.share,
                 stay_start: os.now_ns(),
             };

@@ -4,6 +4,7 @@
 use crate::abi::Regs;
 use crate::arch::{self, FxArea, GuestGprs, HostState, InveptType, VmFail};
 use crate::platform::Platform;
+use crate::spec::Duties;
 use crate::vcpu::{Cached, PageCache, VcpuPages};
 use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
 use crate::vmx::caps::{ept_cap, pin, secondary, Controls, VmxCaps};
@@ -11,6 +12,7 @@ use crate::vmx::checks::{self, Violation};
 use crate::vmx::fields::Field;
 use crate::vmx::setup::{self, VcpuConfig};
 use crate::vmx::vmcs::{VmcsAccess, VmcsError};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The current VMCS of this CPU, through VMREAD/VMWRITE.
 pub struct HwVmcs {
@@ -81,6 +83,35 @@ pub trait RunEnv {
     /// VMCLEAR of `pages`' VMCS on CPU `cpu`, where it was last active (an IPI); called with
     /// preemption off, interrupts on.
     fn vmclear_on(&self, cpu: u32, pages: &VcpuPages);
+    /// The speculation duties around each entry (`spec`), fixed at load.
+    fn duties(&self) -> Duties;
+    /// The test-only read-out: compare the host's debug state before the run with the state
+    /// after every exit, and count the differences (`abi::Isolation`).
+    fn probe(&self) -> bool;
+}
+
+/// CPUs whose last VMPTRLD [`LOADED`] records; beyond them every load counts as a switch.
+pub const TRACKED_CPUS: usize = 1024;
+
+/// Per CPU, the VMCS it loaded last (0: none, or cleared since): a load of another one is a
+/// switch between vCPUs, where IBPB keeps one guest's branch training from steering another's
+/// host work (KVM's per-CPU `current_vmcs`, `vmx_vcpu_load_vmcs`). Reset by VMCLEAR, so a
+/// freed VMCS page reused for another vCPU still counts as a switch.
+static LOADED: [AtomicU64; TRACKED_CPUS] = [const { AtomicU64::new(0) }; TRACKED_CPUS];
+
+/// Records that CPU `cpu` loads `vmcs`; true when it had another (or none) loaded.
+fn note_load(cpu: u32, vmcs: u64) -> bool {
+    match LOADED.get(cpu as usize) {
+        Some(l) => l.swap(vmcs, Ordering::Relaxed) != vmcs,
+        None => true,
+    }
+}
+
+/// Forgets `vmcs` as CPU `cpu`'s last load (it was cleared there).
+fn note_clear(cpu: u32, vmcs: u64) {
+    if let Some(l) = LOADED.get(cpu as usize) {
+        let _ = l.compare_exchange(vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
 /// Proof that the current CPU is in VMX root operation and stays the current CPU while the
@@ -114,6 +145,7 @@ impl VmxCpu {
     /// VMCLEAR of a vCPU's VMCS here: it may then become active on another CPU, or be freed
     /// (SDM 25.11.1).
     pub fn vmclear(&self, pages: &VcpuPages) -> Result<(), VmFail> {
+        note_clear(self.cpu, pages.vmcs);
         // SAFETY: VMX root operation (the proof); `pages.vmcs` is a VMCS region the core
         // allocated with the revision id.
         unsafe { arch::vmclear(pages.vmcs) }
@@ -158,8 +190,9 @@ pub trait Processor {
     fn cpu(&self) -> u32;
     /// VMCLEAR of `pages`' VMCS here.
     fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail>;
-    /// VMPTRLD: makes `pages`' VMCS current here; returns access to it.
-    fn load(&mut self, pages: &VcpuPages) -> Result<Self::Vmcs, VmFail>;
+    /// VMPTRLD: makes `pages`' VMCS current here; returns access to it, and whether this CPU
+    /// loaded another VMCS (or none) last.
+    fn load(&mut self, pages: &VcpuPages) -> Result<(Self::Vmcs, bool), VmFail>;
     /// What the VMCS host area must hold on this CPU.
     fn host_state(&self) -> HostState;
     /// VMLAUNCH (`launched` false) or VMRESUME of the current VMCS with the guest's `gprs`;
@@ -184,18 +217,27 @@ pub trait Processor {
     fn raise_nmi(&mut self);
     /// CPUID of this CPU (the guest sees it filtered).
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// L1D flush (`spec`; only when the processor enumerates it).
+    fn flush_l1d(&mut self);
+    /// VERW with the host's data selector `selector` (`spec`).
+    fn clear_cpu_buffers(&mut self, selector: u16);
+    /// IBPB (`spec`; only when the processor enumerates it).
+    fn ibpb(&mut self);
+    /// The test-only read-out: this CPU's debug registers, XCR0 and IA32_DEBUGCTL (0 where the
+    /// MSR cannot be read).
+    fn host_debug(&self) -> (arch::DebugState, u64);
 }
 
 /// The real processor, with the proof that a guest may run here.
 pub struct Hardware<'a> {
     ctx: &'a GuestContext,
-    debugctl: u64,
+    debugctl: Option<u64>,
 }
 
 impl<'a> Hardware<'a> {
-    /// This CPU, where `ctx` proves a guest may run; `host_debugctl` is its IA32_DEBUGCTL (0 when
-    /// it cannot be read), restored after every VM exit.
-    pub fn new(ctx: &'a GuestContext, host_debugctl: u64) -> Hardware<'a> {
+    /// This CPU, where `ctx` proves a guest may run; `host_debugctl` is its IA32_DEBUGCTL (None
+    /// when the processor lacks the MSR, as Bochs 2.7 does), restored after every VM exit.
+    pub fn new(ctx: &'a GuestContext, host_debugctl: Option<u64>) -> Hardware<'a> {
         Hardware {
             ctx,
             debugctl: host_debugctl,
@@ -211,17 +253,18 @@ impl Processor for Hardware<'_> {
     fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail> {
         self.ctx.vmx().vmclear(pages)
     }
-    fn load(&mut self, pages: &VcpuPages) -> Result<HwVmcs, VmFail> {
+    fn load(&mut self, pages: &VcpuPages) -> Result<(HwVmcs, bool), VmFail> {
         // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that
         // `run` made clear or active here first.
         unsafe { arch::vmptrld(pages.vmcs) }?;
+        let switched = note_load(self.cpu(), pages.vmcs);
         // SAFETY: VMX root operation (`ctx`), and the VMCS just loaded is current.
-        Ok(unsafe { HwVmcs::current() })
+        Ok((unsafe { HwVmcs::current() }, switched))
     }
     fn host_state(&self) -> HostState {
         // SAFETY: preemption is off (`ctx`): the snapshot describes this CPU for the whole run.
         let mut s = unsafe { arch::host_state() };
-        s.debugctl = self.debugctl;
+        s.debugctl = self.debugctl.unwrap_or(0);
         s
     }
     fn enter(
@@ -268,6 +311,28 @@ impl Processor for Hardware<'_> {
     }
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
         arch::cpuid(leaf, subleaf)
+    }
+    fn flush_l1d(&mut self) {
+        // SAFETY: ring 0 (`ctx`); `spec::Duties` asks for the flush only where CPUID enumerates
+        // L1D_FLUSH.
+        unsafe { arch::flush_l1d() }
+    }
+    fn clear_cpu_buffers(&mut self, selector: u16) {
+        arch::verw(selector)
+    }
+    fn ibpb(&mut self) {
+        // SAFETY: ring 0 (`ctx`); `spec::Duties` asks for IBPB only where CPUID enumerates it.
+        unsafe { arch::ibpb() }
+    }
+    fn host_debug(&self) -> (arch::DebugState, u64) {
+        // SAFETY: ring 0 (`ctx`); IA32_DEBUGCTL is read only when the shim could read it.
+        unsafe {
+            (
+                arch::debug_state(),
+                self.debugctl
+                    .map_or(0, |_| arch::rdmsr(arch::IA32_DEBUGCTL)),
+            )
+        }
     }
 }
 
@@ -494,8 +559,14 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         }
     };
     let p = &Cached::new(p, &vcpu.cache);
-    let mut vmcs = step("vmptrld", cpu.load(&vcpu.pages))?;
+    let (mut vmcs, switched) = step("vmptrld", cpu.load(&vcpu.pages))?;
+    let duties = env.duties();
+    if switched && duties.ibpb {
+        cpu.ibpb();
+        vcpu.state.isolation.ibpbs += 1;
+    }
     let host: HostState = cpu.host_state();
+    let probe = env.probe().then(|| cpu.host_debug());
     let mut eptp_v = eptp_ad;
     eptp_v.set_ad_enabled(
         eptp_ad.ad_enabled()
@@ -598,7 +669,22 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
             });
         }
         let flags = env.irq_save();
+        // Last before the entry, with interrupts off (`spec`; KVM's vmx_vcpu_enter_exit).
+        if duties.l1d_flush {
+            cpu.flush_l1d();
+        }
+        if duties.verw {
+            cpu.clear_cpu_buffers(host.ss);
+        }
         let entered = cpu.enter(&mut vmcs, &mut vcpu.gprs, vcpu.launched, &host);
+        let iso = &mut vcpu.state.isolation;
+        iso.entries += 1;
+        iso.l1d_flushes += u64::from(duties.l1d_flush);
+        iso.verws += u64::from(duties.verw);
+        if let Some(before) = probe {
+            iso.probes += 1;
+            iso.host_changed += u64::from(cpu.host_debug() != before);
+        }
         env.irq_restore(flags);
         if let Err(fail) = entered {
             if let (VmFail::Valid(7 | 8), Err(violation)) = (fail, checks::check_entry(&vmcs, caps))

@@ -8,8 +8,9 @@
 //!   DR0 and DR7 while the task runs, so every RUN enters the guest with the host's DR7 armed,
 //!   and a VM exit disarms it (SDM 28.5.1 sets DR7 to 0x400) until smudge restores it. After
 //!   every RUN a write to `WATCHED` must still count.
-//! - XMM0-XMM15: loaded before the RUN system call and compared after it, in one asm block; the
-//!   guest fills the same registers with its own pattern at every checkpoint.
+//! - XMM0-XMM15 (YMM0-YMM15 where the CPU has AVX): loaded before the RUN system call and
+//!   compared after it, in one asm block; the guest fills XMM0-XMM15 with its own pattern at
+//!   every checkpoint.
 //! - The guest's own view (its debug registers and XMMs kept across checkpoints), the WBINVD
 //!   and MOV-DR exit counts, and the module's read-out (no difference after any exit).
 
@@ -81,47 +82,92 @@ impl Drop for Watchpoint {
     }
 }
 
-/// ioctl(fd, cmd, arg) with XMM0-XMM15 loaded from `pattern` before the system call and stored
-/// into `after` right after it; returns the system call's result.
-fn ioctl_keeping_xmm(
+/// Defines `$name(fd, cmd, arg, pattern, after)`: ioctl(fd, cmd, arg) between loads of 16
+/// vector registers (`$r`0-15, `$w` bytes each, moved with `$mov`) from `pattern` and stores of
+/// them into `after`, in one asm block; returns the system call's result.
+macro_rules! ioctl_keeping {
+    ($name:ident, $ty:ty, $w:literal, $mov:literal, $r:literal, $($reg:tt)*) => {
+        fn $name(fd: i32, cmd: u32, arg: u64, pattern: &$ty, after: &mut $ty) -> i64 {
+            let ret: i64;
+            // SAFETY: an ioctl system call (RAX 16, RDI, RSI, RDX; it clobbers RCX and R11)
+            // between loads and stores of the two arrays; `arg` points at the caller's request
+            // buffer. YMM only where the CPU and the OS support AVX (the caller checks).
+            unsafe {
+                std::arch::asm!(
+                    concat!($mov, " ", $r, "0, [{p}]"),
+                    concat!($mov, " ", $r, "1, [{p} + ", $w, "*1]"),
+                    concat!($mov, " ", $r, "2, [{p} + ", $w, "*2]"),
+                    concat!($mov, " ", $r, "3, [{p} + ", $w, "*3]"),
+                    concat!($mov, " ", $r, "4, [{p} + ", $w, "*4]"),
+                    concat!($mov, " ", $r, "5, [{p} + ", $w, "*5]"),
+                    concat!($mov, " ", $r, "6, [{p} + ", $w, "*6]"),
+                    concat!($mov, " ", $r, "7, [{p} + ", $w, "*7]"),
+                    concat!($mov, " ", $r, "8, [{p} + ", $w, "*8]"),
+                    concat!($mov, " ", $r, "9, [{p} + ", $w, "*9]"),
+                    concat!($mov, " ", $r, "10, [{p} + ", $w, "*10]"),
+                    concat!($mov, " ", $r, "11, [{p} + ", $w, "*11]"),
+                    concat!($mov, " ", $r, "12, [{p} + ", $w, "*12]"),
+                    concat!($mov, " ", $r, "13, [{p} + ", $w, "*13]"),
+                    concat!($mov, " ", $r, "14, [{p} + ", $w, "*14]"),
+                    concat!($mov, " ", $r, "15, [{p} + ", $w, "*15]"),
+                    "syscall",
+                    concat!($mov, " [{a}], ", $r, "0"),
+                    concat!($mov, " [{a} + ", $w, "*1], ", $r, "1"),
+                    concat!($mov, " [{a} + ", $w, "*2], ", $r, "2"),
+                    concat!($mov, " [{a} + ", $w, "*3], ", $r, "3"),
+                    concat!($mov, " [{a} + ", $w, "*4], ", $r, "4"),
+                    concat!($mov, " [{a} + ", $w, "*5], ", $r, "5"),
+                    concat!($mov, " [{a} + ", $w, "*6], ", $r, "6"),
+                    concat!($mov, " [{a} + ", $w, "*7], ", $r, "7"),
+                    concat!($mov, " [{a} + ", $w, "*8], ", $r, "8"),
+                    concat!($mov, " [{a} + ", $w, "*9], ", $r, "9"),
+                    concat!($mov, " [{a} + ", $w, "*10], ", $r, "10"),
+                    concat!($mov, " [{a} + ", $w, "*11], ", $r, "11"),
+                    concat!($mov, " [{a} + ", $w, "*12], ", $r, "12"),
+                    concat!($mov, " [{a} + ", $w, "*13], ", $r, "13"),
+                    concat!($mov, " [{a} + ", $w, "*14], ", $r, "14"),
+                    concat!($mov, " [{a} + ", $w, "*15], ", $r, "15"),
+                    p = in(reg) pattern.as_ptr(),
+                    a = in(reg) after.as_mut_ptr(),
+                    inlateout("rax") libc::SYS_ioctl => ret,
+                    in("rdi") fd,
+                    in("rsi") u64::from(cmd),
+                    in("rdx") arg,
+                    out("rcx") _, out("r11") _,
+                    $($reg)*
+                )
+            };
+            ret
+        }
+    };
+}
+
+ioctl_keeping!(ioctl_keeping_xmm, [u64; 32], "16", "movdqu", "xmm",
+    out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+    out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+    out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+    out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+);
+ioctl_keeping!(ioctl_keeping_ymm_inner, [u64; 64], "32", "vmovdqu", "ymm",
+    out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+    out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+    out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+    out("ymm12") _, out("ymm13") _, out("ymm14") _, out("ymm15") _,
+);
+
+/// `ioctl_keeping_xmm` for YMM0-YMM15 (the upper halves too).
+///
+/// # Safety
+/// The CPU and the OS support AVX.
+#[target_feature(enable = "avx")]
+unsafe fn ioctl_keeping_ymm(
     fd: i32,
     cmd: u32,
     arg: u64,
-    pattern: &[u64; 32],
-    after: &mut [u64; 32],
+    pattern: &[u64; 64],
+    after: &mut [u64; 64],
 ) -> i64 {
-    let ret: i64;
-    // SAFETY: an ioctl system call (RAX 16, RDI, RSI, RDX; it clobbers RCX and R11) between
-    // loads and stores of the two 256-byte arrays; `arg` points at the caller's request buffer.
-    unsafe {
-        std::arch::asm!(
-            "movdqu xmm0, [{p}]", "movdqu xmm1, [{p} + 16]", "movdqu xmm2, [{p} + 32]",
-            "movdqu xmm3, [{p} + 48]", "movdqu xmm4, [{p} + 64]", "movdqu xmm5, [{p} + 80]",
-            "movdqu xmm6, [{p} + 96]", "movdqu xmm7, [{p} + 112]", "movdqu xmm8, [{p} + 128]",
-            "movdqu xmm9, [{p} + 144]", "movdqu xmm10, [{p} + 160]", "movdqu xmm11, [{p} + 176]",
-            "movdqu xmm12, [{p} + 192]", "movdqu xmm13, [{p} + 208]", "movdqu xmm14, [{p} + 224]",
-            "movdqu xmm15, [{p} + 240]",
-            "syscall",
-            "movdqu [{a}], xmm0", "movdqu [{a} + 16], xmm1", "movdqu [{a} + 32], xmm2",
-            "movdqu [{a} + 48], xmm3", "movdqu [{a} + 64], xmm4", "movdqu [{a} + 80], xmm5",
-            "movdqu [{a} + 96], xmm6", "movdqu [{a} + 112], xmm7", "movdqu [{a} + 128], xmm8",
-            "movdqu [{a} + 144], xmm9", "movdqu [{a} + 160], xmm10", "movdqu [{a} + 176], xmm11",
-            "movdqu [{a} + 192], xmm12", "movdqu [{a} + 208], xmm13", "movdqu [{a} + 224], xmm14",
-            "movdqu [{a} + 240], xmm15",
-            p = in(reg) pattern.as_ptr(),
-            a = in(reg) after.as_mut_ptr(),
-            inlateout("rax") libc::SYS_ioctl => ret,
-            in("rdi") fd,
-            in("rsi") u64::from(cmd),
-            in("rdx") arg,
-            out("rcx") _, out("r11") _,
-            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
-            out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
-            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
-            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
-        )
-    };
-    ret
+    ioctl_keeping_ymm_inner(fd, cmd, arg, pattern, after)
 }
 
 /// The whole check; prints a line per case, returns true when all passed.
@@ -165,6 +211,9 @@ pub fn main(guest: &str) -> bool {
         }
     };
     let (mut runs, mut xmm_lost, mut bp_lost, mut console) = (0u64, 0u64, 0u64, Vec::new());
+    // YMM where the CPU has AVX (real hardware); XMM on the emulated CPUs here (no XSAVE).
+    let avx = std::arch::is_x86_feature_detected!("avx");
+    let regs = if avx { "YMM0-YMM15" } else { "XMM0-XMM15" };
     let mut after = [0u64; 32];
     let end = loop {
         let mut pattern = [0u64; 32];
@@ -178,15 +227,21 @@ pub fn main(guest: &str) -> bool {
                 vcpu: 0,
             },
         );
-        let ret = ioctl_keeping_xmm(
-            vm.fd,
-            Op::Run.linux_ioctl(),
-            b.as_mut_ptr() as u64,
-            &pattern,
-            &mut after,
-        );
+        let (cmd, arg) = (Op::Run.linux_ioctl(), b.as_mut_ptr() as u64);
+        let ret = if avx {
+            let wide: [u64; 64] =
+                std::array::from_fn(|i| pattern[i % 32] ^ ((i as u64 / 32) << 60));
+            let mut back = [0u64; 64];
+            // SAFETY: AVX is supported (checked above).
+            let ret = unsafe { ioctl_keeping_ymm(vm.fd, cmd, arg, &wide, &mut back) };
+            xmm_lost += u64::from(wide != back);
+            ret
+        } else {
+            let ret = ioctl_keeping_xmm(vm.fd, cmd, arg, &pattern, &mut after);
+            xmm_lost += u64::from(pattern != after);
+            ret
+        };
         runs += 1;
-        xmm_lost += u64::from(pattern != after);
         bp_lost += u64::from(!wp.fires());
         if ret < 0 {
             break Err(-ret as i32);
@@ -213,7 +268,7 @@ pub fn main(guest: &str) -> bool {
     t.check(
         "tool-xmm-kept",
         xmm_lost == 0 && runs > ROUNDS,
-        &format!("XMM0-XMM15 of this task changed across {xmm_lost} of {runs} RUNs"),
+        &format!("{regs} of this task changed across {xmm_lost} of {runs} RUNs"),
     );
     t.check(
         "tool-breakpoint-kept",

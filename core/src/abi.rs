@@ -907,6 +907,14 @@ impl<'a> Reader<'a> {
         self.pos = end;
         Ok(a)
     }
+    /// Next u8.
+    pub fn u8(&mut self) -> Result<u8, AbiError> {
+        self.take::<1>().map(|b| b[0])
+    }
+    /// Next u16.
+    pub fn u16(&mut self) -> Result<u16, AbiError> {
+        self.take::<2>().map(u16::from_le_bytes)
+    }
     /// Next u32.
     pub fn u32(&mut self) -> Result<u32, AbiError> {
         self.take::<4>().map(u32::from_le_bytes)
@@ -962,6 +970,14 @@ impl<'a> Writer<'a> {
             .copy_from_slice(b);
         self.pos = end;
         Ok(())
+    }
+    /// Writes a u8.
+    pub fn u8(&mut self, v: &u8) -> Result<(), AbiError> {
+        self.put(&[*v])
+    }
+    /// Writes a u16.
+    pub fn u16(&mut self, v: &u16) -> Result<(), AbiError> {
+        self.put(&v.to_le_bytes())
     }
     /// Writes a u32.
     pub fn u32(&mut self, v: &u32) -> Result<(), AbiError> {
@@ -1023,6 +1039,8 @@ macro_rules! wire {
         }
     };
 }
+
+pub(crate) use wire;
 
 wire!(SetupReq {
     version: u32,

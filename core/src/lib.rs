@@ -16,6 +16,7 @@ pub mod error;
 pub mod guest;
 pub mod hostmem;
 pub mod hostpt;
+pub mod kvm;
 pub mod msg;
 pub mod platform;
 pub mod session;

@@ -21,6 +21,13 @@ pub struct BochsArgs {
     /// Number of CPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
+    /// RAM of the emulated machine in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub ram: u32,
+    /// Also load the test image's stub `kvm` module (KVM's selftests read its parameter
+    /// `force_emulation_prefix` before main).
+    #[arg(long)]
+    pub kvm: bool,
     /// Files to put at /files/<basename>.
     #[arg(long = "file")]
     pub files: Vec<PathBuf>,
@@ -42,10 +49,36 @@ pub struct Boot {
     pub seconds: f64,
 }
 
+/// The emulated machine of a boot.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine<'a> {
+    /// Bochs CPU model.
+    pub cpu: &'a str,
+    /// CPUs.
+    pub smp: u32,
+    /// RAM in MiB.
+    pub ram_mib: u32,
+    /// Load the stub `kvm` module too.
+    pub kvm: bool,
+}
+
+impl<'a> Machine<'a> {
+    /// `smp` CPUs of model `cpu` with 512 MiB and no stub.
+    pub fn new(cpu: &'a str, smp: u32) -> Machine<'a> {
+        Machine {
+            cpu,
+            smp,
+            ram_mib: 512,
+            kvm: false,
+        }
+    }
+}
+
 /// Everything a boot needs, built once per xtask process.
 pub struct Artifacts {
     kernel: PathBuf,
     module: PathBuf,
+    kvm_stub: PathBuf,
     tool: PathBuf,
     guests: PathBuf,
 }
@@ -54,11 +87,13 @@ impl Artifacts {
     /// Builds whatever is missing.
     pub fn build() -> Result<Artifacts> {
         let module = linux::module()?;
+        let kvm_stub = linux::kvm_stub()?;
         let kernel = linux::kernel()?.join("arch/x86/boot/bzImage");
         let (tool, guests) = linux::tools()?;
         Ok(Artifacts {
             kernel,
             module,
+            kvm_stub,
             tool,
             guests,
         })
@@ -72,6 +107,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 exec 3>/dev/ttyS1
 if ! insmod /smudge.ko 2>&3; then echo "@@SMUDGE-INSMOD-FAILED" >&3; fi
+if [ -e /kvm.ko ] && ! insmod /kvm.ko 2>&3; then echo "@@SMUDGE-INSMOD-FAILED" >&3; fi
 cd /files
 sh /cmd.sh >&3 2>&3
 echo "@@SMUDGE-EXIT $?" >&3
@@ -87,11 +123,10 @@ for c in S h u t d o w n; do printf $c | dd of=/dev/port bs=1 seek=$((0x8900)) c
 poweroff -f
 "#;
 
-/// Boots Bochs once and runs `cmd` (a shell command line).
+/// Boots Bochs once as `m` and runs `cmd` (a shell command line).
 pub fn boot(
     a: &Artifacts,
-    cpu: &str,
-    smp: u32,
+    m: &Machine,
     files: &[PathBuf],
     cmd: &str,
     timeout: u64,
@@ -137,6 +172,9 @@ pub fn boot(
     write_exec(&stage.join("init"), INIT)?;
     write_exec(&stage.join("cmd.sh"), &format!("set -e\n{cmd}\n"))?;
     std::fs::copy(&a.module, stage.join("smudge.ko"))?;
+    if m.kvm {
+        std::fs::copy(&a.kvm_stub, stage.join("kvm.ko"))?;
+    }
     std::fs::copy(&a.tool, stage.join("bin/smudge"))?;
     // smudge-hostile (hostile/) is built next to the tool by linux::tools().
     std::fs::copy(
@@ -223,7 +261,7 @@ pub fn boot(
         work.join("bochsrc"),
         format!(
             "cpu: model={cpu}, count={smp}, ips=100000000, reset_on_triple_fault=0, ignore_bad_msrs=0, msrs=\"{msrs}\"\n\
-             memory: guest=512, host=512\n\
+             memory: guest={ram}, host={ram}\n\
              romimage: file=/usr/share/bochs/BIOS-bochs-latest, options=fastboot\n\
              vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
              display_library: rfb, options=\"timeout=0\"\n\
@@ -237,6 +275,9 @@ pub fn boot(
              sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
              panic: action=fatal\n\
              error: action=report\n",
+            cpu = m.cpu,
+            smp = m.smp,
+            ram = m.ram_mib,
             msrs = work.join("msrs.def").display(),
             iso = iso.display(),
             c1 = com1.display(),
@@ -373,16 +414,17 @@ fn unique() -> u64 {
 /// `cargo xtask bochs`.
 pub fn run_cli(a: BochsArgs) -> Result<()> {
     let arts = Artifacts::build()?;
-    step(&format!("booting Bochs ({}, {} CPU(s))", a.cpu, a.smp));
-    let b = boot(
-        &arts,
-        &a.cpu,
-        a.smp,
-        &a.files,
-        &a.cmd.join(" "),
-        a.timeout,
-        true,
-    )?;
+    step(&format!(
+        "booting Bochs ({}, {} CPU(s), {} MiB)",
+        a.cpu, a.smp, a.ram
+    ));
+    let m = Machine {
+        cpu: &a.cpu,
+        smp: a.smp,
+        ram_mib: a.ram,
+        kvm: a.kvm,
+    };
+    let b = boot(&arts, &m, &a.files, &a.cmd.join(" "), a.timeout, true)?;
     step(&format!(
         "command exited with {} after {:.1} s",
         b.status, b.seconds
@@ -396,8 +438,7 @@ pub fn demo() -> Result<()> {
     step("booting Bochs (corei7_skylake_x): smudge explain, then a dirty-log run");
     let b = boot(
         &arts,
-        "corei7_skylake_x",
-        1,
+        &Machine::new("corei7_skylake_x", 1),
         &[],
         "smudge explain /guests/pagewriter; smudge run /guests/pagewriter",
         300,

@@ -37,6 +37,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("xorriso", "/usr/bin/xorriso"),
     ("osslsigncode", "/usr/bin/osslsigncode"),
     ("openssl", "/usr/bin/openssl"),
+    // KVM's selftests (xtask/src/selftests.rs): static glibc binaries; headers_install.
+    ("gcc", "/usr/bin/gcc"),
+    ("make", "/usr/bin/make"),
+    ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
+    ("rsync", "/usr/bin/rsync"),
 ];
 
 /// Where builds that outlive a clone are cached (the kernel, bindgen, the test certificate).

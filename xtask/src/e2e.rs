@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-use crate::bochs::{boot, Artifacts};
+use crate::bochs::{boot, Artifacts, Machine};
 use crate::step;
 
 /// One case's output inside a boot.
@@ -30,7 +30,7 @@ pub(crate) fn run_cases(
             "echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"
         ));
     }
-    let b = boot(a, cpu, smp, &[], &script, 600, false)?;
+    let b = boot(a, &Machine::new(cpu, smp), &[], &script, 600, false)?;
     let raw = b.output;
     // `boot` drops lines starting with @@SMUDGE; our markers survive.
     let mut out = Vec::new();

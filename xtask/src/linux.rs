@@ -174,6 +174,36 @@ pub fn module() -> Result<PathBuf> {
     Ok(ko)
 }
 
+/// Builds the test image's stub `kvm` module (linux-driver/kvm-stub); returns its path.
+pub fn kvm_stub() -> Result<PathBuf> {
+    let kdir = kernel()?;
+    let build = root().join("target/kvm-stub");
+    let _ = std::fs::remove_dir_all(&build);
+    std::fs::create_dir_all(&build)?;
+    for f in ["Kbuild", "kvm.c"] {
+        std::fs::copy(root().join("linux-driver/kvm-stub").join(f), build.join(f))
+            .with_context(|| format!("copy {f}"))?;
+    }
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(&kdir)
+        .arg(format!("M={}", build.display()))
+        .args(make_vars())
+        .arg("modules")
+        .output()
+        .context("make modules (kvm stub)")?;
+    let ko = build.join("kvm.ko");
+    if !out.status.success() || !ko.exists() {
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bail!("building the stub kvm.ko failed");
+    }
+    Ok(ko)
+}
+
 fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {

@@ -9,6 +9,7 @@ mod fuzz;
 mod guests;
 mod host;
 mod linux;
+mod selftests;
 mod windows;
 
 use anyhow::Result;
@@ -51,6 +52,8 @@ enum Cmd {
     E2e,
     /// Only its hostile-input-and-faults boot (xtask/src/e2e_hostile.rs).
     E2eHostile,
+    /// KVM's dirty-log selftests, built from linux-source-6.12 (cached), under Bochs.
+    Selftests,
     /// Bounded coverage-guided fuzzing of the core (libFuzzer, mock platform), host only.
     Fuzz {
         /// Seconds per target.
@@ -85,6 +88,7 @@ fn main() -> Result<()> {
         Cmd::Demo => bochs::demo(),
         Cmd::E2e => e2e::suite(),
         Cmd::E2eHostile => e2e_hostile::suite(&bochs::Artifacts::build()?),
+        Cmd::Selftests => selftests::run_cli(),
         Cmd::Fuzz { seconds } => fuzz::bounded(seconds)?.check(),
     }
 }

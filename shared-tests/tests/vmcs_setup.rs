@@ -15,6 +15,7 @@ use smudge_core::guest::Layout;
 use smudge_core::vmx::caps::{Ctls, VmxCaps};
 use smudge_core::vmx::checks::check_entry;
 use smudge_core::vmx::fields::Field;
+use smudge_core::vmx::guest_state::GuestState;
 use smudge_core::vmx::setup::{self, VcpuConfig};
 use smudge_core::vmx::vmcs::{VmcsAccess, VmcsImage};
 
@@ -91,12 +92,10 @@ fn programmed_vmcs_passes_the_entry_checks_on_every_fixture_with_ept() {
                     vpid: 1,
                     pml_buffer: 0x30_0000,
                     msr_bitmap: 0x31_0000,
-                    rip: 0x10_0000,
-                    rsp: layout.stack_top(0),
-                    rflags: 0x2,
                 };
+                let guest = GuestState::smudge(&layout, &caps, 0x10_0000, layout.stack_top(0), 0x2);
                 let mut img = VmcsImage::new();
-                setup::program(&mut img, &caps, &ctls, &host(&caps), &layout, &cfg)
+                setup::program(&mut img, &caps, &ctls, &host(&caps), &guest, &cfg)
                     .expect("program");
                 if let Err(v) = check_entry(&img, &caps) {
                     panic!("{what}: the entry checker refuses the VMCS: {v}\n{img:?}");

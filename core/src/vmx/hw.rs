@@ -10,6 +10,7 @@ use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
 use crate::vmx::caps::{ept_cap, pin, secondary, Controls, VmxCaps};
 use crate::vmx::checks::{self, Violation};
 use crate::vmx::fields::Field;
+use crate::vmx::guest_state::GuestState;
 use crate::vmx::setup::{self, VcpuConfig};
 use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -578,14 +579,12 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         vpid: 1 + vcpu.state.index as u16,
         pml_buffer: vcpu.pages.pml,
         msr_bitmap: vcpu.pages.msr_bitmap,
-        rip: vcpu.rip,
-        rsp: vcpu.rsp,
-        rflags: vcpu.rflags,
     };
     if !vcpu.programmed {
+        let guest = GuestState::smudge(&layout, caps, vcpu.rip, vcpu.rsp, vcpu.rflags);
         vmcs_step(
             "vmwrite (setup)",
-            setup::program(&mut vmcs, caps, ctls, &host, &layout, &cfg),
+            setup::program(&mut vmcs, caps, ctls, &host, &guest, &cfg),
         )?;
         let mut precheck = true;
         if let Some((field, value, skip)) = vcpu.debug_override {

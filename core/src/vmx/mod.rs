@@ -6,6 +6,7 @@ pub mod caps;
 pub mod checks;
 pub mod controls;
 pub mod fields;
+pub mod guest_state;
 pub mod hw;
 pub mod msr_dump;
 pub mod root;

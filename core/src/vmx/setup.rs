@@ -7,11 +7,11 @@
 
 use crate::arch::HostState;
 use crate::dirty::Mode;
-use crate::guest::{self as abi, Layout};
 use crate::vmx::caps::{
     entry, exit, pin, primary, secondary, ControlError, ControlRequest, Controls, VmxCaps, Want,
 };
 use crate::vmx::fields::Field;
+use crate::vmx::guest_state::GuestState;
 use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 
 /// The controls smudge asks for a guest tracked in `mode` (SDM 25.6-25.8):
@@ -89,12 +89,6 @@ pub struct VcpuConfig {
     pub pml_buffer: u64,
     /// Host-physical address of the 4 KiB MSR bitmap.
     pub msr_bitmap: u64,
-    /// Guest RIP.
-    pub rip: u64,
-    /// Guest RSP.
-    pub rsp: u64,
-    /// Guest RFLAGS (0x2 for the guest ABI's entry state).
-    pub rflags: u64,
 }
 
 /// Fits `value` to the CR0/CR4 fixed bits (SDM A.7, A.8).
@@ -108,22 +102,29 @@ pub use crate::arch::CR4_OSXSAVE;
 /// The guest's IA32_PAT: the power-up value (SDM Vol. 3A 13.12.4, Table 13-12).
 pub const GUEST_PAT: u64 = 0x0007_0406_0007_0406;
 
-/// Programs the control, host-state and guest-state areas of `v`.
+/// Programs the control, host-state and guest-state areas of `v` for a guest that starts in
+/// `guest`.
 pub fn program(
     v: &mut dyn VmcsAccess,
     caps: &VmxCaps,
     ctls: &Controls,
     host_state: &HostState,
-    layout: &Layout,
+    guest: &GuestState,
     cfg: &VcpuConfig,
 ) -> Result<(), VmcsError> {
     use Field as F;
-    // Controls (SDM 25.6-25.8).
+    // Controls (SDM 25.6-25.8). "IA-32e mode guest" follows the guest's EFER.LMA (SDM
+    // 27.3.1.1).
+    let entry_ctls = if guest.long_mode() {
+        ctls.entry | entry::IA32E_MODE_GUEST
+    } else {
+        ctls.entry & !entry::IA32E_MODE_GUEST
+    };
     v.write(F::PinBasedControls, ctls.pin.into())?;
     v.write(F::PrimaryProcessorBasedControls, ctls.primary.into())?;
     v.write(F::SecondaryProcessorBasedControls, ctls.secondary.into())?;
     v.write(F::VmExitControls, ctls.exit.into())?;
-    v.write(F::VmEntryControls, ctls.entry.into())?;
+    v.write(F::VmEntryControls, entry_ctls.into())?;
     v.write(F::ExceptionBitmap, 0)?;
     v.write(F::Cr3TargetCount, 0)?;
     v.write(F::VmExitMsrStoreCount, 0)?;
@@ -139,95 +140,18 @@ pub fn program(
         v.write(F::PmlAddress, cfg.pml_buffer)?;
         v.write(F::GuestPmlIndex, crate::dirty::pml::INDEX_RESET.into())?;
     }
-    // The guest must keep CR4.VMXE=1 (CR4_FIXED0) but sees it clear: own the bit, shadow 0.
+    // The guest owns CR0 (the fixed bits are forced in GUEST_CR0). Host-owned CR4 bits (SDM
+    // 25.6.6): those VMX fixes (VMXE, read as the shadow has it), and OSXSAVE: the guest cannot
+    // set it (the MOV to CR4 exits), so it never runs with the host's XCR0 and extended state
+    // (CPUID hides XSAVE, `vm::filter_cpuid`).
     v.write(F::Cr0GuestHostMask, 0)?;
-    v.write(F::Cr0ReadShadow, abi::CR0)?;
-    // Host-owned CR4 bits (SDM 25.6.6): those VMX fixes (VMXE), and OSXSAVE: the guest sees
-    // it clear and cannot set it (the MOV to CR4 exits), so it never runs with the host's XCR0
-    // and extended state (CPUID hides XSAVE, `vm::filter_cpuid`).
     v.write(F::Cr4GuestHostMask, caps.cr4_fixed0 | CR4_OSXSAVE)?;
-    v.write(F::Cr4ReadShadow, abi::CR4)?;
 
     program_host(v, ctls, host_state)?;
 
     // Guest-state area (SDM 25.4, checks in SDM 27.3.1).
-    v.write(
-        F::GuestCr0,
-        fix_cr(abi::CR0, caps.cr0_fixed0, caps.cr0_fixed1),
-    )?;
-    v.write(F::GuestCr3, layout.cr3())?;
-    v.write(
-        F::GuestCr4,
-        fix_cr(abi::CR4, caps.cr4_fixed0, caps.cr4_fixed1),
-    )?;
-    v.write(F::GuestDr7, 0x400)?;
-    v.write(F::GuestRsp, cfg.rsp)?;
-    v.write(F::GuestRip, cfg.rip)?;
-    v.write(F::GuestRflags, cfg.rflags)?;
-    // CS: 64-bit code, type 11, S, P, L, G (access-rights format SDM 25.4.1 Table 25-2).
-    v.write(F::GuestCsSelector, abi::CS_SELECTOR.into())?;
-    v.write(F::GuestCsBase, 0)?;
-    v.write(F::GuestCsLimit, 0xffff_ffff)?;
-    v.write(F::GuestCsAccessRights, 0xa09b)?;
-    for (s, b, l, a) in [
-        (
-            F::GuestSsSelector,
-            F::GuestSsBase,
-            F::GuestSsLimit,
-            F::GuestSsAccessRights,
-        ),
-        (
-            F::GuestDsSelector,
-            F::GuestDsBase,
-            F::GuestDsLimit,
-            F::GuestDsAccessRights,
-        ),
-        (
-            F::GuestEsSelector,
-            F::GuestEsBase,
-            F::GuestEsLimit,
-            F::GuestEsAccessRights,
-        ),
-        (
-            F::GuestFsSelector,
-            F::GuestFsBase,
-            F::GuestFsLimit,
-            F::GuestFsAccessRights,
-        ),
-        (
-            F::GuestGsSelector,
-            F::GuestGsBase,
-            F::GuestGsLimit,
-            F::GuestGsAccessRights,
-        ),
-    ] {
-        v.write(s, abi::DS_SELECTOR.into())?;
-        v.write(b, 0)?;
-        v.write(l, 0xffff_ffff)?;
-        // Read/write data, accessed, S, P, D/B, G.
-        v.write(a, 0xc093)?;
-    }
-    v.write(F::GuestLdtrSelector, 0)?;
-    v.write(F::GuestLdtrBase, 0)?;
-    v.write(F::GuestLdtrLimit, 0)?;
-    v.write(F::GuestLdtrAccessRights, 1 << 16)?; // unusable
-    v.write(F::GuestTrSelector, abi::TR_SELECTOR.into())?;
-    v.write(F::GuestTrBase, layout.tss())?;
-    v.write(F::GuestTrLimit, 0x67)?;
-    v.write(F::GuestTrAccessRights, 0x8b)?; // busy 64-bit TSS, P (SDM 27.3.1.2)
-    v.write(F::GuestGdtrBase, layout.gdt())?;
-    v.write(F::GuestGdtrLimit, abi::GDT_LIMIT.into())?;
-    // An empty IDT: any exception escalates to a triple fault, which ends the run.
-    v.write(F::GuestIdtrBase, 0)?;
-    v.write(F::GuestIdtrLimit, 0)?;
+    guest.write(v, ctls.entry & entry::LOAD_IA32_PAT != 0)?;
     v.write(F::GuestIa32Debugctl, 0)?;
-    v.write(F::GuestIa32SysenterCs, 0)?;
-    v.write(F::GuestIa32SysenterEsp, 0)?;
-    v.write(F::GuestIa32SysenterEip, 0)?;
-    v.write(F::GuestIa32Efer, abi::EFER)?;
-    if ctls.entry & entry::LOAD_IA32_PAT != 0 {
-        v.write(F::GuestIa32Pat, GUEST_PAT)?;
-    }
     v.write(F::GuestInterruptibilityState, 0)?;
     v.write(F::GuestActivityState, 0)?;
     v.write(F::GuestPendingDebugExceptions, 0)?;

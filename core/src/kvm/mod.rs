@@ -3,3 +3,4 @@
 //! "A KVM personality"). Built in steps: [`abi`] (the request numbers and layouts) first.
 
 pub mod abi;
+pub mod state;

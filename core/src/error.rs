@@ -34,6 +34,8 @@ pub enum Error {
     NoFreeSlot,
     /// A vCPU of the VM has run: what shapes the VMCS (the dirty-tracking mode) is fixed.
     AlreadyRunning,
+    /// User memory for a slot is not mapped or not writable in the process.
+    UserMemory,
 }
 
 /// What a user reads when the driver-wide page cap stops a request or a vCPU.
@@ -65,6 +67,7 @@ impl Error {
             Error::AlreadyRunning => {
                 "a vCPU has run: the dirty-tracking mode can only change before the first RUN"
             }
+            Error::UserMemory => "the slot's user memory is not mapped, or not writable",
         }
     }
 }

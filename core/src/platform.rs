@@ -63,6 +63,36 @@ pub trait Platform {
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
         f(PageMut::Shared(self.page(hpa)))
     }
+
+    /// Pins `count` pages of the calling process's memory from `uaddr` (page aligned) for
+    /// writing, for as long as a VM maps them (Linux: `pin_user_pages` with FOLL_LONGTERM and
+    /// FOLL_WRITE), and calls `sink(i, hpa)` for page `i` as it is pinned. On an error the pages
+    /// already given to `sink` stay pinned: the caller unpins them. They are the process's
+    /// memory, not the driver's: no page cap applies. The default pins nothing (an OS without
+    /// the KVM personality).
+    fn pin_user_pages(
+        &self,
+        _uaddr: u64,
+        _count: u64,
+        _sink: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), PinError> {
+        Err(PinError::Unsupported)
+    }
+
+    /// Unpins a page [`Platform::pin_user_pages`] gave, marking it dirty (the guest may have
+    /// written it).
+    fn unpin_user_page(&self, _hpa: u64) {}
+}
+
+/// Why [`Platform::pin_user_pages`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinError {
+    /// An address is not mapped, or not writable, in the process (EFAULT).
+    Fault,
+    /// The OS had no memory to fault a page in or to pin it (ENOMEM).
+    OutOfMemory,
+    /// This OS does not pin user memory for VMs.
+    Unsupported,
 }
 
 /// Copies `src` into the page at `hpa` from byte `offset` (`offset + src.len() <= 4096`).

@@ -233,6 +233,9 @@ impl<P: Platform + ?Sized> Platform for Cached<'_, P> {
     fn page(&self, hpa: u64) -> &PageWords {
         self.platform.page(hpa)
     }
+    fn unpin_user_page(&self, hpa: u64) {
+        self.platform.unpin_user_page(hpa)
+    }
 }
 
 #[cfg(test)]

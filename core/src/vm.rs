@@ -26,6 +26,21 @@ pub struct Slot {
     pub pages: u64,
     /// Its dirty log.
     pub log: DirtyLog,
+    /// Where its pages come from.
+    pub backing: Backing,
+}
+
+/// Where a slot's pages come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// The driver's own zeroed pages, allocated at the first access (smudge's ABI).
+    Own,
+    /// The caller's memory from `uaddr`, pinned and mapped when the slot is made (KVM's
+    /// user-memory slots): host and guest see each other's writes.
+    User {
+        /// The caller's address of the first page.
+        uaddr: u64,
+    },
 }
 
 impl Slot {
@@ -42,6 +57,8 @@ pub struct Vm {
     slots: [Option<Slot>; MAX_SLOTS],
     mode: Mode,
     backing: u64,
+    /// User pages pinned for user-memory slots.
+    pinned: u64,
     page_limit: u64,
     layout: Option<Layout>,
     entry: u64,
@@ -107,6 +124,7 @@ impl Vm {
             slots: Default::default(),
             mode,
             backing: 0,
+            pinned: 0,
             page_limit,
             layout: None,
             entry: 0,
@@ -220,6 +238,85 @@ impl Vm {
         base: u64,
         size: u64,
     ) -> Result<usize, Error> {
+        self.new_slot(p, base, size, Backing::Own)
+    }
+
+    /// Adds a slot `[base, base+size)` backed by the caller's memory at `uaddr`: every page is
+    /// pinned and mapped now (4 KiB leaves), then cleaned for dirty logging. On failure nothing
+    /// stays pinned or mapped. Returns the slot's index.
+    pub fn add_user_slot<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        base: u64,
+        size: u64,
+        uaddr: u64,
+    ) -> Result<usize, Error> {
+        if uaddr % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let idx = self.new_slot(p, base, size, Backing::User { uaddr })?;
+        let (ept, pinned) = (&mut self.ept, &mut self.pinned);
+        let mut failed = None;
+        let pinning = p.pin_user_pages(uaddr, size / PAGE_SIZE, &mut |i, hpa| {
+            let r = if failed.is_some() {
+                Err(Error::OutOfMemory)
+            } else {
+                ept.map(
+                    p,
+                    base + i * PAGE_SIZE,
+                    hpa,
+                    PAGE_SIZE,
+                    Perms::RWX,
+                    MemoryType::WriteBack,
+                    false,
+                )
+            };
+            match r {
+                Ok(()) => *pinned += 1,
+                Err(e) => {
+                    p.unpin_user_page(hpa);
+                    failed.get_or_insert(e);
+                }
+            }
+        });
+        let result = match (pinning, failed) {
+            (_, Some(e)) => Err(e),
+            (Err(platform::PinError::OutOfMemory), None) => Err(Error::OutOfMemory),
+            (Err(platform::PinError::Unsupported), None) => Err(Error::Unsupported),
+            (Err(platform::PinError::Fault), None) => Err(Error::UserMemory),
+            (Ok(()), None) => self.clean_slot(p, idx),
+        };
+        if let Err(e) = result {
+            self.remove_slot(p, idx);
+            return Err(e);
+        }
+        Ok(idx)
+    }
+
+    /// Re-cleans slot `idx` for its dirty log (D cleared, or W removed) after its pages were
+    /// mapped.
+    fn clean_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) -> Result<(), Error> {
+        let s = self
+            .slots
+            .get_mut(idx)
+            .and_then(|s| s.as_mut())
+            .ok_or(Error::NotMapped)?;
+        s.log.enable(p, &mut self.ept)
+    }
+
+    /// User pages pinned for this VM's user-memory slots (the process's memory, not the
+    /// driver's).
+    pub fn pinned_pages(&self) -> u64 {
+        self.pinned
+    }
+
+    fn new_slot<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        base: u64,
+        size: u64,
+        backing: Backing,
+    ) -> Result<usize, Error> {
         if base % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
             return Err(Error::Misaligned);
         }
@@ -252,6 +349,7 @@ impl Vm {
             base,
             pages: size / PAGE_SIZE,
             log,
+            backing,
         });
         Ok(idx)
     }
@@ -287,15 +385,24 @@ impl Vm {
             return;
         };
         let mut freed = 0;
-        // Backing pages are freed only after INVEPT; collect by unmapping first.
+        let user = matches!(slot.backing, Backing::User { .. });
+        // No vCPU is in guest mode, and none enters before the caller's INVEPT.
         self.ept
             .for_each_leaf(p, slot.base, slot.end(), &mut |_, _, w| {
-                let v = w.load(Relaxed);
-                p.free_page(v & bits::ADDR);
+                let hpa = w.load(Relaxed) & bits::ADDR;
+                if user {
+                    p.unpin_user_page(hpa);
+                } else {
+                    p.free_page(hpa);
+                }
                 freed += 1;
             });
         let _ = self.ept.unmap(p, slot.base, slot.pages * PAGE_SIZE);
-        self.backing -= freed;
+        if user {
+            self.pinned -= freed;
+        } else {
+            self.backing -= freed;
+        }
         let (base, end) = (slot.base, slot.end());
         slot.log.free(p);
         if self.layout.is_some_and(|l| base == 0 && end == l.mem_size) {
@@ -364,6 +471,7 @@ impl Vm {
         let Some(slot) = self.slot_of(gpa) else {
             return Fault::Mmio { gpa, write };
         };
+        let user = matches!(slot.backing, Backing::User { .. });
         if let Some(t) = self.ept.translate(p, gpa) {
             if write && slot.log.on_write_violation(p, &self.ept, gpa) {
                 return Fault::Resolved;
@@ -375,6 +483,10 @@ impl Vm {
             if needed & !u64::from(t.perms.0) == 0 {
                 return Fault::Resolved;
             }
+            return Fault::Unexpected;
+        }
+        if user {
+            // Every page of a user-memory slot is mapped when the slot is made.
             return Fault::Unexpected;
         }
         self.back_page(p, gpa, write)

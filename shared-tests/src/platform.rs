@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use smudge_core::hostmem::PageBudget;
-use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
+use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
+use std::collections::HashMap;
 
 /// First fake HPA handed out (64 GiB: above the identity-mapped guest memory the tests use).
 pub const DEFAULT_HPA_BASE: u64 = 1 << 36;
@@ -105,6 +106,20 @@ pub struct MockPlatform {
     /// keeps them (no cap unless [`MockPlatform::set_host_cap`]).
     held: AtomicU64,
     cap: AtomicU64,
+    /// The "process" whose memory user-memory slots pin.
+    user: Mutex<UserMem>,
+}
+
+/// A process's memory for [`Platform::pin_user_pages`]: pages appear at their first pin or
+/// access (as anonymous memory faults in), holes are unmapped, and every pin is counted.
+#[derive(Debug, Default)]
+struct UserMem {
+    /// Page-aligned user address to the page backing it.
+    pages: HashMap<u64, u64>,
+    /// Pins per backing page.
+    pins: HashMap<u64, u32>,
+    /// Unmapped ranges `[start, end)`.
+    holes: Vec<(u64, u64)>,
 }
 
 impl Default for MockPlatform {
@@ -141,7 +156,51 @@ impl MockPlatform {
             lend_atomic: AtomicBool::new(false),
             held: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
+            user: Mutex::new(UserMem::default()),
         }
+    }
+
+    fn user(&self) -> std::sync::MutexGuard<'_, UserMem> {
+        self.user.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The page backing user address `uaddr` (faulted in at the first use); None in a hole.
+    fn user_page(&self, uaddr: u64) -> Option<u64> {
+        let page = uaddr & !4095;
+        let mut u = self.user();
+        if u.holes.iter().any(|&(a, b)| page >= a && page < b) {
+            return None;
+        }
+        if let Some(&hpa) = u.pages.get(&page) {
+            return Some(hpa);
+        }
+        let hpa = self.os_alloc_from(false)?;
+        u.pages.insert(page, hpa);
+        Some(hpa)
+    }
+
+    /// Makes `[start, end)` of the process's memory unmapped (pins there fail with EFAULT).
+    pub fn unmap_user(&self, start: u64, end: u64) {
+        self.user().holes.push((start, end));
+    }
+
+    /// Writes `bytes` at user address `uaddr` (within one page), as the process would.
+    pub fn user_write(&self, uaddr: u64, bytes: &[u8]) {
+        let hpa = self.user_page(uaddr).expect("user_write into a hole");
+        smudge_core::platform::write_bytes(self, hpa, (uaddr & 4095) as usize, bytes);
+    }
+
+    /// Reads `n` bytes at user address `uaddr` (within one page), as the process would.
+    pub fn user_read(&self, uaddr: u64, n: usize) -> Vec<u8> {
+        let hpa = self.user_page(uaddr).expect("user_read from a hole");
+        let mut out = vec![0u8; n];
+        smudge_core::platform::read_bytes(self, hpa, (uaddr & 4095) as usize, &mut out);
+        out
+    }
+
+    /// User pages pinned now (each pin counted).
+    pub fn user_pins(&self) -> u64 {
+        self.user().pins.values().map(|&n| u64::from(n)).sum()
     }
 
     /// Caps the pages held at `pages` through core's driver-wide budget, as the drivers do:
@@ -204,11 +263,14 @@ impl MockPlatform {
         self.stats().live()
     }
 
-    /// Fails the test unless every page was returned.
+    /// Fails the test unless every page was returned and no user page stays pinned (the
+    /// process's own pages stay: they are its memory).
     #[track_caller]
     pub fn assert_all_freed(&self) {
         let s = self.stats();
-        assert_eq!(s.live(), 0, "pages leaked: {s:?}");
+        let user = self.user().pages.len() as u64;
+        assert_eq!(s.live() - user, 0, "pages leaked: {s:?}, {user} user pages");
+        assert_eq!(self.user_pins(), 0, "user pages left pinned");
     }
 
     /// True when `hpa` is a page of this platform that is allocated now.
@@ -230,7 +292,13 @@ impl MockPlatform {
 impl MockPlatform {
     /// The "OS" allocator behind the budget, with the injected faults.
     fn os_alloc(&self) -> Option<u64> {
-        {
+        self.os_alloc_from(true)
+    }
+
+    /// The allocator; with `inject`, the injected faults apply (user memory faulting in does not
+    /// count as one of the driver's allocations).
+    fn os_alloc_from(&self, inject: bool) -> Option<u64> {
+        if inject {
             let mut f = self.faults();
             f.calls += 1;
             let n = f.calls;
@@ -307,6 +375,29 @@ impl Platform for MockPlatform {
         let plain = unsafe { &mut *words };
         f(PageMut::Exclusive(plain));
         slot.state.store(LIVE, Ordering::Release);
+    }
+
+    fn pin_user_pages(
+        &self,
+        uaddr: u64,
+        count: u64,
+        sink: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), PinError> {
+        for i in 0..count {
+            let a = uaddr + i * 4096;
+            let hpa = self.user_page(a).ok_or(PinError::Fault)?;
+            *self.user().pins.entry(hpa).or_default() += 1;
+            sink(i, hpa);
+        }
+        Ok(())
+    }
+
+    fn unpin_user_page(&self, hpa: u64) {
+        let mut u = self.user();
+        match u.pins.get_mut(&hpa) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => panic!("unpin_user_page({hpa:#x}): not pinned"),
+        }
     }
 }
 

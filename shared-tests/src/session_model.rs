@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use smudge_core::arch::{FxArea, GuestGprs, HostState, InveptType, VmFail};
 use smudge_core::ept::EptFeatures;
-use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
+use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
 use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
 use smudge_core::spec::Duties;
 use smudge_core::vcpu::VcpuPages;
@@ -587,6 +587,17 @@ impl<const W: bool> Platform for MockOs<W> {
     }
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
         self.p.with_page_mut(hpa, f)
+    }
+    fn pin_user_pages(
+        &self,
+        uaddr: u64,
+        count: u64,
+        sink: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), PinError> {
+        self.p.pin_user_pages(uaddr, count, sink)
+    }
+    fn unpin_user_page(&self, hpa: u64) {
+        self.p.unpin_user_page(hpa)
     }
 }
 

@@ -66,6 +66,7 @@ impl From<crate::Error> for Fail {
             E::NoFreeSlot => Fail::NoSpace,
             E::AlreadyRunning => Fail::Busy,
             E::Overlap => Fail::Exists,
+            E::UserMemory => Fail::Fault,
             _ => Fail::Invalid,
         }
     }

@@ -82,6 +82,13 @@ fn fill_exit(resp: &mut RunResp, x: RunExit) {
             resp.write = write.into();
         }
         RunExit::TripleFault => resp.kind = k::TRIPLE_FAULT,
+        // Only KVM vCPUs exit for port I/O; smudge's ABI has no record for it.
+        RunExit::Io { port, .. } => {
+            resp.kind = k::ERROR;
+            resp.reason = crate::vm::reason::IO;
+            resp.gpa = port.into();
+            resp.set_message("port I/O for user space (a KVM vCPU)");
+        }
         RunExit::Interrupted => resp.kind = k::INTERRUPTED,
         RunExit::Stopped { reason, what } => {
             resp.kind = k::ERROR;

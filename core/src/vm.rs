@@ -250,6 +250,7 @@ impl Vm {
         base: u64,
         size: u64,
         uaddr: u64,
+        logging: bool,
     ) -> Result<usize, Error> {
         if uaddr % PAGE_SIZE != 0 {
             return Err(Error::Misaligned);
@@ -284,13 +285,39 @@ impl Vm {
             (Err(platform::PinError::OutOfMemory), None) => Err(Error::OutOfMemory),
             (Err(platform::PinError::Unsupported), None) => Err(Error::Unsupported),
             (Err(platform::PinError::Fault), None) => Err(Error::UserMemory),
-            (Ok(()), None) => self.clean_slot(p, idx),
+            (Ok(()), None) if logging => self.clean_slot(p, idx),
+            (Ok(()), None) => Ok(()),
         };
         if let Err(e) = result {
             self.remove_slot(p, idx);
             return Err(e);
         }
         Ok(idx)
+    }
+
+    /// Starts (`on`) or stops dirty logging of slot `idx` (KVM_MEM_LOG_DIRTY_PAGES changing):
+    /// on, a fresh log in the VM's mode cleans the slot (D cleared, or W removed); off,
+    /// write-protect gives W back. The caller INVEPTs.
+    pub fn set_slot_logging<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        idx: usize,
+        on: bool,
+    ) -> Result<(), Error> {
+        let mode = self.mode;
+        let s = self
+            .slots
+            .get_mut(idx)
+            .and_then(|s| s.as_mut())
+            .ok_or(Error::NotMapped)?;
+        if on {
+            let fresh = DirtyLog::new(p, mode, s.base, s.pages)?;
+            core::mem::replace(&mut s.log, fresh).free(p);
+            s.log.enable(p, &mut self.ept)
+        } else {
+            s.log.disable(p, &mut self.ept);
+            Ok(())
+        }
     }
 
     /// Re-cleans slot `idx` for its dirty log (D cleared, or W removed) after its pages were
@@ -822,6 +849,18 @@ pub enum RunExit {
     },
     /// The guest triple-faulted.
     TripleFault,
+    /// Port I/O of a KVM vCPU, for user space (RIP is past the instruction; a read completes
+    /// at the next run, [`KvmExits::pending_in`]).
+    Io {
+        /// The port.
+        port: u16,
+        /// Bytes: 1, 2 or 4.
+        size: u8,
+        /// OUT (true) or IN.
+        write: bool,
+        /// The value written (OUT).
+        data: u32,
+    },
     /// The run was interrupted (a signal, or the time budget): run again to continue.
     Interrupted,
     /// An exit smudge does not handle, or a resource failure; the vCPU stopped.
@@ -894,7 +933,31 @@ pub struct VcpuState {
     pub dr: [u64; 8],
     /// What the run loop did for the host around this vCPU's entries.
     pub isolation: crate::abi::Isolation,
+    /// A vCPU of KVM's user API (its exits go to user space as KVM's do), or None for
+    /// smudge's guest ABI (hypercalls, console).
+    pub kvm: Option<KvmExits>,
 }
+
+/// The exit state of a KVM vCPU.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvmExits {
+    /// Its KVM vCPU id (KVM_CREATE_VCPU's argument).
+    pub id: u32,
+    /// Host-physical address of its `struct kvm_run` page (mapped by user space).
+    pub run_page: u64,
+    /// The signal mask KVM_RUN runs with (KVM_SET_SIGNAL_MASK), if set.
+    pub sigmask: Option<u64>,
+    /// KVM_RUN entered the guest once: the CPUID may no longer change.
+    pub ran: bool,
+    /// Its CPUID (KVM_SET_CPUID2).
+    pub cpuid: crate::kvm::cpuid::Table,
+    /// A port read (its size in bytes) that user space completes: the next run loads the data
+    /// into RAX before the guest resumes (KVM's `complete_fast_pio_in`).
+    pub pending_in: Option<u8>,
+}
+
+/// What KVM's VMCALL answers without a hypercall interface: -KVM_ENOSYS in RAX.
+pub const KVM_ENOSYS: u64 = (-1000i64) as u64;
 
 /// General-purpose register `n` in the SDM's encoding (0 = RAX ... 15 = R15). RSP (4) lives in
 /// the VMCS, so it is not available here.
@@ -938,6 +1001,7 @@ impl VcpuState {
             // SDM 18.2.4, 18.2.6: DR6 and DR7 power up as 0xFFFF0FF0 and 0x400.
             dr: [0, 0, 0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
             isolation: crate::abi::Isolation::default(),
+            kvm: None,
         }
     }
 }
@@ -1080,16 +1144,27 @@ impl Vm {
                 Action::ToUser(RunExit::TripleFault)
             }
             reason::HLT => {
-                vcpu.halted = true;
+                // KVM without an in-kernel interrupt controller: user space decides; the next
+                // run continues after the HLT.
+                vcpu.halted = vcpu.kvm.is_none();
                 Action::ToUser(RunExit::Hlt)
             }
             reason::CPUID => {
                 let (leaf, sub) = (gprs.rax as u32, gprs.rcx as u32);
-                let r = filter_cpuid(leaf, sub, cpuid(leaf, sub));
+                let r = match &vcpu.kvm {
+                    Some(k) => k.cpuid.lookup(p, leaf, sub),
+                    None => filter_cpuid(leaf, sub, cpuid(leaf, sub)),
+                };
                 gprs.rax = r[0].into();
                 gprs.rbx = r[1].into();
                 gprs.rcx = r[2].into();
                 gprs.rdx = r[3].into();
+                Action::Resume {
+                    advance: exit.instr_len,
+                }
+            }
+            reason::VMCALL if vcpu.kvm.is_some() => {
+                gprs.rax = KVM_ENOSYS;
                 Action::Resume {
                     advance: exit.instr_len,
                 }
@@ -1117,6 +1192,23 @@ impl Vm {
                 let port = (q >> 16) as u16;
                 let is_in = q & (1 << 3) != 0;
                 let string = q & (1 << 4) != 0;
+                if let Some(k) = vcpu.kvm.as_mut() {
+                    // Every port goes to user space (no device is emulated); string I/O would
+                    // need the instruction emulated.
+                    if string {
+                        return self.stop(vcpu, basic, StopCause::UnhandledExit);
+                    }
+                    let size = ((q & 7) + 1) as u8;
+                    if is_in {
+                        k.pending_in = Some(size);
+                    }
+                    return Action::ToUser(RunExit::Io {
+                        port,
+                        size,
+                        write: !is_in,
+                        data: gprs.rax as u32,
+                    });
+                }
                 if !is_in && !string && port == CONSOLE_PORT {
                     if vcpu.console_len < CONSOLE_BUF {
                         vcpu.console[vcpu.console_len] = gprs.rax as u8;

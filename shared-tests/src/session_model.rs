@@ -48,6 +48,30 @@ pub enum Step {
     Checkpoint,
     /// VMCALL with RAX = 0 and RDI = the code (exit).
     Exit(u64),
+    /// `in` of `size` bytes from `port` with RDI = `rdi` (KVM's selftests' ucall: the host reads
+    /// RDI with KVM_GET_REGS).
+    PortIn {
+        /// Port.
+        port: u16,
+        /// Bytes.
+        size: u8,
+        /// RDI during the access.
+        rdi: u64,
+    },
+    /// `out` of `size` bytes of `value` to `port`.
+    PortOut {
+        /// Port.
+        port: u16,
+        /// Bytes.
+        size: u8,
+        /// RAX.
+        value: u64,
+    },
+    /// Records RAX (what the guest holds now: the data of a completed `in`) in
+    /// [`ModelMachine::recorded`].
+    RecordRax,
+    /// HLT.
+    Hlt,
 }
 
 /// A completed guest write: its place in the global order, the vCPU, the page.
@@ -108,6 +132,7 @@ pub struct ModelMachine {
     barriers: [AtomicU64; 3],
     entries: AtomicU64,
     migrations: AtomicU64,
+    recorded: Mutex<Vec<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,6 +166,7 @@ impl ModelMachine {
             barriers: Default::default(),
             entries: AtomicU64::new(0),
             migrations: AtomicU64::new(0),
+            recorded: Mutex::new(Vec::new()),
         }
     }
 
@@ -169,6 +195,11 @@ impl ModelMachine {
     /// SDM rules the code under test broke (empty when it follows them).
     pub fn violations(&self) -> Vec<String> {
         lock(&self.violations).clone()
+    }
+
+    /// The values [`Step::RecordRax`] recorded, in order.
+    pub fn recorded(&self) -> Vec<u64> {
+        lock(&self.recorded).clone()
     }
 
     /// L1D flushes, VERWs and IBPBs the loop did.
@@ -339,6 +370,35 @@ impl ModelCpu<'_> {
                     gprs.rdi = code;
                     advance();
                     exit = (reason::VMCALL, 0, 0, 3);
+                    break;
+                }
+                // SDM 28.2.1 Table 28-5: size-1 in 2:0, IN in bit 3, port in 31:16; `in al,
+                // dx` and `out dx, al` are one byte long.
+                Some(Step::PortIn { port, size, rdi }) => {
+                    gprs.rdi = rdi;
+                    advance();
+                    let q = u64::from(size - 1) | 1 << 3 | u64::from(port) << 16;
+                    exit = (reason::IO, q, 0, 1);
+                    break;
+                }
+                Some(Step::PortOut { port, size, value }) => {
+                    gprs.rax = value;
+                    advance();
+                    exit = (
+                        reason::IO,
+                        u64::from(size - 1) | u64::from(port) << 16,
+                        0,
+                        1,
+                    );
+                    break;
+                }
+                Some(Step::RecordRax) => {
+                    lock(&self.m.recorded).push(gprs.rax);
+                    advance();
+                }
+                Some(Step::Hlt) => {
+                    advance();
+                    exit = (reason::HLT, 0, 0, 1);
                     break;
                 }
             }

@@ -60,7 +60,7 @@ fn host_and_guest_share_the_pinned_pages_and_writes_are_logged() {
         let p = MockPlatform::new();
         let mut vm = Vm::new(&p, EptFeatures::ALL, mode, 1 << 20).expect("vm");
         let s = vm
-            .add_user_slot(&p, BASE, PAGES * 4096, UADDR)
+            .add_user_slot(&p, BASE, PAGES * 4096, UADDR, true)
             .expect("user slot");
         assert_eq!(vm.pinned_pages(), PAGES);
         assert_eq!(p.user_pins(), PAGES);
@@ -116,7 +116,7 @@ fn a_hole_in_the_user_range_fails_cleanly() {
     let mut vm = Vm::new(&p, EptFeatures::ALL, Mode::Pml, 1 << 20).expect("vm");
     p.unmap_user(UADDR + 100 * 4096, UADDR + 101 * 4096);
     assert_eq!(
-        vm.add_user_slot(&p, BASE, PAGES * 4096, UADDR),
+        vm.add_user_slot(&p, BASE, PAGES * 4096, UADDR, true),
         Err(Error::UserMemory)
     );
     assert_eq!((vm.pinned_pages(), p.user_pins()), (0, 0));
@@ -126,7 +126,7 @@ fn a_hole_in_the_user_range_fails_cleanly() {
     );
     // The slot can be made where the memory is whole.
     let s = vm
-        .add_user_slot(&p, BASE, 100 * 4096, UADDR)
+        .add_user_slot(&p, BASE, 100 * 4096, UADDR, true)
         .expect("the part before the hole");
     vm.remove_slot(&p, s);
     vm.ept_mut().invept_done(&p);
@@ -141,7 +141,7 @@ fn an_allocation_failure_while_mapping_unpins_everything() {
         let mut vm = Vm::new(&p, EptFeatures::ALL, Mode::WriteProtect, 1 << 20).expect("vm");
         // The EPT tables of the slot need a PDPT, a PD and a page table each 512 pages.
         p.fail_allocs_after(after);
-        let r = vm.add_user_slot(&p, BASE, PAGES * 4096, UADDR);
+        let r = vm.add_user_slot(&p, BASE, PAGES * 4096, UADDR, true);
         p.clear_faults();
         match r {
             Err(Error::OutOfMemory) => {}
@@ -158,13 +158,15 @@ fn an_allocation_failure_while_mapping_unpins_everything() {
 fn overlapping_or_misaligned_slots_are_refused_without_pinning() {
     let p = MockPlatform::new();
     let mut vm = Vm::new(&p, EptFeatures::ALL, Mode::AdScan, 1 << 20).expect("vm");
-    let s = vm.add_user_slot(&p, BASE, 64 * 4096, UADDR).expect("slot");
+    let s = vm
+        .add_user_slot(&p, BASE, 64 * 4096, UADDR, true)
+        .expect("slot");
     assert_eq!(
-        vm.add_user_slot(&p, BASE + 63 * 4096, 4096, UADDR + (1 << 30)),
+        vm.add_user_slot(&p, BASE + 63 * 4096, 4096, UADDR + (1 << 30), true),
         Err(Error::Overlap)
     );
     assert_eq!(
-        vm.add_user_slot(&p, BASE + (1 << 30), 4096, UADDR + 1),
+        vm.add_user_slot(&p, BASE + (1 << 30), 4096, UADDR + 1, true),
         Err(Error::Misaligned)
     );
     assert_eq!(p.user_pins(), 64);

@@ -3,4 +3,5 @@
 //! "A KVM personality"). Built in steps: [`abi`] (the request numbers and layouts) first.
 
 pub mod abi;
+pub mod cpuid;
 pub mod state;

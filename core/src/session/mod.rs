@@ -9,6 +9,7 @@
 //! loop; GET_REGS/SET_REGS take the lock of a vCPU whose RUN claim they hold. The lock order is
 //! vCPU, then VM.
 
+pub mod kvm;
 pub mod os;
 pub mod share;
 
@@ -48,6 +49,8 @@ pub struct Driver {
 struct VmState {
     vm: Option<Vm>,
     ctls: Option<Controls>,
+    /// KVM's view of the VM, for a session of the KVM personality.
+    kvm: kvm::KvmVm,
 }
 
 /// A vCPU: one RUN (or GET_REGS/SET_REGS) of it at a time.
@@ -157,6 +160,7 @@ impl<O: Os> Session<O> {
             vm: Mutex::new(VmState {
                 vm: None,
                 ctls: None,
+                kvm: kvm::KvmVm::default(),
             }),
             slots: core::array::from_fn(|_| Slot {
                 busy: Busy::new(),
@@ -483,12 +487,36 @@ impl<O: Os> Session<O> {
         }
     }
 
-    /// RUN of vCPU `index`: one at a time per vCPU, several vCPUs at once. Everything that
-    /// touches the vCPU or the VM happens while this thread counts in the run loop
-    /// (`share.enter`), so a kicking VM-level request never overlaps it; between stays the
-    /// thread waits outside the loop while a kick is on.
-    #[inline(never)]
+    /// RUN of vCPU `index` in smudge's ABI: the run loop, then the answer record.
     fn run(&self, os: &O, drv: &Driver, index: u32) -> Result<abi::RunResp, Fail> {
+        self.run_loop(
+            os,
+            drv,
+            index,
+            |_| None,
+            |hw, result| {
+                let mut resp = abi::RunResp::default();
+                answer::take_console(&mut resp, &mut hw.state);
+                answer::fill_run(&mut resp, result, &mut hw.state);
+                resp
+            },
+        )
+    }
+
+    /// The run loop of vCPU `index`: one RUN at a time per vCPU, several vCPUs at once.
+    /// `prepare` sees the vCPU first and may answer without entering the guest; `finish` turns
+    /// the exit into the answer. Everything that touches the vCPU or the VM happens while this
+    /// thread counts in the run loop (`share.enter`), so a kicking VM-level request never
+    /// overlaps it; between stays the thread waits outside the loop while a kick is on.
+    #[inline(never)]
+    fn run_loop<R>(
+        &self,
+        os: &O,
+        drv: &Driver,
+        index: u32,
+        prepare: impl FnOnce(&mut HwVcpu) -> Option<R>,
+        finish: impl FnOnce(&mut HwVcpu, Result<RunExit, hw::HwError>) -> R,
+    ) -> Result<R, Fail> {
         if !self.ready.load(Ordering::Acquire) {
             return Err(Fail::Invalid);
         }
@@ -501,6 +529,9 @@ impl<O: Os> Session<O> {
             let _inside = self.share.enter(waiter(os));
             let mut g = slot.hw.lock();
             if let Some(hw) = g.as_mut() {
+                if let Some(early) = prepare(hw) {
+                    return Ok(early);
+                }
                 if let Some(old) = hw.cpu.filter(|&c| c != here) {
                     os.vmclear_on(old, &hw.pages);
                     hw.cpu = None;
@@ -550,11 +581,8 @@ impl<O: Os> Session<O> {
                 Err(e) => Some(Err(e)),
             };
             if let Some(result) = done {
-                // Filled while still in the loop: the vCPU state is this thread's.
-                let mut resp = abi::RunResp::default();
-                answer::take_console(&mut resp, &mut hw.state);
-                answer::fill_run(&mut resp, result, &mut hw.state);
-                return Ok(resp);
+                // Answered while still in the loop: the vCPU state is this thread's.
+                return Ok(finish(hw, result));
             }
             drop(g);
             drop(inside);

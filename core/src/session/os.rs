@@ -31,6 +31,15 @@ pub enum Fail {
     NoExec,
     /// VMX is not on in this CPU, or the OS could not give the guest the CPU (EIO).
     Io,
+    /// No such object: a KVM slot without a dirty log (ENOENT).
+    NoEntry,
+    /// The request does not apply to how the VM logs dirty pages: a bitmap request of a
+    /// dirty-ring VM (ENXIO).
+    NoDevice,
+    /// The caller's array is too small, or too large (E2BIG).
+    TooBig,
+    /// A signal (or KVM's immediate_exit) ended KVM_RUN before the guest exited (EINTR).
+    Interrupted,
 
     /// The request's bytes were refused by the ABI decoder.
     Abi(AbiError),
@@ -50,6 +59,10 @@ impl Fail {
             Fail::Exists => 17,
             Fail::NoExec => 8,
             Fail::Io => 5,
+            Fail::NoEntry => 2,
+            Fail::NoDevice => 6,
+            Fail::TooBig => 7,
+            Fail::Interrupted => 4,
 
             Fail::Abi(e) => e.errno(),
         }
@@ -193,4 +206,17 @@ pub trait Os: Platform + Sync {
     fn test_bad_vmcs(&self) -> u32 {
         0
     }
+    /// The TSC frequency in kHz (KVM_GET_TSC_KHZ), 0 when unknown.
+    fn tsc_khz(&self) -> u64 {
+        0
+    }
+    /// Replaces the calling thread's blocked-signal mask with `mask` (bit n-1: signal n) and
+    /// returns the old one (KVM_SET_SIGNAL_MASK applies inside KVM_RUN). The default has no
+    /// signals to mask.
+    fn swap_signal_mask(&self, mask: u64) -> u64 {
+        mask
+    }
+    /// One line for the kernel log (the caller limits how often: a guest or a user must not
+    /// flood it).
+    fn log(&self, _line: &str) {}
 }

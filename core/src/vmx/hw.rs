@@ -404,6 +404,10 @@ pub struct HwVcpu {
     /// Test hook: one VMCS field overwritten after setup (to prove the checker catches a bad
     /// VMCS), and whether to skip the pre-launch check so the processor judges it too.
     pub debug_override: Option<(Field, u64, bool)>,
+    /// A KVM vCPU's whole register state (KVM_SET_SREGS/SET_REGS): the VMCS is programmed
+    /// from it, and it is read back after every run. None: smudge's guest ABI, from the VM's
+    /// layout.
+    pub guest: Option<GuestState>,
 }
 
 impl HwVcpu {
@@ -428,7 +432,20 @@ impl HwVcpu {
             regs_dirty: false,
             kernel_gs_base: 0,
             debug_override: None,
+            guest: None,
         }
+    }
+
+    /// KVM vCPU `index` on `pages`: the processor's RESET state until KVM_SET_SREGS and
+    /// KVM_SET_REGS replace it, an empty CPUID table until KVM_SET_CPUID2.
+    pub fn new_kvm(index: u32, pages: VcpuPages) -> HwVcpu {
+        let g = GuestState::reset();
+        let mut v = HwVcpu::new(index, pages, g.rip, g.rsp);
+        v.gprs.rdi = 0;
+        v.rflags = g.rflags;
+        v.guest = Some(g);
+        v.state.kvm = Some(crate::vm::KvmExits::default());
+        v
     }
 
     /// The registers as GET_REGS reports them. A checkpoint's RAX = 0 is already in `gprs`.
@@ -502,6 +519,13 @@ impl HwVcpu {
     pub fn free_pages<P: Platform + ?Sized>(&mut self, p: &P) {
         self.cache.free_all(p);
         self.pages.free(p);
+        if let Some(k) = self.state.kvm.as_mut() {
+            for page in [&mut k.run_page, &mut k.cpuid.page] {
+                if *page != 0 {
+                    p.free_page(core::mem::take(page));
+                }
+            }
+        }
     }
 }
 
@@ -550,8 +574,14 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         }
         (vm.layout(), vm.mode(), vm.ept().eptp(true))
     });
-    let (layout, mode, eptp_ad) = match started {
-        Some((Some(l), mode, eptp)) => (l, mode, eptp),
+    // smudge's guest ABI starts from the VM's layout; a KVM vCPU from its own state.
+    let (guest, mode, eptp_ad) = match (started, vcpu.guest) {
+        (Some((_, mode, eptp)), Some(g)) => (g, mode, eptp),
+        (Some((Some(l), mode, eptp)), None) => (
+            GuestState::smudge(&l, caps, vcpu.rip, vcpu.rsp, vcpu.rflags),
+            mode,
+            eptp,
+        ),
         _ => {
             return Ok(HwExit::Exit(RunExit::Stopped {
                 reason: 0,
@@ -581,7 +611,6 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         msr_bitmap: vcpu.pages.msr_bitmap,
     };
     if !vcpu.programmed {
-        let guest = GuestState::smudge(&layout, caps, vcpu.rip, vcpu.rsp, vcpu.rflags);
         vmcs_step(
             "vmwrite (setup)",
             setup::program(&mut vmcs, caps, ctls, &host, &guest, &cfg),
@@ -794,6 +823,12 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     ] {
         if let Ok(v) = vmcs.read(field) {
             *shadow = v;
+        }
+    }
+    if vcpu.guest.is_some() {
+        let save_pat = ctls.exit & crate::vmx::caps::exit::SAVE_IA32_PAT != 0;
+        if let Ok(g) = GuestState::read(&vmcs, save_pat) {
+            vcpu.guest = Some(g);
         }
     }
     vcpu.kernel_gs_base = cpu.guest_state_out(&mut vcpu.fx, kernel_gs_base);

@@ -20,6 +20,7 @@
 #include <linux/reboot.h>
 #include <linux/panic_notifier.h>
 #include <linux/notifier.h>
+#include <linux/anon_inodes.h>
 #include <asm/tlbflush.h>
 #include <asm/desc.h>
 #include <asm/fpu/api.h>
@@ -156,6 +157,113 @@ static struct miscdevice smudge_misc = {
 };
 int smudge_misc_register(void) { return misc_register(&smudge_misc); }
 void smudge_misc_deregister(void) { misc_deregister(&smudge_misc); }
+
+/*
+ * The KVM personality (kvm=1): /dev/kvm, and KVM's anonymous-inode descriptors for a VM and its
+ * vCPUs. Rust decodes and serves every request; when one makes a VM or a vCPU it hands back the
+ * object (`made`, kind 1 VM, 2 vCPU) and this glue gives it a descriptor.
+ */
+static bool kvm;
+module_param(kvm, bool, 0444);
+MODULE_PARM_DESC(kvm, "also serve KVM's user API (the subset KVM's dirty-log selftests use) on /dev/kvm");
+static int kvm_mode;
+module_param(kvm_mode, int, 0444);
+MODULE_PARM_DESC(kvm_mode, "dirty tracking of KVM VMs: 0 the best available, 1 A/D, 2 PML, 3 write-protect");
+bool smudge_kvm_param(void) { return kvm; }
+int smudge_kvm_mode(void) { return kvm_mode; }
+
+long smudge_rs_kvm_ioctl(void *obj, int kind, unsigned int cmd, unsigned long arg, void **made, int *made_kind);
+void smudge_rs_kvm_put(void *obj, int kind);
+long smudge_rs_kvm_mmap(void *vcpu, void *vma, unsigned long pgoff, unsigned long pages);
+static const struct file_operations smudge_kvm_vm_fops, smudge_kvm_vcpu_fops;
+static long smudge_kvm_ioctl_common(void *obj, int kind, unsigned int cmd, unsigned long arg)
+{
+	void *made = NULL;
+	int made_kind = 0, fd;
+	long r = smudge_rs_kvm_ioctl(obj, kind, cmd, arg, &made, &made_kind);
+
+	if (r < 0 || !made)
+		return r;
+	fd = anon_inode_getfd(made_kind == 1 ? "kvm-vm" : "kvm-vcpu",
+			      made_kind == 1 ? &smudge_kvm_vm_fops : &smudge_kvm_vcpu_fops,
+			      made, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		smudge_rs_kvm_put(made, made_kind);
+	return fd;
+}
+static long smudge_kvm_dev_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(NULL, 0, cmd, arg); }
+static long smudge_kvm_vm_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(f->private_data, 1, cmd, arg); }
+static long smudge_kvm_vcpu_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(f->private_data, 2, cmd, arg); }
+static int smudge_kvm_vm_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data, 1); return 0; }
+static int smudge_kvm_vcpu_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data, 2); return 0; }
+/* The kvm_run page, shared with the kernel: MAP_SHARED only, never executable. */
+static int smudge_kvm_vcpu_mmap(struct file *f, struct vm_area_struct *vma)
+{
+	if (!(vma->vm_flags & VM_SHARED) || (vma->vm_flags & VM_EXEC))
+		return -EINVAL;
+	vm_flags_clear(vma, VM_MAYEXEC);
+	return smudge_rs_kvm_mmap(f->private_data, vma, vma->vm_pgoff, vma_pages(vma));
+}
+static const struct file_operations smudge_kvm_vm_fops = {
+	.owner = THIS_MODULE,
+	.release = smudge_kvm_vm_release,
+	.unlocked_ioctl = smudge_kvm_vm_ioctl,
+	.llseek = noop_llseek,
+};
+static const struct file_operations smudge_kvm_vcpu_fops = {
+	.owner = THIS_MODULE,
+	.release = smudge_kvm_vcpu_release,
+	.unlocked_ioctl = smudge_kvm_vcpu_ioctl,
+	.mmap = smudge_kvm_vcpu_mmap,
+	.llseek = noop_llseek,
+};
+static const struct file_operations smudge_kvm_dev_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = smudge_kvm_dev_ioctl,
+	.llseek = noop_llseek,
+};
+static struct miscdevice smudge_kvm_misc = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "kvm",
+	.fops = &smudge_kvm_dev_fops,
+	.mode = 0600,
+};
+int smudge_kvm_register(void) { return misc_register(&smudge_kvm_misc); }
+void smudge_kvm_deregister(void) { misc_deregister(&smudge_kvm_misc); }
+unsigned long smudge_tsc_khz(void) { return tsc_khz; }
+/* KVM_SET_SIGNAL_MASK's mask inside KVM_RUN (KVM's kvm_sigset_activate); SIGKILL and SIGSTOP
+ * stay deliverable. Returns the mask it replaced. */
+u64 smudge_sigmask_swap(u64 mask)
+{
+	sigset_t new, old;
+
+	siginitset(&new, mask & ~(sigmask(SIGKILL) | sigmask(SIGSTOP)));
+	sigprocmask(SIG_SETMASK, &new, &old);
+	return old.sig[0];
+}
+/* Pins up to n pages of the caller's memory from uaddr for a VM's EPT (KVM's memory slots):
+ * long-term, writable; the frames go to pfns. Returns how many were pinned, or -errno. */
+long smudge_pin_user_pages(unsigned long uaddr, unsigned long n, unsigned long *pfns)
+{
+	struct page *pages[16];
+	long got, i;
+
+	if (n > ARRAY_SIZE(pages))
+		n = ARRAY_SIZE(pages);
+	mmap_read_lock(current->mm);
+	got = pin_user_pages(uaddr, n, FOLL_WRITE | FOLL_LONGTERM, pages);
+	mmap_read_unlock(current->mm);
+	for (i = 0; i < got; i++)
+		pfns[i] = page_to_pfn(pages[i]);
+	return got;
+}
+/* The guest may have written the page: unpin it marked dirty. */
+void smudge_unpin_user_page(unsigned long pfn)
+{
+	struct page *p = pfn_to_page(pfn);
+
+	unpin_user_pages_dirty_lock(&p, 1, true);
+}
 
 /* INIT is blocked in VMX root operation: leave it before a reboot or after a panic. */
 static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *unused) { smudge_rs_emergency_vmxoff(); return NOTIFY_DONE; }

@@ -11,11 +11,13 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use kernel::prelude::*;
 use kernel::uaccess::UserSlice;
-use smudge_core::abi::Op;
+use smudge_core::abi::{self, Op};
 use smudge_core::arch;
 use smudge_core::hostmem::{self, PageBudget};
+use smudge_core::kvm::abi::{Ioctl, Scope};
 use smudge_core::msg::MsgBuf;
-use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
+use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
+use smudge_core::session;
 use smudge_core::session::{Buffer, Driver, Fail, HostMapping, Os, RunPolicy, Session};
 use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission::{self, Admission, Refusal};
@@ -74,6 +76,14 @@ extern "C" {
     fn smudge_host_pte(va: usize, level: *mut u32) -> u64;
     fn smudge_user_pte(va: usize, level: *mut u32) -> u64;
     fn smudge_remap_page(vma: *mut c_void, index: usize, pfn: usize) -> i32;
+    fn smudge_kvm_param() -> bool;
+    fn smudge_kvm_mode() -> i32;
+    fn smudge_kvm_register() -> i32;
+    fn smudge_kvm_deregister();
+    fn smudge_tsc_khz() -> u64;
+    fn smudge_sigmask_swap(mask: u64) -> u64;
+    fn smudge_pin_user_pages(uaddr: usize, n: usize, pfns: *mut u64) -> isize;
+    fn smudge_unpin_user_page(pfn: usize);
 }
 
 /// The driver-wide page count (module parameter `pages_held`) under the cap `max_pages`.
@@ -137,7 +147,36 @@ impl Platform for LinuxOs {
         let words = unsafe { &mut *(smudge_va(hpa) as *mut [u64; 512]) };
         f(PageMut::Exclusive(words))
     }
+    fn pin_user_pages(&self, uaddr: u64, count: u64, sink: &mut dyn FnMut(u64, u64)) -> PinResult {
+        let mut done = 0u64;
+        while done < count {
+            let mut pfns = [0u64; 16];
+            let want = ((count - done) as usize).min(pfns.len());
+            // SAFETY: pins pages of the calling process's own memory; `pfns` holds `want`.
+            let got = unsafe {
+                smudge_pin_user_pages((uaddr + done * 4096) as usize, want, pfns.as_mut_ptr())
+            };
+            match got {
+                // -EFAULT (or a page that cannot be pinned for writing).
+                n if n <= 0 && n != -12 => return Err(PinError::Fault),
+                n if n <= 0 => return Err(PinError::OutOfMemory),
+                n => {
+                    for pfn in pfns.iter().take(n as usize) {
+                        sink(done, pfn << 12);
+                        done += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    fn unpin_user_page(&self, hpa: u64) {
+        // SAFETY: a page pin_user_pages pinned for this VM.
+        unsafe { smudge_unpin_user_page((hpa >> 12) as usize) }
+    }
 }
+
+type PinResult = core::result::Result<(), PinError>;
 
 /// A request buffer from kvzalloc (allocated like guest pages), freed on drop.
 struct KernBuf {
@@ -326,6 +365,17 @@ impl Os for LinuxOs {
         // SAFETY: reads a module parameter.
         unsafe { smudge_test_bad_vmcs() as u32 }
     }
+    fn tsc_khz(&self) -> u64 {
+        // SAFETY: reads the kernel's tsc_khz.
+        unsafe { smudge_tsc_khz() }
+    }
+    fn swap_signal_mask(&self, mask: u64) -> u64 {
+        // SAFETY: sigprocmask of the calling thread.
+        unsafe { smudge_sigmask_swap(mask) }
+    }
+    fn log(&self, line: &str) {
+        pr_info!("{}\n", line);
+    }
 }
 
 /// What init found; written once before the device exists, cleared after it is gone.
@@ -420,6 +470,157 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
         let len = s.request(&LinuxOs, drv, op, buf)?;
         LinuxOs.copy_to_user(arg as u64, buf.get(..len).ok_or(Fail::Invalid)?)
     })();
+    match r {
+        Ok(()) => 0,
+        Err(e) => -(e.errno() as c_long),
+    }
+}
+
+/// A KVM VM: its session, alive while its descriptor or a vCPU's is open.
+struct KvmVmFile {
+    s: LinuxSession,
+    refs: AtomicU64,
+}
+
+/// A KVM vCPU descriptor: its VM (one reference) and its index.
+struct KvmVcpuFile {
+    vm: *const KvmVmFile,
+    index: u32,
+}
+
+/// Drops one reference of `vm`; the last frees the VM.
+///
+/// # Safety
+/// `vm` came from `KBox::into_raw` in `smudge_rs_kvm_ioctl` and holds this reference.
+unsafe fn kvm_vm_put(vm: *const KvmVmFile) {
+    // SAFETY: the caller's reference keeps it alive until here.
+    if unsafe { &*vm }.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SAFETY: the last reference: nothing else uses it.
+        let mut b = unsafe { KBox::from_raw(vm as *mut KvmVmFile) };
+        b.s.release(&LinuxOs);
+    }
+}
+
+/// A request on `/dev/kvm` (kind 0), a VM (1) or a vCPU (2) descriptor. A new VM or vCPU goes
+/// back through `made` for its descriptor (helpers.c).
+#[no_mangle]
+pub extern "C" fn smudge_rs_kvm_ioctl(
+    obj: *mut c_void,
+    kind: i32,
+    cmd: u32,
+    arg: usize,
+    made: *mut *mut c_void,
+    made_kind: *mut i32,
+) -> c_long {
+    const ENOTTY: c_long = 25;
+    let Some(drv) = driver() else {
+        return -(Fail::Io.errno() as c_long);
+    };
+    let scope = [Scope::System, Scope::Vm, Scope::Vcpu][kind.clamp(0, 2) as usize];
+    let Some(ioctl) = Ioctl::decode(cmd, scope) else {
+        return -ENOTTY;
+    };
+    let arg = arg as u64;
+    let mut give = |o: *mut c_void, k: i32| {
+        // SAFETY: the C caller's locals.
+        unsafe { (*made, *made_kind) = (o, k) };
+        Ok(0)
+    };
+    let r = match scope {
+        Scope::System if ioctl == Ioctl::CreateVm => (|| {
+            if arg != 0 {
+                return Err(Fail::Invalid);
+            }
+            // SAFETY: reads a module parameter.
+            let mode = abi::mode_of(unsafe { smudge_kvm_mode() } as u32).map_err(Fail::Abi)?;
+            let vm = KBox::new(
+                KvmVmFile {
+                    s: LinuxSession::new(),
+                    refs: AtomicU64::new(1),
+                },
+                GFP_KERNEL_ACCOUNT | __GFP_NOWARN,
+            )
+            .map_err(|_| Fail::NoMemory)?;
+            if let Err(e) = vm.s.kvm_create(&LinuxOs, drv, mode) {
+                let mut vm = vm;
+                vm.s.release(&LinuxOs);
+                return Err(e);
+            }
+            give(KBox::into_raw(vm) as *mut c_void, 1)
+        })(),
+        Scope::System => session::kvm::system_request(&LinuxOs, ioctl, arg),
+        Scope::Vm => {
+            let vmp = obj as *const KvmVmFile;
+            // SAFETY: the descriptor holds a reference until release.
+            let vm = unsafe { &*vmp };
+            match vm.s.kvm_vm_request(&LinuxOs, drv, ioctl, arg) {
+                Ok(index) if ioctl == Ioctl::CreateVcpu => {
+                    let f = KvmVcpuFile {
+                        vm: vmp,
+                        index: index as u32,
+                    };
+                    match KBox::new(f, GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
+                        Ok(b) => {
+                            vm.refs.fetch_add(1, Ordering::AcqRel);
+                            give(KBox::into_raw(b) as *mut c_void, 2)
+                        }
+                        Err(_) => Err(Fail::NoMemory),
+                    }
+                }
+                r => r,
+            }
+        }
+        Scope::Vcpu => {
+            // SAFETY: the descriptor holds its file (and through it the VM) until release.
+            let v = unsafe { &*(obj as *const KvmVcpuFile) };
+            // SAFETY: as above.
+            let vm = unsafe { &*v.vm };
+            vm.s.kvm_vcpu_request(&LinuxOs, drv, v.index, ioctl, arg)
+        }
+    };
+    match r {
+        Ok(v) => v as c_long,
+        Err(e) => -(e.errno() as c_long),
+    }
+}
+
+/// Release of a VM (kind 1) or vCPU (2) descriptor, or a descriptor that could not be made.
+#[no_mangle]
+pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void, kind: i32) {
+    if obj.is_null() {
+        return;
+    }
+    if kind == 2 {
+        // SAFETY: from KBox::into_raw in smudge_rs_kvm_ioctl; release is its last user.
+        let v = unsafe { KBox::from_raw(obj as *mut KvmVcpuFile) };
+        // SAFETY: the vCPU file's reference.
+        unsafe { kvm_vm_put(v.vm) };
+    } else {
+        // SAFETY: the VM descriptor's reference.
+        unsafe { kvm_vm_put(obj as *const KvmVmFile) };
+    }
+}
+
+/// mmap of a vCPU descriptor: its `kvm_run` page at offset 0 (helpers.c checked the flags).
+#[no_mangle]
+pub extern "C" fn smudge_rs_kvm_mmap(
+    obj: *mut c_void,
+    vma: *mut c_void,
+    pgoff: usize,
+    pages: usize,
+) -> c_long {
+    // SAFETY: the descriptor holds its file until release, which cannot run during mmap.
+    let v = unsafe { &*(obj as *const KvmVcpuFile) };
+    // SAFETY: as above.
+    let vm = unsafe { &*v.vm };
+    let r = (0..pages).try_for_each(|i| {
+        let pfn = vm.s.kvm_vcpu_page(v.index, (pgoff + i) as u64)?;
+        // SAFETY: `vma` is the mapping being set up, `i` within its pages.
+        match unsafe { smudge_remap_page(vma, i, pfn as usize) } {
+            0 => Ok(()),
+            _ => Err(Fail::NoMemory),
+        }
+    });
     match r {
         Ok(()) => 0,
         Err(e) => -(e.errno() as c_long),
@@ -554,6 +755,17 @@ impl kernel::Module for Smudge {
             teardown();
             return Err(EBUSY);
         }
+        // SAFETY: C glue; a device named kvm (KVM's own) makes the registration fail.
+        if unsafe { smudge_kvm_param() && smudge_kvm_register() != 0 } {
+            pr_err!("cannot serve /dev/kvm: a device of that name exists (unload kvm_intel)\n");
+            // SAFETY: C glue.
+            unsafe {
+                smudge_misc_deregister();
+                smudge_notifiers_unregister();
+            }
+            teardown();
+            return Err(EBUSY);
+        }
         pr_info!(
             "VMX on {} CPUs, EPT A/D {}, PML {}, dirty tracking mode: {}\n",
             ncpu,
@@ -577,6 +789,9 @@ impl Drop for Smudge {
     fn drop(&mut self) {
         // SAFETY: C glue; open files pin the module, so no VM exists here.
         unsafe {
+            if smudge_kvm_param() {
+                smudge_kvm_deregister();
+            }
             smudge_misc_deregister();
             smudge_notifiers_unregister();
         }

@@ -713,7 +713,8 @@ pub enum Request {
     },
 }
 
-fn mode_of(mode: u32) -> Result<Option<Mode>, AbiError> {
+/// The dirty mode of its wire number (0 auto, 1 A/D, 2 PML, 3 write-protect).
+pub fn mode_of(mode: u32) -> Result<Option<Mode>, AbiError> {
     Ok(match mode {
         0 => None,
         1 => Some(Mode::AdScan),

@@ -24,8 +24,8 @@ pub struct BochsArgs {
     /// RAM of the emulated machine in MiB.
     #[arg(long, default_value_t = 512)]
     pub ram: u32,
-    /// Also load the test image's stub `kvm` module (KVM's selftests read its parameter
-    /// `force_emulation_prefix` before main).
+    /// Serve KVM's API (smudge.ko kvm=1) and load the test image's stub `kvm` module (KVM's
+    /// selftests read its parameter `force_emulation_prefix` before main).
     #[arg(long)]
     pub kvm: bool,
     /// Files to put at /files/<basename>.
@@ -106,7 +106,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 exec 3>/dev/ttyS1
-if ! insmod /smudge.ko 2>&3; then echo "@@SMUDGE-INSMOD-FAILED" >&3; fi
+if ! insmod /smudge.ko $(cat /smudge.args 2>/dev/null) 2>&3; then echo "@@SMUDGE-INSMOD-FAILED" >&3; fi
 if [ -e /kvm.ko ] && ! insmod /kvm.ko 2>&3; then echo "@@SMUDGE-INSMOD-FAILED" >&3; fi
 cd /files
 sh /cmd.sh >&3 2>&3
@@ -174,6 +174,7 @@ pub fn boot(
     std::fs::copy(&a.module, stage.join("smudge.ko"))?;
     if m.kvm {
         std::fs::copy(&a.kvm_stub, stage.join("kvm.ko"))?;
+        std::fs::write(stage.join("smudge.args"), "kvm=1")?;
     }
     std::fs::copy(&a.tool, stage.join("bin/smudge"))?;
     // smudge-hostile (hostile/) is built next to the tool by linux::tools().

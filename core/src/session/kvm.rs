@@ -563,11 +563,21 @@ impl<O: Os> Session<O> {
                         (hw.gprs.rax & !mask) | v
                     };
                 }
+                // immediate_exit: the I/O is complete, the exit record stays as it was (KVM
+                // returns -EINTR without writing exit_reason; the selftests' get_ucall reads the
+                // ucall's record again after it).
                 let mut imm = [0u8];
                 read_bytes(os, page, r::IMMEDIATE_EXIT, &mut imm);
                 if imm[0] != 0 {
-                    put(os, page, r::EXIT_REASON, &exit::INTR.to_le_bytes());
                     return Some(Err(Fail::Interrupted));
+                }
+                // Without an in-kernel local APIC, KVM_RUN takes CR8 from the page (KVM's
+                // "re-sync apic's tpr").
+                let mut cr8 = [0u8; 8];
+                read_bytes(os, page, r::CR8, &mut cr8);
+                match u64::from_le_bytes(cr8) {
+                    v @ 0..=15 => hw.state.cr8 = v,
+                    _ => return Some(Err(Fail::Invalid)),
                 }
                 if let Some(m) = k.sigmask {
                     old_mask = Some(os.swap_signal_mask(m));
@@ -580,6 +590,19 @@ impl<O: Os> Session<O> {
                     return Err(Fail::Invalid);
                 };
                 let cpu = hw.cpu.unwrap_or(0);
+                // KVM's post_kvm_run_save: CR8, the APIC base, RFLAGS.IF, no injection window
+                // (smudge injects no interrupts).
+                let rflags = hw.guest.map_or(hw.rflags, |g| g.rflags);
+                put(os, k.run_page, r::CR8, &hw.state.cr8.to_le_bytes());
+                put(os, k.run_page, r::APIC_BASE, &APIC_BASE.to_le_bytes());
+                put(
+                    os,
+                    k.run_page,
+                    r::IF_FLAG,
+                    &[u8::from(rflags & (1 << 9) != 0)],
+                );
+                put(os, k.run_page, r::READY_FOR_INTERRUPT_INJECTION, &[0]);
+                put(os, k.run_page, r::FLAGS, &[0, 0]);
                 self.kvm_exit(os, k.run_page, cpu, result)
             },
         );

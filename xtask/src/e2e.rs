@@ -20,8 +20,9 @@ pub(crate) struct Case {
 /// Runs `cases` (name, shell command) in one boot; returns each case's output and status.
 pub(crate) fn run_cases(
     a: &Artifacts,
-    cpu: &str,
-    smp: u32,
+    m: &Machine,
+    files: &[std::path::PathBuf],
+    timeout: u64,
     cases: &[(&str, String)],
 ) -> Result<(Vec<Case>, f64)> {
     let mut script = String::from("set +e\n");
@@ -30,7 +31,7 @@ pub(crate) fn run_cases(
             "echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"
         ));
     }
-    let b = boot(a, &Machine::new(cpu, smp), &[], &script, 600, false)?;
+    let b = boot(a, m, files, &script, timeout, false)?;
     let raw = b.output;
     // `boot` drops lines starting with @@SMUDGE; our markers survive.
     let mut out = Vec::new();
@@ -75,18 +76,27 @@ type Verify = Box<dyn Fn(&[Case], &mut Vec<String>) -> Result<String>>;
 /// their output, each printed as one `ok` or `FAIL` line.
 pub(crate) struct Boot {
     title: String,
-    cpu: &'static str,
-    smp: u32,
+    machine: Machine<'static>,
+    /// Files put at /files (the working directory of the cases).
+    pub(crate) files: Vec<std::path::PathBuf>,
+    /// Seconds before the boot counts as hung.
+    pub(crate) timeout: u64,
     cases: Vec<(String, String)>,
     checks: Vec<(String, Verify)>,
 }
 
 impl Boot {
     pub(crate) fn new(title: &str, cpu: &'static str, smp: u32) -> Boot {
+        Boot::on(title, Machine::new(cpu, smp))
+    }
+
+    /// A boot of machine `m`.
+    pub(crate) fn on(title: &str, m: Machine<'static>) -> Boot {
         Boot {
             title: title.into(),
-            cpu,
-            smp,
+            machine: m,
+            files: Vec::new(),
+            timeout: 600,
             cases: Vec::new(),
             checks: Vec::new(),
         }
@@ -119,7 +129,7 @@ pub(crate) fn run_boots(a: &Artifacts, boots: Vec<Boot>) -> Result<()> {
             .iter()
             .map(|(n, c)| (n.as_str(), c.clone()))
             .collect();
-        let (res, secs) = run_cases(a, b.cpu, b.smp, &cases)?;
+        let (res, secs) = run_cases(a, &b.machine, &b.files, b.timeout, &cases)?;
         for (title, verify) in &b.checks {
             match verify(&res, &mut figures) {
                 Ok(msg) => println!("  ok    {title}: {msg}"),
@@ -317,6 +327,7 @@ pub fn suite() -> Result<()> {
             tigerlake_boot(),
             smp_boot(),
             crate::e2e_hostile::boot(),
+            crate::selftests::boot()?,
         ],
     )
 }

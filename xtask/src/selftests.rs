@@ -3,11 +3,11 @@
 //! `cargo xtask selftests`, which runs them under Bochs against smudge.
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
 use std::process::Command;
 
-use crate::bochs::{boot, Artifacts, Machine};
+use crate::bochs::{Artifacts, Machine};
 use crate::deps::{cache_dir, run};
+use crate::e2e::{case, run_boots, Boot};
 use crate::step;
 
 /// The tests, by their binary names in tools/testing/selftests/kvm.
@@ -42,7 +42,7 @@ fn key() -> Result<String> {
 
 /// The directory holding the built tests, building them when missing (about 30 s: extract the
 /// source, `make headers`, then the two tests).
-pub fn build() -> Result<PathBuf> {
+pub fn build() -> Result<std::path::PathBuf> {
     let dir = cache_dir().join(format!("kvm-selftests-{}", key()?));
     if TESTS.iter().all(|t| dir.join(t).exists()) {
         return Ok(dir);
@@ -88,38 +88,99 @@ pub fn build() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// `cargo xtask selftests`: builds the tests and runs them under Bochs (2 CPUs, 2 GiB: the
-/// dirty-log test's guest touches a 1 GiB slot) with the stub `kvm` module loaded.
-pub fn run_cli() -> Result<()> {
+/// smudge's dirty modes as `kvm_mode` numbers.
+const MODES: [(&str, u32); 3] = [("ad", 1), ("pml", 2), ("wp", 3)];
+
+/// The boot that runs KVM's selftests against smudge: 2 CPUs and 2 GiB (the dirty-log test's
+/// guest touches a 1 GiB slot), smudge.ko with `kvm=1`, reloaded with each `kvm_mode`, and the
+/// stub `kvm` module. Each run's exit status and output are checked; the tests' own figures
+/// are kept.
+pub fn boot() -> Result<Boot> {
     let dir = build()?;
-    let arts = Artifacts::build()?;
-    let files: Vec<PathBuf> = TESTS.iter().map(|t| dir.join(t)).collect();
-    let runs = [
-        "./dirty_log_test -M dirty-log -i 3",
-        "./dirty_log_test -M clear-log -i 3",
-        "./dirty_log_test -M dirty-ring -i 3",
-        "./dirty_log_perf_test -v 2 -b 16M -i 2",
-    ];
-    let mut script = String::from("set +e\nfail=0\n");
-    for r in runs {
-        script.push_str(&format!(
-            "echo '== {r}'; {r}; rc=$?; echo \"== exit status $rc\"; [ $rc -eq 0 ] || fail=1\n"
-        ));
+    let mut b = Boot::on(
+        "KVM's dirty-log selftests (linux-source-6.12, unmodified) on Bochs corei7_skylake_x with 2 CPUs",
+        Machine {
+            ram_mib: 2048,
+            kvm: true,
+            ..Machine::new("corei7_skylake_x", 2)
+        },
+    );
+    b.files = TESTS.iter().map(|t| dir.join(t)).collect();
+    b.timeout = 1500;
+    let reload = |n: u32| format!("rmmod smudge && insmod /smudge.ko kvm=1 kvm_mode={n}");
+    for (m, n) in MODES {
+        for log in ["dirty-log", "clear-log"] {
+            b.case(
+                format!("{log}-{m}"),
+                format!("{} && ./dirty_log_test -M {log} -i 3", reload(n)),
+            );
+        }
     }
-    script.push_str("exit $fail\n");
-    let m = Machine {
-        ram_mib: 2048,
-        kvm: true,
-        ..Machine::new("corei7_skylake_x", 2)
-    };
-    step("booting Bochs (corei7_skylake_x, 2 CPUs, 2 GiB) with the stub kvm module");
-    let b = boot(&arts, &m, &files, &script, 1800, true)?;
-    step(&format!(
-        "selftests finished with status {} after {:.1} s",
-        b.status, b.seconds
-    ));
-    if b.status != 0 {
-        bail!("a KVM selftest failed");
+    for (m, n) in [MODES[0], MODES[1]] {
+        b.case(
+            format!("perf-{m}"),
+            format!("{} && ./dirty_log_perf_test -v 2 -b 16M -i 3", reload(n)),
+        );
     }
-    Ok(())
+    b.case(
+        "kernel-log",
+        "dmesg | grep -E 'BUG|WARNING|Oops|general protection' || echo clean",
+    );
+    for (m, _) in MODES {
+        for log in ["dirty-log", "clear-log"] {
+            let name = format!("{log}-{m}");
+            b.check(
+                format!("dirty_log_test -M {log} -i 3, smudge mode {m}"),
+                move |res, figures| {
+                    let c = case(res, &name)?;
+                    let dirtied = c.out.lines().find(|l| l.starts_with("Dirtied "));
+                    let bits = c.out.lines().find(|l| l.starts_with("Total bits checked"));
+                    match (c.rc, dirtied, bits) {
+                        (0, Some(d), Some(t)) if !c.out.contains("Assertion Failure") => {
+                            figures.push(format!("dirty_log_test -M {log} -i 3 ({m}): {d}; {t}"));
+                            Ok(format!("exit 0: {d}; {t}"))
+                        }
+                        _ => bail!("exit {}:\n{}", c.rc, c.out),
+                    }
+                },
+            );
+        }
+    }
+    for (m, _) in [MODES[0], MODES[1]] {
+        let name = format!("perf-{m}");
+        b.check(
+            format!("dirty_log_perf_test -v 2 -b 16M -i 3, smudge mode {m}"),
+            move |res, figures| {
+                let c = case(res, &name)?;
+                let get = c.out.lines().find(|l| l.starts_with("Get dirty log over"));
+                let clear = c
+                    .out
+                    .lines()
+                    .find(|l| l.starts_with("Clear dirty log over"));
+                match (c.rc, get, clear) {
+                    (0, Some(g), Some(cl)) => {
+                        figures.push(format!(
+                            "dirty_log_perf_test -v 2 -b 16M -i 3 ({m}): {g} {cl}"
+                        ));
+                        Ok(format!("exit 0: {g} {cl}"))
+                    }
+                    _ => bail!("exit {}:\n{}", c.rc, c.out),
+                }
+            },
+        );
+    }
+    b.check("kernel log after the selftests", |res, _| {
+        let c = case(res, "kernel-log")?;
+        if c.out.trim() != "clean" {
+            bail!("{}", c.out);
+        }
+        Ok("no BUG, WARNING, Oops or general protection fault".into())
+    });
+    Ok(b)
+}
+
+/// `cargo xtask selftests`.
+pub fn run_cli() -> Result<()> {
+    let b = boot()?;
+    run_boots(&Artifacts::build()?, vec![b])
 }

@@ -548,7 +548,14 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
             }
             give(KBox::into_raw(vm) as *mut c_void, 1)
         })(),
-        Scope::System => session::kvm::system_request(&LinuxOs, ioctl, arg),
+        Scope::System => {
+            // SAFETY: reads a module parameter.
+            let mode = abi::mode_of(unsafe { smudge_kvm_mode() } as u32)
+                .ok()
+                .flatten();
+            let ring = session::kvm::ring_capable(mode.unwrap_or(drv.mode));
+            session::kvm::system_request(&LinuxOs, ioctl, arg, ring)
+        }
         Scope::Vm => {
             let vmp = obj as *const KvmVmFile;
             // SAFETY: the descriptor holds a reference until release.
@@ -614,7 +621,7 @@ pub extern "C" fn smudge_rs_kvm_mmap(
     // SAFETY: as above.
     let vm = unsafe { &*v.vm };
     let r = (0..pages).try_for_each(|i| {
-        let pfn = vm.s.kvm_vcpu_page(v.index, (pgoff + i) as u64)?;
+        let pfn = vm.s.kvm_vcpu_page(&LinuxOs, v.index, (pgoff + i) as u64)?;
         // SAFETY: `vma` is the mapping being set up, `i` within its pages.
         match unsafe { smudge_remap_page(vma, i, pfn as usize) } {
             0 => Ok(()),

@@ -82,6 +82,11 @@ fn fill_exit(resp: &mut RunResp, x: RunExit) {
             resp.write = write.into();
         }
         RunExit::TripleFault => resp.kind = k::TRIPLE_FAULT,
+        // Only KVM vCPUs have a dirty ring.
+        RunExit::RingFull => {
+            resp.kind = k::ERROR;
+            resp.set_message("dirty ring full (a KVM vCPU)");
+        }
         // Only KVM vCPUs exit for port I/O; smudge's ABI has no record for it.
         RunExit::Io { port, .. } => {
             resp.kind = k::ERROR;

@@ -314,6 +314,12 @@ impl DirtyLog {
     /// address (SDM 29.4.3.1 "Operations that Invalidate Cached Mappings").
     /// Returns false when the fault is not ours to resolve.
     pub fn on_write_violation<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
+        self.unprotect(p, ept, gpa) && self.mark(p, gpa)
+    }
+
+    /// The write-protect half of [`DirtyLog::on_write_violation`]: W restored if this log
+    /// removed it; true when it did (the caller logs the page: here, or in a dirty ring).
+    pub fn unprotect<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
         if self.mode != Mode::WriteProtect || !self.contains(gpa) {
             return false;
         }
@@ -325,7 +331,13 @@ impl DirtyLog {
             return false;
         }
         word.fetch_or(bits::W, Relaxed);
-        self.mark(p, gpa)
+        true
+    }
+
+    /// Re-arms one page for the next write (D cleared, or W removed); true if the entry
+    /// changed. The caller INVEPTs. (KVM_RESET_DIRTY_RINGS.)
+    pub fn rearm_page<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
+        self.contains(gpa) && self.rearm(p, ept, gpa, &mut None)
     }
 
     /// `KVM_GET_DIRTY_LOG`: ORs nothing, overwrites `out[..pages/64]` with the pages written

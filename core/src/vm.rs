@@ -28,6 +28,8 @@ pub struct Slot {
     pub log: DirtyLog,
     /// Where its pages come from.
     pub backing: Backing,
+    /// KVM's slot id when its dirty pages go to the vCPUs' dirty rings instead of its log.
+    pub ring_id: Option<u32>,
 }
 
 /// Where a slot's pages come from.
@@ -44,6 +46,25 @@ pub enum Backing {
 }
 
 impl Slot {
+    /// Logs a guest write of `gpa`: in the slot's log, or in `ring` for a ring slot (a ring
+    /// slot without a ring to push to logs nothing: only logged slots have a ring id).
+    fn log_write<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        gpa: u64,
+        ring: Option<&mut crate::kvm::ring::Ring>,
+    ) {
+        match (self.ring_id, ring) {
+            (Some(id), Some(r)) => {
+                r.push(p, id, (gpa - self.base) / PAGE_SIZE);
+            }
+            (Some(_), None) => {}
+            (None, _) => {
+                self.log.mark(p, gpa);
+            }
+        }
+    }
+
     /// One past the last GPA.
     pub fn end(&self) -> u64 {
         self.base + self.pages * PAGE_SIZE
@@ -377,6 +398,7 @@ impl Vm {
             pages: size / PAGE_SIZE,
             log,
             backing,
+            ring_id: None,
         });
         Ok(idx)
     }
@@ -494,13 +516,25 @@ impl Vm {
         gpa: u64,
         qualification: u64,
     ) -> Fault {
+        self.on_ept_violation_into(p, gpa, qualification, None)
+    }
+
+    /// [`Vm::on_ept_violation`], a write-protect fault of a ring slot logged in `ring`.
+    pub fn on_ept_violation_into<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        qualification: u64,
+        ring: Option<&mut crate::kvm::ring::Ring>,
+    ) -> Fault {
         let write = qualification & qual::WRITE != 0;
         let Some(slot) = self.slot_of(gpa) else {
             return Fault::Mmio { gpa, write };
         };
         let user = matches!(slot.backing, Backing::User { .. });
         if let Some(t) = self.ept.translate(p, gpa) {
-            if write && slot.log.on_write_violation(p, &self.ept, gpa) {
+            if write && slot.log.unprotect(p, &self.ept, gpa) {
+                slot.log_write(p, gpa, ring);
                 return Fault::Resolved;
             }
             // Another CPU may have resolved this fault (backed the page, or given W back) after
@@ -663,11 +697,43 @@ impl Vm {
     /// Marks every GPA logged in a PML buffer (`index` = the guest PML index) in its slot's
     /// log; returns how many entries there were.
     pub fn pml_drain<P: Platform + ?Sized>(&self, p: &P, buffer: u64, index: u16) -> usize {
+        self.pml_drain_into(p, buffer, index, None)
+    }
+
+    /// [`Vm::pml_drain`], with the pages of ring slots pushed into `ring` (a KVM vCPU's dirty
+    /// ring) when there is one.
+    pub fn pml_drain_into<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        buffer: u64,
+        index: u16,
+        mut ring: Option<&mut crate::kvm::ring::Ring>,
+    ) -> usize {
         dirty::pml::drain(p, buffer, index, |gpa| {
             if let Some(s) = self.slot_of(gpa) {
-                s.log.mark(p, gpa);
+                s.log_write(p, gpa, ring.as_deref_mut());
             }
         })
+    }
+
+    /// Sends slot `idx`'s dirty pages to the vCPUs' dirty rings under KVM slot id `id` (None:
+    /// to its log).
+    pub fn set_ring_id(&mut self, idx: usize, id: Option<u32>) {
+        if let Some(Some(s)) = self.slots.get_mut(idx) {
+            s.ring_id = id;
+        }
+    }
+
+    /// KVM_RESET_DIRTY_RINGS for one entry: re-arms page `offset` of the slot whose ring id is
+    /// `id`; true if an entry changed (the caller INVEPTs).
+    pub fn rearm_ring_page<P: Platform + ?Sized>(&self, p: &P, id: u32, offset: u64) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|s| s.ring_id == Some(id))
+            .is_some_and(|s| {
+                offset < s.pages && s.log.rearm_page(p, &self.ept, s.base + offset * PAGE_SIZE)
+            })
     }
 
     /// `KVM_GET_DIRTY_LOG` for slot `idx`.
@@ -849,6 +915,8 @@ pub enum RunExit {
     },
     /// The guest triple-faulted.
     TripleFault,
+    /// A KVM vCPU's dirty ring reached its soft limit: user space must collect and reset it.
+    RingFull,
     /// Port I/O of a KVM vCPU, for user space (RIP is past the instruction; a read completes
     /// at the next run, [`KvmExits::pending_in`]).
     Io {
@@ -949,6 +1017,8 @@ pub struct KvmExits {
     pub sigmask: Option<u64>,
     /// KVM_RUN entered the guest once: the CPUID may no longer change.
     pub ran: bool,
+    /// Its dirty ring, when the VM logs into rings.
+    pub ring: Option<crate::kvm::ring::Ring>,
     /// Its CPUID (KVM_SET_CPUID2).
     pub cpuid: crate::kvm::cpuid::Table,
     /// A port read (its size in bytes) that user space completes: the next run loads the data
@@ -1248,7 +1318,12 @@ impl Vm {
             reason::WBINVD => Action::Resume {
                 advance: exit.instr_len,
             },
-            reason::EPT_VIOLATION => match self.on_ept_violation(p, exit.gpa, exit.qualification) {
+            reason::EPT_VIOLATION => match self.on_ept_violation_into(
+                p,
+                exit.gpa,
+                exit.qualification,
+                vcpu.kvm.as_mut().and_then(|k| k.ring.as_mut()),
+            ) {
                 Fault::Resolved => Action::Resume { advance: 0 },
                 Fault::Mmio { gpa, write } => {
                     vcpu.halted = true;

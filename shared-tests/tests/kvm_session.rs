@@ -115,7 +115,7 @@ impl Kvm<'_> {
     }
     /// The vCPU's `kvm_run` page, read through the platform (as user space reads its mapping).
     fn run_page(&self, i: u32) -> u64 {
-        self.s.kvm_vcpu_page(i, 0).expect("kvm_run page") << 12
+        self.s.kvm_vcpu_page(self.os, i, 0).expect("kvm_run page") << 12
     }
     fn run_u32(&self, i: u32, off: usize) -> u32 {
         let mut b = [0u8; 4];
@@ -240,7 +240,8 @@ fn selftest_vm(c: &Kvm<'_>, manual: bool) {
     // KVM_GET_SUPPORTED_CPUID, then KVM_SET_CPUID2 with it.
     let mut buf = vec![0u8; 8 + 100 * 40];
     buf[..4].copy_from_slice(&100u32.to_le_bytes());
-    sk::system_request(c.os, Ioctl::GetSupportedCpuid, buf.as_ptr() as u64).expect("supported");
+    sk::system_request(c.os, Ioctl::GetSupportedCpuid, buf.as_ptr() as u64, true)
+        .expect("supported");
     let n = Cpuid2::from_bytes(&buf).expect("hdr").nent as usize;
     assert!(n > 5, "{n} supported CPUID entries");
     c.s.kvm_vcpu_request(c.os, c.d, 0, Ioctl::SetCpuid2, buf.as_ptr() as u64)
@@ -547,20 +548,19 @@ fn moving_and_unlogging_a_slot() {
 
 #[test]
 fn check_extension_answers() {
-    assert_eq!(sk::check_extension(cap::MAX_VCPUS.into()), 8);
-    assert_eq!(sk::check_extension(cap::NR_MEMSLOTS.into()), 8);
-    assert_eq!(sk::check_extension(cap::USER_MEMORY2.into()), 1);
-    assert_eq!(sk::check_extension(cap::IMMEDIATE_EXIT.into()), 1);
+    assert_eq!(sk::check_extension(cap::MAX_VCPUS.into(), true), 8);
+    assert_eq!(sk::check_extension(cap::NR_MEMSLOTS.into(), true), 8);
+    assert_eq!(sk::check_extension(cap::USER_MEMORY2.into(), true), 1);
+    assert_eq!(sk::check_extension(cap::IMMEDIATE_EXIT.into(), true), 1);
     assert_eq!(
-        sk::check_extension(cap::MANUAL_DIRTY_LOG_PROTECT2.into()),
+        sk::check_extension(cap::MANUAL_DIRTY_LOG_PROTECT2.into(), true),
         1
     );
-    assert_eq!(
-        sk::check_extension(cap::DIRTY_LOG_RING_ACQ_REL.into()),
-        0,
-        "no ring yet"
-    );
-    assert_eq!(sk::check_extension(u64::MAX), 0);
-    let e = CpuidEntry2::default();
-    assert_eq!(e.flags, 0);
+    // The dirty ring: 1 MiB at most, in the modes that can feed it.
+    for c in [cap::DIRTY_LOG_RING, cap::DIRTY_LOG_RING_ACQ_REL] {
+        assert_eq!(sk::check_extension(c.into(), true), 1 << 20);
+        assert_eq!(sk::check_extension(c.into(), false), 0, "A/D scan");
+    }
+    assert_eq!(sk::check_extension(u64::MAX, true), 0);
+    assert_eq!(CpuidEntry2::default().flags, 0);
 }

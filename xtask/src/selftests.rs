@@ -116,6 +116,13 @@ pub fn boot() -> Result<Boot> {
             );
         }
     }
+    // The ring needs a mode with an event per page: PML or write-protect.
+    for (m, n) in [MODES[1], MODES[2]] {
+        b.case(
+            format!("dirty-ring-{m}"),
+            format!("{} && ./dirty_log_test -M dirty-ring -i 3", reload(n)),
+        );
+    }
     for (m, n) in [MODES[0], MODES[1]] {
         b.case(
             format!("perf-{m}"),
@@ -126,8 +133,13 @@ pub fn boot() -> Result<Boot> {
         "kernel-log",
         "dmesg | grep -E 'BUG|WARNING|Oops|general protection' || echo clean",
     );
-    for (m, _) in MODES {
-        for log in ["dirty-log", "clear-log"] {
+    let logs: Vec<(&str, &str)> = MODES
+        .iter()
+        .flat_map(|(m, _)| [("dirty-log", *m), ("clear-log", *m)])
+        .chain([("dirty-ring", "pml"), ("dirty-ring", "wp")])
+        .collect();
+    for (log, m) in logs {
+        {
             let name = format!("{log}-{m}");
             b.check(
                 format!("dirty_log_test -M {log} -i 3, smudge mode {m}"),

@@ -4,4 +4,5 @@
 
 pub mod abi;
 pub mod cpuid;
+pub mod ring;
 pub mod state;

@@ -10,7 +10,7 @@ use crate::kvm::abi::{
     self as k, cap, exit, mp_state, run as r, ClearDirtyLog, Cpuid2, DirtyLog, EnableCap, Ioctl,
     KvmRegs, MemoryRegion2, MpState, Sregs,
 };
-use crate::kvm::{cpuid, state};
+use crate::kvm::{cpuid, ring, state};
 use crate::msg::MsgBuf;
 use crate::platform::{read_bytes, write_bytes, Platform};
 use crate::vcpu::VcpuPages;
@@ -26,6 +26,8 @@ pub struct KvmVm {
     slots: [Option<KvmSlot>; MAX_SLOTS],
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled: GET_DIRTY_LOG no longer clears.
     manual_protect: bool,
+    /// Bytes of each vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL), 0: the bitmap.
+    ring_bytes: u64,
 }
 
 /// A KVM memory slot.
@@ -55,9 +57,17 @@ const INTERNAL_ERROR_EMULATION: u32 = 1;
 /// `kvm_run.internal.suberror`: an exit reason the hypervisor does not handle.
 const INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: u32 = 4;
 
-/// KVM_CHECK_EXTENSION, for `/dev/kvm` and a VM alike.
-pub fn check_extension(c: u64) -> u64 {
+/// Dirty modes that can feed a dirty ring: PML (drained at every exit) and write-protect (the
+/// faults); A/D scanning has no event per page.
+pub fn ring_capable(mode: Mode) -> bool {
+    matches!(mode, Mode::Pml | Mode::WriteProtect)
+}
+
+/// KVM_CHECK_EXTENSION, for `/dev/kvm` and a VM alike; `ring`: the VM's (or, for `/dev/kvm`,
+/// the driver's) dirty mode can feed a dirty ring.
+pub fn check_extension(c: u64, ring: bool) -> u64 {
     match u32::try_from(c).unwrap_or(u32::MAX) {
+        cap::DIRTY_LOG_RING | cap::DIRTY_LOG_RING_ACQ_REL if ring => ring::MAX_BYTES,
         cap::MAX_VCPUS | cap::NR_VCPUS => MAX_VCPUS as u64,
         cap::NR_MEMSLOTS => MAX_SLOTS as u64,
         cap::USER_MEMORY | cap::USER_MEMORY2 | cap::IMMEDIATE_EXIT | cap::GET_TSC_KHZ => 1,
@@ -69,10 +79,10 @@ pub fn check_extension(c: u64) -> u64 {
 
 /// `/dev/kvm`'s own requests (KVM_CREATE_VM is the shim's: it makes the descriptor, then
 /// [`Session::kvm_create`]).
-pub fn system_request<O: Os>(os: &O, ioctl: Ioctl, arg: u64) -> Result<u64, Fail> {
+pub fn system_request<O: Os>(os: &O, ioctl: Ioctl, arg: u64, ring: bool) -> Result<u64, Fail> {
     match ioctl {
         Ioctl::GetApiVersion => Ok(k::API_VERSION.into()),
-        Ioctl::CheckExtension => Ok(check_extension(arg)),
+        Ioctl::CheckExtension => Ok(check_extension(arg, ring)),
         Ioctl::GetVcpuMmapSize => Ok(VCPU_MMAP_SIZE),
         Ioctl::GetSupportedCpuid => {
             let mut hdr = Cpuid2::default();
@@ -134,7 +144,10 @@ impl<O: Os> Session<O> {
         arg: u64,
     ) -> Result<u64, Fail> {
         match ioctl {
-            Ioctl::CheckExtension => return Ok(check_extension(arg)),
+            Ioctl::CheckExtension => {
+                let mode = self.vm.lock().vm.as_ref().map(|v| v.mode());
+                return Ok(check_extension(arg, mode.is_some_and(ring_capable)));
+            }
             Ioctl::GetTscKhz => {
                 return match os.tsc_khz() {
                     0 => Err(Fail::Io),
@@ -183,6 +196,10 @@ impl<O: Os> Session<O> {
                         st.kvm.manual_protect = c.args[0] & k::MANUAL_PROTECT_ENABLE != 0;
                         Ok(0)
                     }
+                    cap::DIRTY_LOG_RING | cap::DIRTY_LOG_RING_ACQ_REL => {
+                        self.enable_ring(st, c.args[0])?;
+                        Ok(0)
+                    }
                     _ => Err(Fail::Invalid),
                 }
             }
@@ -191,6 +208,10 @@ impl<O: Os> Session<O> {
                 copy_in(&mut b)?;
                 let m = MemoryRegion2::from_bytes(&b).map_err(|_| Fail::Invalid)?;
                 self.kvm_set_region(os, st, &m)
+            }
+            // A dirty-ring VM has no bitmap (KVM: ENXIO).
+            Ioctl::GetDirtyLog | Ioctl::ClearDirtyLog if st.kvm.ring_bytes != 0 => {
+                Err(Fail::NoDevice)
             }
             Ioctl::GetDirtyLog => {
                 let mut b = [0u8; 16];
@@ -248,10 +269,33 @@ impl<O: Os> Session<O> {
                 if self.nr_vcpus.load(core::sync::atomic::Ordering::Acquire) as usize >= MAX_VCPUS {
                     return Err(Fail::Invalid);
                 }
-                self.add_kvm_vcpu(os, drv, id).map(u64::from)
+                let pml = st.vm.as_ref().is_some_and(|v| v.mode() == Mode::Pml);
+                self.add_kvm_vcpu(os, drv, id, st.kvm.ring_bytes, pml)
+                    .map(u64::from)
             }
             // Without a dirty ring there is nothing to reset (KVM: EINVAL).
-            Ioctl::ResetDirtyRings => Err(Fail::Invalid),
+            Ioctl::ResetDirtyRings if st.kvm.ring_bytes == 0 => Err(Fail::Invalid),
+            Ioctl::ResetDirtyRings => {
+                let vm = st.vm.as_mut().ok_or(Fail::Invalid)?;
+                let (mut count, mut rearmed) = (0, false);
+                for slot in self.created() {
+                    let mut g = slot.hw.lock();
+                    let Some(r) = g
+                        .as_mut()
+                        .and_then(|hw| hw.state.kvm.as_mut()?.ring.as_mut())
+                    else {
+                        continue;
+                    };
+                    count += r.reset(os, &mut |id, off| {
+                        rearmed |= vm.rearm_ring_page(os, id, off);
+                    });
+                }
+                // The re-armed pages' cached translations go (INVEPT at the request's end).
+                if rearmed {
+                    vm.ept_mut().require_invept();
+                }
+                Ok(count)
+            }
             _ => Err(Fail::Invalid),
         }
     }
@@ -302,6 +346,7 @@ impl<O: Os> Session<O> {
                     flags: m.flags,
                 });
             }
+            sync_ring_id(st, idx);
             return Ok(0);
         };
         let (base, pages, uaddr) = vm
@@ -345,6 +390,7 @@ impl<O: Os> Session<O> {
                     flags: m.flags,
                 });
             }
+            sync_ring_id(st, new);
             return Ok(0);
         }
         if m.flags != flags {
@@ -352,12 +398,44 @@ impl<O: Os> Session<O> {
             if let Some(Some(s)) = st.kvm.slots.get_mut(idx) {
                 s.flags = m.flags;
             }
+            sync_ring_id(st, idx);
         }
         Ok(0)
     }
 
-    /// Creates KVM vCPU `id` with its `kvm_run` page; returns its index.
-    fn add_kvm_vcpu(&self, os: &O, drv: &Driver, id: u32) -> Result<u32, Fail> {
+    /// KVM_ENABLE_CAP of the dirty ring (`kvm_vm_ioctl_enable_dirty_log_ring`): a power of two
+    /// of at least a page and of the reserve, at most 1 MiB (E2BIG), once, before any vCPU, in
+    /// a mode that can feed it.
+    fn enable_ring(&self, st: &mut VmState, bytes: u64) -> Result<(), Fail> {
+        let mode = st.vm.as_ref().ok_or(Fail::Invalid)?.mode();
+        let rsvd = u64::from(ring::reserved_entries(mode == Mode::Pml)) * ring::ENTRY;
+        if !ring_capable(mode) || !bytes.is_power_of_two() || bytes < rsvd || bytes < 4096 {
+            return Err(Fail::Invalid);
+        }
+        if bytes > ring::MAX_BYTES {
+            return Err(Fail::TooBig);
+        }
+        if st.kvm.ring_bytes != 0 || self.nr_vcpus.load(core::sync::atomic::Ordering::Acquire) != 0
+        {
+            return Err(Fail::Invalid);
+        }
+        st.kvm.ring_bytes = bytes;
+        for idx in 0..MAX_SLOTS {
+            sync_ring_id(st, idx);
+        }
+        Ok(())
+    }
+
+    /// Creates KVM vCPU `id` with its `kvm_run` and CPUID pages and, when `ring` is not 0, a
+    /// dirty ring of that many bytes; returns its index. The caller holds the VM's lock.
+    fn add_kvm_vcpu(
+        &self,
+        os: &O,
+        drv: &Driver,
+        id: u32,
+        ring: u64,
+        pml: bool,
+    ) -> Result<u32, Fail> {
         let index = self.nr_vcpus.load(core::sync::atomic::Ordering::Acquire);
         let slot = self.slots.get(index as usize).ok_or(Fail::Invalid)?;
         let pages = VcpuPages::alloc(os, &drv.caps)?;
@@ -368,13 +446,19 @@ impl<O: Os> Session<O> {
             for page in [&mut k.run_page, &mut k.cpuid.page] {
                 match os.alloc_page() {
                     Ok(p) => *page = p,
+                    Err(e) => failed = Some(e.into()),
+                }
+            }
+            if ring != 0 && failed.is_none() {
+                match ring::Ring::alloc(os, ring, pml) {
+                    Ok(r) => k.ring = Some(r),
                     Err(e) => failed = Some(e),
                 }
             }
         }
         if let Some(e) = failed {
             v.free_pages(os);
-            return Err(crate::Error::from(e).into());
+            return Err(Fail::from(e));
         }
         let hw = os.box_vcpu(v).map_err(|mut hw| {
             hw.free_pages(os);
@@ -547,6 +631,16 @@ impl<O: Os> Session<O> {
             |hw| {
                 let k = hw.state.kvm.as_mut()?;
                 let page = k.run_page;
+                // KVM checks the ring before it enters: still full, exit again at once.
+                if k.ring.is_some_and(|r| r.soft_full()) {
+                    put(
+                        os,
+                        page,
+                        r::EXIT_REASON,
+                        &exit::DIRTY_RING_FULL.to_le_bytes(),
+                    );
+                    return Some(Ok(0));
+                }
                 if let Some(size) = k.pending_in.take() {
                     let mut d = [0u8; 4];
                     read_bytes(os, page, IO_DATA, &mut d);
@@ -661,6 +755,10 @@ impl<O: Os> Session<O> {
                 reason(exit::SHUTDOWN);
                 Ok(0)
             }
+            Ok(RunExit::RingFull) => {
+                reason(exit::DIRTY_RING_FULL);
+                Ok(0)
+            }
             Ok(RunExit::Interrupted) => {
                 reason(exit::INTR);
                 Err(Fail::Interrupted)
@@ -737,17 +835,21 @@ impl<O: Os> Session<O> {
         }
     }
 
-    /// Maps page `pgoff` of vCPU `index`'s descriptor: `map(pfn)` for the `kvm_run` page at
-    /// offset 0; nothing else exists to map.
-    pub fn kvm_vcpu_page(&self, index: u32, pgoff: u64) -> Result<u64, Fail> {
-        if pgoff != 0 {
-            return Err(Fail::Invalid);
-        }
+    /// The frame of page `pgoff` of vCPU `index`'s descriptor, for its mmap: the `kvm_run`
+    /// page at 0, the dirty ring from KVM_DIRTY_LOG_PAGE_OFFSET.
+    pub fn kvm_vcpu_page(&self, os: &O, index: u32, pgoff: u64) -> Result<u64, Fail> {
         let slot = self.slot(index)?;
         let g = slot.hw.lock();
         let hw = g.as_ref().ok_or(Fail::Invalid)?;
         let k: KvmExits = hw.state.kvm.ok_or(Fail::Invalid)?;
-        Ok(k.run_page >> 12)
+        let hpa = match pgoff {
+            0 => Some(k.run_page),
+            o if o >= k::DIRTY_LOG_PAGE_OFFSET => k
+                .ring
+                .and_then(|r| r.page(os, o - k::DIRTY_LOG_PAGE_OFFSET)),
+            _ => None,
+        };
+        hpa.map(|h| h >> 12).ok_or(Fail::Invalid)
     }
 }
 
@@ -762,6 +864,20 @@ fn maxphyaddr() -> u8 {
         (crate::arch::cpuid(0x8000_0008, 0)[0] & 0xff) as u8
     } else {
         36
+    }
+}
+
+/// Points slot `idx`'s dirty pages at the vCPUs' rings when the VM has rings and the slot logs
+/// (KVM's slot id with its address space, as `kvm_dirty_gfn.slot`), at its log otherwise.
+fn sync_ring_id(st: &mut VmState, idx: usize) {
+    let id = match st.kvm.slots.get(idx).copied().flatten() {
+        Some(s) if st.kvm.ring_bytes != 0 && s.flags & k::MEM_LOG_DIRTY_PAGES != 0 => {
+            Some(u32::from(s.id))
+        }
+        _ => None,
+    };
+    if let Some(vm) = st.vm.as_mut() {
+        vm.set_ring_id(idx, id);
     }
 }
 

@@ -525,6 +525,9 @@ impl HwVcpu {
                     p.free_page(core::mem::take(page));
                 }
             }
+            if let Some(r) = k.ring.as_mut() {
+                r.free(p);
+            }
         }
     }
 }
@@ -750,7 +753,8 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
             // Drain on every exit, before anything reports the dirty log (SDM 29.3.6).
             let index = vmcs.read(Field::GuestPmlIndex).unwrap_or(511) as u16;
             if index != crate::dirty::pml::INDEX_RESET {
-                let _ = vm.with(|vm| vm.pml_drain(p, vcpu.pages.pml, index));
+                let ring = vcpu.state.kvm.as_mut().and_then(|k| k.ring.as_mut());
+                let _ = vm.with(|vm| vm.pml_drain_into(p, vcpu.pages.pml, index, ring));
                 if let Err(e) =
                     vmcs.write(Field::GuestPmlIndex, crate::dirty::pml::INDEX_RESET.into())
                 {
@@ -801,6 +805,15 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
                     fail: vm_fail(e),
                 });
             }
+        }
+        // A KVM vCPU whose dirty ring reached its soft limit goes to user space before it
+        // enters again (KVM_EXIT_DIRTY_RING_FULL), the exit handled.
+        let ring_full = vcpu
+            .state
+            .kvm
+            .is_some_and(|k| k.ring.is_some_and(|r| r.soft_full()));
+        if ring_full && !matches!(action, Action::ToUser(_)) {
+            break Ok(HwExit::Exit(RunExit::RingFull));
         }
         match action {
             Action::Resume { .. } => {}

@@ -603,6 +603,23 @@ pub struct MockOs<const WINDOWS: bool> {
     start: Instant,
 }
 
+/// The driver of a Bochs corei7_skylake_x (VMX, EPT A/D, PML) with every barrier on and the
+/// host probe, and a mock OS of `ncpus` model CPUs that requires the barriers.
+pub fn skylake<const W: bool>(ncpus: usize) -> (smudge_core::session::Driver, MockOs<W>) {
+    let caps: VmxCaps = crate::fixtures::all_caps()
+        .into_iter()
+        .find(|(n, _)| n.contains("skylake_x"))
+        .map(|(_, c)| c)
+        .expect("the Bochs skylake_x dump");
+    let d = smudge_core::session::Driver {
+        caps,
+        mode: caps.choose_mode(false).expect("mode"),
+        duties: ALL_DUTIES,
+        probe: true,
+    };
+    (d, MockOs::new(caps, ncpus, ALL_DUTIES))
+}
+
 /// Every barrier on: the session tests require them all of the loop.
 pub const ALL_DUTIES: Duties = Duties {
     l1d_flush: true,

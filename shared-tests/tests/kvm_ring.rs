@@ -13,7 +13,7 @@ use smudge_core::kvm::abi::{
 };
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
 use smudge_core::session::{Driver, Fail, Session};
-use smudge_tests::session_model::{MockOs, Step, ALL_DUTIES};
+use smudge_tests::session_model::{MockOs, Step};
 
 const SLOT1_GPA: u64 = (1 << 40) - (1 << 30);
 const SLOT1_PAGES: u64 = 2048;
@@ -28,18 +28,7 @@ struct Vm {
 
 impl Vm {
     fn new(mode: Mode) -> Vm {
-        let caps = smudge_tests::fixtures::all_caps()
-            .into_iter()
-            .find(|(n, _)| n.contains("skylake_x"))
-            .map(|(_, c)| c)
-            .expect("skylake_x");
-        let d = Driver {
-            caps,
-            mode: caps.choose_mode(false).expect("mode"),
-            duties: ALL_DUTIES,
-            probe: true,
-        };
-        let os = MockOs::new(caps, 2, ALL_DUTIES);
+        let (d, os) = smudge_tests::session_model::skylake::<false>(2);
         let s = Session::new();
         s.kvm_create(&os, &d, Some(mode)).expect("create");
         Vm { s, os, d }

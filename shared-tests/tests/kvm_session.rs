@@ -10,14 +10,13 @@ use std::collections::BTreeSet;
 use smudge_core::abi::Wire;
 use smudge_core::dirty::Mode;
 use smudge_core::kvm::abi::{
-    self as k, cap, exit, run, ClearDirtyLog, Cpuid2, CpuidEntry2, DirtyLog, EnableCap, Ioctl,
-    KvmRegs, MemoryRegion2, MpState, Segment, Sregs,
+    self as k, cap, exit, run, ClearDirtyLog, Cpuid2, DirtyLog, EnableCap, Ioctl, KvmRegs,
+    MemoryRegion2, MpState, Segment, Sregs,
 };
 use smudge_core::platform::{read_bytes, write_bytes};
 use smudge_core::session::kvm::{self as sk, IO_DATA};
 use smudge_core::session::{Driver, Fail, Session};
-use smudge_core::vmx::caps::VmxCaps;
-use smudge_tests::session_model::{MockOs, Step, ALL_DUTIES};
+use smudge_tests::session_model::{MockOs, Step};
 
 /// Slot 1 where the selftests put it with MAXPHYADDR 40.
 const SLOT1_GPA: u64 = (1 << 40) - (1 << 30);
@@ -27,19 +26,8 @@ const SLOT0_UADDR: u64 = 0x7f00_0000_0000;
 /// The selftests' ucall port.
 const UCALL_PORT: u16 = 0x1000;
 
-fn machine() -> (Driver, MockOs<false>, VmxCaps) {
-    let caps: VmxCaps = smudge_tests::fixtures::all_caps()
-        .into_iter()
-        .find(|(n, _)| n.contains("skylake_x"))
-        .map(|(_, c)| c)
-        .expect("the Bochs skylake_x dump");
-    let d = Driver {
-        caps,
-        mode: caps.choose_mode(false).expect("mode"),
-        duties: ALL_DUTIES,
-        probe: true,
-    };
-    (d, MockOs::new(caps, 2, ALL_DUTIES), caps)
+fn machine() -> (Driver, MockOs<false>) {
+    smudge_tests::session_model::skylake(2)
 }
 
 struct Kvm<'a> {
@@ -251,7 +239,7 @@ fn selftest_vm(c: &Kvm<'_>, manual: bool) {
 #[test]
 fn a_ucall_round_trip_and_the_dirty_log() {
     for manual in [false, true] {
-        let (d, os, _) = machine();
+        let (d, os) = machine();
         let mut session = Session::new();
         let c = Kvm {
             s: &session,
@@ -346,7 +334,7 @@ fn a_ucall_round_trip_and_the_dirty_log() {
 
 #[test]
 fn refused_requests_get_kvms_errno() {
-    let (d, os, _) = machine();
+    let (d, os) = machine();
     let mut session = Session::new();
     let c = Kvm {
         s: &session,
@@ -465,7 +453,7 @@ fn small_nent(b: &[u8], n: u32) {
 
 #[test]
 fn the_reset_state_fails_entry_with_the_rule() {
-    let (d, os, _) = machine();
+    let (d, os) = machine();
     let mut session = Session::new();
     let c = Kvm {
         s: &session,
@@ -490,7 +478,7 @@ fn the_reset_state_fails_entry_with_the_rule() {
 
 #[test]
 fn moving_and_unlogging_a_slot() {
-    let (d, os, _) = machine();
+    let (d, os) = machine();
     let mut session = Session::new();
     let c = Kvm {
         s: &session,
@@ -562,5 +550,4 @@ fn check_extension_answers() {
         assert_eq!(sk::check_extension(c.into(), false), 0, "A/D scan");
     }
     assert_eq!(sk::check_extension(u64::MAX, true), 0);
-    assert_eq!(CpuidEntry2::default().flags, 0);
 }

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use smudge_core::abi::{self, exit_kind, Op, Wire};
 use smudge_core::session::{Driver, Fail, Session};
-use smudge_core::vmx::caps::VmxCaps;
-use smudge_tests::session_model::{MockOs, Step, ALL_DUTIES};
+use smudge_tests::session_model::{MockOs, Step};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM of the tests (the top 1 MiB is smudge's, below it the guests write).
@@ -22,18 +21,7 @@ const PAGES: u64 = MEM / 4096;
 /// A machine of `ncpus` model CPUs with the Bochs skylake_x capabilities (VMX, EPT A/D, PML),
 /// and what the driver would find on it.
 fn machine<const W: bool>(ncpus: usize) -> (Driver, MockOs<W>) {
-    let caps: VmxCaps = smudge_tests::fixtures::all_caps()
-        .into_iter()
-        .find(|(n, _)| n.contains("skylake_x"))
-        .map(|(_, c)| c)
-        .expect("the Bochs skylake_x dump");
-    let d = Driver {
-        caps,
-        mode: caps.choose_mode(false).expect("mode"),
-        duties: ALL_DUTIES,
-        probe: true,
-    };
-    (d, MockOs::new(caps, ncpus, ALL_DUTIES))
+    smudge_tests::session_model::skylake(ncpus)
 }
 
 /// A user of one session, as a shim would pass requests to it.

@@ -24,7 +24,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::ept::{bits, level_span, Ept, EptEntry, PAGE_SIZE, SW_WRITABLE};
+use crate::ept::{bits, level_span, Ept, EptEntry, TableCache, PAGE_SIZE, SW_WRITABLE};
 use crate::error::Error;
 use crate::platform::{PageMut, Platform};
 
@@ -334,12 +334,6 @@ impl DirtyLog {
         true
     }
 
-    /// Re-arms one page for the next write (D cleared, or W removed); true if the entry
-    /// changed. The caller INVEPTs. (KVM_RESET_DIRTY_RINGS.)
-    pub fn rearm_page<P: Platform + ?Sized>(&self, p: &P, ept: &Ept, gpa: u64) -> bool {
-        self.contains(gpa) && self.rearm(p, ept, gpa, &mut None)
-    }
-
     /// `KVM_GET_DIRTY_LOG`: ORs nothing, overwrites `out[..pages/64]` with the pages written
     /// since they were last cleared. PML: drain the buffers first. Does not clear.
     pub fn get<P: Platform + ?Sized>(
@@ -392,79 +386,127 @@ impl DirtyLog {
         if (mask.len() as u64) < num.div_ceil(64) {
             return Err(Error::BitmapTooSmall);
         }
-        let mut any = false;
-        let mut cache = None;
-        for w in 0..num.div_ceil(64) {
-            let valid = if (w + 1) * 64 <= num {
+        let valid = |w: u64| {
+            if (w + 1) * 64 <= num {
                 u64::MAX
             } else {
                 (1u64 << (num % 64)) - 1
-            };
-            let m = mask[w as usize] & valid;
-            if m == 0 {
-                continue;
             }
-            let word = first / 64 + w;
-            let cleared = match &self.bitmap {
-                Some(b) => b.clear_word(p, word, m),
-                None => m,
-            };
-            let mut bitsleft = cleared;
-            while bitsleft != 0 {
-                let bit = u64::from(bitsleft.trailing_zeros());
-                bitsleft &= bitsleft - 1;
-                let gpa = self.base + (word * 64 + bit) * PAGE_SIZE;
-                any |= self.rearm(p, ept, gpa, &mut cache);
+        };
+        let any = self.rearm_words(p, ept, first, num.div_ceil(64), &mut |w| {
+            let m = mask[w as usize] & valid(w);
+            match &self.bitmap {
+                Some(b) if m != 0 => b.clear_word(p, first / 64 + w, m),
+                _ => m,
             }
-        }
+        });
         if any {
             ept.require_invept();
         }
         Ok(())
     }
 
-    /// Re-arms tracking of one page. Returns true if an entry changed. `cache` remembers the
-    /// last EPT page table, so re-arming neighbouring pages walks the upper levels once per
-    /// 2 MiB instead of once per page.
+    /// Re-arms the pages `first + 64 * w + j` for every bit j of `mask(w)`, `w < words`, and
+    /// returns true if an entry changed. `mask` is called once per word, in order. Where the slot
+    /// starts on a 64-page boundary of its page tables (KVM's slots and smudge's do), each word is
+    /// one 64-leaf chunk of one table: the table is found once per 2 MiB and lent whole, as in a
+    /// harvest, and a full word is re-armed in one vectorized pass.
+    fn rearm_words<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        ept: &Ept,
+        first: u64,
+        words: u64,
+        mask: &mut dyn FnMut(u64) -> u64,
+    ) -> bool {
+        let mut any = false;
+        let leaf = |page: u64| ((self.base / PAGE_SIZE + page) % 512) as usize;
+        if leaf(0) % 64 != 0 {
+            let mut cache = TableCache::default();
+            for w in 0..words {
+                for_each_bit(mask(w), |j| {
+                    let gpa = self.base + (first + w * 64 + j as u64) * PAGE_SIZE;
+                    any |= self.rearm(p, ept, gpa, &mut cache);
+                });
+            }
+            return any;
+        }
+        let wp = self.mode == Mode::WriteProtect;
+        let mut cache = TableCache::default();
+        let mut w = 0;
+        while w < words {
+            // The words of one page table: up to 8, from leaf `start`.
+            let start = leaf(first + w * 64);
+            let n = ((512 - start) as u64 / 64).min(words - w) as usize;
+            let mut masks = [0u64; 8];
+            for (i, m) in masks.iter_mut().enumerate().take(n) {
+                *m = mask(w + i as u64);
+            }
+            let gpa = self.base + (first + w * 64) * PAGE_SIZE;
+            w += n as u64;
+            if masks == [0; 8] {
+                continue;
+            }
+            let Some(table) = ept.page_table_cached(p, gpa, &mut cache) else {
+                continue;
+            };
+            p.with_page_mut(table, &mut |mut page| {
+                if let (PageMut::Exclusive(ref mut t), true) = (&mut page, masks == [u64::MAX; 8]) {
+                    // The whole table: one pass.
+                    any |= rearm_all(&mut t[..], wp);
+                    return;
+                }
+                for (i, &m) in masks.iter().enumerate().filter(|(_, &m)| m != 0) {
+                    let leaves = start + i * 64..start + i * 64 + 64;
+                    any |= match page {
+                        PageMut::Shared(ref t) => t.get(leaves).is_some_and(|mut c| c.rearm(m, wp)),
+                        PageMut::Exclusive(ref mut t) => {
+                            t.get_mut(leaves).is_some_and(|mut c| c.rearm(m, wp))
+                        }
+                    };
+                }
+            });
+        }
+        any
+    }
+
+    /// Re-arms tracking of one page. Returns true if an entry changed.
     fn rearm<P: Platform + ?Sized>(
         &self,
         p: &P,
         ept: &Ept,
         gpa: u64,
-        cache: &mut Option<(u64, Option<u64>)>,
+        cache: &mut TableCache,
     ) -> bool {
-        let region = gpa >> 21;
-        let table = match *cache {
-            Some((r, t)) if r == region => t,
-            _ => {
-                let t = ept.page_table(p, gpa);
-                *cache = Some((region, t));
-                t
-            }
-        };
-        let Some(table) = table else { return false };
-        let word = &p.page(table)[crate::ept::index(gpa, 1)];
+        self.leaf(p, ept, gpa, cache)
+            .is_some_and(|w| self.rearm_leaf(w))
+    }
+
+    /// The 4 KiB leaf of `gpa` in the slot, for [`DirtyLog::rearm_leaf`] (None outside the slot
+    /// or where no page table maps it).
+    pub fn leaf<'a, P: Platform + ?Sized>(
+        &self,
+        p: &'a P,
+        ept: &Ept,
+        gpa: u64,
+        cache: &mut TableCache,
+    ) -> Option<&'a AtomicU64> {
+        if !self.contains(gpa) {
+            return None;
+        }
+        let table = ept.page_table_cached(p, gpa, cache)?;
+        p.page(table).get(crate::ept::index(gpa, 1))
+    }
+
+    /// Re-arms tracking of the page whose leaf [`DirtyLog::leaf`] gave; true if it changed (the
+    /// caller raises the INVEPT obligation).
+    pub fn rearm_leaf(&self, word: &AtomicU64) -> bool {
         let v = word.load(Relaxed);
-        if v & bits::RWX == 0 {
-            return false;
+        let new = rearmed(v, self.mode == Mode::WriteProtect);
+        if new != v {
+            word.store(new, Relaxed);
         }
-        let level = 1;
-        match self.mode {
-            Mode::AdScan | Mode::Pml => {
-                if v & bits::D != 0 && level == 1 {
-                    word.store(v & !bits::D, Relaxed);
-                    return true;
-                }
-                false
-            }
-            Mode::WriteProtect => {
-                if v & bits::W != 0 && level == 1 {
-                    word.store((v & !bits::W) | SW_WRITABLE, Relaxed);
-                    return true;
-                }
-                false
-            }
-        }
+        new != v
     }
 
     /// Get and clear in one pass over the whole slot: `out` receives the pages written since the
@@ -493,22 +535,11 @@ impl DirtyLog {
                 );
             }
             Some(b) => {
-                let mut cache = None;
-                for (w, o) in out.iter_mut().enumerate() {
-                    let v = b.clear_word(p, w as u64, u64::MAX);
-                    *o = v;
-                    let mut left = v;
-                    while left != 0 {
-                        let bit = u64::from(left.trailing_zeros());
-                        left &= left - 1;
-                        self.rearm(
-                            p,
-                            ept,
-                            self.base + (w as u64 * 64 + bit) * PAGE_SIZE,
-                            &mut cache,
-                        );
-                    }
-                }
+                self.rearm_words(p, ept, 0, words as u64, &mut |w| {
+                    let v = b.clear_word(p, w, u64::MAX);
+                    out[w as usize] = v;
+                    v
+                });
             }
         }
         ept.require_invept();
@@ -521,6 +552,28 @@ impl DirtyLog {
             b.free(p);
         }
     }
+}
+
+/// Pages [`rearm_batch`] re-arms at once.
+pub const REARM_BATCH: usize = 16;
+
+/// Re-arms the leaves `find(0..n)` gives (n at most [`REARM_BATCH`]; None skips): every leaf is
+/// found first, then all are re-armed. The re-arming loads are independent of each other, so
+/// the cache misses of scattered pages overlap instead of following one another's walks (64 GiB
+/// benchmark: 0.42 ms instead of 0.65 ms for 16,770 pages; a PREFETCHW of each leaf in the first
+/// pass gained nothing).
+pub fn rearm_batch<'a>(
+    n: usize,
+    mut find: impl FnMut(usize) -> Option<(&'a DirtyLog, &'a AtomicU64)>,
+) -> bool {
+    let mut leaves: [Option<(&DirtyLog, &AtomicU64)>; REARM_BATCH] = [None; REARM_BATCH];
+    for (i, leaf) in leaves.iter_mut().enumerate().take(n) {
+        *leaf = find(i);
+    }
+    leaves
+        .iter()
+        .flatten()
+        .fold(false, |any, (log, w)| log.rearm_leaf(w) | any)
 }
 
 /// What [`scan_ad`] does to the flags it reads.
@@ -605,7 +658,9 @@ fn report_range<F: FnMut(u64, u64)>(lo: u64, hi: u64, f: &mut F) {
 /// 1 when `v` is a present leaf with D set (D is bit 9; the processor ignores the other bits of
 /// a not-present entry, SDM 29.3.2), else 0.
 fn dirty_bit(v: u64) -> u64 {
-    (v >> 9) & 1 & u64::from(v & bits::RWX != 0)
+    // R, W, X are bits 0-2: their OR lands in bit 0 without a 64-bit compare, which SSE2 lacks.
+    const _: () = assert!(bits::RWX == 0b111);
+    (v >> 9) & (v | v >> 1 | v >> 2) & 1
 }
 
 /// True when every leaf folded into `all` (their AND) is present and dirty: D and one of R, W, X
@@ -622,6 +677,44 @@ fn for_each_bit(mask: u64, mut f: impl FnMut(usize)) {
         f(m.trailing_zeros() as usize);
         m &= m - 1;
     }
+}
+
+/// Leaf `v` re-armed for tracking: D cleared if it is a present leaf (A/D, PML), or W removed
+/// and remembered in SW_WRITABLE (write-protect). Unchanged otherwise. Branch-free, so that a
+/// loop over a table vectorizes.
+#[inline]
+fn rearmed(v: u64, wp: bool) -> u64 {
+    if wp {
+        let w = (v >> 1) & 1; // bits::W
+        (v & !bits::W) | (w.wrapping_neg() & SW_WRITABLE)
+    } else {
+        v & !(dirty_bit(v) << 9)
+    }
+}
+
+/// Re-arms every leaf of `t`, a load and a store each; true if one changed. For D, the dense
+/// case first, as in [`scan_leaves`]: D flipped in every leaf while their AND is taken; if a leaf
+/// was not present and dirty, the flip is undone and the leaves re-armed one by one.
+#[inline]
+fn rearm_all(t: &mut [u64], wp: bool) -> bool {
+    if !wp {
+        let all = t.iter_mut().fold(u64::MAX, |all, w| {
+            let v = *w;
+            *w = v ^ bits::D;
+            all & v
+        });
+        if all_dirty(all) {
+            return true;
+        }
+        for w in t.iter_mut() {
+            *w ^= bits::D;
+        }
+    }
+    t.iter_mut().fold(0, |changed, w| {
+        let v = *w;
+        *w = rearmed(v, wp);
+        changed | (v ^ *w)
+    }) != 0
 }
 
 /// Leaves per cache line (8 bytes each).
@@ -644,6 +737,8 @@ trait Chunk {
     fn clear_d(&mut self, mask: u64);
     /// Flips D in every leaf and returns the AND of the leaves as they were.
     fn flip_d(&mut self) -> u64;
+    /// Re-arms the leaves of `mask` ([`rearmed`]); true if one changed.
+    fn rearm(&mut self, mask: u64, wp: bool) -> bool;
 }
 
 impl Chunk for &[AtomicU64] {
@@ -689,6 +784,20 @@ impl Chunk for &[AtomicU64] {
             all & v
         })
     }
+    #[inline]
+    fn rearm(&mut self, mask: u64, wp: bool) -> bool {
+        let mut changed = false;
+        for_each_bit(mask, |j| {
+            if let Some(w) = self.get(j) {
+                let (v, new) = (w.load(Relaxed), rearmed(w.load(Relaxed), wp));
+                if new != v {
+                    w.store(new, Relaxed);
+                    changed = true;
+                }
+            }
+        });
+        changed
+    }
 }
 
 impl Chunk for &mut [u64] {
@@ -733,6 +842,21 @@ impl Chunk for &mut [u64] {
             *w = v ^ bits::D;
             all & v
         })
+    }
+    #[inline]
+    fn rearm(&mut self, mask: u64, wp: bool) -> bool {
+        if mask == u64::MAX >> (64 - self.leaves()) {
+            return rearm_all(self, wp);
+        }
+        let mut changed = 0;
+        for_each_bit(mask, |j| {
+            if let Some(w) = self.get_mut(j) {
+                let v = *w;
+                *w = rearmed(v, wp);
+                changed |= v ^ *w;
+            }
+        });
+        changed != 0
     }
 }
 

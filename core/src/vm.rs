@@ -724,16 +724,35 @@ impl Vm {
         }
     }
 
-    /// KVM_RESET_DIRTY_RINGS for one entry: re-arms page `offset` of the slot whose ring id is
-    /// `id`; true if an entry changed (the caller INVEPTs).
-    pub fn rearm_ring_page<P: Platform + ?Sized>(&self, p: &P, id: u32, offset: u64) -> bool {
-        self.slots
-            .iter()
-            .flatten()
-            .find(|s| s.ring_id == Some(id))
-            .is_some_and(|s| {
-                offset < s.pages && s.log.rearm_page(p, &self.ept, s.base + offset * PAGE_SIZE)
-            })
+    /// KVM_RESET_DIRTY_RINGS for a batch of entries (KVM slot id, page offset), at most
+    /// [`dirty::REARM_BATCH`]: re-arms each page of the slot whose ring id matches; true if an
+    /// entry changed (the caller INVEPTs). `cache` serves one reset.
+    pub fn rearm_ring_pages<P: Platform + ?Sized>(
+        &self,
+        p: &P,
+        batch: &[(u32, u64)],
+        cache: &mut crate::ept::TableCache,
+    ) -> bool {
+        let mut last: Option<&Slot> = None;
+        dirty::rearm_batch(batch.len(), |i| {
+            let (id, offset) = *batch.get(i)?;
+            let s = match last {
+                Some(s) if s.ring_id == Some(id) => s,
+                _ => self
+                    .slots
+                    .iter()
+                    .flatten()
+                    .find(|s| s.ring_id == Some(id))?,
+            };
+            last = Some(s);
+            if offset >= s.pages {
+                return None;
+            }
+            let w = s
+                .log
+                .leaf(p, &self.ept, s.base + offset * PAGE_SIZE, cache)?;
+            Some((&s.log, w))
+        })
     }
 
     /// `KVM_GET_DIRTY_LOG` for slot `idx`.

@@ -10,23 +10,36 @@
 //! - `naive`: `dirty::scan_naive` (every leaf, no pruning),
 //! - `memcpy`: copying as many bytes as the slot has leaf entries (8 per page): the memory
 //!   bandwidth bound of any scan that reads every leaf and writes some back.
+//! - `ring`: KVM's dirty ring (`kvm::ring::Ring`, 1 MiB, 65,536 entries) where the dirty pages
+//!   were pushed in a random order (the guest's writes; untimed): user space collecting the
+//!   entries (acquire the flags, read the offset, store RESET) and `KVM_RESET_DIRTY_RINGS`
+//!   re-arming the pages in batches (`dirty::rearm_batch`, as `Vm::rearm_ring_pages` does). Where the dirty
+//!   pages fit in the ring.
+//! - `touch`: the same random order touching one 8-byte word per dirty page in an array of one
+//!   word per page (read and write): the limit of any work that follows the dirty pages.
 //!
 //! After criterion's own report, a summary table is printed from the same measurements (median
-//! time per iteration). `SMUDGE_BENCH_GIB=1,16` limits the slot sizes. The mock lends page tables
-//! to clearing scans as plain memory, as a kernel shim may; `SMUDGE_BENCH_ATOMICS=1` lends them
-//! through the atomics instead (the default of `Platform::with_page_mut`).
+//! time per iteration). `SMUDGE_BENCH_GIB=1,16` limits the slot sizes. The platform is
+//! `ArenaPlatform`: pages in one arena, found by address arithmetic as in a kernel's direct map
+//! (the checked mock of the tests spends more on its page lookups than a ring reset spends per
+//! page). It lends page tables to clearing scans as plain memory, as a kernel shim may;
+//! `SMUDGE_BENCH_ATOMICS=1` lends them through the atomics instead (the default of
+//! `Platform::with_page_mut`).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, BenchmarkId, Criterion, SamplingMode};
-use smudge_core::dirty::{scan_naive, DirtyLog, Mode};
-use smudge_core::ept::{Ept, EptFeatures, MemoryType, Perms};
+use smudge_core::dirty::{self, scan_naive, DirtyLog, Mode};
+use smudge_core::ept::{Ept, EptFeatures, MemoryType, Perms, TableCache};
+use smudge_core::kvm::abi::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET};
+use smudge_core::kvm::ring::{self, Ring};
 use smudge_core::platform::Platform;
 use smudge_tests::model::{bit, eptp, Cpu};
-use smudge_tests::MockPlatform;
+use smudge_tests::ArenaPlatform;
 
 const PAGE: u64 = 4096;
 const GIB: u64 = 1 << 30;
@@ -94,7 +107,7 @@ impl Pattern {
 
 /// An EPT mapping one slot with 4 KiB leaves, its A/D dirty log, and where its entries are.
 struct Fixture {
-    p: MockPlatform,
+    p: ArenaPlatform,
     ept: Ept,
     log: DirtyLog,
     pages: u64,
@@ -106,7 +119,8 @@ struct Fixture {
 
 impl Fixture {
     fn new(gib: u64) -> Fixture {
-        let p = MockPlatform::new();
+        // Every table of the slot, the ring and a few more.
+        let p = ArenaPlatform::new((gib * 513 + 400) as usize);
         p.lend_through_atomics(std::env::var("SMUDGE_BENCH_ATOMICS").is_ok_and(|v| v == "1"));
         let mut ept = Ept::new(&p, EptFeatures::ALL).expect("EPT");
         ept.map(&p, 0, 0, gib * GIB, Perms::RW, MemoryType::WriteBack, false)
@@ -304,6 +318,9 @@ fn bench_size(c: &mut Criterion, gib: u64) {
                 })
             })
         });
+        if let Pattern::Scattered(_) = pattern {
+            bench_ring(&mut group, &f, &dirty, &pid, key("ring"), key("touch"));
+        }
         black_box(&out);
         // The naive scan leaves A set above clean leaves; reset for the next pattern.
         f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
@@ -325,7 +342,115 @@ fn bench_size(c: &mut Criterion, gib: u64) {
     drop((src, dst));
     f.log.free(&f.p);
     f.ept.destroy(&f.p);
-    f.p.assert_all_freed();
+    assert_eq!(f.p.live_pages(), 0, "pages leaked");
+}
+
+/// The shuffled order of `dirty` (xorshift, fixed seed): the order a guest's writes push them.
+fn write_order(dirty: &[u64]) -> Vec<u64> {
+    let mut v = dirty.to_vec();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..v.len()).rev() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        v.swap(i, (rng % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+/// What `Vm::rearm_ring_pages` does for a batch of one slot's entries (the fixture has a log,
+/// not a VM).
+fn rearm_batch(f: &Fixture, batch: &[(u32, u64)], cache: &mut TableCache) {
+    dirty::rearm_batch(batch.len(), |i| {
+        let w = f.log.leaf(&f.p, &f.ept, batch.get(i)?.1 * PAGE, cache)?;
+        Some((&f.log, w))
+    });
+}
+
+/// KVM's dirty ring against the work-follows-the-dirty-pages limit (see the module comment).
+fn bench_ring(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    f: &Fixture,
+    dirty: &[u64],
+    pid: &str,
+    ring_key: Key,
+    touch_key: Key,
+) {
+    let mut r = Ring::alloc(&f.p, ring::MAX_BYTES, true).expect("ring");
+    if dirty.len() as u32 >= r.soft_limit {
+        r.free(&f.p);
+        return;
+    }
+    let order = write_order(dirty);
+    // User space's view of the ring: its pages, as the mmap shows them.
+    let pages: Vec<&[AtomicU64]> = (0..ring::MAX_BYTES / PAGE)
+        .map(|i| &f.p.page(r.page(&f.p, i).expect("ring page"))[..])
+        .collect();
+    let entries = r.entries;
+    let entry = |i: u32| {
+        let w = (u64::from(i % entries) * ring::ENTRY / 8) as usize;
+        (&pages[w / 512][w % 512], &pages[w / 512][w % 512 + 1])
+    };
+    let mut fetch = 0u32;
+    let mut collected: Vec<u64> = Vec::with_capacity(order.len());
+    // Correctness guard (untimed): the ring gives back exactly the pages, and re-arms them.
+    let mut once = |r: &mut Ring, collected: &mut Vec<u64>| {
+        collected.clear();
+        loop {
+            let (flags, offset) = entry(fetch);
+            let v = flags.load(Acquire);
+            if v as u32 & DIRTY_GFN_F_DIRTY == 0 {
+                break;
+            }
+            collected.push(offset.load(Relaxed));
+            flags.store(v | u64::from(DIRTY_GFN_F_RESET), Release);
+            fetch = fetch.wrapping_add(1);
+        }
+        let mut cache = TableCache::default();
+        r.reset(&f.p, &mut |batch| {
+            rearm_batch(f, batch, &mut cache);
+        })
+    };
+    let push = |r: &mut Ring| {
+        f.dirty(&order);
+        for &i in &order {
+            assert!(r.push(&f.p, 1, i));
+        }
+    };
+    push(&mut r);
+    let n = once(&mut r, &mut collected);
+    assert_eq!((n, &collected), (order.len() as u64, &order));
+    let mut out = vec![0u64; f.pages.div_ceil(64) as usize];
+    f.log.get(&f.p, &f.ept, &mut out).expect("get");
+    assert!(
+        out.iter().all(|&w| w == 0),
+        "the ring reset left dirty pages"
+    );
+
+    group.bench_function(BenchmarkId::new("ring", pid), |b| {
+        b.iter_custom(|iters| {
+            timed(ring_key.clone(), iters, || {
+                push(&mut r);
+                time(|| {
+                    black_box(once(&mut r, &mut collected));
+                })
+            })
+        })
+    });
+    let mut words = vec![0u64; f.pages as usize];
+    group.bench_function(BenchmarkId::new("touch", pid), |b| {
+        b.iter_custom(|iters| {
+            timed(touch_key.clone(), iters, || {
+                time(|| {
+                    for &i in black_box(&order) {
+                        words[i as usize] += 1;
+                    }
+                })
+            })
+        })
+    });
+    black_box(&words);
+    r.free(&f.p);
 }
 
 fn fmt(d: Option<Duration>) -> String {
@@ -359,7 +484,7 @@ fn summary() {
     println!();
     println!("smudge dirty-log summary (A/D scan, 4 KiB leaves; median of criterion's samples, time per iteration)");
     println!(
-        "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>13} {:>10} {:>10} {:>9} {:>10}",
+        "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>13} {:>10} {:>10} {:>9} {:>10} {:>13}",
         "slot",
         "dirty",
         "pages",
@@ -370,7 +495,8 @@ fn summary() {
         "naive",
         "memcpy",
         "vs naive",
-        "vs memcpy"
+        "vs memcpy",
+        "clear/memcpy"
     );
     for gib in SIZES_GIB {
         let memcpy = median(&(gib, String::new(), "memcpy"));
@@ -382,7 +508,7 @@ fn summary() {
             }
             let n = pattern.pages(gib * GIB / PAGE).len();
             println!(
-                "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>13} {:>10} {:>10} {:>9} {:>10}",
+                "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>13} {:>10} {:>10} {:>9} {:>10} {:>13}",
                 format!("{gib} GiB"),
                 pattern.name(),
                 n,
@@ -394,10 +520,39 @@ fn summary() {
                 fmt(memcpy),
                 ratio(median(&k("naive")), harvest),
                 ratio(harvest, memcpy),
+                ratio(median(&k("clear")), memcpy),
             );
         }
     }
-    println!("vs naive: naive / harvest (speedup); vs memcpy: harvest / memcpy of the leaf entries (1.00x = bandwidth bound)");
+    println!("vs naive: naive / harvest (speedup); vs memcpy: harvest / memcpy of the leaf entries (1.00x = bandwidth bound); clear/memcpy: the same for the masked clear");
+    println!();
+    println!(
+        "smudge dirty ring (collect + KVM_RESET_DIRTY_RINGS of the dirty pages in write order)"
+    );
+    println!(
+        "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "slot", "dirty", "pages", "ring", "touch", "harvest", "vs touch", "vs harvest"
+    );
+    for gib in SIZES_GIB {
+        for pattern in PATTERNS {
+            let k = |w: &'static str| (gib, pattern.name(), w);
+            let Some(ring) = median(&k("ring")) else {
+                continue;
+            };
+            println!(
+                "{:<7} {:<16} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}",
+                format!("{gib} GiB"),
+                pattern.name(),
+                pattern.pages(gib * GIB / PAGE).len(),
+                fmt(Some(ring)),
+                fmt(median(&k("touch"))),
+                fmt(median(&k("harvest"))),
+                ratio(Some(ring), median(&k("touch"))),
+                ratio(Some(ring), median(&k("harvest"))),
+            );
+        }
+    }
+    println!("vs touch: ring / one word per dirty page (1.00x = the limit); vs harvest: ring / the pruned bitmap scan");
 }
 
 fn main() {

@@ -8,6 +8,7 @@
 //! - [`session_model::MockOs`]: an OS for `core::session` whose CPUs are the model behind a
 //!   model of VMX operation, so the session layer and the run loop run on host threads.
 
+pub mod arena;
 pub mod elf;
 pub mod fixtures;
 pub mod harness;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod platform;
 pub mod session_model;
 
+pub use arena::ArenaPlatform;
 pub use harness::{Backing, InveptPolicy, TrackedVm};
 pub use model::{AccessKind, Cpu, Exit};
 pub use platform::MockPlatform;

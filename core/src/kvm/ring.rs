@@ -136,23 +136,58 @@ impl Ring {
     }
 
     /// KVM_RESET_DIRTY_RINGS for this ring: every entry from the reset index that user space
-    /// marked RESET goes to `rearm(slot, offset)` and is freed; stops at the first that is not.
-    /// Returns how many were reset.
-    pub fn reset<P: Platform + ?Sized>(&mut self, p: &P, rearm: &mut dyn FnMut(u32, u64)) -> u64 {
+    /// marked RESET is freed and goes to `rearm` as (slot, offset), in batches of up to
+    /// [`crate::dirty::REARM_BATCH`]; stops at the first that is not. Returns how many were reset.
+    pub fn reset<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        rearm: &mut dyn FnMut(&[(u32, u64)]),
+    ) -> u64 {
+        let mut batch = [(0u32, 0u64); crate::dirty::REARM_BATCH];
+        let mut queued = 0;
+        let n = self.reset_entries(p, &mut |entry| {
+            batch[queued] = entry;
+            queued += 1;
+            if queued == crate::dirty::REARM_BATCH {
+                rearm(&batch);
+                queued = 0;
+            }
+        });
+        if queued > 0 {
+            rearm(&batch[..queued]);
+        }
+        n
+    }
+
+    /// Frees the entries marked RESET from the reset index on, each to `f`; how many.
+    fn reset_entries<P: Platform + ?Sized>(&mut self, p: &P, f: &mut dyn FnMut((u32, u64))) -> u64 {
+        const PER_PAGE: u32 = (4096 / ENTRY) as u32;
         let mut n = 0;
-        while self.used() > 0 {
-            let Some((flags_slot, off)) = self.words(p, self.reset_index) else {
+        'pages: while self.used() > 0 {
+            // The entries of one ring page, the page looked up once.
+            let i = self.reset_index & self.entries.wrapping_sub(1);
+            let Some(page) = self.page(p, u64::from(i / PER_PAGE)) else {
                 break;
             };
-            let v = flags_slot.load(Acquire);
-            if v as u32 & DIRTY_GFN_F_RESET == 0 {
-                break;
+            let words = p.page(page);
+            for e in i % PER_PAGE..PER_PAGE {
+                if self.used() == 0 {
+                    break 'pages;
+                }
+                let w = (e as u64 * ENTRY / 8) as usize;
+                let (Some(flags_slot), Some(off)) = (words.get(w), words.get(w + 1)) else {
+                    break 'pages;
+                };
+                let v = flags_slot.load(Acquire);
+                if v as u32 & DIRTY_GFN_F_RESET == 0 {
+                    break 'pages;
+                }
+                let (slot, offset) = ((v >> 32) as u32, off.load(Relaxed));
+                flags_slot.store(v & !0xffff_ffff, Release);
+                self.reset_index = self.reset_index.wrapping_add(1);
+                f((slot, offset));
+                n += 1;
             }
-            let (slot, offset) = ((v >> 32) as u32, off.load(Relaxed));
-            flags_slot.store(v & !0xffff_ffff, Release);
-            self.reset_index = self.reset_index.wrapping_add(1);
-            rearm(slot, offset);
-            n += 1;
         }
         n
     }

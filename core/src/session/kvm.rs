@@ -278,6 +278,7 @@ impl<O: Os> Session<O> {
             Ioctl::ResetDirtyRings => {
                 let vm = st.vm.as_mut().ok_or(Fail::Invalid)?;
                 let (mut count, mut rearmed) = (0, false);
+                let mut cache = crate::ept::TableCache::default();
                 for slot in self.created() {
                     let mut g = slot.hw.lock();
                     let Some(r) = g
@@ -286,8 +287,8 @@ impl<O: Os> Session<O> {
                     else {
                         continue;
                     };
-                    count += r.reset(os, &mut |id, off| {
-                        rearmed |= vm.rearm_ring_page(os, id, off);
+                    count += r.reset(os, &mut |batch| {
+                        rearmed |= vm.rearm_ring_pages(os, batch, &mut cache);
                     });
                 }
                 // The re-armed pages' cached translations go (INVEPT at the request's end).

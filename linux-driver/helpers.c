@@ -231,15 +231,23 @@ static struct miscdevice smudge_kvm_misc = {
 int smudge_kvm_register(void) { return misc_register(&smudge_kvm_misc); }
 void smudge_kvm_deregister(void) { misc_deregister(&smudge_kvm_misc); }
 unsigned long smudge_tsc_khz(void) { return tsc_khz; }
-/* KVM_SET_SIGNAL_MASK's mask inside KVM_RUN (KVM's kvm_sigset_activate); SIGKILL and SIGSTOP
- * stay deliverable. Returns the mask it replaced. */
-u64 smudge_sigmask_swap(u64 mask)
+/* KVM_SET_SIGNAL_MASK's mask inside KVM_RUN, as KVM's kvm_sigset_activate: the thread's own
+ * mask goes to current->real_blocked, where complete_signal() looks before it turns a signal
+ * with a fatal default action into a group exit; a signal the thread blocks outside KVM_RUN
+ * then ends the run and stays pending instead of killing the process. SIGKILL and SIGSTOP stay
+ * deliverable. */
+void smudge_sigmask_enter(u64 mask)
 {
-	sigset_t new, old;
+	sigset_t set;
 
-	siginitset(&new, mask & ~(sigmask(SIGKILL) | sigmask(SIGSTOP)));
-	sigprocmask(SIG_SETMASK, &new, &old);
-	return old.sig[0];
+	siginitset(&set, mask & ~(sigmask(SIGKILL) | sigmask(SIGSTOP)));
+	sigprocmask(SIG_SETMASK, &set, &current->real_blocked);
+}
+/* KVM's kvm_sigset_deactivate: the thread's own mask back. */
+void smudge_sigmask_leave(void)
+{
+	sigprocmask(SIG_SETMASK, &current->real_blocked, NULL);
+	sigemptyset(&current->real_blocked);
 }
 /* Pins up to n pages of the caller's memory from uaddr for a VM's EPT (KVM's memory slots):
  * long-term, writable; the frames go to pfns. Returns how many were pinned, or -errno. */
@@ -308,6 +316,7 @@ void smudge_fpu_begin(void) { kernel_fpu_begin(); }
 void smudge_fpu_end(void) { kernel_fpu_end(); }
 int smudge_cpu(void) { return smp_processor_id(); }
 int smudge_nr_cpu_ids(void) { return nr_cpu_ids; }
+bool smudge_cpu_online(int cpu) { return cpu_online(cpu); }
 int smudge_signal_pending(void) { return signal_pending(current); }
 int smudge_need_resched(void) { return need_resched(); }
 u64 smudge_now_ns(void) { return ktime_get_ns(); }

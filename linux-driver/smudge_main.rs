@@ -23,7 +23,7 @@ use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission::{self, Admission, Refusal};
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
 use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
-use smudge_core::vmx::root::{ControlRegs, VmxRoot};
+use smudge_core::vmx::root::{ControlRegs, Processors, VmxRoot};
 
 module! {
     type: Smudge,
@@ -67,6 +67,7 @@ extern "C" {
     fn smudge_fpu_end();
     fn smudge_cpu() -> i32;
     fn smudge_nr_cpu_ids() -> i32;
+    fn smudge_cpu_online(cpu: i32) -> bool;
     fn smudge_signal_pending() -> i32;
     fn smudge_need_resched() -> i32;
     fn smudge_cond_resched();
@@ -81,7 +82,8 @@ extern "C" {
     fn smudge_kvm_register() -> i32;
     fn smudge_kvm_deregister();
     fn smudge_tsc_khz() -> u64;
-    fn smudge_sigmask_swap(mask: u64) -> u64;
+    fn smudge_sigmask_enter(mask: u64);
+    fn smudge_sigmask_leave();
     fn smudge_pin_user_pages(uaddr: usize, n: usize, pfns: *mut u64) -> isize;
     fn smudge_unpin_user_page(pfn: usize);
 }
@@ -222,8 +224,6 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
 const MAX_CPUS: usize = 64;
 /// Every CPU's VMX state.
 static ROOT: VmxRoot<MAX_CPUS> = VmxRoot::new();
-/// CPUs where VMXON failed at load (bit per CPU), and the last reason.
-static VMXON_FAILED: AtomicU64 = AtomicU64::new(0);
 
 /// The proof of VMX operation on the current CPU, if this module turned it on here.
 /// Preemption must be off (IPI context, or between fpu_begin and fpu_end).
@@ -369,9 +369,13 @@ impl Os for LinuxOs {
         // SAFETY: reads the kernel's tsc_khz.
         unsafe { smudge_tsc_khz() }
     }
-    fn swap_signal_mask(&self, mask: u64) -> u64 {
-        // SAFETY: sigprocmask of the calling thread.
-        unsafe { smudge_sigmask_swap(mask) }
+    fn signal_mask_enter(&self, mask: u64) {
+        // SAFETY: sigprocmask of the calling thread, its own mask kept in real_blocked.
+        unsafe { smudge_sigmask_enter(mask) }
+    }
+    fn signal_mask_leave(&self) {
+        // SAFETY: sigprocmask of the calling thread back to its real_blocked.
+        unsafe { smudge_sigmask_leave() }
     }
     fn log(&self, line: &str) {
         pr_info!("{}\n", line);
@@ -659,25 +663,49 @@ impl ControlRegs for LinuxCr {
     }
 }
 
-extern "C" fn vmxon_this_cpu(_: *mut c_void) {
-    // SAFETY: runs in on_each_cpu's IPI context with interrupts off.
-    let cpu = unsafe { smudge_cpu() } as u32;
-    let Some(d) = driver() else { return };
-    if ROOT.vmxon_here(cpu, &d.caps, &LinuxCr).is_err() {
-        VMXON_FAILED.fetch_or(1u64.checked_shl(cpu).unwrap_or(0), Ordering::Relaxed);
+/// The online CPUs, reached by smp_call_function_single.
+struct LinuxCpus;
+
+/// IPI trampoline of [`Processors::on`]: `info` points at the `&mut dyn FnMut` to call.
+extern "C" fn call_fn_mut(info: *mut c_void) {
+    // SAFETY: `info` is the address of a `&mut dyn FnMut` whose caller waits for this call, so
+    // nothing else uses it meanwhile.
+    let f = unsafe { &mut *(info as *mut &mut (dyn FnMut() + Send)) };
+    f();
+}
+
+impl Processors for LinuxCpus {
+    fn bound(&self) -> u32 {
+        // SAFETY: reads the CPU count.
+        (unsafe { smudge_nr_cpu_ids() } as u32).min(MAX_CPUS as u32)
+    }
+    fn present(&self, i: u32) -> bool {
+        // SAFETY: reads the online mask.
+        unsafe { smudge_cpu_online(i as i32) }
+    }
+    fn on(&self, i: u32, mut f: &mut (dyn FnMut() + Send)) -> bool {
+        let info = &mut f as *mut &mut (dyn FnMut() + Send) as *mut c_void;
+        // SAFETY: smp_call_function_single waits for `call_fn_mut` (interrupts off there, also
+        // when `i` is this CPU), so `info` outlives it.
+        unsafe { smudge_on_cpu(i as i32, call_fn_mut, info) == 0 }
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        &LinuxCr
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        // VMXON regions belong to the driver, not to a VM: outside `pages_held` and its cap.
+        os_alloc()
+    }
+    fn free_region(&self, pa: u64) {
+        os_free(pa)
     }
 }
 
-extern "C" fn vmxoff_this_cpu(_: *mut c_void) {
-    // SAFETY: IPI context (or a notifier on this CPU with interrupts off).
-    let cpu = unsafe { smudge_cpu() } as u32;
-    ROOT.vmxoff_here(cpu, &LinuxCr);
-}
-
-/// Called by the reboot and panic notifiers.
+/// Called by the reboot and panic notifiers, on the CPU they run on.
 #[no_mangle]
 pub extern "C" fn smudge_rs_emergency_vmxoff() {
-    vmxoff_this_cpu(core::ptr::null_mut());
+    // SAFETY: a notifier on this CPU with interrupts off.
+    ROOT.vmxoff_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
 }
 
 struct Smudge;
@@ -696,27 +724,19 @@ impl kernel::Module for Smudge {
             }
         };
         let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
-        let Admission { caps, mode } = match admission::check(&cpuid, LinuxCr.cr4(), &rdmsr) {
+        let here = || admission::check(&cpuid, LinuxCr.cr4(), &rdmsr);
+        let Admission { caps, mode } = match admission::check_every(&LinuxCpus, &here) {
             Ok(a) => a,
-            Err(why) => {
-                pr_err!("cannot load: {}\n", why.message().as_str());
-                return Err(if why == Refusal::VmxInUse {
+            Err((cpu, why)) => {
+                let said = why.map_or(MsgBuf::new(), |w| w.message());
+                pr_err!("cannot load (CPU {}): {}\n", cpu, said.as_str());
+                return Err(if why == Some(Refusal::VmxInUse) {
                     EBUSY
                 } else {
                     ENODEV
                 });
             }
         };
-        // SAFETY: reads the CPU count.
-        let ncpu = (unsafe { smudge_nr_cpu_ids() } as usize).min(MAX_CPUS);
-        for i in 0..ncpu as u32 {
-            // VMXON regions belong to the driver, not to a VM: outside `pages_held` and its cap.
-            let Some(pg) = os_alloc() else {
-                ROOT.take_regions(os_free);
-                return Err(ENOMEM);
-            };
-            ROOT.set_region(i, pg, &LinuxOs, &caps);
-        }
         // SAFETY: reads module parameters and the kernel's CPU bug and feature bits.
         let (duties, probe) = unsafe {
             let duties = if smudge_force_barriers() {
@@ -734,6 +754,13 @@ impl kernel::Module for Smudge {
             "speculation barriers before each VM entry: {}\n",
             said.as_str()
         );
+        let ncpu = match ROOT.vmxon_all(&LinuxCpus, &LinuxOs, &caps) {
+            Ok(n) => n,
+            Err((cpu, why)) => {
+                pr_err!("VMXON failed on CPU {}: {:?}\n", cpu, why);
+                return Err(EBUSY);
+            }
+        };
         let drv = Driver {
             caps,
             mode,
@@ -742,17 +769,6 @@ impl kernel::Module for Smudge {
         };
         // SAFETY: single-threaded init: nobody reads DRIVER yet.
         unsafe { *core::ptr::addr_of_mut!(DRIVER) = Some(drv) };
-        // SAFETY: VMXON on every CPU in IPI context.
-        unsafe { smudge_on_each_cpu(vmxon_this_cpu, core::ptr::null_mut()) };
-        let failed = VMXON_FAILED.load(Ordering::Relaxed);
-        if failed != 0 {
-            pr_err!(
-                "VMXON failed on CPUs {:#x} (another hypervisor in VMX operation, or CR0/CR4 outside the VMX fixed bits)\n",
-                failed
-            );
-            teardown();
-            return Err(EBUSY);
-        }
         // SAFETY: registers the notifiers and the misc device (C glue).
         unsafe { smudge_notifiers_register() };
         // SAFETY: C glue.
@@ -785,9 +801,7 @@ impl kernel::Module for Smudge {
 }
 
 fn teardown() {
-    // SAFETY: VMXOFF where this module did VMXON.
-    unsafe { smudge_on_each_cpu(vmxoff_this_cpu, core::ptr::null_mut()) };
-    ROOT.take_regions(os_free);
+    ROOT.vmxoff_all(&LinuxCpus);
     // SAFETY: no CPU uses DRIVER any more (device gone, VMX off).
     unsafe { *core::ptr::addr_of_mut!(DRIVER) = None };
 }

@@ -601,6 +601,10 @@ pub struct MockOs<const WINDOWS: bool> {
     /// Request buffers fail while this is non-zero (decremented per request buffer).
     pub fail_buffers: AtomicUsize,
     start: Instant,
+    /// KVM_SET_SIGNAL_MASK's masks in force (`Os::signal_mask_enter`), by thread.
+    masks: Mutex<HashMap<std::thread::ThreadId, u64>>,
+    /// Guest stays entered while the calling thread's mask was in force.
+    masked_stays: AtomicUsize,
 }
 
 /// The driver of a Bochs corei7_skylake_x (VMX, EPT A/D, PML) with every barrier on and the
@@ -640,7 +644,21 @@ impl<const W: bool> MockOs<W> {
             signal: AtomicBool::new(false),
             fail_buffers: AtomicUsize::new(0),
             start: Instant::now(),
+            masks: Mutex::new(HashMap::new()),
+            masked_stays: AtomicUsize::new(0),
         }
+    }
+
+    /// The KVM signal mask in force on this thread (between `signal_mask_enter` and
+    /// `signal_mask_leave`), if any.
+    pub fn thread_mask(&self) -> Option<u64> {
+        let me = std::thread::current().id();
+        self.masks.lock().unwrap().get(&me).copied()
+    }
+
+    /// Guest stays entered with a KVM signal mask in force so far.
+    pub fn masked_stays(&self) -> usize {
+        self.masked_stays.load(Ordering::SeqCst)
     }
 
     /// Moves this thread to CPU `cpu` (as the OS's scheduler may, between stays).
@@ -755,6 +773,9 @@ impl<const W: bool> Os for MockOs<W> {
         Ok(MockPin)
     }
     fn with_guest_context<R>(&self, f: impl FnOnce(&mut ModelCpu<'_>) -> R) -> Result<R, Fail> {
+        if self.thread_mask().is_some() {
+            self.masked_stays.fetch_add(1, Ordering::SeqCst);
+        }
         let n = self.m.cpus.len() as u32;
         // Between stays the scheduler moves an unpinned thread now and then (every third
         // stay), so VMCSs change CPUs as they do on Linux.
@@ -799,6 +820,20 @@ impl<const W: bool> Os for MockOs<W> {
     fn irq_restore(&self, _flags: usize) {}
     fn signal_pending(&self) -> bool {
         self.signal.load(Ordering::SeqCst)
+    }
+    fn signal_mask_enter(&self, mask: u64) {
+        let me = std::thread::current().id();
+        if self.masks.lock().unwrap().insert(me, mask).is_some() {
+            self.m
+                .violation("signal_mask_enter with a KVM mask already in force".into());
+        }
+    }
+    fn signal_mask_leave(&self) {
+        let me = std::thread::current().id();
+        if self.masks.lock().unwrap().remove(&me).is_none() {
+            self.m
+                .violation("signal_mask_leave without a KVM mask in force".into());
+        }
     }
     fn resched_pending(&self) -> bool {
         false

@@ -63,6 +63,16 @@ impl Kvm<'_> {
     fn run(&self, i: u32) -> Result<u64, Fail> {
         self.s.kvm_vcpu_request(self.os, self.d, i, Ioctl::Run, 0)
     }
+    /// KVM_RUN of a guest that writes forever while a signal is pending: EINTR with
+    /// KVM_EXIT_INTR.
+    fn run_until_signal(&self, i: u32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.os.m.program(i, vec![Step::WriteForever(SLOT1_GPA)]);
+        self.os.signal.store(true, SeqCst);
+        assert_eq!(self.run(i), Err(Fail::Interrupted));
+        assert_eq!(self.run_u32(i, run::EXIT_REASON), exit::INTR);
+        self.os.signal.store(false, SeqCst);
+    }
     fn region(&self, slot: u32, flags: u32, gpa: u64, size: u64, uaddr: u64) -> Result<u64, Fail> {
         self.vm(
             Ioctl::SetUserMemoryRegion2,
@@ -174,6 +184,21 @@ fn long_mode(reset: &Sregs) -> Sregs {
 
 /// A VM as the selftests build it: slot 0 (code, no logging), slot 1 (logged), manual
 /// protection as asked, one vCPU in long mode with the supported CPUID.
+/// A session on the model machine: `body` drives it, then the VM is released; no rule of the
+/// model broken, no page left.
+fn with_kvm(body: impl FnOnce(&Kvm<'_>)) {
+    let (d, os) = machine();
+    let mut session = Session::new();
+    body(&Kvm {
+        s: &session,
+        os: &os,
+        d: &d,
+    });
+    assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
+    session.release(&os);
+    os.p.assert_all_freed();
+}
+
 fn selftest_vm(c: &Kvm<'_>, manual: bool) {
     c.s.kvm_create(c.os, c.d, Some(Mode::Pml)).expect("create");
     assert_eq!(
@@ -239,210 +264,190 @@ fn selftest_vm(c: &Kvm<'_>, manual: bool) {
 #[test]
 fn a_ucall_round_trip_and_the_dirty_log() {
     for manual in [false, true] {
-        let (d, os) = machine();
-        let mut session = Session::new();
-        let c = Kvm {
-            s: &session,
-            os: &os,
-            d: &d,
-        };
-        selftest_vm(&c, manual);
-        let pages = [0u64, 1, 63, 64, 300, 511];
-        let mut steps: Vec<Step> = pages
-            .iter()
-            .map(|p| Step::Write(SLOT1_GPA + p * 4096 + 8))
-            .collect();
-        steps.push(Step::Write(0x1000)); // slot 0: not logged
-        steps.push(Step::PortIn {
-            port: UCALL_PORT,
-            size: 1,
-            rdi: 0x1234_5678,
-        });
-        steps.push(Step::RecordRax);
-        steps.push(Step::PortOut {
-            port: UCALL_PORT,
-            size: 4,
-            value: 0xdead_beef,
-        });
-        steps.push(Step::Hlt);
-        steps.push(Step::Write(SLOT1_GPA + 7 * 4096));
-        steps.push(Step::Hlt);
-        os.m.program(0, steps);
-        // The ucall: an IN exit, RDI from GET_REGS, the data from the kvm_run page.
-        assert_eq!(c.run(0), Ok(0));
-        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
-        assert_eq!(c.run_u8(0, run::IO_DIRECTION), k::EXIT_IO_IN);
-        assert_eq!(c.run_u8(0, run::IO_SIZE), 1);
-        let mut port = [0u8; 2];
-        read_bytes(&os, c.run_page(0), run::IO_PORT, &mut port);
-        assert_eq!(u16::from_le_bytes(port), UCALL_PORT);
-        assert_eq!(c.run_u32(0, run::IO_DATA_OFFSET), IO_DATA as u32);
-        let regs: KvmRegs = c.vcpu_get(0, Ioctl::GetRegs).expect("GET_REGS");
-        assert_eq!(regs.gprs[5], 0x1234_5678, "RDI as the guest left it");
-        write_bytes(&os, c.run_page(0), IO_DATA, &[0x5a]);
-        // As the selftests' get_ucall: complete the I/O with immediate_exit (EINTR, the
-        // record still says IO), then run on.
-        write_bytes(&os, c.run_page(0), run::IMMEDIATE_EXIT, &[1]);
-        assert_eq!(c.run(0), Err(Fail::Interrupted));
-        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
-        write_bytes(&os, c.run_page(0), run::IMMEDIATE_EXIT, &[0]);
-        assert_eq!(c.run(0), Ok(0));
-        assert_eq!(
-            os.m.recorded().last().map(|r| r & 0xff),
-            Some(0x5a),
-            "AL from the page"
-        );
-        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
-        assert_eq!(c.run_u8(0, run::IO_DIRECTION), k::EXIT_IO_OUT);
-        assert_eq!(c.run_u32(0, IO_DATA), 0xdead_beef);
-        assert_eq!(c.run(0), Ok(0));
-        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::HLT);
-        // HLT without an interrupt controller: the next KVM_RUN goes on.
-        assert_eq!(c.run(0), Ok(0));
-        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::HLT);
-        let want: BTreeSet<u64> = pages.iter().copied().chain([7]).collect();
-        // Slot 0 logs nothing: ENOENT (KVM: no dirty bitmap).
-        assert_eq!(c.dirty_log(0), Err(Fail::NoEntry));
-        assert_eq!(c.dirty_log(5), Err(Fail::NoEntry), "no such slot");
-        assert_eq!(c.dirty_log(1), Ok(want.clone()));
-        if manual {
-            // GET is a snapshot; CLEAR re-arms the masked pages only.
+        with_kvm(|c| {
+            selftest_vm(&c, manual);
+            let pages = [0u64, 1, 63, 64, 300, 511];
+            let mut steps: Vec<Step> = pages
+                .iter()
+                .map(|p| Step::Write(SLOT1_GPA + p * 4096 + 8))
+                .collect();
+            steps.push(Step::Write(0x1000)); // slot 0: not logged
+            steps.push(Step::PortIn {
+                port: UCALL_PORT,
+                size: 1,
+                rdi: 0x1234_5678,
+            });
+            steps.push(Step::RecordRax);
+            steps.push(Step::PortOut {
+                port: UCALL_PORT,
+                size: 4,
+                value: 0xdead_beef,
+            });
+            steps.push(Step::Hlt);
+            steps.push(Step::Write(SLOT1_GPA + 7 * 4096));
+            steps.push(Step::Hlt);
+            c.os.m.program(0, steps);
+            // The ucall: an IN exit, RDI from GET_REGS, the data from the kvm_run page.
+            assert_eq!(c.run(0), Ok(0));
+            assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
+            assert_eq!(c.run_u8(0, run::IO_DIRECTION), k::EXIT_IO_IN);
+            assert_eq!(c.run_u8(0, run::IO_SIZE), 1);
+            let mut port = [0u8; 2];
+            read_bytes(c.os, c.run_page(0), run::IO_PORT, &mut port);
+            assert_eq!(u16::from_le_bytes(port), UCALL_PORT);
+            assert_eq!(c.run_u32(0, run::IO_DATA_OFFSET), IO_DATA as u32);
+            let regs: KvmRegs = c.vcpu_get(0, Ioctl::GetRegs).expect("GET_REGS");
+            assert_eq!(regs.gprs[5], 0x1234_5678, "RDI as the guest left it");
+            write_bytes(c.os, c.run_page(0), IO_DATA, &[0x5a]);
+            // As the selftests' get_ucall: complete the I/O with immediate_exit (EINTR, the
+            // record still says IO), then run on.
+            write_bytes(c.os, c.run_page(0), run::IMMEDIATE_EXIT, &[1]);
+            assert_eq!(c.run(0), Err(Fail::Interrupted));
+            assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
+            write_bytes(c.os, c.run_page(0), run::IMMEDIATE_EXIT, &[0]);
+            assert_eq!(c.run(0), Ok(0));
+            assert_eq!(
+                c.os.m.recorded().last().map(|r| r & 0xff),
+                Some(0x5a),
+                "AL from the page"
+            );
+            assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
+            assert_eq!(c.run_u8(0, run::IO_DIRECTION), k::EXIT_IO_OUT);
+            assert_eq!(c.run_u32(0, IO_DATA), 0xdead_beef);
+            assert_eq!(c.run(0), Ok(0));
+            assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::HLT);
+            // HLT without an interrupt controller: the next KVM_RUN goes on.
+            assert_eq!(c.run(0), Ok(0));
+            assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::HLT);
+            let want: BTreeSet<u64> = pages.iter().copied().chain([7]).collect();
+            // Slot 0 logs nothing: ENOENT (KVM: no dirty bitmap).
+            assert_eq!(c.dirty_log(0), Err(Fail::NoEntry));
+            assert_eq!(c.dirty_log(5), Err(Fail::NoEntry), "no such slot");
             assert_eq!(c.dirty_log(1), Ok(want.clone()));
-            let mut mask = vec![0u64; 8];
-            mask[0] = 1 << 1 | 1 << 63; // pages 1 and 63
-            assert_eq!(c.clear(1, 0, 64, &mask), Ok(0));
-            let mut left = want.clone();
-            left.remove(&1);
-            left.remove(&63);
-            assert_eq!(c.dirty_log(1), Ok(left));
-            // KVM's rules: first page a multiple of 64, the count too unless it ends the slot.
-            assert_eq!(c.clear(1, 1, 64, &mask), Err(Fail::Invalid));
-            assert_eq!(c.clear(1, 0, 65, &mask), Err(Fail::Invalid));
-            assert_eq!(c.clear(1, 448, 64, &mask), Ok(0));
-            assert_eq!(c.clear(1, 448, 65, &mask), Err(Fail::Invalid));
-            assert_eq!(c.clear(1, 512, 0, &mask), Ok(0));
-            assert_eq!(c.clear(0, 0, 64, &mask), Err(Fail::NoEntry));
-        } else {
-            // Without manual protection GET clears.
-            assert_eq!(c.dirty_log(1), Ok(BTreeSet::new()));
-        }
-        assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
-        session.release(&os);
-        os.p.assert_all_freed();
+            if manual {
+                // GET is a snapshot; CLEAR re-arms the masked pages only.
+                assert_eq!(c.dirty_log(1), Ok(want.clone()));
+                let mut mask = vec![0u64; 8];
+                mask[0] = 1 << 1 | 1 << 63; // pages 1 and 63
+                assert_eq!(c.clear(1, 0, 64, &mask), Ok(0));
+                let mut left = want.clone();
+                left.remove(&1);
+                left.remove(&63);
+                assert_eq!(c.dirty_log(1), Ok(left));
+                // KVM's rules: first page a multiple of 64, the count too unless it ends the slot.
+                assert_eq!(c.clear(1, 1, 64, &mask), Err(Fail::Invalid));
+                assert_eq!(c.clear(1, 0, 65, &mask), Err(Fail::Invalid));
+                assert_eq!(c.clear(1, 448, 64, &mask), Ok(0));
+                assert_eq!(c.clear(1, 448, 65, &mask), Err(Fail::Invalid));
+                assert_eq!(c.clear(1, 512, 0, &mask), Ok(0));
+                assert_eq!(c.clear(0, 0, 64, &mask), Err(Fail::NoEntry));
+            } else {
+                // Without manual protection GET clears.
+                assert_eq!(c.dirty_log(1), Ok(BTreeSet::new()));
+            }
+        });
     }
 }
 
 #[test]
 fn refused_requests_get_kvms_errno() {
-    let (d, os) = machine();
-    let mut session = Session::new();
-    let c = Kvm {
-        s: &session,
-        os: &os,
-        d: &d,
-    };
-    selftest_vm(&c, true);
-    let big = 1u64 << 30;
-    // Overlap: EEXIST; misaligned, read-only, beyond user space, an address space: EINVAL.
-    assert_eq!(
-        c.region(2, 0, SLOT1_GPA + 4096, 4096, 0x7f10_0000_0000),
-        Err(Fail::Exists)
-    );
-    assert_eq!(
-        c.region(2, 0, 0x1000_0001, 4096, 0x7f10_0000_0000),
-        Err(Fail::Invalid)
-    );
-    assert_eq!(
-        c.region(2, k::MEM_READONLY, 0x1000_0000, 4096, 0x7f10_0000_0000),
-        Err(Fail::Invalid)
-    );
-    assert_eq!(
-        c.region(2, 0, 0x1000_0000, big, 0x7fff_ffff_0000),
-        Err(Fail::Invalid)
-    );
-    assert_eq!(
-        c.region(1 << 16 | 2, 0, 0x1000_0000, 4096, 0x7f10_0000_0000),
-        Err(Fail::Invalid)
-    );
-    // Deleting a slot that does not exist: EINVAL; the existing one's size may not change.
-    assert_eq!(c.region(9, 0, 0, 0, 0), Err(Fail::Invalid));
-    assert_eq!(
-        c.region(1, 0, SLOT1_GPA, 4096, SLOT1_UADDR),
-        Err(Fail::Invalid)
-    );
-    // Unmapped user memory: EFAULT, nothing stays pinned.
-    let pins = os.p.user_pins();
-    os.p.unmap_user(0x7f20_0000_0000, 0x7f20_0000_1000);
-    assert_eq!(
-        c.region(3, 0, 0x2000_0000, 8 * 4096, 0x7f20_0000_0000 - 4096),
-        Err(Fail::Fault)
-    );
-    assert_eq!(os.p.user_pins(), pins);
-    // vCPUs: a duplicate id, an id beyond KVM's limit.
-    assert_eq!(c.vm_val(Ioctl::CreateVcpu, 0), Err(Fail::Exists));
-    assert_eq!(c.vm_val(Ioctl::CreateVcpu, 5000), Err(Fail::Invalid));
-    // Capabilities: INITIALLY_SET is not offered; an unknown one is refused.
-    let en = |cap, arg| EnableCap {
-        cap,
-        args: [arg, 0, 0, 0],
-        ..Default::default()
-    };
-    assert_eq!(
-        c.vm(Ioctl::EnableCap, &en(cap::MANUAL_DIRTY_LOG_PROTECT2, 3)),
-        Err(Fail::Invalid)
-    );
-    assert_eq!(c.vm(Ioctl::EnableCap, &en(12345, 0)), Err(Fail::Invalid));
-    // The vCPU's requests.
-    let bad = Sregs {
-        cr0: 1 << 31, // PG without PE
-        ..c.vcpu_get(0, Ioctl::GetSregs).expect("sregs")
-    };
-    assert_eq!(c.vcpu(0, Ioctl::SetSregs, &bad), Err(Fail::Invalid));
-    assert_eq!(
-        c.vcpu(0, Ioctl::SetMpState, &MpState { mp_state: 3 }),
-        Err(Fail::Invalid),
-        "HALTED needs an in-kernel local APIC"
-    );
-    let mut many = vec![0u8; 8 + 200 * 40];
-    many[..4].copy_from_slice(&200u32.to_le_bytes());
-    assert_eq!(
-        session.kvm_vcpu_request(&os, &d, 0, Ioctl::SetCpuid2, many.as_ptr() as u64),
-        Err(Fail::TooBig)
-    );
-    let small = vec![0u8; 8 + 40];
-    small_nent(&small, 1);
-    assert_eq!(
-        session.kvm_vcpu_request(&os, &d, 0, Ioctl::GetCpuid2, small.as_ptr() as u64),
-        Err(Fail::TooBig)
-    );
-    assert_eq!(
-        session.kvm_vcpu_request(&os, &d, 7, Ioctl::GetRegs, small.as_ptr() as u64),
-        Err(Fail::Invalid),
-        "no such vCPU"
-    );
-    // A bad pointer: EFAULT.
-    assert_eq!(
-        session.kvm_vm_request(&os, &d, Ioctl::GetDirtyLog, 8),
-        Err(Fail::Fault)
-    );
-    // immediate_exit: EINTR, the guest not entered, the last exit record left as it was (KVM
-    // writes no exit_reason then).
-    let entries = os.m.entries().0;
-    let before = c.run_u32(0, run::EXIT_REASON);
-    write_bytes(&os, c.run_page(0), run::IMMEDIATE_EXIT, &[1]);
-    assert_eq!(c.run(0), Err(Fail::Interrupted));
-    assert_eq!(c.run_u32(0, run::EXIT_REASON), before);
-    assert_eq!(os.m.entries().0, entries);
-    write_bytes(&os, c.run_page(0), run::IMMEDIATE_EXIT, &[0]);
-    // A pending signal: EINTR with KVM_EXIT_INTR.
-    os.m.program(0, vec![Step::WriteForever(SLOT1_GPA)]);
-    os.signal.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(c.run(0), Err(Fail::Interrupted));
-    assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::INTR);
-    os.signal.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
-    session.release(&os);
-    os.p.assert_all_freed();
+    with_kvm(|c| {
+        selftest_vm(&c, true);
+        let big = 1u64 << 30;
+        // Overlap: EEXIST; misaligned, read-only, beyond user space, an address space: EINVAL.
+        assert_eq!(
+            c.region(2, 0, SLOT1_GPA + 4096, 4096, 0x7f10_0000_0000),
+            Err(Fail::Exists)
+        );
+        assert_eq!(
+            c.region(2, 0, 0x1000_0001, 4096, 0x7f10_0000_0000),
+            Err(Fail::Invalid)
+        );
+        assert_eq!(
+            c.region(2, k::MEM_READONLY, 0x1000_0000, 4096, 0x7f10_0000_0000),
+            Err(Fail::Invalid)
+        );
+        assert_eq!(
+            c.region(2, 0, 0x1000_0000, big, 0x7fff_ffff_0000),
+            Err(Fail::Invalid)
+        );
+        assert_eq!(
+            c.region(1 << 16 | 2, 0, 0x1000_0000, 4096, 0x7f10_0000_0000),
+            Err(Fail::Invalid)
+        );
+        // Deleting a slot that does not exist: EINVAL; the existing one's size may not change.
+        assert_eq!(c.region(9, 0, 0, 0, 0), Err(Fail::Invalid));
+        assert_eq!(
+            c.region(1, 0, SLOT1_GPA, 4096, SLOT1_UADDR),
+            Err(Fail::Invalid)
+        );
+        // Unmapped user memory: EFAULT, nothing stays pinned.
+        let pins = c.os.p.user_pins();
+        c.os.p.unmap_user(0x7f20_0000_0000, 0x7f20_0000_1000);
+        assert_eq!(
+            c.region(3, 0, 0x2000_0000, 8 * 4096, 0x7f20_0000_0000 - 4096),
+            Err(Fail::Fault)
+        );
+        assert_eq!(c.os.p.user_pins(), pins);
+        // vCPUs: a duplicate id, an id beyond KVM's limit.
+        assert_eq!(c.vm_val(Ioctl::CreateVcpu, 0), Err(Fail::Exists));
+        assert_eq!(c.vm_val(Ioctl::CreateVcpu, 5000), Err(Fail::Invalid));
+        // Capabilities: INITIALLY_SET is not offered; an unknown one is refused.
+        let en = |cap, arg| EnableCap {
+            cap,
+            args: [arg, 0, 0, 0],
+            ..Default::default()
+        };
+        assert_eq!(
+            c.vm(Ioctl::EnableCap, &en(cap::MANUAL_DIRTY_LOG_PROTECT2, 3)),
+            Err(Fail::Invalid)
+        );
+        assert_eq!(c.vm(Ioctl::EnableCap, &en(12345, 0)), Err(Fail::Invalid));
+        // The vCPU's requests.
+        let bad = Sregs {
+            cr0: 1 << 31, // PG without PE
+            ..c.vcpu_get(0, Ioctl::GetSregs).expect("sregs")
+        };
+        assert_eq!(c.vcpu(0, Ioctl::SetSregs, &bad), Err(Fail::Invalid));
+        assert_eq!(
+            c.vcpu(0, Ioctl::SetMpState, &MpState { mp_state: 3 }),
+            Err(Fail::Invalid),
+            "HALTED needs an in-kernel local APIC"
+        );
+        let mut many = vec![0u8; 8 + 200 * 40];
+        many[..4].copy_from_slice(&200u32.to_le_bytes());
+        assert_eq!(
+            c.s.kvm_vcpu_request(c.os, c.d, 0, Ioctl::SetCpuid2, many.as_ptr() as u64),
+            Err(Fail::TooBig)
+        );
+        let small = vec![0u8; 8 + 40];
+        small_nent(&small, 1);
+        assert_eq!(
+            c.s.kvm_vcpu_request(c.os, c.d, 0, Ioctl::GetCpuid2, small.as_ptr() as u64),
+            Err(Fail::TooBig)
+        );
+        assert_eq!(
+            c.s.kvm_vcpu_request(c.os, c.d, 7, Ioctl::GetRegs, small.as_ptr() as u64),
+            Err(Fail::Invalid),
+            "no such vCPU"
+        );
+        // A bad pointer: EFAULT.
+        assert_eq!(
+            c.s.kvm_vm_request(c.os, c.d, Ioctl::GetDirtyLog, 8),
+            Err(Fail::Fault)
+        );
+        // immediate_exit: EINTR, the guest not entered, the last exit record left as it was (KVM
+        // writes no exit_reason then).
+        let entries = c.os.m.entries().0;
+        let before = c.run_u32(0, run::EXIT_REASON);
+        write_bytes(c.os, c.run_page(0), run::IMMEDIATE_EXIT, &[1]);
+        assert_eq!(c.run(0), Err(Fail::Interrupted));
+        assert_eq!(c.run_u32(0, run::EXIT_REASON), before);
+        assert_eq!(c.os.m.entries().0, entries);
+        write_bytes(c.os, c.run_page(0), run::IMMEDIATE_EXIT, &[0]);
+        // A pending signal: EINTR with KVM_EXIT_INTR.
+        c.run_until_signal(0);
+    });
 }
 
 fn small_nent(b: &[u8], n: u32) {
@@ -453,85 +458,73 @@ fn small_nent(b: &[u8], n: u32) {
 
 #[test]
 fn the_reset_state_fails_entry_with_the_rule() {
-    let (d, os) = machine();
-    let mut session = Session::new();
-    let c = Kvm {
-        s: &session,
-        os: &os,
-        d: &d,
-    };
-    c.s.kvm_create(&os, &d, None).expect("create");
-    c.region(0, 0, 0, 1 << 20, SLOT0_UADDR).expect("slot 0");
-    assert_eq!(c.vm_val(Ioctl::CreateVcpu, 3), Ok(0));
-    let entries = os.m.entries().0;
-    assert_eq!(c.run(0), Ok(0));
-    assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::FAIL_ENTRY);
-    assert_eq!(
-        c.run_u32(0, run::FAIL_ENTRY_REASON),
-        33 | 1 << 31,
-        "invalid guest state, refused before VMLAUNCH"
-    );
-    assert_eq!(os.m.entries().0, entries, "the guest never ran");
-    session.release(&os);
-    os.p.assert_all_freed();
+    with_kvm(|c| {
+        c.s.kvm_create(c.os, c.d, None).expect("create");
+        c.region(0, 0, 0, 1 << 20, SLOT0_UADDR).expect("slot 0");
+        assert_eq!(c.vm_val(Ioctl::CreateVcpu, 3), Ok(0));
+        let entries = c.os.m.entries().0;
+        assert_eq!(c.run(0), Ok(0));
+        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::FAIL_ENTRY);
+        assert_eq!(
+            c.run_u32(0, run::FAIL_ENTRY_REASON),
+            33 | 1 << 31,
+            "invalid guest state, refused before VMLAUNCH"
+        );
+        assert_eq!(c.os.m.entries().0, entries, "the guest never ran");
+    });
 }
 
 #[test]
 fn moving_and_unlogging_a_slot() {
-    let (d, os) = machine();
-    let mut session = Session::new();
-    let c = Kvm {
-        s: &session,
-        os: &os,
-        d: &d,
-    };
-    selftest_vm(&c, true);
-    os.m.program(0, vec![Step::Write(SLOT1_GPA + 4096), Step::Hlt]);
-    assert_eq!(c.run(0), Ok(0));
-    assert_eq!(c.dirty_log(1), Ok([1].into()));
-    // Logging off: no dirty log any more; on again: a clean log.
-    assert_eq!(
-        c.region(1, 0, SLOT1_GPA, SLOT1_PAGES * 4096, SLOT1_UADDR),
-        Ok(0)
-    );
-    assert_eq!(c.dirty_log(1), Err(Fail::NoEntry));
-    assert_eq!(
-        c.region(
-            1,
-            k::MEM_LOG_DIRTY_PAGES,
-            SLOT1_GPA,
-            SLOT1_PAGES * 4096,
-            SLOT1_UADDR
-        ),
-        Ok(0)
-    );
-    assert_eq!(c.dirty_log(1), Ok(BTreeSet::new()));
-    // A move keeps the memory: what the guest wrote is at the new address.
-    let new_gpa = 0x4000_0000;
-    assert_eq!(
-        c.region(
-            1,
-            k::MEM_LOG_DIRTY_PAGES,
-            new_gpa,
-            SLOT1_PAGES * 4096,
-            SLOT1_UADDR
-        ),
-        Ok(0)
-    );
-    assert_eq!(
-        os.p.user_pins(),
-        256 + SLOT1_PAGES,
-        "slot 0 and slot 1 pinned once each"
-    );
-    os.m.program(0, vec![Step::Write(new_gpa + 2 * 4096), Step::Hlt]);
-    assert_eq!(c.run(0), Ok(0));
-    assert_eq!(c.dirty_log(1), Ok([2].into()));
-    // Delete both: nothing stays pinned.
-    assert_eq!(c.region(1, 0, 0, 0, 0), Ok(0));
-    assert_eq!(c.region(0, 0, 0, 0, 0), Ok(0));
-    assert_eq!(os.p.user_pins(), 0);
-    session.release(&os);
-    os.p.assert_all_freed();
+    with_kvm(|c| {
+        selftest_vm(&c, true);
+        c.os.m
+            .program(0, vec![Step::Write(SLOT1_GPA + 4096), Step::Hlt]);
+        assert_eq!(c.run(0), Ok(0));
+        assert_eq!(c.dirty_log(1), Ok([1].into()));
+        // Logging off: no dirty log any more; on again: a clean log.
+        assert_eq!(
+            c.region(1, 0, SLOT1_GPA, SLOT1_PAGES * 4096, SLOT1_UADDR),
+            Ok(0)
+        );
+        assert_eq!(c.dirty_log(1), Err(Fail::NoEntry));
+        assert_eq!(
+            c.region(
+                1,
+                k::MEM_LOG_DIRTY_PAGES,
+                SLOT1_GPA,
+                SLOT1_PAGES * 4096,
+                SLOT1_UADDR
+            ),
+            Ok(0)
+        );
+        assert_eq!(c.dirty_log(1), Ok(BTreeSet::new()));
+        // A move keeps the memory: what the guest wrote is at the new address.
+        let new_gpa = 0x4000_0000;
+        assert_eq!(
+            c.region(
+                1,
+                k::MEM_LOG_DIRTY_PAGES,
+                new_gpa,
+                SLOT1_PAGES * 4096,
+                SLOT1_UADDR
+            ),
+            Ok(0)
+        );
+        assert_eq!(
+            c.os.p.user_pins(),
+            256 + SLOT1_PAGES,
+            "slot 0 and slot 1 pinned once each"
+        );
+        c.os.m
+            .program(0, vec![Step::Write(new_gpa + 2 * 4096), Step::Hlt]);
+        assert_eq!(c.run(0), Ok(0));
+        assert_eq!(c.dirty_log(1), Ok([2].into()));
+        // Delete both: nothing stays pinned.
+        assert_eq!(c.region(1, 0, 0, 0, 0), Ok(0));
+        assert_eq!(c.region(0, 0, 0, 0, 0), Ok(0));
+        assert_eq!(c.os.p.user_pins(), 0);
+    });
 }
 
 #[test]
@@ -550,4 +543,62 @@ fn check_extension_answers() {
         assert_eq!(sk::check_extension(c.into(), false), 0, "A/D scan");
     }
     assert_eq!(sk::check_extension(u64::MAX, true), 0);
+}
+
+/// KVM_SET_SIGNAL_MASK: the mask is in force while the guest runs and only then (KVM's
+/// kvm_sigset_activate/deactivate around the run), whichever way KVM_RUN ends: an exit, a
+/// signal, immediate_exit, a refused kvm_run page; and not at all once the mask is cleared.
+#[test]
+fn the_signal_mask_holds_only_inside_kvm_run() {
+    with_kvm(|c| {
+        selftest_vm(&c, false);
+        let mask = |m: Option<u64>| {
+            let mut b = [0u8; 12];
+            b[..4].copy_from_slice(&8u32.to_le_bytes());
+            b[4..].copy_from_slice(&m.unwrap_or(0).to_le_bytes());
+            let arg = if m.is_some() { b.as_ptr() as u64 } else { 0 };
+            c.s.kvm_vcpu_request(c.os, c.d, 0, Ioctl::SetSignalMask, arg)
+        };
+        // The selftests' mask: everything the thread blocks but SIG_IPI (SIGUSR1, bit 9).
+        assert_eq!(mask(Some(0)), Ok(0));
+        let mut bad = [0u8; 12];
+        bad[..4].copy_from_slice(&128u32.to_le_bytes());
+        assert_eq!(
+            c.s.kvm_vcpu_request(c.os, c.d, 0, Ioctl::SetSignalMask, bad.as_ptr() as u64),
+            Err(Fail::Invalid),
+            "KVM takes 8-byte masks only"
+        );
+        c.os.m.program(
+            0,
+            vec![Step::PortOut {
+                port: UCALL_PORT,
+                size: 1,
+                value: 1,
+            }],
+        );
+        // An exit to user space.
+        assert_eq!(c.run(0), Ok(0));
+        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::IO);
+        let stays = c.os.masked_stays();
+        assert!(stays > 0, "the guest ran with the mask in force");
+        assert_eq!(c.os.thread_mask(), None, "the thread's own mask is back");
+        // A pending signal ends the run with EINTR.
+        c.run_until_signal(0);
+        assert_eq!(c.os.thread_mask(), None);
+        // immediate_exit and a refused kvm_run page end it before the guest: no mask at all.
+        write_bytes(c.os, c.run_page(0), run::IMMEDIATE_EXIT, &[1]);
+        let before = c.os.masked_stays();
+        assert_eq!(c.run(0), Err(Fail::Interrupted));
+        write_bytes(c.os, c.run_page(0), run::IMMEDIATE_EXIT, &[0]);
+        write_bytes(c.os, c.run_page(0), run::CR8, &16u64.to_le_bytes());
+        assert_eq!(c.run(0), Err(Fail::Invalid), "CR8 above 15");
+        write_bytes(c.os, c.run_page(0), run::CR8, &0u64.to_le_bytes());
+        assert_eq!((c.os.masked_stays(), c.os.thread_mask()), (before, None));
+        // Cleared: the guest runs under the thread's own mask.
+        assert_eq!(mask(None), Ok(0));
+        c.os.m.program(0, vec![Step::Hlt]);
+        assert_eq!(c.run(0), Ok(0));
+        assert_eq!(c.run_u32(0, run::EXIT_REASON), exit::HLT);
+        assert_eq!(c.os.masked_stays(), before, "no mask once cleared");
+    });
 }

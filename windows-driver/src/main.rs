@@ -92,64 +92,6 @@ fn log(level: u32, msg: &CStr) {
     };
 }
 
-/// Why DriverEntry fails before it creates the device.
-enum CheckFailure {
-    Refused { cpu: u32, why: vtx::Refusal },
-    NoProcessorNumber { cpu: u32, status: NtStatus },
-}
-
-/// Runs `vtx::check` on every active processor (pinned to it). All must pass with the same
-/// capabilities; returns processor 0's verdict and the processor count.
-fn check_every_processor() -> Result<(vtx::Admission, u32), CheckFailure> {
-    // SAFETY: no preconditions (IRQL <= DISPATCH_LEVEL); counts processors in all groups.
-    let count = unsafe { nt::KeQueryActiveProcessorCountEx(nt::ALL_PROCESSOR_GROUPS) };
-    let mut first: Option<vtx::Admission> = None;
-    for cpu in 0..count {
-        let mut number = nt::ProcessorNumber::default();
-        // SAFETY: `number` is a valid out pointer for the duration of the call.
-        let status = unsafe { nt::KeGetProcessorNumberFromIndex(cpu, &mut number) };
-        let mask = 1usize.checked_shl(u32::from(number.number)).unwrap_or(0);
-        if status < 0 || mask == 0 {
-            return Err(CheckFailure::NoProcessorNumber { cpu, status });
-        }
-        let affinity = nt::GroupAffinity {
-            mask,
-            group: number.group,
-            reserved: [0; 3],
-        };
-        let mut previous = nt::GroupAffinity::default();
-        // SAFETY: DriverEntry runs at PASSIVE_LEVEL in a system thread; both pointers are valid.
-        // On return the thread runs on `cpu` until reverted.
-        unsafe { nt::KeSetSystemGroupAffinityThread(&affinity, &mut previous) };
-        let result = vtx::check(&cpu::cpuid, cpu::cr4(), &|msr| {
-            // SAFETY: given this CPU's real CPUID, VmxCaps::from_reader reads only MSRs whose
-            // existence the SDM guarantees (vtx's module comment; tested on every fixture
-            // dump); we run at CPL 0.
-            unsafe { cpu::rdmsr(msr) }
-        });
-        // SAFETY: `previous` is what KeSetSystemGroupAffinityThread returned just above.
-        unsafe { nt::KeRevertToUserGroupAffinityThread(&previous) };
-        let a = result.map_err(|why| CheckFailure::Refused { cpu, why })?;
-        match first {
-            None => first = Some(a),
-            Some(f) if f.caps != a.caps => {
-                return Err(CheckFailure::Refused {
-                    cpu,
-                    why: vtx::Refusal::AsymmetricProcessors,
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    match first {
-        Some(a) => Ok((a, count)),
-        None => Err(CheckFailure::NoProcessorNumber {
-            cpu: 0,
-            status: STATUS_NOT_SUPPORTED,
-        }),
-    }
-}
-
 /// Allocates, writes, reads back and frees one page through the core's platform seam.
 fn platform_self_test(p: &NtPlatform) -> Result<(), &'static CStr> {
     let hpa = p
@@ -190,10 +132,22 @@ pub unsafe extern "system" fn DriverEntry(
     driver: *mut DriverObject,
     _registry_path: *mut nt::UnicodeString,
 ) -> NtStatus {
-    let (admission, processors) = match check_every_processor() {
-        Ok(x) => x,
-        Err(CheckFailure::Refused { cpu, why }) => {
-            let msg = why.message();
+    let processors = processors::count();
+    if processors as usize > processors::MAX_PROCESSORS {
+        log(
+            nt::DPFLTR_ERROR_LEVEL,
+            c"refusing to load: more than 256 active processors",
+        );
+        return STATUS_NOT_SUPPORTED;
+    }
+    // SAFETY (rdmsr): given this processor's real CPUID, VmxCaps::from_reader reads only MSRs
+    // whose existence the SDM guarantees (the admission module's comment; tested on every
+    // fixture dump); we run at CPL 0.
+    let here = || vtx::check(&cpu::cpuid, cpu::cr4(), &|msr| unsafe { cpu::rdmsr(msr) });
+    let admission = match vtx::check_every(&vmxroot::NtProcessors, &here) {
+        Ok(a) => a,
+        Err((cpu, why)) => {
+            let msg = why.map_or(smudge_core::msg::MsgBuf::new(), |w| w.message());
             // SAFETY: format and arguments match ("%u" u32, "%s" NUL-terminated string).
             unsafe {
                 nt::DbgPrintEx(
@@ -204,24 +158,7 @@ pub unsafe extern "system" fn DriverEntry(
                     msg.as_cstr().as_ptr(),
                 )
             };
-            return from_refusal(why);
-        }
-        Err(CheckFailure::NoProcessorNumber { cpu, status }) => {
-            // SAFETY: "%u" u32, "0x%x" u32.
-            unsafe {
-                nt::DbgPrintEx(
-                    nt::DPFLTR_IHVDRIVER_ID,
-                    nt::DPFLTR_ERROR_LEVEL,
-                    c"smudge: cannot select processor %u (status 0x%x)\n".as_ptr(),
-                    cpu,
-                    status as u32,
-                )
-            };
-            return if status < 0 {
-                status
-            } else {
-                STATUS_NOT_SUPPORTED
-            };
+            return why.map_or(STATUS_NOT_SUPPORTED, from_refusal);
         }
     };
     let caps = &admission.caps;
@@ -253,13 +190,6 @@ pub unsafe extern "system" fn DriverEntry(
     if let Err(msg) = platform_self_test(&NtPlatform) {
         log(nt::DPFLTR_ERROR_LEVEL, msg);
         return STATUS_INSUFFICIENT_RESOURCES;
-    }
-    if processors as usize > processors::MAX_PROCESSORS {
-        log(
-            nt::DPFLTR_ERROR_LEVEL,
-            c"refusing to load: more than 256 active processors",
-        );
-        return STATUS_NOT_SUPPORTED;
     }
     if let Err((cpu, why)) = vmxroot::vmxon_all(caps) {
         let mut msg = smudge_core::msg::MsgBuf::new();

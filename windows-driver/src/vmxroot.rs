@@ -4,7 +4,7 @@
 use core::cell::UnsafeCell;
 
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_core::vmx::root::{ControlRegs, VmxRoot, VmxonFailure, CR4_VMXE};
+use smudge_core::vmx::root::{ControlRegs, Processors, VmxRoot, VmxonFailure, CR4_VMXE};
 
 use crate::cpu;
 use crate::platform::NtPlatform;
@@ -61,42 +61,43 @@ impl ControlRegs for NtCr {
     }
 }
 
-/// Why VMXON failed on a processor, or that it could not be selected (None).
-pub type Failure = Option<VmxonFailure>;
+/// The active processors, reached by a group-affinity switch at DISPATCH_LEVEL with
+/// interrupts off.
+pub struct NtProcessors;
+
+impl Processors for NtProcessors {
+    fn bound(&self) -> u32 {
+        processors::count().min(MAX_PROCESSORS as u32)
+    }
+    fn present(&self, _i: u32) -> bool {
+        true
+    }
+    fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
+        processors::on_processor(i, || {
+            let flags = cpu::irq_save();
+            f();
+            cpu::irq_restore(flags);
+        })
+        .is_ok()
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        &NtCr
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        // VMXON regions belong to the driver, not to a VM: out of the page count and its cap.
+        NtPlatform::os_alloc()
+    }
+    fn free_region(&self, pa: u64) {
+        NtPlatform::os_free(pa)
+    }
+}
 
 /// VMXON on every processor; on failure every processor is switched back.
-pub fn vmxon_all(caps: &VmxCaps) -> Result<(), (u32, Failure)> {
-    for i in 0..processors::count() {
-        // VMXON regions belong to the driver, not to a VM: out of the page count and its cap.
-        let placed = NtPlatform::os_alloc().is_some_and(|page| {
-            ROOT.set_region(i, page, &NtPlatform, caps) || {
-                NtPlatform::os_free(page);
-                false
-            }
-        });
-        let r = match placed {
-            false => Err(Some(VmxonFailure::NoRegion)),
-            true => processors::on_processor(i, || {
-                let flags = cpu::irq_save();
-                let r = ROOT.vmxon_here(i, caps, &NtCr);
-                cpu::irq_restore(flags);
-                r
-            })
-            .map_err(|_| None)
-            .and_then(|r| r.map_err(Some)),
-        };
-        if let Err(why) = r {
-            vmxoff_all();
-            return Err((i, why));
-        }
-    }
-    Ok(())
+pub fn vmxon_all(caps: &VmxCaps) -> Result<u32, (u32, Option<VmxonFailure>)> {
+    ROOT.vmxon_all(&NtProcessors, &NtPlatform, caps)
 }
 
 /// VMXOFF wherever this driver did VMXON, and frees the VMXON regions.
 pub fn vmxoff_all() {
-    for i in 0..processors::count().min(MAX_PROCESSORS as u32) {
-        let _ = processors::on_processor(i, || ROOT.vmxoff_here(i, &NtCr));
-    }
-    ROOT.take_regions(NtPlatform::os_free);
+    ROOT.vmxoff_all(&NtProcessors);
 }

@@ -116,9 +116,8 @@ pub fn boot() -> Result<Boot> {
             );
         }
     }
-    // The ring needs a mode with an event per page: PML or write-protect. Only PML runs here:
-    // in write-protect mode the test process dies of its own SIGUSR1 (exit 138; README).
-    for (m, n) in [MODES[1]] {
+    // The ring needs a mode with an event per page: PML or write-protect.
+    for (m, n) in [MODES[1], MODES[2]] {
         b.case(
             format!("dirty-ring-{m}"),
             format!("{} && ./dirty_log_test -M dirty-ring -i 3", reload(n)),
@@ -137,7 +136,7 @@ pub fn boot() -> Result<Boot> {
     let logs: Vec<(&str, &str)> = MODES
         .iter()
         .flat_map(|(m, _)| [("dirty-log", *m), ("clear-log", *m)])
-        .chain([("dirty-ring", "pml")])
+        .chain([("dirty-ring", "pml"), ("dirty-ring", "wp")])
         .collect();
     for (log, m) in logs {
         {

@@ -624,7 +624,7 @@ impl<O: Os> Session<O> {
     /// `immediate_exit`, runs until an exit for user space, and describes it in the page.
     /// Ok(0) for a guest exit; `Err(Interrupted)` (EINTR) with KVM_EXIT_INTR for a signal.
     fn kvm_run(&self, os: &O, drv: &Driver, index: u32) -> Result<u64, Fail> {
-        let mut old_mask = None;
+        let mut masked = false;
         let r = self.run_loop(
             os,
             drv,
@@ -675,7 +675,8 @@ impl<O: Os> Session<O> {
                     _ => return Some(Err(Fail::Invalid)),
                 }
                 if let Some(m) = k.sigmask {
-                    old_mask = Some(os.swap_signal_mask(m));
+                    os.signal_mask_enter(m);
+                    masked = true;
                 }
                 k.ran = true;
                 None
@@ -701,8 +702,8 @@ impl<O: Os> Session<O> {
                 self.kvm_exit(os, k.run_page, cpu, result)
             },
         );
-        if let Some(m) = old_mask {
-            os.swap_signal_mask(m);
+        if masked {
+            os.signal_mask_leave();
         }
         r?
     }

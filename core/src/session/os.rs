@@ -210,12 +210,16 @@ pub trait Os: Platform + Sync {
     fn tsc_khz(&self) -> u64 {
         0
     }
-    /// Replaces the calling thread's blocked-signal mask with `mask` (bit n-1: signal n) and
-    /// returns the old one (KVM_SET_SIGNAL_MASK applies inside KVM_RUN). The default has no
+    /// KVM_SET_SIGNAL_MASK's mask for the rest of this KVM_RUN (KVM's kvm_sigset_activate):
+    /// the calling thread's blocked signals become `mask` (bit n-1: signal n) until
+    /// [`Os::signal_mask_leave`]. The thread's own mask must stay where the OS's signal code
+    /// looks for it: a signal it blocks arriving now, with no handler and a fatal default
+    /// action, must not kill the process but end the KVM_RUN and stay pending for user space
+    /// (Linux: `current->real_blocked`, which `complete_signal()` consults). The default has no
     /// signals to mask.
-    fn swap_signal_mask(&self, mask: u64) -> u64 {
-        mask
-    }
+    fn signal_mask_enter(&self, _mask: u64) {}
+    /// Gives the calling thread back the mask [`Os::signal_mask_enter`] replaced.
+    fn signal_mask_leave(&self) {}
     /// One line for the kernel log (the caller limits how often: a guest or a user must not
     /// flood it).
     fn log(&self, _line: &str) {}

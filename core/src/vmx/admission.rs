@@ -120,6 +120,30 @@ pub fn check(
     Ok(Admission { caps, mode })
 }
 
+/// `check_here` (this module's [`check`] with the processor's own CPUID, CR4 and MSRs) on
+/// every present processor, run there: all must pass, with the capabilities of the first. Returns
+/// the first one's verdict, or the processor that failed and why (None: it could not be reached,
+/// or there is none).
+pub fn check_every(
+    procs: &dyn crate::vmx::root::Processors,
+    check_here: &(dyn Fn() -> Result<Admission, Refusal> + Sync),
+) -> Result<Admission, (u32, Option<Refusal>)> {
+    let mut first: Option<Admission> = None;
+    for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
+        let mut r = Err(None);
+        if !procs.on(i, &mut || r = check_here().map_err(Some)) {
+            return Err((i, None));
+        }
+        let a = r.map_err(|why| (i, why))?;
+        match first {
+            None => first = Some(a),
+            Some(f) if f.caps != a.caps => return Err((i, Some(Refusal::AsymmetricProcessors))),
+            Some(_) => {}
+        }
+    }
+    first.ok_or((0, None))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {

@@ -1,8 +1,9 @@
 //! VMX operation on every CPU: each CPU's VMXON region, which CPUs are in VMX root operation,
 //! and the rules before VMXON (SDM 24.7, 24.8, A.7, A.8), the same for both drivers. A shim
-//! calls [`VmxRoot::vmxon_here`] and [`VmxRoot::vmxoff_here`] on each CPU (an IPI, a DPC) with
-//! its means of reading and changing the control registers ([`ControlRegs`]). Part of the arch
-//! layer: it executes VMXON and VMXOFF.
+//! supplies its processors ([`Processors`]: running a function on one, its control registers,
+//! a page for a region); [`VmxRoot::vmxon_all`] and [`VmxRoot::vmxoff_all`] do the rest. The
+//! emergency paths (reboot, panic) call [`VmxRoot::vmxoff_here`] on the CPU they run on. Part of
+//! the arch layer: it executes VMXON and VMXOFF.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -62,6 +63,24 @@ pub trait ControlRegs {
     fn cr4(&self) -> u64;
     /// Sets or clears CR4.VMXE, and nothing else.
     fn set_vmxe(&self, on: bool);
+}
+
+/// The processors of the machine as a driver reaches them: what [`VmxRoot::vmxon_all`],
+/// [`VmxRoot::vmxoff_all`] and [`crate::vmx::admission::check_every`] run on.
+pub trait Processors {
+    /// Processor numbers run from 0 to this bound (exclusive).
+    fn bound(&self) -> u32;
+    /// False for a number without a processor to use (Linux: an offline CPU).
+    fn present(&self, i: u32) -> bool;
+    /// Runs `f` on processor `i` with interrupts off, and returns when it is done; false when
+    /// the processor cannot be reached.
+    fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool;
+    /// The control registers of the processor the caller runs on.
+    fn cr(&self) -> &(dyn ControlRegs + Sync);
+    /// A zeroed page for a VMXON region: the driver's, outside the VMs' page budget.
+    fn alloc_region(&self) -> Option<u64>;
+    /// Returns a page of [`Processors::alloc_region`].
+    fn free_region(&self, pa: u64);
 }
 
 /// Why VMXON failed on a CPU.
@@ -168,6 +187,55 @@ impl<const N: usize> VmxRoot<N> {
         let _ = unsafe { arch::invept(arch::InveptType::AllContext, 0) };
         flag.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// VMX operation on every present processor: a region for each, then VMXON there with
+    /// interrupts off ([`VmxRoot::vmxon_here`]). On a failure every processor leaves VMX
+    /// operation again and the regions go back; the error names the processor and why (None:
+    /// it could not be reached). Returns how many processors are in VMX operation.
+    pub fn vmxon_all<P: Platform + ?Sized>(
+        &self,
+        procs: &dyn Processors,
+        p: &P,
+        caps: &VmxCaps,
+    ) -> Result<u32, (u32, Option<VmxonFailure>)> {
+        let mut n = 0;
+        for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
+            let r = match procs.alloc_region() {
+                Some(pa) if self.set_region(i, pa, p, caps) => {
+                    let mut r = Err(None);
+                    let cr = procs.cr();
+                    let ran = procs.on(i, &mut || r = self.vmxon_here(i, caps, cr).map_err(Some));
+                    if ran {
+                        r
+                    } else {
+                        Err(None)
+                    }
+                }
+                Some(pa) => {
+                    procs.free_region(pa);
+                    Err(Some(VmxonFailure::NoRegion))
+                }
+                None => Err(Some(VmxonFailure::NoRegion)),
+            };
+            if let Err(why) = r {
+                self.vmxoff_all(procs);
+                return Err((i, why));
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// VMXOFF wherever this driver did VMXON, then every region back.
+    pub fn vmxoff_all(&self, procs: &dyn Processors) {
+        for (i, on) in self.on.iter().enumerate() {
+            if on.load(Ordering::Acquire) {
+                let cr = procs.cr();
+                procs.on(i as u32, &mut || self.vmxoff_here(i as u32, cr));
+            }
+        }
+        self.take_regions(|pa| procs.free_region(pa));
     }
 
     /// VMXOFF on the current CPU, number `cpu`, if this driver did VMXON here; clears CR4.VMXE.

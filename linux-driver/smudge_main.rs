@@ -14,7 +14,6 @@ use kernel::uaccess::UserSlice;
 use smudge_core::abi::{self, Op};
 use smudge_core::arch;
 use smudge_core::hostmem::{self, PageBudget};
-use smudge_core::kvm::abi::{Ioctl, Scope};
 use smudge_core::msg::MsgBuf;
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
 use smudge_core::session;
@@ -427,6 +426,17 @@ pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
     s.release(&LinuxOs);
 }
 
+/// Maps frame `pfn` at page `i` of the mapping `vma` being set up.
+fn remap(vma: *mut c_void) -> impl FnMut(u64, u64) -> core::result::Result<(), Fail> {
+    move |i, pfn| {
+        // SAFETY: `vma` is the mapping being set up, `i` within its pages (the callers').
+        match unsafe { smudge_remap_page(vma, i as usize, pfn as usize) } {
+            0 => Ok(()),
+            _ => Err(Fail::NoMemory),
+        }
+    }
+}
+
 /// mmap of the VM: maps the backed pages of guest RAM from page `pgoff` read-only into `vma`
 /// (helpers.c checked the flags). Returns 0 or -errno.
 #[no_mangle]
@@ -440,14 +450,7 @@ pub extern "C" fn smudge_rs_mmap(
     let Some(s) = (unsafe { session(priv_) }) else {
         return -(Fail::Invalid.errno() as c_long);
     };
-    let mut map = |i: u64, pfn: u64| {
-        // SAFETY: `vma` is the mapping being set up, `i` within its pages.
-        match unsafe { smudge_remap_page(vma, i as usize, pfn as usize) } {
-            0 => Ok(()),
-            _ => Err(Fail::NoMemory),
-        }
-    };
-    match s.map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut map) {
+    match s.map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut remap(vma)) {
         Ok(()) => 0,
         Err(e) => -(e.errno() as c_long),
     }
@@ -480,33 +483,29 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
     }
 }
 
-/// A KVM VM: its session, alive while its descriptor or a vCPU's is open.
-struct KvmVmFile {
-    s: LinuxSession,
-    refs: AtomicU64,
-}
+type KvmVm = session::kvm::KvmVmFile<LinuxOs>;
 
 /// A KVM vCPU descriptor: its VM (one reference) and its index.
 struct KvmVcpuFile {
-    vm: *const KvmVmFile,
+    vm: *const KvmVm,
     index: u32,
 }
 
-/// Drops one reference of `vm`; the last frees the VM.
+/// Drops one reference of `vm`; the last releases and frees the VM.
 ///
 /// # Safety
 /// `vm` came from `KBox::into_raw` in `smudge_rs_kvm_ioctl` and holds this reference.
-unsafe fn kvm_vm_put(vm: *const KvmVmFile) {
+unsafe fn kvm_vm_put(vm: *const KvmVm) {
     // SAFETY: the caller's reference keeps it alive until here.
-    if unsafe { &*vm }.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+    if unsafe { &*vm }.drop_ref() {
         // SAFETY: the last reference: nothing else uses it.
-        let mut b = unsafe { KBox::from_raw(vm as *mut KvmVmFile) };
-        b.s.release(&LinuxOs);
+        let mut b = unsafe { KBox::from_raw(vm as *mut KvmVm) };
+        b.session.release(&LinuxOs);
     }
 }
 
-/// A request on `/dev/kvm` (kind 0), a VM (1) or a vCPU (2) descriptor. A new VM or vCPU goes
-/// back through `made` for its descriptor (helpers.c).
+/// A request on `/dev/kvm` (kind 0), a VM (1) or a vCPU (2) descriptor (the core's
+/// `session::kvm::request`). A new VM or vCPU goes back through `made` for its descriptor.
 #[no_mangle]
 pub extern "C" fn smudge_rs_kvm_ioctl(
     obj: *mut c_void,
@@ -516,78 +515,52 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
     made: *mut *mut c_void,
     made_kind: *mut i32,
 ) -> c_long {
-    const ENOTTY: c_long = 25;
+    use session::kvm::{KvmAnswer, KvmFile};
     let Some(drv) = driver() else {
         return -(Fail::Io.errno() as c_long);
     };
-    let scope = [Scope::System, Scope::Vm, Scope::Vcpu][kind.clamp(0, 2) as usize];
-    let Some(ioctl) = Ioctl::decode(cmd, scope) else {
-        return -ENOTTY;
+    // SAFETY: a VM descriptor holds a reference to its VM, a vCPU descriptor its file (and
+    // through it the VM), until release, which cannot run during an ioctl.
+    let file = unsafe {
+        match kind {
+            1 => KvmFile::Vm(&*(obj as *const KvmVm)),
+            2 => {
+                let v = &*(obj as *const KvmVcpuFile);
+                KvmFile::Vcpu(&*v.vm, v.index)
+            }
+            _ => KvmFile::System,
+        }
     };
-    let arg = arg as u64;
+    let vm = match file {
+        KvmFile::Vm(vm) => vm as *const KvmVm,
+        _ => core::ptr::null(),
+    };
+    // SAFETY: reads a module parameter.
+    let mode = unsafe { smudge_kvm_mode() } as u32;
     let mut give = |o: *mut c_void, k: i32| {
         // SAFETY: the C caller's locals.
         unsafe { (*made, *made_kind) = (o, k) };
         Ok(0)
     };
-    let r = match scope {
-        Scope::System if ioctl == Ioctl::CreateVm => (|| {
-            if arg != 0 {
-                return Err(Fail::Invalid);
+    let flags = GFP_KERNEL_ACCOUNT | __GFP_NOWARN;
+    let r = match session::kvm::request(&LinuxOs, drv, file, cmd, arg as u64, mode) {
+        Ok(KvmAnswer::Value(v)) => Ok(v),
+        Ok(KvmAnswer::NewVm(mode)) => match KBox::new(KvmVm::new(), flags) {
+            Ok(mut b) => match b.create(&LinuxOs, drv, mode) {
+                Ok(()) => give(KBox::into_raw(b) as *mut c_void, 1),
+                Err(e) => Err(e),
+            },
+            Err(_) => Err(Fail::NoMemory),
+        },
+        Ok(KvmAnswer::NewVcpu(index)) => match KBox::new(KvmVcpuFile { vm, index }, flags) {
+            Ok(b) => {
+                // SAFETY: `vm` is this VM descriptor's (CREATE_VCPU is a VM request).
+                unsafe { &*vm }.hold();
+                give(KBox::into_raw(b) as *mut c_void, 2)
             }
-            // SAFETY: reads a module parameter.
-            let mode = abi::mode_of(unsafe { smudge_kvm_mode() } as u32).map_err(Fail::Abi)?;
-            let vm = KBox::new(
-                KvmVmFile {
-                    s: LinuxSession::new(),
-                    refs: AtomicU64::new(1),
-                },
-                GFP_KERNEL_ACCOUNT | __GFP_NOWARN,
-            )
-            .map_err(|_| Fail::NoMemory)?;
-            if let Err(e) = vm.s.kvm_create(&LinuxOs, drv, mode) {
-                let mut vm = vm;
-                vm.s.release(&LinuxOs);
-                return Err(e);
-            }
-            give(KBox::into_raw(vm) as *mut c_void, 1)
-        })(),
-        Scope::System => {
-            // SAFETY: reads a module parameter.
-            let mode = abi::mode_of(unsafe { smudge_kvm_mode() } as u32)
-                .ok()
-                .flatten();
-            let ring = session::kvm::ring_capable(mode.unwrap_or(drv.mode));
-            session::kvm::system_request(&LinuxOs, ioctl, arg, ring)
-        }
-        Scope::Vm => {
-            let vmp = obj as *const KvmVmFile;
-            // SAFETY: the descriptor holds a reference until release.
-            let vm = unsafe { &*vmp };
-            match vm.s.kvm_vm_request(&LinuxOs, drv, ioctl, arg) {
-                Ok(index) if ioctl == Ioctl::CreateVcpu => {
-                    let f = KvmVcpuFile {
-                        vm: vmp,
-                        index: index as u32,
-                    };
-                    match KBox::new(f, GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
-                        Ok(b) => {
-                            vm.refs.fetch_add(1, Ordering::AcqRel);
-                            give(KBox::into_raw(b) as *mut c_void, 2)
-                        }
-                        Err(_) => Err(Fail::NoMemory),
-                    }
-                }
-                r => r,
-            }
-        }
-        Scope::Vcpu => {
-            // SAFETY: the descriptor holds its file (and through it the VM) until release.
-            let v = unsafe { &*(obj as *const KvmVcpuFile) };
-            // SAFETY: as above.
-            let vm = unsafe { &*v.vm };
-            vm.s.kvm_vcpu_request(&LinuxOs, drv, v.index, ioctl, arg)
-        }
+            Err(_) => Err(Fail::NoMemory),
+        },
+        Err(e) => Err(e),
     };
     match r {
         Ok(v) => v as c_long,
@@ -608,11 +581,12 @@ pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void, kind: i32) {
         unsafe { kvm_vm_put(v.vm) };
     } else {
         // SAFETY: the VM descriptor's reference.
-        unsafe { kvm_vm_put(obj as *const KvmVmFile) };
+        unsafe { kvm_vm_put(obj as *const KvmVm) };
     }
 }
 
-/// mmap of a vCPU descriptor: its `kvm_run` page at offset 0 (helpers.c checked the flags).
+/// mmap of a vCPU descriptor: its `kvm_run` page at offset 0, its ring further on (helpers.c
+/// checked the flags).
 #[no_mangle]
 pub extern "C" fn smudge_rs_kvm_mmap(
     obj: *mut c_void,
@@ -620,18 +594,19 @@ pub extern "C" fn smudge_rs_kvm_mmap(
     pgoff: usize,
     pages: usize,
 ) -> c_long {
-    // SAFETY: the descriptor holds its file until release, which cannot run during mmap.
-    let v = unsafe { &*(obj as *const KvmVcpuFile) };
-    // SAFETY: as above.
-    let vm = unsafe { &*v.vm };
-    let r = (0..pages).try_for_each(|i| {
-        let pfn = vm.s.kvm_vcpu_page(&LinuxOs, v.index, (pgoff + i) as u64)?;
-        // SAFETY: `vma` is the mapping being set up, `i` within its pages.
-        match unsafe { smudge_remap_page(vma, i, pfn as usize) } {
-            0 => Ok(()),
-            _ => Err(Fail::NoMemory),
-        }
-    });
+    // SAFETY: the descriptor holds its file, and through it the VM, until release, which
+    // cannot run during mmap.
+    let (v, vm) = unsafe {
+        let v = &*(obj as *const KvmVcpuFile);
+        (v, &*v.vm)
+    };
+    let r = vm.session.kvm_map_vcpu(
+        &LinuxOs,
+        v.index,
+        pgoff as u64,
+        pages as u64,
+        &mut remap(vma),
+    );
     match r {
         Ok(()) => 0,
         Err(e) => -(e.errno() as c_long),
@@ -754,6 +729,15 @@ impl kernel::Module for Smudge {
             "speculation barriers before each VM entry: {}\n",
             said.as_str()
         );
+        // SAFETY: reads module parameters.
+        let kvm_mode = unsafe { smudge_kvm_param().then(|| smudge_kvm_mode()) };
+        if let Some(m) = kvm_mode.filter(|&m| abi::mode_of(m as u32).is_err()) {
+            pr_err!(
+                "kvm_mode={}: 0 (best), 1 (A/D), 2 (PML) or 3 (write-protect)\n",
+                m
+            );
+            return Err(EINVAL);
+        }
         let ncpu = match ROOT.vmxon_all(&LinuxCpus, &LinuxOs, &caps) {
             Ok(n) => n,
             Err((cpu, why)) => {

@@ -552,8 +552,7 @@ pub struct DebugState {
     pub xcr0: u64,
 }
 
-/// CR4.OSXSAVE (SDM 2.5): XGETBV/XSETBV are enabled.
-pub const CR4_OSXSAVE: u64 = 1 << 18;
+use crate::regs::CR4_OSXSAVE;
 
 /// Reads this CPU's [`DebugState`].
 ///

@@ -7,6 +7,10 @@
 //!   e_entry in 64-bit mode with RSP at the top of its stack and RDI = the vCPU index.
 
 use crate::error::Error;
+use crate::regs::{
+    CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, EFER_LMA,
+    EFER_LME, EFER_NXE,
+};
 
 /// Size of the reserved region at the top of guest memory.
 pub const RESERVED: u64 = 1 << 20;
@@ -42,11 +46,11 @@ pub const GDT_CODE64: u64 = 0x00af_9b00_0000_ffff;
 pub const GDT_DATA: u64 = 0x00cf_9300_0000_ffff;
 
 /// Guest CR0: PE|MP|ET|NE|WP|PG.
-pub const CR0: u64 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31);
+pub const CR0: u64 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
 /// Guest CR4 as the guest sees it: PAE|OSFXSR|OSXMMEXCPT (SSE works).
-pub const CR4: u64 = (1 << 5) | (1 << 9) | (1 << 10);
+pub const CR4: u64 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
 /// Guest EFER: LME|LMA|NXE.
-pub const EFER: u64 = (1 << 8) | (1 << 10) | (1 << 11);
+pub const EFER: u64 = EFER_LME | EFER_LMA | EFER_NXE;
 
 /// Where the reserved region and each structure lie for a guest of `mem_size` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

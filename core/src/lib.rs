@@ -19,6 +19,7 @@ pub mod hostpt;
 pub mod kvm;
 pub mod msg;
 pub mod platform;
+pub mod regs;
 pub mod session;
 pub mod spec;
 pub mod vcpu;

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use smudge_core::platform::Platform;
+use smudge_core::regs::CR4_VMXE;
 use smudge_core::vmx::admission::{self, Admission, Refusal};
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_core::vmx::root::{
-    ControlRegs, CrMismatch, Processors, VmxRoot, VmxonFailure, CR4_VMXE,
-};
+use smudge_core::vmx::root::{ControlRegs, CrMismatch, Processors, VmxRoot, VmxonFailure};
 use smudge_tests::MockPlatform;
 
 /// A Windows x64 CR0 (PG, AM, WP, NE, ET, MP, PE) and a CR4 inside every fixture's FIXED1.

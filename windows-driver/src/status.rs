@@ -108,7 +108,9 @@ pub const fn from_fail(f: smudge_core::session::Fail) -> NtStatus {
         F::NoExec => STATUS_INVALID_IMAGE_FORMAT,
         F::Io => STATUS_IO_DEVICE_ERROR,
         // Failures of KVM's user API, which only the Linux module serves.
-        F::NoEntry | F::NoDevice | F::Interrupted => STATUS_INVALID_DEVICE_REQUEST,
+        F::NoEntry | F::NoDevice | F::Interrupted | F::NoSuchRequest => {
+            STATUS_INVALID_DEVICE_REQUEST
+        }
         F::TooBig => STATUS_BUFFER_TOO_SMALL,
 
         F::Abi(e) => from_abi(e),

@@ -3,8 +3,9 @@
 
 use core::cell::UnsafeCell;
 
+use smudge_core::regs::CR4_VMXE;
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_core::vmx::root::{ControlRegs, Processors, VmxRoot, VmxonFailure, CR4_VMXE};
+use smudge_core::vmx::root::{ControlRegs, Processors, VmxRoot, VmxonFailure};
 
 use crate::cpu;
 use crate::platform::NtPlatform;

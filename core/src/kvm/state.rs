@@ -7,26 +7,19 @@
 
 use crate::arch::GuestGprs;
 use crate::kvm::abi::{Dtable, KvmRegs, Segment, Sregs};
+use crate::regs::{
+    CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_CET, CR4_LA57, CR4_OSXSAVE, CR4_PAE, CR4_PKE, CR4_SMXE,
+    CR4_VMXE, EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE,
+};
 use crate::vmx::caps::VmxCaps;
-use crate::vmx::guest_state::{Dtr, GuestState, Seg, AR_UNUSABLE, EFER_LMA};
-use crate::vmx::setup::{fix_cr, CR4_OSXSAVE};
+use crate::vmx::guest_state::{Dtr, GuestState, Seg, AR_UNUSABLE};
+use crate::vmx::setup::fix_cr;
 
-/// CR0 bits (SDM 2.5).
-mod cr0 {
-    pub const PE: u64 = 1 << 0;
-    pub const NW: u64 = 1 << 29;
-    pub const CD: u64 = 1 << 30;
-    pub const PG: u64 = 1 << 31;
-}
-/// CR4.PAE (SDM 2.5).
-const CR4_PAE: u64 = 1 << 5;
 /// CR4 bits a guest may not set: VMXE (no nested VMX), SMXE, OSXSAVE (XSAVE is hidden), PKE,
 /// CET, LA57, and everything the processor's CR4_FIXED1 does not allow.
-const CR4_DENIED: u64 = (1 << 13) | (1 << 14) | CR4_OSXSAVE | (1 << 22) | (1 << 23) | (1 << 12);
-/// EFER.LME (SDM 2.2.1).
-const EFER_LME: u64 = 1 << 8;
+const CR4_DENIED: u64 = CR4_VMXE | CR4_SMXE | CR4_OSXSAVE | CR4_PKE | CR4_CET | CR4_LA57;
 /// EFER bits a guest may set: SCE, LME, LMA, NXE.
-const EFER_ALLOWED: u64 = 1 | EFER_LME | EFER_LMA | (1 << 11);
+const EFER_ALLOWED: u64 = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
 
 /// The VMCS access rights of a `kvm_segment` (KVM's `vmx_segment_access_rights`): an unusable
 /// or non-present segment is only "unusable".
@@ -110,7 +103,7 @@ pub fn sregs(g: &GuestState, cr2: u64, cr8: u64, apic_base: u64) -> Sregs {
 /// shadows). `maxphyaddr` is
 /// the guest's physical-address width. Err: what KVM answers with EINVAL.
 pub fn set_sregs(g: &mut GuestState, s: &Sregs, caps: &VmxCaps, maxphyaddr: u8) -> Result<(), ()> {
-    let long = s.efer & EFER_LME != 0 && s.cr0 & cr0::PG != 0;
+    let long = s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0;
     if long {
         // 64-bit paging: CR4.PAE and EFER.LMA set, CR3 within the physical-address width.
         if s.cr4 & CR4_PAE == 0 || s.efer & EFER_LMA == 0 || s.cr3 >> maxphyaddr != 0 {
@@ -121,8 +114,8 @@ pub fn set_sregs(g: &mut GuestState, s: &Sregs, caps: &VmxCaps, maxphyaddr: u8) 
     }
     let cr4_reserved = !caps.cr4_fixed1 | CR4_DENIED;
     if s.cr0 >> 32 != 0
-        || (s.cr0 & cr0::NW != 0 && s.cr0 & cr0::CD == 0)
-        || (s.cr0 & cr0::PG != 0 && s.cr0 & cr0::PE == 0)
+        || (s.cr0 & CR0_NW != 0 && s.cr0 & CR0_CD == 0)
+        || (s.cr0 & CR0_PG != 0 && s.cr0 & CR0_PE == 0)
         || s.cr4 & cr4_reserved != 0
         || s.efer & !EFER_ALLOWED != 0
         || s.interrupt_bitmap != [0; 4]
@@ -132,11 +125,7 @@ pub fn set_sregs(g: &mut GuestState, s: &Sregs, caps: &VmxCaps, maxphyaddr: u8) 
     // NE is forced as KVM forces it; PE and PG are not: a guest that asks for real mode or no
     // paging must not silently run in another mode, and the entry checker refuses it at
     // KVM_RUN unless the processor has "unrestricted guest" (SDM 27.3.1.1).
-    g.cr0 = fix_cr(
-        s.cr0,
-        caps.cr0_fixed0 & !(cr0::PE | cr0::PG),
-        caps.cr0_fixed1,
-    );
+    g.cr0 = fix_cr(s.cr0, caps.cr0_fixed0 & !(CR0_PE | CR0_PG), caps.cr0_fixed1);
     g.cr0_shadow = s.cr0;
     g.cr3 = s.cr3;
     g.cr4 = fix_cr(s.cr4, caps.cr4_fixed0, caps.cr4_fixed1);

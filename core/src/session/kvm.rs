@@ -837,6 +837,19 @@ impl<O: Os> Session<O> {
         }
     }
 
+    /// mmap of vCPU `index`'s descriptor: `map(i, frame)` for its pages `pgoff..pgoff + count`
+    /// ([`Session::kvm_vcpu_page`]); the first that is not there fails it.
+    pub fn kvm_map_vcpu(
+        &self,
+        os: &O,
+        index: u32,
+        pgoff: u64,
+        count: u64,
+        map: &mut dyn FnMut(u64, u64) -> Result<(), Fail>,
+    ) -> Result<(), Fail> {
+        (0..count).try_for_each(|i| map(i, self.kvm_vcpu_page(os, index, pgoff + i)?))
+    }
+
     /// The frame of page `pgoff` of vCPU `index`'s descriptor, for its mmap: the `kvm_run`
     /// page at 0, the dirty ring from KVM_DIRTY_LOG_PAGE_OFFSET.
     pub fn kvm_vcpu_page(&self, os: &O, index: u32, pgoff: u64) -> Result<u64, Fail> {
@@ -852,6 +865,114 @@ impl<O: Os> Session<O> {
             _ => None,
         };
         hpa.map(|h| h >> 12).ok_or(Fail::Invalid)
+    }
+}
+
+/// A KVM VM descriptor's object: the VM's session, shared by its descriptor and its vCPUs'
+/// (each holds a reference; the last one gone releases the VM). The shim allocates it and keeps
+/// it behind the descriptors.
+pub struct KvmVmFile<O: Os> {
+    /// The VM.
+    pub session: Session<O>,
+    refs: core::sync::atomic::AtomicU32,
+}
+
+impl<O: Os> Default for KvmVmFile<O> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<O: Os> KvmVmFile<O> {
+    /// A VM not made yet ([`KvmVmFile::create`]), held by its descriptor.
+    pub fn new() -> Self {
+        KvmVmFile {
+            session: Session::new(),
+            refs: core::sync::atomic::AtomicU32::new(1),
+        }
+    }
+
+    /// Makes the VM ([`Session::kvm_create`]); on failure it is released again.
+    pub fn create(&mut self, os: &O, drv: &Driver, mode: Option<Mode>) -> Result<(), Fail> {
+        let r = self.session.kvm_create(os, drv, mode);
+        if r.is_err() {
+            self.session.release(os);
+        }
+        r
+    }
+
+    /// One more reference: a vCPU descriptor.
+    pub fn hold(&self) {
+        self.refs.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Drops a reference; true when it was the last: the caller releases the session
+    /// ([`Session::release`]) and frees the object.
+    #[must_use]
+    pub fn drop_ref(&self) -> bool {
+        self.refs.fetch_sub(1, core::sync::atomic::Ordering::AcqRel) == 1
+    }
+}
+
+/// A KVM descriptor as a request sees it.
+pub enum KvmFile<'a, O: Os> {
+    /// `/dev/kvm`.
+    System,
+    /// A VM's.
+    Vm(&'a KvmVmFile<O>),
+    /// A vCPU's: its VM and its index.
+    Vcpu(&'a KvmVmFile<O>, u32),
+}
+
+/// What a KVM request answers: a value for user space, or a descriptor the shim makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvmAnswer {
+    /// The ioctl's return value.
+    Value(u64),
+    /// KVM_CREATE_VM: a new [`KvmVmFile`], then [`KvmVmFile::create`] with this mode, and its
+    /// descriptor.
+    NewVm(Option<Mode>),
+    /// KVM_CREATE_VCPU: a descriptor for vCPU `index` of the VM (holding a reference).
+    NewVcpu(u32),
+}
+
+/// One request on a KVM descriptor: `cmd` decoded for the descriptor's scope (ENOTTY when it
+/// names no request there) and answered. `kvm_mode` is the driver's dirty mode for KVM VMs
+/// (`abi::mode_of` numbers; 0 the driver's own).
+pub fn request<O: Os>(
+    os: &O,
+    drv: &Driver,
+    file: KvmFile<'_, O>,
+    cmd: u32,
+    arg: u64,
+    kvm_mode: u32,
+) -> Result<KvmAnswer, Fail> {
+    use crate::kvm::abi::Scope;
+    let scope = match file {
+        KvmFile::System => Scope::System,
+        KvmFile::Vm(_) => Scope::Vm,
+        KvmFile::Vcpu(..) => Scope::Vcpu,
+    };
+    let ioctl = Ioctl::decode(cmd, scope).ok_or(Fail::NoSuchRequest)?;
+    let mode = crate::abi::mode_of(kvm_mode).map_err(Fail::Abi)?;
+    match file {
+        // KVM_CREATE_VM's argument is the machine type: only the default (0) here.
+        KvmFile::System if ioctl == Ioctl::CreateVm => match arg {
+            0 => Ok(KvmAnswer::NewVm(mode)),
+            _ => Err(Fail::Invalid),
+        },
+        KvmFile::System => {
+            let ring = ring_capable(mode.unwrap_or(drv.mode));
+            system_request(os, ioctl, arg, ring).map(KvmAnswer::Value)
+        }
+        KvmFile::Vm(vm) => match vm.session.kvm_vm_request(os, drv, ioctl, arg)? {
+            index if ioctl == Ioctl::CreateVcpu => Ok(KvmAnswer::NewVcpu(index as u32)),
+            v => Ok(KvmAnswer::Value(v)),
+        },
+        KvmFile::Vcpu(vm, index) => vm
+            .session
+            .kvm_vcpu_request(os, drv, index, ioctl, arg)
+            .map(KvmAnswer::Value),
     }
 }
 

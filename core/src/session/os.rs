@@ -40,6 +40,8 @@ pub enum Fail {
     TooBig,
     /// A signal (or KVM's immediate_exit) ended KVM_RUN before the guest exited (EINTR).
     Interrupted,
+    /// The request number names no request of this descriptor (ENOTTY).
+    NoSuchRequest,
 
     /// The request's bytes were refused by the ABI decoder.
     Abi(AbiError),
@@ -63,6 +65,7 @@ impl Fail {
             Fail::NoDevice => 6,
             Fail::TooBig => 7,
             Fail::Interrupted => 4,
+            Fail::NoSuchRequest => 25,
 
             Fail::Abi(e) => e.errno(),
         }

@@ -15,8 +15,8 @@ use core::fmt::{self, Write};
 
 use crate::dirty::Mode;
 use crate::msg::MsgBuf;
+use crate::regs::CR4_VMXE;
 use crate::vmx::caps::{CpuidRegs, MsrValue, Reason, Unsupported, VmxCaps};
-use crate::vmx::root::CR4_VMXE;
 
 /// CPUID.1:ECX bit 31: a hypervisor is present (reserved for hypervisor use).
 const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;

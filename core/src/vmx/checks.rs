@@ -194,20 +194,10 @@ fn run(ctx: &Ctx<'_>, check: &'static Check) -> Option<Violation> {
 // Evaluation context
 // ---------------------------------------------------------------------------------------------
 
-const CR0_PE: u64 = 1 << 0;
-const CR0_WP: u64 = 1 << 16;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_PCIDE: u64 = 1 << 17;
-const CR4_CET: u64 = 1 << 23;
-const CR4_LAM_SUP: u64 = 1 << 28;
-const EFER_SCE: u64 = 1 << 0;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
+use crate::regs::{
+    CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR0_WP, CR4_CET, CR4_LA57, CR4_LAM_SUP, CR4_PAE, CR4_PCIDE,
+    EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE,
+};
 const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_VM: u64 = 1 << 17;

@@ -12,8 +12,7 @@ use crate::vmx::vmcs::{VmcsAccess, VmcsError};
 
 /// Access rights bit 16: the segment is unusable (SDM 25.4.1, Table 25-2).
 pub const AR_UNUSABLE: u32 = 1 << 16;
-/// IA32_EFER.LMA (bit 10): IA-32e mode active.
-pub const EFER_LMA: u64 = 1 << 10;
+use crate::regs::EFER_LMA;
 
 /// A segment register: selector, base, limit and access rights in the VMCS format (Table
 /// 25-2: type 3:0, S 4, DPL 6:5, P 7, AVL 12, L 13, D/B 14, G 15, unusable 16).

@@ -12,8 +12,7 @@ use crate::platform::Platform;
 use crate::vcpu::write_revision_id;
 use crate::vmx::caps::VmxCaps;
 
-/// CR4.VMXE (bit 13): set while a VMM has VMX enabled on the CPU (SDM 24.7).
-pub const CR4_VMXE: u64 = 1 << 13;
+use crate::regs::CR4_VMXE;
 
 /// CR0 or CR4 breaks the VMX fixed-bit rules, so VMXON would fail (SDM 24.8, A.7, A.8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -96,8 +96,7 @@ pub fn fix_cr(value: u64, fixed0: u64, fixed1: u64) -> u64 {
     (value | fixed0) & fixed1
 }
 
-/// CR4.OSXSAVE (bit 18), host-owned.
-pub use crate::arch::CR4_OSXSAVE;
+use crate::regs::CR4_OSXSAVE;
 
 /// The guest's IA32_PAT: the power-up value (SDM Vol. 3A 13.12.4, Table 13-12).
 pub const GUEST_PAT: u64 = 0x0007_0406_0007_0406;

@@ -22,7 +22,7 @@ use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission::{self, Admission, Refusal};
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
 use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
-use smudge_core::vmx::root::{ControlRegs, Processors, VmxRoot};
+use smudge_core::vmx::root::{self, ControlRegs, Processors, MAX_CPUS, ROOT};
 
 module! {
     type: Smudge,
@@ -71,7 +71,6 @@ extern "C" {
     fn smudge_need_resched() -> i32;
     fn smudge_cond_resched();
     fn smudge_now_ns() -> u64;
-    fn smudge_on_each_cpu(f: extern "C" fn(*mut c_void), info: *mut c_void);
     fn smudge_on_cpu(cpu: i32, f: extern "C" fn(*mut c_void), info: *mut c_void) -> i32;
     fn smudge_host_pte(va: usize, level: *mut u32) -> u64;
     fn smudge_user_pte(va: usize, level: *mut u32) -> u64;
@@ -220,26 +219,6 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
     }
 }
 
-const MAX_CPUS: usize = 64;
-/// Every CPU's VMX state.
-static ROOT: VmxRoot<MAX_CPUS> = VmxRoot::new();
-
-/// The proof of VMX operation on the current CPU, if this module turned it on here.
-/// Preemption must be off (IPI context, or between fpu_begin and fpu_end).
-fn vmx_here() -> Option<VmxCpu> {
-    // SAFETY: reads the CPU number; the caller keeps preemption off.
-    let cpu = unsafe { smudge_cpu() } as u32;
-    // SAFETY: ROOT says this CPU is in VMX root operation, and the caller stays on it.
-    ROOT.is_on(cpu).then(|| unsafe { VmxCpu::assume(cpu) })
-}
-
-/// IPI trampoline of [`Os::on_cpu`]: `info` points at the `&dyn Fn` to call.
-extern "C" fn call_on_cpu(info: *mut c_void) {
-    // SAFETY: `info` is the address of a `&dyn Fn` that outlives the waiting cross-CPU call.
-    let f = unsafe { *(info as *const &(dyn Fn(Option<&VmxCpu>) + Sync)) };
-    f(vmx_here().as_ref());
-}
-
 impl Os for LinuxOs {
     type Buf = KernBuf;
     type VcpuBox = KBox<HwVcpu>;
@@ -275,15 +254,10 @@ impl Os for LinuxOs {
         unsafe { smudge_cpu() as u32 }
     }
     fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        let info = &f as *const &(dyn Fn(Option<&VmxCpu>) + Sync) as *mut c_void;
-        // SAFETY: smp_call_function_single waits for `call_on_cpu`, so `info` outlives it; it
-        // may be called with preemption off (interrupts on) and runs locally for this CPU.
-        unsafe { smudge_on_cpu(cpu as i32, call_on_cpu, info) };
+        root::on_cpu(&LinuxCpus, cpu, f)
     }
     fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        let info = &f as *const &(dyn Fn(Option<&VmxCpu>) + Sync) as *mut c_void;
-        // SAFETY: on_each_cpu waits for every call, so `info` outlives them.
-        unsafe { smudge_on_each_cpu(call_on_cpu, info) };
+        root::on_each_cpu(&LinuxCpus, f)
     }
     fn pin(&self, _cpu: u32) -> core::result::Result<(), Fail> {
         Ok(())
@@ -294,7 +268,8 @@ impl Os for LinuxOs {
     ) -> core::result::Result<R, Fail> {
         // SAFETY: kernel_fpu_begin disables preemption and saves the task's FPU state.
         unsafe { smudge_fpu_begin() };
-        let r = match vmx_here() {
+        // SAFETY: fpu_begin disabled preemption: this thread stays on this CPU until fpu_end.
+        let r = match unsafe { ROOT.here(smudge_cpu() as u32) } {
             Some(vmx) => {
                 // SAFETY: preemption stays off and the FPU is ours until fpu_end below.
                 let ctx = unsafe { GuestContext::assume(vmx) };
@@ -649,7 +624,8 @@ extern "C" fn call_fn_mut(info: *mut c_void) {
     f();
 }
 
-impl Processors for LinuxCpus {
+// SAFETY: smp_call_function_single runs `f` on CPU `i` with interrupts off and waits for it.
+unsafe impl Processors for LinuxCpus {
     fn bound(&self) -> u32 {
         // SAFETY: reads the CPU count.
         (unsafe { smudge_nr_cpu_ids() } as u32).min(MAX_CPUS as u32)
@@ -689,17 +665,8 @@ impl kernel::Module for Smudge {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         // Refuse precisely: VMX absent, disabled and locked, EPT absent, another hypervisor
         // (the core's admission check; each CPU's VMXON checks VMXE and the fixed bits again).
-        let cpuid = |leaf: u32, sub: u32| {
-            let r = arch::cpuid(leaf, sub);
-            CpuidRegs {
-                eax: r[0],
-                ebx: r[1],
-                ecx: r[2],
-                edx: r[3],
-            }
-        };
         let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
-        let here = || admission::check(&cpuid, LinuxCr.cr4(), &rdmsr);
+        let here = || admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr);
         let Admission { caps, mode } = match admission::check_every(&LinuxCpus, &here) {
             Ok(a) => a,
             Err((cpu, why)) => {

@@ -34,6 +34,8 @@ pub const CR4_SMXE: u64 = 1 << 14;
 pub const CR4_PCIDE: u64 = 1 << 17;
 /// CR4.OSXSAVE: XGETBV/XSETBV and extended state enabled.
 pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4.SMAP: supervisor-mode access prevention.
+pub const CR4_SMAP: u64 = 1 << 21;
 /// CR4.PKE: protection keys for user pages.
 pub const CR4_PKE: u64 = 1 << 22;
 /// CR4.CET: control-flow enforcement.

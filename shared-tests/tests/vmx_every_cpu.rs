@@ -67,7 +67,8 @@ impl ControlRegs for Fake {
     }
 }
 
-impl Processors for Fake {
+// SAFETY: `on` runs `f` in place, on the thread that asks (the fake has no other processors).
+unsafe impl Processors for Fake {
     fn bound(&self) -> u32 {
         4
     }

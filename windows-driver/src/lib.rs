@@ -19,3 +19,14 @@ pub mod ioctl;
 pub mod security;
 pub mod status;
 pub mod usercopy;
+
+/// The host tests, kept beside the sources in `tests/`.
+#[cfg(test)]
+#[path = "../tests"]
+mod tests {
+    mod budget;
+    mod ioctl;
+    mod security;
+    mod status;
+    mod usercopy;
+}

@@ -33,6 +33,7 @@ use smudge_core::abi::Op;
 use smudge_core::dirty::Mode;
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
 use smudge_core::vmx::admission as vtx;
+use smudge_core::vmx::caps::CpuidRegs;
 use smudge_windows::ioctl::{self, VersionInfo};
 use smudge_windows::status::*;
 
@@ -143,7 +144,11 @@ pub unsafe extern "system" fn DriverEntry(
     // SAFETY (rdmsr): given this processor's real CPUID, VmxCaps::from_reader reads only MSRs
     // whose existence the SDM guarantees (the admission module's comment; tested on every
     // fixture dump); we run at CPL 0.
-    let here = || vtx::check(&cpu::cpuid, cpu::cr4(), &|msr| unsafe { cpu::rdmsr(msr) });
+    let here = || {
+        vtx::check(&CpuidRegs::of_this_cpu, cpu::cr4(), &|msr| unsafe {
+            cpu::rdmsr(msr)
+        })
+    };
     let admission = match vtx::check_every(&vmxroot::NtProcessors, &here) {
         Ok(a) => a,
         Err((cpu, why)) => {

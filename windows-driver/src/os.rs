@@ -5,19 +5,14 @@
 use smudge_core::hostpt;
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
+use smudge_core::vmx::root::{self, ROOT};
 use smudge_windows::budget;
 
 use crate::platform::{self, NtPlatform};
 use crate::pool::{PoolBox, PoolBuf};
 use crate::usermem::{copy_from_user, copy_to_user};
-use crate::{cpu, nt, processors, vmxroot};
-
-/// The proof of VMX operation on processor `index`, the current one at DISPATCH_LEVEL.
-fn vmx_here(index: u32) -> Option<VmxCpu> {
-    // SAFETY: the caller runs on `index` at DISPATCH_LEVEL (on_processor, or the raised IRQL
-    // of a guest stay), and VMX_ON says this driver did VMXON there.
-    vmxroot::vmx_on(index).then(|| unsafe { VmxCpu::assume(index) })
-}
+use crate::vmxroot::NtProcessors;
+use crate::{cpu, nt, processors};
 
 /// Interrupt time, 100 ns units.
 fn interrupt_time() -> u64 {
@@ -49,12 +44,10 @@ impl Os for NtPlatform {
         processors::current()
     }
     fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        let _ = processors::on_processor(cpu, || f(vmx_here(cpu).as_ref()));
+        root::on_cpu(&NtProcessors, cpu, f)
     }
     fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        for i in 0..processors::count() {
-            self.on_cpu(i, f);
-        }
+        root::on_each_cpu(&NtProcessors, f)
     }
     fn pin(&self, cpu: u32) -> Result<processors::Pinned, Fail> {
         processors::pin(cpu).map_err(|_| Fail::Io)
@@ -70,7 +63,8 @@ impl Os for NtPlatform {
         }
         // SAFETY: PASSIVE_LEVEL; lowered below.
         let old_irql = unsafe { cpu::raise_to_dispatch() };
-        let r = match vmx_here(processors::current()) {
+        // SAFETY: DISPATCH_LEVEL: this thread stays on this processor until the IRQL drops.
+        let r = match unsafe { ROOT.here(processors::current()) } {
             Some(vmx) => {
                 // SAFETY: DISPATCH_LEVEL (no preemption) and the legacy FPU state saved until
                 // the lines below.
@@ -155,7 +149,7 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
     unsafe {
         core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
     };
-    let la57 = cpu::cr4() & (1 << 12) != 0;
+    let la57 = cpu::cr4() & smudge_core::regs::CR4_LA57 != 0;
     let mut read = |pa: u64| -> Option<u64> {
         let mut copied = 0usize;
         let target = cell.bytes_mut();

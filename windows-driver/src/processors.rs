@@ -7,7 +7,7 @@ use smudge_windows::status::{NtStatus, STATUS_NOT_SUPPORTED};
 use crate::{cpu, nt};
 
 /// Processors the driver tracks VMX state for; DriverEntry refuses machines with more.
-pub const MAX_PROCESSORS: usize = 256;
+pub use smudge_core::vmx::root::MAX_CPUS as MAX_PROCESSORS;
 
 /// Active processors in all groups.
 pub fn count() -> u32 {

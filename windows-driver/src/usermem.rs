@@ -59,8 +59,8 @@ pub fn copy_to_user(dst: u64, src: &[u8]) -> Result<(), NtStatus> {
     if !user_range_ok(dst, src.len() as u64, probe_limit()) {
         return Err(STATUS_ACCESS_VIOLATION);
     }
-    // CR4.SMAP (bit 21): supervisor accesses to user pages fault unless RFLAGS.AC is set.
-    let smap = (crate::cpu::cr4() >> 21) & 1;
+    // CR4.SMAP: supervisor accesses to user pages fault unless RFLAGS.AC is set.
+    let smap = u64::from(crate::cpu::cr4() & smudge_core::regs::CR4_SMAP != 0);
     // SAFETY: the destination range lies in user space (checked above), so the routine can
     // only fault, never corrupt kernel memory; a fault is caught by its SEH scope.
     let status = unsafe { smudge_copy_to_user(dst, src.as_ptr(), src.len(), smap) };

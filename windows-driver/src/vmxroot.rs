@@ -5,7 +5,7 @@ use core::cell::UnsafeCell;
 
 use smudge_core::regs::CR4_VMXE;
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_core::vmx::root::{ControlRegs, Processors, VmxRoot, VmxonFailure};
+use smudge_core::vmx::root::{ControlRegs, Processors, VmxonFailure, ROOT};
 
 use crate::cpu;
 use crate::platform::NtPlatform;
@@ -21,8 +21,6 @@ struct GlobalCell(UnsafeCell<Option<Global>>);
 unsafe impl Sync for GlobalCell {}
 
 static GLOBAL: GlobalCell = GlobalCell(UnsafeCell::new(None));
-/// Every processor's VMX state.
-static ROOT: VmxRoot<MAX_PROCESSORS> = VmxRoot::new();
 
 pub fn global() -> Option<&'static Global> {
     // SAFETY: see GlobalCell: no writer runs while requests can read.
@@ -34,11 +32,6 @@ pub fn global() -> Option<&'static Global> {
 pub unsafe fn set_global(g: Option<Global>) {
     // SAFETY: no concurrent reader (caller's contract).
     unsafe { *GLOBAL.0.get() = g };
-}
-
-/// True if processor `index` is in VMX root operation (read at DISPATCH_LEVEL on it).
-pub fn vmx_on(index: u32) -> bool {
-    ROOT.is_on(index)
 }
 
 /// CR0 and CR4 of the current processor, CR4 written with interrupts off (Windows keeps no CR4
@@ -66,7 +59,9 @@ impl ControlRegs for NtCr {
 /// interrupts off.
 pub struct NtProcessors;
 
-impl Processors for NtProcessors {
+// SAFETY: `on_processor` runs `f` on processor `i` at DISPATCH_LEVEL, here with interrupts off,
+// and returns after it.
+unsafe impl Processors for NtProcessors {
     fn bound(&self) -> u32 {
         processors::count().min(MAX_PROCESSORS as u32)
     }

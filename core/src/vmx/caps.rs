@@ -187,6 +187,14 @@ pub struct CpuidRegs {
     pub edx: u32,
 }
 
+impl CpuidRegs {
+    /// CPUID(leaf, subleaf) on the processor the caller runs on.
+    pub fn of_this_cpu(leaf: u32, subleaf: u32) -> CpuidRegs {
+        let [eax, ebx, ecx, edx] = crate::arch::cpuid(leaf, subleaf);
+        CpuidRegs { eax, ebx, ecx, edx }
+    }
+}
+
 /// A VMX MSR that the capabilities need but could not be read. The first one met is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnreadableMsr {

@@ -11,6 +11,7 @@ use crate::arch::{self, VmFail};
 use crate::platform::Platform;
 use crate::vcpu::write_revision_id;
 use crate::vmx::caps::VmxCaps;
+use crate::vmx::hw::VmxCpu;
 
 use crate::regs::CR4_VMXE;
 
@@ -64,9 +65,20 @@ pub trait ControlRegs {
     fn set_vmxe(&self, on: bool);
 }
 
+/// Processors a driver keeps VMX state for (Windows refuses machines with more active ones;
+/// Linux uses the CPU numbers below it).
+pub const MAX_CPUS: usize = 256;
+
+/// The driver's VMX state: one per driver (a kernel module or a driver image links one core).
+pub static ROOT: VmxRoot<MAX_CPUS> = VmxRoot::new();
+
 /// The processors of the machine as a driver reaches them: what [`VmxRoot::vmxon_all`],
-/// [`VmxRoot::vmxoff_all`] and [`crate::vmx::admission::check_every`] run on.
-pub trait Processors {
+/// [`VmxRoot::vmxoff_all`], [`on_cpu`] and [`crate::vmx::admission::check_every`] run on.
+///
+/// # Safety
+/// [`Processors::on`] runs `f` on processor `i`, with interrupts off, and returns only after it:
+/// [`on_cpu`] gives `f` a proof of VMX operation on that processor.
+pub unsafe trait Processors {
     /// Processor numbers run from 0 to this bound (exclusive).
     fn bound(&self) -> u32;
     /// False for a number without a processor to use (Linux: an offline CPU).
@@ -80,6 +92,23 @@ pub trait Processors {
     fn alloc_region(&self) -> Option<u64>;
     /// Returns a page of [`Processors::alloc_region`].
     fn free_region(&self, pa: u64);
+}
+
+/// Runs `f` on processor `cpu` (as [`Processors::on`]) with the proof of VMX operation there,
+/// or None where this driver did not VMXON.
+pub fn on_cpu(procs: &dyn Processors, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
+    procs.on(cpu, &mut || {
+        // SAFETY: `on` runs this on `cpu` with interrupts off (the trait's contract): the CPU
+        // stays this one while `f` holds the proof.
+        f(unsafe { ROOT.here(cpu) }.as_ref())
+    });
+}
+
+/// [`on_cpu`] on every present processor, one after the other.
+pub fn on_each_cpu(procs: &dyn Processors, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
+    for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
+        on_cpu(procs, i, f);
+    }
 }
 
 /// Why VMXON failed on a CPU.
@@ -149,6 +178,16 @@ impl<const N: usize> VmxRoot<N> {
         self.on
             .get(cpu as usize)
             .is_some_and(|f| f.load(Ordering::Acquire))
+    }
+
+    /// The proof of VMX operation on CPU `cpu`, if this driver did VMXON there.
+    ///
+    /// # Safety
+    /// The caller runs on CPU `cpu` and stays there (preemption or interrupts off) while the
+    /// proof lives.
+    pub unsafe fn here(&self, cpu: u32) -> Option<VmxCpu> {
+        // SAFETY: the flag says VMX root operation here; the caller stays on this CPU.
+        self.is_on(cpu).then(|| unsafe { VmxCpu::assume(cpu) })
     }
 
     /// VMXON on the current CPU, number `cpu`, then INVEPT all-context (stale translations of an

@@ -317,9 +317,7 @@ void smudge_fpu_end(void) { kernel_fpu_end(); }
 int smudge_cpu(void) { return smp_processor_id(); }
 int smudge_nr_cpu_ids(void) { return nr_cpu_ids; }
 bool smudge_cpu_online(int cpu) { return cpu_online(cpu); }
-int smudge_signal_pending(void) { return signal_pending(current); }
 int smudge_need_resched(void) { return need_resched(); }
-u64 smudge_now_ns(void) { return ktime_get_ns(); }
 void smudge_cond_resched(void) { cond_resched(); }
 void smudge_on_each_cpu(void (*fn)(void *), void *info) { on_each_cpu(fn, info, 1); }
 int smudge_on_cpu(int cpu, void (*fn)(void *), void *info) { return smp_call_function_single(cpu, fn, info, 1); }

@@ -67,10 +67,8 @@ extern "C" {
     fn smudge_cpu() -> i32;
     fn smudge_nr_cpu_ids() -> i32;
     fn smudge_cpu_online(cpu: i32) -> bool;
-    fn smudge_signal_pending() -> i32;
     fn smudge_need_resched() -> i32;
     fn smudge_cond_resched();
-    fn smudge_now_ns() -> u64;
     fn smudge_on_cpu(cpu: i32, f: extern "C" fn(*mut c_void), info: *mut c_void) -> i32;
     fn smudge_host_pte(va: usize, level: *mut u32) -> u64;
     fn smudge_user_pte(va: usize, level: *mut u32) -> u64;
@@ -295,8 +293,7 @@ impl Os for LinuxOs {
         unsafe { smudge_irq_restore(flags) }
     }
     fn signal_pending(&self) -> bool {
-        // SAFETY: reads current's flags.
-        unsafe { smudge_signal_pending() != 0 }
+        kernel::current!().signal_pending()
     }
     fn resched_pending(&self) -> bool {
         // SAFETY: reads current's flags.
@@ -312,8 +309,7 @@ impl Os for LinuxOs {
         core::hint::spin_loop();
     }
     fn now_ns(&self) -> u64 {
-        // SAFETY: ktime_get_ns.
-        unsafe { smudge_now_ns() }
+        kernel::time::Ktime::ktime_get().to_ns() as u64
     }
     fn host_mapping(&self, hpa: u64) -> Option<HostMapping> {
         let mut level = 0u32;

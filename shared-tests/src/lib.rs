@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod harness;
 pub mod model;
 pub mod platform;
+pub mod selftest;
 pub mod session_model;
 
 pub use arena::ArenaPlatform;

@@ -7,7 +7,7 @@
 use smudge_core::abi::Wire;
 use smudge_core::dirty::Mode;
 use smudge_core::kvm::abi::{
-    self as k, cap, exit, run, DirtyLog, EnableCap, Ioctl, MemoryRegion2, Segment, Sregs,
+    self as k, cap, exit, run, DirtyLog, EnableCap, Ioctl, MemoryRegion2, Sregs,
 };
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
 use smudge_core::session::{Driver, Fail, Session};
@@ -62,6 +62,27 @@ impl Vm {
         )
         .expect("region");
     }
+    /// Slot 1 with dirty logging, as the selftests make it, and vCPU 0 in long mode.
+    fn logged_slot_and_vcpu(&self) {
+        self.region(
+            1,
+            k::MEM_LOG_DIRTY_PAGES,
+            SLOT1_GPA,
+            SLOT1_PAGES,
+            0x7f00_4000_0000,
+        );
+        self.vcpu_in_long_mode();
+    }
+    /// Releases the VM: no rule of the model broken, no page left.
+    fn finish(mut self) {
+        assert!(
+            self.os.m.violations().is_empty(),
+            "{:?}",
+            self.os.m.violations()
+        );
+        self.s.release(&self.os);
+        self.os.p.assert_all_freed();
+    }
     fn vcpu_in_long_mode(&self) {
         assert_eq!(
             self.s
@@ -72,33 +93,7 @@ impl Vm {
         self.s
             .kvm_vcpu_request(&self.os, &self.d, 0, Ioctl::GetSregs, b.as_ptr() as u64)
             .expect("GET_SREGS");
-        let mut s = Sregs::from_bytes(&b).expect("sregs");
-        s.cr0 = 0x8000_0021;
-        s.cr4 |= (1 << 5) | (1 << 9);
-        s.efer |= (1 << 8) | (1 << 10) | (1 << 11);
-        s.cs = Segment {
-            selector: 8,
-            limit: 0xffff_ffff,
-            s: 1,
-            type_: 11,
-            g: 1,
-            l: 1,
-            present: 1,
-            ..Default::default()
-        };
-        s.tr = Segment {
-            base: 0x4000,
-            limit: 0x67,
-            selector: 0x18,
-            type_: 11,
-            present: 1,
-            ..Default::default()
-        };
-        s.ldt = Segment {
-            unusable: 1,
-            ..Default::default()
-        };
-        s.cr3 = 0x5000;
+        let s = smudge_tests::selftest::long_mode(&Sregs::from_bytes(&b).expect("sregs"));
         let mut out = vec![0u8; 512];
         s.to_bytes(&mut out).expect("fits");
         self.s
@@ -187,17 +182,10 @@ fn enabling_the_ring_follows_kvms_rules() {
 #[test]
 fn writes_arrive_in_the_ring_and_a_reset_rearms_them() {
     for mode in [Mode::Pml, Mode::WriteProtect] {
-        let mut v = Vm::new(mode);
+        let v = Vm::new(mode);
         v.ring(RING_BYTES).expect("ring");
         v.region(0, 0, 0, 256, 0x7f00_0000_0000);
-        v.region(
-            1,
-            k::MEM_LOG_DIRTY_PAGES,
-            SLOT1_GPA,
-            SLOT1_PAGES,
-            0x7f00_4000_0000,
-        );
-        v.vcpu_in_long_mode();
+        v.logged_slot_and_vcpu();
         let pages = [5u64, 6, 700, 5, 2047];
         let mut steps: Vec<Step> = pages
             .iter()
@@ -238,25 +226,16 @@ fn writes_arrive_in_the_ring_and_a_reset_rearms_them() {
         assert_eq!(v.run(), (Ok(0), exit::HLT));
         assert_eq!(v.collect(&mut next), vec![6, 2047], "{mode:?}");
         assert_eq!(v.reset(), Ok(2));
-        assert!(v.os.m.violations().is_empty(), "{:?}", v.os.m.violations());
-        v.s.release(&v.os);
-        v.os.p.assert_all_freed();
+        v.finish();
     }
 }
 
 #[test]
 fn a_full_ring_stops_the_vcpu_until_it_is_reset() {
     for mode in [Mode::Pml, Mode::WriteProtect] {
-        let mut v = Vm::new(mode);
+        let v = Vm::new(mode);
         v.ring(RING_BYTES).expect("ring");
-        v.region(
-            1,
-            k::MEM_LOG_DIRTY_PAGES,
-            SLOT1_GPA,
-            SLOT1_PAGES,
-            0x7f00_4000_0000,
-        );
-        v.vcpu_in_long_mode();
+        v.logged_slot_and_vcpu();
         let soft = 1024 - if mode == Mode::Pml { 576 } else { 64 };
         // Every page twice: the second write logs again only if a reset re-armed the page
         // (resets go in batches of 16 across the ring's pages and its wrap).
@@ -309,9 +288,7 @@ fn a_full_ring_stops_the_vcpu_until_it_is_reset() {
             count.len() == wrote.len() && extra <= if mode == Mode::Pml { 0 } else { fulls },
             "{mode:?}: {extra} entries beyond two per page, {fulls} full exits"
         );
-        assert!(v.os.m.violations().is_empty(), "{:?}", v.os.m.violations());
-        v.s.release(&v.os);
-        v.os.p.assert_all_freed();
+        v.finish();
     }
 }
 

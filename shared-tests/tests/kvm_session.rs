@@ -11,11 +11,12 @@ use smudge_core::abi::Wire;
 use smudge_core::dirty::Mode;
 use smudge_core::kvm::abi::{
     self as k, cap, exit, run, ClearDirtyLog, Cpuid2, DirtyLog, EnableCap, Ioctl, KvmRegs,
-    MemoryRegion2, MpState, Segment, Sregs,
+    MemoryRegion2, MpState, Sregs,
 };
 use smudge_core::platform::{read_bytes, write_bytes};
 use smudge_core::session::kvm::{self as sk, IO_DATA};
 use smudge_core::session::{Driver, Fail, Session};
+use smudge_tests::selftest;
 use smudge_tests::session_model::{MockOs, Step};
 
 /// Slot 1 where the selftests put it with MAXPHYADDR 40.
@@ -127,61 +128,6 @@ impl Kvm<'_> {
     }
 }
 
-fn code64() -> Segment {
-    Segment {
-        selector: 0x8,
-        limit: 0xffff_ffff,
-        s: 1,
-        type_: 11,
-        g: 1,
-        l: 1,
-        present: 1,
-        ..Default::default()
-    }
-}
-
-fn data64() -> Segment {
-    Segment {
-        selector: 0x10,
-        limit: 0xffff_ffff,
-        s: 1,
-        type_: 3,
-        g: 1,
-        present: 1,
-        ..Default::default()
-    }
-}
-
-/// What `vcpu_init_sregs` makes of the reset state.
-fn long_mode(reset: &Sregs) -> Sregs {
-    let mut s = *reset;
-    s.idt.base = 0x3000;
-    s.idt.limit = 4095;
-    s.gdt.base = 0x2000;
-    s.gdt.limit = 4095;
-    s.cr0 = 0x8000_0021;
-    s.cr4 |= (1 << 5) | (1 << 9);
-    s.efer |= (1 << 8) | (1 << 10) | (1 << 11);
-    s.ldt = Segment {
-        unusable: 1,
-        ..Default::default()
-    };
-    s.cs = code64();
-    s.ds = data64();
-    s.es = data64();
-    s.gs = data64();
-    s.tr = Segment {
-        base: 0x4000,
-        limit: 0x67,
-        selector: 0x18,
-        type_: 11,
-        present: 1,
-        ..Default::default()
-    };
-    s.cr3 = 0x5000;
-    s
-}
-
 /// A VM as the selftests build it: slot 0 (code, no logging), slot 1 (logged), manual
 /// protection as asked, one vCPU in long mode with the supported CPUID.
 /// A session on the model machine: `body` drives it, then the VM is released; no rule of the
@@ -236,7 +182,7 @@ fn selftest_vm(c: &Kvm<'_>, manual: bool) {
         "vCPU id 0 is index 0"
     );
     let reset: Sregs = c.vcpu_get(0, Ioctl::GetSregs).expect("GET_SREGS");
-    c.vcpu(0, Ioctl::SetSregs, &long_mode(&reset))
+    c.vcpu(0, Ioctl::SetSregs, &selftest::long_mode(&reset))
         .expect("SET_SREGS");
     let mut regs: KvmRegs = c.vcpu_get(0, Ioctl::GetRegs).expect("GET_REGS");
     regs.rip = 0x40_0000;

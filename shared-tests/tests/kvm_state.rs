@@ -7,73 +7,14 @@
 
 use smudge_core::arch::GuestGprs;
 use smudge_core::dirty::Mode;
-use smudge_core::kvm::abi::{KvmRegs, Segment, Sregs};
+use smudge_core::kvm::abi::{KvmRegs, Sregs};
 use smudge_core::kvm::state;
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_core::vmx::checks::check_entry;
 use smudge_core::vmx::guest_state::GuestState;
 use smudge_core::vmx::setup::{self, VcpuConfig};
 use smudge_core::vmx::vmcs::VmcsImage;
-
-/// The selftests' selectors (include/x86_64/processor.h).
-const KERNEL_CS: u16 = 0x8;
-const KERNEL_DS: u16 = 0x10;
-const KERNEL_TSS: u16 = 0x18;
-
-fn code64() -> Segment {
-    Segment {
-        selector: KERNEL_CS,
-        limit: 0xffff_ffff,
-        s: 1,
-        type_: 0x08 | 0x01 | 0x02,
-        g: 1,
-        l: 1,
-        present: 1,
-        ..Default::default()
-    }
-}
-
-fn data64() -> Segment {
-    Segment {
-        selector: KERNEL_DS,
-        limit: 0xffff_ffff,
-        s: 1,
-        type_: 0x01 | 0x02,
-        g: 1,
-        present: 1,
-        ..Default::default()
-    }
-}
-
-/// `vcpu_init_sregs` on top of what GET_SREGS returned.
-fn selftest_sregs(reset: &Sregs) -> Sregs {
-    let mut s = *reset;
-    s.idt.base = 0x7000;
-    s.idt.limit = 256 * 16 - 1;
-    s.gdt.base = 0x6000;
-    s.gdt.limit = 4095;
-    s.cr0 = 0x8000_0021; // PE | NE | PG
-    s.cr4 |= (1 << 5) | (1 << 9); // PAE | OSFXSR
-    s.efer |= (1 << 8) | (1 << 10) | (1 << 11); // LME | LMA | NX
-    s.ldt = Segment {
-        unusable: 1,
-        ..Default::default()
-    };
-    s.cs = code64();
-    s.ds = data64();
-    s.es = data64();
-    s.gs = data64();
-    s.tr = Segment {
-        base: 0x5000,
-        limit: 0x67,
-        selector: KERNEL_TSS,
-        type_: 0xb,
-        present: 1,
-        ..Default::default()
-    };
-    s.cr3 = 0x9000;
-    s
-}
+use smudge_tests::selftest;
 
 fn vmcs_of(caps: &VmxCaps, g: &GuestState) -> VmcsImage {
     let ctls = setup::guest_controls(caps, Mode::WriteProtect, false).expect("controls");
@@ -106,7 +47,7 @@ fn the_selftests_state_enters_on_every_processor() {
         }
         let mut g = GuestState::reset();
         let reset = state::sregs(&g, 0, 0, 0xfee0_0900);
-        let s = selftest_sregs(&reset);
+        let s = selftest::long_mode(&reset);
         state::set_sregs(&mut g, &s, &caps, 40).unwrap_or_else(|_| panic!("{name}: refused"));
         g.rip = 0x40_0000;
         g.rsp = 0x80_0000;
@@ -155,7 +96,7 @@ fn what_kvm_refuses_is_refused() {
         .into_iter()
         .find(|(n, _)| n.contains("skylake_x"))
         .expect("skylake_x");
-    let good = selftest_sregs(&state::sregs(&GuestState::reset(), 0, 0, 0));
+    let good = selftest::long_mode(&state::sregs(&GuestState::reset(), 0, 0, 0));
     let cases: [(&str, fn(&mut Sregs)); 10] = [
         ("long mode without PAE", |s| s.cr4 &= !(1 << 5)),
         ("LME and PG without LMA", |s| s.efer &= !(1 << 10)),

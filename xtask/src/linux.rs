@@ -151,27 +151,30 @@ pub fn module() -> Result<PathBuf> {
         .arg(build.join("smudge_core.o_shipped"))
         .args(&o_files))?;
     step("building smudge.ko (Kbuild)");
+    make_module(&kdir, &build, "smudge.ko")
+}
+
+/// `make modules` of the external module in `build` against the kernel tree `kdir`; returns
+/// the path of `ko`, or the build's output as the error.
+fn make_module(kdir: &Path, build: &Path, ko: &str) -> Result<PathBuf> {
     let out = Command::new("make")
         .arg("-C")
-        .arg(&kdir)
+        .arg(kdir)
         .arg(format!("M={}", build.display()))
         .args(make_vars())
         .arg("modules")
         .output()
-        .context("make modules")?;
-    if !out.status.success() {
+        .with_context(|| format!("make modules ({ko})"))?;
+    let path = build.join(ko);
+    if !out.status.success() || !path.exists() {
         eprintln!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        bail!("building smudge.ko failed");
+        bail!("building {ko} failed");
     }
-    let ko = build.join("smudge.ko");
-    if !ko.exists() {
-        bail!("make succeeded but {} is missing", ko.display());
-    }
-    Ok(ko)
+    Ok(path)
 }
 
 /// Builds the test image's stub `kvm` module (linux-driver/kvm-stub); returns its path.
@@ -184,24 +187,7 @@ pub fn kvm_stub() -> Result<PathBuf> {
         std::fs::copy(root().join("linux-driver/kvm-stub").join(f), build.join(f))
             .with_context(|| format!("copy {f}"))?;
     }
-    let out = Command::new("make")
-        .arg("-C")
-        .arg(&kdir)
-        .arg(format!("M={}", build.display()))
-        .args(make_vars())
-        .arg("modules")
-        .output()
-        .context("make modules (kvm stub)")?;
-    let ko = build.join("kvm.ko");
-    if !out.status.success() || !ko.exists() {
-        eprintln!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        bail!("building the stub kvm.ko failed");
-    }
-    Ok(ko)
+    make_module(&kdir, &build, "kvm.ko")
 }
 
 fn walk(dir: &Path) -> Result<Vec<PathBuf>> {

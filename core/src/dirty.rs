@@ -407,10 +407,11 @@ impl DirtyLog {
     }
 
     /// Re-arms the pages `first + 64 * w + j` for every bit j of `mask(w)`, `w < words`, and
-    /// returns true if an entry changed. `mask` is called once per word, in order. Where the slot
-    /// starts on a 64-page boundary of its page tables (KVM's slots and smudge's do), each word is
-    /// one 64-leaf chunk of one table: the table is found once per 2 MiB and lent whole, as in a
-    /// harvest, and a full word is re-armed in one vectorized pass.
+    /// returns true if an entry changed. `mask` is called once per word, in order (`first` is a
+    /// multiple of 64). The words are realigned to the page tables' 64-leaf chunks (a slot may
+    /// start anywhere in a chunk: `o` pages in), so each chunk is one mask: a table is found once
+    /// per 2 MiB and lent whole, as in a harvest, and a full chunk, or a full table, is re-armed
+    /// in one branch-free pass.
     fn rearm_words<P: Platform + ?Sized>(
         &self,
         p: &P,
@@ -419,31 +420,29 @@ impl DirtyLog {
         words: u64,
         mask: &mut dyn FnMut(u64) -> u64,
     ) -> bool {
-        let mut any = false;
-        let leaf = |page: u64| ((self.base / PAGE_SIZE + page) % 512) as usize;
-        if leaf(0) % 64 != 0 {
-            let mut cache = TableCache::default();
-            for w in 0..words {
-                for_each_bit(mask(w), |j| {
-                    let gpa = self.base + (first + w * 64 + j as u64) * PAGE_SIZE;
-                    any |= self.rearm(p, ept, gpa, &mut cache);
-                });
-            }
-            return any;
-        }
+        let o = (self.base / PAGE_SIZE) % 64;
+        let chunks = if o == 0 { words } else { words + 1 };
         let wp = self.mode == Mode::WriteProtect;
         let mut cache = TableCache::default();
-        let mut w = 0;
-        while w < words {
-            // The words of one page table: up to 8, from leaf `start`.
-            let start = leaf(first + w * 64);
-            let n = ((512 - start) as u64 / 64).min(words - w) as usize;
+        let (mut any, mut prev, mut c) = (false, 0u64, 0u64);
+        while c < chunks {
+            // The chunks of one page table from chunk `c`, whose first leaf maps page
+            // `first + 64 * c - o` of the slot (below `base` for c = 0 when o > 0: the bits for
+            // those leaves are zero).
+            let gpa = self.base + (first + 64 * c) * PAGE_SIZE - o * PAGE_SIZE;
+            let start = ((gpa / PAGE_SIZE) % 512) as usize;
+            let n = ((512 - start) as u64 / 64).min(chunks - c) as usize;
             let mut masks = [0u64; 8];
-            for (i, m) in masks.iter_mut().enumerate().take(n) {
-                *m = mask(w + i as u64);
+            for m in masks.iter_mut().take(n) {
+                let cur = if c < words { mask(c) } else { 0 };
+                *m = if o == 0 {
+                    cur
+                } else {
+                    prev >> (64 - o) | cur << o
+                };
+                prev = cur;
+                c += 1;
             }
-            let gpa = self.base + (first + w * 64) * PAGE_SIZE;
-            w += n as u64;
             if masks == [0; 8] {
                 continue;
             }
@@ -468,18 +467,6 @@ impl DirtyLog {
             });
         }
         any
-    }
-
-    /// Re-arms tracking of one page. Returns true if an entry changed.
-    fn rearm<P: Platform + ?Sized>(
-        &self,
-        p: &P,
-        ept: &Ept,
-        gpa: u64,
-        cache: &mut TableCache,
-    ) -> bool {
-        self.leaf(p, ept, gpa, cache)
-            .is_some_and(|w| self.rearm_leaf(w))
     }
 
     /// The 4 KiB leaf of `gpa` in the slot, for [`DirtyLog::rearm_leaf`] (None outside the slot

@@ -22,7 +22,7 @@ use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission::{self, Admission, Refusal};
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
 use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
-use smudge_core::vmx::root::{self, ControlRegs, Processors, MAX_CPUS, ROOT};
+use smudge_core::vmx::root::{self, ControlRegs, Processors, VmxonFailure, MAX_CPUS, ROOT};
 
 module! {
     type: Smudge,
@@ -67,6 +67,7 @@ extern "C" {
     fn smudge_cpu() -> i32;
     fn smudge_nr_cpu_ids() -> i32;
     fn smudge_cpu_online(cpu: i32) -> bool;
+    fn smudge_on_each_cpu(f: extern "C" fn(*mut c_void), info: *mut c_void);
     fn smudge_need_resched() -> i32;
     fn smudge_cond_resched();
     fn smudge_on_cpu(cpu: i32, f: extern "C" fn(*mut c_void), info: *mut c_void) -> i32;
@@ -620,7 +621,16 @@ extern "C" fn call_fn_mut(info: *mut c_void) {
     f();
 }
 
-// SAFETY: smp_call_function_single runs `f` on CPU `i` with interrupts off and waits for it.
+/// IPI trampoline of [`Processors::on_all`]: `info` points at the `&dyn Fn(cpu)` to call.
+extern "C" fn call_fn_here(info: *mut c_void) {
+    // SAFETY: `info` is the address of a `&dyn Fn + Sync` whose caller waits for every CPU.
+    let f = unsafe { *(info as *const &(dyn Fn(u32) + Sync)) };
+    // SAFETY: reads the CPU number (IPI context: interrupts off).
+    f(unsafe { smudge_cpu() } as u32);
+}
+
+// SAFETY: smp_call_function_single (`on`) and on_each_cpu (`on_all`) run `f` with interrupts
+// off on the CPU asked for, and wait for it.
 unsafe impl Processors for LinuxCpus {
     fn bound(&self) -> u32 {
         // SAFETY: reads the CPU count.
@@ -635,6 +645,12 @@ unsafe impl Processors for LinuxCpus {
         // SAFETY: smp_call_function_single waits for `call_fn_mut` (interrupts off there, also
         // when `i` is this CPU), so `info` outlives it.
         unsafe { smudge_on_cpu(i as i32, call_fn_mut, info) == 0 }
+    }
+    fn on_all(&self, f: &(dyn Fn(u32) + Sync)) {
+        let info = &f as *const &(dyn Fn(u32) + Sync) as *mut c_void;
+        // SAFETY: on_each_cpu runs `call_fn_here` on every online CPU with interrupts off and
+        // waits for all, so `info` outlives them; `f` is Sync.
+        unsafe { smudge_on_each_cpu(call_fn_here, info) };
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         &LinuxCr
@@ -705,7 +721,10 @@ impl kernel::Module for Smudge {
             Ok(n) => n,
             Err((cpu, why)) => {
                 pr_err!("VMXON failed on CPU {}: {:?}\n", cpu, why);
-                return Err(EBUSY);
+                return Err(match why {
+                    Some(VmxonFailure::NoRegion) => ENOMEM,
+                    _ => EBUSY,
+                });
             }
         };
         let drv = Driver {

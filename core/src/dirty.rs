@@ -776,7 +776,8 @@ impl Chunk for &[AtomicU64] {
         let mut changed = false;
         for_each_bit(mask, |j| {
             if let Some(w) = self.get(j) {
-                let (v, new) = (w.load(Relaxed), rearmed(w.load(Relaxed), wp));
+                let v = w.load(Relaxed);
+                let new = rearmed(v, wp);
                 if new != v {
                     w.store(new, Relaxed);
                     changed = true;

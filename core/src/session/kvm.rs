@@ -954,15 +954,15 @@ pub fn request<O: Os>(
         KvmFile::Vcpu(..) => Scope::Vcpu,
     };
     let ioctl = Ioctl::decode(cmd, scope).ok_or(Fail::NoSuchRequest)?;
-    let mode = crate::abi::mode_of(kvm_mode).map_err(Fail::Abi)?;
+    let mode = || crate::abi::mode_of(kvm_mode).map_err(Fail::Abi);
     match file {
         // KVM_CREATE_VM's argument is the machine type: only the default (0) here.
         KvmFile::System if ioctl == Ioctl::CreateVm => match arg {
-            0 => Ok(KvmAnswer::NewVm(mode)),
+            0 => Ok(KvmAnswer::NewVm(mode()?)),
             _ => Err(Fail::Invalid),
         },
         KvmFile::System => {
-            let ring = ring_capable(mode.unwrap_or(drv.mode));
+            let ring = ring_capable(mode()?.unwrap_or(drv.mode));
             system_request(os, ioctl, arg, ring).map(KvmAnswer::Value)
         }
         KvmFile::Vm(vm) => match vm.session.kvm_vm_request(os, drv, ioctl, arg)? {

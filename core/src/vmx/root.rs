@@ -76,8 +76,9 @@ pub static ROOT: VmxRoot<MAX_CPUS> = VmxRoot::new();
 /// [`VmxRoot::vmxoff_all`], [`on_cpu`] and [`crate::vmx::admission::check_every`] run on.
 ///
 /// # Safety
-/// [`Processors::on`] runs `f` on processor `i`, with interrupts off, and returns only after it:
-/// [`on_cpu`] gives `f` a proof of VMX operation on that processor.
+/// [`Processors::on`] runs `f` on processor `i`, with interrupts off, and returns only after it;
+/// [`Processors::on_all`] runs `f(i)` on every present processor `i` that way: [`on_cpu`] and
+/// [`on_each_cpu`] give `f` a proof of VMX operation on the processor it runs on.
 pub unsafe trait Processors {
     /// Processor numbers run from 0 to this bound (exclusive).
     fn bound(&self) -> u32;
@@ -86,7 +87,16 @@ pub unsafe trait Processors {
     /// Runs `f` on processor `i` with interrupts off, and returns when it is done; false when
     /// the processor cannot be reached.
     fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool;
-    /// The control registers of the processor the caller runs on.
+    /// Runs `f(i)` on every present processor `i` with interrupts off, and returns when all are
+    /// done. The default reaches them one after the other; an OS that can reach them at once
+    /// (Linux's on_each_cpu) does.
+    fn on_all(&self, f: &(dyn Fn(u32) + Sync)) {
+        for i in (0..self.bound()).filter(|&i| self.present(i)) {
+            self.on(i, &mut || f(i));
+        }
+    }
+    /// The control registers of the processor that calls them (the same value serves every
+    /// processor: it reads and writes whichever one runs it).
     fn cr(&self) -> &(dyn ControlRegs + Sync);
     /// A zeroed page for a VMXON region: the driver's, outside the VMs' page budget.
     fn alloc_region(&self) -> Option<u64>;
@@ -104,11 +114,12 @@ pub fn on_cpu(procs: &dyn Processors, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + S
     });
 }
 
-/// [`on_cpu`] on every present processor, one after the other.
+/// [`on_cpu`] on every present processor ([`Processors::on_all`]).
 pub fn on_each_cpu(procs: &dyn Processors, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-    for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
-        on_cpu(procs, i, f);
-    }
+    procs.on_all(&|cpu| {
+        // SAFETY: `on_all` runs this on `cpu` with interrupts off (the trait's contract).
+        f(unsafe { ROOT.here(cpu) }.as_ref())
+    });
 }
 
 /// Why VMXON failed on a CPU.

@@ -174,9 +174,14 @@ impl<const N: usize> VmxRoot<N> {
         true
     }
 
-    /// Gives every region back through `free` (after VMXOFF everywhere).
+    /// Gives the regions back through `free`, but not one of a CPU still in VMX operation (one
+    /// VMXOFF could not reach): the processor may use its VMXON region until VMXOFF (SDM
+    /// 25.11.5), so that page stays the driver's.
     pub fn take_regions(&self, mut free: impl FnMut(u64)) {
-        for r in &self.region {
+        for (r, on) in self.region.iter().zip(&self.on) {
+            if on.load(Ordering::Acquire) {
+                continue;
+            }
             let pa = r.swap(0, Ordering::AcqRel);
             if pa != 0 {
                 free(pa);

@@ -376,7 +376,7 @@ unsafe fn session<'a>(priv_: *mut c_void) -> Option<&'a LinuxSession> {
 #[no_mangle]
 pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
     if driver().is_none() {
-        return -(Fail::Io.errno() as c_long);
+        return ret(Err(Fail::Io));
     }
     match KBox::new(LinuxSession::new(), GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
         Ok(b) => {
@@ -384,7 +384,7 @@ pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
             unsafe { *out = KBox::into_raw(b) as *mut c_void };
             0
         }
-        Err(_) => -(Fail::NoMemory.errno() as c_long),
+        Err(_) => ret(Err(Fail::NoMemory)),
     }
 }
 
@@ -396,6 +396,14 @@ pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
     // SAFETY: `priv_` came from KBox::into_raw in open; release is the last user.
     let mut s = unsafe { KBox::from_raw(priv_ as *mut LinuxSession) };
     s.release(&LinuxOs);
+}
+
+/// A file operation's return value: the answer, or -errno.
+fn ret(r: core::result::Result<u64, Fail>) -> c_long {
+    match r {
+        Ok(v) => v as c_long,
+        Err(e) => -(e.errno() as c_long),
+    }
 }
 
 /// Maps frame `pfn` at page `i` of the mapping `vma` being set up.
@@ -420,23 +428,21 @@ pub extern "C" fn smudge_rs_mmap(
 ) -> c_long {
     // SAFETY: the file holds the session until release, which cannot run during mmap.
     let Some(s) = (unsafe { session(priv_) }) else {
-        return -(Fail::Invalid.errno() as c_long);
+        return ret(Err(Fail::Invalid));
     };
-    match s.map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut remap(vma)) {
-        Ok(()) => 0,
-        Err(e) => -(e.errno() as c_long),
-    }
+    ret(s
+        .map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut remap(vma))
+        .map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c_long {
-    const ENOTTY: c_long = 25;
     // SAFETY: the file holds the session until release, which cannot run during an ioctl.
     let (Some(s), Some(drv)) = (unsafe { session(priv_) }, driver()) else {
-        return -(Fail::Invalid.errno() as c_long);
+        return ret(Err(Fail::Invalid));
     };
     let Some(op) = Op::from_linux_ioctl(cmd) else {
-        return -ENOTTY;
+        return ret(Err(Fail::NoSuchRequest));
     };
     let mut buf = [0u8; 1024];
     let r = (|| {
@@ -449,10 +455,7 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
         let len = s.request(&LinuxOs, drv, op, buf)?;
         LinuxOs.copy_to_user(arg as u64, buf.get(..len).ok_or(Fail::Invalid)?)
     })();
-    match r {
-        Ok(()) => 0,
-        Err(e) => -(e.errno() as c_long),
-    }
+    ret(r.map(|()| 0))
 }
 
 type KvmVm = session::kvm::KvmVmFile<LinuxOs>;
@@ -489,7 +492,7 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
 ) -> c_long {
     use session::kvm::{KvmAnswer, KvmFile};
     let Some(drv) = driver() else {
-        return -(Fail::Io.errno() as c_long);
+        return ret(Err(Fail::Io));
     };
     // SAFETY: a VM descriptor holds a reference to its VM, a vCPU descriptor its file (and
     // through it the VM), until release, which cannot run during an ioctl.
@@ -534,10 +537,7 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
         },
         Err(e) => Err(e),
     };
-    match r {
-        Ok(v) => v as c_long,
-        Err(e) => -(e.errno() as c_long),
-    }
+    ret(r)
 }
 
 /// Release of a VM (kind 1) or vCPU (2) descriptor, or a descriptor that could not be made.
@@ -579,10 +579,7 @@ pub extern "C" fn smudge_rs_kvm_mmap(
         pages as u64,
         &mut remap(vma),
     );
-    match r {
-        Ok(()) => 0,
-        Err(e) => -(e.errno() as c_long),
-    }
+    ret(r.map(|()| 0))
 }
 
 /// CR0 and CR4 through the kernel (a raw write to CR4 would be undone by the next update of the

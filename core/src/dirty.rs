@@ -488,12 +488,7 @@ impl DirtyLog {
     /// Re-arms tracking of the page whose leaf [`DirtyLog::leaf`] gave; true if it changed (the
     /// caller raises the INVEPT obligation).
     pub fn rearm_leaf(&self, word: &AtomicU64) -> bool {
-        let v = word.load(Relaxed);
-        let new = rearmed(v, self.mode == Mode::WriteProtect);
-        if new != v {
-            word.store(new, Relaxed);
-        }
-        new != v
+        rearm_word(word, self.mode == Mode::WriteProtect)
     }
 
     /// Get and clear in one pass over the whole slot: `out` receives the pages written since the
@@ -679,23 +674,28 @@ fn rearmed(v: u64, wp: bool) -> u64 {
     }
 }
 
+/// Re-arms the leaf in `word` ([`rearmed`]), one load and a store only if it changes; true if
+/// it changed.
+#[inline]
+fn rearm_word(word: &AtomicU64, wp: bool) -> bool {
+    let v = word.load(Relaxed);
+    let new = rearmed(v, wp);
+    if new != v {
+        word.store(new, Relaxed);
+    }
+    new != v
+}
+
 /// Re-arms every leaf of `t`, a load and a store each; true if one changed. For D, the dense
 /// case first, as in [`scan_leaves`]: D flipped in every leaf while their AND is taken; if a leaf
 /// was not present and dirty, the flip is undone and the leaves re-armed one by one.
 #[inline]
-fn rearm_all(t: &mut [u64], wp: bool) -> bool {
+fn rearm_all(mut t: &mut [u64], wp: bool) -> bool {
     if !wp {
-        let all = t.iter_mut().fold(u64::MAX, |all, w| {
-            let v = *w;
-            *w = v ^ bits::D;
-            all & v
-        });
-        if all_dirty(all) {
+        if all_dirty(t.flip_d()) {
             return true;
         }
-        for w in t.iter_mut() {
-            *w ^= bits::D;
-        }
+        t.flip_d();
     }
     t.iter_mut().fold(0, |changed, w| {
         let v = *w;
@@ -776,12 +776,7 @@ impl Chunk for &[AtomicU64] {
         let mut changed = false;
         for_each_bit(mask, |j| {
             if let Some(w) = self.get(j) {
-                let v = w.load(Relaxed);
-                let new = rearmed(v, wp);
-                if new != v {
-                    w.store(new, Relaxed);
-                    changed = true;
-                }
+                changed |= rearm_word(w, wp);
             }
         });
         changed

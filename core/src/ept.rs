@@ -579,12 +579,6 @@ impl Ept {
         }
     }
 
-    /// The host-physical address of the EPT page table (level 1) whose entries map the 2 MiB
-    /// region of `gpa`, if the walk reaches one (no large leaf, no hole above it).
-    pub fn page_table<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> Option<u64> {
-        self.table_at(p, gpa, 1)
-    }
-
     /// The host-physical address of the table at `level` (1: page table ... 4: PML4) whose
     /// entries map `gpa`, if the walk reaches one (no large leaf, no hole above it).
     pub fn table_at<P: Platform + ?Sized>(&self, p: &P, gpa: u64, level: u8) -> Option<u64> {
@@ -602,7 +596,8 @@ impl Ept {
         Some(table)
     }
 
-    /// [`Ept::page_table`] through `cache`, which remembers the page directories of the last
+    /// The host-physical address of the EPT page table (level 1) whose entries map the 2 MiB
+    /// region of `gpa`, if the walk reaches one, through `cache`, which remembers the page directories of the last
     /// GiB regions looked up: a lookup that hits reads one entry instead of three. The cache is
     /// only valid while no table is added or freed (one harvest, clear or ring reset).
     pub fn page_table_cached<P: Platform + ?Sized>(

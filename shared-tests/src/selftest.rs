@@ -2,7 +2,7 @@
 //! `tools/testing/selftests/kvm/lib/x86_64/processor.c`): 64-bit mode with its own GDT, IDT,
 //! TSS and page tables, on top of what KVM_GET_SREGS returned.
 
-use smudge_core::kvm::abi::{Segment, Sregs};
+use smudge_core::kvm::abi::{MemoryRegion2, Segment, Sregs};
 use smudge_core::regs::{
     CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE,
 };
@@ -17,6 +17,19 @@ pub const TSS: u64 = 0x4000;
 pub const CR3: u64 = 0x5000;
 /// The TSS selector (`KERNEL_TSS`).
 pub const TSS_SELECTOR: u16 = 0x18;
+
+/// KVM_SET_USER_MEMORY_REGION2's argument for slot `slot`: `size` bytes of the caller's memory
+/// at `uaddr`, at guest-physical `gpa`, with `flags` (`KVM_MEM_*`).
+pub fn region(slot: u32, flags: u32, gpa: u64, size: u64, uaddr: u64) -> MemoryRegion2 {
+    MemoryRegion2 {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: uaddr,
+        ..Default::default()
+    }
+}
 
 /// The 64-bit code segment (`KERNEL_CS`).
 pub fn code64() -> Segment {

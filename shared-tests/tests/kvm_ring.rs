@@ -6,9 +6,7 @@
 
 use smudge_core::abi::Wire;
 use smudge_core::dirty::Mode;
-use smudge_core::kvm::abi::{
-    self as k, cap, exit, run, DirtyLog, EnableCap, Ioctl, MemoryRegion2, Sregs,
-};
+use smudge_core::kvm::abi::{self as k, cap, exit, run, DirtyLog, EnableCap, Ioctl, Sregs};
 use smudge_core::platform::{read_bytes, write_bytes, Platform};
 use smudge_core::session::{Driver, Fail, Session};
 use smudge_tests::session_model::{MockOs, Step};
@@ -49,18 +47,8 @@ impl Vm {
         )
     }
     fn region(&self, slot: u32, flags: u32, gpa: u64, pages: u64, uaddr: u64) {
-        self.vm(
-            Ioctl::SetUserMemoryRegion2,
-            &MemoryRegion2 {
-                slot,
-                flags,
-                guest_phys_addr: gpa,
-                memory_size: pages * 4096,
-                userspace_addr: uaddr,
-                ..Default::default()
-            },
-        )
-        .expect("region");
+        let r = smudge_tests::selftest::region(slot, flags, gpa, pages * 4096, uaddr);
+        self.vm(Ioctl::SetUserMemoryRegion2, &r).expect("region");
     }
     /// Slot 1 with dirty logging, as the selftests make it, and vCPU 0 in long mode.
     fn logged_slot_and_vcpu(&self) {

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use smudge_core::abi::Wire;
 use smudge_core::dirty::Mode;
 use smudge_core::kvm::abi::{
-    self as k, cap, exit, run, ClearDirtyLog, Cpuid2, DirtyLog, EnableCap, Ioctl, KvmRegs,
-    MemoryRegion2, MpState, Sregs,
+    self as k, cap, exit, run, ClearDirtyLog, Cpuid2, DirtyLog, EnableCap, Ioctl, KvmRegs, MpState,
+    Sregs,
 };
 use smudge_core::platform::{read_bytes, write_bytes};
 use smudge_core::session::kvm::{self as sk, IO_DATA};
@@ -75,17 +75,8 @@ impl Kvm<'_> {
         self.os.signal.store(false, SeqCst);
     }
     fn region(&self, slot: u32, flags: u32, gpa: u64, size: u64, uaddr: u64) -> Result<u64, Fail> {
-        self.vm(
-            Ioctl::SetUserMemoryRegion2,
-            &MemoryRegion2 {
-                slot,
-                flags,
-                guest_phys_addr: gpa,
-                memory_size: size,
-                userspace_addr: uaddr,
-                ..Default::default()
-            },
-        )
+        let r = selftest::region(slot, flags, gpa, size, uaddr);
+        self.vm(Ioctl::SetUserMemoryRegion2, &r)
     }
     fn dirty_log(&self, slot: u32) -> Result<BTreeSet<u64>, Fail> {
         let bits = vec![0u64; SLOT1_PAGES.div_ceil(64) as usize];

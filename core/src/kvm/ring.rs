@@ -9,11 +9,12 @@
 //! user space reads the flags with acquire, and stores RESET with release, which the reset reads
 //! with acquire (the ACQ_REL protocol).
 
+use core::sync::atomic::AtomicU64;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use crate::error::Error;
 use crate::kvm::abi::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET};
-use crate::platform::Platform;
+use crate::platform::{PageWords, Platform};
 
 /// Bytes of one entry (`struct kvm_dirty_gfn`).
 pub const ENTRY: u64 = 16;
@@ -23,6 +24,18 @@ pub const MAX_BYTES: u64 = 65536 * ENTRY;
 /// KVM_DIRTY_RING_RSVD_ENTRIES (64) plus a full PML buffer (512) where PML is on.
 pub fn reserved_entries(pml: bool) -> u32 {
     64 + if pml { 512 } else { 0 }
+}
+
+/// Entries in one ring page.
+const PER_PAGE: u32 = (4096 / ENTRY) as u32;
+
+/// The flags-and-slot word and the offset word of one entry.
+type EntryWords<'a> = (&'a AtomicU64, &'a AtomicU64);
+
+/// Entry `e` (below [`PER_PAGE`]) of the ring page `words`.
+fn entry_words(words: &PageWords, e: u32) -> Option<EntryWords<'_>> {
+    let w = (u64::from(e) * ENTRY / 8) as usize;
+    Some((words.get(w)?, words.get(w + 1)?))
 }
 
 /// A vCPU's dirty ring: its pages (listed in a driver page), its size and its indices.
@@ -91,20 +104,10 @@ impl Ring {
     }
 
     /// The two words of entry `i`: flags | slot << 32, then the offset.
-    fn words<'a, P: Platform + ?Sized>(
-        &self,
-        p: &'a P,
-        i: u32,
-    ) -> Option<(
-        &'a core::sync::atomic::AtomicU64,
-        &'a core::sync::atomic::AtomicU64,
-    )> {
+    fn words<'a, P: Platform + ?Sized>(&self, p: &'a P, i: u32) -> Option<EntryWords<'a>> {
         let i = i & self.entries.wrapping_sub(1);
-        let byte = u64::from(i) * ENTRY;
-        let page = self.page(p, byte / 4096)?;
-        let w = (byte % 4096 / 8) as usize;
-        let words = p.page(page);
-        Some((words.get(w)?, words.get(w + 1)?))
+        let page = self.page(p, u64::from(i / PER_PAGE))?;
+        entry_words(p.page(page), i % PER_PAGE)
     }
 
     /// Entries pushed and not reset.
@@ -161,7 +164,6 @@ impl Ring {
 
     /// Frees the entries marked RESET from the reset index on, each to `f`; how many.
     fn reset_entries<P: Platform + ?Sized>(&mut self, p: &P, f: &mut dyn FnMut((u32, u64))) -> u64 {
-        const PER_PAGE: u32 = (4096 / ENTRY) as u32;
         let mut n = 0;
         'pages: while self.used() > 0 {
             // The entries of one ring page, the page looked up once.
@@ -174,8 +176,7 @@ impl Ring {
                 if self.used() == 0 {
                     break 'pages;
                 }
-                let w = (e as u64 * ENTRY / 8) as usize;
-                let (Some(flags_slot), Some(off)) = (words.get(w), words.get(w + 1)) else {
+                let Some((flags_slot, off)) = entry_words(words, e) else {
                     break 'pages;
                 };
                 let v = flags_slot.load(Acquire);

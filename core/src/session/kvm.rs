@@ -77,8 +77,7 @@ pub fn check_extension(c: u64, ring: bool) -> u64 {
     }
 }
 
-/// `/dev/kvm`'s own requests (KVM_CREATE_VM is the shim's: it makes the descriptor, then
-/// [`Session::kvm_create`]).
+/// `/dev/kvm`'s own requests but KVM_CREATE_VM, which [`request`] answers with the VM to make.
 pub fn system_request<O: Os>(os: &O, ioctl: Ioctl, arg: u64, ring: bool) -> Result<u64, Fail> {
     match ioctl {
         Ioctl::GetApiVersion => Ok(k::API_VERSION.into()),

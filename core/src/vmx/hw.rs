@@ -3,6 +3,7 @@
 
 use crate::abi::Regs;
 use crate::arch::{self, FxArea, GuestGprs, HostState, InveptType, VmFail};
+use crate::kvm::ring::Ring;
 use crate::platform::Platform;
 use crate::spec::Duties;
 use crate::vcpu::{Cached, PageCache, VcpuPages};
@@ -811,7 +812,9 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         let ring_full = vcpu
             .state
             .kvm
-            .is_some_and(|k| k.ring.is_some_and(|r| r.soft_full()));
+            .as_ref()
+            .and_then(|k| k.ring.as_ref())
+            .is_some_and(Ring::soft_full);
         if ring_full && !matches!(action, Action::ToUser(_)) {
             break Ok(HwExit::Exit(RunExit::RingFull));
         }

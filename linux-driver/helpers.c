@@ -29,6 +29,7 @@
 #include <asm/pgtable.h>
 #include <asm/cpufeature.h>
 #include <asm/processor.h>
+#include <asm/reboot.h>
 #include <linux/cpu.h>
 
 /* Implemented in smudge_main.rs. */
@@ -36,6 +37,7 @@ long smudge_rs_open(void **priv);
 void smudge_rs_release(void *priv);
 long smudge_rs_ioctl(void *priv, unsigned int cmd, unsigned long arg);
 void smudge_rs_emergency_vmxoff(void);
+void smudge_rs_emergency_report(void);
 
 /* Module parameters: fault injection, the driver-wide page count (read-only; core's
  * hostmem::PageBudget updates it atomically) and its cap (0: core's default, half of RAM). */
@@ -273,17 +275,39 @@ void smudge_unpin_user_page(unsigned long pfn)
 	unpin_user_pages_dirty_lock(&p, 1, true);
 }
 
-/* INIT is blocked in VMX root operation: leave it before a reboot or after a panic. */
-static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *unused) { smudge_rs_emergency_vmxoff(); return NOTIFY_DONE; }
+/*
+ * INIT is blocked in VMX root operation (SDM 25.8), so a CPU left in it hangs a reboot and keeps
+ * kdump's kernel from starting it. The reboot and panic notifiers leave VMX on the CPU they run
+ * on. The other CPUs: where the kernel has KVM support (CONFIG_KVM_X86, =m in distribution
+ * kernels), the crash NMI shootdown and the emergency stop of the other CPUs call the one
+ * registered virtualization callback on each of them, as they do for KVM; without it they
+ * halt in VMX operation. (Linux drops their messages while another CPU panics: the CPU that
+ * panics or reboots reports for all.)
+ */
+static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *unused)
+{
+	smudge_rs_emergency_vmxoff();
+	smudge_rs_emergency_report();
+	return NOTIFY_DONE;
+}
 static struct notifier_block smudge_reboot_nb = { .notifier_call = smudge_reboot };
 static struct notifier_block smudge_panic_nb = { .notifier_call = smudge_reboot };
 void smudge_notifiers_register(void)
 {
 	register_reboot_notifier(&smudge_reboot_nb);
 	atomic_notifier_chain_register(&panic_notifier_list, &smudge_panic_nb);
+#if IS_ENABLED(CONFIG_KVM_X86)
+	cpu_emergency_register_virt_callback(smudge_rs_emergency_vmxoff);
+	pr_info("smudge: leaves VMX on every CPU in a crash or emergency reboot (the kernel's virtualization callback)\n");
+#else
+	pr_info("smudge: leaves VMX only on the CPU that reboots or panics (no CONFIG_KVM_X86: the kernel has no virtualization callback)\n");
+#endif
 }
 void smudge_notifiers_unregister(void)
 {
+#if IS_ENABLED(CONFIG_KVM_X86)
+	cpu_emergency_unregister_virt_callback(smudge_rs_emergency_vmxoff);
+#endif
 	atomic_notifier_chain_unregister(&panic_notifier_list, &smudge_panic_nb);
 	unregister_reboot_notifier(&smudge_reboot_nb);
 }
@@ -293,8 +317,6 @@ void smudge_irq_restore(unsigned long f) { local_irq_restore(f); }
 /* CR4 through the kernel's shadow (a raw mov to CR4 would be undone by the next cr4 update). */
 void smudge_cr4_set_vmxe(void) { cr4_set_bits(X86_CR4_VMXE); }
 void smudge_cr4_clear_vmxe(void) { cr4_clear_bits(X86_CR4_VMXE); }
-unsigned long smudge_cr4_read(void) { return __read_cr4(); }
-unsigned long smudge_cr0_read(void) { return read_cr0(); }
 int smudge_rdmsr_safe(u32 msr, u64 *val) { return rdmsrl_safe(msr, val); }
 void *smudge_va(u64 pa) { return __va(pa); }
 u64 smudge_pa(void *va) { return __pa(va); }

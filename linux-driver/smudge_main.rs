@@ -14,15 +14,15 @@ use kernel::uaccess::UserSlice;
 use smudge_core::abi::{self, Op};
 use smudge_core::arch;
 use smudge_core::hostmem::{self, PageBudget};
-use smudge_core::msg::MsgBuf;
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
 use smudge_core::session;
-use smudge_core::session::{Buffer, Driver, Fail, HostMapping, Os, RunPolicy, Session};
+use smudge_core::session::load::{self, driver};
+use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy, Session};
 use smudge_core::spec::{Duties, KernelChoices};
-use smudge_core::vmx::admission::{self, Admission, Refusal};
+use smudge_core::vmx::admission;
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
-use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
-use smudge_core::vmx::root::{self, ControlRegs, Processors, VmxonFailure, MAX_CPUS, ROOT};
+use smudge_core::vmx::hw::{self, Hardware, HwVcpu};
+use smudge_core::vmx::root::{self, ControlRegs, Processors, ROOT};
 
 module! {
     type: Smudge,
@@ -54,8 +54,6 @@ extern "C" {
     fn smudge_irq_restore(flags: usize);
     fn smudge_cr4_set_vmxe();
     fn smudge_cr4_clear_vmxe();
-    fn smudge_cr4_read() -> u64;
-    fn smudge_cr0_read() -> u64;
     fn smudge_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
     fn smudge_va(pa: u64) -> *mut c_void;
     fn smudge_pa(va: *const c_void) -> u64;
@@ -248,15 +246,8 @@ impl Os for LinuxOs {
         let mut w = UserSlice::new(dst as usize, src.len()).writer();
         w.write_slice(src).map_err(|_| Fail::Fault)
     }
-    fn current_cpu(&self) -> u32 {
-        // SAFETY: reads the CPU number.
-        unsafe { smudge_cpu() as u32 }
-    }
-    fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        root::on_cpu(&LinuxCpus, cpu, f)
-    }
-    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        root::on_each_cpu(&LinuxCpus, f)
+    fn processors(&self) -> &dyn Processors {
+        &LinuxCpus
     }
     fn pin(&self, _cpu: u32) -> core::result::Result<(), Fail> {
         Ok(())
@@ -265,25 +256,17 @@ impl Os for LinuxOs {
         &self,
         f: impl FnOnce(&mut Hardware<'_>) -> R,
     ) -> core::result::Result<R, Fail> {
-        // SAFETY: kernel_fpu_begin disables preemption and saves the task's FPU state.
-        unsafe { smudge_fpu_begin() };
-        // SAFETY: fpu_begin disabled preemption: this thread stays on this CPU until fpu_end.
-        let r = match unsafe { ROOT.here(smudge_cpu() as u32) } {
-            Some(vmx) => {
-                // SAFETY: preemption stays off and the FPU is ours until fpu_end below.
-                let ctx = unsafe { GuestContext::assume(vmx) };
-                let debugctl = rdmsr_safe(arch::IA32_DEBUGCTL).value();
-                let r = f(&mut Hardware::new(&ctx, debugctl));
-                // SAFETY: still on the CPU of the VM exits: mark its TSS limit stale so Linux
-                // reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
-                unsafe { smudge_invalidate_tss_limit() };
-                Ok(r)
-            }
-            None => Err(Fail::Io),
-        };
-        // SAFETY: pairs with fpu_begin.
-        unsafe { smudge_fpu_end() };
-        r
+        let debugctl = rdmsr_safe(arch::IA32_DEBUGCTL).value();
+        // SAFETY: kernel_fpu_begin disables preemption and saves the task's FPU state until
+        // kernel_fpu_end; the TSS limit is marked stale while still on the CPU of the VM exits,
+        // so Linux reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
+        unsafe {
+            smudge_fpu_begin();
+            let r = hw::on_guest_cpu(smudge_cpu() as u32, debugctl, f);
+            smudge_invalidate_tss_limit();
+            smudge_fpu_end();
+            r.ok_or(Fail::Io)
+        }
     }
     fn irq_save(&self) -> usize {
         // SAFETY: local_irq_save.
@@ -351,15 +334,6 @@ impl Os for LinuxOs {
     fn log(&self, line: &str) {
         pr_info!("{}\n", line);
     }
-}
-
-/// What init found; written once before the device exists, cleared after it is gone.
-static mut DRIVER: Option<Driver> = None;
-
-fn driver() -> Option<&'static Driver> {
-    // SAFETY: DRIVER is written only while no file operation can run (init before the device
-    // exists, exit after it is gone).
-    unsafe { (*core::ptr::addr_of!(DRIVER)).as_ref() }
 }
 
 type LinuxSession = Session<LinuxOs>;
@@ -452,7 +426,7 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
             buf.get_mut(..op.request_size()).ok_or(Fail::Invalid)?,
             arg as u64,
         )?;
-        let len = s.request(&LinuxOs, drv, op, buf)?;
+        let len = s.request(&LinuxOs, &drv, op, buf)?;
         LinuxOs.copy_to_user(arg as u64, buf.get(..len).ok_or(Fail::Invalid)?)
     })();
     ret(r.map(|()| 0))
@@ -518,10 +492,10 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
         Ok(0)
     };
     let flags = GFP_KERNEL_ACCOUNT | __GFP_NOWARN;
-    let r = match session::kvm::request(&LinuxOs, drv, file, cmd, arg as u64, mode) {
+    let r = match session::kvm::request(&LinuxOs, &drv, file, cmd, arg as u64, mode) {
         Ok(KvmAnswer::Value(v)) => Ok(v),
         Ok(KvmAnswer::NewVm(mode)) => match KBox::new(KvmVm::new(), flags) {
-            Ok(mut b) => match b.create(&LinuxOs, drv, mode) {
+            Ok(mut b) => match b.create(&LinuxOs, &drv, mode) {
                 Ok(()) => give(KBox::into_raw(b) as *mut c_void, 1),
                 Err(e) => Err(e),
             },
@@ -587,14 +561,6 @@ pub extern "C" fn smudge_rs_kvm_mmap(
 struct LinuxCr;
 
 impl ControlRegs for LinuxCr {
-    fn cr0(&self) -> u64 {
-        // SAFETY: reads CR0.
-        unsafe { smudge_cr0_read() }
-    }
-    fn cr4(&self) -> u64 {
-        // SAFETY: reads CR4.
-        unsafe { smudge_cr4_read() }
-    }
     fn set_vmxe(&self, on: bool) {
         // SAFETY: cr4_set_bits/cr4_clear_bits with interrupts off (IPI context or the callers').
         unsafe {
@@ -631,11 +597,15 @@ extern "C" fn call_fn_here(info: *mut c_void) {
 unsafe impl Processors for LinuxCpus {
     fn bound(&self) -> u32 {
         // SAFETY: reads the CPU count.
-        (unsafe { smudge_nr_cpu_ids() } as u32).min(MAX_CPUS as u32)
+        unsafe { smudge_nr_cpu_ids() as u32 }
     }
     fn present(&self, i: u32) -> bool {
         // SAFETY: reads the online mask.
         unsafe { smudge_cpu_online(i as i32) }
+    }
+    fn current(&self) -> u32 {
+        // SAFETY: reads the CPU number.
+        unsafe { smudge_cpu() as u32 }
     }
     fn on(&self, i: u32, mut f: &mut (dyn FnMut() + Send)) -> bool {
         let info = &mut f as *mut &mut (dyn FnMut() + Send) as *mut c_void;
@@ -661,33 +631,36 @@ unsafe impl Processors for LinuxCpus {
     }
 }
 
-/// Called by the reboot and panic notifiers, on the CPU they run on.
+/// Called by the reboot and panic notifiers and the kernel's emergency virtualization callback,
+/// on the CPU they run on.
 #[no_mangle]
 pub extern "C" fn smudge_rs_emergency_vmxoff() {
-    // SAFETY: a notifier on this CPU with interrupts off.
-    ROOT.vmxoff_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
+    // SAFETY: a notifier or an NMI/IPI handler on this CPU, with interrupts off.
+    ROOT.emergency_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
+}
+
+/// Called by the reboot and panic notifiers after [`smudge_rs_emergency_vmxoff`]: one line per
+/// CPU that left VMX operation on the way down.
+#[no_mangle]
+pub extern "C" fn smudge_rs_emergency_report() {
+    for cpu in 0..LinuxCpus.bound() {
+        if let Some(cr4) = ROOT.left_in_emergency(cpu) {
+            let vmxe = u8::from(cr4 & smudge_core::regs::CR4_VMXE != 0);
+            pr_emerg!("CPU {} left VMX operation (CR4.VMXE {})\n", cpu, vmxe);
+        }
+    }
 }
 
 struct Smudge;
 
 impl kernel::Module for Smudge {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        // Refuse precisely: VMX absent, disabled and locked, EPT absent, another hypervisor
-        // (the core's admission check; each CPU's VMXON checks VMXE and the fixed bits again).
-        let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
-        let here = || admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr);
-        let Admission { caps, mode } = match admission::check_every(&LinuxCpus, &here) {
-            Ok(a) => a,
-            Err((cpu, why)) => {
-                let said = why.map_or(MsgBuf::new(), |w| w.message());
-                pr_err!("cannot load (CPU {}): {}\n", cpu, said.as_str());
-                return Err(if why == Some(Refusal::VmxInUse) {
-                    EBUSY
-                } else {
-                    ENODEV
-                });
-            }
-        };
+        // SAFETY: reads module parameters.
+        let kvm_mode = unsafe { smudge_kvm_param().then(|| smudge_kvm_mode()) };
+        if let Some(m) = kvm_mode.filter(|&m| abi::mode_of(m as u32).is_err()) {
+            pr_err!("kvm_mode={m}: 0 (best), 1 (A/D), 2 (PML) or 3 (write-protect)\n");
+            return Err(EINVAL);
+        }
         // SAFETY: reads module parameters and the kernel's CPU bug and feature bits.
         let (duties, probe) = unsafe {
             let duties = if smudge_force_barriers() {
@@ -699,39 +672,12 @@ impl kernel::Module for Smudge {
             };
             (duties, smudge_probe_host())
         };
-        let mut said = MsgBuf::new();
-        duties.describe(&mut said);
-        pr_info!(
-            "speculation barriers before each VM entry: {}\n",
-            said.as_str()
-        );
-        // SAFETY: reads module parameters.
-        let kvm_mode = unsafe { smudge_kvm_param().then(|| smudge_kvm_mode()) };
-        if let Some(m) = kvm_mode.filter(|&m| abi::mode_of(m as u32).is_err()) {
-            pr_err!(
-                "kvm_mode={}: 0 (best), 1 (A/D), 2 (PML) or 3 (write-protect)\n",
-                m
-            );
-            return Err(EINVAL);
-        }
-        let ncpu = match ROOT.vmxon_all(&LinuxCpus, &LinuxOs, &caps) {
-            Ok(n) => n,
-            Err((cpu, why)) => {
-                pr_err!("VMXON failed on CPU {}: {:?}\n", cpu, why);
-                return Err(match why {
-                    Some(VmxonFailure::NoRegion) => ENOMEM,
-                    _ => EBUSY,
-                });
-            }
-        };
-        let drv = Driver {
-            caps,
-            mode,
-            duties,
-            probe,
-        };
-        // SAFETY: single-threaded init: nobody reads DRIVER yet.
-        unsafe { *core::ptr::addr_of_mut!(DRIVER) = Some(drv) };
+        let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
+        let here = || admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr);
+        let loaded = load::load(&LinuxCpus, &LinuxOs, &here, duties, probe).map_err(|f| {
+            pr_err!("{}\n", f.message().as_str());
+            Error::from_errno(-f.errno())
+        })?;
         // SAFETY: registers the notifiers and the misc device (C glue).
         unsafe { smudge_notifiers_register() };
         // SAFETY: C glue.
@@ -752,21 +698,15 @@ impl kernel::Module for Smudge {
             teardown();
             return Err(EBUSY);
         }
-        pr_info!(
-            "VMX on {} CPUs, EPT A/D {}, PML {}, dirty tracking mode: {}\n",
-            ncpu,
-            caps.ept_ad(),
-            caps.pml(),
-            mode.name()
-        );
+        for line in loaded.report() {
+            pr_info!("{}\n", line.as_str());
+        }
         Ok(Smudge)
     }
 }
 
 fn teardown() {
-    ROOT.vmxoff_all(&LinuxCpus);
-    // SAFETY: no CPU uses DRIVER any more (device gone, VMX off).
-    unsafe { *core::ptr::addr_of_mut!(DRIVER) = None };
+    load::unload(&LinuxCpus);
 }
 
 impl Drop for Smudge {

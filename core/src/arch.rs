@@ -361,6 +361,92 @@ pub unsafe fn wrmsr(msr: u32, value: u64) {
     };
 }
 
+/// CR0 of this processor.
+///
+/// # Safety
+/// Ring 0.
+pub unsafe fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: ring 0 (caller); reading CR0 has no side effects.
+    unsafe { asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// CR3 of this processor.
+///
+/// # Safety
+/// Ring 0.
+pub unsafe fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: ring 0 (caller); reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// CR4 of this processor.
+///
+/// # Safety
+/// Ring 0.
+pub unsafe fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: ring 0 (caller); reading CR4 has no side effects.
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Loads CR4.
+///
+/// # Safety
+/// Ring 0, on an OS that keeps no shadow of CR4 (Linux does: it goes through the kernel), with
+/// interrupts off (no handler rewrites CR4 meanwhile), and `value` is the current CR4 with only
+/// VMXE changed, which affects nothing but VMXON.
+pub unsafe fn write_cr4(value: u64) {
+    // SAFETY: the caller's contract. Not `nomem`: the write stays ordered with the memory
+    // accesses around it.
+    unsafe { asm!("mov cr4, {}", in(reg) value, options(nostack, preserves_flags)) };
+}
+
+/// CR8, the local APIC task priority (Windows x64 keeps its IRQL there).
+///
+/// # Safety
+/// Ring 0.
+pub unsafe fn read_cr8() -> u64 {
+    let v: u64;
+    // SAFETY: ring 0 (caller); reading CR8 has no side effects.
+    unsafe { asm!("mov {}, cr8", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Loads CR8. Not `nomem`: a compiler barrier, as the IRQL changes of an OS are (what runs at
+/// the new priority must not move across it).
+///
+/// # Safety
+/// Ring 0, and a priority the OS expects here (an IRQL raise paired with its lowering).
+pub unsafe fn write_cr8(value: u64) {
+    // SAFETY: the caller's contract; CR8 only masks interrupts of lower priority.
+    unsafe { asm!("mov cr8, {}", in(reg) value, options(nostack, preserves_flags)) };
+}
+
+/// PUSHFQ; CLI: interrupts off on this processor; returns the previous RFLAGS.
+///
+/// # Safety
+/// Ring 0, paired with [`irq_restore`] on the same processor.
+pub unsafe fn irq_save() -> u64 {
+    let flags: u64;
+    // SAFETY: ring 0 may clear IF (caller); the stack push and pop are balanced.
+    unsafe { asm!("pushfq", "pop {}", "cli", out(reg) flags, options(nomem)) };
+    flags
+}
+
+/// PUSH; POPFQ: the interrupt flag as [`irq_save`] found it.
+///
+/// # Safety
+/// `flags` came from [`irq_save`] on this processor (only IF differs from now).
+pub unsafe fn irq_restore(flags: u64) {
+    // SAFETY: the caller's contract.
+    unsafe { asm!("push {}", "popfq", in(reg) flags, options(nomem)) };
+}
+
 /// IA32_KERNEL_GS_BASE: not switched by the VMCS, and the guest's SWAPGS (which no control
 /// intercepts) exchanges it with GS.base, so the run loop saves and restores it.
 pub const IA32_KERNEL_GS_BASE: u32 = 0xC000_0102;
@@ -456,9 +542,9 @@ pub unsafe fn host_state() -> HostState {
     let mut s = HostState::default();
     // SAFETY: ring 0 reads of control registers, selectors and descriptor-table registers.
     unsafe {
-        asm!("mov {}, cr0", out(reg) s.cr0, options(nomem, nostack));
-        asm!("mov {}, cr3", out(reg) s.cr3, options(nomem, nostack));
-        asm!("mov {}, cr4", out(reg) s.cr4, options(nomem, nostack));
+        s.cr0 = read_cr0();
+        s.cr3 = read_cr3();
+        s.cr4 = read_cr4();
         asm!("mov {0:x}, cs", out(reg) s.cs, options(nomem, nostack));
         asm!("mov {0:x}, ss", out(reg) s.ss, options(nomem, nostack));
         asm!("mov {0:x}, ds", out(reg) s.ds, options(nomem, nostack));

@@ -24,7 +24,9 @@
 
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::ept::{bits, level_span, Ept, EptEntry, TableCache, PAGE_SIZE, SW_WRITABLE};
+use crate::ept::{
+    bits, level_span, walk, Ept, EptEntry, Step, TableCache, Visit, PAGE_SIZE, SW_WRITABLE,
+};
 use crate::error::Error;
 use crate::platform::{PageMut, Platform};
 
@@ -623,7 +625,7 @@ pub fn scan_ad_masks<P: Platform + ?Sized, F: FnMut(u64, u64)>(
     f: &mut F,
 ) {
     if gpa < end {
-        scan_table(p, ept.pml4(), 4, 0, gpa, end, op, f)
+        walk(p, ept.pml4(), gpa, end, &mut AdScan { op, f });
     }
 }
 
@@ -895,86 +897,73 @@ fn scan_leaves<C: Chunk, F: FnMut(u64, u64)>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scan_table<P: Platform + ?Sized, F: FnMut(u64, u64)>(
-    p: &P,
-    table: u64,
-    level: u8,
-    base: u64,
-    gpa: u64,
-    end: u64,
+/// The A/D scan as a visitor of the EPT's one walk (`ept::walk`): upper entries pruned by A and
+/// cleared of it where the range covers them, large leaves reported (and cleared when wholly
+/// inside), page tables read or lent whole ([`scan_leaves`]).
+struct AdScan<'a, F> {
     op: ScanOp,
-    f: &mut F,
-) {
-    let span = level_span(level);
-    let first = if gpa > base {
-        ((gpa - base) / span) as usize
-    } else {
-        0
-    };
-    let last = (((end - 1 - base) / span) as usize).min(511);
-    if level == 1 {
+    f: &'a mut F,
+}
+
+impl<F: FnMut(u64, u64)> Visit for AdScan<'_, F> {
+    fn table(&mut self, _level: u8, word: &AtomicU64, v: u64, whole: bool) -> Step {
+        let (prune, clear) = match self.op {
+            ScanOp::Read => (true, false),
+            ScanOp::Clear { prune } => (prune, true),
+        };
+        if prune && v & bits::A == 0 {
+            return Step::Skip;
+        }
+        if clear && whole && v & bits::A != 0 {
+            word.store(v & !bits::A, Relaxed);
+        }
+        Step::Go
+    }
+
+    fn leaf(&mut self, s: u64, level: u8, word: &AtomicU64, lo: u64, hi: u64) -> Step {
+        let v = word.load(Relaxed);
+        if EptEntry(v).dirty() {
+            // A large leaf is only cleared when it lies wholly in the range; otherwise clearing
+            // D would lose the pages outside it.
+            if matches!(self.op, ScanOp::Clear { .. }) && lo == s && hi == s + level_span(level) {
+                word.store(v & !bits::D, Relaxed);
+            }
+            report_range(lo, hi, self.f);
+        }
+        Step::Go
+    }
+
+    fn page_table<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        t: u64,
+        first: usize,
+        last: usize,
+        gpa: u64,
+    ) -> Step {
         let leaves = first..last + 1;
-        let gpa = base + first as u64 * PAGE_SIZE;
-        match op {
+        match self.op {
             ScanOp::Read => {
-                if let Some(t) = p.page(table).get(leaves) {
-                    scan_leaves(t.chunks(64), gpa, false, f);
+                if let Some(t) = p.page(t).get(leaves) {
+                    scan_leaves(t.chunks(64), gpa, false, self.f);
                 }
             }
             // Clearing: the table is lent for the whole pass, as plain memory where the platform
             // allows it; the module's precondition makes that sound.
-            ScanOp::Clear { .. } => p.with_page_mut(table, &mut |page| match page {
+            ScanOp::Clear { .. } => p.with_page_mut(t, &mut |page| match page {
                 PageMut::Shared(t) => {
                     if let Some(t) = t.get(leaves.clone()) {
-                        scan_leaves(t.chunks(64), gpa, true, f);
+                        scan_leaves(t.chunks(64), gpa, true, self.f);
                     }
                 }
                 PageMut::Exclusive(t) => {
                     if let Some(t) = t.get_mut(leaves.clone()) {
-                        scan_leaves(t.chunks_mut(64), gpa, true, f);
+                        scan_leaves(t.chunks_mut(64), gpa, true, self.f);
                     }
                 }
             }),
         }
-        return;
-    }
-    let t = p.page(table);
-    let prune = match op {
-        ScanOp::Read => true,
-        ScanOp::Clear { prune } => prune,
-    };
-    for (i, word) in t.iter().enumerate().take(last + 1).skip(first) {
-        let v = word.load(Relaxed);
-        let e = EptEntry(v);
-        if !e.present() {
-            continue;
-        }
-        let s = base + i as u64 * span;
-        let (lo, hi) = (gpa.max(s), end.min(s + span));
-        if e.large() {
-            if e.dirty() {
-                if let ScanOp::Clear { .. } = op {
-                    // A large leaf is only cleared when it lies wholly in the range; otherwise
-                    // clearing D would lose the pages outside it.
-                    if lo == s && hi == s + span {
-                        word.store(v & !bits::D, Relaxed);
-                    }
-                }
-                report_range(lo, hi, f);
-            }
-            continue;
-        }
-        if prune && v & bits::A == 0 {
-            continue;
-        }
-        let whole = lo == s && hi == s + span;
-        if let ScanOp::Clear { .. } = op {
-            if whole && v & bits::A != 0 {
-                word.store(v & !bits::A, Relaxed);
-            }
-        }
-        scan_table(p, e.addr(), level - 1, s, lo, hi, op, f);
+        Step::Go
     }
 }
 

@@ -246,6 +246,108 @@ impl Default for TableCache {
     }
 }
 
+/// What a range walk ([`walk`]) does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Go on: into the table an entry references, or to the next entry.
+    Go,
+    /// Leave the table this entry references alone.
+    Skip,
+    /// End the walk.
+    Stop,
+}
+
+/// A visitor of [`walk`]: the one walk over a range of the EPT that every scan, lookup of a
+/// range, unmap and teardown builds on. Only present entries are visited, in address order.
+pub trait Visit {
+    /// A present entry at `level` (> 1) that references a table; `whole` when the range covers
+    /// the entry's whole span. Called before the walk enters the table.
+    fn table(&mut self, _level: u8, _word: &AtomicU64, _v: u64, _whole: bool) -> Step {
+        Step::Go
+    }
+    /// After the walk left the table at `child`, which `word` references.
+    fn left_table(&mut self, _level: u8, _word: &AtomicU64, _child: u64) {}
+    /// A present leaf at `level` (1: 4 KiB; 2, 3: large) spanning `[s, s + level_span)`, of
+    /// which `[lo, hi)` lies in the range.
+    fn leaf(&mut self, s: u64, level: u8, word: &AtomicU64, lo: u64, hi: u64) -> Step;
+    /// The leaves `first..=last` of the page table `t` that lie in the range, the first at
+    /// guest-physical `gpa`. By default each present one goes to [`Visit::leaf`]; a scan that
+    /// reads a whole table at once overrides it.
+    fn page_table<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        t: u64,
+        first: usize,
+        last: usize,
+        gpa: u64,
+    ) -> Step {
+        for (i, word) in p.page(t).iter().enumerate().take(last + 1).skip(first) {
+            if EptEntry(word.load(Relaxed)).present() {
+                let g = gpa + (i - first) as u64 * PAGE_SIZE;
+                if self.leaf(g, 1, word, g, g + PAGE_SIZE) == Step::Stop {
+                    return Step::Stop;
+                }
+            }
+        }
+        Step::Go
+    }
+}
+
+/// Walks the present entries of `[gpa, end)` below the PML4 at `pml4` (SDM 29.3.2: bits 11:3
+/// of each level's index come from the guest-physical address), calling `v` as [`Visit`] says.
+/// True if the visitor stopped it.
+pub fn walk<P: Platform + ?Sized, V: Visit>(
+    p: &P,
+    pml4: u64,
+    gpa: u64,
+    end: u64,
+    v: &mut V,
+) -> bool {
+    gpa < end && walk_in(p, pml4, 4, 0, gpa, end.min(GPA_LIMIT), v) == Step::Stop
+}
+
+fn walk_in<P: Platform + ?Sized, V: Visit>(
+    p: &P,
+    table: u64,
+    level: u8,
+    base: u64,
+    gpa: u64,
+    end: u64,
+    v: &mut V,
+) -> Step {
+    let span = level_span(level);
+    let first = (gpa.saturating_sub(base) / span) as usize;
+    let last = (((end - 1 - base) / span) as usize).min(511);
+    if level == 1 {
+        return v.page_table(p, table, first, last, base + first as u64 * span);
+    }
+    for (i, word) in p.page(table).iter().enumerate().take(last + 1).skip(first) {
+        let val = word.load(Relaxed);
+        let e = EptEntry(val);
+        if !e.present() {
+            continue;
+        }
+        let s = base + i as u64 * span;
+        let (lo, hi) = (gpa.max(s), end.min(s + span));
+        let step = if e.large() {
+            v.leaf(s, level, word, lo, hi)
+        } else {
+            match v.table(level, word, val, lo == s && hi == s + span) {
+                Step::Go => {
+                    let step = walk_in(p, e.addr(), level - 1, s, lo, hi, v);
+                    v.left_table(level, word, e.addr());
+                    step
+                }
+                step => step,
+            }
+        };
+        if step == Step::Stop {
+            return Step::Stop;
+        }
+    }
+    Step::Go
+}
+
 /// An EPT hierarchy with its own tables.
 #[derive(Debug)]
 pub struct Ept {
@@ -325,21 +427,32 @@ impl Ept {
     /// Frees every table. The caller must have executed INVEPT for this EPT (or all-context)
     /// after the last VM exit that used it.
     pub fn destroy<P: Platform + ?Sized>(mut self, p: &P) {
-        self.free_subtree(p, self.pml4, 4);
-        self.invept_done(p);
-    }
-
-    fn free_subtree<P: Platform + ?Sized>(&mut self, p: &P, table: u64, level: u8) {
-        if level > 1 {
-            for i in 0..512 {
-                let e = EptEntry(p.page(table)[i].load(Relaxed));
-                if e.present() && !e.large() {
-                    self.free_subtree(p, e.addr(), level - 1);
-                }
+        /// Frees every table below the PML4 once the walk has left it.
+        struct Free<'a, P: ?Sized>(&'a P, usize);
+        impl<P: Platform + ?Sized> Visit for Free<'_, P> {
+            fn left_table(&mut self, _: u8, _: &AtomicU64, child: u64) {
+                self.0.free_page(child);
+                self.1 += 1;
+            }
+            fn leaf(&mut self, _: u64, _: u8, _: &AtomicU64, _: u64, _: u64) -> Step {
+                Step::Go
+            }
+            fn page_table<Q: Platform + ?Sized>(
+                &mut self,
+                _: &Q,
+                _: u64,
+                _: usize,
+                _: usize,
+                _: u64,
+            ) -> Step {
+                Step::Go
             }
         }
-        p.free_page(table);
-        self.tables -= 1;
+        let mut free = Free(p, 0);
+        walk(p, self.pml4, 0, GPA_LIMIT, &mut free);
+        p.free_page(self.pml4);
+        self.tables -= free.1 + 1;
+        self.invept_done(p);
     }
 
     fn table<'a, P: Platform + ?Sized>(p: &'a P, hpa: u64) -> &'a PageWords {
@@ -488,70 +601,52 @@ impl Ept {
 
     /// True if any page of `[gpa, end)` is mapped.
     pub fn any_mapped<P: Platform + ?Sized>(&self, p: &P, gpa: u64, end: u64) -> bool {
-        self.any_mapped_in(p, self.pml4, 4, 0, gpa, end)
-    }
-
-    fn any_mapped_in<P: Platform + ?Sized>(
-        &self,
-        p: &P,
-        table: u64,
-        level: u8,
-        base: u64,
-        gpa: u64,
-        end: u64,
-    ) -> bool {
-        let span = level_span(level);
-        let t = Self::table(p, table);
-        let first = if gpa > base {
-            ((gpa - base) / span) as usize
-        } else {
-            0
-        };
-        for i in first..512 {
-            let s = base + i as u64 * span;
-            if s >= end {
-                break;
-            }
-            let e = EptEntry(t[i].load(Relaxed));
-            if !e.present() {
-                continue;
-            }
-            if level == 1 || e.large() {
-                return true;
-            }
-            if self.any_mapped_in(p, e.addr(), level - 1, s, gpa.max(s), end.min(s + span)) {
-                return true;
+        struct Any;
+        impl Visit for Any {
+            fn leaf(&mut self, _: u64, _: u8, _: &AtomicU64, _: u64, _: u64) -> Step {
+                Step::Stop
             }
         }
-        false
+        walk(p, self.pml4, gpa, end, &mut Any)
+    }
+
+    /// The walk the processor does for `gpa` (SDM 29.3.2), without setting A/D, down to level
+    /// `stop` at the lowest: the last entry read and its level, a leaf, a hole (not present)
+    /// or the entry at `stop`; `perms` gets the AND of the rights on the way (SDM 29.3.3.2).
+    fn walk_to<'a, P: Platform + ?Sized>(
+        &self,
+        p: &'a P,
+        gpa: u64,
+        stop: u8,
+        perms: &mut u8,
+    ) -> Option<(&'a AtomicU64, u8)> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let (mut table, mut level) = (self.pml4, 4);
+        loop {
+            let word = &Self::table(p, table)[index(gpa, level)];
+            let e = EptEntry(word.load(Relaxed));
+            *perms &= e.perms().0;
+            if !e.present() || level <= stop.max(1) || e.large() {
+                return Some((word, level));
+            }
+            (table, level) = (e.addr(), level - 1);
+        }
     }
 
     /// Walks the tables for `gpa` as the processor would (without setting A/D).
     pub fn translate<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> Option<Translation> {
-        if gpa >= GPA_LIMIT {
-            return None;
-        }
-        let mut table = self.pml4;
         let mut perms = 7u8;
-        let mut level = 4;
-        loop {
-            let e = EptEntry(Self::table(p, table)[index(gpa, level)].load(Relaxed));
-            if !e.present() {
-                return None;
-            }
-            perms &= e.perms().0;
-            if level == 1 || e.large() {
-                let span = level_span(level);
-                return Some(Translation {
-                    hpa: (e.addr() & !(span - 1)) | (gpa & (span - 1)),
-                    level,
-                    entry: e,
-                    perms: Perms(perms),
-                });
-            }
-            table = e.addr();
-            level -= 1;
-        }
+        let (word, level) = self.walk_to(p, gpa, 1, &mut perms)?;
+        let e = EptEntry(word.load(Relaxed));
+        let span = level_span(level);
+        e.present().then(|| Translation {
+            hpa: (e.addr() & !(span - 1)) | (gpa & (span - 1)),
+            level,
+            entry: e,
+            perms: Perms(perms),
+        })
     }
 
     /// The leaf entry word for `gpa`, if mapped, with its level.
@@ -560,40 +655,21 @@ impl Ept {
         p: &'a P,
         gpa: u64,
     ) -> Option<(&'a AtomicU64, u8)> {
-        if gpa >= GPA_LIMIT {
-            return None;
-        }
-        let mut table = self.pml4;
-        let mut level = 4;
-        loop {
-            let word = &Self::table(p, table)[index(gpa, level)];
-            let e = EptEntry(word.load(Relaxed));
-            if !e.present() {
-                return None;
-            }
-            if level == 1 || e.large() {
-                return Some((word, level));
-            }
-            table = e.addr();
-            level -= 1;
-        }
+        let (word, level) = self.walk_to(p, gpa, 1, &mut 7)?;
+        EptEntry(word.load(Relaxed))
+            .present()
+            .then_some((word, level))
     }
 
     /// The host-physical address of the table at `level` (1: page table ... 4: PML4) whose
     /// entries map `gpa`, if the walk reaches one (no large leaf, no hole above it).
     pub fn table_at<P: Platform + ?Sized>(&self, p: &P, gpa: u64, level: u8) -> Option<u64> {
-        if gpa >= GPA_LIMIT {
-            return None;
+        if level >= 4 {
+            return (gpa < GPA_LIMIT).then_some(self.pml4);
         }
-        let mut table = self.pml4;
-        for l in (level + 1..=4).rev() {
-            let e = EptEntry(Self::table(p, table)[index(gpa, l)].load(Relaxed));
-            if !e.present() || e.large() {
-                return None;
-            }
-            table = e.addr();
-        }
-        Some(table)
+        let (word, l) = self.walk_to(p, gpa, level + 1, &mut 7)?;
+        let e = EptEntry(word.load(Relaxed));
+        (l == level + 1 && e.present() && !e.large()).then(|| e.addr())
     }
 
     /// The host-physical address of the EPT page table (level 1) whose entries map the 2 MiB
@@ -672,17 +748,9 @@ impl Ept {
     /// The start of the next region after an unmapped `gpa` that could be mapped (skips the
     /// whole absent entry).
     fn next_mapped_boundary<P: Platform + ?Sized>(&self, p: &P, gpa: u64) -> u64 {
-        let mut table = self.pml4;
-        let mut level = 4;
-        loop {
-            let e = EptEntry(Self::table(p, table)[index(gpa, level)].load(Relaxed));
-            let span = level_span(level);
-            if !e.present() || level == 1 {
-                return (gpa & !(span - 1)) + span;
-            }
-            table = e.addr();
-            level -= 1;
-        }
+        let level = self.walk_to(p, gpa, 1, &mut 7).map_or(4, |(_, l)| l);
+        let span = level_span(level);
+        (gpa & !(span - 1)) + span
     }
 
     /// Unmaps `[gpa, gpa+len)`. Large leaves that straddle the edges are split first (this may
@@ -691,8 +759,28 @@ impl Ept {
     pub fn unmap<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
         let end = self.check_range(gpa, len)?;
         self.split_edges(p, gpa, end)?;
+        /// Clears the leaves (`split_edges` left only leaves wholly inside the range), then
+        /// unlinks each table the walk left empty; it waits for INVEPT before it is freed.
+        struct Unmap<'a, P: ?Sized>(&'a P, &'a mut Ept);
+        impl<P: Platform + ?Sized> Visit for Unmap<'_, P> {
+            fn leaf(&mut self, _: u64, _: u8, word: &AtomicU64, _: u64, _: u64) -> Step {
+                word.store(0, Relaxed);
+                Step::Go
+            }
+            fn left_table(&mut self, _: u8, word: &AtomicU64, child: u64) {
+                if self
+                    .0
+                    .page(child)
+                    .iter()
+                    .all(|w| w.load(Relaxed) & bits::RWX == 0)
+                {
+                    word.store(0, Relaxed);
+                    self.1.retire_table(self.0, child);
+                }
+            }
+        }
         let pml4 = self.pml4;
-        self.unmap_in(p, pml4, 4, 0, gpa, end);
+        walk(p, pml4, gpa, end, &mut Unmap(p, self));
         self.needs_invept = true;
         Ok(())
     }
@@ -713,46 +801,6 @@ impl Ept {
             }
         }
         Ok(())
-    }
-
-    /// Returns true if the table became empty.
-    fn unmap_in<P: Platform + ?Sized>(
-        &mut self,
-        p: &P,
-        table: u64,
-        level: u8,
-        base: u64,
-        gpa: u64,
-        end: u64,
-    ) -> bool {
-        let span = level_span(level);
-        let first = if gpa > base {
-            ((gpa - base) / span) as usize
-        } else {
-            0
-        };
-        for i in first..512 {
-            let s = base + i as u64 * span;
-            if s >= end {
-                break;
-            }
-            let word = &Self::table(p, table)[i];
-            let e = EptEntry(word.load(Relaxed));
-            if !e.present() {
-                continue;
-            }
-            if level == 1 || e.large() {
-                // split_edges guarantees a large leaf here lies fully inside the range.
-                word.store(0, Relaxed);
-            } else if self.unmap_in(p, e.addr(), level - 1, s, gpa.max(s), end.min(s + span)) {
-                word.store(0, Relaxed);
-                self.retire_table(p, e.addr());
-            }
-        }
-        Self::table(p, table)
-            .iter()
-            .all(|w| w.load(Relaxed) & bits::RWX == 0)
-            && table != self.pml4
     }
 
     fn retire_table<P: Platform + ?Sized>(&mut self, p: &P, page: u64) {
@@ -812,41 +860,13 @@ impl Ept {
         end: u64,
         f: &mut F,
     ) {
-        self.leaves_in(p, self.pml4, 4, 0, gpa, end, f)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn leaves_in<P: Platform + ?Sized, F: FnMut(u64, u8, &AtomicU64)>(
-        &self,
-        p: &P,
-        table: u64,
-        level: u8,
-        base: u64,
-        gpa: u64,
-        end: u64,
-        f: &mut F,
-    ) {
-        let span = level_span(level);
-        let t = Self::table(p, table);
-        let first = if gpa > base {
-            ((gpa - base) / span) as usize
-        } else {
-            0
-        };
-        for (i, word) in t.iter().enumerate().skip(first) {
-            let s = base + i as u64 * span;
-            if s >= end {
-                break;
-            }
-            let e = EptEntry(word.load(Relaxed));
-            if !e.present() {
-                continue;
-            }
-            if level == 1 || e.large() {
-                f(s, level, word);
-            } else {
-                self.leaves_in(p, e.addr(), level - 1, s, gpa.max(s), end.min(s + span), f);
+        struct Leaves<'a, F>(&'a mut F);
+        impl<F: FnMut(u64, u8, &AtomicU64)> Visit for Leaves<'_, F> {
+            fn leaf(&mut self, s: u64, level: u8, word: &AtomicU64, _: u64, _: u64) -> Step {
+                (self.0)(s, level, word);
+                Step::Go
             }
         }
+        walk(p, self.pml4, gpa, end, &mut Leaves(f));
     }
 }

@@ -116,6 +116,53 @@ impl PageBudget<'_> {
     }
 }
 
+/// Pages given back where the OS cannot free them now (Windows above APC_LEVEL, where
+/// MmFreeContiguousMemory may not run): a lock-free list threaded through the pages themselves
+/// (each listed page's first quadword holds the next one, 0 ends it), emptied by
+/// [`DeferredFree::drain`] where the OS can free.
+#[derive(Debug, Default)]
+pub struct DeferredFree {
+    head: AtomicU64,
+}
+
+impl DeferredFree {
+    /// An empty list.
+    pub const fn new() -> DeferredFree {
+        DeferredFree {
+            head: AtomicU64::new(0),
+        }
+    }
+
+    /// Lists page `hpa`, which the caller gives up (nobody else reads or writes it any more).
+    pub fn push<P: crate::platform::Platform + ?Sized>(&self, p: &P, hpa: u64) {
+        let Some(link) = p.page(hpa).first() else {
+            return;
+        };
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            link.store(head, Ordering::Relaxed);
+            match self
+                .head
+                .compare_exchange_weak(head, hpa, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Takes the whole list and gives each page to `free` (the OS's own free), after reading its
+    /// link. Taking all at once has no ABA problem: pushers only swap the head.
+    pub fn drain<P: crate::platform::Platform + ?Sized>(&self, p: &P, mut free: impl FnMut(u64)) {
+        let mut hpa = self.head.swap(0, Ordering::Acquire);
+        while hpa != 0 {
+            let next = p.page(hpa).first().map_or(0, |l| l.load(Ordering::Relaxed));
+            free(hpa);
+            hpa = next;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;

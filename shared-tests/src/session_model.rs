@@ -30,7 +30,8 @@ use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::reason;
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_core::vmx::fields::Field;
-use smudge_core::vmx::hw::{HwVcpu, Processor, VmxCpu};
+use smudge_core::vmx::hw::{HwVcpu, Processor};
+use smudge_core::vmx::root::{ControlRegs, Processors};
 use smudge_core::vmx::vmcs::{ctl, VmcsAccess, VmcsError, VmcsImage};
 
 use crate::model::{self, Exit};
@@ -751,11 +752,8 @@ impl<const W: bool> Os for MockOs<W> {
         HERE.with(|h| h.get().0)
     }
     /// No real VMX here: the model's VMCLEAR and INVEPT come through the overrides below.
-    fn on_cpu(&self, _cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        f(None)
-    }
-    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        f(None)
+    fn processors(&self) -> &dyn Processors {
+        &NoVmx
     }
     fn invept_everywhere(&self) {
         self.m.invept_all();
@@ -859,4 +857,42 @@ impl<const W: bool> Os for MockOs<W> {
     fn driver_pages(&self) -> u64 {
         self.p.live_pages()
     }
+}
+
+/// Processors VMX operation does not reach: none in VMX operation, none to run on (the model
+/// OS's VMCLEAR and INVEPT are its own; `vmx::root::VmxRoot::vmxon_all` on them only starts a
+/// new generation).
+pub struct NoVmx;
+
+impl ControlRegs for NoVmx {
+    fn cr0(&self) -> u64 {
+        0
+    }
+    fn cr4(&self) -> u64 {
+        0
+    }
+    fn set_vmxe(&self, _on: bool) {}
+}
+
+// SAFETY: there is no processor to run anything on, and `on` says so.
+unsafe impl Processors for NoVmx {
+    fn bound(&self) -> u32 {
+        0
+    }
+    fn present(&self, _i: u32) -> bool {
+        false
+    }
+    fn current(&self) -> u32 {
+        0
+    }
+    fn on(&self, _i: u32, _f: &mut (dyn FnMut() + Send)) -> bool {
+        false
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        self
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        None
+    }
+    fn free_region(&self, _pa: u64) {}
 }

@@ -190,3 +190,41 @@ impl OnePage for PageCache {
         assert_eq!(self.len(), before + 1);
     }
 }
+
+/// Pages freed where the OS cannot free them (`hostmem::DeferredFree`, Windows above
+/// APC_LEVEL), pushed from four threads at once while a fifth drains: every page reaches the
+/// OS's free exactly once, none is lost.
+#[test]
+fn deferred_frees_reach_the_os_once_each() {
+    use smudge_core::hostmem::DeferredFree;
+    use smudge_core::platform::Platform;
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    let p = smudge_tests::MockPlatform::new();
+    let list = DeferredFree::new();
+    let pages: Vec<Vec<u64>> = (0..4)
+        .map(|_| (0..500).map(|_| p.alloc_page().unwrap()).collect())
+        .collect();
+    let freed = Mutex::new(Vec::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                list.drain(&p, |h| freed.lock().unwrap().push(h));
+            }
+        });
+        let pushers: Vec<_> = pages
+            .iter()
+            .map(|mine| s.spawn(|| mine.iter().for_each(|&h| list.push(&p, h))))
+            .collect();
+        pushers.into_iter().for_each(|t| t.join().unwrap());
+        done.store(true, std::sync::atomic::Ordering::Release);
+    });
+    list.drain(&p, |h| freed.lock().unwrap().push(h));
+    let freed = freed.into_inner().unwrap();
+    let unique: BTreeSet<u64> = freed.iter().copied().collect();
+    assert_eq!(freed.len(), 2000, "each page once");
+    assert_eq!(unique, pages.iter().flatten().copied().collect());
+    freed.iter().for_each(|&h| p.free_page(h));
+    p.assert_all_freed();
+}

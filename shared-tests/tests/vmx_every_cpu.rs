@@ -75,6 +75,9 @@ unsafe impl Processors for Fake {
     fn present(&self, i: u32) -> bool {
         self.present[i as usize]
     }
+    fn current(&self) -> u32 {
+        self.current.load(Ordering::SeqCst)
+    }
     fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
         if !self.reachable[i as usize] {
             return false;
@@ -211,4 +214,145 @@ fn vmxon_stops_at_a_processor_that_cannot_enter_and_returns_every_region() {
     u.reachable[0] = false;
     assert_eq!(root.vmxon_all(&u, &u.p, &caps), Err((0, None)));
     u.p.assert_all_freed();
+}
+
+/// A page seam that maps every page to one scratch page, as a shim whose lookup fails would.
+struct OneScratch {
+    next: AtomicU32,
+    scratch: smudge_core::platform::PageWords,
+}
+
+impl Platform for OneScratch {
+    fn alloc_page(&self) -> Result<u64, smudge_core::platform::AllocError> {
+        Ok(u64::from(self.next.fetch_add(1, Ordering::SeqCst) + 1) << 12)
+    }
+    fn free_page(&self, _hpa: u64) {}
+    fn page(&self, _hpa: u64) -> &smudge_core::platform::PageWords {
+        &self.scratch
+    }
+}
+
+/// Processor 299 of 300: beyond the driver's table.
+struct Beyond;
+
+// SAFETY: `on` never runs `f` and says so.
+unsafe impl Processors for Beyond {
+    fn bound(&self) -> u32 {
+        300
+    }
+    fn present(&self, i: u32) -> bool {
+        i == 299
+    }
+    fn current(&self) -> u32 {
+        0
+    }
+    fn on(&self, _i: u32, _f: &mut (dyn FnMut() + Send)) -> bool {
+        false
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        unreachable!("no processor is reached")
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        None
+    }
+    fn free_region(&self, _pa: u64) {}
+}
+
+/// The load both drivers run (`session::load`): each failure leaves no processor in VMX
+/// operation, no region and no driver, and maps to the errno and NTSTATUS the shims return. One
+/// test, because `load` acts on the driver's one `ROOT`. (A load that succeeds runs VMXON: Bochs.)
+#[test]
+fn a_failed_load_leaves_nothing_behind() {
+    use smudge_core::abi::windows::{self as w, from_load};
+    use smudge_core::session::load::{self, LoadFailure};
+    use smudge_core::spec::Duties;
+    use smudge_core::vmx::root::ROOT;
+    let caps = caps("skylake_x");
+    let mode = caps.choose_mode(false).expect("mode");
+    let ok = || Ok(Admission { caps, mode });
+    let nothing_left = |f: &Fake| {
+        assert!(load::driver().is_none());
+        assert!((0..4).all(|i| !ROOT.is_on(i)));
+        f.p.assert_all_freed();
+    };
+
+    let f = Fake::new();
+    let in_use = |i: u32| {
+        let f = &f;
+        move || {
+            if f.here() == i as usize {
+                Err(Refusal::VmxInUse)
+            } else {
+                ok()
+            }
+        }
+    };
+    let e = load::load(&f, &f.p, &in_use(1), Duties::NONE, false).unwrap_err();
+    assert_eq!(
+        e,
+        LoadFailure::Refused {
+            cpu: 1,
+            why: Some(Refusal::VmxInUse)
+        }
+    );
+    assert_eq!((e.errno(), from_load(e)), (16, w::STATUS_RESOURCE_IN_USE));
+    assert!(e.message().as_str().contains("processor 1"));
+    nothing_left(&f);
+
+    // Pages that all land on one scratch page fail the self-test before any VMXON region.
+    let scratch = OneScratch {
+        next: AtomicU32::new(0),
+        scratch: [const { std::sync::atomic::AtomicU64::new(0) }; 512],
+    };
+    let e = load::load(&f, &scratch, &ok, Duties::NONE, false).unwrap_err();
+    assert!(matches!(e, LoadFailure::Pages(m) if m.contains("distinct")));
+    assert_eq!(
+        (e.errno(), from_load(e)),
+        (12, w::STATUS_INSUFFICIENT_RESOURCES)
+    );
+    assert_eq!(f.pages_left.load(Ordering::SeqCst), 4, "no region taken");
+    nothing_left(&f);
+    assert_eq!(smudge_core::platform::self_test(&f.p), Ok(()));
+    nothing_left(&f);
+
+    // Another VMM on processor 0: VMXON is never tried, the region goes back.
+    let g = Fake::new();
+    g.cr4.lock().unwrap()[0] |= CR4_VMXE;
+    let e = load::load(&g, &g.p, &ok, Duties::NONE, false).unwrap_err();
+    assert_eq!(
+        e,
+        LoadFailure::Vmxon {
+            cpu: 0,
+            why: Some(VmxonFailure::InUse)
+        }
+    );
+    assert_eq!((e.errno(), from_load(e)), (16, w::STATUS_RESOURCE_IN_USE));
+    nothing_left(&g);
+
+    let e = load::load(&Beyond, &g.p, &ok, Duties::NONE, false).unwrap_err();
+    assert_eq!(e, LoadFailure::TooManyProcessors);
+    assert_eq!((e.errno(), from_load(e)), (19, w::STATUS_NOT_SUPPORTED));
+    nothing_left(&g);
+
+    // What a load that succeeded reports.
+    let loaded = load::Loaded {
+        cpus: 2,
+        driver: smudge_core::session::Driver {
+            caps,
+            mode,
+            duties: Duties::NONE,
+            probe: false,
+        },
+    };
+    let [vmx, spec] = loaded.report();
+    let want = format!(
+        "VMX on 2 CPUs: VMCS revision {:#x}, EPT A/D true, PML true",
+        caps.revision_id()
+    );
+    assert!(vmx.as_str().starts_with(&want), "{}", vmx.as_str());
+    assert!(vmx.as_str().ends_with(mode.name()));
+    assert_eq!(
+        spec.as_str(),
+        "speculation barriers before each VM entry: none"
+    );
 }

@@ -1,12 +1,10 @@
 //! smudge.sys: the Windows kernel driver of smudge.
 //!
-//! DriverEntry admits the driver only if every processor can run smudge (VT-x, EPT, no other
-//! hypervisor; see the core's `vmx::admission`), checks the core's platform seam once, enters VMX operation on every
-//! processor (`vmxroot`), then creates `\Device\Smudge` (`\\.\Smudge` for user space). Each
-//! open is one VM session of the core (`smudge_core::session`), the same as on Linux; `os`
-//! supplies Windows to it;
-//! DriverUnload leaves VMX operation and removes both names. Nothing here panics: every kernel
-//! call's failure is a returned NTSTATUS.
+//! DriverEntry loads the core (`session::load`: every processor admitted, the page seam
+//! checked, VMX operation on every processor), then creates `\Device\Smudge` (`\\.\Smudge` for
+//! user space). Each open is one VM session of the core (`smudge_core::session`), the same as on
+//! Linux; `os` supplies Windows to it. DriverUnload leaves VMX operation and removes both
+//! names. Nothing here panics: every kernel call's failure is a returned NTSTATUS.
 #![no_std]
 #![no_main]
 #![deny(
@@ -22,24 +20,24 @@ mod nt;
 mod os;
 mod platform;
 mod pool;
+mod power;
 mod processors;
 mod usermem;
-mod vmxroot;
 
 use core::ffi::CStr;
-use core::sync::atomic::{AtomicU32, Ordering};
 
+use smudge_core::abi::windows::{self as ioctl, *};
 use smudge_core::abi::Op;
-use smudge_core::dirty::Mode;
-use smudge_core::platform::{read_bytes, write_bytes, Platform};
-use smudge_core::vmx::admission as vtx;
+use smudge_core::arch;
+use smudge_core::session::load::{self, driver};
+use smudge_core::spec::Duties;
+use smudge_core::vmx::admission;
 use smudge_core::vmx::caps::CpuidRegs;
-use smudge_windows::ioctl::{self, VersionInfo};
-use smudge_windows::status::*;
 
 use nt::{DeviceObject, DriverObject, Irp};
 use platform::NtPlatform;
 use pool::PoolBox;
+use processors::NtProcessors;
 use smudge_core::session::Session;
 
 /// One open of the device.
@@ -52,28 +50,6 @@ static DOS_PATH_UTF16: [u16; DOS_PATH.len()] = nt::utf16(DOS_PATH);
 /// The device's names as constant UNICODE_STRINGs (RTL_CONSTANT_STRING).
 static DEVICE_NAME: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&DEVICE_PATH_UTF16);
 static DOS_NAME: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&DOS_PATH_UTF16);
-
-/// What DriverEntry found, for the version ioctl. Written once before the device exists.
-static FEATURES: AtomicU32 = AtomicU32::new(0);
-static VMCS_REVISION: AtomicU32 = AtomicU32::new(0);
-static PROCESSORS: AtomicU32 = AtomicU32::new(0);
-
-/// Decimal digits to a number; only used in `const` items (evaluated by the compiler).
-#[allow(clippy::indexing_slicing)]
-const fn parse_u8(s: &str) -> u32 {
-    let b = s.as_bytes();
-    let mut v = 0u32;
-    let mut i = 0;
-    while i < b.len() {
-        v = v * 10 + (b[i] - b'0') as u32;
-        i += 1;
-    }
-    v & 0xff
-}
-/// major << 16 | minor << 8 | patch, from Cargo.toml.
-const DRIVER_VERSION: u32 = parse_u8(env!("CARGO_PKG_VERSION_MAJOR")) << 16
-    | parse_u8(env!("CARGO_PKG_VERSION_MINOR")) << 8
-    | parse_u8(env!("CARGO_PKG_VERSION_PATCH"));
 
 /// The MSVC toolchain's marker that floating point is in use; ntoskrnl provides no CRT.
 #[no_mangle]
@@ -93,37 +69,6 @@ fn log(level: u32, msg: &CStr) {
     };
 }
 
-/// Allocates, writes, reads back and frees one page through the core's platform seam.
-fn platform_self_test(p: &NtPlatform) -> Result<(), &'static CStr> {
-    let hpa = p
-        .alloc_page()
-        .map_err(|_| c"platform self-test: no contiguous page")?;
-    let mapped = p.maps(hpa);
-    let zeroed = p.page(hpa).iter().all(|w| w.load(Ordering::Relaxed) == 0);
-    write_bytes(p, hpa, 4090, b"smudge");
-    let mut back = [0u8; 6];
-    read_bytes(p, hpa, 4090, &mut back);
-    p.free_page(hpa);
-    match (mapped, zeroed, &back == b"smudge") {
-        (false, _, _) => {
-            Err(c"platform self-test: MmGetVirtualForPhysical does not map the page back")
-        }
-        (_, false, _) => Err(c"platform self-test: the new page is not zeroed"),
-        (_, _, false) => {
-            Err(c"platform self-test: bytes written through the core did not read back")
-        }
-        _ => Ok(()),
-    }
-}
-
-fn mode_name(mode: Mode) -> &'static CStr {
-    match mode {
-        Mode::AdScan => c"A/D scan",
-        Mode::Pml => c"PML",
-        Mode::WriteProtect => c"write-protect",
-    }
-}
-
 /// The driver's entry point (`/ENTRY:DriverEntry`).
 ///
 /// # Safety
@@ -133,55 +78,6 @@ pub unsafe extern "system" fn DriverEntry(
     driver: *mut DriverObject,
     _registry_path: *mut nt::UnicodeString,
 ) -> NtStatus {
-    let processors = processors::count();
-    if processors as usize > processors::MAX_PROCESSORS {
-        log(
-            nt::DPFLTR_ERROR_LEVEL,
-            c"refusing to load: more than 256 active processors",
-        );
-        return STATUS_NOT_SUPPORTED;
-    }
-    // SAFETY (rdmsr): given this processor's real CPUID, VmxCaps::from_reader reads only MSRs
-    // whose existence the SDM guarantees (the admission module's comment; tested on every
-    // fixture dump); we run at CPL 0.
-    let here = || {
-        vtx::check(&CpuidRegs::of_this_cpu, cpu::cr4(), &|msr| unsafe {
-            cpu::rdmsr(msr)
-        })
-    };
-    let admission = match vtx::check_every(&vmxroot::NtProcessors, &here) {
-        Ok(a) => a,
-        Err((cpu, why)) => {
-            let msg = why.map_or(smudge_core::msg::MsgBuf::new(), |w| w.message());
-            // SAFETY: format and arguments match ("%u" u32, "%s" NUL-terminated string).
-            unsafe {
-                nt::DbgPrintEx(
-                    nt::DPFLTR_IHVDRIVER_ID,
-                    nt::DPFLTR_ERROR_LEVEL,
-                    c"smudge: refusing to load (processor %u): %s\n".as_ptr(),
-                    cpu,
-                    msg.as_cstr().as_ptr(),
-                )
-            };
-            return why.map_or(STATUS_NOT_SUPPORTED, from_refusal);
-        }
-    };
-    let caps = &admission.caps;
-    // SAFETY: "%u"/"0x%x" with u32 arguments, "%s" with a NUL-terminated string.
-    unsafe {
-        nt::DbgPrintEx(
-            nt::DPFLTR_IHVDRIVER_ID,
-            nt::DPFLTR_INFO_LEVEL,
-            c"smudge: VT-x usable on %u processors: VMCS revision 0x%x, EPT A/D %u, PML %u, VPID %u, dirty tracking %s\n"
-                .as_ptr(),
-            processors,
-            caps.revision_id(),
-            u32::from(caps.ept_ad()),
-            u32::from(caps.pml()),
-            u32::from(caps.vpid()),
-            mode_name(admission.mode).as_ptr(),
-        )
-    };
     match platform::total_ram_pages() {
         Some(pages) => platform::set_cap(pages),
         None => {
@@ -192,40 +88,29 @@ pub unsafe extern "system" fn DriverEntry(
             return STATUS_INSUFFICIENT_RESOURCES;
         }
     }
-    if let Err(msg) = platform_self_test(&NtPlatform) {
-        log(nt::DPFLTR_ERROR_LEVEL, msg);
-        return STATUS_INSUFFICIENT_RESOURCES;
-    }
-    if let Err((cpu, why)) = vmxroot::vmxon_all(caps) {
-        let mut msg = smudge_core::msg::MsgBuf::new();
-        // MsgBuf truncates instead of failing.
-        let _ = core::fmt::Write::write_fmt(
-            &mut msg,
-            format_args!("VMXON failed on processor {cpu}: {why:?}"),
-        );
-        log(nt::DPFLTR_ERROR_LEVEL, msg.as_cstr());
-        return from_vmxon(why);
-    }
+    // SAFETY (rdmsr): given this processor's real CPUID, VmxCaps::from_reader reads only MSRs
+    // whose existence the SDM guarantees (the admission module's comment; tested on every
+    // fixture dump); CPL 0 reads of CR4 and the MSRs.
+    let here = || unsafe {
+        admission::check(&CpuidRegs::of_this_cpu, arch::read_cr4(), &|m| {
+            arch::rdmsr(m)
+        })
+    };
     // Windows documents no interface to its own mitigation choices for a third-party
     // hypervisor: the barriers follow what the processor enumerates (core `spec`).
     // SAFETY: IA32_ARCH_CAPABILITIES is read only where CPUID enumerates it; CPL 0.
-    let duties = smudge_core::spec::Duties::of_this_cpu(&|m| unsafe { cpu::rdmsr(m) });
-    let mut said = smudge_core::msg::MsgBuf::new();
-    let _ = core::fmt::Write::write_str(&mut said, "speculation barriers before each VM entry: ");
-    duties.describe(&mut said);
-    log(nt::DPFLTR_INFO_LEVEL, said.as_cstr());
-    // SAFETY: the device does not exist yet, so no request reads the global state.
-    unsafe {
-        vmxroot::set_global(Some(vmxroot::Global {
-            caps: admission.caps,
-            mode: admission.mode,
-            duties,
-            probe: false,
-        }))
+    let duties = Duties::of_this_cpu(&|m| unsafe { arch::rdmsr(m) });
+    let loaded = match load::load(&NtProcessors, &NtPlatform, &here, duties, false) {
+        Ok(l) => l,
+        Err(f) => {
+            log(nt::DPFLTR_ERROR_LEVEL, f.message().as_cstr());
+            platform::drain_deferred();
+            return from_load(f);
+        }
     };
-    FEATURES.store(admission.feature_bits(), Ordering::Release);
-    VMCS_REVISION.store(caps.revision_id(), Ordering::Release);
-    PROCESSORS.store(processors, Ordering::Release);
+    for line in loaded.report() {
+        log(nt::DPFLTR_INFO_LEVEL, line.as_cstr());
+    }
 
     let mut device: *mut DeviceObject = core::ptr::null_mut();
     // SAFETY: `driver` is the valid DRIVER_OBJECT the I/O manager passes to DriverEntry; the name
@@ -264,9 +149,18 @@ pub unsafe extern "system" fn DriverEntry(
             c"cannot set the device's DACL (SYSTEM and Administrators only)",
         );
     }
+    // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
+    unsafe { (*driver).major_function[nt::IRP_MJ_SHUTDOWN] = Some(power::dispatch_shutdown) };
+    if let Err(status) = power::register(device) {
+        return undo(
+            status,
+            c"cannot register the bug-check, shutdown and power-state callbacks",
+        );
+    }
     // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
     let status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
     if status < 0 {
+        power::unregister(device);
         return undo(status, c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed");
     }
     // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
@@ -285,7 +179,7 @@ pub unsafe extern "system" fn DriverEntry(
 /// default DACL lets every user open a device), built with the Rtl security functions:
 /// IoCreateDeviceSecure would do the same but lives in wdmsec.lib, not ntoskrnl.
 fn restrict_to_administrators(device: *mut DeviceObject) -> NtStatus {
-    use smudge_windows::security as s;
+    use smudge_core::abi::windows as s;
     // u64 arrays: the descriptor holds pointers and the ACL must be DWORD aligned.
     let mut sd = [0u64; s::SECURITY_DESCRIPTOR_LEN / 8];
     let mut acl = [0u64; s::DACL_LEN.div_ceil(8)];
@@ -336,9 +230,7 @@ fn restrict_to_administrators(device: *mut DeviceObject) -> NtStatus {
 
 /// VMXOFF everywhere and forget the capabilities (no device, or no handle, exists).
 fn leave_vmx() {
-    vmxroot::vmxoff_all();
-    // SAFETY: called only when no request can run (before the device exists or after it is gone).
-    unsafe { vmxroot::set_global(None) };
+    load::unload(&NtProcessors);
     platform::drain_deferred();
 }
 
@@ -351,6 +243,7 @@ unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
         nt::IoDeleteSymbolicLink(DOS_NAME.as_ptr());
         let device = (*driver).device_object;
         if !device.is_null() {
+            power::unregister(device);
             nt::IoDeleteDevice(device);
         }
     }
@@ -385,7 +278,7 @@ unsafe fn file_object(irp: *mut Irp) -> *mut nt::FileObject {
 unsafe extern "system" fn dispatch_create(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
     // SAFETY: the I/O manager passes a valid IRP whose stack location names the file object.
     let file = unsafe { file_object(irp) };
-    if file.is_null() || vmxroot::global().is_none() {
+    if file.is_null() || driver().is_none() {
         // SAFETY: the IRP is ours until completed.
         return unsafe { complete(irp, STATUS_INVALID_DEVICE_STATE, 0) };
     }
@@ -454,14 +347,15 @@ unsafe extern "system" fn dispatch_device_control(
             // bytes that only this request uses until it completes.
             unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), output_len) }
         };
-        let info = VersionInfo {
-            magic: ioctl::MAGIC,
-            abi_version: ioctl::ABI_VERSION,
-            driver_version: DRIVER_VERSION,
-            features: FEATURES.load(Ordering::Acquire),
-            vmcs_revision: VMCS_REVISION.load(Ordering::Acquire),
-            processors: PROCESSORS.load(Ordering::Acquire),
-        };
+        let info = load::loaded().map(|l| {
+            VersionInfo::of(
+                &l,
+                env!("CARGO_PKG_VERSION_MAJOR"),
+                env!("CARGO_PKG_VERSION_MINOR"),
+                env!("CARGO_PKG_VERSION_PATCH"),
+            )
+        });
+        let info = info.unwrap_or_default();
         match ioctl::dispatch(code, input_len, output, &info) {
             Ok(n) => (STATUS_SUCCESS, n),
             Err(status) => (status, 0),
@@ -494,11 +388,11 @@ fn vm_request(
     if ctx.is_null() {
         return Err(STATUS_INVALID_DEVICE_STATE);
     }
-    let drv = vmxroot::global().ok_or(STATUS_INVALID_DEVICE_STATE)?;
+    let drv = driver().ok_or(STATUS_INVALID_DEVICE_STATE)?;
     // SAFETY: as above; shared access only (the session shares its VM between concurrent
     // requests itself).
     let s = unsafe { &*ctx };
-    s.request(&NtPlatform, drv, op, buf).map_err(from_fail)
+    s.request(&NtPlatform, &drv, op, buf).map_err(from_fail)
 }
 
 /// No path panics (the lints above deny the usual sources). Should one ever, stop with #UD: the

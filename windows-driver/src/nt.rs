@@ -5,7 +5,7 @@
 
 use core::ffi::c_void;
 
-pub use smudge_windows::status::NtStatus;
+pub use smudge_core::abi::windows::NtStatus;
 
 /// UNICODE_STRING: lengths in bytes, not NUL-terminated.
 #[repr(C)]
@@ -75,6 +75,8 @@ pub type DriverUnload = unsafe extern "system" fn(*mut DriverObject);
 pub const IRP_MJ_CREATE: usize = 0x00;
 pub const IRP_MJ_CLOSE: usize = 0x02;
 pub const IRP_MJ_DEVICE_CONTROL: usize = 0x0e;
+/// IRP_MJ_SHUTDOWN: sent to devices registered with IoRegisterShutdownNotification.
+pub const IRP_MJ_SHUTDOWN: usize = 0x10;
 /// IRP_MJ_MAXIMUM_FUNCTION + 1.
 pub const IRP_MJ_COUNT: usize = 0x1c;
 
@@ -231,6 +233,10 @@ const _: () = {
     assert!(offset_of!(DeviceIoControlParameters, io_control_code) == 0x10);
     assert!(size_of::<GroupAffinity>() == 16);
     assert!(size_of::<ProcessorNumber>() == 4);
+    assert!(offset_of!(BugCheckCallbackRecord, state) == 0x38);
+    assert!(size_of::<BugCheckCallbackRecord>() == 0x40);
+    assert!(offset_of!(ObjectAttributes, attributes) == 0x18);
+    assert!(size_of::<ObjectAttributes>() == 0x30);
 };
 
 /// XSTATE_MASK_LEGACY: x87 and SSE (XSTATE_MASK_LEGACY_FLOATING_POINT | _SSE), what the core's
@@ -259,8 +265,73 @@ pub const DPFLTR_ERROR_LEVEL: u32 = 0;
 /// DPFLTR_INFO_LEVEL: printed when the debug filter mask allows it.
 pub const DPFLTR_INFO_LEVEL: u32 = 3;
 
+/// KBUGCHECK_CALLBACK_RECORD (wdm.h). Zeroed is initialised: KeInitializeCallbackRecord only
+/// sets `state` to BufferEmpty (0).
+#[repr(C)]
+pub struct BugCheckCallbackRecord {
+    pub entry: ListEntry,
+    pub callback_routine: Option<BugCheckCallback>,
+    pub buffer: *mut c_void,
+    pub length: u32,
+    pub component: *const u8,
+    pub checksum: usize,
+    pub state: u8,
+}
+
+/// KBUGCHECK_CALLBACK_ROUTINE: runs at HIGH_LEVEL on the processor that bug-checks.
+pub type BugCheckCallback = unsafe extern "system" fn(buffer: *mut c_void, length: u32);
+
+/// OBJECT_ATTRIBUTES (wdm.h), filled as InitializeObjectAttributes does.
+#[repr(C)]
+pub struct ObjectAttributes {
+    pub length: u32,
+    pub root_directory: *mut c_void,
+    pub object_name: *mut UnicodeString,
+    pub attributes: u32,
+    pub security_descriptor: *mut c_void,
+    pub security_quality_of_service: *mut c_void,
+}
+
+/// OBJ_CASE_INSENSITIVE.
+pub const OBJ_CASE_INSENSITIVE: u32 = 0x40;
+/// PO_CB_SYSTEM_STATE_LOCK: the power-state callback's Argument1 around a sleep; Argument2 is
+/// 0 before the system sleeps and 1 after it is back in S0.
+pub const PO_CB_SYSTEM_STATE_LOCK: usize = 3;
+
+/// PCALLBACK_FUNCTION.
+pub type CallbackFunction =
+    unsafe extern "system" fn(context: *mut c_void, arg1: *mut c_void, arg2: *mut c_void);
+
 #[link(name = "ntoskrnl")]
 extern "system" {
+    /// Adds `record` (nonpaged, zeroed) to the bug-check callbacks; false if it is in use.
+    pub fn KeRegisterBugCheckCallback(
+        record: *mut BugCheckCallbackRecord,
+        routine: BugCheckCallback,
+        buffer: *mut c_void,
+        length: u32,
+        component: *const u8,
+    ) -> u8;
+    pub fn KeDeregisterBugCheckCallback(record: *mut BugCheckCallbackRecord) -> u8;
+    /// IRP_MJ_SHUTDOWN reaches `device` when the system shuts down (PASSIVE_LEVEL).
+    pub fn IoRegisterShutdownNotification(device: *mut DeviceObject) -> NtStatus;
+    pub fn IoUnregisterShutdownNotification(device: *mut DeviceObject);
+    /// Opens (here: never creates) the callback object named in `attrs`, referenced.
+    pub fn ExCreateCallback(
+        object: *mut *mut c_void,
+        attrs: *mut ObjectAttributes,
+        create: u8,
+        allow_multiple: u8,
+    ) -> NtStatus;
+    /// Registers `f` with a callback object; null on failure.
+    pub fn ExRegisterCallback(
+        object: *mut c_void,
+        f: CallbackFunction,
+        context: *mut c_void,
+    ) -> *mut c_void;
+    pub fn ExUnregisterCallback(registration: *mut c_void);
+    /// ObDereferenceObject (a macro over this export).
+    pub fn ObfDereferenceObject(object: *mut c_void) -> isize;
     pub fn IoCreateDevice(
         driver: *mut DriverObject,
         extension_size: u32,

@@ -2,17 +2,17 @@
 //! `smudge_core::session::Os`. What a request does is decided in the core; here are only the
 //! Windows means (pool, user buffers, processor affinity, IRQL, extended state, interrupt time).
 
-use smudge_core::hostpt;
-use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
-use smudge_core::vmx::hw::{GuestContext, Hardware, HwVcpu, VmxCpu};
-use smudge_core::vmx::root::{self, ROOT};
-use smudge_windows::budget;
+use smudge_core::abi::windows as budget;
+use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
+use smudge_core::vmx::hw::{self, Hardware, HwVcpu};
+use smudge_core::vmx::root::Processors;
+use smudge_core::{arch, hostpt};
 
 use crate::platform::{self, NtPlatform};
 use crate::pool::{PoolBox, PoolBuf};
+use crate::processors::{self, NtProcessors};
 use crate::usermem::{copy_from_user, copy_to_user};
-use crate::vmxroot::NtProcessors;
-use crate::{cpu, nt, processors};
+use crate::{cpu, nt};
 
 /// Interrupt time, 100 ns units.
 fn interrupt_time() -> u64 {
@@ -40,14 +40,8 @@ impl Os for NtPlatform {
     fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail> {
         copy_to_user(dst, src).map_err(|_| Fail::Fault)
     }
-    fn current_cpu(&self) -> u32 {
-        processors::current()
-    }
-    fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        root::on_cpu(&NtProcessors, cpu, f)
-    }
-    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {
-        root::on_each_cpu(&NtProcessors, f)
+    fn processors(&self) -> &dyn Processors {
+        &NtProcessors
     }
     fn pin(&self, cpu: u32) -> Result<processors::Pinned, Fail> {
         processors::pin(cpu).map_err(|_| Fail::Io)
@@ -61,40 +55,28 @@ impl Os for NtPlatform {
         if status < 0 {
             return Err(Fail::Io);
         }
-        // SAFETY: PASSIVE_LEVEL; lowered below.
-        let old_irql = unsafe { cpu::raise_to_dispatch() };
-        // SAFETY: DISPATCH_LEVEL: this thread stays on this processor until the IRQL drops.
-        let r = match unsafe { ROOT.here(processors::current()) } {
-            Some(vmx) => {
-                // SAFETY: DISPATCH_LEVEL (no preemption) and the legacy FPU state saved until
-                // the lines below.
-                let ctx = unsafe { GuestContext::assume(vmx) };
-                // SAFETY: IA32_DEBUGCTL is architectural on every Intel 64 processor; CPL 0.
-                let debugctl = Some(unsafe { cpu::rdmsr(smudge_core::arch::IA32_DEBUGCTL) });
-                Ok(f(&mut Hardware::new(&ctx, debugctl)))
-            }
-            None => Err(Fail::Io),
+        // SAFETY: IA32_DEBUGCTL is architectural on every Intel 64 processor; CPL 0.
+        let debugctl = Some(unsafe { arch::rdmsr(arch::IA32_DEBUGCTL) });
+        // SAFETY: from PASSIVE_LEVEL to DISPATCH_LEVEL and back: no preemption in between, so
+        // the thread stays on this processor, with the legacy FPU state saved around it.
+        let r = unsafe {
+            let old_irql = cpu::raise_to_dispatch();
+            let r = hw::on_guest_cpu(processors::current(), debugctl, f);
+            cpu::lower_irql(old_irql);
+            r.ok_or(Fail::Io)
         };
-        // SAFETY: pairs with the raise above.
-        unsafe { cpu::lower_irql(old_irql) };
         // SAFETY: pairs with the save above, at the same IRQL.
         unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
         r
     }
     fn irq_save(&self) -> usize {
-        cpu::irq_save()
+        // SAFETY: CPL 0; the core pairs it with irq_restore on this processor.
+        unsafe { arch::irq_save() as usize }
     }
     fn irq_restore(&self, flags: usize) {
-        cpu::irq_restore(flags)
+        // SAFETY: what irq_save returned on this processor.
+        unsafe { arch::irq_restore(flags as u64) }
     }
-    /// No signals reach a thread in a driver: the RUN slice ([`budget::POLICY`]) brings it back.
-    fn signal_pending(&self) -> bool {
-        false
-    }
-    fn resched_pending(&self) -> bool {
-        false
-    }
-    fn resched(&self) {}
     fn pause(&self, waited_ns: u64) {
         match budget::pause(waited_ns) {
             budget::Pause::Spin => core::hint::spin_loop(),
@@ -119,15 +101,11 @@ impl Os for NtPlatform {
             level: leaf.level,
         })
     }
-    /// The tool's read-only mapping of guest RAM is Linux only.
-    fn user_pte(&self, _va: u64) -> Option<(u64, u32)> {
-        None
-    }
     fn rdmsr(&self, msr: u32) -> Option<u64> {
         // SAFETY: Windows has no #GP-safe RDMSR: `answer::caps_resp` asks only for MSRs that
         // `answer::caps_msr_exists` held to the SDM's existence rules, on a processor the
         // admission check accepted; CPL 0.
-        Some(unsafe { cpu::rdmsr(msr) })
+        Some(unsafe { arch::rdmsr(msr) })
     }
     fn driver_pages(&self) -> u64 {
         platform::pages_held()
@@ -144,12 +122,9 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
         return None;
     }
     let mut cell = PoolBuf::zeroed(8)?;
-    let cr3: u64;
-    // SAFETY: reading CR3 at CPL 0 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
-    };
-    let la57 = cpu::cr4() & smudge_core::regs::CR4_LA57 != 0;
+    // SAFETY: CPL 0 reads of CR3 and CR4.
+    let (cr3, cr4) = unsafe { (arch::read_cr3(), arch::read_cr4()) };
+    let la57 = cr4 & smudge_core::regs::CR4_LA57 != 0;
     let mut read = |pa: u64| -> Option<u64> {
         let mut copied = 0usize;
         let target = cell.bytes_mut();

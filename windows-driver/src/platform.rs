@@ -13,7 +13,7 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use smudge_core::hostmem::{self, PageBudget};
+use smudge_core::hostmem::{self, DeferredFree, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 
 use crate::nt;
@@ -29,9 +29,8 @@ static SCRATCH: PageWords = [const { AtomicU64::new(0) }; 512];
 static PAGES: AtomicU64 = AtomicU64::new(0);
 /// The driver-wide cap on [`PAGES`] ([`set_cap`]; none until DriverEntry sets it).
 static CAP: AtomicU64 = AtomicU64::new(u64::MAX);
-/// Head of the deferred-free list: a page's physical address, 0 = empty. Each listed page's
-/// first quadword holds the next one.
-static DEFERRED: AtomicU64 = AtomicU64::new(0);
+/// Pages freed above APC_LEVEL, freed at PASSIVE_LEVEL by [`drain_deferred`].
+static DEFERRED: DeferredFree = DeferredFree::new();
 
 fn budget() -> PageBudget<'static> {
     PageBudget {
@@ -75,32 +74,15 @@ pub fn total_ram_pages() -> Option<u64> {
 
 /// Frees the pages freed above APC_LEVEL. Call at PASSIVE_LEVEL.
 pub fn drain_deferred() {
-    // Taking the whole list at once has no ABA problem: pushers only CAS onto the head.
-    let mut hpa = DEFERRED.swap(0, Ordering::Acquire);
-    while hpa != 0 {
-        let va = NtPlatform::virt(hpa);
-        if va.is_null() {
-            break;
-        }
-        // SAFETY: a listed page is ours and still allocated; its first quadword is the link.
-        let next = unsafe { va.cast::<u64>().read() };
-        // SAFETY: `va` is the base of a MmAllocateContiguousMemorySpecifyCache allocation that
-        // nobody references any more (the core gave it back), freed once.
-        unsafe { nt::MmFreeContiguousMemory(va) };
-        budget().uncharge();
-        hpa = next;
-    }
+    DEFERRED.drain(&NtPlatform, |hpa| {
+        budget().free(|| NtPlatform::os_free(hpa))
+    });
 }
 
 /// The Windows implementation of the core's platform seam.
 pub struct NtPlatform;
 
 impl NtPlatform {
-    /// True if `hpa` is a page-aligned address with a system-space mapping.
-    pub fn maps(&self, hpa: u64) -> bool {
-        !Self::virt(hpa).is_null()
-    }
-
     fn virt(hpa: u64) -> *mut c_void {
         if !hpa.is_multiple_of(PAGE as u64) || hpa > i64::MAX as u64 {
             return core::ptr::null_mut();
@@ -156,22 +138,7 @@ impl Platform for NtPlatform {
             return;
         }
         if crate::cpu::irql() > 1 {
-            let link = va.cast::<AtomicU64>();
-            let mut head = DEFERRED.load(Ordering::Relaxed);
-            loop {
-                // SAFETY: the page is ours (trait contract) and 8-byte aligned; nobody else
-                // reads it until drain_deferred takes it off the list.
-                unsafe { (*link).store(head, Ordering::Relaxed) };
-                match DEFERRED.compare_exchange_weak(
-                    head,
-                    hpa,
-                    Ordering::Release,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return,
-                    Err(h) => head = h,
-                }
-            }
+            return DEFERRED.push(self, hpa);
         }
         // SAFETY: the core returns only addresses from `alloc_page`, each once (trait contract);
         // `va` is that allocation's base address.

@@ -30,33 +30,21 @@ impl PoolBuf {
         unsafe { core::ptr::write_bytes(p, 0, bytes) };
         Some(PoolBuf { ptr: p, len })
     }
-
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised bytes owned by self.
-        unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, exclusively borrowed.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    /// The first `len / 8` quadwords.
-    pub fn words_mut(&mut self) -> &mut [u64] {
-        // SAFETY: pool memory is 16-byte aligned on x64; every bit pattern is a valid u64.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr.cast::<u64>(), self.len / 8) }
-    }
 }
 
 impl smudge_core::session::Buffer for PoolBuf {
     fn bytes(&self) -> &[u8] {
-        PoolBuf::bytes(self)
+        // SAFETY: `ptr` holds `len` initialised bytes owned by self.
+        unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        PoolBuf::bytes_mut(self)
+        // SAFETY: as above, exclusively borrowed.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
+    /// The first `len / 8` quadwords.
     fn words_mut(&mut self) -> &mut [u64] {
-        PoolBuf::words_mut(self)
+        // SAFETY: pool memory is 16-byte aligned on x64; every bit pattern is a valid u64.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.cast::<u64>(), self.len / 8) }
     }
 }
 

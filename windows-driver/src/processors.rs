@@ -2,12 +2,12 @@
 //! (KeSetSystemGroupAffinityThread), at DISPATCH_LEVEL where per-processor VMX state must not
 //! be preempted.
 
-use smudge_windows::status::{NtStatus, STATUS_NOT_SUPPORTED};
+use smudge_core::abi::windows::{NtStatus, STATUS_NOT_SUPPORTED};
+use smudge_core::arch;
+use smudge_core::vmx::root::{ControlRegs, Processors, RawCr};
 
+use crate::platform::NtPlatform;
 use crate::{cpu, nt};
-
-/// Processors the driver tracks VMX state for; DriverEntry refuses machines with more.
-pub use smudge_core::vmx::root::MAX_CPUS as MAX_PROCESSORS;
 
 /// Active processors in all groups.
 pub fn count() -> u32 {
@@ -69,4 +69,43 @@ pub fn on_processor<R>(index: u32, f: impl FnOnce() -> R) -> Result<R, NtStatus>
     unsafe { cpu::lower_irql(old) };
     drop(pinned);
     Ok(r)
+}
+
+/// The active processors, reached by a group-affinity switch at DISPATCH_LEVEL with
+/// interrupts off.
+pub struct NtProcessors;
+
+// SAFETY: `on` runs `f` on processor `i` at DISPATCH_LEVEL (`on_processor`), here with
+// interrupts off, and returns after it.
+unsafe impl Processors for NtProcessors {
+    fn bound(&self) -> u32 {
+        count()
+    }
+    fn present(&self, _i: u32) -> bool {
+        true
+    }
+    fn current(&self) -> u32 {
+        current()
+    }
+    fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
+        on_processor(i, || {
+            // SAFETY: CPL 0, at DISPATCH_LEVEL on processor `i`; paired just below.
+            let flags = unsafe { arch::irq_save() };
+            f();
+            // SAFETY: the flags irq_save took on this processor.
+            unsafe { arch::irq_restore(flags) };
+        })
+        .is_ok()
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        // Windows keeps no shadow of CR4: the register is the truth.
+        &RawCr
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        // VMXON regions belong to the driver, not to a VM: out of the page count and its cap.
+        NtPlatform::os_alloc()
+    }
+    fn free_region(&self, pa: u64) {
+        NtPlatform::os_free(pa)
+    }
 }

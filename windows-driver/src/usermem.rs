@@ -6,7 +6,7 @@
 //! would wrap ProbeForRead/ProbeForWrite and the copy in `__try`; Rust has no SEH. So:
 //!
 //! * both directions first check the range against `MmUserProbeAddress`
-//!   (`smudge_windows::usercopy::user_range_ok`), the range half of ProbeForRead/Write;
+//!   (`smudge_core::abi::windows::user_range_ok`), the range half of ProbeForRead/Write;
 //! * **in** (user -> kernel): `MmCopyMemory(MM_COPY_MEMORY_VIRTUAL)`, documented (ntddk.h,
 //!   Windows 8.1+) to accept "a buffer in the user address space of the current process" and to
 //!   fail, "not crash the system", on an invalid one. It wants a nonpaged target.
@@ -20,8 +20,7 @@
 use core::arch::global_asm;
 use core::ffi::c_void;
 
-use smudge_windows::status::*;
-use smudge_windows::usercopy::user_range_ok;
+use smudge_core::abi::windows::*;
 
 use crate::nt;
 
@@ -60,7 +59,9 @@ pub fn copy_to_user(dst: u64, src: &[u8]) -> Result<(), NtStatus> {
         return Err(STATUS_ACCESS_VIOLATION);
     }
     // CR4.SMAP: supervisor accesses to user pages fault unless RFLAGS.AC is set.
-    let smap = u64::from(crate::cpu::cr4() & smudge_core::regs::CR4_SMAP != 0);
+    // SAFETY: CPL 0 read of CR4.
+    let smap =
+        u64::from(unsafe { smudge_core::arch::read_cr4() } & smudge_core::regs::CR4_SMAP != 0);
     // SAFETY: the destination range lies in user space (checked above), so the routine can
     // only fault, never corrupt kernel memory; a fault is caught by its SEH scope.
     let status = unsafe { smudge_copy_to_user(dst, src.as_ptr(), src.len(), smap) };

@@ -34,6 +34,10 @@ pub struct BochsArgs {
     /// Seconds before the run counts as hung.
     #[arg(long, default_value_t = 240)]
     pub timeout: u64,
+    /// Crash the kernel after the command (`echo c > /proc/sysrq-trigger`) and print the kernel
+    /// log up to the end of the panic.
+    #[arg(long)]
+    pub crash: bool,
     /// The command to run inside (after `--`).
     #[arg(last = true, required = true)]
     pub cmd: Vec<String>,
@@ -60,6 +64,9 @@ pub struct Machine<'a> {
     pub ram_mib: u32,
     /// Load the stub `kvm` module too.
     pub kvm: bool,
+    /// The command ends by crashing the kernel (`echo c > /proc/sysrq-trigger`): the boot ends
+    /// at the panic, and the kernel log up to it becomes the output's last case, `kernel-log`.
+    pub crash: bool,
 }
 
 impl<'a> Machine<'a> {
@@ -70,6 +77,7 @@ impl<'a> Machine<'a> {
             smp,
             ram_mib: 512,
             kvm: false,
+            crash: false,
         }
     }
 }
@@ -312,7 +320,12 @@ pub fn boot(
             break;
         }
         let klog = std::fs::read_to_string(&com1).unwrap_or_default();
-        if klog.contains("Kernel panic") {
+        if m.crash && klog.contains("---[ end Kernel panic") {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        if klog.contains("Kernel panic") && !m.crash {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
@@ -328,8 +341,13 @@ pub fn boot(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let output = std::fs::read_to_string(&com2).unwrap_or_default();
+    let mut output = std::fs::read_to_string(&com2).unwrap_or_default();
     let kernel_log = std::fs::read_to_string(&com1).unwrap_or_default();
+    if m.crash && kernel_log.contains("---[ end Kernel panic") {
+        output = format!(
+            "{output}\n@@CASE kernel-log\n{kernel_log}\n@@RC kernel-log 0\n@@SMUDGE-EXIT 0\n"
+        );
+    }
     let seconds = start.elapsed().as_secs_f64();
     if stream && output.len() > shown {
         print!("{}", &output[shown..]);
@@ -341,7 +359,7 @@ pub fn boot(
         "Kernel panic",
         "WARNING:",
     ] {
-        if kernel_log.contains(bad) {
+        if kernel_log.contains(bad) && !(m.crash && bad == "Kernel panic") {
             bail!(
                 "kernel reported '{bad}' during the run:\n{}",
                 tail(&kernel_log, 60)
@@ -424,8 +442,13 @@ pub fn run_cli(a: BochsArgs) -> Result<()> {
         smp: a.smp,
         ram_mib: a.ram,
         kvm: a.kvm,
+        crash: a.crash,
     };
-    let b = boot(&arts, &m, &a.files, &a.cmd.join(" "), a.timeout, true)?;
+    let mut cmd = a.cmd.join(" ");
+    if a.crash {
+        cmd.push_str("\nsync; echo c > /proc/sysrq-trigger\n");
+    }
+    let b = boot(&arts, &m, &a.files, &cmd, a.timeout, true)?;
     step(&format!(
         "command exited with {} after {:.1} s",
         b.status, b.seconds

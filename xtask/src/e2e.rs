@@ -31,6 +31,9 @@ pub(crate) fn run_cases(
             "echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"
         ));
     }
+    if m.crash {
+        script.push_str("sync; echo c > /proc/sysrq-trigger\n");
+    }
     let b = boot(a, m, files, &script, timeout, false)?;
     let raw = b.output;
     // `boot` drops lines starting with @@SMUDGE; our markers survive.
@@ -326,6 +329,7 @@ pub fn suite() -> Result<()> {
             main_boot(),
             tigerlake_boot(),
             smp_boot(),
+            crash_boot(),
             crate::e2e_hostile::boot(),
             crate::selftests::boot()?,
         ],
@@ -624,6 +628,49 @@ fn tigerlake_boot() -> Boot {
 }
 
 /// Two vCPUs on two CPUs: harvests with the other vCPU kicked out, and CR2 kept across exits.
+/// A kernel crash with smudge loaded on 2 CPUs, one of them running a guest: every CPU leaves
+/// VMX operation on the way down, the crashing one through the panic notifier, the other
+/// through the kernel's emergency virtualization callback (INIT is blocked in VMX operation, so
+/// a CPU left in it would keep kdump's kernel or a reboot from starting it).
+fn crash_boot() -> Boot {
+    let mut b = Boot::on(
+        "a kernel crash with smudge loaded on Bochs corei7_skylake_x with 2 CPUs",
+        Machine {
+            crash: true,
+            ..Machine::new("corei7_skylake_x", 2)
+        },
+    );
+    b.timeout = 300;
+    b.case("hook", "dmesg | grep 'smudge: leaves VMX'");
+    // A guest that spins until the crash, on whichever CPU the scheduler gives it.
+    b.case(
+        "guest",
+        "smudge run /guests/hostile_spin >/dev/null 2>&1 & sleep 2; echo started",
+    );
+    b.check(
+        "a crash leaves VMX operation on every CPU",
+        move |res, _| {
+            let hook = case(res, "hook")?;
+            if !hook.out.contains("on every CPU") {
+                bail!("the kernel's virtualization callback is not in use: {}", hook.out);
+            }
+            let log = &case(res, "kernel-log")?.out;
+            let left: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("left VMX operation"))
+                .collect();
+            for cpu in 0..2 {
+                let want = format!("smudge: CPU {cpu} left VMX operation (CR4.VMXE 0)");
+                if !left.iter().any(|l| l.contains(&want)) {
+                    bail!("no '{want}' before the end of the panic:\n{}", left.join("\n"));
+                }
+            }
+            Ok("both CPUs left VMX operation (CR4.VMXE 0) before the panic ended: one by the panic notifier, one by the emergency callback".into())
+        },
+    );
+    b
+}
+
 fn smp_boot() -> Boot {
     let mut b = Boot::new(
         "end-to-end suite on Bochs corei7_skylake_x with 2 CPUs (2 vCPUs)",

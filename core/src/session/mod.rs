@@ -10,6 +10,7 @@
 //! vCPU, then VM.
 
 pub mod kvm;
+pub mod load;
 pub mod os;
 pub mod share;
 

@@ -5,7 +5,8 @@
 use crate::abi::AbiError;
 use crate::platform::Platform;
 use crate::vcpu::VcpuPages;
-use crate::vmx::hw::{HwVcpu, Processor, VmxCpu};
+use crate::vmx::hw::{HwVcpu, Processor};
+use crate::vmx::root::{self, Processors};
 
 /// Why a request failed, decided once for both OSes; each shim maps it to its error codes
 /// ([`Fail::errno`] on Linux, an NTSTATUS table on Windows).
@@ -144,17 +145,16 @@ pub trait Os: Platform + Sync {
     /// Copies `src` to user memory at `dst`.
     fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail>;
 
+    /// The machine's processors, as VMX operation reaches them (`vmx::root`).
+    fn processors(&self) -> &dyn Processors;
     /// The current CPU's number (only a hint unless preemption is off).
-    fn current_cpu(&self) -> u32;
-    /// Runs `f` on CPU `cpu` and waits; `f` gets the proof of VMX operation there, or None when
-    /// that CPU is not in VMX operation.
-    fn on_cpu(&self, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync));
-    /// Runs `f` on every CPU (as [`Os::on_cpu`]) and waits.
-    fn on_each_cpu(&self, f: &(dyn Fn(Option<&VmxCpu>) + Sync));
+    fn current_cpu(&self) -> u32 {
+        self.processors().current()
+    }
     /// INVEPT all-context on every CPU in VMX operation (SDM 29.4.3.4). (The host tests' model
     /// OS flushes its model CPUs instead.)
     fn invept_everywhere(&self) {
-        self.on_each_cpu(&|c| {
+        root::on_each_cpu(self.processors(), &|c| {
             if let Some(c) = c {
                 let _ = c.invept_all();
             }
@@ -162,7 +162,7 @@ pub trait Os: Platform + Sync {
     }
     /// VMCLEAR of `pages`' VMCS on CPU `cpu`, where it was last active (SDM 25.11.1).
     fn vmclear_on(&self, cpu: u32, pages: &VcpuPages) {
-        self.on_cpu(cpu, &|c| {
+        root::on_cpu(self.processors(), cpu, &|c| {
             if let Some(c) = c {
                 let _ = c.vmclear(pages);
             }
@@ -181,12 +181,19 @@ pub trait Os: Platform + Sync {
     /// Restores what [`Os::irq_save`] returned.
     fn irq_restore(&self, flags: usize);
 
-    /// A signal (or the OS's equivalent) asks the thread back to user space.
-    fn signal_pending(&self) -> bool;
-    /// The OS wants this CPU back (Linux need_resched); the loop then leaves guest mode.
-    fn resched_pending(&self) -> bool;
-    /// Lets the OS reschedule (Linux cond_resched), between stays.
-    fn resched(&self);
+    /// A signal (or the OS's equivalent) asks the thread back to user space. The default: an
+    /// OS without signals for a thread in a driver (Windows), whose [`RunPolicy::slice_ns`]
+    /// brings the thread back instead.
+    fn signal_pending(&self) -> bool {
+        false
+    }
+    /// The OS wants this CPU back (Linux need_resched); the loop then leaves guest mode. The
+    /// default: an OS that bounds each stay instead ([`RunPolicy::stay_ns`]).
+    fn resched_pending(&self) -> bool {
+        false
+    }
+    /// Lets the OS reschedule (Linux cond_resched), between stays. The default: nothing.
+    fn resched(&self) {}
     /// One pause of a thread that waits for the other half of the sharing protocol, after
     /// `waited_ns` of waiting (spin, yield or sleep).
     fn pause(&self, waited_ns: u64);
@@ -195,8 +202,11 @@ pub trait Os: Platform + Sync {
 
     /// How the host maps the page at host-physical `hpa` in its own address space.
     fn host_mapping(&self, hpa: u64) -> Option<HostMapping>;
-    /// The calling process's page-table entry for `va` and its level, if it maps a page.
-    fn user_pte(&self, va: u64) -> Option<(u64, u32)>;
+    /// The calling process's page-table entry for `va` and its level, if it maps a page (the
+    /// tool's read-only mapping of guest RAM). The default: no such mapping.
+    fn user_pte(&self, _va: u64) -> Option<(u64, u32)> {
+        None
+    }
     /// A capability MSR for CAPS (None: absent).
     fn rdmsr(&self, msr: u32) -> Option<u64>;
     /// Pages all VMs of the driver hold (STATS).

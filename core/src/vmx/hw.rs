@@ -116,6 +116,23 @@ fn note_clear(cpu: u32, vmcs: u64) {
     }
 }
 
+/// VMCLEAR of the VMCS CPU `cpu` loaded last, if [`LOADED`] knows one: its data reaches memory
+/// (SDM 25.11.1), where a crash dump finds that guest's state. For the emergency paths, right
+/// before VMXOFF (KVM clears every VMCS loaded on the CPU there).
+///
+/// # Safety
+/// The caller runs on CPU `cpu`, which is in VMX operation, with interrupts off.
+pub unsafe fn clear_last_loaded(cpu: u32) {
+    if let Some(l) = LOADED.get(cpu as usize) {
+        let vmcs = l.swap(0, Ordering::Relaxed);
+        if vmcs != 0 {
+            // SAFETY: VMX operation on this CPU (the caller's contract); `vmcs` is a VMCS region
+            // of the core's that this CPU made current.
+            let _ = unsafe { arch::vmclear(vmcs) };
+        }
+    }
+}
+
 /// Proof that the current CPU is in VMX root operation and stays the current CPU while the
 /// value lives (preemption or interrupts off). Only a shim can know both, so only a shim makes
 /// one; with it, the VMX instructions below are safe to call.
@@ -234,6 +251,26 @@ pub trait Processor {
 pub struct Hardware<'a> {
     ctx: &'a GuestContext,
     debugctl: Option<u64>,
+}
+
+/// Calls `f` with CPU `cpu` where a guest may run, if the driver did VMXON there
+/// (`vmx::root::ROOT`); None otherwise. `debugctl` is the host's IA32_DEBUGCTL (None when it
+/// cannot be read). What each shim's `session::Os::with_guest_context` does between its OS's
+/// "preemption off, FPU saved" and "back on".
+///
+/// # Safety
+/// The caller runs on CPU `cpu` with preemption off and the host's FPU state saved, and keeps
+/// both until this returns.
+pub unsafe fn on_guest_cpu<R>(
+    cpu: u32,
+    debugctl: Option<u64>,
+    f: impl FnOnce(&mut Hardware<'_>) -> R,
+) -> Option<R> {
+    // SAFETY: on `cpu` with preemption off (the caller's contract).
+    let vmx = unsafe { crate::vmx::root::ROOT.here(cpu) }?;
+    // SAFETY: the FPU state saved and preemption off until this returns (the caller's contract).
+    let ctx = unsafe { GuestContext::assume(vmx) };
+    Some(f(&mut Hardware::new(&ctx, debugctl)))
 }
 
 impl<'a> Hardware<'a> {
@@ -387,6 +424,9 @@ pub struct HwVcpu {
     pub launched: bool,
     /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere).
     pub cpu: Option<u32>,
+    /// The generation of VMX operation (`vmx::root::VmxRoot::generation`) in which `cpu` was
+    /// set: a VMCS active across a host sleep is lost.
+    pub generation: u32,
     /// The guest-state area was written.
     pub programmed: bool,
     /// Guest RIP, RSP and RFLAGS between runs (they live in the VMCS, which only the CPU that
@@ -426,6 +466,7 @@ impl HwVcpu {
             fx: FxArea::reset(),
             launched: false,
             cpu: None,
+            generation: 0,
             programmed: false,
             rip: entry,
             rsp: stack_top,
@@ -563,6 +604,15 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         return Ok(HwExit::Exit(RunExit::Hlt));
     }
     let here = cpu.cpu();
+    let generation = crate::vmx::root::ROOT.generation();
+    if vcpu.cpu.is_some() && vcpu.generation != generation {
+        // The processors left VMX operation while this VMCS was active (a host sleep), and its
+        // data went with the processor's power: it cannot be made current again (SDM 25.11.1).
+        return Err(HwError::Vmx {
+            step: "vmptrld (VMCS lost: the host slept while it was active)",
+            fail: VmFail::Invalid,
+        });
+    }
     if vcpu.cpu != Some(here) {
         match vcpu.cpu {
             Some(old) => env.vmclear_on(old, &vcpu.pages),
@@ -570,7 +620,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
             None => step("vmclear", cpu.vmclear(&vcpu.pages))?,
         }
         vcpu.launched = false;
-        vcpu.cpu = Some(here);
+        (vcpu.cpu, vcpu.generation) = (Some(here), generation);
     }
     let started = vm.with(|vm| {
         if !vcpu.programmed {

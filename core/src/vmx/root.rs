@@ -2,10 +2,10 @@
 //! and the rules before VMXON (SDM 24.7, 24.8, A.7, A.8), the same for both drivers. A shim
 //! supplies its processors ([`Processors`]: running a function on one, its control registers,
 //! a page for a region); [`VmxRoot::vmxon_all`] and [`VmxRoot::vmxoff_all`] do the rest. The
-//! emergency paths (reboot, panic) call [`VmxRoot::vmxoff_here`] on the CPU they run on. Part of
+//! emergency paths (reboot, panic, crash, bug check) call [`VmxRoot::emergency_here`] on the CPU they run on. Part of
 //! the arch layer: it executes VMXON and VMXOFF.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::arch::{self, VmFail};
 use crate::platform::Platform;
@@ -54,15 +54,40 @@ pub fn cr4_for_vmxon(cr0: u64, cr4: u64, caps: &VmxCaps) -> Result<u64, CrMismat
     Ok(new)
 }
 
-/// How a shim reads and changes this CPU's control registers (Linux through the kernel's CR4
-/// shadow, Windows directly with interrupts off).
+/// How a shim reads and changes this CPU's control registers: read from the registers by
+/// default; CR4.VMXE written through the kernel's CR4 shadow on Linux, directly with interrupts
+/// off on Windows ([`RawCr`]).
 pub trait ControlRegs {
     /// CR0.
-    fn cr0(&self) -> u64;
+    fn cr0(&self) -> u64 {
+        // SAFETY: a driver runs at ring 0.
+        unsafe { arch::read_cr0() }
+    }
     /// CR4.
-    fn cr4(&self) -> u64;
+    fn cr4(&self) -> u64 {
+        // SAFETY: a driver runs at ring 0.
+        unsafe { arch::read_cr4() }
+    }
     /// Sets or clears CR4.VMXE, and nothing else.
     fn set_vmxe(&self, on: bool);
+}
+
+/// CR0 and CR4 of the processor that runs it, CR4 written directly with interrupts off: for an
+/// OS that keeps no shadow of CR4 (Windows; Linux has one and goes through the kernel).
+pub struct RawCr;
+
+impl ControlRegs for RawCr {
+    fn set_vmxe(&self, on: bool) {
+        // SAFETY: ring 0; interrupts off between the read and the write of CR4 (no handler
+        // rewrites it meanwhile), and only VMXE changes; the OS keeps no shadow (the type's
+        // contract).
+        unsafe {
+            let flags = arch::irq_save();
+            let cr4 = arch::read_cr4();
+            arch::write_cr4(if on { cr4 | CR4_VMXE } else { cr4 & !CR4_VMXE });
+            arch::irq_restore(flags);
+        }
+    }
 }
 
 /// Processors a driver keeps VMX state for (Windows refuses machines with more active ones;
@@ -84,6 +109,8 @@ pub unsafe trait Processors {
     fn bound(&self) -> u32;
     /// False for a number without a processor to use (Linux: an offline CPU).
     fn present(&self, i: u32) -> bool;
+    /// The number of the processor that calls it (only a hint unless preemption is off).
+    fn current(&self) -> u32;
     /// Runs `f` on processor `i` with interrupts off, and returns when it is done; false when
     /// the processor cannot be reached.
     fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool;
@@ -140,6 +167,13 @@ pub enum VmxonFailure {
 pub struct VmxRoot<const N: usize> {
     region: [AtomicU64; N],
     on: [AtomicBool; N],
+    /// How many times VMX operation was started on the processors ([`VmxRoot::vmxon_all`]): a
+    /// VMCS made active in an earlier generation did not survive the VMXOFF between (the
+    /// processor's VMCS data is lost with a host sleep, SDM 25.11.1).
+    generation: AtomicU32,
+    /// Per CPU, CR4 after it left VMX operation in an emergency, with bit 63 set (0: it did not):
+    /// what the CPU that panics reports for the others, whose own messages Linux drops then.
+    left: [AtomicU64; N],
 }
 
 impl<const N: usize> Default for VmxRoot<N> {
@@ -154,7 +188,21 @@ impl<const N: usize> VmxRoot<N> {
         VmxRoot {
             region: [const { AtomicU64::new(0) }; N],
             on: [const { AtomicBool::new(false) }; N],
+            generation: AtomicU32::new(0),
+            left: [const { AtomicU64::new(0) }; N],
         }
+    }
+
+    /// CR4 of CPU `cpu` after it left VMX operation in an emergency
+    /// ([`VmxRoot::emergency_here`]), if it did.
+    pub fn left_in_emergency(&self, cpu: u32) -> Option<u64> {
+        let v = self.left.get(cpu as usize)?.load(Ordering::Acquire);
+        (v != 0).then_some(v & !(1 << 63))
+    }
+
+    /// The current generation of VMX operation (see the field).
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Makes the page at `pa` (4 KiB, zeroed, the driver's) CPU `cpu`'s VMXON region: it starts
@@ -243,9 +291,10 @@ impl<const N: usize> VmxRoot<N> {
         Ok(())
     }
 
-    /// VMX operation on every present processor: a region for each, then VMXON there with
-    /// interrupts off ([`VmxRoot::vmxon_here`]). On a failure every processor leaves VMX
-    /// operation again and the regions go back; the error names the processor and why (None:
+    /// VMX operation on every present processor: a region for each (the one it kept from an
+    /// earlier generation, or a new one), then VMXON there with interrupts off
+    /// ([`VmxRoot::vmxon_here`]). Starts a new generation. On a failure every processor leaves
+    /// VMX operation again and the regions go back; the error names the processor and why (None:
     /// it could not be reached). Returns how many processors are in VMX operation.
     pub fn vmxon_all<P: Platform + ?Sized>(
         &self,
@@ -254,8 +303,18 @@ impl<const N: usize> VmxRoot<N> {
         caps: &VmxCaps,
     ) -> Result<u32, (u32, Option<VmxonFailure>)> {
         let mut n = 0;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
-            let r = match procs.alloc_region() {
+            if self.is_on(i) {
+                n += 1;
+                continue;
+            }
+            let kept = self
+                .region
+                .get(i as usize)
+                .map(|r| r.load(Ordering::Acquire))
+                .filter(|&r| r != 0);
+            let r = match kept.or_else(|| procs.alloc_region()) {
                 Some(pa) if self.set_region(i, pa, p, caps) => {
                     let mut r = Err(None);
                     let cr = procs.cr();
@@ -283,27 +342,57 @@ impl<const N: usize> VmxRoot<N> {
 
     /// VMXOFF wherever this driver did VMXON, then every region back.
     pub fn vmxoff_all(&self, procs: &dyn Processors) {
-        for (i, on) in self.on.iter().enumerate() {
-            if on.load(Ordering::Acquire) {
-                let cr = procs.cr();
-                procs.on(i as u32, &mut || self.vmxoff_here(i as u32, cr));
-            }
-        }
+        self.vmxoff_each(procs);
         self.take_regions(|pa| procs.free_region(pa));
     }
 
+    /// VMXOFF wherever this driver did VMXON; the regions stay for the next
+    /// [`VmxRoot::vmxon_all`] (a host sleep).
+    pub fn vmxoff_each(&self, procs: &dyn Processors) {
+        for (i, on) in self.on.iter().enumerate() {
+            if on.load(Ordering::Acquire) {
+                let cr = procs.cr();
+                procs.on(i as u32, &mut || {
+                    self.vmxoff_here(i as u32, cr);
+                });
+            }
+        }
+    }
+
     /// VMXOFF on the current CPU, number `cpu`, if this driver did VMXON here; clears CR4.VMXE.
-    /// Also what the emergency paths (reboot, panic, crash) call.
-    pub fn vmxoff_here(&self, cpu: u32, cr: &dyn ControlRegs) {
-        if self
+    /// True if it was on. Call with interrupts off.
+    pub fn vmxoff_here(&self, cpu: u32, cr: &dyn ControlRegs) -> bool {
+        self.leave_here(cpu, cr, false)
+    }
+
+    /// What the emergency paths (reboot, panic, crash, bug check) call on the CPU they run on:
+    /// VMCLEAR of the VMCS it loaded last, so that a crash dump holds that guest's state, then
+    /// [`VmxRoot::vmxoff_here`]. INIT is blocked in VMX root operation (SDM 25.8): a CPU left
+    /// in it hangs a reboot and keeps a crash kernel from starting it.
+    pub fn emergency_here(&self, cpu: u32, cr: &dyn ControlRegs) -> bool {
+        self.leave_here(cpu, cr, true)
+    }
+
+    fn leave_here(&self, cpu: u32, cr: &dyn ControlRegs, clear: bool) -> bool {
+        let was_on = self
             .on
             .get(cpu as usize)
-            .is_some_and(|f| f.swap(false, Ordering::AcqRel))
-        {
-            // SAFETY: this driver did VMXON on this CPU (the flag), so it is in VMX operation.
-            let _ = unsafe { arch::vmxoff() };
+            .is_some_and(|f| f.swap(false, Ordering::AcqRel));
+        if was_on {
+            // SAFETY: this driver did VMXON on this CPU (the flag), so it is in VMX operation,
+            // and the caller runs here with interrupts off.
+            unsafe {
+                if clear {
+                    crate::vmx::hw::clear_last_loaded(cpu);
+                }
+                let _ = arch::vmxoff();
+            }
             cr.set_vmxe(false);
+            if let Some(l) = self.left.get(cpu as usize).filter(|_| clear) {
+                l.store(cr.cr4() | 1 << 63, Ordering::Release);
+            }
         }
+        was_on
     }
 }
 

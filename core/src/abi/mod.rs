@@ -8,6 +8,8 @@
 
 use crate::dirty::Mode;
 
+pub mod windows;
+
 /// ABI version; a request with another version is refused.
 pub const VERSION: u32 = 1;
 /// Largest guest RAM (the guest page tables identity-map 4 GiB).
@@ -129,7 +131,13 @@ impl Op {
     /// Windows IOCTL: `CTL_CODE(FILE_DEVICE_UNKNOWN, 0x800 + nr, METHOD_BUFFERED,
     /// FILE_WRITE_ACCESS)`: the I/O manager lets only handles opened for writing send them.
     pub const fn windows_ioctl(self) -> u32 {
-        (0x22 << 16) | (2 << 14) | ((0x800 + self as u32) << 2)
+        use windows::*;
+        ctl_code(
+            FILE_DEVICE_UNKNOWN,
+            0x800 + self as u32,
+            METHOD_BUFFERED,
+            FILE_WRITE_ACCESS,
+        )
     }
 
     /// The request of a Linux ioctl number, if it is one of ours.

@@ -1,0 +1,286 @@
+//! Host tests of the Windows side of the ABI (`smudge_core::abi::windows`): the ioctl codes
+//! and lengths, the NTSTATUS mapping, the user-range rule, the device's DACL and the RUN policy.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod budget {
+    use smudge_core::abi::windows::*;
+
+    #[test]
+    fn the_stay_is_far_below_the_dpc_watchdog_and_the_slice_holds_many_stays() {
+        let (Some(stay), Some(slice)) = (POLICY.stay_ns, POLICY.slice_ns) else {
+            panic!("Windows bounds both");
+        };
+        // The single-DPC watchdog limit is on the order of seconds; 1 ms is three orders below.
+        assert!(stay * 1000 <= 1_000_000_000);
+        assert!(slice >= 10 * stay);
+    }
+
+    #[test]
+    fn waiters_spin_first_then_sleep() {
+        assert_eq!(pause(0), Pause::Spin);
+        assert_eq!(pause(SPIN_NS - 1), Pause::Spin);
+        assert_eq!(pause(SPIN_NS), Pause::Sleep);
+        // The spin lasts a couple of stays; the sleep is relative (negative) and one stay long
+        // (100 ns units).
+        let stay = POLICY.stay_ns.unwrap_or(0);
+        assert!(SPIN_NS >= 2 * stay);
+        assert!(SLEEP < 0 && (-SLEEP as u64) * 100 == stay);
+    }
+}
+
+mod ioctl {
+    use smudge_core::abi::windows::*;
+
+    use smudge_core::abi::Op;
+
+    #[test]
+    fn core_codes_do_not_collide_with_the_version_query_and_are_buffered() {
+        for op in Op::ALL {
+            let code = op.windows_ioctl();
+            assert_ne!(code, IOCTL_SMUDGE_GET_VERSION);
+            assert_eq!(code & 3, METHOD_BUFFERED, "{op:?}");
+            assert_eq!(code >> 16, FILE_DEVICE_UNKNOWN, "{op:?}");
+            assert_eq!(Op::from_windows_ioctl(code), Some(op));
+        }
+        assert_eq!(Op::from_windows_ioctl(IOCTL_SMUDGE_GET_VERSION), None);
+    }
+
+    #[test]
+    fn request_and_response_lengths_are_both_enforced() {
+        // RunReq is two u32 (8 bytes); RunResp is the fields of abi.rs added up.
+        let resp = 4 + 4 + 8 + 8 + 4 + 4 + 256 + smudge_core::abi::MESSAGE_LEN;
+        assert_eq!(check_lengths(Op::Run, 8, resp), Ok(()));
+        assert_eq!(
+            check_lengths(Op::Run, 7, resp),
+            Err(STATUS_INVALID_PARAMETER)
+        );
+        assert_eq!(
+            check_lengths(Op::Run, 8, resp - 1),
+            Err(STATUS_BUFFER_TOO_SMALL)
+        );
+        assert_eq!(check_lengths(Op::Run, 4096, 4096), Ok(()));
+        assert_eq!(Op::Run.response_size(), resp);
+        // Setup answers nothing: an empty output buffer is fine, a short input is not.
+        assert_eq!(check_lengths(Op::Setup, 24, 0), Ok(()));
+        assert_eq!(
+            check_lengths(Op::Setup, 23, 0),
+            Err(STATUS_INVALID_PARAMETER)
+        );
+        // Stats takes only the version word.
+        assert_eq!(
+            check_lengths(Op::Stats, 4, Op::Stats.response_size()),
+            Ok(())
+        );
+        assert_eq!(
+            check_lengths(Op::Stats, 0, Op::Stats.response_size()),
+            Err(STATUS_INVALID_PARAMETER)
+        );
+    }
+
+    #[test]
+    fn ctl_code_matches_the_devioctl_h_formula() {
+        // CTL_CODE(0x22, 0x800, METHOD_BUFFERED, FILE_READ_ACCESS), worked by hand:
+        // 0x22 << 16 = 0x220000, 1 << 14 = 0x4000, 0x800 << 2 = 0x2000 -> 0x226000.
+        assert_eq!(IOCTL_SMUDGE_GET_VERSION, 0x0022_6000);
+        // The method and access fields decode back out of the code (devioctl.h's METHOD_FROM_CTL_CODE).
+        assert_eq!(IOCTL_SMUDGE_GET_VERSION & 3, METHOD_BUFFERED);
+        assert_eq!((IOCTL_SMUDGE_GET_VERSION >> 14) & 3, FILE_READ_ACCESS);
+    }
+
+    fn info() -> VersionInfo {
+        VersionInfo {
+            magic: MAGIC,
+            abi_version: ABI_VERSION,
+            driver_version: 0x000100,
+            features: 0b0011,
+            vmcs_revision: 0x2b,
+            processors: 2,
+        }
+    }
+
+    #[test]
+    fn version_answer_layout() {
+        let mut buf = [0xAAu8; 32];
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut buf, &info()),
+            Ok(24)
+        );
+        assert_eq!(&buf[0..4], b"SMDG");
+        assert_eq!(&buf[4..8], &[1, 0, 0, 0]);
+        assert_eq!(&buf[12..16], &[3, 0, 0, 0]);
+        assert_eq!(&buf[16..20], &[0x2b, 0, 0, 0]);
+        assert_eq!(&buf[20..24], &[2, 0, 0, 0]);
+        // Bytes past the answer are untouched.
+        assert_eq!(&buf[24..], &[0xAA; 8]);
+    }
+
+    #[test]
+    fn lengths_are_validated() {
+        let mut short = [0u8; 23];
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut short, &info()),
+            Err(STATUS_BUFFER_TOO_SMALL)
+        );
+        assert_eq!(short, [0u8; 23]);
+        let mut buf = [0u8; 24];
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 4, &mut buf, &info()),
+            Err(STATUS_INVALID_PARAMETER)
+        );
+        assert_eq!(
+            dispatch(IOCTL_SMUDGE_GET_VERSION, 0, &mut [], &info()),
+            Err(STATUS_BUFFER_TOO_SMALL)
+        );
+    }
+
+    #[test]
+    fn unknown_codes_are_invalid_device_requests() {
+        let mut buf = [0u8; 64];
+        for code in [
+            0,
+            IOCTL_SMUDGE_GET_VERSION ^ 1,
+            ctl_code(FILE_DEVICE_UNKNOWN, 0x801, 0, FILE_READ_ACCESS),
+        ] {
+            assert_eq!(
+                dispatch(code, 0, &mut buf, &info()),
+                Err(STATUS_INVALID_DEVICE_REQUEST)
+            );
+        }
+    }
+}
+
+mod security {
+    use smudge_core::abi::windows::*;
+
+    /// Parses the binary SID back into its string form (MS-DTYP 2.4.2.1), independently of how
+    /// the constants were written.
+    fn sid_string(b: &[u8]) -> String {
+        let auth = b[2..8].iter().fold(0u64, |a, &x| a << 8 | u64::from(x));
+        let mut s = format!("S-{}-{auth}", b[0]);
+        for i in 0..b[1] as usize {
+            let o = 8 + 4 * i;
+            let sub = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            s += &format!("-{sub}");
+        }
+        s
+    }
+
+    #[test]
+    fn sids_are_the_well_known_ones() {
+        assert_eq!(sid_string(&SID_LOCAL_SYSTEM), "S-1-5-18");
+        assert_eq!(sid_string(&SID_ADMINISTRATORS), "S-1-5-32-544");
+        assert_eq!(sid_len(&SID_LOCAL_SYSTEM), SID_LOCAL_SYSTEM.len());
+        assert_eq!(sid_len(&SID_ADMINISTRATORS), SID_ADMINISTRATORS.len());
+    }
+
+    #[test]
+    fn dacl_fits_both_aces() {
+        // 8 + (8 + 12) + (8 + 16).
+        assert_eq!(DACL_LEN, 52);
+        // RtlCreateAcl wants a multiple of 4 (ACLs are DWORD aligned).
+        assert_eq!(DACL_LEN % 4, 0);
+    }
+}
+
+mod status {
+    use smudge_core::abi::windows::*;
+
+    use smudge_core::abi::AbiError;
+    use smudge_core::vmx::admission::Refusal;
+    use smudge_core::vmx::caps::{Reason, Unsupported};
+    use smudge_core::vmx::root::VmxonFailure;
+
+    #[test]
+    fn every_failure_status_has_error_severity() {
+        // ntstatus.h: bits 31:30 are the severity; 3 = error, 2 = warning (STATUS_DEVICE_BUSY is a
+        // warning, which NT_SUCCESS still counts as failure: the value is negative).
+        for s in [
+            STATUS_DEVICE_BUSY,
+            STATUS_INVALID_DEVICE_STATE,
+            STATUS_REVISION_MISMATCH,
+            STATUS_ACCESS_VIOLATION,
+            STATUS_IO_DEVICE_ERROR,
+            STATUS_QUOTA_EXCEEDED,
+            STATUS_WORKING_SET_QUOTA,
+            STATUS_OBJECT_NAME_COLLISION,
+        ] {
+            assert!(s < 0, "{s:#x} must fail NT_SUCCESS");
+        }
+        assert_eq!((STATUS_DEVICE_BUSY as u32) >> 30, 2);
+    }
+
+    #[test]
+    fn refusals_map_to_what_sc_start_reports() {
+        assert_eq!(
+            from_refusal(Refusal::Core(Unsupported {
+                reason: Reason::VmxAbsent
+            })),
+            STATUS_NOT_SUPPORTED
+        );
+        assert_eq!(
+            from_refusal(Refusal::FeatureControlUnlocked),
+            STATUS_DEVICE_CONFIGURATION_ERROR
+        );
+        assert_eq!(from_refusal(Refusal::VmxInUse), STATUS_RESOURCE_IN_USE);
+        assert_eq!(
+            from_refusal(Refusal::VmxHiddenByHypervisor),
+            STATUS_RESOURCE_IN_USE
+        );
+        assert_eq!(
+            from_refusal(Refusal::AsymmetricProcessors),
+            STATUS_HV_FEATURE_UNAVAILABLE
+        );
+        assert_eq!(from_vmxon(None), STATUS_DEVICE_CONFIGURATION_ERROR);
+        assert_eq!(
+            from_vmxon(Some(VmxonFailure::InUse)),
+            STATUS_RESOURCE_IN_USE
+        );
+    }
+
+    #[test]
+    fn abi_errors_map_like_the_linux_errnos() {
+        // Linux: EFAULT for pointers, ENOTTY for unknown requests, EINVAL for the rest.
+        assert_eq!(from_abi(AbiError::BadPointer), STATUS_ACCESS_VIOLATION);
+        assert_eq!(
+            from_abi(AbiError::UnknownRequest),
+            STATUS_INVALID_DEVICE_REQUEST
+        );
+        assert_eq!(from_abi(AbiError::BadMemSize), STATUS_INVALID_PARAMETER);
+        assert_eq!(
+            from_fail(smudge_core::Error::OutOfMemory.into()),
+            STATUS_INSUFFICIENT_RESOURCES
+        );
+        assert_eq!(
+            from_fail(smudge_core::Error::Unsupported.into()),
+            STATUS_NOT_SUPPORTED
+        );
+        assert_eq!(
+            from_fail(smudge_core::Error::GpaOutOfRange.into()),
+            STATUS_INVALID_PARAMETER
+        );
+    }
+}
+
+mod usercopy {
+    use smudge_core::abi::windows::*;
+
+    /// MmUserProbeAddress on x64 Windows (4-level paging): 0x7FFF_FFFF_0000, the 64 KiB below the
+    /// end of the 128 TiB user space being a no-access guard region.
+    const PROBE: u64 = 0x7FFF_FFFF_0000;
+
+    #[test]
+    fn user_ranges_end_at_the_probe_address() {
+        assert!(user_range_ok(0x1000, 0x1000, PROBE));
+        assert!(user_range_ok(PROBE - 8, 8, PROBE));
+        assert!(!user_range_ok(PROBE - 8, 9, PROBE));
+        assert!(!user_range_ok(PROBE, 1, PROBE));
+    }
+
+    #[test]
+    fn kernel_null_empty_and_wrapping_ranges_are_refused() {
+        assert!(!user_range_ok(0xFFFF_F800_0000_0000, 8, PROBE));
+        assert!(!user_range_ok(0, 8, PROBE));
+        assert!(!user_range_ok(0x1000, 0, PROBE));
+        assert!(!user_range_ok(u64::MAX - 3, 8, u64::MAX));
+    }
+}

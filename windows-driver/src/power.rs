@@ -1,0 +1,147 @@
+//! Leaving VMX operation on the way down, and around a sleep. INIT is blocked in VMX root
+//! operation (SDM 25.8), and a sleep loses each processor's VMX state while Windows restores
+//! the CR4 it saved, VMXE included.
+//!
+//! - A bug check runs its callbacks at HIGH_LEVEL on one processor with the others frozen: that
+//!   one VMCLEARs the VMCS it loaded last (its guest's state reaches the dump) and leaves VMX
+//!   operation (core's `VmxRoot::emergency_here`).
+//! - Shutdown (IRP_MJ_SHUTDOWN, PASSIVE_LEVEL): every processor leaves VMX operation and the
+//!   driver unloads its core (`session::load::unload`); later requests fail.
+//! - The power-state callback (PASSIVE_LEVEL): before a sleep every processor leaves VMX
+//!   operation, after it enters it again (`session::load::{suspend, resume}`).
+
+use core::cell::UnsafeCell;
+use core::ffi::c_void;
+use core::ptr::null_mut;
+
+use smudge_core::session::load;
+use smudge_core::vmx::root::{RawCr, ROOT};
+
+use crate::nt::{self, DeviceObject, Irp, NtStatus};
+use crate::platform::{self, NtPlatform};
+use crate::processors::{self, NtProcessors};
+
+/// What the registrations need to live in: the bug-check record (nonpaged, in the image) and the
+/// power-state callback's object and registration.
+struct Registrations {
+    bug_check: UnsafeCell<nt::BugCheckCallbackRecord>,
+    power: UnsafeCell<(*mut c_void, *mut c_void)>,
+}
+
+// SAFETY: written only by `register` (DriverEntry) and `unregister` (DriverUnload, or a failed
+// DriverEntry), which never run at once; the kernel reads the record meanwhile.
+unsafe impl Sync for Registrations {}
+
+static REG: Registrations = Registrations {
+    bug_check: UnsafeCell::new(nt::BugCheckCallbackRecord {
+        entry: nt::ListEntry {
+            flink: null_mut(),
+            blink: null_mut(),
+        },
+        callback_routine: None,
+        buffer: null_mut(),
+        length: 0,
+        component: core::ptr::null(),
+        checksum: 0,
+        state: 0,
+    }),
+    power: UnsafeCell::new((null_mut(), null_mut())),
+};
+
+const POWER_STATE_PATH: &str = r"\Callback\PowerState";
+static POWER_STATE_UTF16: [u16; POWER_STATE_PATH.len()] = nt::utf16(POWER_STATE_PATH);
+static POWER_STATE: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&POWER_STATE_UTF16);
+
+unsafe extern "system" fn on_bug_check(_buffer: *mut c_void, _length: u32) {
+    ROOT.emergency_here(processors::current(), &RawCr);
+}
+
+unsafe extern "system" fn on_power_state(_ctx: *mut c_void, arg1: *mut c_void, arg2: *mut c_void) {
+    if arg1 as usize != nt::PO_CB_SYSTEM_STATE_LOCK {
+        return;
+    }
+    if arg2.is_null() {
+        load::suspend(&NtProcessors);
+    } else if let Err(f) = load::resume(&NtProcessors, &NtPlatform) {
+        crate::log(nt::DPFLTR_ERROR_LEVEL, f.message().as_cstr());
+    }
+}
+
+/// IRP_MJ_SHUTDOWN.
+pub unsafe extern "system" fn dispatch_shutdown(
+    _device: *mut DeviceObject,
+    irp: *mut Irp,
+) -> NtStatus {
+    load::unload(&NtProcessors);
+    platform::drain_deferred();
+    // SAFETY: the IRP is ours until completed.
+    unsafe { crate::complete(irp, 0, 0) }
+}
+
+/// Registers the three; a failure leaves none registered.
+pub fn register(device: *mut DeviceObject) -> Result<(), NtStatus> {
+    // SAFETY: `device` is the driver's device; the record lives in the image (nonpaged) and
+    // stays until `unregister`; the component name is a NUL-terminated static.
+    unsafe {
+        let s = nt::IoRegisterShutdownNotification(device);
+        if s < 0 {
+            return Err(s);
+        }
+        let r = nt::KeRegisterBugCheckCallback(
+            REG.bug_check.get(),
+            on_bug_check,
+            null_mut(),
+            0,
+            c"smudge".as_ptr().cast(),
+        );
+        if r == 0 {
+            nt::IoUnregisterShutdownNotification(device);
+            return Err(smudge_core::abi::windows::STATUS_RESOURCE_IN_USE);
+        }
+        let mut attrs = nt::ObjectAttributes {
+            length: core::mem::size_of::<nt::ObjectAttributes>() as u32,
+            root_directory: null_mut(),
+            object_name: POWER_STATE.as_ptr(),
+            attributes: nt::OBJ_CASE_INSENSITIVE,
+            security_descriptor: null_mut(),
+            security_quality_of_service: null_mut(),
+        };
+        let mut object = null_mut();
+        let s = nt::ExCreateCallback(&mut object, &mut attrs, 0, 1);
+        let registration = if s >= 0 {
+            nt::ExRegisterCallback(object, on_power_state, null_mut())
+        } else {
+            null_mut()
+        };
+        if registration.is_null() {
+            if s >= 0 {
+                nt::ObfDereferenceObject(object);
+            }
+            nt::KeDeregisterBugCheckCallback(REG.bug_check.get());
+            nt::IoUnregisterShutdownNotification(device);
+            return Err(if s < 0 {
+                s
+            } else {
+                smudge_core::abi::windows::STATUS_INSUFFICIENT_RESOURCES
+            });
+        }
+        *REG.power.get() = (object, registration);
+    }
+    Ok(())
+}
+
+/// Undoes [`register`].
+pub fn unregister(device: *mut DeviceObject) {
+    // SAFETY: what `register` registered, once; the power-state registration is removed before
+    // its object is dereferenced.
+    unsafe {
+        let (object, registration) =
+            core::mem::replace(&mut *REG.power.get(), (null_mut(), null_mut()));
+        if !registration.is_null() {
+            nt::ExUnregisterCallback(registration);
+            nt::ObfDereferenceObject(object);
+            nt::KeDeregisterBugCheckCallback(REG.bug_check.get());
+            nt::IoUnregisterShutdownNotification(device);
+        }
+    }
+}

@@ -286,7 +286,12 @@ void smudge_unpin_user_page(unsigned long pfn)
  */
 static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *unused)
 {
+	unsigned long flags;
+
+	/* The reboot notifier runs preemptible: stay on one CPU. */
+	local_irq_save(flags);
 	smudge_rs_emergency_vmxoff();
+	local_irq_restore(flags);
 	smudge_rs_emergency_report();
 	return NOTIFY_DONE;
 }
@@ -297,8 +302,10 @@ void smudge_notifiers_register(void)
 	register_reboot_notifier(&smudge_reboot_nb);
 	atomic_notifier_chain_register(&panic_notifier_list, &smudge_panic_nb);
 #if IS_ENABLED(CONFIG_KVM_X86)
+	/* The kernel holds one such callback: with KVM's registered (kvm_intel loaded), this one
+	 * warns and is ignored, and smudge leaves VMX only where its notifiers run. */
 	cpu_emergency_register_virt_callback(smudge_rs_emergency_vmxoff);
-	pr_info("smudge: leaves VMX on every CPU in a crash or emergency reboot (the kernel's virtualization callback)\n");
+	pr_info("smudge: registered the kernel's virtualization callback: VMX is left on every CPU in a crash or emergency reboot (unless kvm_intel, loaded first, holds the one callback)\n");
 #else
 	pr_info("smudge: leaves VMX only on the CPU that reboots or panics (no CONFIG_KVM_X86: the kernel has no virtualization callback)\n");
 #endif

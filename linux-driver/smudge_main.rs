@@ -256,7 +256,7 @@ impl Os for LinuxOs {
         &self,
         f: impl FnOnce(&mut Hardware<'_>) -> R,
     ) -> core::result::Result<R, Fail> {
-        let debugctl = rdmsr_safe(arch::IA32_DEBUGCTL).value();
+        let debugctl = || rdmsr_safe(arch::IA32_DEBUGCTL).value();
         // SAFETY: kernel_fpu_begin disables preemption and saves the task's FPU state until
         // kernel_fpu_end; the TSS limit is marked stale while still on the CPU of the VM exits,
         // so Linux reloads TR before a task with an I/O bitmap runs (SDM 28.5.2 sets it to 0x67).
@@ -635,7 +635,8 @@ unsafe impl Processors for LinuxCpus {
 /// on the CPU they run on.
 #[no_mangle]
 pub extern "C" fn smudge_rs_emergency_vmxoff() {
-    // SAFETY: a notifier or an NMI/IPI handler on this CPU, with interrupts off.
+    // SAFETY: a notifier or an NMI/IPI handler on this CPU, with interrupts off (helpers.c turns
+    // them off around the reboot notifier's call).
     ROOT.emergency_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
 }
 
@@ -644,9 +645,15 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
 #[no_mangle]
 pub extern "C" fn smudge_rs_emergency_report() {
     for cpu in 0..LinuxCpus.bound() {
-        if let Some(cr4) = ROOT.left_in_emergency(cpu) {
+        if let Some((off, cr4)) = ROOT.left_in_emergency(cpu) {
             let vmxe = u8::from(cr4 & smudge_core::regs::CR4_VMXE != 0);
-            pr_emerg!("CPU {} left VMX operation (CR4.VMXE {})\n", cpu, vmxe);
+            let how = if off { "VMXOFF" } else { "VMXOFF FAILED" };
+            pr_emerg!(
+                "CPU {} left VMX operation ({}, CR4.VMXE {})\n",
+                cpu,
+                how,
+                vmxe
+            );
         }
     }
 }

@@ -434,7 +434,8 @@ pub unsafe fn write_cr8(value: u64) {
 pub unsafe fn irq_save() -> u64 {
     let flags: u64;
     // SAFETY: ring 0 may clear IF (caller); the stack push and pop are balanced.
-    unsafe { asm!("pushfq", "pop {}", "cli", out(reg) flags, options(nomem)) };
+    // Not `nomem`: a compiler barrier, so no memory access moves out of the section.
+    unsafe { asm!("pushfq", "pop {}", "cli", out(reg) flags) };
     flags
 }
 
@@ -444,7 +445,7 @@ pub unsafe fn irq_save() -> u64 {
 /// `flags` came from [`irq_save`] on this processor (only IF differs from now).
 pub unsafe fn irq_restore(flags: u64) {
     // SAFETY: the caller's contract.
-    unsafe { asm!("push {}", "popfq", in(reg) flags, options(nomem)) };
+    unsafe { asm!("push {}", "popfq", in(reg) flags) };
 }
 
 /// IA32_KERNEL_GS_BASE: not switched by the VMCS, and the guest's SWAPGS (which no control

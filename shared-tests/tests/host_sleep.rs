@@ -40,11 +40,17 @@ fn run(
 }
 
 #[test]
-fn a_vcpu_active_across_a_host_sleep_stops_and_new_vms_run() {
-    let (d, os) = smudge_tests::session_model::skylake::<false>(1);
+fn a_vcpu_that_ran_before_a_host_sleep_stops_on_any_cpu_and_new_vms_run() {
+    let (d, os) = smudge_tests::session_model::skylake::<false>(2);
     let mut s = Session::new();
+    let mut t = Session::new();
+    os.migrate_to(0);
     let steps = vec![Step::Write(0x20_0000), Step::Checkpoint, Step::Exit(0)];
-    assert_eq!(run(&s, &os, &d, Some(steps)).kind, exit_kind::CHECKPOINT);
+    assert_eq!(
+        run(&s, &os, &d, Some(steps.clone())).kind,
+        exit_kind::CHECKPOINT
+    );
+    assert_eq!(run(&t, &os, &d, Some(steps)).kind, exit_kind::CHECKPOINT);
 
     // The host sleeps and wakes.
     let before = ROOT.generation();
@@ -52,17 +58,23 @@ fn a_vcpu_active_across_a_host_sleep_stops_and_new_vms_run() {
     assert_eq!(ROOT.vmxon_all(&NoVmx, &os.p, &d.caps), Ok(0));
     assert_eq!(ROOT.generation(), before + 1);
 
-    let r = run(&s, &os, &d, None);
-    let msg = String::from_utf8_lossy(&r.message);
-    assert_eq!(r.kind, exit_kind::ERROR, "{msg}");
-    assert!(msg.contains("the host slept"), "{msg}");
-    // The vCPU stays stopped; the session still releases everything.
-    assert_eq!(run(&s, &os, &d, None).kind, exit_kind::HLT);
+    // On the CPU it ran on, and on another one (where the session first VMCLEARs it on its old
+    // CPU): the programmed VMCS is not made current again.
+    for (session, cpu) in [(&s, 0), (&t, 1)] {
+        os.migrate_to(cpu);
+        let r = run(session, &os, &d, None);
+        let msg = String::from_utf8_lossy(&r.message);
+        assert_eq!(r.kind, exit_kind::ERROR, "CPU {cpu}: {msg}");
+        assert!(msg.contains("the host slept"), "{msg}");
+        // The vCPU stays stopped.
+        assert_eq!(run(session, &os, &d, None).kind, exit_kind::HLT);
+    }
     s.release(&os);
-
-    let mut t = Session::new();
-    let steps = vec![Step::Write(0x20_0000), Step::Exit(0)];
-    assert_eq!(run(&t, &os, &d, Some(steps)).kind, exit_kind::EXIT);
     t.release(&os);
+
+    let mut u = Session::new();
+    let steps = vec![Step::Write(0x20_0000), Step::Exit(0)];
+    assert_eq!(run(&u, &os, &d, Some(steps)).kind, exit_kind::EXIT);
+    u.release(&os);
     os.p.assert_all_freed();
 }

@@ -188,6 +188,18 @@ fn vmxon_stops_at_a_processor_that_cannot_enter_and_returns_every_region() {
     );
     assert!((0..4).all(|i| !root.is_on(i)));
     f.p.assert_all_freed();
+    // A region kept from an earlier generation (a host sleep) is used again: with no page left
+    // to allocate, VMXON is still tried, and refused for the other VMM, not for want of a region.
+    let kept = f.p.alloc_page().expect("page");
+    assert!(root.set_region(0, kept, &f.p, &caps));
+    f.pages_left.store(0, Ordering::SeqCst);
+    let generation = root.generation();
+    assert_eq!(
+        root.vmxon_all(&f, &f.p, &caps),
+        Err((0, Some(VmxonFailure::InUse)))
+    );
+    assert_eq!(root.generation(), generation + 1, "a new generation");
+    f.p.assert_all_freed();
     // CR0 without NE breaks the fixed bits: named, CR4.VMXE never set, the region returned.
     let mut g = Fake::new();
     g.cr0[0] = CR0 & !0x20;

@@ -284,3 +284,43 @@ mod usercopy {
         assert!(!user_range_ok(u64::MAX - 3, 8, u64::MAX));
     }
 }
+
+mod version {
+    use smudge_core::abi::windows::*;
+    use smudge_core::session::load::Loaded;
+    use smudge_core::session::Driver;
+
+    /// The version query of a loaded driver: the capabilities it loaded with, its processors and
+    /// the Cargo version packed as major << 16 | minor << 8 | patch (a component above 255
+    /// saturates).
+    #[test]
+    fn the_version_answer_follows_the_loaded_driver() {
+        let caps = smudge_tests::fixtures::all_caps()
+            .into_iter()
+            .find(|(n, _)| n.contains("skylake_x"))
+            .map(|(_, c)| c)
+            .expect("fixture");
+        let mode = caps.choose_mode(false).expect("mode");
+        let loaded = Loaded {
+            cpus: 3,
+            driver: Driver {
+                caps,
+                mode,
+                duties: smudge_core::spec::Duties::NONE,
+                probe: false,
+            },
+        };
+        let v = VersionInfo::of(&loaded, "1", "12", "300");
+        assert_eq!(v.magic, u32::from_le_bytes(*b"SMDG"));
+        assert_eq!(v.driver_version, 1 << 16 | 12 << 8 | 255);
+        assert_eq!(v.processors, 3);
+        assert_eq!(v.vmcs_revision, caps.revision_id());
+        // bit 0 EPT A/D, 1 PML, 2 VPID, 3 unrestricted guest; the mode in bits 15:8.
+        let bits = u32::from(caps.ept_ad())
+            | u32::from(caps.pml()) << 1
+            | u32::from(caps.vpid()) << 2
+            | u32::from(caps.unrestricted_guest()) << 3
+            | (mode as u32) << 8;
+        assert_eq!(v.features, bits);
+    }
+}

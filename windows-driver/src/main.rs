@@ -355,10 +355,11 @@ unsafe extern "system" fn dispatch_device_control(
                 env!("CARGO_PKG_VERSION_PATCH"),
             )
         });
-        let info = info.unwrap_or_default();
-        match ioctl::dispatch(code, input_len, output, &info) {
-            Ok(n) => (STATUS_SUCCESS, n),
-            Err(status) => (status, 0),
+        // After a shutdown unloaded the core, there is no version to give.
+        match info.map(|i| ioctl::dispatch(code, input_len, output, &i)) {
+            Some(Ok(n)) => (STATUS_SUCCESS, n),
+            Some(Err(status)) => (status, 0),
+            None => (STATUS_INVALID_DEVICE_STATE, 0),
         }
     };
     // SAFETY: the IRP is ours until completed; no slice of its buffer is used past this point.

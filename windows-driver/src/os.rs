@@ -56,7 +56,7 @@ impl Os for NtPlatform {
             return Err(Fail::Io);
         }
         // SAFETY: IA32_DEBUGCTL is architectural on every Intel 64 processor; CPL 0.
-        let debugctl = Some(unsafe { arch::rdmsr(arch::IA32_DEBUGCTL) });
+        let debugctl = || Some(unsafe { arch::rdmsr(arch::IA32_DEBUGCTL) });
         // SAFETY: from PASSIVE_LEVEL to DISPATCH_LEVEL and back: no preemption in between, so
         // the thread stays on this processor, with the legacy FPU state saved around it.
         let r = unsafe {

@@ -2,9 +2,10 @@
 //! operation (SDM 25.8), and a sleep loses each processor's VMX state while Windows restores
 //! the CR4 it saved, VMXE included.
 //!
-//! - A bug check runs its callbacks at HIGH_LEVEL on one processor with the others frozen: that
-//!   one VMCLEARs the VMCS it loaded last (its guest's state reaches the dump) and leaves VMX
-//!   operation (core's `VmxRoot::emergency_here`).
+//! - A bug check runs its callbacks at HIGH_LEVEL on one processor with the others frozen, after
+//!   the crash dump is written: that processor VMCLEARs the VMCS it loaded last and leaves VMX
+//!   operation (core's `VmxRoot::emergency_here`), so the reset that follows is not blocked
+//!   there.
 //! - Shutdown (IRP_MJ_SHUTDOWN, PASSIVE_LEVEL): every processor leaves VMX operation and the
 //!   driver unloads its core (`session::load::unload`); later requests fail.
 //! - The power-state callback (PASSIVE_LEVEL): before a sleep every processor leaves VMX
@@ -57,7 +58,8 @@ unsafe extern "system" fn on_bug_check(_buffer: *mut c_void, _length: u32) {
 }
 
 unsafe extern "system" fn on_power_state(_ctx: *mut c_void, arg1: *mut c_void, arg2: *mut c_void) {
-    if arg1 as usize != nt::PO_CB_SYSTEM_STATE_LOCK {
+    // Reaching every processor needs PASSIVE_LEVEL, where Windows calls this callback.
+    if arg1 as usize != nt::PO_CB_SYSTEM_STATE_LOCK || crate::cpu::irql() != 0 {
         return;
     }
     if arg2.is_null() {

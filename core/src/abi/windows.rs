@@ -248,7 +248,6 @@ pub const fn from_vmxon(f: Option<VmxonFailure>) -> NtStatus {
     }
 }
 
-/// The NTSTATUS of a failed session request (Linux: `Fail::errno`).
 /// The NTSTATUS DriverEntry returns for a failed load (what `sc start` reports).
 pub const fn from_load(f: LoadFailure) -> NtStatus {
     match f {
@@ -260,6 +259,7 @@ pub const fn from_load(f: LoadFailure) -> NtStatus {
     }
 }
 
+/// The NTSTATUS of a failed session request (Linux: `Fail::errno`).
 pub const fn from_fail(f: crate::session::Fail) -> NtStatus {
     use crate::session::Fail as F;
     match f {

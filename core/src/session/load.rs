@@ -22,6 +22,10 @@ use super::Driver;
 /// request), so no reference outlives an unload.
 static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
 
+/// Held by [`load`], [`unload`], [`suspend`] and [`resume`] for their whole run: one at a time
+/// (Windows may deliver a shutdown while the power callback runs). Taken before [`LOADED`].
+static LIFECYCLE: Mutex<()> = Mutex::new(());
+
 /// The loaded driver's state, or None before [`load`] and after [`unload`].
 pub fn driver() -> Option<Driver> {
     loaded().map(|l| l.driver)
@@ -144,6 +148,7 @@ pub fn load<P: Platform + ?Sized>(
     duties: Duties,
     probe: bool,
 ) -> Result<Loaded, LoadFailure> {
+    let _one = LIFECYCLE.lock();
     if (MAX_CPUS as u32..procs.bound()).any(|i| procs.present(i)) {
         return Err(LoadFailure::TooManyProcessors);
     }
@@ -167,23 +172,28 @@ pub fn load<P: Platform + ?Sized>(
 /// Unloads: VMXOFF wherever [`load`] did VMXON, the regions back, no [`Driver`] any more. Call
 /// once no session exists (the device is gone).
 pub fn unload(procs: &dyn Processors) {
+    let _one = LIFECYCLE.lock();
     *LOADED.lock() = None;
     ROOT.vmxoff_all(procs);
 }
 
 /// The host is about to sleep (Windows's power-state callback, at PASSIVE_LEVEL): every
 /// processor leaves VMX operation, so that the OS saves and restores a CR4 without VMXE, and
-/// its VMXON region stays for [`resume`]. A vCPU whose VMCS was active then cannot run again:
-/// the processor's copy of it is lost with its power, and its next RUN fails with a VMX error
-/// that says so. VMs made after the wake run.
+/// its VMXON region stays for [`resume`]. A vCPU that ran before cannot run again: the
+/// processor's copy of an active VMCS is lost with its power (`vmx::hw::run` stops it with a
+/// VMX error that says so, on any CPU). VMs made after the wake run.
 pub fn suspend(procs: &dyn Processors) {
-    ROOT.vmxoff_each(procs);
+    let _one = LIFECYCLE.lock();
+    if loaded().is_some() {
+        ROOT.vmxoff_each(procs);
+    }
 }
 
 /// The host woke up: VMX operation on every processor again, with the loaded driver's
 /// capabilities. On failure no processor is in VMX operation, so RUNs fail (`Fail::Io`) and
 /// the driver can only be unloaded.
 pub fn resume<P: Platform + ?Sized>(procs: &dyn Processors, p: &P) -> Result<u32, LoadFailure> {
+    let _one = LIFECYCLE.lock();
     let Some(l) = loaded() else {
         return Ok(0);
     };

@@ -133,6 +133,13 @@ pub unsafe fn clear_last_loaded(cpu: u32) {
     }
 }
 
+/// Forgets CPU `cpu`'s last VMPTRLD: it left VMX operation, where no VMCS is current.
+pub fn forget_loaded(cpu: u32) {
+    if let Some(l) = LOADED.get(cpu as usize) {
+        l.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Proof that the current CPU is in VMX root operation and stays the current CPU while the
 /// value lives (preemption or interrupts off). Only a shim can know both, so only a shim makes
 /// one; with it, the VMX instructions below are safe to call.
@@ -254,8 +261,8 @@ pub struct Hardware<'a> {
 }
 
 /// Calls `f` with CPU `cpu` where a guest may run, if the driver did VMXON there
-/// (`vmx::root::ROOT`); None otherwise. `debugctl` is the host's IA32_DEBUGCTL (None when it
-/// cannot be read). What each shim's `session::Os::with_guest_context` does between its OS's
+/// (`vmx::root::ROOT`); None otherwise. `debugctl` reads this CPU's IA32_DEBUGCTL (None when
+/// it cannot be read). What each shim's `session::Os::with_guest_context` does between its OS's
 /// "preemption off, FPU saved" and "back on".
 ///
 /// # Safety
@@ -263,14 +270,14 @@ pub struct Hardware<'a> {
 /// both until this returns.
 pub unsafe fn on_guest_cpu<R>(
     cpu: u32,
-    debugctl: Option<u64>,
+    debugctl: impl FnOnce() -> Option<u64>,
     f: impl FnOnce(&mut Hardware<'_>) -> R,
 ) -> Option<R> {
     // SAFETY: on `cpu` with preemption off (the caller's contract).
     let vmx = unsafe { crate::vmx::root::ROOT.here(cpu) }?;
     // SAFETY: the FPU state saved and preemption off until this returns (the caller's contract).
     let ctx = unsafe { GuestContext::assume(vmx) };
-    Some(f(&mut Hardware::new(&ctx, debugctl)))
+    Some(f(&mut Hardware::new(&ctx, debugctl())))
 }
 
 impl<'a> Hardware<'a> {
@@ -424,8 +431,8 @@ pub struct HwVcpu {
     pub launched: bool,
     /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere).
     pub cpu: Option<u32>,
-    /// The generation of VMX operation (`vmx::root::VmxRoot::generation`) in which `cpu` was
-    /// set: a VMCS active across a host sleep is lost.
+    /// The generation of VMX operation (`vmx::root::VmxRoot::generation`) of its last run: a
+    /// programmed VMCS does not survive into the next one (a host sleep).
     pub generation: u32,
     /// The guest-state area was written.
     pub programmed: bool,
@@ -605,14 +612,16 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     }
     let here = cpu.cpu();
     let generation = crate::vmx::root::ROOT.generation();
-    if vcpu.cpu.is_some() && vcpu.generation != generation {
-        // The processors left VMX operation while this VMCS was active (a host sleep), and its
-        // data went with the processor's power: it cannot be made current again (SDM 25.11.1).
+    if vcpu.programmed && vcpu.generation != generation {
+        // The processors left VMX operation after this VMCS was programmed (a host sleep), and
+        // the data of an active VMCS went with the processor's power: it cannot be made current
+        // again, on this CPU or another (SDM 25.11.1).
         return Err(HwError::Vmx {
             step: "vmptrld (VMCS lost: the host slept while it was active)",
             fail: VmFail::Invalid,
         });
     }
+    vcpu.generation = generation;
     if vcpu.cpu != Some(here) {
         match vcpu.cpu {
             Some(old) => env.vmclear_on(old, &vcpu.pages),
@@ -620,7 +629,7 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
             None => step("vmclear", cpu.vmclear(&vcpu.pages))?,
         }
         vcpu.launched = false;
-        (vcpu.cpu, vcpu.generation) = (Some(here), generation);
+        vcpu.cpu = Some(here);
     }
     let started = vm.with(|vm| {
         if !vcpu.programmed {

@@ -171,8 +171,9 @@ pub struct VmxRoot<const N: usize> {
     /// VMCS made active in an earlier generation did not survive the VMXOFF between (the
     /// processor's VMCS data is lost with a host sleep, SDM 25.11.1).
     generation: AtomicU32,
-    /// Per CPU, CR4 after it left VMX operation in an emergency, with bit 63 set (0: it did not):
-    /// what the CPU that panics reports for the others, whose own messages Linux drops then.
+    /// Per CPU, how it left VMX operation in an emergency (0: it did not): bit 63 set, bit 62
+    /// when VMXOFF succeeded, CR4 after it below. What the CPU that panics reports for the
+    /// others, whose own messages Linux drops then.
     left: [AtomicU64; N],
 }
 
@@ -193,11 +194,11 @@ impl<const N: usize> VmxRoot<N> {
         }
     }
 
-    /// CR4 of CPU `cpu` after it left VMX operation in an emergency
-    /// ([`VmxRoot::emergency_here`]), if it did.
-    pub fn left_in_emergency(&self, cpu: u32) -> Option<u64> {
+    /// Whether VMXOFF succeeded and CR4 after it, on CPU `cpu`, if it left VMX operation in an
+    /// emergency ([`VmxRoot::emergency_here`]).
+    pub fn left_in_emergency(&self, cpu: u32) -> Option<(bool, u64)> {
         let v = self.left.get(cpu as usize)?.load(Ordering::Acquire);
-        (v != 0).then_some(v & !(1 << 63))
+        (v != 0).then_some((v & 1 << 62 != 0, v & !(3 << 62)))
     }
 
     /// The current generation of VMX operation (see the field).
@@ -306,8 +307,18 @@ impl<const N: usize> VmxRoot<N> {
         self.generation.fetch_add(1, Ordering::AcqRel);
         for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
             if self.is_on(i) {
-                n += 1;
-                continue;
+                // Still in VMX operation (CR4.VMXE set there), or it lost it in a sleep that
+                // VMXOFF could not reach it before: then the flag is stale.
+                let (cr, mut still) = (procs.cr(), false);
+                procs.on(i, &mut || still = cr.cr4() & CR4_VMXE != 0);
+                if still {
+                    n += 1;
+                    continue;
+                }
+                if let Some(f) = self.on.get(i as usize) {
+                    f.store(false, Ordering::Release);
+                }
+                crate::vmx::hw::forget_loaded(i);
             }
             let kept = self
                 .region
@@ -381,15 +392,17 @@ impl<const N: usize> VmxRoot<N> {
         if was_on {
             // SAFETY: this driver did VMXON on this CPU (the flag), so it is in VMX operation,
             // and the caller runs here with interrupts off.
-            unsafe {
+            let off = unsafe {
                 if clear {
                     crate::vmx::hw::clear_last_loaded(cpu);
                 }
-                let _ = arch::vmxoff();
-            }
+                arch::vmxoff()
+            };
+            crate::vmx::hw::forget_loaded(cpu);
             cr.set_vmxe(false);
             if let Some(l) = self.left.get(cpu as usize).filter(|_| clear) {
-                l.store(cr.cr4() | 1 << 63, Ordering::Release);
+                let ok = u64::from(off.is_ok()) << 62;
+                l.store(cr.cr4() | ok | 1 << 63, Ordering::Release);
             }
         }
         was_on

@@ -38,6 +38,8 @@ void smudge_rs_release(void *priv);
 long smudge_rs_ioctl(void *priv, unsigned int cmd, unsigned long arg);
 void smudge_rs_emergency_vmxoff(void);
 void smudge_rs_emergency_report(void);
+int smudge_rs_cpu_online(unsigned int cpu);
+void smudge_rs_cpu_offline(unsigned int cpu);
 
 /* Module parameters: fault injection, the driver-wide page count (read-only; core's
  * hostmem::PageBudget updates it atomically) and its cap (0: core's default, half of RAM). */
@@ -317,6 +319,34 @@ void smudge_notifiers_unregister(void)
 #endif
 	atomic_notifier_chain_unregister(&panic_notifier_list, &smudge_panic_nb);
 	unregister_reboot_notifier(&smudge_reboot_nb);
+}
+
+/*
+ * CPU hotplug: a CPU going offline leaves VMX operation first (INIT, which brings it back, is
+ * blocked in VMX root operation), one coming online enters it. Both run on that CPU
+ * (CPUHP_AP_ONLINE_DYN). Module init holds the CPU-hotplug lock from the load to the
+ * registration, so no CPU changes in between.
+ */
+static int smudge_hp_state = -1;
+static int smudge_cpu_up(unsigned int cpu) { return smudge_rs_cpu_online(cpu); }
+static int smudge_cpu_down(unsigned int cpu) { smudge_rs_cpu_offline(cpu); return 0; }
+void smudge_cpus_hold(void) { cpus_read_lock(); }
+void smudge_cpus_release(void) { cpus_read_unlock(); }
+int smudge_hotplug_register(void)
+{
+	int r = cpuhp_setup_state_nocalls_cpuslocked(CPUHP_AP_ONLINE_DYN, "smudge:online",
+						      smudge_cpu_up, smudge_cpu_down);
+
+	if (r < 0)
+		return r;
+	smudge_hp_state = r;
+	return 0;
+}
+void smudge_hotplug_unregister(void)
+{
+	if (smudge_hp_state >= 0)
+		cpuhp_remove_state_nocalls(smudge_hp_state);
+	smudge_hp_state = -1;
 }
 
 unsigned long smudge_irq_save(void) { unsigned long f; local_irq_save(f); return f; }

@@ -49,6 +49,10 @@ extern "C" {
     fn smudge_misc_register() -> i32;
     fn smudge_misc_deregister();
     fn smudge_notifiers_register();
+    fn smudge_cpus_hold();
+    fn smudge_cpus_release();
+    fn smudge_hotplug_register() -> i32;
+    fn smudge_hotplug_unregister();
     fn smudge_notifiers_unregister();
     fn smudge_irq_save() -> usize;
     fn smudge_irq_restore(flags: usize);
@@ -640,6 +644,24 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
     ROOT.emergency_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
 }
 
+/// CPU hotplug: `cpu` came online (run on it). 0 or -errno (the CPU then does not come online).
+#[no_mangle]
+pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
+    match load::cpu_online(&LinuxCpus, &LinuxOs, cpu) {
+        Ok(()) => 0,
+        Err(f) => {
+            pr_err!("{}\n", f.message().as_str());
+            -f.errno()
+        }
+    }
+}
+
+/// CPU hotplug: `cpu` goes offline (run on it).
+#[no_mangle]
+pub extern "C" fn smudge_rs_cpu_offline(cpu: u32) {
+    load::cpu_offline(&LinuxCpus, cpu);
+}
+
 /// Called by the reboot and panic notifiers after [`smudge_rs_emergency_vmxoff`]: one line per
 /// CPU that left VMX operation on the way down.
 #[no_mangle]
@@ -681,10 +703,24 @@ impl kernel::Module for Smudge {
         };
         let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
         let here = || admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr);
+        // SAFETY: the CPU-hotplug lock, held from the load to the hotplug registration.
+        unsafe { smudge_cpus_hold() };
         let loaded = load::load(&LinuxCpus, &LinuxOs, &here, duties, probe).map_err(|f| {
             pr_err!("{}\n", f.message().as_str());
             Error::from_errno(-f.errno())
-        })?;
+        });
+        // SAFETY: with the CPU-hotplug lock held, as the registration requires; then released.
+        let hotplug = unsafe {
+            let r = loaded.as_ref().map(|_| smudge_hotplug_register());
+            smudge_cpus_release();
+            r
+        };
+        let loaded = loaded?;
+        if let Ok(e @ ..=-1) = hotplug {
+            pr_err!("cannot follow CPU hotplug ({})\n", e);
+            teardown();
+            return Err(Error::from_errno(e));
+        }
         // SAFETY: registers the notifiers and the misc device (C glue).
         unsafe { smudge_notifiers_register() };
         // SAFETY: C glue.
@@ -713,6 +749,8 @@ impl kernel::Module for Smudge {
 }
 
 fn teardown() {
+    // SAFETY: C glue (nothing when not registered).
+    unsafe { smudge_hotplug_unregister() };
     load::unload(&LinuxCpus);
 }
 

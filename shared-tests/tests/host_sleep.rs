@@ -1,13 +1,57 @@
-//! A host sleep (Windows's power-state callback: `session::load::suspend`, then `resume`)
-//! starts a new generation of VMX operation. A vCPU whose VMCS was active before it cannot run
-//! again (the processor's copy of the VMCS is lost with its power, SDM 25.11.1): its RUN says so
-//! instead of making the stale region current. A VM made after the wake runs. Its own test
-//! binary: it changes the driver-wide `vmx::root::ROOT`.
+//! A CPU that leaves VMX operation and enters it again (a host sleep: `session::load::suspend`
+//! and `resume`; a CPU taken offline and back: `cpu_offline`, `cpu_online`) starts a new epoch
+//! there. A vCPU whose VMCS was active on it cannot run again (VMXOFF does not write an active
+//! VMCS back, and the processor's copy is lost with its power, SDM 25.11.1): its RUN says so
+//! instead of making the stale region current, on that CPU or another. A VM made after runs.
+//! Its own test binary: it changes the driver-wide `vmx::root::ROOT`.
 
 use smudge_core::abi::{self, exit_kind, Op, Wire};
+use smudge_core::regs::CR4_VMXE;
 use smudge_core::session::{Driver, Session};
-use smudge_core::vmx::root::ROOT;
-use smudge_tests::session_model::{MockOs, NoVmx, Step};
+use smudge_core::vmx::root::{ControlRegs, Processors, VmxonFailure, ROOT};
+use smudge_tests::session_model::{MockOs, Step};
+
+/// Two processors whose VMX operation another VMM holds (CR4.VMXE set): a VMXON there is
+/// refused before the instruction, after the driver started a new epoch on it, as a wake or a
+/// CPU coming online does. (The VMXON itself runs under Bochs.)
+struct Taken<'a>(&'a smudge_tests::MockPlatform);
+
+impl ControlRegs for Taken<'_> {
+    fn cr0(&self) -> u64 {
+        0x8005_0033
+    }
+    fn cr4(&self) -> u64 {
+        0x6f8 | CR4_VMXE
+    }
+    fn set_vmxe(&self, _on: bool) {}
+}
+
+// SAFETY: `on` runs `f` in place and returns after it; this driver never enters VMX operation
+// on these processors (VMXON is refused before the instruction), so no proof is handed out.
+unsafe impl Processors for Taken<'_> {
+    fn bound(&self) -> u32 {
+        2
+    }
+    fn present(&self, _i: u32) -> bool {
+        true
+    }
+    fn current(&self) -> u32 {
+        0
+    }
+    fn on(&self, _i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
+        f();
+        true
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        self
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        smudge_core::platform::Platform::alloc_page(self.0).ok()
+    }
+    fn free_region(&self, pa: u64) {
+        smudge_core::platform::Platform::free_page(self.0, pa)
+    }
+}
 
 /// SETUP with one vCPU, then RUN of vCPU 0 with the model guest `steps`.
 fn run(
@@ -40,7 +84,7 @@ fn run(
 }
 
 #[test]
-fn a_vcpu_that_ran_before_a_host_sleep_stops_on_any_cpu_and_new_vms_run() {
+fn a_vcpu_whose_cpu_left_vmx_operation_stops_on_any_cpu_and_new_vms_run() {
     let (d, os) = smudge_tests::session_model::skylake::<false>(2);
     let mut s = Session::new();
     let mut t = Session::new();
@@ -52,11 +96,18 @@ fn a_vcpu_that_ran_before_a_host_sleep_stops_on_any_cpu_and_new_vms_run() {
     );
     assert_eq!(run(&t, &os, &d, Some(steps)).kind, exit_kind::CHECKPOINT);
 
-    // The host sleeps and wakes.
-    let before = ROOT.generation();
-    ROOT.vmxoff_each(&NoVmx);
-    assert_eq!(ROOT.vmxon_all(&NoVmx, &os.p, &d.caps), Ok(0));
-    assert_eq!(ROOT.generation(), before + 1);
+    // Both CPUs enter VMX operation again (a wake; a CPU back online): a new epoch on each.
+    let before = [ROOT.epoch(0), ROOT.epoch(1)];
+    let procs = Taken(&os.p);
+    for cpu in 0..2 {
+        let r = ROOT.vmxon_one(&procs, &os.p, &d.caps, cpu);
+        assert_eq!(r, Err(Some(VmxonFailure::InUse)));
+    }
+    ROOT.vmxoff_all(&procs);
+    assert_eq!(
+        [ROOT.epoch(0), ROOT.epoch(1)],
+        [before[0] + 1, before[1] + 1]
+    );
 
     // On the CPU it ran on, and on another one (where the session first VMCLEARs it on its old
     // CPU): the programmed VMCS is not made current again.
@@ -65,7 +116,7 @@ fn a_vcpu_that_ran_before_a_host_sleep_stops_on_any_cpu_and_new_vms_run() {
         let r = run(session, &os, &d, None);
         let msg = String::from_utf8_lossy(&r.message);
         assert_eq!(r.kind, exit_kind::ERROR, "CPU {cpu}: {msg}");
-        assert!(msg.contains("the host slept"), "{msg}");
+        assert!(msg.contains("VMCS lost"), "{msg}");
         // The vCPU stays stopped.
         assert_eq!(run(session, &os, &d, None).kind, exit_kind::HLT);
     }

@@ -694,6 +694,13 @@ fn smp_boot() -> Boot {
         "sh -c 'while :; do ls / >/dev/null; done' & A=$!; sh -c 'while :; do ls / >/dev/null; done' & B=$!; \
          smudge run --json /guests/cr2keeper; kill $A $B",
     );
+    // CPU 1 offline and back (INIT, which brings it back, is blocked in VMX root operation:
+    // smudge leaves it first and enters it again after), then both CPUs run the guests again.
+    b.case(
+        "smp-hotplug",
+        "echo 0 > /sys/devices/system/cpu/cpu1/online && echo 1 > /sys/devices/system/cpu/cpu1/online \
+         && cat /sys/devices/system/cpu/online && smudge run --json --vcpus 2 --mode ad /guests/smpwriter",
+    );
     b.case(
         "smp-pages-held",
         "cat /sys/module/smudge/parameters/pages_held",
@@ -720,6 +727,14 @@ fn smp_boot() -> Boot {
             Ok("40 of 40 checkpoints: the guest read back the CR2 it wrote".into())
         },
     );
+    b.check("a CPU taken offline and back online", move |res, _| {
+        let c = case(res, "smp-hotplug")?;
+        if c.rc != 0 || !c.out.lines().any(|l| l.trim() == "0-1") {
+            bail!("rc {}:\n{}", c.rc, c.out);
+        }
+        let (written, harvested, n) = union_check(c)?;
+        Ok(format!("CPU 1 offline and back (it left VMX operation and entered it again), then 2 vCPUs: {n} harvests, {written} pages written, {harvested} harvested, 0 lost"))
+    });
     b.check("2 vCPUs: pages back to zero, unload", move |res, _| {
         let held = case(res, "smp-pages-held")?.out.trim().to_string();
         if held != "0" || case(res, "smp-unload")?.rc != 0 {

@@ -200,3 +200,29 @@ pub fn resume<P: Platform + ?Sized>(procs: &dyn Processors, p: &P) -> Result<u32
     ROOT.vmxon_all(procs, p, &l.driver.caps)
         .map_err(|(cpu, why)| LoadFailure::Vmxon { cpu, why })
 }
+
+/// CPU `cpu` comes online (Linux's CPU-hotplug callback, run on that CPU): it enters VMX
+/// operation as the others did at load, with the loaded driver's capabilities and its own region
+/// (kept from before it went offline, or a new one). Nothing to do before [`load`] or after
+/// [`unload`].
+pub fn cpu_online<P: Platform + ?Sized>(
+    procs: &dyn Processors,
+    p: &P,
+    cpu: u32,
+) -> Result<(), LoadFailure> {
+    let _one = LIFECYCLE.lock();
+    match loaded() {
+        Some(l) => ROOT
+            .vmxon_one(procs, p, &l.driver.caps, cpu)
+            .map_err(|why| LoadFailure::Vmxon { cpu, why }),
+        None => Ok(()),
+    }
+}
+
+/// CPU `cpu` goes offline (run on it while it still is online): it leaves VMX operation, so that
+/// the INIT that brings it back is not blocked (SDM 25.8). A vCPU whose VMCS was active there
+/// stops at its next RUN (`vmx::hw::HwVcpu::vmcs_lost`).
+pub fn cpu_offline(procs: &dyn Processors, cpu: u32) {
+    let _one = LIFECYCLE.lock();
+    ROOT.vmxoff_one(procs, cpu);
+}

@@ -533,10 +533,8 @@ impl<O: Os> Session<O> {
                 if let Some(early) = prepare(hw) {
                     return Ok(early);
                 }
-                if let Some(old) = hw.cpu.filter(|&c| c != here) {
-                    os.vmclear_on(old, &hw.pages);
-                    hw.cpu = None;
-                }
+                let pages = hw.pages;
+                hw.leave_cpu(here, |old| os.vmclear_on(old, &pages));
             }
         }
         let _pin = os.pin(here)?;

@@ -431,9 +431,10 @@ pub struct HwVcpu {
     pub launched: bool,
     /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere).
     pub cpu: Option<u32>,
-    /// The generation of VMX operation (`vmx::root::VmxRoot::generation`) of its last run: a
-    /// programmed VMCS does not survive into the next one (a host sleep).
-    pub generation: u32,
+    /// The epoch of VMX operation of `cpu` (`vmx::root::VmxRoot::epoch`) when the VMCS became
+    /// active there: if that CPU left VMX operation since (a host sleep, the CPU taken offline),
+    /// the VMCS is lost.
+    pub epoch: u32,
     /// The guest-state area was written.
     pub programmed: bool,
     /// Guest RIP, RSP and RFLAGS between runs (they live in the VMCS, which only the CPU that
@@ -473,7 +474,7 @@ impl HwVcpu {
             fx: FxArea::reset(),
             launched: false,
             cpu: None,
-            generation: 0,
+            epoch: 0,
             programmed: false,
             rip: entry,
             rsp: stack_top,
@@ -482,6 +483,27 @@ impl HwVcpu {
             kernel_gs_base: 0,
             debug_override: None,
             guest: None,
+        }
+    }
+
+    /// True when the CPU this VMCS was active on left VMX operation since (see `epoch`): its data
+    /// is gone and it cannot be made current again (SDM 25.11.1).
+    pub fn vmcs_lost(&self) -> bool {
+        self.cpu
+            .is_some_and(|c| crate::vmx::root::ROOT.epoch(c) != self.epoch)
+    }
+
+    /// Before a run on CPU `here`: a VMCS active on another CPU is VMCLEARed there (`vmclear`,
+    /// SDM 25.11.1) and then active nowhere, unless that CPU left VMX operation meanwhile (then
+    /// it stays recorded there, and [`HwVcpu::vmcs_lost`] says so).
+    pub fn leave_cpu(&mut self, here: u32, vmclear: impl FnOnce(u32)) {
+        if let Some(old) = self.cpu.filter(|&c| c != here) {
+            if !self.vmcs_lost() {
+                vmclear(old);
+            }
+            if !self.vmcs_lost() {
+                self.cpu = None;
+            }
         }
     }
 
@@ -611,25 +633,25 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
         return Ok(HwExit::Exit(RunExit::Hlt));
     }
     let here = cpu.cpu();
-    let generation = crate::vmx::root::ROOT.generation();
-    if vcpu.programmed && vcpu.generation != generation {
-        // The processors left VMX operation after this VMCS was programmed (a host sleep), and
-        // the data of an active VMCS went with the processor's power: it cannot be made current
-        // again, on this CPU or another (SDM 25.11.1).
-        return Err(HwError::Vmx {
-            step: "vmptrld (VMCS lost: the host slept while it was active)",
-            fail: VmFail::Invalid,
-        });
+    let lost = HwError::Vmx {
+        step: "vmptrld (VMCS lost: its CPU left VMX operation while it was active: a host sleep or the CPU taken offline)",
+        fail: VmFail::Invalid,
+    };
+    if vcpu.vmcs_lost() {
+        return Err(lost);
     }
-    vcpu.generation = generation;
     if vcpu.cpu != Some(here) {
         match vcpu.cpu {
             Some(old) => env.vmclear_on(old, &vcpu.pages),
             // A VMCS is cleared before its first VMPTRLD (SDM 25.11.3).
             None => step("vmclear", cpu.vmclear(&vcpu.pages))?,
         }
+        // Its old CPU may have left VMX operation before the VMCLEAR reached it.
+        if vcpu.vmcs_lost() {
+            return Err(lost);
+        }
         vcpu.launched = false;
-        vcpu.cpu = Some(here);
+        (vcpu.cpu, vcpu.epoch) = (Some(here), crate::vmx::root::ROOT.epoch(here));
     }
     let started = vm.with(|vm| {
         if !vcpu.programmed {

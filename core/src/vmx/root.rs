@@ -167,10 +167,10 @@ pub enum VmxonFailure {
 pub struct VmxRoot<const N: usize> {
     region: [AtomicU64; N],
     on: [AtomicBool; N],
-    /// How many times VMX operation was started on the processors ([`VmxRoot::vmxon_all`]): a
-    /// VMCS made active in an earlier generation did not survive the VMXOFF between (the
-    /// processor's VMCS data is lost with a host sleep, SDM 25.11.1).
-    generation: AtomicU32,
+    /// Per CPU, how many times it entered or left VMX operation: a VMCS made active on it in an
+    /// earlier epoch did not survive (VMXOFF does not write an active VMCS back, and a sleep or
+    /// an offline CPU loses the processor's copy, SDM 25.11.1).
+    epoch: [AtomicU32; N],
     /// Per CPU, how it left VMX operation in an emergency (0: it did not): bit 63 set, bit 62
     /// when VMXOFF succeeded, CR4 after it below. What the CPU that panics reports for the
     /// others, whose own messages Linux drops then.
@@ -189,7 +189,7 @@ impl<const N: usize> VmxRoot<N> {
         VmxRoot {
             region: [const { AtomicU64::new(0) }; N],
             on: [const { AtomicBool::new(false) }; N],
-            generation: AtomicU32::new(0),
+            epoch: [const { AtomicU32::new(0) }; N],
             left: [const { AtomicU64::new(0) }; N],
         }
     }
@@ -201,9 +201,17 @@ impl<const N: usize> VmxRoot<N> {
         (v != 0).then_some((v & 1 << 62 != 0, v & !(3 << 62)))
     }
 
-    /// The current generation of VMX operation (see the field).
-    pub fn generation(&self) -> u32 {
-        self.generation.load(Ordering::Acquire)
+    /// CPU `cpu`'s epoch of VMX operation (see the field; 0 beyond the table).
+    pub fn epoch(&self, cpu: u32) -> u32 {
+        self.epoch
+            .get(cpu as usize)
+            .map_or(0, |e| e.load(Ordering::Acquire))
+    }
+
+    fn next_epoch(&self, cpu: u32) {
+        if let Some(e) = self.epoch.get(cpu as usize) {
+            e.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Makes the page at `pa` (4 KiB, zeroed, the driver's) CPU `cpu`'s VMXON region: it starts
@@ -292,11 +300,10 @@ impl<const N: usize> VmxRoot<N> {
         Ok(())
     }
 
-    /// VMX operation on every present processor: a region for each (the one it kept from an
-    /// earlier generation, or a new one), then VMXON there with interrupts off
-    /// ([`VmxRoot::vmxon_here`]). Starts a new generation. On a failure every processor leaves
-    /// VMX operation again and the regions go back; the error names the processor and why (None:
-    /// it could not be reached). Returns how many processors are in VMX operation.
+    /// VMX operation on every present processor ([`VmxRoot::vmxon_one`]). On a failure every
+    /// processor leaves VMX operation again and the regions go back; the error names the
+    /// processor and why (None: it could not be reached). Returns how many processors are in
+    /// VMX operation.
     pub fn vmxon_all<P: Platform + ?Sized>(
         &self,
         procs: &dyn Processors,
@@ -304,51 +311,70 @@ impl<const N: usize> VmxRoot<N> {
         caps: &VmxCaps,
     ) -> Result<u32, (u32, Option<VmxonFailure>)> {
         let mut n = 0;
-        self.generation.fetch_add(1, Ordering::AcqRel);
         for i in (0..procs.bound()).filter(|&i| procs.present(i)) {
-            if self.is_on(i) {
-                // Still in VMX operation (CR4.VMXE set there), or it lost it in a sleep that
-                // VMXOFF could not reach it before: then the flag is stale.
-                let (cr, mut still) = (procs.cr(), false);
-                procs.on(i, &mut || still = cr.cr4() & CR4_VMXE != 0);
-                if still {
-                    n += 1;
-                    continue;
-                }
-                if let Some(f) = self.on.get(i as usize) {
-                    f.store(false, Ordering::Release);
-                }
-                crate::vmx::hw::forget_loaded(i);
-            }
-            let kept = self
-                .region
-                .get(i as usize)
-                .map(|r| r.load(Ordering::Acquire))
-                .filter(|&r| r != 0);
-            let r = match kept.or_else(|| procs.alloc_region()) {
-                Some(pa) if self.set_region(i, pa, p, caps) => {
-                    let mut r = Err(None);
-                    let cr = procs.cr();
-                    let ran = procs.on(i, &mut || r = self.vmxon_here(i, caps, cr).map_err(Some));
-                    if ran {
-                        r
-                    } else {
-                        Err(None)
-                    }
-                }
-                Some(pa) => {
-                    procs.free_region(pa);
-                    Err(Some(VmxonFailure::NoRegion))
-                }
-                None => Err(Some(VmxonFailure::NoRegion)),
-            };
-            if let Err(why) = r {
+            if let Err(why) = self.vmxon_one(procs, p, caps, i) {
                 self.vmxoff_all(procs);
                 return Err((i, why));
             }
             n += 1;
         }
         Ok(n)
+    }
+
+    /// VMX operation on processor `i` (a CPU coming online, or one of [`VmxRoot::vmxon_all`]): a
+    /// region (the one it kept from before, or a new one), then VMXON there with interrupts off
+    /// ([`VmxRoot::vmxon_here`]), in a new epoch. A processor flagged in VMX operation is left
+    /// so if CR4.VMXE is still set there; otherwise it lost VMX operation without this driver
+    /// (a sleep VMXOFF could not reach it before) and the flag was stale. On failure the region
+    /// stays (the caller's `vmxoff_all` returns it); None: the processor could not be reached.
+    pub fn vmxon_one<P: Platform + ?Sized>(
+        &self,
+        procs: &dyn Processors,
+        p: &P,
+        caps: &VmxCaps,
+        i: u32,
+    ) -> Result<(), Option<VmxonFailure>> {
+        let cr = procs.cr();
+        if self.is_on(i) {
+            let mut still = false;
+            procs.on(i, &mut || still = cr.cr4() & CR4_VMXE != 0);
+            if still {
+                return Ok(());
+            }
+            if let Some(f) = self.on.get(i as usize) {
+                f.store(false, Ordering::Release);
+            }
+            crate::vmx::hw::forget_loaded(i);
+        }
+        let kept = self
+            .region
+            .get(i as usize)
+            .map(|r| r.load(Ordering::Acquire))
+            .filter(|&r| r != 0);
+        match kept.or_else(|| procs.alloc_region()) {
+            Some(pa) if self.set_region(i, pa, p, caps) => {
+                self.next_epoch(i);
+                let mut r = Err(None);
+                if procs.on(i, &mut || r = self.vmxon_here(i, caps, cr).map_err(Some)) {
+                    r
+                } else {
+                    Err(None)
+                }
+            }
+            Some(pa) => {
+                procs.free_region(pa);
+                Err(Some(VmxonFailure::NoRegion))
+            }
+            None => Err(Some(VmxonFailure::NoRegion)),
+        }
+    }
+
+    /// VMXOFF on processor `i` (a CPU going offline), run there; its region stays.
+    pub fn vmxoff_one(&self, procs: &dyn Processors, i: u32) {
+        let cr = procs.cr();
+        procs.on(i, &mut || {
+            self.vmxoff_here(i, cr);
+        });
     }
 
     /// VMXOFF wherever this driver did VMXON, then every region back.
@@ -362,10 +388,7 @@ impl<const N: usize> VmxRoot<N> {
     pub fn vmxoff_each(&self, procs: &dyn Processors) {
         for (i, on) in self.on.iter().enumerate() {
             if on.load(Ordering::Acquire) {
-                let cr = procs.cr();
-                procs.on(i as u32, &mut || {
-                    self.vmxoff_here(i as u32, cr);
-                });
+                self.vmxoff_one(procs, i as u32);
             }
         }
     }
@@ -399,6 +422,7 @@ impl<const N: usize> VmxRoot<N> {
                 arch::vmxoff()
             };
             crate::vmx::hw::forget_loaded(cpu);
+            self.next_epoch(cpu);
             cr.set_vmxe(false);
             if let Some(l) = self.left.get(cpu as usize).filter(|_| clear) {
                 let ok = u64::from(off.is_ok()) << 62;

@@ -342,10 +342,11 @@ int smudge_hotplug_register(void)
 	smudge_hp_state = r;
 	return 0;
 }
+/* With smudge_cpus_hold held. */
 void smudge_hotplug_unregister(void)
 {
 	if (smudge_hp_state >= 0)
-		cpuhp_remove_state_nocalls(smudge_hp_state);
+		cpuhp_remove_state_nocalls_cpuslocked(smudge_hp_state);
 	smudge_hp_state = -1;
 }
 

@@ -647,7 +647,7 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
 /// CPU hotplug: `cpu` came online (run on it). 0 or -errno (the CPU then does not come online).
 #[no_mangle]
 pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
-    match load::cpu_online(&LinuxCpus, &LinuxOs, cpu) {
+    match load::cpu_online(&LinuxCpus, &LinuxOs, cpu, &check_this_cpu) {
         Ok(()) => 0,
         Err(f) => {
             pr_err!("{}\n", f.message().as_str());
@@ -701,25 +701,25 @@ impl kernel::Module for Smudge {
             };
             (duties, smudge_probe_host())
         };
-        let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
-        let here = || admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr);
-        // SAFETY: the CPU-hotplug lock, held from the load to the hotplug registration.
-        unsafe { smudge_cpus_hold() };
-        let loaded = load::load(&LinuxCpus, &LinuxOs, &here, duties, probe).map_err(|f| {
+        // SAFETY: the CPU-hotplug lock, held from the load to the hotplug registration (or, when
+        // that fails, to the unload), so no CPU comes or goes in between; then released.
+        let (loaded, hotplug) = unsafe {
+            smudge_cpus_hold();
+            let r = load::load(&LinuxCpus, &LinuxOs, &check_this_cpu, duties, probe);
+            let hotplug = r.as_ref().map_or(0, |_| smudge_hotplug_register());
+            if hotplug < 0 {
+                load::unload(&LinuxCpus);
+            }
+            smudge_cpus_release();
+            (r, hotplug)
+        };
+        let loaded = loaded.map_err(|f| {
             pr_err!("{}\n", f.message().as_str());
             Error::from_errno(-f.errno())
-        });
-        // SAFETY: with the CPU-hotplug lock held, as the registration requires; then released.
-        let hotplug = unsafe {
-            let r = loaded.as_ref().map(|_| smudge_hotplug_register());
-            smudge_cpus_release();
-            r
-        };
-        let loaded = loaded?;
-        if let Ok(e @ ..=-1) = hotplug {
-            pr_err!("cannot follow CPU hotplug ({})\n", e);
-            teardown();
-            return Err(Error::from_errno(e));
+        })?;
+        if hotplug < 0 {
+            pr_err!("cannot follow CPU hotplug ({})\n", hotplug);
+            return Err(Error::from_errno(hotplug));
         }
         // SAFETY: registers the notifiers and the misc device (C glue).
         unsafe { smudge_notifiers_register() };
@@ -748,10 +748,23 @@ impl kernel::Module for Smudge {
     }
 }
 
+/// Undoes the load: under the CPU-hotplug lock, so no CPU goes offline (in VMX operation)
+/// between the end of the hotplug callbacks and the unload.
 fn teardown() {
-    // SAFETY: C glue (nothing when not registered).
-    unsafe { smudge_hotplug_unregister() };
-    load::unload(&LinuxCpus);
+    // SAFETY: C glue: the lock, the removal of the hotplug state (nothing when not registered)
+    // under it, and the release.
+    unsafe {
+        smudge_cpus_hold();
+        smudge_hotplug_unregister();
+        load::unload(&LinuxCpus);
+        smudge_cpus_release();
+    }
+}
+
+/// The admission check on the CPU that runs it (at load, on every CPU; on a CPU coming online).
+fn check_this_cpu() -> core::result::Result<admission::Admission, admission::Refusal> {
+    let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
+    admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr)
 }
 
 impl Drop for Smudge {

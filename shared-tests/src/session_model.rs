@@ -860,8 +860,7 @@ impl<const W: bool> Os for MockOs<W> {
 }
 
 /// Processors VMX operation does not reach: none in VMX operation, none to run on (the model
-/// OS's VMCLEAR and INVEPT are its own; `vmx::root::VmxRoot::vmxon_all` on them only starts a
-/// new generation).
+/// OS's VMCLEAR and INVEPT are its own).
 pub struct NoVmx;
 
 impl ControlRegs for NoVmx {

@@ -22,8 +22,9 @@ use super::Driver;
 /// request), so no reference outlives an unload.
 static LOADED: Mutex<Option<Loaded>> = Mutex::new(None);
 
-/// Held by [`load`], [`unload`], [`suspend`] and [`resume`] for their whole run: one at a time
-/// (Windows may deliver a shutdown while the power callback runs). Taken before [`LOADED`].
+/// Held by [`load`], [`unload`], [`suspend`], [`resume`], [`cpu_online`] and [`cpu_offline`] for
+/// their whole run: one at a time (Windows may deliver a shutdown while the power callback runs).
+/// Taken after the OS's CPU-hotplug lock and before [`LOADED`].
 static LIFECYCLE: Mutex<()> = Mutex::new(());
 
 /// The loaded driver's state, or None before [`load`] and after [`unload`].
@@ -201,22 +202,36 @@ pub fn resume<P: Platform + ?Sized>(procs: &dyn Processors, p: &P) -> Result<u32
         .map_err(|(cpu, why)| LoadFailure::Vmxon { cpu, why })
 }
 
-/// CPU `cpu` comes online (Linux's CPU-hotplug callback, run on that CPU): it enters VMX
-/// operation as the others did at load, with the loaded driver's capabilities and its own region
-/// (kept from before it went offline, or a new one). Nothing to do before [`load`] or after
-/// [`unload`].
+/// CPU `cpu` comes online (Linux's CPU-hotplug callback, run on that CPU): it must pass the
+/// admission check (`check_here`, run there) with the loaded driver's capabilities, as the others
+/// did at load, and then enters VMX operation with its own region (kept from before it went
+/// offline, or a new one). Nothing to do before [`load`] or after [`unload`].
 pub fn cpu_online<P: Platform + ?Sized>(
     procs: &dyn Processors,
     p: &P,
     cpu: u32,
+    check_here: &(dyn Fn() -> Result<Admission, Refusal> + Sync),
 ) -> Result<(), LoadFailure> {
     let _one = LIFECYCLE.lock();
-    match loaded() {
-        Some(l) => ROOT
-            .vmxon_one(procs, p, &l.driver.caps, cpu)
-            .map_err(|why| LoadFailure::Vmxon { cpu, why }),
-        None => Ok(()),
+    let Some(l) = loaded() else {
+        return Ok(());
+    };
+    if cpu as usize >= MAX_CPUS {
+        return Err(LoadFailure::TooManyProcessors);
     }
+    let mut verdict = Err(None);
+    if procs.on(cpu, &mut || verdict = check_here().map_err(Some)) {
+        match verdict {
+            Ok(a) if a.caps == l.driver.caps => {}
+            Ok(_) => verdict = Err(Some(Refusal::AsymmetricProcessors)),
+            Err(_) => {}
+        }
+    }
+    if let Err(why) = verdict.map(|_| ()) {
+        return Err(LoadFailure::Refused { cpu, why });
+    }
+    ROOT.vmxon_one(procs, p, &l.driver.caps, cpu)
+        .map_err(|why| LoadFailure::Vmxon { cpu, why })
 }
 
 /// CPU `cpu` goes offline (run on it while it still is online): it leaves VMX operation, so that

@@ -429,7 +429,8 @@ pub struct HwVcpu {
     pub fx: FxArea,
     /// VMLAUNCH done since the last VMCLEAR.
     pub launched: bool,
-    /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere).
+    /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere), or that held it
+    /// when it left VMX operation (then [`HwVcpu::vmcs_lost`]).
     pub cpu: Option<u32>,
     /// The epoch of VMX operation of `cpu` (`vmx::root::VmxRoot::epoch`) when the VMCS became
     /// active there: if that CPU left VMX operation since (a host sleep, the CPU taken offline),
@@ -486,11 +487,14 @@ impl HwVcpu {
         }
     }
 
-    /// True when the CPU this VMCS was active on left VMX operation since (see `epoch`): its data
-    /// is gone and it cannot be made current again (SDM 25.11.1).
+    /// True when the CPU this programmed VMCS was active on left VMX operation since (see
+    /// `epoch`): its data is gone and it cannot be made current again (SDM 25.11.1). (One never
+    /// programmed is written whole before its first entry.)
     pub fn vmcs_lost(&self) -> bool {
-        self.cpu
-            .is_some_and(|c| crate::vmx::root::ROOT.epoch(c) != self.epoch)
+        self.programmed
+            && self
+                .cpu
+                .is_some_and(|c| crate::vmx::root::ROOT.epoch(c) != self.epoch)
     }
 
     /// Before a run on CPU `here`: a VMCS active on another CPU is VMCLEARed there (`vmclear`,
@@ -639,6 +643,14 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     };
     if vcpu.vmcs_lost() {
         return Err(lost);
+    }
+    if !vcpu.programmed
+        && vcpu
+            .cpu
+            .is_some_and(|c| crate::vmx::root::ROOT.epoch(c) != vcpu.epoch)
+    {
+        // Never programmed: nothing to lose; cleared again here before its first VMPTRLD.
+        vcpu.cpu = None;
     }
     if vcpu.cpu != Some(here) {
         match vcpu.cpu {

@@ -167,9 +167,9 @@ pub enum VmxonFailure {
 pub struct VmxRoot<const N: usize> {
     region: [AtomicU64; N],
     on: [AtomicBool; N],
-    /// Per CPU, how many times it entered or left VMX operation: a VMCS made active on it in an
-    /// earlier epoch did not survive (VMXOFF does not write an active VMCS back, and a sleep or
-    /// an offline CPU loses the processor's copy, SDM 25.11.1).
+    /// Per CPU, how many times it left VMX operation or this driver tried to enter it: a VMCS
+    /// made active on it in an earlier epoch did not survive (VMXOFF does not write an active
+    /// VMCS back, and a sleep or an offline CPU loses the processor's copy, SDM 25.11.1).
     epoch: [AtomicU32; N],
     /// Per CPU, how it left VMX operation in an emergency (0: it did not): bit 63 set, bit 62
     /// when VMXOFF succeeded, CR4 after it below. What the CPU that panics reports for the
@@ -326,7 +326,8 @@ impl<const N: usize> VmxRoot<N> {
     /// ([`VmxRoot::vmxon_here`]), in a new epoch. A processor flagged in VMX operation is left
     /// so if CR4.VMXE is still set there; otherwise it lost VMX operation without this driver
     /// (a sleep VMXOFF could not reach it before) and the flag was stale. On failure the region
-    /// stays (the caller's `vmxoff_all` returns it); None: the processor could not be reached.
+    /// stays (`vmxoff_all`, at a failed load or at unload, returns it); None: the processor could
+    /// not be reached.
     pub fn vmxon_one<P: Platform + ?Sized>(
         &self,
         procs: &dyn Processors,
@@ -341,6 +342,9 @@ impl<const N: usize> VmxRoot<N> {
             if still {
                 return Ok(());
             }
+            // The new epoch first: a run elsewhere that sees the flag off must not see the old
+            // epoch, or it would make a VMCS current whose data went with the old one.
+            self.next_epoch(i);
             if let Some(f) = self.on.get(i as usize) {
                 f.store(false, Ordering::Release);
             }

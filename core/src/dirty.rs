@@ -625,7 +625,22 @@ pub fn scan_ad_masks<P: Platform + ?Sized, F: FnMut(u64, u64)>(
     f: &mut F,
 ) {
     if gpa < end {
-        walk(p, ept.pml4(), gpa, end, &mut AdScan { op, f });
+        let (prune, clear) = match op {
+            ScanOp::Read => (true, false),
+            ScanOp::Clear { prune } => (prune, true),
+        };
+        walk(
+            p,
+            ept.pml4(),
+            gpa,
+            end,
+            &mut AdScan {
+                op,
+                prune,
+                clear,
+                f,
+            },
+        );
     }
 }
 
@@ -902,19 +917,19 @@ fn scan_leaves<C: Chunk, F: FnMut(u64, u64)>(
 /// inside), page tables read or lent whole ([`scan_leaves`]).
 struct AdScan<'a, F> {
     op: ScanOp,
+    /// Skip subtrees whose A flag is clear (every `Read`; a `Clear` that asks for it).
+    prune: bool,
+    /// Clear what is reported (A above, D in the leaves).
+    clear: bool,
     f: &'a mut F,
 }
 
 impl<F: FnMut(u64, u64)> Visit for AdScan<'_, F> {
     fn table(&mut self, _level: u8, word: &AtomicU64, v: u64, whole: bool) -> Step {
-        let (prune, clear) = match self.op {
-            ScanOp::Read => (true, false),
-            ScanOp::Clear { prune } => (prune, true),
-        };
-        if prune && v & bits::A == 0 {
+        if self.prune && v & bits::A == 0 {
             return Step::Skip;
         }
-        if clear && whole && v & bits::A != 0 {
+        if self.clear && whole && v & bits::A != 0 {
             word.store(v & !bits::A, Relaxed);
         }
         Step::Go
@@ -925,7 +940,7 @@ impl<F: FnMut(u64, u64)> Visit for AdScan<'_, F> {
         if EptEntry(v).dirty() {
             // A large leaf is only cleared when it lies wholly in the range; otherwise clearing
             // D would lose the pages outside it.
-            if matches!(self.op, ScanOp::Clear { .. }) && lo == s && hi == s + level_span(level) {
+            if self.clear && lo == s && hi == s + level_span(level) {
                 word.store(v & !bits::D, Relaxed);
             }
             report_range(lo, hi, self.f);

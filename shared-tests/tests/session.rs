@@ -5,7 +5,7 @@
 //! checks (a VMCS active on one CPU at a time, VMLAUNCH/VMRESUME by launch state).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,8 @@ fn script(rng: &mut Rng, i: u32, n: usize) -> Vec<Step> {
 
 /// RUNs vCPU `i` until its guest exits; returns the RUN calls it took. A RUN that finds the
 /// vCPU held by another thread's GET_REGS gets Busy, as the protocol says, and is tried again.
-fn run_to_exit<const W: bool>(c: &Client<'_, W>, i: u32) -> u64 {
+/// `at_checkpoint` runs at each checkpoint, between RUNs.
+fn run_to_exit<const W: bool>(c: &Client<'_, W>, i: u32, at_checkpoint: &dyn Fn()) -> u64 {
     let mut calls = 0;
     loop {
         calls += 1;
@@ -151,7 +152,8 @@ fn run_to_exit<const W: bool>(c: &Client<'_, W>, i: u32) -> u64 {
                 assert_eq!(r.code, 0);
                 return calls;
             }
-            exit_kind::CHECKPOINT | exit_kind::INTERRUPTED | exit_kind::CONSOLE => {}
+            exit_kind::CHECKPOINT => at_checkpoint(),
+            exit_kind::INTERRUPTED | exit_kind::CONSOLE => {}
             k => panic!(
                 "vCPU {i}: exit kind {k}: {}",
                 String::from_utf8_lossy(&r.message)
@@ -188,12 +190,21 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
     let mut harvests: Vec<(u64, u64, BTreeSet<u64>)> = Vec::new();
 
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Harvests done so far: at each checkpoint a vCPU waits for the next one, so the harvests
+    // interleave with the writes however fast the vCPUs run (the other vCPU keeps writing).
+    let harvested = AtomicU64::new(0);
     thread::scope(|sc| {
-        let (sr, osr, dr) = (&session, &os, &d);
+        let (sr, osr, dr, hv) = (&session, &os, &d, &harvested);
         let runners: Vec<_> = (0..2)
             .map(|i| {
                 sc.spawn(move || {
                     osr.migrate_to(i);
+                    let next_harvest = || {
+                        let seen = hv.load(Ordering::SeqCst);
+                        while hv.load(Ordering::SeqCst) == seen && Instant::now() < deadline {
+                            thread::yield_now();
+                        }
+                    };
                     run_to_exit(
                         &Client {
                             s: sr,
@@ -201,6 +212,7 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
                             d: dr,
                         },
                         i,
+                        &next_harvest,
                     )
                 })
             })
@@ -211,6 +223,7 @@ fn writers_and_harvests<const W: bool>(mode: u32, seed: u64) {
             let bits = c.dirty_log(true).expect("harvest");
             let end = os.m.tick();
             harvests.push((start, end, gfns(&bits)));
+            harvested.fetch_add(1, Ordering::SeqCst);
             // A vCPU inside RUN is not available to GET_REGS.
             match c.vcpu_req(Op::GetRegs, rng.next() as u32 % 2) {
                 Err(Fail::Busy) | Ok(_) => {}
@@ -468,7 +481,7 @@ fn kicks_race_entries_without_deadlock() {
         let runners: Vec<_> = (0..2)
             .map(|i| {
                 let (s, os, d) = (&session, &os, &d);
-                sc.spawn(move || run_to_exit(&Client { s, os, d }, i))
+                sc.spawn(move || run_to_exit(&Client { s, os, d }, i, &|| {}))
             })
             .collect();
         while runners.iter().any(|r| !r.is_finished()) {

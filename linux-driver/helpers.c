@@ -367,8 +367,6 @@ u64 smudge_pa(void *va) { return __pa(va); }
 #define SMUDGE_GFP (GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN)
 unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP); }
 void smudge_free_page(unsigned long va) { free_page(va); }
-void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
-void smudge_kvfree(void *p) { kvfree(p); }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).
  * The kernel's own helper reloads TR lazily before a task with an I/O bitmap needs it. */
 void smudge_invalidate_tss_limit(void) { invalidate_tss_limit(); }

@@ -17,7 +17,7 @@ use smudge_core::hostmem::{self, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
 use smudge_core::session;
 use smudge_core::session::load::{self, driver};
-use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy, Session};
+use smudge_core::session::{Fail, HostMapping, Os, RunPolicy, Session};
 use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission;
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
@@ -44,8 +44,6 @@ extern "C" {
     fn smudge_reserve_pages() -> u64;
     fn smudge_totalram_pages() -> u64;
     fn smudge_mem_available() -> u64;
-    fn smudge_kvzalloc(n: usize) -> *mut c_void;
-    fn smudge_kvfree(p: *mut c_void);
     fn smudge_misc_register() -> i32;
     fn smudge_misc_deregister();
     fn smudge_notifiers_register();
@@ -99,17 +97,22 @@ fn budget() -> PageBudget<'static> {
     }
 }
 
+/// True when `pages` more pages leave the host at least core's reserve (allocations then fail
+/// instead of waking the OOM killer).
+fn room(pages: u64) -> bool {
+    // SAFETY: plain C calls that read counters and module parameters.
+    unsafe {
+        let (avail, setting) = (smudge_mem_available(), smudge_reserve_pages());
+        hostmem::above_reserve(avail, setting, smudge_totalram_pages(), pages)
+    }
+}
+
 /// A zeroed page from the kernel (helpers.c: fails instead of OOM-killing, charged to the
 /// memory cgroup), uncounted; none when that would leave the host less than core's reserve.
 fn os_alloc() -> Option<u64> {
     // SAFETY: plain C calls; the page is zeroed by get_zeroed_page.
     unsafe {
-        let room = hostmem::above_reserve(
-            smudge_mem_available(),
-            smudge_reserve_pages(),
-            smudge_totalram_pages(),
-        );
-        if smudge_fault_inject() != 0 || !room {
+        if smudge_fault_inject() != 0 || !room(1) {
             return None;
         }
         let va = smudge_get_zeroed_page();
@@ -179,37 +182,6 @@ impl Platform for LinuxOs {
 
 type PinResult = core::result::Result<(), PinError>;
 
-/// A request buffer from kvzalloc (allocated like guest pages), freed on drop.
-struct KernBuf {
-    ptr: core::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the buffer is plain memory owned by the value.
-unsafe impl Send for KernBuf {}
-
-impl Buffer for KernBuf {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised bytes owned by self.
-        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, borrowed exclusively.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-    fn words_mut(&mut self) -> &mut [u64] {
-        // SAFETY: kvzalloc memory is 8-byte aligned; every bit pattern is a valid u64.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr() as *mut u64, self.len / 8) }
-    }
-}
-
-impl Drop for KernBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated by kvzalloc in `buffer`, freed once.
-        unsafe { smudge_kvfree(self.ptr.as_ptr() as *mut c_void) }
-    }
-}
-
 fn rdmsr_safe(msr: u32) -> MsrValue {
     let mut v = 0u64;
     // SAFETY: rdmsrl_safe catches the #GP of an absent MSR.
@@ -221,7 +193,7 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
 }
 
 impl Os for LinuxOs {
-    type Buf = KernBuf;
+    type Words = KVVec<u64>;
     type VcpuBox = KBox<HwVcpu>;
     type Pin = ();
     type Cpu<'a> = Hardware<'a>;
@@ -231,10 +203,10 @@ impl Os for LinuxOs {
         slice_ns: None,
     };
 
-    fn buffer(&self, len: usize) -> Option<KernBuf> {
-        // SAFETY: kvzalloc returns null or `len` zeroed bytes aligned to at least 8.
-        let p = unsafe { smudge_kvzalloc(len.max(1)) } as *mut u8;
-        core::ptr::NonNull::new(p).map(|ptr| KernBuf { ptr, len })
+    fn words(&self, n: usize) -> Option<KVVec<u64>> {
+        // Charged to the memory cgroup; under the same reserve as pages.
+        room((n as u64).div_ceil(512)).then_some(())?;
+        KVVec::from_elem(0, n, GFP_KERNEL_ACCOUNT | __GFP_NOWARN).ok()
     }
     fn box_vcpu(&self, vcpu: HwVcpu) -> core::result::Result<KBox<HwVcpu>, HwVcpu> {
         match KBox::new_uninit(GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {

@@ -448,6 +448,18 @@ pub unsafe fn irq_restore(flags: u64) {
     unsafe { asm!("push {}", "popfq", in(reg) flags) };
 }
 
+/// The bytes of quadwords in memory order (x86 is little-endian).
+pub fn bytes_of(words: &[u64]) -> &[u8] {
+    // SAFETY: the same memory, viewed as bytes: u8 has alignment 1 and no invalid values.
+    unsafe { core::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+/// [`bytes_of`], writable: every byte pattern is a valid u64.
+pub fn bytes_of_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`, borrowed exclusively.
+    unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
+}
+
 /// IA32_KERNEL_GS_BASE: not switched by the VMCS, and the guest's SWAPGS (which no control
 /// intercepts) exchanges it with GS.base, so the run loop saves and restores it.
 pub const IA32_KERNEL_GS_BASE: u32 = 0xC000_0102;

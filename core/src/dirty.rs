@@ -10,11 +10,11 @@
 //! - [`Mode::WriteProtect`]: tracked leaves lose W; the first write is an EPT violation whose
 //!   handler marks the page and gives W back ([`DirtyLog::on_write_violation`]).
 //!
-//! Every clear of D, A or W raises the EPT's INVEPT obligation: SDM 29.4.3.4 (INVEPT
-//! guidelines): after software clears an A/D flag or a permission, cached translations may
-//! still carry the old value, so a later write could go unrecorded (the lost-dirty-page bug).
-//! The harvest is complete only after the caller INVEPTs on every CPU that may cache the EPT and
-//! calls [`crate::ept::Ept::invept_done`].
+//! Every clear of D, A or W returns the INVEPT it owes ([`crate::ept::Invept`]): SDM 29.4.3.4
+//! (INVEPT guidelines): after software clears an A/D flag or a permission, cached translations
+//! may still carry the old value, so a later write could go unrecorded (the lost-dirty-page
+//! bug). The harvest is complete only once the caller paid it ([`crate::ept::Ept::pay`]: INVEPT
+//! on every CPU that may cache the EPT).
 //!
 //! Precondition of every method that clears: no vCPU using the EPT is in VMX non-root operation
 //! (the VM kicks them out first), so entries are updated with plain loads and stores. The A/D
@@ -25,7 +25,7 @@
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::ept::{
-    bits, level_span, walk, Ept, EptEntry, Step, TableCache, Visit, PAGE_SIZE, SW_WRITABLE,
+    bits, level_span, walk, Ept, EptEntry, Invept, Step, TableCache, Visit, PAGE_SIZE, SW_WRITABLE,
 };
 use crate::error::Error;
 use crate::platform::{PageMut, Platform};
@@ -257,9 +257,9 @@ impl DirtyLog {
 
     /// Starts logging: splits large leaves of the slot to 4 KiB (KVM's eager split; a bit is
     /// one 4 KiB page, so one write must not report 512 pages) and cleans the slot: D and the
-    /// upper A flags cleared (A/D, PML) or W removed (write-protect). Raises the INVEPT obligation.
-    pub fn enable<P: Platform + ?Sized>(&mut self, p: &P, ept: &mut Ept) -> Result<(), Error> {
-        ept.split_range(p, self.base, self.pages * PAGE_SIZE)?;
+    /// upper A flags cleared (A/D, PML) or W removed (write-protect). Owes INVEPT.
+    pub fn enable<P: Platform + ?Sized>(&mut self, p: &P, ept: &mut Ept) -> Result<Invept, Error> {
+        let split = ept.split_range(p, self.base, self.pages * PAGE_SIZE)?;
         match self.mode {
             Mode::AdScan | Mode::Pml => {
                 let mut sink = |_: u64, _: u64| {};
@@ -281,8 +281,7 @@ impl DirtyLog {
                 });
             }
         }
-        ept.require_invept();
-        Ok(())
+        Ok(split.and(ept.owe()))
     }
 
     /// Stops logging: write-protect gives W back to every writable page. Large pages are not
@@ -372,7 +371,7 @@ impl DirtyLog {
 
     /// `KVM_CLEAR_DIRTY_LOG`: clears the pages `first + i` for every bit `i` set in `mask`,
     /// `i < num`. `first` and `num` must be multiples of 64 unless the range ends at the slot end.
-    /// Re-arms the cleared pages (D cleared, or W removed) and raises the INVEPT obligation.
+    /// Re-arms the cleared pages (D cleared, or W removed), which owes INVEPT when any was.
     pub fn clear<P: Platform + ?Sized>(
         &self,
         p: &P,
@@ -380,7 +379,7 @@ impl DirtyLog {
         first: u64,
         num: u64,
         mask: &[u64],
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let end = first.checked_add(num).ok_or(Error::InvalidDirtyLogRange)?;
         if first % 64 != 0 || end > self.pages || (num % 64 != 0 && end != self.pages) {
             return Err(Error::InvalidDirtyLogRange);
@@ -402,10 +401,7 @@ impl DirtyLog {
                 _ => m,
             }
         });
-        if any {
-            ept.require_invept();
-        }
-        Ok(())
+        Ok(if any { ept.owe() } else { Invept::NONE })
     }
 
     /// Re-arms the pages `first + 64 * w + j` for every bit j of `mask(w)`, `w < words`, and
@@ -494,13 +490,13 @@ impl DirtyLog {
     }
 
     /// Get and clear in one pass over the whole slot: `out` receives the pages written since the
-    /// last harvest, and they are re-armed. For A/D this is the pruned scan.
+    /// last harvest, and they are re-armed (which owes INVEPT). For A/D this is the pruned scan.
     pub fn harvest<P: Platform + ?Sized>(
         &self,
         p: &P,
         ept: &mut Ept,
         out: &mut [u64],
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let words = self.pages.div_ceil(64) as usize;
         let out = out.get_mut(..words).ok_or(Error::BitmapTooSmall)?;
         out.fill(0);
@@ -526,8 +522,7 @@ impl DirtyLog {
                 });
             }
         }
-        ept.require_invept();
-        Ok(())
+        Ok(ept.owe())
     }
 
     /// Returns the log's pages to the platform.

@@ -2,9 +2,9 @@
 //!
 //! An [`Ept`] owns its table pages through the [`Platform`]. It maps guest-physical ranges with
 //! 4 KiB, 2 MiB and 1 GiB leaves, unmaps, changes permissions, splits large leaves and walks.
-//! Every operation that removes or narrows a translation raises the INVEPT obligation
-//! ([`Ept::needs_invept`]); table pages it stops using are only freed in [`Ept::invept_done`],
-//! so no processor can reach a freed page through a stale paging-structure cache.
+//! Every operation that removes or narrows a translation returns the INVEPT it makes owed, an
+//! [`Invept`]; table pages it stops using are only freed when that is paid ([`Ept::pay`]), so no
+//! processor can reach a freed page through a stale paging-structure cache.
 //!
 //! Invariant kept by every operation: no table except the PML4 is empty. `unmap` prunes empty
 //! tables, which lets `map` roll back a failed allocation to exactly the previous tables.
@@ -348,6 +348,35 @@ fn walk_in<P: Platform + ?Sized, V: Visit>(
     Step::Go
 }
 
+/// An INVEPT owed for one EPT (SDM 29.4.3.4, "Guidelines for Use of the INVEPT
+/// Instruction"): an entry was removed, narrowed or split, or an accessed or dirty flag
+/// cleared, and a processor may still cache the old translation. Every change that makes one
+/// owed returns it; it is neither copied nor cloned, and [`Ept::pay`] (or, for a caller that
+/// executed the INVEPT itself, [`Ept::invept_done`]) consumes it, executing at most one INVEPT
+/// however many were merged with [`Invept::and`].
+#[must_use = "an EPT change is in force only after INVEPT (SDM 29.4.3.4): pay it with Ept::pay"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invept {
+    owed: bool,
+}
+
+impl Invept {
+    /// Nothing owed.
+    pub const NONE: Invept = Invept { owed: false };
+
+    /// True when an INVEPT is owed.
+    pub fn is_owed(&self) -> bool {
+        self.owed
+    }
+
+    /// One obligation for both: one INVEPT pays them.
+    pub fn and(self, other: Invept) -> Invept {
+        Invept {
+            owed: self.owed | other.owed,
+        }
+    }
+}
+
 /// An EPT hierarchy with its own tables.
 #[derive(Debug)]
 pub struct Ept {
@@ -399,21 +428,57 @@ impl Ept {
         self.zombies
     }
 
-    /// True when a translation was removed or narrowed, or an A/D flag cleared, since the last
-    /// [`Ept::invept_done`]. SDM 29.4.3.4 (INVEPT guidelines): software must invalidate before
-    /// it relies on the change.
+    /// True when a translation was removed or narrowed, or an A/D flag cleared, and no INVEPT
+    /// was paid since. SDM 29.4.3.4 (INVEPT guidelines): software must invalidate before it
+    /// relies on the change.
     pub fn needs_invept(&self) -> bool {
         self.needs_invept
     }
 
-    /// Records an obligation to INVEPT (used by dirty tracking after it clears A/D or W).
-    pub fn require_invept(&mut self) {
+    /// Records a change that makes an INVEPT owed and returns the obligation (dirty tracking
+    /// calls it after it clears A/D or W).
+    pub fn owe(&mut self) -> Invept {
         self.needs_invept = true;
+        Invept { owed: true }
     }
 
-    /// The caller executed INVEPT (single-context for this EPTP, or all-context) on every
-    /// processor that may cache this EPT. Frees the table pages that were waiting for it.
-    pub fn invept_done<P: Platform + ?Sized>(&mut self, p: &P) {
+    /// What this EPT owes whether or not a caller holds it: for a failure path, whose change
+    /// may have stopped half-way, after narrowing entries, and returned only its error.
+    pub fn owed(&self) -> Invept {
+        Invept {
+            owed: self.needs_invept,
+        }
+    }
+
+    /// Pays `owed`: when this EPT still owes an INVEPT, runs `invept` (INVEPT, single-context
+    /// for this EPTP or all-context, on every processor that may cache this EPT) and, once it
+    /// succeeded, frees the table pages that waited for it. An obligation already paid through
+    /// another token costs nothing. Returns what `invept` returned (Ok when it did not run).
+    pub fn pay<P: Platform + ?Sized, E>(
+        &mut self,
+        p: &P,
+        owed: Invept,
+        invept: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        if owed.owed && self.needs_invept {
+            invept()?;
+            self.invept_done(p, owed);
+        }
+        Ok(())
+    }
+
+    /// `owed` was paid: the caller executed INVEPT (single-context for this EPTP, or
+    /// all-context) on every processor that may cache this EPT. Frees the table pages that were
+    /// waiting for it. (A token owing nothing changes nothing.)
+    pub fn invept_done<P: Platform + ?Sized>(&mut self, p: &P, owed: Invept) {
+        if !owed.owed {
+            return;
+        }
+        self.free_retired(p);
+    }
+
+    /// Frees the table pages retired since the last INVEPT.
+    fn free_retired<P: Platform + ?Sized>(&mut self, p: &P) {
         while self.zombie_head != 0 {
             let page = self.zombie_head;
             self.zombie_head = p.page(page)[0].load(Relaxed);
@@ -452,7 +517,7 @@ impl Ept {
         walk(p, self.pml4, 0, GPA_LIMIT, &mut free);
         p.free_page(self.pml4);
         self.tables -= free.1 + 1;
-        self.invept_done(p);
+        self.free_retired(p);
     }
 
     fn table<'a, P: Platform + ?Sized>(p: &'a P, hpa: u64) -> &'a PageWords {
@@ -696,13 +761,12 @@ impl Ept {
     }
 
     /// Splits the large leaf that maps `gpa` into 512 leaves of the next level, keeping the
-    /// translation, rights, memory type and A/D flags. Returns `Ok(false)` when `gpa` is already
-    /// mapped by a 4 KiB leaf. Raises the INVEPT obligation (a cached large translation would
-    /// otherwise stay in use; SDM 29.4.3.4).
-    pub fn split<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64) -> Result<bool, Error> {
+    /// translation, rights, memory type and A/D flags. Owes INVEPT (SDM 29.4.3.4: bit 7 of a
+    /// PDE or PDPTE changed), except when `gpa` is already mapped by a 4 KiB leaf.
+    pub fn split<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64) -> Result<Invept, Error> {
         let (word, level) = self.leaf(p, gpa).ok_or(Error::NotMapped)?;
         if level == 1 {
-            return Ok(false);
+            return Ok(Invept::NONE);
         }
         let old = EptEntry(word.load(Relaxed));
         let new = p.alloc_page()?;
@@ -720,8 +784,7 @@ impl Ept {
         // The new non-leaf keeps the old leaf's accessed flag so the A-pruned scan still visits it.
         let a = old.0 & bits::A;
         word.store(new | NON_LEAF | a, Relaxed);
-        self.needs_invept = true;
-        Ok(true)
+        Ok(self.owe())
     }
 
     /// Splits every large leaf in `[gpa, gpa+len)` down to 4 KiB leaves.
@@ -730,19 +793,17 @@ impl Ept {
         p: &P,
         gpa: u64,
         len: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let end = self.check_range(gpa, len)?;
-        let mut g = gpa;
+        let (mut g, mut owed) = (gpa, Invept::NONE);
         while g < end {
             match self.leaf(p, g) {
                 Some((_, 1)) => g += PAGE_SIZE,
-                Some(_) => {
-                    self.split(p, g)?;
-                }
+                Some(_) => owed = owed.and(self.split(p, g)?),
                 None => g = self.next_mapped_boundary(p, g),
             }
         }
-        Ok(())
+        Ok(owed)
     }
 
     /// The start of the next region after an unmapped `gpa` that could be mapped (skips the
@@ -755,10 +816,15 @@ impl Ept {
 
     /// Unmaps `[gpa, gpa+len)`. Large leaves that straddle the edges are split first (this may
     /// fail with `OutOfMemory`, before anything is unmapped). Empty tables are unlinked and
-    /// wait for INVEPT.
-    pub fn unmap<P: Platform + ?Sized>(&mut self, p: &P, gpa: u64, len: u64) -> Result<(), Error> {
+    /// wait for the INVEPT it owes.
+    pub fn unmap<P: Platform + ?Sized>(
+        &mut self,
+        p: &P,
+        gpa: u64,
+        len: u64,
+    ) -> Result<Invept, Error> {
         let end = self.check_range(gpa, len)?;
-        self.split_edges(p, gpa, end)?;
+        let split = self.split_edges(p, gpa, end)?;
         /// Clears the leaves (`split_edges` left only leaves wholly inside the range), then
         /// unlinks each table the walk left empty; it waits for INVEPT before it is freed.
         struct Unmap<'a, P: ?Sized>(&'a P, &'a mut Ept);
@@ -781,8 +847,7 @@ impl Ept {
         }
         let pml4 = self.pml4;
         walk(p, pml4, gpa, end, &mut Unmap(p, self));
-        self.needs_invept = true;
-        Ok(())
+        Ok(split.and(self.owe()))
     }
 
     /// Splits the large leaves that contain `gpa` or `end` but do not start there.
@@ -791,16 +856,17 @@ impl Ept {
         p: &P,
         gpa: u64,
         end: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
+        let mut owed = Invept::NONE;
         for edge in [gpa, end] {
             while let Some((_, level)) = self.leaf(p, edge) {
                 if level == 1 || edge % level_span(level) == 0 {
                     break;
                 }
-                self.split(p, edge)?;
+                owed = owed.and(self.split(p, edge)?);
             }
         }
-        Ok(())
+        Ok(owed)
     }
 
     fn retire_table<P: Platform + ?Sized>(&mut self, p: &P, page: u64) {
@@ -812,14 +878,14 @@ impl Ept {
     }
 
     /// Sets the rights of every leaf in `[gpa, gpa+len)` (which must be fully mapped) to `perms`,
-    /// splitting large leaves at the edges. Narrowing a right raises the INVEPT obligation.
+    /// splitting large leaves at the edges. Narrowing a right, or a split, owes INVEPT.
     pub fn protect<P: Platform + ?Sized>(
         &mut self,
         p: &P,
         gpa: u64,
         len: u64,
         perms: Perms,
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let end = self.check_range(gpa, len)?;
         self.check_perms(perms)?;
         let mut g = gpa;
@@ -829,7 +895,7 @@ impl Ept {
             }
             g += PAGE_SIZE;
         }
-        self.split_edges(p, gpa, end)?;
+        let split = self.split_edges(p, gpa, end)?;
         let mut g = gpa;
         let mut narrowed = false;
         while g < end {
@@ -845,10 +911,11 @@ impl Ept {
             narrowed |= old & bits::RWX & !u64::from(perms.0) != 0;
             g += level_span(level);
         }
-        if narrowed {
-            self.needs_invept = true;
-        }
-        Ok(())
+        Ok(if narrowed {
+            split.and(self.owe())
+        } else {
+            split
+        })
     }
 
     /// Calls `f(gpa, level, entry word)` for every present leaf overlapping `[gpa, end)`, in

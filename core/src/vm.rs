@@ -5,7 +5,7 @@ use core::sync::atomic::Ordering::Relaxed;
 
 use crate::arch::GuestGprs;
 use crate::dirty::{self, DirtyLog, Mode};
-use crate::ept::{bits, Ept, EptFeatures, MemoryType, Perms, PAGE_SIZE, SW_WRITABLE};
+use crate::ept::{bits, Ept, EptFeatures, Invept, MemoryType, Perms, PAGE_SIZE, SW_WRITABLE};
 use crate::error::Error;
 use crate::guest::{Elf, ElfError, Layout};
 use crate::platform::{self, AllocError, Platform};
@@ -181,8 +181,8 @@ impl Vm {
 
     /// Changes the dirty-tracking mode before any vCPU has run. Every slot gets a fresh, empty
     /// log in the new mode (write-protect gives W back first; the new mode cleans the slot and
-    /// raises the INVEPT obligation). On failure nothing changed.
-    pub fn set_mode<P: Platform + ?Sized>(&mut self, p: &P, mode: Mode) -> Result<(), Error> {
+    /// returns the INVEPT it owes). On failure nothing changed.
+    pub fn set_mode<P: Platform + ?Sized>(&mut self, p: &P, mode: Mode) -> Result<Invept, Error> {
         if self.started {
             return Err(Error::AlreadyRunning);
         }
@@ -192,12 +192,16 @@ impl Vm {
         // Every fallible step first: 4 KiB leaves (already so since each slot's log was
         // enabled; splitting again changes nothing) and the new logs' bitmaps.
         let mut fresh: [Option<DirtyLog>; MAX_SLOTS] = Default::default();
+        let mut owed = Invept::NONE;
         for (new, slot) in fresh.iter_mut().zip(self.slots.iter()) {
             if let Some(s) = slot {
                 let made = self
                     .ept
                     .split_range(p, s.base, s.pages * PAGE_SIZE)
-                    .and_then(|_| DirtyLog::new(p, mode, s.base, s.pages));
+                    .and_then(|split| {
+                        owed = core::mem::replace(&mut owed, Invept::NONE).and(split);
+                        DirtyLog::new(p, mode, s.base, s.pages)
+                    });
                 match made {
                     Ok(log) => *new = Some(log),
                     Err(e) => {
@@ -208,19 +212,21 @@ impl Vm {
             }
         }
         // Then the swap. Enabling cleans the slot in the new mode (D and the upper A cleared, or
-        // W removed) and raises the INVEPT obligation; with the slot split it cannot fail.
+        // W removed), which owes INVEPT; with the slot split it cannot fail.
         let mut result = Ok(());
         for (new, slot) in fresh.iter_mut().zip(self.slots.iter_mut()) {
             if let (Some(log), Some(s)) = (new.take(), slot.as_mut()) {
                 s.log.disable(p, &mut self.ept);
                 core::mem::replace(&mut s.log, log).free(p);
-                if let Err(e) = s.log.enable(p, &mut self.ept) {
-                    result = Err(e);
+                match s.log.enable(p, &mut self.ept) {
+                    Ok(o) => owed = owed.and(o),
+                    Err(e) => result = Err(e),
                 }
             }
         }
         self.mode = mode;
-        result
+        // A failure leaves the obligation to the caller's failure path (`Ept::owed`).
+        result.map(|()| owed)
     }
 
     /// The guest RAM layout, once RAM was added with [`Vm::add_ram`].
@@ -264,7 +270,8 @@ impl Vm {
 
     /// Adds a slot `[base, base+size)` backed by the caller's memory at `uaddr`: every page is
     /// pinned and mapped now (4 KiB leaves), then cleaned for dirty logging. On failure nothing
-    /// stays pinned or mapped. Returns the slot's index.
+    /// stays pinned or mapped (the caller's failure path pays `Ept::owed`). Returns the slot's
+    /// index and the INVEPT the cleaning owes.
     pub fn add_user_slot<P: Platform + ?Sized>(
         &mut self,
         p: &P,
@@ -272,7 +279,7 @@ impl Vm {
         size: u64,
         uaddr: u64,
         logging: bool,
-    ) -> Result<usize, Error> {
+    ) -> Result<(usize, Invept), Error> {
         if uaddr % PAGE_SIZE != 0 {
             return Err(Error::Misaligned);
         }
@@ -307,24 +314,26 @@ impl Vm {
             (Err(platform::PinError::Unsupported), None) => Err(Error::Unsupported),
             (Err(platform::PinError::Fault), None) => Err(Error::UserMemory),
             (Ok(()), None) if logging => self.clean_slot(p, idx),
-            (Ok(()), None) => Ok(()),
+            (Ok(()), None) => Ok(Invept::NONE),
         };
-        if let Err(e) = result {
-            self.remove_slot(p, idx);
-            return Err(e);
+        match result {
+            Ok(owed) => Ok((idx, owed)),
+            Err(e) => {
+                drop(self.remove_slot(p, idx));
+                Err(e)
+            }
         }
-        Ok(idx)
     }
 
     /// Starts (`on`) or stops dirty logging of slot `idx` (KVM_MEM_LOG_DIRTY_PAGES changing):
     /// on, a fresh log in the VM's mode cleans the slot (D cleared, or W removed); off,
-    /// write-protect gives W back. The caller INVEPTs.
+    /// write-protect gives W back. Returns the INVEPT it owes.
     pub fn set_slot_logging<P: Platform + ?Sized>(
         &mut self,
         p: &P,
         idx: usize,
         on: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let mode = self.mode;
         let s = self
             .slots
@@ -337,13 +346,13 @@ impl Vm {
             s.log.enable(p, &mut self.ept)
         } else {
             s.log.disable(p, &mut self.ept);
-            Ok(())
+            Ok(Invept::NONE)
         }
     }
 
     /// Re-cleans slot `idx` for its dirty log (D cleared, or W removed) after its pages were
     /// mapped.
-    fn clean_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) -> Result<(), Error> {
+    fn clean_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) -> Result<Invept, Error> {
         let s = self
             .slots
             .get_mut(idx)
@@ -388,11 +397,9 @@ impl Vm {
             .iter()
             .position(|s| s.is_none())
             .ok_or(Error::NoFreeSlot)?;
-        let mut log = DirtyLog::new(p, self.mode, base, size / PAGE_SIZE)?;
-        if let Err(e) = log.enable(p, &mut self.ept) {
-            log.free(p);
-            return Err(e);
-        }
+        // The range maps nothing yet (no slot overlaps it, and a removed slot is unmapped), so
+        // the log starts clean: pages are mapped later under its rules.
+        let log = DirtyLog::new(p, self.mode, base, size / PAGE_SIZE)?;
         self.slots[idx] = Some(Slot {
             base,
             pages: size / PAGE_SIZE,
@@ -412,7 +419,8 @@ impl Vm {
         let idx = self.add_slot(p, 0, size)?;
         let res = layout.for_each_system_qword(|gpa, v| self.write_guest(p, gpa, &v.to_le_bytes()));
         if let Err(e) = res {
-            self.remove_slot(p, idx);
+            // The caller's failure path pays `Ept::owed`.
+            drop(self.remove_slot(p, idx));
             return Err(e);
         }
         self.layout = Some(layout);
@@ -427,11 +435,11 @@ impl Vm {
     }
 
     /// Removes slot `idx`, freeing its backing pages. No vCPU of this VM may be in guest mode,
-    /// and the caller INVEPTs (the EPT raises the obligation) before any vCPU enters again, so
-    /// no stale translation can reach a freed page.
-    pub fn remove_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) {
+    /// and the caller pays the returned INVEPT before any vCPU enters again, so no stale
+    /// translation can reach a freed page.
+    pub fn remove_slot<P: Platform + ?Sized>(&mut self, p: &P, idx: usize) -> Invept {
         let Some(slot) = self.slots.get_mut(idx).and_then(|s| s.take()) else {
-            return;
+            return Invept::NONE;
         };
         let mut freed = 0;
         let user = matches!(slot.backing, Backing::User { .. });
@@ -446,7 +454,11 @@ impl Vm {
                 }
                 freed += 1;
             });
-        let _ = self.ept.unmap(p, slot.base, slot.pages * PAGE_SIZE);
+        // A VM maps only 4 KiB leaves, so no edge splits and this cannot fail; if it did, the EPT still records what it owes (`Ept::owed`).
+        let owed = self
+            .ept
+            .unmap(p, slot.base, slot.pages * PAGE_SIZE)
+            .unwrap_or(Invept::NONE);
         if user {
             self.pinned -= freed;
         } else {
@@ -457,6 +469,7 @@ impl Vm {
         if self.layout.is_some_and(|l| base == 0 && end == l.mem_size) {
             self.layout = None;
         }
+        owed
     }
 
     /// Backs the page of `gpa` with a fresh zeroed page. `write` says whether a guest write
@@ -726,15 +739,15 @@ impl Vm {
 
     /// KVM_RESET_DIRTY_RINGS for a batch of entries (KVM slot id, page offset), at most
     /// [`dirty::REARM_BATCH`]: re-arms each page of the slot whose ring id matches; true if an
-    /// entry changed (the caller INVEPTs). `cache` serves one reset.
+    /// entry changed, the INVEPT that owes. `cache` serves one reset.
     pub fn rearm_ring_pages<P: Platform + ?Sized>(
-        &self,
+        &mut self,
         p: &P,
         batch: &[(u32, u64)],
         cache: &mut crate::ept::TableCache,
-    ) -> bool {
+    ) -> Invept {
         let mut last: Option<&Slot> = None;
-        dirty::rearm_batch(batch.len(), |i| {
+        let changed = dirty::rearm_batch(batch.len(), |i| {
             let (id, offset) = *batch.get(i)?;
             let s = match last {
                 Some(s) if s.ring_id == Some(id) => s,
@@ -752,7 +765,12 @@ impl Vm {
                 .log
                 .leaf(p, &self.ept, s.base + offset * PAGE_SIZE, cache)?;
             Some((&s.log, w))
-        })
+        });
+        if changed {
+            self.ept.owe()
+        } else {
+            Invept::NONE
+        }
     }
 
     /// `KVM_GET_DIRTY_LOG` for slot `idx`.
@@ -770,7 +788,7 @@ impl Vm {
         s.log.get(p, &self.ept, out)
     }
 
-    /// `KVM_CLEAR_DIRTY_LOG` for slot `idx`. The caller INVEPTs if `ept().needs_invept()`.
+    /// `KVM_CLEAR_DIRTY_LOG` for slot `idx`; returns the INVEPT it owes.
     pub fn clear_dirty_log<P: Platform + ?Sized>(
         &mut self,
         p: &P,
@@ -778,7 +796,7 @@ impl Vm {
         first: u64,
         num: u64,
         mask: &[u64],
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let s = self
             .slots
             .get(idx)
@@ -787,13 +805,14 @@ impl Vm {
         s.log.clear(p, &mut self.ept, first, num, mask)
     }
 
-    /// Get and clear slot `idx` in one pass. The caller INVEPTs afterwards (required).
+    /// Get and clear slot `idx` in one pass; returns the INVEPT it owes (the pages written from
+    /// then on are recorded only once it is paid).
     pub fn harvest<P: Platform + ?Sized>(
         &mut self,
         p: &P,
         idx: usize,
         out: &mut [u64],
-    ) -> Result<(), Error> {
+    ) -> Result<Invept, Error> {
         let s = self
             .slots
             .get(idx)
@@ -805,7 +824,8 @@ impl Vm {
     /// Frees everything. The caller executed INVEPT (all-context) after the last VM exit.
     pub fn destroy<P: Platform + ?Sized>(mut self, p: &P) {
         for i in 0..MAX_SLOTS {
-            self.remove_slot(p, i);
+            // Paid already: the precondition's INVEPT came after the last VM exit.
+            drop(self.remove_slot(p, i));
         }
         self.ept.destroy(p);
     }

@@ -9,7 +9,7 @@
 //! platform's live pages equal `tables_in_use() + tables_pending_free()`. After destroy, every
 //! page is back.
 
-use smudge_core::ept::{Ept, EptFeatures, MemoryType, Perms, GPA_LIMIT, PAGE_SIZE};
+use smudge_core::ept::{Ept, EptFeatures, Invept, MemoryType, Perms, GPA_LIMIT, PAGE_SIZE};
 use smudge_core::Error;
 use smudge_tests::platform::MockPlatform;
 
@@ -152,6 +152,9 @@ struct Run<'p> {
     f: EptFeatures,
     model: Model,
     faults: bool,
+    /// What the successful operations returned since the last INVEPT (a failed one returns only
+    /// its error; what it owes is the EPT's own record, `Ept::owed`).
+    owed: Invept,
     /// A running value that picks extra sample points.
     salt: u64,
 }
@@ -198,6 +201,11 @@ impl Run<'_> {
         } else {
             len / PAGE_SIZE
         }
+    }
+
+    /// Keeps what an operation returned until the next INVEPT.
+    fn take(&mut self, owed: Invept) {
+        self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
     }
 
     fn verdict(&self, what: &str, r: Result<(), Error>, valid: bool) -> bool {
@@ -307,11 +315,11 @@ impl Run<'_> {
             }
             op::UNMAP => {
                 let (gpa, len) = (self.gpa(c)?, Self::len(c)?);
-                let r = self.ept.unmap(p, gpa, len);
+                let r = self.ept.unmap(p, gpa, len).map(|o| self.take(o));
                 if self.verdict(&format!("unmap({gpa:#x}, {len:#x})"), r, range_ok(gpa, len)) {
                     assert!(
-                        self.ept.needs_invept(),
-                        "unmap must raise the INVEPT obligation"
+                        self.owed.is_owed() && self.ept.needs_invept(),
+                        "unmap must return the INVEPT it owes"
                     );
                     self.model.remove(gpa, gpa + len);
                 }
@@ -330,12 +338,15 @@ impl Run<'_> {
                         .ivs
                         .iter()
                         .any(|i| i.start < gpa + len && gpa < i.end && i.perms & !perms != 0);
-                let r = self.ept.protect(p, gpa, len, Perms(perms));
+                let r = self
+                    .ept
+                    .protect(p, gpa, len, Perms(perms))
+                    .map(|o| self.take(o));
                 if self.verdict(&format!("protect({gpa:#x}, {len:#x}, {perms})"), r, valid) {
                     // SDM 29.4.3.4: a narrowed right may be cached, INVEPT is required.
                     assert!(
-                        !narrowing || self.ept.needs_invept(),
-                        "narrowing protect without INVEPT obligation"
+                        !narrowing || (self.owed.is_owed() && self.ept.needs_invept()),
+                        "narrowing protect without returning the INVEPT it owes"
                     );
                     self.model.protect(gpa, gpa + len, perms);
                 }
@@ -345,14 +356,15 @@ impl Run<'_> {
                 let gpa = self.gpa(c)?;
                 let mapped = gpa < GPA_LIMIT && self.model.lookup(gpa).is_some();
                 match self.ept.split(p, gpa) {
-                    Ok(split) => {
+                    Ok(owed) => {
                         assert!(mapped, "split({gpa:#x}) of an unmapped address succeeded");
-                        if split {
+                        if owed.is_owed() {
                             assert!(
                                 self.ept.needs_invept(),
-                                "split must raise the INVEPT obligation"
+                                "a split that owes INVEPT must have recorded it"
                             );
                         }
+                        self.take(owed);
                     }
                     Err(Error::NotMapped) => {
                         assert!(!mapped, "split({gpa:#x}): NotMapped on a mapped address")
@@ -367,7 +379,7 @@ impl Run<'_> {
                 if len > MAX_STEPPED {
                     return Some(());
                 }
-                let r = self.ept.split_range(p, gpa, len);
+                let r = self.ept.split_range(p, gpa, len).map(|o| self.take(o));
                 self.verdict(
                     &format!("split_range({gpa:#x}, {len:#x})"),
                     r,
@@ -385,7 +397,8 @@ impl Run<'_> {
                 self.check(&[gpa]);
             }
             op::INVEPT_DONE => {
-                self.ept.invept_done(p);
+                let owed = core::mem::replace(&mut self.owed, Invept::NONE).and(self.ept.owed());
+                self.ept.invept_done(p, owed);
                 assert_eq!(self.ept.tables_pending_free(), 0);
                 assert!(!self.ept.needs_invept());
                 self.check(&[]);
@@ -429,6 +442,7 @@ pub fn run(data: &[u8]) {
         f,
         model: Model::default(),
         faults: false,
+        owed: Invept::NONE,
         salt,
     };
     for _ in 0..MAX_OPS {

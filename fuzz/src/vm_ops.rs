@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use smudge_core::arch::GuestGprs;
 use smudge_core::dirty::{Mode, MAX_TRACKED_PAGES};
-use smudge_core::ept::{EptFeatures, GPA_LIMIT, PAGE_SIZE};
+use smudge_core::ept::{EptFeatures, Invept, GPA_LIMIT, PAGE_SIZE};
 use smudge_core::guest::{Layout, RESERVED};
 use smudge_core::platform::Platform;
 use smudge_core::vm::{reason, ExitInfo, Fault, LoadError, VcpuState, Vm, MAX_SLOTS};
@@ -177,6 +177,9 @@ struct Run<'p> {
     /// The scratch PML log of `PML_DRAIN` (the harness also holds the CPU's PML buffer).
     scratch: u64,
     faults: bool,
+    /// What the successful operations returned since the last INVEPT (a failed one returns only
+    /// its error; what it owes is the EPT's own record, `Ept::owed`).
+    owed: Invept,
     shadow: Shadow,
     /// Pages (GPA) the model CPU wrote since they were last harvested or cleared.
     written: BTreeSet<u64>,
@@ -233,7 +236,8 @@ impl<'p> Run<'p> {
     /// The VM loop's protocol: no guest runs while an INVEPT obligation is pending.
     fn invept(&mut self) {
         self.cpu.invept_single(self.eptp);
-        self.vm.ept_mut().invept_done(self.p);
+        let owed = core::mem::replace(&mut self.owed, Invept::NONE).and(self.vm.ept().owed());
+        self.vm.ept_mut().invept_done(self.p, owed);
     }
 
     fn invept_if_needed(&mut self) {
@@ -400,7 +404,13 @@ impl<'p> Run<'p> {
             op::REMOVE_SLOT => {
                 let idx = usize::from(c.u8()? % 10);
                 let range = slot_range(&self.vm, idx);
-                self.vm.remove_slot(p, idx);
+                let owed = self.vm.remove_slot(p, idx);
+                assert_eq!(
+                    owed.is_owed(),
+                    range.is_some(),
+                    "only a removal owes INVEPT"
+                );
+                self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
                 assert_eq!(slot_range(&self.vm, idx), None);
                 if let Some((b, e)) = range {
                     self.shadow.drop_range(b, e);
@@ -516,20 +526,23 @@ impl<'p> Run<'p> {
                 let mut out = vec![u64::MAX; words];
                 let range = slot_range(&self.vm, idx);
                 let r = if code == op::GET_LOG {
-                    self.vm.get_dirty_log(p, idx, &mut out)
+                    self.vm
+                        .get_dirty_log(p, idx, &mut out)
+                        .map(|()| Invept::NONE)
                 } else {
                     self.vm.harvest(p, idx, &mut out)
                 };
                 match (r, range) {
-                    (Ok(()), Some((b, e))) => {
+                    (Ok(owed), Some((b, e))) => {
                         self.check_bitmap(idx, &out[..((e - b) / PAGE_SIZE).div_ceil(64) as usize]);
                         if code == op::HARVEST {
                             assert!(
-                                self.vm.ept().needs_invept(),
-                                "harvest must raise the INVEPT obligation"
+                                owed.is_owed() && self.vm.ept().needs_invept(),
+                                "harvest must return the INVEPT it owes"
                             );
                             self.written.retain(|&g| g < b || g >= e);
                         }
+                        self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
                     }
                     (Err(Error::NotMapped), None) => {}
                     (Err(Error::BitmapTooSmall), Some((b, e))) => {
@@ -571,11 +584,12 @@ impl<'p> Run<'p> {
                         .checked_add(num)
                         .is_some_and(|end| end <= pages && (num % 64 == 0 || end == pages));
                 match (r, slot_range(&self.vm, idx)) {
-                    (Ok(()), Some((b, _))) => {
+                    (Ok(owed), Some((b, _))) => {
                         assert!(
                             valid_range && mask.len() as u64 >= num.div_ceil(64),
                             "clear({first}, {num}) accepted"
                         );
+                        self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
                         for (w, &m) in mask.iter().enumerate().take(num.div_ceil(64) as usize) {
                             let mut m = m;
                             while m != 0 {
@@ -747,6 +761,7 @@ pub fn run(data: &[u8]) {
         page_limit,
         scratch,
         faults: false,
+        owed: Invept::NONE,
         shadow: Shadow::default(),
         written: BTreeSet::new(),
     };

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, BenchmarkId, Criterion, SamplingMode};
 use smudge_core::dirty::{self, scan_naive, DirtyLog, Mode};
-use smudge_core::ept::{Ept, EptFeatures, MemoryType, Perms, TableCache};
+use smudge_core::ept::{Ept, EptFeatures, Invept, MemoryType, Perms, TableCache};
 use smudge_core::kvm::abi::{DIRTY_GFN_F_DIRTY, DIRTY_GFN_F_RESET};
 use smudge_core::kvm::ring::{self, Ring};
 use smudge_core::platform::Platform;
@@ -127,8 +127,8 @@ impl Fixture {
             .expect("map");
         let pages = gib * GIB / PAGE;
         let mut log = DirtyLog::new(&p, Mode::AdScan, 0, pages).expect("log");
-        log.enable(&p, &mut ept).expect("enable");
-        ept.invept_done(&p);
+        let owed = log.enable(&p, &mut ept).expect("enable");
+        ept.invept_done(&p, owed);
         // Find the tables by reading the entries (SDM layout), not through the core.
         let addr = |table: u64, i: u64| p.page(table)[i as usize].load(Relaxed) & bit::ADDR;
         let pdpt = addr(ept.pml4(), 0);
@@ -191,10 +191,11 @@ impl Fixture {
             "dirty helper differs from the model's write"
         );
         let mut out = vec![0u64; self.pages.div_ceil(64) as usize];
-        self.log
+        let owed = self
+            .log
             .harvest(&self.p, &mut self.ept, &mut out)
             .expect("harvest");
-        self.ept.invept_done(&self.p);
+        self.ept.invept_done(&self.p, owed);
     }
 
     fn bitmap(&self, dirty: &[u64]) -> Vec<u64> {
@@ -257,8 +258,8 @@ fn bench_size(c: &mut Criterion, gib: u64) {
 
         // Correctness guard (untimed): one harvest reports exactly the dirty pages.
         f.dirty(&dirty);
-        f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
-        f.ept.invept_done(&f.p);
+        let owed = f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
+        f.ept.invept_done(&f.p, owed);
         assert!(
             out == mask,
             "{gib} GiB {}: harvest disagrees with the dirtied pages",
@@ -277,29 +278,33 @@ fn bench_size(c: &mut Criterion, gib: u64) {
             b.iter_custom(|iters| {
                 timed(key("clear"), iters, || {
                     f.dirty(&dirty);
+                    let mut owed = Invept::NONE;
                     let d = time(|| {
-                        f.log
+                        owed = f
+                            .log
                             .clear(&f.p, &mut f.ept, 0, f.pages, black_box(&mask))
                             .expect("clear")
                     });
-                    f.ept.invept_done(&f.p);
+                    f.ept.invept_done(&f.p, owed);
                     d
                 })
             })
         });
         // clear leaves the upper A flags set; a harvest resets them before the next benchmark.
-        f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
-        f.ept.invept_done(&f.p);
+        let owed = f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
+        f.ept.invept_done(&f.p, owed);
         group.bench_function(BenchmarkId::new("harvest", &pid), |b| {
             b.iter_custom(|iters| {
                 timed(key("harvest"), iters, || {
                     f.dirty(&dirty);
+                    let mut owed = Invept::NONE;
                     let d = time(|| {
-                        f.log
+                        owed = f
+                            .log
                             .harvest(&f.p, &mut f.ept, black_box(&mut out))
                             .expect("harvest")
                     });
-                    f.ept.invept_done(&f.p);
+                    f.ept.invept_done(&f.p, owed);
                     d
                 })
             })
@@ -323,8 +328,8 @@ fn bench_size(c: &mut Criterion, gib: u64) {
         }
         black_box(&out);
         // The naive scan leaves A set above clean leaves; reset for the next pattern.
-        f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
-        f.ept.invept_done(&f.p);
+        let owed = f.log.harvest(&f.p, &mut f.ept, &mut out).expect("harvest");
+        f.ept.invept_done(&f.p, owed);
     }
     let src = vec![0x5a5a_5a5a_5a5a_5a5au64; f.pages as usize];
     let mut dst = vec![0u64; f.pages as usize];

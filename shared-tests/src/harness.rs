@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use smudge_core::dirty::{pml, DirtyLog, Mode};
-use smudge_core::ept::{Ept, EptFeatures, MemoryType, Perms};
+use smudge_core::ept::{Ept, EptFeatures, Invept, MemoryType, Perms};
 use smudge_core::platform::Platform;
 use smudge_core::Error;
 
@@ -158,17 +158,20 @@ impl<'p> TrackedVm<'p> {
         self.kick_all();
         let slot = &self.slots[s];
         let mut log = DirtyLog::new(self.p, self.mode, slot.base, slot.pages)?;
-        if let Err(e) = log.enable(self.p, &mut self.ept) {
-            log.free(self.p);
-            return Err(e);
-        }
+        let owed = match log.enable(self.p, &mut self.ept) {
+            Ok(owed) => owed,
+            Err(e) => {
+                log.free(self.p);
+                return Err(e);
+            }
+        };
         assert!(
-            self.ept.needs_invept(),
-            "enable must raise the INVEPT obligation"
+            owed.is_owed() && self.ept.needs_invept(),
+            "enable must return the INVEPT it owes"
         );
         self.slots[s].log = Some(log);
         self.slots[s].written.clear();
-        self.flush_tlbs();
+        self.flush_tlbs(owed);
         Ok(())
     }
 
@@ -205,21 +208,25 @@ impl<'p> TrackedVm<'p> {
         }
     }
 
-    /// INVEPT on the CPUs the policy names, then tells the EPT (only if every CPU flushed).
-    pub fn flush_tlbs(&mut self) {
+    /// Pays `owed` with INVEPT on the CPUs the policy names (the EPT learns of it only if every
+    /// CPU flushed; the other policies drop the obligation, as a buggy hypervisor would).
+    pub fn flush_tlbs(&mut self, owed: Invept) {
         match self.invept {
             InveptPolicy::AllCpus => {
-                for c in &mut self.cpus {
-                    c.invept_single(self.eptp);
-                }
-                self.ept.invept_done(self.p);
+                let (cpus, eptp) = (&mut self.cpus, self.eptp);
+                let flushed = self.ept.pay(self.p, owed, || {
+                    cpus.iter_mut().for_each(|c| c.invept_single(eptp));
+                    Ok::<(), ()>(())
+                });
+                assert_eq!(flushed, Ok(()));
             }
             InveptPolicy::OnlyCpu0 => {
                 if let Some(c) = self.cpus.first_mut() {
                     c.invept_single(self.eptp);
                 }
+                drop(owed);
             }
-            InveptPolicy::Never => {}
+            InveptPolicy::Never => drop(owed),
         }
     }
 
@@ -320,18 +327,19 @@ impl<'p> TrackedVm<'p> {
         self.kick_all();
         let slot = &mut self.slots[s];
         let mut out = vec![0u64; slot.pages.div_ceil(64) as usize];
-        slot.log
+        let owed = slot
+            .log
             .as_ref()
             .expect("logging enabled")
             .harvest(self.p, &mut self.ept, &mut out)
             .expect("harvest");
         assert!(
-            self.ept.needs_invept(),
-            "harvest must raise the INVEPT obligation"
+            owed.is_owed() && self.ept.needs_invept(),
+            "harvest must return the INVEPT it owes"
         );
         slot.written.clear();
         let set = Self::bits_to_set(&out, slot.pages);
-        self.flush_tlbs();
+        self.flush_tlbs(owed);
         set
     }
 
@@ -340,7 +348,7 @@ impl<'p> TrackedVm<'p> {
     pub fn clear(&mut self, s: usize, first: u64, num: u64, mask: &[u64]) -> Result<(), Error> {
         self.kick_all();
         let slot = &mut self.slots[s];
-        slot.log.as_ref().expect("logging enabled").clear(
+        let owed = slot.log.as_ref().expect("logging enabled").clear(
             self.p,
             &mut self.ept,
             first,
@@ -352,7 +360,7 @@ impl<'p> TrackedVm<'p> {
                 slot.written.remove(&(first + i));
             }
         }
-        self.flush_tlbs();
+        self.flush_tlbs(owed);
         Ok(())
     }
 

@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use smudge_core::arch::{FxArea, GuestGprs, HostState, InveptType, VmFail};
+use smudge_core::arch::{FxArea, GuestGprs, HostState, VmFail};
 use smudge_core::ept::EptFeatures;
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
-use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
+use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::spec::Duties;
 use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::reason;
@@ -509,14 +509,6 @@ impl<'a> Processor for ModelCpu<'a> {
         }
         Ok(())
     }
-    fn invept(&mut self, kind: InveptType, eptp: u64) -> Result<(), VmFail> {
-        let mut st = self.state();
-        match kind {
-            InveptType::SingleContext => st.cpu.invept_single(eptp),
-            InveptType::AllContext => st.cpu.invept(),
-        }
-        Ok(())
-    }
     fn guest_state_in(&mut self, _fx: &FxArea, kernel_gs_base: u64) -> u64 {
         kernel_gs_base
     }
@@ -543,34 +535,6 @@ impl<'a> Processor for ModelCpu<'a> {
         // The model's guests cannot reach the host's debug state.
         (smudge_core::arch::DebugState::default(), 0)
     }
-}
-
-/// A request buffer.
-pub struct MockBuf(Vec<u64>, usize);
-
-impl Buffer for MockBuf {
-    fn bytes(&self) -> &[u8] {
-        let all: &[u8] = bytemuck_u8(&self.0);
-        &all[..self.1]
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let n = self.1;
-        &mut bytemuck_u8_mut(&mut self.0)[..n]
-    }
-    fn words_mut(&mut self) -> &mut [u64] {
-        let n = self.1 / 8;
-        &mut self.0[..n]
-    }
-}
-
-fn bytemuck_u8(w: &[u64]) -> &[u8] {
-    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
-    unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), w.len() * 8) }
-}
-
-fn bytemuck_u8_mut(w: &mut [u64]) -> &mut [u8] {
-    // SAFETY: as above, borrowed exclusively.
-    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), w.len() * 8) }
 }
 
 thread_local! {
@@ -698,7 +662,7 @@ impl<const W: bool> Platform for MockOs<W> {
 }
 
 impl<const W: bool> Os for MockOs<W> {
-    type Buf = MockBuf;
+    type Words = Vec<u64>;
     type VcpuBox = Box<HwVcpu>;
     type Pin = MockPin;
     type Cpu<'a> = ModelCpu<'a>;
@@ -714,12 +678,12 @@ impl<const W: bool> Os for MockOs<W> {
         }
     };
 
-    fn buffer(&self, len: usize) -> Option<MockBuf> {
+    fn words(&self, n: usize) -> Option<Vec<u64>> {
         let failing = self
             .fail_buffers
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
-        (!failing).then(|| MockBuf(vec![0; len.div_ceil(8)], len))
+        (!failing).then(|| vec![0; n])
     }
     fn box_vcpu(&self, vcpu: HwVcpu) -> Result<Box<HwVcpu>, HwVcpu> {
         Ok(Box::new(vcpu))

@@ -130,8 +130,8 @@ fn check(leaves: &[Leaf], lo: usize, pages: usize, lend_through_atomics: bool) {
     assert_eq!(out, want, "get");
     assert_eq!(t.words(), before, "get changed an entry");
 
-    log.harvest(&t.p, &mut t.ept, &mut out).expect("harvest");
-    t.ept.invept_done(&t.p);
+    let owed = log.harvest(&t.p, &mut t.ept, &mut out).expect("harvest");
+    t.ept.invept_done(&t.p, owed);
     assert_eq!(out, want, "harvest");
     let after = t.words();
     for i in 0..LEAVES {
@@ -146,9 +146,10 @@ fn check(leaves: &[Leaf], lo: usize, pages: usize, lend_through_atomics: bool) {
         );
     }
 
-    log.harvest(&t.p, &mut t.ept, &mut out)
+    let owed = log
+        .harvest(&t.p, &mut t.ept, &mut out)
         .expect("second harvest");
-    t.ept.invept_done(&t.p);
+    t.ept.invept_done(&t.p, owed);
     assert!(out.iter().all(|&w| w == 0), "second harvest reported pages");
     assert_eq!(t.words(), after, "second harvest changed an entry");
 

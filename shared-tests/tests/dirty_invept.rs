@@ -171,14 +171,15 @@ fn hypervisor_writes_are_not_dirty() {
             .unwrap();
         }
         let mut log = DirtyLog::new(&p, mode, BASE, 8).unwrap();
-        log.enable(&p, &mut ept).unwrap();
+        let owed = log.enable(&p, &mut ept).unwrap();
         let e = eptp(ept.pml4(), mode != Mode::WriteProtect);
         let mut cpu = Cpu::new(EptFeatures::ALL);
         let pml = p.alloc_page().unwrap();
         if mode == Mode::Pml {
             cpu.enable_pml(pml);
         }
-        ept.invept_done(&p);
+        // A fresh CPU caches nothing: the obligation is met.
+        ept.invept_done(&p, owed);
         // The guest reads every page first (translations cached, A set).
         for i in 0..8 {
             assert_eq!(
@@ -207,8 +208,10 @@ fn hypervisor_writes_are_not_dirty() {
                 assert!(log.mark(&p, gpa));
             });
         }
-        log.harvest(&p, &mut ept, &mut out).unwrap();
+        let owed = log.harvest(&p, &mut ept, &mut out).unwrap();
         assert_eq!(out[0], 1 << 6, "{mode:?}");
+        // The CPU model is dropped below, and its cached translations with it.
+        ept.invept_done(&p, owed);
         log.disable(&p, &mut ept);
         log.free(&p);
         ept.destroy(&p);

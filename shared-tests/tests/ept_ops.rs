@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use smudge_core::ept::{Ept, EptFeatures, MemoryType, Perms, GPA_LIMIT};
+use smudge_core::ept::{Ept, EptFeatures, Invept, MemoryType, Perms, GPA_LIMIT};
 use smudge_core::platform::Platform;
 use smudge_core::Error;
 use smudge_tests::model::{bit, eptp, qual, span, AccessKind, Cpu, Exit};
@@ -294,6 +294,9 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
     let mut cpu = Cpu::new(features);
     let mut zombies: BTreeSet<u64> = BTreeSet::new();
     let mut tables = check_all(&p, &ept, &r, &cpu).tables;
+    // What the successful operations returned since the last INVEPT, and whether one failed
+    // (a failure returns only its error; what it owes is `Ept::owed`).
+    let (mut owed, mut failed) = (Invept::NONE, false);
     for (mut op, fault, target) in ops {
         let target = target.and_then(|Target { n, align, offset }| {
             r.keys()
@@ -318,6 +321,8 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
         let before = r.clone();
         let mut errs = Vec::new();
         let mut touched = Vec::new();
+        let owed_before = ept.needs_invept();
+        let mut got = Invept::NONE;
         let result: Result<(), Error> = match op {
             Op::Map {
                 gpa,
@@ -374,7 +379,7 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
             }
             Op::Unmap { gpa, len } => {
                 let end = range_errors(gpa, len, &mut errs);
-                let res = ept.unmap(&p, gpa, len);
+                let res = ept.unmap(&p, gpa, len).map(|o| got = o);
                 if let (Ok(()), Some(end)) = (res, end) {
                     let gone: Vec<u64> = r.range(gpa..end).map(|(&g, _)| g).collect();
                     for g in gone {
@@ -395,7 +400,7 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                     }
                     touched.extend([gpa, end - PAGE, gpa.wrapping_sub(PAGE), end]);
                 }
-                let res = ept.protect(&p, gpa, len, Perms(perms));
+                let res = ept.protect(&p, gpa, len, Perms(perms)).map(|o| got = o);
                 if let (Ok(()), Some(end)) = (res, end) {
                     for (_, v) in r.range_mut(gpa..end) {
                         v.1 = perms;
@@ -409,29 +414,24 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                     errs.push(Error::NotMapped);
                 }
                 let level_before = ept.translate(&p, gpa).map(|t| t.level);
-                let res = ept.split(&p, gpa);
-                if let Ok(split) = res {
+                let res = ept.split(&p, gpa).map(|o| got = o);
+                if res.is_ok() {
+                    let split = got.is_owed();
                     let level_after = ept.translate(&p, gpa).map(|t| t.level);
                     let lb = level_before.expect("split of a mapped page");
                     assert_eq!(
                         split,
                         lb > 1,
-                        "split reports whether there was a large leaf"
+                        "a split owes INVEPT exactly when there was a large leaf (SDM 29.4.3.4)"
                     );
                     assert_eq!(level_after, Some(if split { lb - 1 } else { lb }));
-                    if split {
-                        assert!(
-                            ept.needs_invept(),
-                            "a split must ask for INVEPT (SDM 29.4.3.4)"
-                        );
-                    }
                 }
                 touched.push(gpa);
-                res.map(|_| ())
+                res
             }
             Op::SplitRange { gpa, len } => {
                 let end = range_errors(gpa, len, &mut errs);
-                let res = ept.split_range(&p, gpa, len);
+                let res = ept.split_range(&p, gpa, len).map(|o| got = o);
                 if let (Ok(()), Some(end)) = (res, end) {
                     for &g in r.range(gpa..end).map(|(g, _)| g).step_by(97) {
                         assert_eq!(
@@ -445,7 +445,16 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
                 res
             }
             Op::InveptDone => {
-                ept.invept_done(&p);
+                let paid = core::mem::replace(&mut owed, Invept::NONE);
+                if !failed {
+                    assert_eq!(
+                        paid.is_owed(),
+                        ept.needs_invept(),
+                        "the returned obligations are exactly what the EPT owes"
+                    );
+                }
+                failed = false;
+                ept.invept_done(&p, paid.and(ept.owed()));
                 assert_eq!(ept.tables_pending_free(), 0);
                 for &z in &zombies {
                     assert!(
@@ -459,6 +468,14 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
             }
         };
         p.clear_faults();
+        if result.is_ok() && !owed_before && ept.needs_invept() {
+            assert!(
+                got.is_owed(),
+                "{op:?} made INVEPT owed without returning it"
+            );
+        }
+        failed |= result.is_err();
+        owed = owed.and(got);
         match result {
             Ok(()) => assert!(
                 errs.is_empty(),
@@ -502,8 +519,8 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
             if !zombies.contains(&t) {
                 assert!(p.is_live(t), "table {t:#x} freed before INVEPT");
                 assert!(
-                    ept.needs_invept(),
-                    "a table was unlinked without an INVEPT obligation"
+                    ept.needs_invept() && (owed.is_owed() || failed),
+                    "a table was unlinked without returning an INVEPT obligation"
                 );
                 zombies.insert(t);
             }
@@ -589,7 +606,10 @@ fn map_failure_at_each_allocation_rolls_back() {
                 let mut r = RefMap::new();
                 r.insert(0x7fe0_0000, (0x7fe0_0000, 3));
                 check_all(&p, &ept, &r, &cpu);
-                ept.invept_done(&p);
+                // The rollback unmapped what the map had made: a failure's obligation is the
+                // EPT's own record.
+                let owed = ept.owed();
+                ept.invept_done(&p, owed);
                 assert_eq!(p.live_pages(), live, "failed map leaked pages (n = {n})");
             }
             ept.destroy(&p);
@@ -617,10 +637,10 @@ fn unlinked_tables_stay_allocated_until_invept() {
     let e = eptp(ept.pml4(), true);
     let mut cpu = Cpu::new(EptFeatures::ALL);
     assert_eq!(cpu.access(&p, e, G1, true), Ok(G1));
-    ept.unmap(&p, G1, 16 * PAGE).unwrap();
+    let owed = ept.unmap(&p, G1, 16 * PAGE).unwrap();
     assert_eq!(ept.tables_in_use(), 1);
     assert_eq!(ept.tables_pending_free(), 3);
-    assert!(ept.needs_invept());
+    assert!(owed.is_owed() && ept.needs_invept());
     // The stale translation still works, and a miss walks the unlinked PT from the cache.
     assert_eq!(cpu.access(&p, e, G1, true), Ok(G1));
     assert!(matches!(
@@ -629,7 +649,7 @@ fn unlinked_tables_stay_allocated_until_invept() {
     ));
     assert_eq!(p.live_pages(), 4);
     cpu.invept();
-    ept.invept_done(&p);
+    ept.invept_done(&p, owed);
     assert_eq!(p.live_pages(), 1);
     assert_eq!(
         cpu.access(&p, e, G1, true),
@@ -662,8 +682,8 @@ fn invept_done_without_invept_is_a_use_after_free() {
     let e = eptp(ept.pml4(), true);
     let mut cpu = Cpu::new(EptFeatures::ALL);
     cpu.access(&p, e, G1, false).unwrap();
-    ept.unmap(&p, G1, 16 * PAGE).unwrap();
-    ept.invept_done(&p);
+    let owed = ept.unmap(&p, G1, 16 * PAGE).unwrap();
+    ept.invept_done(&p, owed);
     let _ = cpu.access(&p, e, G1 + PAGE, false);
 }
 
@@ -692,9 +712,9 @@ fn destroy_returns_every_page() {
         true,
     )
     .unwrap();
-    ept.unmap(&p, G1 + M2, M2 + PAGE).unwrap();
-    ept.split_range(&p, 0, 4 * M2).unwrap();
-    assert!(ept.tables_pending_free() + ept.tables_in_use() > 1);
+    let owed = ept.unmap(&p, G1 + M2, M2 + PAGE).unwrap();
+    let owed = owed.and(ept.split_range(&p, 0, 4 * M2).unwrap());
+    assert!(owed.is_owed() && ept.tables_pending_free() + ept.tables_in_use() > 1);
     ept.destroy(&p);
     p.assert_all_freed();
 }

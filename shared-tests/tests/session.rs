@@ -532,3 +532,92 @@ fn entries_without_barriers_are_caught() {
     session.release(&os);
     os.p.assert_all_freed();
 }
+
+/// The run loop refuses to enter a guest whose EPT still owes an INVEPT: every obligation is
+/// paid by the request that made it (`ept::Invept`), so one left over is a smudge bug, and
+/// entering would let the CPUs use stale translations (SDM 29.4.3.4). Driven below the session
+/// layer, where a caller can drop an obligation; paid, the same vCPU runs.
+#[test]
+fn no_entry_while_an_invept_is_owed() {
+    use smudge_core::dirty::Mode;
+    use smudge_core::session::Os;
+    use smudge_core::vcpu::VcpuPages;
+    use smudge_core::vm::Vm;
+    use smudge_core::vmx::hw::{self, HwError, HwExit, HwVcpu, RunEnv, SharedVm};
+    use std::sync::Mutex;
+
+    struct Shared(Mutex<Vm>);
+    impl SharedVm for Shared {
+        fn with<R, F: FnOnce(&mut Vm) -> R>(&self, f: F) -> Option<R> {
+            Some(f(&mut self.0.lock().unwrap()))
+        }
+    }
+    struct Env<'a>(&'a MockOs<false>, &'a Driver);
+    impl RunEnv for Env<'_> {
+        fn irq_save(&self) -> usize {
+            0
+        }
+        fn irq_restore(&self, _: usize) {}
+        fn should_return(&self) -> bool {
+            false
+        }
+        fn vmclear_on(&self, cpu: u32, pages: &VcpuPages) {
+            self.0.vmclear_on(cpu, pages)
+        }
+        fn duties(&self) -> smudge_core::spec::Duties {
+            self.1.duties
+        }
+        fn probe(&self) -> bool {
+            false
+        }
+    }
+
+    let (d, os) = machine::<false>(1);
+    let (mode, ctls) =
+        smudge_core::answer::mode_controls(&d.caps, d.mode, Some(Mode::AdScan)).expect("A/D mode");
+    let mut vm = Vm::new(&os, d.caps.ept_features(), mode, PAGES).expect("vm");
+    vm.add_ram(&os, MEM).expect("ram");
+    let (rip, rsp) = smudge_core::answer::vcpu_entry(&vm, 0).expect("entry");
+    let mut hw = HwVcpu::new(0, VcpuPages::alloc(&os, &d.caps).expect("pages"), rip, rsp);
+    // A harvest owes INVEPT; this caller drops the obligation.
+    let mut bits = vec![0u64; PAGES.div_ceil(64) as usize];
+    drop(vm.harvest(&os, 0, &mut bits).expect("harvest"));
+    let shared = Shared(Mutex::new(vm));
+    let env = Env(&os, &d);
+    os.m.program(0, vec![Step::Write(0x20_0000), Step::Exit(0)]);
+    // As the session does: the page cache filled before each stay, again when it ran dry.
+    let run = |hw: &mut HwVcpu| loop {
+        hw.cache.refill(&os);
+        let r = os
+            .with_guest_context(|cpu| hw::run(&shared, hw, &os, &d.caps, &ctls, &env, cpu))
+            .expect("guest context");
+        if !matches!(r, Ok(HwExit::NeedPages)) {
+            break r;
+        }
+    };
+    match run(&mut hw) {
+        Err(HwError::Vmx { step, .. }) => assert!(step.contains("INVEPT"), "{step}"),
+        other => panic!("entered with an INVEPT owed: {other:?}"),
+    }
+    assert_eq!(os.m.entries().0, 0, "no entry was made");
+    assert!(os.m.writes().is_empty(), "the guest did not run");
+    // Paid (the failure path's way: what the EPT still owes), the vCPU runs to its exit.
+    {
+        let mut vm = shared.0.lock().unwrap();
+        let owed = vm.ept().owed();
+        let paid = vm.ept_mut().pay(&os, owed, || {
+            os.invept_everywhere();
+            Ok::<(), ()>(())
+        });
+        assert_eq!(paid, Ok(()));
+    }
+    assert!(matches!(run(&mut hw), Ok(HwExit::Exit(_))));
+    assert_eq!(os.m.writes().len(), 1, "the guest's write");
+    if let Some(cpu) = hw.cpu.take() {
+        os.vmclear_on(cpu, &hw.pages);
+    }
+    hw.free_pages(&os);
+    os.invept_everywhere();
+    shared.0.into_inner().unwrap().destroy(&os);
+    os.p.assert_all_freed();
+}

@@ -85,7 +85,8 @@ fn smudge_writes_never_dirty_the_log() {
         let img = elf(0x10_0000, &[0xf4; 5000], 9000);
         assert_eq!(vm.load_elf(&p, &img), Ok(0x10_0000));
         let mut out = vec![0u64; (MEM / 4096 / 64) as usize];
-        vm.harvest(&p, 0, &mut out).expect("harvest");
+        let owed = vm.harvest(&p, 0, &mut out).expect("harvest");
+        vm.ept_mut().invept_done(&p, owed);
         assert!(
             out.iter().all(|w| *w == 0),
             "{mode:?}: image load and page tables showed up as guest writes"
@@ -188,7 +189,8 @@ fn host_page_cap_stops_the_vm_cleanly_and_names_the_cap() {
         .message()
         .contains("max_pages"));
     let mut bits = vec![0u64; (MEM / 4096 / 64) as usize];
-    vm.harvest(&p, 0, &mut bits).expect("harvest under the cap");
+    let owed = vm.harvest(&p, 0, &mut bits).expect("harvest under the cap");
+    vm.ept_mut().invept_done(&p, owed);
     assert_eq!(
         bits.iter().map(|w| w.count_ones() as u64).sum::<u64>(),
         resolved,

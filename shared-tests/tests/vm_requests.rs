@@ -58,9 +58,9 @@ fn harvest(cpu: &mut Cpu, p: &MockPlatform, vm: &mut Vm, s: usize) -> BTreeSet<u
         .map(|(_, sl)| (sl.base, sl.pages))
         .expect("slot");
     let mut bits = vec![0u64; pages.div_ceil(64) as usize];
-    vm.harvest(p, s, &mut bits).expect("harvest");
+    let owed = vm.harvest(p, s, &mut bits).expect("harvest");
     cpu.invept();
-    vm.ept_mut().invept_done(p);
+    vm.ept_mut().invept_done(p, owed);
     let mut out = BTreeSet::new();
     for (w, word) in bits.iter().enumerate() {
         for b in 0..64 {
@@ -142,11 +142,11 @@ fn set_mode_before_the_first_run_switches_every_slot_cleanly() {
 
     // A/D -> write-protect: every backed page loses W; the A/D write before the switch is
     // forgotten (the log starts empty in the new mode).
-    vm.set_mode(&p, Mode::WriteProtect).expect("to wp");
+    let owed = vm.set_mode(&p, Mode::WriteProtect).expect("to wp");
     assert_eq!(vm.mode(), Mode::WriteProtect);
-    assert!(vm.ept().needs_invept(), "W removed: INVEPT owed");
+    assert!(owed.is_owed(), "W removed: INVEPT owed");
     cpu.invept();
-    vm.ept_mut().invept_done(&p);
+    vm.ept_mut().invept_done(&p, owed);
     for g in [0x10_0000u64, 0x10_1000, 0x10_2000] {
         let t = vm.ept().translate(&p, g).expect("backed");
         assert_eq!(t.perms.0 & 2, 0, "{g:#x} write-protected");
@@ -161,9 +161,9 @@ fn set_mode_before_the_first_run_switches_every_slot_cleanly() {
     );
 
     // Write-protect -> A/D: W comes back everywhere, and a write sets D (EPTP bit 6).
-    vm.set_mode(&p, Mode::AdScan).expect("to ad");
+    let owed = vm.set_mode(&p, Mode::AdScan).expect("to ad");
     cpu.invept();
-    vm.ept_mut().invept_done(&p);
+    vm.ept_mut().invept_done(&p, owed);
     for g in [0x10_0000u64, 0x10_1000, 0x10_2000] {
         let t = vm.ept().translate(&p, g).expect("backed");
         assert_ne!(t.perms.0 & 2, 0, "{g:#x} writable again");

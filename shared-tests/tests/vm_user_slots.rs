@@ -45,9 +45,9 @@ fn harvest(cpu: &mut Cpu, p: &MockPlatform, vm: &mut Vm, s: usize) -> BTreeSet<u
         cpu.set_pml_index(511);
     }
     let mut bits = vec![0u64; PAGES.div_ceil(64) as usize];
-    vm.harvest(p, s, &mut bits).expect("harvest");
+    let owed = vm.harvest(p, s, &mut bits).expect("harvest");
     cpu.invept();
-    vm.ept_mut().invept_done(p);
+    vm.ept_mut().invept_done(p, owed);
     (0..PAGES)
         .filter(|i| bits[(i / 64) as usize] >> (i % 64) & 1 != 0)
         .map(|i| BASE + i * 4096)
@@ -59,9 +59,15 @@ fn host_and_guest_share_the_pinned_pages_and_writes_are_logged() {
     for mode in [Mode::AdScan, Mode::Pml, Mode::WriteProtect] {
         let p = MockPlatform::new();
         let mut vm = Vm::new(&p, EptFeatures::ALL, mode, 1 << 20).expect("vm");
-        let s = vm
+        let (s, owed) = vm
             .add_user_slot(&p, BASE, PAGES * 4096, UADDR, true)
             .expect("user slot");
+        assert!(
+            owed.is_owed(),
+            "cleaning the mapped slot for its log owes INVEPT"
+        );
+        // No processor has used the EPT yet: nothing to invalidate.
+        vm.ept_mut().invept_done(&p, owed);
         assert_eq!(vm.pinned_pages(), PAGES);
         assert_eq!(p.user_pins(), PAGES);
         // The EPT tables are the driver's pages; the pinned ones are not counted as backing.
@@ -100,11 +106,12 @@ fn host_and_guest_share_the_pinned_pages_and_writes_are_logged() {
             vm.on_ept_violation(&p, BASE - 4096, 2),
             Fault::Mmio { .. }
         ));
-        vm.remove_slot(&p, s);
+        let owed = vm.remove_slot(&p, s);
+        assert!(owed.is_owed(), "unmapping owes INVEPT");
         assert_eq!((vm.pinned_pages(), p.user_pins()), (0, 0));
         smudge_core::platform::Platform::free_page(&p, pml_buffer);
         cpu.invept();
-        vm.ept_mut().invept_done(&p);
+        vm.ept_mut().invept_done(&p, owed);
         vm.destroy(&p);
         p.assert_all_freed();
     }
@@ -125,11 +132,12 @@ fn a_hole_in_the_user_range_fails_cleanly() {
         "nothing stays mapped"
     );
     // The slot can be made where the memory is whole.
-    let s = vm
+    let (s, owed) = vm
         .add_user_slot(&p, BASE, 100 * 4096, UADDR, true)
         .expect("the part before the hole");
-    vm.remove_slot(&p, s);
-    vm.ept_mut().invept_done(&p);
+    // What the failed attempt owes (it returned only its error), and what these two return.
+    let owed = owed.and(vm.remove_slot(&p, s)).and(vm.ept().owed());
+    vm.ept_mut().invept_done(&p, owed);
     vm.destroy(&p);
     p.assert_all_freed();
 }
@@ -148,7 +156,8 @@ fn an_allocation_failure_while_mapping_unpins_everything() {
             other => panic!("{after} allocations allowed: {other:?}"),
         }
         assert_eq!((vm.pinned_pages(), p.user_pins()), (0, 0), "{after}");
-        vm.ept_mut().invept_done(&p);
+        let owed = vm.ept().owed();
+        vm.ept_mut().invept_done(&p, owed);
         vm.destroy(&p);
         p.assert_all_freed();
     }
@@ -158,7 +167,7 @@ fn an_allocation_failure_while_mapping_unpins_everything() {
 fn overlapping_or_misaligned_slots_are_refused_without_pinning() {
     let p = MockPlatform::new();
     let mut vm = Vm::new(&p, EptFeatures::ALL, Mode::AdScan, 1 << 20).expect("vm");
-    let s = vm
+    let (s, owed) = vm
         .add_user_slot(&p, BASE, 64 * 4096, UADDR, true)
         .expect("slot");
     assert_eq!(
@@ -170,8 +179,8 @@ fn overlapping_or_misaligned_slots_are_refused_without_pinning() {
         Err(Error::Misaligned)
     );
     assert_eq!(p.user_pins(), 64);
-    vm.remove_slot(&p, s);
-    vm.ept_mut().invept_done(&p);
+    let owed = owed.and(vm.remove_slot(&p, s));
+    vm.ept_mut().invept_done(&p, owed);
     vm.destroy(&p);
     p.assert_all_freed();
 }

@@ -324,3 +324,121 @@ mod version {
         assert_eq!(v.features, bits);
     }
 }
+
+/// IRP_MJ_DEVICE_CONTROL as smudge.sys hands it to the core (`device_control`), driven with
+/// the session layer's model OS in its Windows personality.
+mod device_control {
+    use smudge_core::abi::windows::*;
+    use smudge_core::abi::{self, Op, Wire};
+    use smudge_core::session::load::Loaded;
+    use smudge_core::session::{Fail, Session};
+    use smudge_tests::session_model::{skylake, MockOs};
+
+    const VERSION: [&str; 3] = ["1", "12", "255"];
+
+    fn loaded() -> (Loaded, MockOs<true>) {
+        let (driver, os) = skylake::<true>(2);
+        (Loaded { cpus: 2, driver }, os)
+    }
+
+    fn setup_bytes() -> Vec<u8> {
+        let mut b = vec![0u8; Op::Setup.buffer_size()];
+        let r = abi::SetupReq {
+            version: abi::VERSION,
+            mode: 0,
+            mem_bytes: 8 << 20,
+            vcpus: 1,
+            page_limit: 0,
+        };
+        r.to_bytes(&mut b).expect("fits");
+        b
+    }
+
+    #[test]
+    fn the_version_query_answers_from_the_loaded_driver() {
+        let (l, os) = loaded();
+        let mut buf = [0u8; 32];
+        let code = (IOCTL_SMUDGE_GET_VERSION, 0, 32);
+        let (status, n) = device_control(&os, Some(l), None, code, &mut buf, VERSION);
+        assert_eq!((status, n), (STATUS_SUCCESS, VersionInfo::SIZE));
+        let word = |i: usize| u32::from_le_bytes(buf[i * 4..i * 4 + 4].try_into().unwrap());
+        assert_eq!(word(0), MAGIC);
+        assert_eq!(word(1), ABI_VERSION);
+        assert_eq!(word(2), 1 << 16 | 12 << 8 | 255);
+        assert_eq!(word(4), l.driver.caps.revision_id());
+        assert_eq!(word(5), 2, "the processors in VMX operation");
+        // Input where none is taken, an output too small, and no system buffer at all.
+        let mut b = [0u8; 32];
+        let q = |i, o| (IOCTL_SMUDGE_GET_VERSION, i, o);
+        let ask = |c, b: &mut [u8]| device_control(&os, Some(l), None, c, b, VERSION);
+        assert_eq!(ask(q(4, 32), &mut b), (STATUS_INVALID_PARAMETER, 0));
+        assert_eq!(ask(q(0, 23), &mut b), (STATUS_BUFFER_TOO_SMALL, 0));
+        assert_eq!(ask(q(0, 24), &mut []), (STATUS_BUFFER_TOO_SMALL, 0));
+    }
+
+    #[test]
+    fn nothing_is_answered_after_the_core_unloaded_or_for_another_method() {
+        let (l, os) = loaded();
+        let s = Session::<MockOs<true>>::new();
+        let mut b = setup_bytes();
+        let len = b.len();
+        let setup = (Op::Setup.windows_ioctl(), len, len);
+        let v = (IOCTL_SMUDGE_GET_VERSION, 0, 32);
+        for code in [setup, v] {
+            let r = device_control(&os, None, Some(&s), code, &mut b, VERSION);
+            assert_eq!(r, (STATUS_INVALID_DEVICE_STATE, 0));
+        }
+        // METHOD_NEITHER (3) with the rest of the SETUP code.
+        let neither = (Op::Setup.windows_ioctl() | 3, len, len);
+        let r = device_control(&os, Some(l), Some(&s), neither, &mut b, VERSION);
+        assert_eq!(r, (STATUS_INVALID_DEVICE_REQUEST, 0));
+        let unknown = (
+            ctl_code(FILE_DEVICE_UNKNOWN, 0x9ff, METHOD_BUFFERED, 0),
+            0,
+            0,
+        );
+        let r = device_control(&os, Some(l), Some(&s), unknown, &mut b, VERSION);
+        assert_eq!(r, (STATUS_INVALID_DEVICE_REQUEST, 0));
+    }
+
+    #[test]
+    fn vm_requests_reach_the_handles_session_with_checked_lengths() {
+        let (l, os) = loaded();
+        let mut s = Session::<MockOs<true>>::new();
+        let mut b = setup_bytes();
+        let len = b.len();
+        let code = |i, o| (Op::Setup.windows_ioctl(), i, o);
+        let ask = |s: Option<&Session<MockOs<true>>>, c, b: &mut [u8]| {
+            device_control(&os, Some(l), s, c, b, VERSION)
+        };
+        // A handle without a session, a short request, no system buffer: nothing is set up.
+        assert_eq!(
+            ask(None, code(len, len), &mut b),
+            (STATUS_INVALID_DEVICE_STATE, 0)
+        );
+        assert_eq!(
+            ask(Some(&s), code(len - 1, len), &mut b),
+            (STATUS_INVALID_PARAMETER, 0)
+        );
+        assert_eq!(
+            ask(Some(&s), code(len, len), &mut []),
+            (STATUS_INVALID_PARAMETER, 0)
+        );
+        assert_eq!(ask(Some(&s), code(len, len), &mut b), (STATUS_SUCCESS, 0));
+        // The VM exists now: a second SETUP is refused with the session's own failure.
+        let mut again = setup_bytes();
+        let busy = ask(Some(&s), code(len, len), &mut again);
+        assert_eq!(busy, (from_fail(Fail::Busy), 0));
+        // STATS answers through the same buffer, as many bytes as its response.
+        let n = Op::Stats.buffer_size();
+        let mut st = vec![0u8; n];
+        st[..4].copy_from_slice(&abi::VERSION.to_le_bytes());
+        let stats = (Op::Stats.windows_ioctl(), Op::Stats.request_size(), n);
+        let (status, got) = ask(Some(&s), stats, &mut st);
+        assert_eq!((status, got), (STATUS_SUCCESS, Op::Stats.response_size()));
+        let r = abi::StatsResp::from_bytes(&st).expect("stats");
+        assert_eq!(r.vcpus, 1);
+        assert!(r.vm_pages > 0);
+        s.release(&os);
+    }
+}

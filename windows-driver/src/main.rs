@@ -27,7 +27,6 @@ mod usermem;
 use core::ffi::CStr;
 
 use smudge_core::abi::windows::{self as ioctl, *};
-use smudge_core::abi::Op;
 use smudge_core::arch;
 use smudge_core::session::load::{self, driver};
 use smudge_core::spec::Duties;
@@ -312,8 +311,9 @@ unsafe extern "system" fn dispatch_close(_device: *mut DeviceObject, irp: *mut I
     unsafe { complete(irp, STATUS_SUCCESS, 0) }
 }
 
-/// IRP_MJ_DEVICE_CONTROL: the version query, or a VM request of `smudge_core::abi`. METHOD_BUFFERED
-/// only: the system buffer holds the request on the way in and the answer on the way out.
+/// IRP_MJ_DEVICE_CONTROL: the version query, or a VM request of the handle's session
+/// (`abi::windows::device_control`). METHOD_BUFFERED only: the system buffer holds the request
+/// on the way in and the answer on the way out.
 unsafe extern "system" fn dispatch_device_control(
     _device: *mut DeviceObject,
     irp: *mut Irp,
@@ -326,74 +326,34 @@ unsafe extern "system" fn dispatch_device_control(
             p.io_control_code,
             p.input_buffer_length as usize,
             p.output_buffer_length as usize,
-            (*irp).system_buffer,
+            (*irp).system_buffer.cast::<u8>(),
             file_object(irp),
         )
     };
-    if code & 3 != ioctl::METHOD_BUFFERED {
-        // SAFETY: the IRP is ours until completed.
-        return unsafe { complete(irp, STATUS_INVALID_DEVICE_REQUEST, 0) };
-    }
-    let (status, written) = if let Some(op) = Op::from_windows_ioctl(code) {
-        match vm_request(op, input_len, output_len, buffer, file) {
-            Ok(n) => (STATUS_SUCCESS, n),
-            Err(s) => (s, 0),
-        }
+    let buf: &mut [u8] = if buffer.is_null() {
+        &mut []
     } else {
-        let output: &mut [u8] = if output_len == 0 || buffer.is_null() {
-            &mut []
-        } else {
-            // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output)
-            // bytes that only this request uses until it completes.
-            unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), output_len) }
-        };
-        let info = load::loaded().map(|l| {
-            VersionInfo::of(
-                &l,
-                env!("CARGO_PKG_VERSION_MAJOR"),
-                env!("CARGO_PKG_VERSION_MINOR"),
-                env!("CARGO_PKG_VERSION_PATCH"),
-            )
-        });
-        // After a shutdown unloaded the core, there is no version to give.
-        match info.map(|i| ioctl::dispatch(code, input_len, output, &i)) {
-            Some(Ok(n)) => (STATUS_SUCCESS, n),
-            Some(Err(status)) => (status, 0),
-            None => (STATUS_INVALID_DEVICE_STATE, 0),
-        }
+        // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output) bytes
+        // that only this request uses until it completes.
+        unsafe { core::slice::from_raw_parts_mut(buffer, input_len.max(output_len)) }
     };
+    // SAFETY: FsContext holds this open's session from CREATE until CLOSE, and CLOSE cannot run
+    // while this IRP references the file object; shared access only (the session shares its VM
+    // between concurrent requests itself).
+    let session = unsafe {
+        file.as_ref()
+            .and_then(|f| f.fs_context.cast::<NtSession>().as_ref())
+    };
+    let version = [
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MINOR"),
+        env!("CARGO_PKG_VERSION_PATCH"),
+    ];
+    let lens = (code, input_len, output_len);
+    let (status, written) =
+        ioctl::device_control(&NtPlatform, load::loaded(), session, lens, buf, version);
     // SAFETY: the IRP is ours until completed; no slice of its buffer is used past this point.
     unsafe { complete(irp, status, written) }
-}
-
-/// A VM request: lengths, then the handle's session, as on Linux.
-fn vm_request(
-    op: Op,
-    input_len: usize,
-    output_len: usize,
-    buffer: *mut core::ffi::c_void,
-    file: *mut nt::FileObject,
-) -> Result<usize, NtStatus> {
-    ioctl::check_lengths(op, input_len, output_len)?;
-    let len = input_len.max(output_len);
-    if buffer.is_null() || file.is_null() {
-        return Err(STATUS_INVALID_PARAMETER);
-    }
-    // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output) bytes
-    // that only this request uses until it completes (non-null checked above; check_lengths
-    // made `len` at least the request size).
-    let buf = unsafe { core::slice::from_raw_parts_mut(buffer.cast::<u8>(), len) };
-    // SAFETY: FsContext holds this open's session from CREATE until CLOSE, and CLOSE cannot run
-    // while this IRP references the file object.
-    let ctx = unsafe { (*file).fs_context }.cast::<NtSession>();
-    if ctx.is_null() {
-        return Err(STATUS_INVALID_DEVICE_STATE);
-    }
-    let drv = driver().ok_or(STATUS_INVALID_DEVICE_STATE)?;
-    // SAFETY: as above; shared access only (the session shares its VM between concurrent
-    // requests itself).
-    let s = unsafe { &*ctx };
-    s.request(&NtPlatform, &drv, op, buf).map_err(from_fail)
 }
 
 /// No path panics (the lints above deny the usual sources). Should one ever, stop with #UD: the

@@ -3,7 +3,7 @@
 //! Windows means (pool, user buffers, processor affinity, IRQL, extended state, interrupt time).
 
 use smudge_core::abi::windows as budget;
-use smudge_core::session::{Buffer, Fail, HostMapping, Os, RunPolicy};
+use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::vmx::hw::{self, Hardware, HwVcpu};
 use smudge_core::vmx::root::Processors;
 use smudge_core::{arch, hostpt};
@@ -22,14 +22,14 @@ fn interrupt_time() -> u64 {
 }
 
 impl Os for NtPlatform {
-    type Buf = PoolBuf;
+    type Words = PoolBuf;
     type VcpuBox = PoolBox<HwVcpu>;
     type Pin = processors::Pinned;
     type Cpu<'a> = Hardware<'a>;
     const POLICY: RunPolicy = budget::POLICY;
 
-    fn buffer(&self, len: usize) -> Option<PoolBuf> {
-        PoolBuf::zeroed(len)
+    fn words(&self, n: usize) -> Option<PoolBuf> {
+        PoolBuf::zeroed(n.checked_mul(8)?)
     }
     fn box_vcpu(&self, vcpu: HwVcpu) -> Result<PoolBox<HwVcpu>, HwVcpu> {
         PoolBox::new(vcpu)
@@ -127,12 +127,11 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
     let la57 = cr4 & smudge_core::regs::CR4_LA57 != 0;
     let mut read = |pa: u64| -> Option<u64> {
         let mut copied = 0usize;
-        let target = cell.bytes_mut();
         // SAFETY: an 8-byte nonpaged target; a physical source that MmCopyMemory validates
         // (it fails instead of faulting).
         let s = unsafe {
             nt::MmCopyMemory(
-                target.as_mut_ptr().cast(),
+                cell.as_mut_ptr().cast(),
                 pa,
                 8,
                 nt::MM_COPY_MEMORY_PHYSICAL,
@@ -142,9 +141,7 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
         if s < 0 || copied != 8 {
             return None;
         }
-        let mut b = [0u8; 8];
-        b.copy_from_slice(target.get(..8)?);
-        Some(u64::from_le_bytes(b))
+        cell.first().copied()
     };
     hostpt::walk(cr3, va, la57, &mut read)
 }

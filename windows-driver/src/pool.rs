@@ -32,18 +32,19 @@ impl PoolBuf {
     }
 }
 
-impl smudge_core::session::Buffer for PoolBuf {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised bytes owned by self.
-        unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, exclusively borrowed.
-        unsafe { core::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
+impl core::ops::Deref for PoolBuf {
+    type Target = [u64];
     /// The first `len / 8` quadwords.
-    fn words_mut(&mut self) -> &mut [u64] {
-        // SAFETY: pool memory is 16-byte aligned on x64; every bit pattern is a valid u64.
+    fn deref(&self) -> &[u64] {
+        // SAFETY: `ptr` holds `len` initialised bytes owned by self, 16-byte aligned (x64 pool);
+        // every bit pattern is a valid u64.
+        unsafe { core::slice::from_raw_parts(self.ptr.cast::<u64>(), self.len / 8) }
+    }
+}
+
+impl core::ops::DerefMut for PoolBuf {
+    fn deref_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as above, exclusively borrowed.
         unsafe { core::slice::from_raw_parts_mut(self.ptr.cast::<u64>(), self.len / 8) }
     }
 }

@@ -6,7 +6,7 @@
 
 use super::Op;
 use crate::session::load::{LoadFailure, Loaded};
-use crate::session::RunPolicy;
+use crate::session::{Os, RunPolicy, Session};
 use crate::vmx::admission::Admission;
 use crate::vmx::admission::Refusal;
 use crate::vmx::caps::{Reason, Unsupported};
@@ -140,6 +140,44 @@ pub fn dispatch(
             Ok(VersionInfo::SIZE)
         }
         _ => Err(STATUS_INVALID_DEVICE_REQUEST),
+    }
+}
+
+/// One IRP_MJ_DEVICE_CONTROL of `\\.\Smudge`: the version query, or a VM request of the
+/// handle's `session` (FILE_OBJECT.FsContext; None when it has none). `buf` is the
+/// METHOD_BUFFERED system buffer (the larger of the two lengths; empty when it is null),
+/// `loaded` the driver's state (None after a shutdown unloaded the core), `version` the
+/// driver's Cargo version. Returns the IRP's status and IoStatus.Information.
+pub fn device_control<O: Os>(
+    os: &O,
+    loaded: Option<Loaded>,
+    session: Option<&Session<O>>,
+    (code, input_len, output_len): (u32, usize, usize),
+    buf: &mut [u8],
+    version: [&str; 3],
+) -> (NtStatus, usize) {
+    let answer = (|| {
+        if code & 3 != METHOD_BUFFERED {
+            return Err(STATUS_INVALID_DEVICE_REQUEST);
+        }
+        let loaded = loaded.ok_or(STATUS_INVALID_DEVICE_STATE)?;
+        let Some(op) = Op::from_windows_ioctl(code) else {
+            let info = VersionInfo::of(&loaded, version[0], version[1], version[2]);
+            let output = buf.get_mut(..output_len).unwrap_or(&mut []);
+            return dispatch(code, input_len, output, &info);
+        };
+        check_lengths(op, input_len, output_len)?;
+        let buf = buf
+            .get_mut(..input_len.max(output_len))
+            .ok_or(STATUS_INVALID_PARAMETER)?;
+        let session = session.ok_or(STATUS_INVALID_DEVICE_STATE)?;
+        session
+            .request(os, &loaded.driver, op, buf)
+            .map_err(from_fail)
+    })();
+    match answer {
+        Ok(n) => (STATUS_SUCCESS, n),
+        Err(status) => (status, 0),
     }
 }
 

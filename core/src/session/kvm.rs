@@ -17,7 +17,8 @@ use crate::vcpu::VcpuPages;
 use crate::vm::{Backing, KvmExits, RunExit, StopCause, Vm, MAX_SLOTS};
 use crate::vmx::hw::{HwError, HwVcpu};
 
-use super::{waiter, Buffer, Driver, Fail, Os, Session, VmState, MAX_VCPUS};
+use super::{pay, waiter, Driver, Fail, Os, Session, VmState, MAX_VCPUS};
+use crate::ept::Invept;
 
 /// What a KVM VM keeps beside smudge's VM.
 #[derive(Clone, Copy, Debug, Default)]
@@ -164,9 +165,7 @@ impl<O: Os> Session<O> {
         };
         let mut st = self.vm.lock();
         let r = self.kvm_vm_locked(os, drv, &mut st, ioctl, arg);
-        if let Some(vm) = st.vm.as_mut() {
-            super::invept_vm(os, vm);
-        }
+        super::pay_after_failure(os, st.vm.as_mut(), &r);
         r
     }
 
@@ -223,10 +222,10 @@ impl<O: Os> Session<O> {
                 if st.kvm.manual_protect {
                     vm.get_dirty_log(os, idx, bits.words_mut())?;
                 } else {
-                    vm.harvest(os, idx, bits.words_mut())?;
+                    let owed = vm.harvest(os, idx, bits.words_mut())?;
+                    // The bitmap goes out after the flush (SDM 29.4.3.4).
+                    pay(os, vm, owed);
                 }
-                // The bitmap goes out after the flush (SDM 29.4.3.4).
-                super::invept_vm(os, vm);
                 os.copy_to_user(d.dirty_bitmap, bits.bytes())?;
                 Ok(0)
             }
@@ -250,7 +249,8 @@ impl<O: Os> Session<O> {
                     .buffer(num.div_ceil(64) as usize * 8)
                     .ok_or(Fail::NoMemory)?;
                 os.copy_from_user(m.bytes_mut(), c.dirty_bitmap)?;
-                vm.clear_dirty_log(os, idx, c.first_page, num, m.words_mut())?;
+                let owed = vm.clear_dirty_log(os, idx, c.first_page, num, m.words_mut())?;
+                pay(os, vm, owed);
                 Ok(0)
             }
             Ioctl::CreateVcpu => {
@@ -276,7 +276,7 @@ impl<O: Os> Session<O> {
             Ioctl::ResetDirtyRings if st.kvm.ring_bytes == 0 => Err(Fail::Invalid),
             Ioctl::ResetDirtyRings => {
                 let vm = st.vm.as_mut().ok_or(Fail::Invalid)?;
-                let (mut count, mut rearmed) = (0, false);
+                let (mut count, mut owed) = (0, Invept::NONE);
                 let mut cache = crate::ept::TableCache::default();
                 for slot in self.created() {
                     let mut g = slot.hw.lock();
@@ -287,13 +287,12 @@ impl<O: Os> Session<O> {
                         continue;
                     };
                     count += r.reset(os, &mut |batch| {
-                        rearmed |= vm.rearm_ring_pages(os, batch, &mut cache);
+                        let o = vm.rearm_ring_pages(os, batch, &mut cache);
+                        owed = core::mem::replace(&mut owed, Invept::NONE).and(o);
                     });
                 }
-                // The re-armed pages' cached translations go (INVEPT at the request's end).
-                if rearmed {
-                    vm.ept_mut().require_invept();
-                }
+                // The re-armed pages' cached translations go before any vCPU runs again.
+                pay(os, vm, owed);
                 Ok(count)
             }
             _ => Err(Fail::Invalid),
@@ -333,13 +332,14 @@ impl<O: Os> Session<O> {
             if m.memory_size == 0 {
                 return Err(Fail::Invalid);
             }
-            let idx = vm.add_user_slot(
+            let (idx, owed) = vm.add_user_slot(
                 os,
                 m.guest_phys_addr,
                 m.memory_size,
                 m.userspace_addr,
                 logging,
             )?;
+            pay(os, vm, owed);
             if let Some(s) = st.kvm.slots.get_mut(idx) {
                 *s = Some(KvmSlot {
                     id: id as u16,
@@ -368,7 +368,8 @@ impl<O: Os> Session<O> {
             .flatten()
             .map_or(0, |s| s.flags);
         if m.memory_size == 0 {
-            vm.remove_slot(os, idx);
+            let owed = vm.remove_slot(os, idx);
+            pay(os, vm, owed);
             if let Some(s) = st.kvm.slots.get_mut(idx) {
                 *s = None;
             }
@@ -379,11 +380,14 @@ impl<O: Os> Session<O> {
         }
         if m.guest_phys_addr != base {
             // A move: the slot again at its new place, the same memory pinned there.
-            vm.remove_slot(os, idx);
+            let owed = vm.remove_slot(os, idx);
+            pay(os, vm, owed);
             if let Some(s) = st.kvm.slots.get_mut(idx) {
                 *s = None;
             }
-            let new = vm.add_user_slot(os, m.guest_phys_addr, m.memory_size, uaddr, logging)?;
+            let (new, owed) =
+                vm.add_user_slot(os, m.guest_phys_addr, m.memory_size, uaddr, logging)?;
+            pay(os, vm, owed);
             if let Some(s) = st.kvm.slots.get_mut(new) {
                 *s = Some(KvmSlot {
                     id: id as u16,
@@ -394,7 +398,8 @@ impl<O: Os> Session<O> {
             return Ok(0);
         }
         if m.flags != flags {
-            vm.set_slot_logging(os, idx, logging)?;
+            let owed = vm.set_slot_logging(os, idx, logging)?;
+            pay(os, vm, owed);
             if let Some(Some(s)) = st.kvm.slots.get_mut(idx) {
                 s.flags = m.flags;
             }

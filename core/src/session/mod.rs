@@ -21,6 +21,7 @@ use spin::Mutex;
 use crate::abi::{self, Op, Request, Wire};
 use crate::answer;
 use crate::dirty::Mode;
+use crate::ept::Invept;
 use crate::vcpu::VcpuPages;
 use crate::vm::{LoadError, RunExit, Vm};
 use crate::vmx::caps::{Controls, VmxCaps};
@@ -88,14 +89,26 @@ fn waiter<O: Os>(os: &O) -> impl FnMut() + '_ {
     move || os.pause(os.now_ns().saturating_sub(start))
 }
 
-/// INVEPT everywhere when the EPT asks for it: after flags were cleared, permissions removed or
-/// entries unmapped, no CPU may keep a cached translation once a vCPU runs again. Only while no
-/// vCPU is in the run loop.
-fn invept_vm<O: Os>(os: &O, vm: &mut Vm) {
-    if vm.ept().needs_invept() {
+/// Pays what an EPT change of `vm` owes: INVEPT all-context on every CPU in VMX operation, so
+/// none keeps a cleared flag, a removed right or a removed entry once a vCPU runs again, then the
+/// EPT frees the tables that waited for it. Only while no vCPU is in the run loop (a VM-level
+/// request's claim).
+fn pay<O: Os>(os: &O, vm: &mut Vm, owed: Invept) {
+    let invept = || {
         os.invept_everywhere();
-        vm.ept_mut().invept_done(os);
-        os.after_free();
+        Ok::<(), core::convert::Infallible>(())
+    };
+    let Ok(()) = vm.ept_mut().pay(os, owed, invept);
+    os.after_free();
+}
+
+/// After a VM-level request failed: it may have changed entries before its error, and returned
+/// only the error; what the EPT still owes is paid before any vCPU runs again. (A request that
+/// succeeded paid what its changes returned.)
+fn pay_after_failure<O: Os, T>(os: &O, vm: Option<&mut Vm>, r: &Result<T, Fail>) {
+    if let (Some(vm), Err(_)) = (vm, r) {
+        let owed = vm.ept().owed();
+        pay(os, vm, owed);
     }
 }
 
@@ -227,9 +240,7 @@ impl<O: Os> Session<O> {
                 let r = self.handle(os, drv, &mut st, req, buf);
                 // No INVEPT obligation may outlive the kick: vCPUs of other CPUs would run on
                 // stale translations.
-                if let Some(vm) = st.vm.as_mut() {
-                    invept_vm(os, vm);
-                }
+                pay_after_failure(os, st.vm.as_mut(), &r);
                 r
             }
         }
@@ -270,7 +281,6 @@ impl<O: Os> Session<O> {
                 return Err(e);
             }
         }
-        invept_vm(os, &mut vm);
         st.vm = Some(vm);
         st.ctls = Some(ctls);
         self.ready.store(true, Ordering::Release);
@@ -374,7 +384,8 @@ impl<O: Os> Session<O> {
             Request::SetMode { mode } => {
                 let vm = st.vm.as_mut().ok_or(Fail::Invalid)?;
                 let (mode, ctls) = answer::mode_controls(&drv.caps, drv.mode, mode)?;
-                vm.set_mode(os, mode)?;
+                let owed = vm.set_mode(os, mode)?;
+                pay(os, vm, owed);
                 st.ctls = Some(ctls);
                 Ok(0)
             }
@@ -396,13 +407,13 @@ impl<O: Os> Session<O> {
                 }
                 let mut bits = buffer(words * 8)?;
                 if harvest {
-                    vm.harvest(os, slot as usize, bits.words_mut())?;
+                    let owed = vm.harvest(os, slot as usize, bits.words_mut())?;
+                    // The bitmap goes out only after the flush: a page the guest writes from
+                    // now on sets D again (SDM 29.4.3.4).
+                    pay(os, vm, owed);
                 } else {
                     vm.get_dirty_log(os, slot as usize, bits.words_mut())?;
                 }
-                // The bitmap goes out only after the flush: a page the guest writes from now
-                // on sets D again (SDM 29.4.3.4).
-                invept_vm(os, vm);
                 os.copy_to_user(bitmap, bits.bytes())?;
                 Ok(0)
             }
@@ -415,7 +426,9 @@ impl<O: Os> Session<O> {
                 let vm = st.vm.as_mut().ok_or(Fail::Invalid)?;
                 let mut m = buffer(num_pages.div_ceil(64) * 8)?;
                 os.copy_from_user(m.bytes_mut(), mask)?;
-                vm.clear_dirty_log(os, slot as usize, first_page, num_pages, m.words_mut())?;
+                let owed =
+                    vm.clear_dirty_log(os, slot as usize, first_page, num_pages, m.words_mut())?;
+                pay(os, vm, owed);
                 Ok(0)
             }
             Request::Stats => {

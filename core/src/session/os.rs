@@ -100,15 +100,32 @@ pub struct RunPolicy {
     pub slice_ns: Option<u64>,
 }
 
-/// A zeroed, 8-byte-aligned buffer for one request (copied-in images, bitmaps, masks, guest
-/// memory copies), freed on drop.
-pub trait Buffer {
-    /// Its bytes.
-    fn bytes(&self) -> &[u8];
-    /// Its bytes, writable.
-    fn bytes_mut(&mut self) -> &mut [u8];
-    /// Its whole quadwords.
-    fn words_mut(&mut self) -> &mut [u64];
+/// A zeroed buffer of `len` bytes for one request (copied-in images, bitmaps, masks, guest
+/// memory copies), in the OS's quadwords ([`Os::Words`]), freed on drop.
+pub struct Buffer<W> {
+    words: W,
+    len: usize,
+}
+
+impl<W: core::ops::DerefMut<Target = [u64]>> Buffer<W> {
+    /// Its `len` bytes.
+    pub fn bytes(&self) -> &[u8] {
+        crate::arch::bytes_of(&self.words)
+            .get(..self.len)
+            .unwrap_or(&[])
+    }
+    /// Its `len` bytes, writable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        crate::arch::bytes_of_mut(&mut self.words)
+            .get_mut(..len)
+            .unwrap_or(&mut [])
+    }
+    /// Its whole quadwords (`len / 8`).
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        let n = self.len / 8;
+        self.words.get_mut(..n).unwrap_or(&mut [])
+    }
 }
 
 /// How the host maps the backing page of a guest page (EXPLAIN).
@@ -125,8 +142,8 @@ pub struct HostMapping {
 /// What an operating system supplies to a session. Pages come through the [`Platform`]
 /// supertrait (allocated under core's `hostmem` policy).
 pub trait Os: Platform + Sync {
-    /// A request buffer (see [`Buffer`]).
-    type Buf: Buffer;
+    /// Zeroed OS memory for a request [`Buffer`], as quadwords (8-byte aligned).
+    type Words: core::ops::DerefMut<Target = [u64]>;
     /// Storage for one vCPU (the shim's box); the session keeps it until the vCPU is freed.
     type VcpuBox: core::ops::DerefMut<Target = HwVcpu> + Send;
     /// What [`Os::pin`] returns: the thread stays on its CPU until it is dropped.
@@ -136,8 +153,13 @@ pub trait Os: Platform + Sync {
     /// How RUN gives the CPU back.
     const POLICY: RunPolicy;
 
-    /// `len` zeroed bytes, or None when memory is short (never waking an OOM killer).
-    fn buffer(&self, len: usize) -> Option<Self::Buf>;
+    /// `n` zeroed quadwords, or None when memory is short (never waking an OOM killer).
+    fn words(&self, n: usize) -> Option<Self::Words>;
+    /// `len` zeroed bytes, or None when memory is short.
+    fn buffer(&self, len: usize) -> Option<Buffer<Self::Words>> {
+        let words = self.words(len.div_ceil(8))?;
+        Some(Buffer { words, len })
+    }
     /// Moves a new vCPU into OS memory; gives it back when memory is short.
     fn box_vcpu(&self, vcpu: HwVcpu) -> Result<Self::VcpuBox, HwVcpu>;
     /// Copies user memory at `src` into `dst`.

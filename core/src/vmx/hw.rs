@@ -8,7 +8,7 @@ use crate::platform::Platform;
 use crate::spec::Duties;
 use crate::vcpu::{Cached, PageCache, VcpuPages};
 use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
-use crate::vmx::caps::{ept_cap, pin, secondary, Controls, VmxCaps};
+use crate::vmx::caps::{pin, secondary, Controls, VmxCaps};
 use crate::vmx::checks::{self, Violation};
 use crate::vmx::fields::Field;
 use crate::vmx::guest_state::GuestState;
@@ -231,8 +231,6 @@ pub trait Processor {
         launched: bool,
         host: &HostState,
     ) -> Result<(), VmFail>;
-    /// INVEPT of `kind` here.
-    fn invept(&mut self, kind: InveptType, eptp: u64) -> Result<(), VmFail>;
     /// Loads the guest's x87/SSE state and IA32_KERNEL_GS_BASE; returns the host's
     /// IA32_KERNEL_GS_BASE.
     fn guest_state_in(&mut self, fx: &FxArea, kernel_gs_base: u64) -> u64;
@@ -326,11 +324,6 @@ impl Processor for Hardware<'_> {
         // SAFETY: right after the exit (or failed entry) on the same CPU.
         unsafe { arch::restore_after_exit(host) };
         entered
-    }
-    fn invept(&mut self, kind: InveptType, eptp: u64) -> Result<(), VmFail> {
-        // SAFETY: VMX root operation (`ctx`); `run` asks for single-context only when the
-        // capability says it is supported.
-        unsafe { arch::invept(kind, eptp) }
     }
     fn guest_state_in(&mut self, fx: &FxArea, kernel_gs_base: u64) -> u64 {
         // SAFETY: the FPU is the guest's (`ctx`); the area holds a valid image; the MSR exists
@@ -769,28 +762,14 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     let pml = ctls.secondary & secondary::ENABLE_PML != 0;
     let kernel_gs_base = cpu.guest_state_in(&vcpu.fx, vcpu.kernel_gs_base);
     let result = loop {
-        let flushed = vm
-            .with(|vm| {
-                if !vm.ept().needs_invept() {
-                    return Ok(());
-                }
-                // SDM 29.4.3.4 (INVEPT guidelines): cleared A/D or W bits, or removed entries,
-                // must not survive in cached translations when the guest runs again. (Callers
-                // that cleared flags while several CPUs may cache the EPT flush them all first.)
-                let kind = if caps.ept_vpid_cap & ept_cap::INVEPT_SINGLE != 0 {
-                    InveptType::SingleContext
-                } else {
-                    InveptType::AllContext
-                };
-                cpu.invept(kind, eptp)?;
-                vm.ept_mut().invept_done(p);
-                Ok(())
-            })
-            .unwrap_or(Ok(()));
-        if let Err(fail) = flushed {
+        // Every INVEPT an EPT change owes is paid before a vCPU runs again (`Ept::pay`, by the
+        // VM-level request that made the change, every vCPU out of this loop meanwhile). An EPT
+        // still owing one here is a core bug: entering would use stale translations (SDM
+        // 29.4.3.4), so the run fails instead.
+        if vm.with(|vm| vm.ept().needs_invept()).unwrap_or(false) {
             break Err(HwError::Vmx {
-                step: "invept",
-                fail,
+                step: "VM entry (an INVEPT is still owed: a smudge bug)",
+                fail: VmFail::Invalid,
             });
         }
         let flags = env.irq_save();

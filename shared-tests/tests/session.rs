@@ -388,7 +388,12 @@ fn every_request_in_every_state() {
             };
             c.run(0)
         });
+        let deadline = Instant::now() + Duration::from_secs(10);
         while os.m.entries().0 == 0 {
+            assert!(
+                !runner.is_finished() && Instant::now() < deadline,
+                "vCPU 0 never entered"
+            );
             thread::yield_now();
         }
         assert_eq!(

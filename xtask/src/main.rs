@@ -54,6 +54,8 @@ enum Cmd {
     E2eHostile,
     /// KVM's dirty-log selftests, built from linux-source-6.12 (cached), under Bochs.
     Selftests,
+    /// The shims' sizes against their ceilings (lines of code: no blank or comment lines).
+    Sizes,
     /// Bounded coverage-guided fuzzing of the core (libFuzzer, mock platform), host only.
     Fuzz {
         /// Seconds per target.
@@ -89,12 +91,14 @@ fn main() -> Result<()> {
         Cmd::E2e => e2e::suite(),
         Cmd::E2eHostile => e2e_hostile::suite(&bochs::Artifacts::build()?),
         Cmd::Selftests => selftests::run_cli(),
+        Cmd::Sizes => host::shim_sizes(),
         Cmd::Fuzz { seconds } => fuzz::bounded(seconds)?.check(),
     }
 }
 
 fn build_and_test(host_only: bool) -> Result<()> {
     host::host_tests()?;
+    host::shim_sizes()?;
     fuzz::bounded(20)?.check()?;
     host::check_targets(false)?;
     windows::build_and_verify()?;

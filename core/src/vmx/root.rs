@@ -344,11 +344,10 @@ impl<const N: usize> VmxRoot<N> {
             }
             // The new epoch first: a run elsewhere that sees the flag off must not see the old
             // epoch, or it would make a VMCS current whose data went with the old one.
-            self.next_epoch(i);
+            self.left_vmx(i);
             if let Some(f) = self.on.get(i as usize) {
                 f.store(false, Ordering::Release);
             }
-            crate::vmx::hw::forget_loaded(i);
         }
         let kept = self
             .region
@@ -411,6 +410,13 @@ impl<const N: usize> VmxRoot<N> {
         self.leave_here(cpu, cr, true)
     }
 
+    /// Processor `cpu` is out of VMX operation: no VMCS is current there, and the VMCSs that
+    /// were active there are lost (a new epoch, `HwVcpu::vmcs_lost`).
+    fn left_vmx(&self, cpu: u32) {
+        self.next_epoch(cpu);
+        crate::vmx::hw::forget_loaded(cpu);
+    }
+
     fn leave_here(&self, cpu: u32, cr: &dyn ControlRegs, clear: bool) -> bool {
         let was_on = self
             .on
@@ -425,8 +431,7 @@ impl<const N: usize> VmxRoot<N> {
                 }
                 arch::vmxoff()
             };
-            crate::vmx::hw::forget_loaded(cpu);
-            self.next_epoch(cpu);
+            self.left_vmx(cpu);
             cr.set_vmxe(false);
             if let Some(l) = self.left.get(cpu as usize).filter(|_| clear) {
                 let ok = u64::from(off.is_ok()) << 62;

@@ -31,6 +31,7 @@
 #include <asm/processor.h>
 #include <asm/reboot.h>
 #include <linux/cpu.h>
+#include <linux/syscore_ops.h>
 
 /* Implemented in smudge_main.rs. */
 long smudge_rs_open(void **priv);
@@ -254,8 +255,9 @@ void smudge_sigmask_leave(void)
 	sigemptyset(&current->real_blocked);
 }
 /* Pins up to n pages of the caller's memory from uaddr for a VM's EPT (KVM's memory slots):
- * long-term, writable; the frames go to pfns. Returns how many were pinned, or -errno. */
-long smudge_pin_user_pages(unsigned long uaddr, unsigned long n, unsigned long *pfns)
+ * long-term, writable; their physical addresses go to hpas. Returns how many were pinned, or
+ * -errno. */
+long smudge_pin_user_pages(unsigned long uaddr, unsigned long n, u64 *hpas)
 {
 	struct page *pages[16];
 	long got, i;
@@ -266,13 +268,13 @@ long smudge_pin_user_pages(unsigned long uaddr, unsigned long n, unsigned long *
 	got = pin_user_pages(uaddr, n, FOLL_WRITE | FOLL_LONGTERM, pages);
 	mmap_read_unlock(current->mm);
 	for (i = 0; i < got; i++)
-		pfns[i] = page_to_pfn(pages[i]);
+		hpas[i] = PFN_PHYS(page_to_pfn(pages[i]));
 	return got;
 }
 /* The guest may have written the page: unpin it marked dirty. */
-void smudge_unpin_user_page(unsigned long pfn)
+void smudge_unpin_user_page(u64 hpa)
 {
-	struct page *p = pfn_to_page(pfn);
+	struct page *p = pfn_to_page(PHYS_PFN(hpa));
 
 	unpin_user_pages_dirty_lock(&p, 1, true);
 }
@@ -332,6 +334,29 @@ static int smudge_cpu_up(unsigned int cpu) { return smudge_rs_cpu_online(cpu); }
 static int smudge_cpu_down(unsigned int cpu) { smudge_rs_cpu_offline(cpu); return 0; }
 void smudge_cpus_hold(void) { cpus_read_lock(); }
 void smudge_cpus_release(void) { cpus_read_unlock(); }
+/*
+ * A system sleep (suspend to RAM, hibernation) takes every CPU but the boot CPU offline first
+ * (the callbacks above), then runs the syscore callbacks on the boot CPU with interrupts off:
+ * it leaves VMX operation, which the sleep loses while the kernel restores the CR4 it saved,
+ * VMXE included, and enters it again on the way back (as KVM's kvm_suspend, kvm_resume).
+ */
+static int smudge_sleep(void *data)
+{
+	int cpu = smp_processor_id();
+
+	smudge_rs_cpu_offline(cpu);
+	pr_info("smudge: CPU %d left VMX operation for a system sleep\n", cpu);
+	return 0;
+}
+static void smudge_wake(void *data)
+{
+	int cpu = smp_processor_id();
+
+	if (smudge_rs_cpu_online(cpu) == 0)
+		pr_info("smudge: CPU %d in VMX operation again after a system sleep\n", cpu);
+}
+static const struct syscore_ops smudge_syscore_ops = { .suspend = smudge_sleep, .resume = smudge_wake };
+static struct syscore smudge_syscore = { .ops = &smudge_syscore_ops };
 int smudge_hotplug_register(void)
 {
 	int r = cpuhp_setup_state_nocalls_cpuslocked(CPUHP_AP_ONLINE_DYN, "smudge:online",
@@ -340,13 +365,16 @@ int smudge_hotplug_register(void)
 	if (r < 0)
 		return r;
 	smudge_hp_state = r;
+	register_syscore(&smudge_syscore);
 	return 0;
 }
 /* With smudge_cpus_hold held. */
 void smudge_hotplug_unregister(void)
 {
-	if (smudge_hp_state >= 0)
+	if (smudge_hp_state >= 0) {
+		unregister_syscore(&smudge_syscore);
 		cpuhp_remove_state_nocalls_cpuslocked(smudge_hp_state);
+	}
 	smudge_hp_state = -1;
 }
 
@@ -366,6 +394,8 @@ u64 smudge_pa(void *va) { return __pa(va); }
  */
 #define SMUDGE_GFP (GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN)
 unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP); }
+void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
+void smudge_kvfree(void *p) { kvfree(p); }
 void smudge_free_page(unsigned long va) { free_page(va); }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).
  * The kernel's own helper reloads TR lazily before a task with an I/O bitmap needs it. */

@@ -7,7 +7,7 @@
 //! seam ([`LinuxOs`]). What a request does is decided in the core's session layer.
 
 use core::ffi::{c_long, c_void};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::AtomicU64;
 
 use kernel::prelude::*;
 use kernel::uaccess::UserSlice;
@@ -22,7 +22,7 @@ use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission;
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
 use smudge_core::vmx::hw::{self, Hardware, HwVcpu};
-use smudge_core::vmx::root::{self, ControlRegs, Processors, ROOT};
+use smudge_core::vmx::root::{ControlRegs, Processors, ThisCpu, ROOT};
 
 module! {
     type: Smudge,
@@ -60,6 +60,8 @@ extern "C" {
     fn smudge_va(pa: u64) -> *mut c_void;
     fn smudge_pa(va: *const c_void) -> u64;
     fn smudge_get_zeroed_page() -> usize;
+    fn smudge_kvzalloc(n: usize) -> *mut c_void;
+    fn smudge_kvfree(p: *mut c_void);
     fn smudge_free_page(va: usize);
     fn smudge_fpu_begin();
     fn smudge_invalidate_tss_limit();
@@ -81,8 +83,8 @@ extern "C" {
     fn smudge_tsc_khz() -> u64;
     fn smudge_sigmask_enter(mask: u64);
     fn smudge_sigmask_leave();
-    fn smudge_pin_user_pages(uaddr: usize, n: usize, pfns: *mut u64) -> isize;
-    fn smudge_unpin_user_page(pfn: usize);
+    fn smudge_pin_user_pages(uaddr: usize, n: usize, hpas: *mut u64) -> isize;
+    fn smudge_unpin_user_page(hpa: u64);
 }
 
 /// The driver-wide page count (module parameter `pages_held`) under the cap `max_pages`.
@@ -97,22 +99,17 @@ fn budget() -> PageBudget<'static> {
     }
 }
 
-/// True when `pages` more pages leave the host at least core's reserve (allocations then fail
-/// instead of waking the OOM killer).
-fn room(pages: u64) -> bool {
-    // SAFETY: plain C calls that read counters and module parameters.
-    unsafe {
-        let (avail, setting) = (smudge_mem_available(), smudge_reserve_pages());
-        hostmem::above_reserve(avail, setting, smudge_totalram_pages(), pages)
-    }
-}
-
 /// A zeroed page from the kernel (helpers.c: fails instead of OOM-killing, charged to the
 /// memory cgroup), uncounted; none when that would leave the host less than core's reserve.
 fn os_alloc() -> Option<u64> {
     // SAFETY: plain C calls; the page is zeroed by get_zeroed_page.
     unsafe {
-        if smudge_fault_inject() != 0 || !room(1) {
+        let room = hostmem::above_reserve(
+            smudge_mem_available(),
+            smudge_reserve_pages(),
+            smudge_totalram_pages(),
+        );
+        if smudge_fault_inject() != 0 || !room {
             return None;
         }
         let va = smudge_get_zeroed_page();
@@ -151,36 +148,46 @@ impl Platform for LinuxOs {
         let words = unsafe { &mut *(smudge_va(hpa) as *mut [u64; 512]) };
         f(PageMut::Exclusive(words))
     }
-    fn pin_user_pages(&self, uaddr: u64, count: u64, sink: &mut dyn FnMut(u64, u64)) -> PinResult {
-        let mut done = 0u64;
-        while done < count {
-            let mut pfns = [0u64; 16];
-            let want = ((count - done) as usize).min(pfns.len());
-            // SAFETY: pins pages of the calling process's own memory; `pfns` holds `want`.
-            let got = unsafe {
-                smudge_pin_user_pages((uaddr + done * 4096) as usize, want, pfns.as_mut_ptr())
-            };
-            match got {
-                // -EFAULT (or a page that cannot be pinned for writing).
-                n if n <= 0 && n != -12 => return Err(PinError::Fault),
-                n if n <= 0 => return Err(PinError::OutOfMemory),
-                n => {
-                    for pfn in pfns.iter().take(n as usize) {
-                        sink(done, pfn << 12);
-                        done += 1;
-                    }
-                }
-            }
+    fn pin_user_pages(&self, uaddr: u64, hpas: &mut [u64]) -> Result<usize, PinError> {
+        // SAFETY: pins pages of the calling process's own memory; `hpas` holds that many.
+        match unsafe { smudge_pin_user_pages(uaddr as usize, hpas.len(), hpas.as_mut_ptr()) } {
+            n if n > 0 => Ok(n as usize),
+            -12 => Err(PinError::OutOfMemory),
+            // -EFAULT (or a page that cannot be pinned for writing).
+            _ => Err(PinError::Fault),
         }
-        Ok(())
     }
     fn unpin_user_page(&self, hpa: u64) {
         // SAFETY: a page pin_user_pages pinned for this VM.
-        unsafe { smudge_unpin_user_page((hpa >> 12) as usize) }
+        unsafe { smudge_unpin_user_page(hpa) }
     }
 }
 
-type PinResult = core::result::Result<(), PinError>;
+/// Zeroed quadwords from kvzalloc (helpers.c: under the flags of guest pages, which fail
+/// instead of waking the OOM killer; the 6.12 Rust allocator flags lack __GFP_RETRY_MAYFAIL).
+struct KernWords(core::ptr::NonNull<u64>, usize);
+
+impl core::ops::Deref for KernWords {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        // SAFETY: `.1` zeroed, 8-byte aligned quadwords owned by self.
+        unsafe { core::slice::from_raw_parts(self.0.as_ptr(), self.1) }
+    }
+}
+
+impl core::ops::DerefMut for KernWords {
+    fn deref_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as above, borrowed exclusively.
+        unsafe { core::slice::from_raw_parts_mut(self.0.as_ptr(), self.1) }
+    }
+}
+
+impl Drop for KernWords {
+    fn drop(&mut self) {
+        // SAFETY: from kvzalloc in `words`, freed once.
+        unsafe { smudge_kvfree(self.0.as_ptr().cast()) }
+    }
+}
 
 fn rdmsr_safe(msr: u32) -> MsrValue {
     let mut v = 0u64;
@@ -193,7 +200,7 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
 }
 
 impl Os for LinuxOs {
-    type Words = KVVec<u64>;
+    type Words = KernWords;
     type VcpuBox = KBox<HwVcpu>;
     type Pin = ();
     type Cpu<'a> = Hardware<'a>;
@@ -203,10 +210,10 @@ impl Os for LinuxOs {
         slice_ns: None,
     };
 
-    fn words(&self, n: usize) -> Option<KVVec<u64>> {
-        // Charged to the memory cgroup; under the same reserve as pages.
-        room((n as u64).div_ceil(512)).then_some(())?;
-        KVVec::from_elem(0, n, GFP_KERNEL_ACCOUNT | __GFP_NOWARN).ok()
+    fn words(&self, n: usize) -> Option<KernWords> {
+        // SAFETY: kvzalloc returns null or `n` zeroed quadwords, aligned to at least 8.
+        let p = unsafe { smudge_kvzalloc(n.checked_mul(8)?.max(1)) };
+        core::ptr::NonNull::new(p.cast()).map(|p| KernWords(p, n))
     }
     fn box_vcpu(&self, vcpu: HwVcpu) -> core::result::Result<KBox<HwVcpu>, HwVcpu> {
         match KBox::new_uninit(GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
@@ -323,6 +330,7 @@ unsafe fn session<'a>(priv_: *mut c_void) -> Option<&'a LinuxSession> {
     unsafe { (priv_ as *const LinuxSession).as_ref() }
 }
 
+/// open of `/dev/smudge`: a new session for the file's `private_data` (`out`), or -errno.
 #[no_mangle]
 pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
     if driver().is_none() {
@@ -338,6 +346,7 @@ pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
     }
 }
 
+/// Release of a `/dev/smudge` file: its session and everything it holds go.
 #[no_mangle]
 pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
     if priv_.is_null() {
@@ -385,6 +394,7 @@ pub extern "C" fn smudge_rs_mmap(
         .map(|()| 0))
 }
 
+/// An ioctl of `/dev/smudge`: the request at `arg`, answered in place. 0 or -errno.
 #[no_mangle]
 pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c_long {
     // SAFETY: the file holds the session until release, which cannot run during an ioctl.
@@ -462,7 +472,7 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
     };
     // SAFETY: reads a module parameter.
     let mode = unsafe { smudge_kvm_mode() } as u32;
-    let mut give = |o: *mut c_void, k: i32| {
+    let give = |o: *mut c_void, k: i32| {
         // SAFETY: the C caller's locals.
         unsafe { (*made, *made_kind) = (o, k) };
         Ok(0)
@@ -616,10 +626,13 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
     ROOT.emergency_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
 }
 
-/// CPU hotplug: `cpu` came online (run on it). 0 or -errno (the CPU then does not come online).
+/// `cpu` came online (CPU hotplug), or woke from a system sleep (the boot CPU, interrupts off):
+/// run on it. 0 or -errno (the CPU then does not come online).
 #[no_mangle]
 pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
-    match load::cpu_online(&LinuxCpus, &LinuxOs, cpu, &check_this_cpu) {
+    // SAFETY: the hotplug thread bound to `cpu`, or the sleep path with interrupts off there.
+    let here = unsafe { ThisCpu::new(&LinuxCpus, cpu) };
+    match load::cpu_online(&here, &LinuxOs, cpu, &check_this_cpu) {
         Ok(()) => 0,
         Err(f) => {
             pr_err!("{}\n", f.message().as_str());
@@ -628,10 +641,12 @@ pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
     }
 }
 
-/// CPU hotplug: `cpu` goes offline (run on it).
+/// `cpu` goes offline (CPU hotplug), or the system goes to sleep (the boot CPU, the last one
+/// online, interrupts off): run on it.
 #[no_mangle]
 pub extern "C" fn smudge_rs_cpu_offline(cpu: u32) {
-    load::cpu_offline(&LinuxCpus, cpu);
+    // SAFETY: as in `smudge_rs_cpu_online`.
+    load::cpu_offline(&unsafe { ThisCpu::new(&LinuxCpus, cpu) }, cpu);
 }
 
 /// Called by the reboot and panic notifiers after [`smudge_rs_emergency_vmxoff`]: one line per

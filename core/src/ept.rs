@@ -615,9 +615,11 @@ impl Ept {
         1
     }
 
-    /// Installs a leaf at `level` for `gpa`, creating tables down to it. On allocation failure,
-    /// tables created by this call are unlinked and freed (they were never reachable by a
-    /// present leaf, so no processor can cache them).
+    /// Installs a leaf at `level` for `gpa`, creating tables down to it. The missing tables are
+    /// all allocated first and chained to the leaf before the top one is linked, in one store:
+    /// a processor walking meanwhile (other vCPUs run during exit handling) sees either no entry
+    /// or the whole path, and an allocation failure leaves nothing linked that it could have
+    /// cached (SDM 29.4.3.1), so nothing owes INVEPT.
     fn set_leaf<P: Platform + ?Sized>(
         &mut self,
         p: &P,
@@ -625,42 +627,39 @@ impl Ept {
         level: u8,
         leaf: u64,
     ) -> Result<(), Error> {
-        let mut table = self.pml4;
-        let mut created: [(u64, u64, usize); 3] = [(0, 0, 0); 3]; // (parent table, child, index)
-        let mut ncreated = 0;
-        let mut l = 4;
+        // Down the present tables to the first missing entry (or the leaf's own level).
+        let (mut table, mut l) = (self.pml4, 4);
         while l > level {
-            let i = index(gpa, l);
-            let e = EptEntry(Self::table(p, table)[i].load(Relaxed));
-            if e.present() {
-                if e.large() {
-                    return Err(Error::Overlap);
-                }
-                table = e.addr();
-            } else {
-                let new = match p.alloc_page() {
-                    Ok(new) => new,
-                    Err(e) => {
-                        // Undo in reverse: unlink each created table from its parent and free it.
-                        while ncreated > 0 {
-                            ncreated -= 1;
-                            let (parent, child, idx) = created[ncreated];
-                            Self::table(p, parent)[idx].store(0, Relaxed);
-                            p.free_page(child);
-                            self.tables -= 1;
-                        }
-                        return Err(e.into());
-                    }
-                };
-                self.tables += 1;
-                Self::table(p, table)[i].store(new | NON_LEAF, Relaxed);
-                created[ncreated] = (table, new, i);
-                ncreated += 1;
-                table = new;
+            let e = EptEntry(Self::table(p, table)[index(gpa, l)].load(Relaxed));
+            if !e.present() {
+                break;
             }
-            l -= 1;
+            if e.large() {
+                return Err(Error::Overlap);
+            }
+            (table, l) = (e.addr(), l - 1);
         }
-        Self::table(p, table)[index(gpa, level)].store(leaf, Relaxed);
+        let missing = usize::from(l - level);
+        let mut fresh = [0u64; 3];
+        for k in 0..missing {
+            match p.alloc_page() {
+                Ok(page) => fresh[k] = page,
+                Err(e) => {
+                    fresh[..k].iter().for_each(|&page| p.free_page(page));
+                    return Err(e.into());
+                }
+            }
+        }
+        // Bottom up: the leaf in the lowest new table (or in `table`), each new table in the
+        // one above, the top one last.
+        let mut entry = leaf;
+        for k in (0..missing).rev() {
+            let at = l - k as u8 - 1;
+            Self::table(p, fresh[k])[index(gpa, at)].store(entry, Relaxed);
+            entry = fresh[k] | NON_LEAF;
+        }
+        self.tables += missing;
+        Self::table(p, table)[index(gpa, l)].store(entry, Relaxed);
         Ok(())
     }
 

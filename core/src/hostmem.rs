@@ -26,16 +26,15 @@ pub const fn host_reserve(total_ram_pages: u64) -> u64 {
     }
 }
 
-/// True when the OS's available memory leaves room for `pages` more pages above the reserve
-/// (`setting` 0 = [`host_reserve`], else exactly that many pages). Pages and request buffers
-/// obey it alike.
-pub const fn above_reserve(available_pages: u64, setting: u64, total_ram: u64, pages: u64) -> bool {
+/// True when the OS's available memory leaves room for one more page above the reserve
+/// (`setting` 0 = [`host_reserve`], else exactly that many pages).
+pub const fn above_reserve(available_pages: u64, setting: u64, total_ram_pages: u64) -> bool {
     let reserve = if setting == 0 {
-        host_reserve(total_ram)
+        host_reserve(total_ram_pages)
     } else {
         setting
     };
-    available_pages >= reserve.saturating_add(pages)
+    available_pages > reserve
 }
 
 /// The cap when the administrator sets none: half of the host's RAM.
@@ -177,15 +176,13 @@ mod tests {
         assert_eq!(host_reserve(131_072), 4096);
         // 64 GiB: 1 GiB.
         assert_eq!(host_reserve(16 << 20), 262_144);
-        assert!(!above_reserve(4096, 0, 131_072, 1));
-        assert!(above_reserve(4097, 0, 131_072, 1));
-        assert!(above_reserve(4106, 0, 131_072, 10));
-        assert!(!above_reserve(4105, 0, 131_072, 10));
+        assert!(!above_reserve(4096, 0, 131_072));
+        assert!(above_reserve(4097, 0, 131_072));
         assert!(
-            above_reserve(2, 1, 131_072, 1),
+            above_reserve(2, 1, 131_072),
             "a setting replaces the default"
         );
-        assert!(!above_reserve(1, 1, 131_072, 1));
+        assert!(!above_reserve(1, 1, 131_072));
     }
 
     #[test]

@@ -64,24 +64,48 @@ pub trait Platform {
         f(PageMut::Shared(self.page(hpa)))
     }
 
-    /// Pins `count` pages of the calling process's memory from `uaddr` (page aligned) for
-    /// writing, for as long as a VM maps them (Linux: `pin_user_pages` with FOLL_LONGTERM and
-    /// FOLL_WRITE), and calls `sink(i, hpa)` for page `i` as it is pinned. On an error the pages
-    /// already given to `sink` stay pinned: the caller unpins them. They are the process's
-    /// memory, not the driver's: no page cap applies. The default pins nothing (an OS without
-    /// the KVM personality).
-    fn pin_user_pages(
-        &self,
-        _uaddr: u64,
-        _count: u64,
-        _sink: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), PinError> {
+    /// Pins up to `hpas.len()` pages of the calling process's memory from `uaddr` (page
+    /// aligned) for writing, for as long as a VM maps them (Linux: `pin_user_pages` with
+    /// FOLL_LONGTERM and FOLL_WRITE): writes their physical addresses to `hpas` and returns how
+    /// many it pinned, at least one, or why it pinned none ([`pin_user_range`] loops). They are
+    /// the process's memory, not the driver's: no page cap applies. The default pins nothing
+    /// (an OS without the KVM personality).
+    fn pin_user_pages(&self, _uaddr: u64, _hpas: &mut [u64]) -> Result<usize, PinError> {
         Err(PinError::Unsupported)
     }
 
     /// Unpins a page [`Platform::pin_user_pages`] gave, marking it dirty (the guest may have
     /// written it).
     fn unpin_user_page(&self, _hpa: u64) {}
+}
+
+/// Pins `count` pages of the calling process's memory from `uaddr` through
+/// [`Platform::pin_user_pages`], 16 at a time, and calls `sink(i, hpa)` for page `i` as it is
+/// pinned. On an error the pages already given to `sink` stay pinned: the caller unpins them.
+pub fn pin_user_range<P: Platform + ?Sized>(
+    p: &P,
+    uaddr: u64,
+    count: u64,
+    sink: &mut dyn FnMut(u64, u64),
+) -> Result<(), PinError> {
+    let (mut done, mut hpas) = (0u64, [0u64; 16]);
+    while done < count {
+        let want = (count - done).min(hpas.len() as u64) as usize;
+        let chunk = hpas.get_mut(..want).unwrap_or(&mut []);
+        let at = done
+            .checked_mul(4096)
+            .and_then(|off| uaddr.checked_add(off))
+            .ok_or(PinError::Fault)?;
+        let got = p.pin_user_pages(at, chunk)?.min(want);
+        if got == 0 {
+            return Err(PinError::Fault);
+        }
+        for &hpa in chunk.iter().take(got) {
+            sink(done, hpa);
+            done += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Why [`Platform::pin_user_pages`] stopped.

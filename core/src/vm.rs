@@ -286,7 +286,7 @@ impl Vm {
         let idx = self.new_slot(p, base, size, Backing::User { uaddr })?;
         let (ept, pinned) = (&mut self.ept, &mut self.pinned);
         let mut failed = None;
-        let pinning = p.pin_user_pages(uaddr, size / PAGE_SIZE, &mut |i, hpa| {
+        let pinning = platform::pin_user_range(p, uaddr, size / PAGE_SIZE, &mut |i, hpa| {
             let r = if failed.is_some() {
                 Err(Error::OutOfMemory)
             } else {
@@ -483,15 +483,14 @@ impl Vm {
             Err(e) => return Fault::from(e),
         };
         let page = gpa & !(PAGE_SIZE - 1);
-        match self.ept.map(
-            p,
-            page,
-            hpa,
-            PAGE_SIZE,
-            Perms::RWX,
-            MemoryType::WriteBack,
-            false,
-        ) {
+        // Write-protect logging maps a page it backs for a read or a fetch without W from the
+        // start: the other vCPUs run meanwhile and must not cache a writable translation.
+        let protect = self.mode == Mode::WriteProtect && !guest_write;
+        let perms = if protect { Perms::RX } else { Perms::RWX };
+        match self
+            .ept
+            .map(p, page, hpa, PAGE_SIZE, perms, MemoryType::WriteBack, false)
+        {
             Ok(()) => {}
             Err(Error::OutOfMemory) => {
                 p.free_page(hpa);
@@ -509,13 +508,12 @@ impl Vm {
         self.backing += 1;
         if self.mode == Mode::WriteProtect {
             if let Some((w, _)) = self.ept.leaf(p, page) {
-                if guest_write {
-                    if let Some(s) = self.slot_of(page) {
-                        s.log.mark(p, page);
-                    }
-                } else {
-                    let v = w.load(Relaxed);
-                    w.store((v & !bits::W) | SW_WRITABLE, Relaxed);
+                if protect {
+                    // Writable for the log: its first write faults and gives W back. (A bit the
+                    // processor ignores, SDM 29.3.2.)
+                    w.fetch_or(SW_WRITABLE, Relaxed);
+                } else if let Some(s) = self.slot_of(page) {
+                    s.log.mark(p, page);
                 }
             }
         }

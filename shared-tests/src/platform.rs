@@ -377,19 +377,22 @@ impl Platform for MockPlatform {
         slot.state.store(LIVE, Ordering::Release);
     }
 
-    fn pin_user_pages(
-        &self,
-        uaddr: u64,
-        count: u64,
-        sink: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), PinError> {
-        for i in 0..count {
-            let a = uaddr + i * 4096;
-            let hpa = self.user_page(a).ok_or(PinError::Fault)?;
+    /// As Linux's `pin_user_pages`: the pages up to the first hole, or EFAULT when that is the
+    /// first.
+    fn pin_user_pages(&self, uaddr: u64, hpas: &mut [u64]) -> Result<usize, PinError> {
+        let mut n = 0;
+        for (i, out) in hpas.iter_mut().enumerate() {
+            let Some(hpa) = self.user_page(uaddr + i as u64 * 4096) else {
+                break;
+            };
             *self.user().pins.entry(hpa).or_default() += 1;
-            sink(i, hpa);
+            *out = hpa;
+            n += 1;
         }
-        Ok(())
+        if n == 0 {
+            return Err(PinError::Fault);
+        }
+        Ok(n)
     }
 
     fn unpin_user_page(&self, hpa: u64) {

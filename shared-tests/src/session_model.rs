@@ -648,13 +648,8 @@ impl<const W: bool> Platform for MockOs<W> {
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
         self.p.with_page_mut(hpa, f)
     }
-    fn pin_user_pages(
-        &self,
-        uaddr: u64,
-        count: u64,
-        sink: &mut dyn FnMut(u64, u64),
-    ) -> Result<(), PinError> {
-        self.p.pin_user_pages(uaddr, count, sink)
+    fn pin_user_pages(&self, uaddr: u64, hpas: &mut [u64]) -> Result<usize, PinError> {
+        self.p.pin_user_pages(uaddr, hpas)
     }
     fn unpin_user_page(&self, hpa: u64) {
         self.p.unpin_user_page(hpa)

@@ -330,7 +330,8 @@ unsafe extern "system" fn dispatch_device_control(
             file_object(irp),
         )
     };
-    let buf: &mut [u8] = if buffer.is_null() {
+    // Only METHOD_BUFFERED has a system buffer of both lengths (core refuses the others).
+    let buf: &mut [u8] = if buffer.is_null() || code & 3 != ioctl::METHOD_BUFFERED {
         &mut []
     } else {
         // SAFETY: METHOD_BUFFERED: SystemBuffer is a nonpaged buffer of max(input, output) bytes

@@ -19,6 +19,9 @@ for opt in RUST SMP MODULES SERIAL_8250_CONSOLE X86_MSR; do
   grep -q "^CONFIG_$opt=y" .config || { echo "[kernel] CONFIG_$opt did not stick"; exit 1; }
 done
 grep -q "^CONFIG_KVM_X86=m" .config || { echo "[kernel] CONFIG_KVM_X86 did not stick"; exit 1; }
+for opt in HIBERNATION PM_DEBUG; do
+  grep -q "^CONFIG_$opt=y" .config || { echo "[kernel] CONFIG_$opt did not stick"; exit 1; }
+done
 echo "[kernel] make -j$(nproc) bzImage modules"
 make "${MK[@]}" -j"$(nproc)" bzImage modules >build.log 2>&1 || { tail -40 build.log; exit 1; }
 cd "$OUT.tmp"

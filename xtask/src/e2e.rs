@@ -701,6 +701,23 @@ fn smp_boot() -> Boot {
         "echo 0 > /sys/devices/system/cpu/cpu1/online && echo 1 > /sys/devices/system/cpu/cpu1/online \
          && cat /sys/devices/system/cpu/online && smudge run --json --vcpus 2 --mode ad /guests/smpwriter",
     );
+    // A system sleep, with a guest running across it: hibernation as far as the syscore
+    // callbacks (pm_test "core": CPU 1 offline, then CPU 0 with interrupts off; 5 s; back),
+    // without writing an image. smudge leaves VMX operation on each CPU as it goes and enters
+    // it again as it comes back; the guest's VMCS does not survive that, so its next RUN stops
+    // with an error, and new guests run on both CPUs.
+    b.case(
+        "smp-sleep",
+        "smudge run /guests/hostile_spin >/files/spin.out 2>&1 & S=$!; sleep 2; \
+         echo core > /sys/power/pm_test && echo disk > /sys/power/state; echo sleep-rc=$?; \
+         sleep 2; kill $S 2>/dev/null; wait $S; echo spin-rc=$?; cat /files/spin.out; \
+         dmesg | grep 'smudge: CPU .* system sleep'; cat /sys/devices/system/cpu/online; \
+         smudge run --json --vcpus 2 --mode pml /guests/smpwriter",
+    );
+    b.case(
+        "smp-dmesg",
+        "dmesg | grep -E 'Oops|BUG|WARNING|general protection|Out of memory|oom-killer|page allocation failure' || true",
+    );
     b.case(
         "smp-pages-held",
         "cat /sys/module/smudge/parameters/pages_held",
@@ -734,6 +751,34 @@ fn smp_boot() -> Boot {
         }
         let (written, harvested, n) = union_check(c)?;
         Ok(format!("CPU 1 offline and back (it left VMX operation and entered it again), then 2 vCPUs: {n} harvests, {written} pages written, {harvested} harvested, 0 lost"))
+    });
+    b.check("a system sleep with a guest running", move |res, _| {
+        let c = case(res, "smp-sleep")?;
+        let out = &c.out;
+        if c.rc != 0 || !out.contains("sleep-rc=0") || !out.lines().any(|l| l.trim() == "0-1") {
+            bail!("rc {}:\n{out}", c.rc);
+        }
+        for want in [
+            "smudge: CPU 0 left VMX operation for a system sleep",
+            "smudge: CPU 0 in VMX operation again after a system sleep",
+        ] {
+            if !out.contains(want) {
+                bail!("no '{want}':\n{out}");
+            }
+        }
+        let guest = if out.contains("VMCS lost") {
+            "the guest's RUN after it stopped with \"VMCS lost\""
+        } else if out.contains("spin-rc=143") {
+            "the guest ran on across it (killed after)"
+        } else {
+            bail!("the guest across the sleep neither ran on nor stopped with 'VMCS lost':\n{out}");
+        };
+        let dmesg = case(res, "smp-dmesg")?;
+        if !dmesg.out.trim().is_empty() {
+            bail!("kernel log: {}", dmesg.out);
+        }
+        let (written, harvested, n) = union_check(c)?;
+        Ok(format!("hibernation to its syscore callbacks and back: CPU 1 left VMX operation going offline, CPU 0 in syscore suspend, both entered it again; {guest}; kernel log clean; then 2 vCPUs: {n} harvests, {written} pages written, {harvested} harvested, 0 lost"))
     });
     b.check("2 vCPUs: pages back to zero, unload", move |res, _| {
         let held = case(res, "smp-pages-held")?.out.trim().to_string();

@@ -131,6 +131,59 @@ pub unsafe trait Processors {
     fn free_region(&self, pa: u64);
 }
 
+/// The processor that runs the caller, alone, reached without an IPI: for the paths that run on
+/// the CPU they concern, where another CPU cannot be asked (Linux: the CPU-hotplug callbacks, and
+/// the system-sleep callbacks, which run with interrupts off and every other CPU offline).
+pub struct ThisCpu<'a> {
+    procs: &'a dyn Processors,
+    cpu: u32,
+}
+
+impl<'a> ThisCpu<'a> {
+    /// Processor `cpu`, the caller's, of `procs`.
+    ///
+    /// # Safety
+    /// The caller runs on processor `cpu` and stays there while the value lives (preemption or
+    /// interrupts off, or a thread bound to it).
+    pub unsafe fn new(procs: &'a dyn Processors, cpu: u32) -> ThisCpu<'a> {
+        ThisCpu { procs, cpu }
+    }
+}
+
+// SAFETY: `on` runs `f` only on `cpu`, where the caller stays (`ThisCpu::new`'s contract), with
+// interrupts off, and returns after it.
+unsafe impl Processors for ThisCpu<'_> {
+    fn bound(&self) -> u32 {
+        self.procs.bound()
+    }
+    fn present(&self, i: u32) -> bool {
+        i == self.cpu
+    }
+    fn current(&self) -> u32 {
+        self.cpu
+    }
+    fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
+        if i != self.cpu {
+            return false;
+        }
+        // SAFETY: CPL 0 on processor `cpu`; the flags are restored right after `f`.
+        let flags = unsafe { arch::irq_save() };
+        f();
+        // SAFETY: what irq_save returned on this processor.
+        unsafe { arch::irq_restore(flags) };
+        true
+    }
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        self.procs.cr()
+    }
+    fn alloc_region(&self) -> Option<u64> {
+        self.procs.alloc_region()
+    }
+    fn free_region(&self, pa: u64) {
+        self.procs.free_region(pa)
+    }
+}
+
 /// Runs `f` on processor `cpu` (as [`Processors::on`]) with the proof of VMX operation there,
 /// or None where this driver did not VMXON.
 pub fn on_cpu(procs: &dyn Processors, cpu: u32, f: &(dyn Fn(Option<&VmxCpu>) + Sync)) {

@@ -40,7 +40,7 @@ long smudge_rs_ioctl(void *priv, unsigned int cmd, unsigned long arg);
 void smudge_rs_emergency_vmxoff(void);
 void smudge_rs_emergency_report(void);
 int smudge_rs_cpu_online(unsigned int cpu);
-void smudge_rs_cpu_offline(unsigned int cpu);
+bool smudge_rs_cpu_offline(unsigned int cpu);
 
 /* Module parameters: fault injection, the driver-wide page count (read-only; core's
  * hostmem::PageBudget updates it atomically) and its cap (0: core's default, half of RAM). */
@@ -330,7 +330,7 @@ void smudge_notifiers_unregister(void)
  * registration, so no CPU changes in between.
  */
 static int smudge_hp_state = -1;
-static int smudge_cpu_up(unsigned int cpu) { return smudge_rs_cpu_online(cpu); }
+static int smudge_cpu_up(unsigned int cpu) { return min(smudge_rs_cpu_online(cpu), 0); }
 static int smudge_cpu_down(unsigned int cpu) { smudge_rs_cpu_offline(cpu); return 0; }
 void smudge_cpus_hold(void) { cpus_read_lock(); }
 void smudge_cpus_release(void) { cpus_read_unlock(); }
@@ -344,15 +344,15 @@ static int smudge_sleep(void *data)
 {
 	int cpu = smp_processor_id();
 
-	smudge_rs_cpu_offline(cpu);
-	pr_info("smudge: CPU %d left VMX operation for a system sleep\n", cpu);
+	if (smudge_rs_cpu_offline(cpu))
+		pr_info("smudge: CPU %d left VMX operation for a system sleep\n", cpu);
 	return 0;
 }
 static void smudge_wake(void *data)
 {
 	int cpu = smp_processor_id();
 
-	if (smudge_rs_cpu_online(cpu) == 0)
+	if (smudge_rs_cpu_online(cpu) > 0)
 		pr_info("smudge: CPU %d in VMX operation again after a system sleep\n", cpu);
 }
 static const struct syscore_ops smudge_syscore_ops = { .suspend = smudge_sleep, .resume = smudge_wake };

@@ -626,14 +626,32 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
     ROOT.emergency_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
 }
 
+/// The calling CPU alone, reached without an IPI, interrupts off through the kernel.
+///
+/// # Safety
+/// The caller runs on `cpu`: the hotplug thread bound to it, or the sleep path with interrupts
+/// off there.
+unsafe fn this_cpu(cpu: u32) -> ThisCpu<'static> {
+    // SAFETY: local_irq_save and local_irq_restore of what it returned (the caller's contract
+    // for the rest).
+    unsafe {
+        ThisCpu::new(
+            &LinuxCpus,
+            cpu,
+            || smudge_irq_save(),
+            |f| smudge_irq_restore(f),
+        )
+    }
+}
+
 /// `cpu` came online (CPU hotplug), or woke from a system sleep (the boot CPU, interrupts off):
-/// run on it. 0 or -errno (the CPU then does not come online).
+/// run on it. 1 when it entered VMX operation, 0 when there was nothing to do, or -errno (the
+/// CPU then does not come online).
 #[no_mangle]
 pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
-    // SAFETY: the hotplug thread bound to `cpu`, or the sleep path with interrupts off there.
-    let here = unsafe { ThisCpu::new(&LinuxCpus, cpu) };
-    match load::cpu_online(&here, &LinuxOs, cpu, &check_this_cpu) {
-        Ok(()) => 0,
+    // SAFETY: the C callers run on `cpu`.
+    match load::cpu_online(&unsafe { this_cpu(cpu) }, &LinuxOs, cpu, &check_this_cpu) {
+        Ok(entered) => i32::from(entered),
         Err(f) => {
             pr_err!("{}\n", f.message().as_str());
             -f.errno()
@@ -642,11 +660,11 @@ pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
 }
 
 /// `cpu` goes offline (CPU hotplug), or the system goes to sleep (the boot CPU, the last one
-/// online, interrupts off): run on it.
+/// online, interrupts off): run on it. True if it left VMX operation.
 #[no_mangle]
-pub extern "C" fn smudge_rs_cpu_offline(cpu: u32) {
-    // SAFETY: as in `smudge_rs_cpu_online`.
-    load::cpu_offline(&unsafe { ThisCpu::new(&LinuxCpus, cpu) }, cpu);
+pub extern "C" fn smudge_rs_cpu_offline(cpu: u32) -> bool {
+    // SAFETY: the C callers run on `cpu`.
+    load::cpu_offline(&unsafe { this_cpu(cpu) }, cpu)
 }
 
 /// Called by the reboot and panic notifiers after [`smudge_rs_emergency_vmxoff`]: one line per
@@ -762,9 +780,11 @@ impl Drop for Smudge {
                 smudge_kvm_deregister();
             }
             smudge_misc_deregister();
-            smudge_notifiers_unregister();
         }
+        // VMX operation ends before the reboot and panic notifiers go.
         teardown();
+        // SAFETY: C glue.
+        unsafe { smudge_notifiers_unregister() };
         pr_info!("unloaded, {} pages held\n", budget().held());
     }
 }

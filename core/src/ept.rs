@@ -9,7 +9,10 @@
 //! Invariant kept by every operation: no table except the PML4 is empty. `unmap` prunes empty
 //! tables, which lets `map` roll back a failed allocation to exactly the previous tables.
 
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, Release},
+};
 
 use bitfield::bitfield;
 
@@ -659,7 +662,8 @@ impl Ept {
             entry = fresh[k] | NON_LEAF;
         }
         self.tables += missing;
-        Self::table(p, table)[index(gpa, l)].store(entry, Relaxed);
+        // Release: the chain's entries are visible before the link to it.
+        Self::table(p, table)[index(gpa, l)].store(entry, Release);
         Ok(())
     }
 

@@ -205,16 +205,17 @@ pub fn resume<P: Platform + ?Sized>(procs: &dyn Processors, p: &P) -> Result<u32
 /// CPU `cpu` comes online (Linux's CPU-hotplug callback, run on that CPU): it must pass the
 /// admission check (`check_here`, run there) with the loaded driver's capabilities, as the others
 /// did at load, and then enters VMX operation with its own region (kept from before it went
-/// offline, or a new one). Nothing to do before [`load`] or after [`unload`].
+/// offline, or a new one). Nothing to do before [`load`] or after [`unload`]. True when it
+/// entered VMX operation now (false: it was in it, or there is no driver).
 pub fn cpu_online<P: Platform + ?Sized>(
     procs: &dyn Processors,
     p: &P,
     cpu: u32,
     check_here: &(dyn Fn() -> Result<Admission, Refusal> + Sync),
-) -> Result<(), LoadFailure> {
+) -> Result<bool, LoadFailure> {
     let _one = LIFECYCLE.lock();
     let Some(l) = loaded() else {
-        return Ok(());
+        return Ok(false);
     };
     if cpu as usize >= MAX_CPUS {
         return Err(LoadFailure::TooManyProcessors);
@@ -236,8 +237,8 @@ pub fn cpu_online<P: Platform + ?Sized>(
 
 /// CPU `cpu` goes offline (run on it while it still is online): it leaves VMX operation, so that
 /// the INIT that brings it back is not blocked (SDM 25.8). A vCPU whose VMCS was active there
-/// stops at its next RUN (`vmx::hw::HwVcpu::vmcs_lost`).
-pub fn cpu_offline(procs: &dyn Processors, cpu: u32) {
+/// stops at its next RUN (`vmx::hw::HwVcpu::vmcs_lost`). True if it was in VMX operation.
+pub fn cpu_offline(procs: &dyn Processors, cpu: u32) -> bool {
     let _one = LIFECYCLE.lock();
-    ROOT.vmxoff_one(procs, cpu);
+    ROOT.vmxoff_one(procs, cpu)
 }

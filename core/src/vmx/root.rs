@@ -137,21 +137,35 @@ pub unsafe trait Processors {
 pub struct ThisCpu<'a> {
     procs: &'a dyn Processors,
     cpu: u32,
+    irq_save: fn() -> usize,
+    irq_restore: fn(usize),
 }
 
 impl<'a> ThisCpu<'a> {
-    /// Processor `cpu`, the caller's, of `procs`.
+    /// Processor `cpu`, the caller's, of `procs`; `irq_save` and `irq_restore` turn its
+    /// interrupts off and back the OS's way (Linux's lockdep must see it).
     ///
     /// # Safety
     /// The caller runs on processor `cpu` and stays there while the value lives (preemption or
-    /// interrupts off, or a thread bound to it).
-    pub unsafe fn new(procs: &'a dyn Processors, cpu: u32) -> ThisCpu<'a> {
-        ThisCpu { procs, cpu }
+    /// interrupts off, or a thread bound to it); `irq_save` disables interrupts on it and
+    /// returns what `irq_restore` takes back.
+    pub unsafe fn new(
+        procs: &'a dyn Processors,
+        cpu: u32,
+        irq_save: fn() -> usize,
+        irq_restore: fn(usize),
+    ) -> ThisCpu<'a> {
+        ThisCpu {
+            procs,
+            cpu,
+            irq_save,
+            irq_restore,
+        }
     }
 }
 
-// SAFETY: `on` runs `f` only on `cpu`, where the caller stays (`ThisCpu::new`'s contract), with
-// interrupts off, and returns after it.
+// SAFETY: `on` runs `f` only on `cpu`, where the caller stays, with interrupts off by the OS's
+// `irq_save` (`ThisCpu::new`'s contract), and returns after it.
 unsafe impl Processors for ThisCpu<'_> {
     fn bound(&self) -> u32 {
         self.procs.bound()
@@ -166,11 +180,9 @@ unsafe impl Processors for ThisCpu<'_> {
         if i != self.cpu {
             return false;
         }
-        // SAFETY: CPL 0 on processor `cpu`; the flags are restored right after `f`.
-        let flags = unsafe { arch::irq_save() };
+        let flags = (self.irq_save)();
         f();
-        // SAFETY: what irq_save returned on this processor.
-        unsafe { arch::irq_restore(flags) };
+        (self.irq_restore)(flags);
         true
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
@@ -380,20 +392,20 @@ impl<const N: usize> VmxRoot<N> {
     /// so if CR4.VMXE is still set there; otherwise it lost VMX operation without this driver
     /// (a sleep VMXOFF could not reach it before) and the flag was stale. On failure the region
     /// stays (`vmxoff_all`, at a failed load or at unload, returns it); None: the processor could
-    /// not be reached.
+    /// not be reached. Ok(true): VMXON was executed; Ok(false): it already was in VMX operation.
     pub fn vmxon_one<P: Platform + ?Sized>(
         &self,
         procs: &dyn Processors,
         p: &P,
         caps: &VmxCaps,
         i: u32,
-    ) -> Result<(), Option<VmxonFailure>> {
+    ) -> Result<bool, Option<VmxonFailure>> {
         let cr = procs.cr();
         if self.is_on(i) {
             let mut still = false;
             procs.on(i, &mut || still = cr.cr4() & CR4_VMXE != 0);
             if still {
-                return Ok(());
+                return Ok(false);
             }
             // The new epoch first: a run elsewhere that sees the flag off must not see the old
             // epoch, or it would make a VMCS current whose data went with the old one.
@@ -412,7 +424,7 @@ impl<const N: usize> VmxRoot<N> {
                 self.next_epoch(i);
                 let mut r = Err(None);
                 if procs.on(i, &mut || r = self.vmxon_here(i, caps, cr).map_err(Some)) {
-                    r
+                    r.map(|()| true)
                 } else {
                     Err(None)
                 }
@@ -425,12 +437,12 @@ impl<const N: usize> VmxRoot<N> {
         }
     }
 
-    /// VMXOFF on processor `i` (a CPU going offline), run there; its region stays.
-    pub fn vmxoff_one(&self, procs: &dyn Processors, i: u32) {
-        let cr = procs.cr();
-        procs.on(i, &mut || {
-            self.vmxoff_here(i, cr);
-        });
+    /// VMXOFF on processor `i` (a CPU going offline), run there; its region stays. True if it
+    /// was in VMX operation and left it.
+    pub fn vmxoff_one(&self, procs: &dyn Processors, i: u32) -> bool {
+        let (cr, mut left) = (procs.cr(), false);
+        procs.on(i, &mut || left = self.vmxoff_here(i, cr));
+        left
     }
 
     /// VMXOFF wherever this driver did VMXON, then every region back.
@@ -444,7 +456,7 @@ impl<const N: usize> VmxRoot<N> {
     pub fn vmxoff_each(&self, procs: &dyn Processors) {
         for (i, on) in self.on.iter().enumerate() {
             if on.load(Ordering::Acquire) {
-                self.vmxoff_one(procs, i as u32);
+                let _ = self.vmxoff_one(procs, i as u32);
             }
         }
     }

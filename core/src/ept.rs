@@ -378,6 +378,11 @@ impl Invept {
             owed: self.owed | other.owed,
         }
     }
+
+    /// Takes `other` into this one (an accumulator's [`Invept::and`]).
+    pub fn add(&mut self, other: Invept) {
+        self.owed |= other.owed;
+    }
 }
 
 /// An EPT hierarchy with its own tables.
@@ -440,7 +445,7 @@ impl Ept {
 
     /// Records a change that makes an INVEPT owed and returns the obligation (dirty tracking
     /// calls it after it clears A/D or W).
-    pub fn owe(&mut self) -> Invept {
+    pub(crate) fn owe(&mut self) -> Invept {
         self.needs_invept = true;
         Invept { owed: true }
     }

@@ -199,7 +199,7 @@ impl Vm {
                     .ept
                     .split_range(p, s.base, s.pages * PAGE_SIZE)
                     .and_then(|split| {
-                        owed = core::mem::replace(&mut owed, Invept::NONE).and(split);
+                        owed.add(split);
                         DirtyLog::new(p, mode, s.base, s.pages)
                     });
                 match made {

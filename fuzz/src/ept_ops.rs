@@ -203,11 +203,6 @@ impl Run<'_> {
         }
     }
 
-    /// Keeps what an operation returned until the next INVEPT.
-    fn take(&mut self, owed: Invept) {
-        self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
-    }
-
     fn verdict(&self, what: &str, r: Result<(), Error>, valid: bool) -> bool {
         match r {
             Ok(()) => {
@@ -315,7 +310,7 @@ impl Run<'_> {
             }
             op::UNMAP => {
                 let (gpa, len) = (self.gpa(c)?, Self::len(c)?);
-                let r = self.ept.unmap(p, gpa, len).map(|o| self.take(o));
+                let r = self.ept.unmap(p, gpa, len).map(|o| self.owed.add(o));
                 if self.verdict(&format!("unmap({gpa:#x}, {len:#x})"), r, range_ok(gpa, len)) {
                     assert!(
                         self.owed.is_owed() && self.ept.needs_invept(),
@@ -341,7 +336,7 @@ impl Run<'_> {
                 let r = self
                     .ept
                     .protect(p, gpa, len, Perms(perms))
-                    .map(|o| self.take(o));
+                    .map(|o| self.owed.add(o));
                 if self.verdict(&format!("protect({gpa:#x}, {len:#x}, {perms})"), r, valid) {
                     // SDM 29.4.3.4: a narrowed right may be cached, INVEPT is required.
                     assert!(
@@ -364,7 +359,7 @@ impl Run<'_> {
                                 "a split that owes INVEPT must have recorded it"
                             );
                         }
-                        self.take(owed);
+                        self.owed.add(owed);
                     }
                     Err(Error::NotMapped) => {
                         assert!(!mapped, "split({gpa:#x}): NotMapped on a mapped address")
@@ -379,7 +374,7 @@ impl Run<'_> {
                 if len > MAX_STEPPED {
                     return Some(());
                 }
-                let r = self.ept.split_range(p, gpa, len).map(|o| self.take(o));
+                let r = self.ept.split_range(p, gpa, len).map(|o| self.owed.add(o));
                 self.verdict(
                     &format!("split_range({gpa:#x}, {len:#x})"),
                     r,

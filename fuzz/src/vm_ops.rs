@@ -410,7 +410,7 @@ impl<'p> Run<'p> {
                     range.is_some(),
                     "only a removal owes INVEPT"
                 );
-                self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
+                self.owed.add(owed);
                 assert_eq!(slot_range(&self.vm, idx), None);
                 if let Some((b, e)) = range {
                     self.shadow.drop_range(b, e);
@@ -542,7 +542,7 @@ impl<'p> Run<'p> {
                             );
                             self.written.retain(|&g| g < b || g >= e);
                         }
-                        self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
+                        self.owed.add(owed);
                     }
                     (Err(Error::NotMapped), None) => {}
                     (Err(Error::BitmapTooSmall), Some((b, e))) => {
@@ -589,7 +589,7 @@ impl<'p> Run<'p> {
                             valid_range && mask.len() as u64 >= num.div_ceil(64),
                             "clear({first}, {num}) accepted"
                         );
-                        self.owed = core::mem::replace(&mut self.owed, Invept::NONE).and(owed);
+                        self.owed.add(owed);
                         for (w, &m) in mask.iter().enumerate().take(num.div_ceil(64) as usize) {
                             let mut m = m;
                             while m != 0 {

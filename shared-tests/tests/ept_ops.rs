@@ -475,7 +475,7 @@ fn run(features: EptFeatures, ops: Vec<(Op, Option<u8>, Option<Target>)>, probes
             );
         }
         failed |= result.is_err();
-        owed = owed.and(got);
+        owed.add(got);
         match result {
             Ok(()) => assert!(
                 errs.is_empty(),

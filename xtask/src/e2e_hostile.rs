@@ -153,10 +153,7 @@ pub fn boot() -> Boot {
             ),
         );
     }
-    b.case(
-        "dmesg",
-        "dmesg | grep -E 'Oops|BUG|WARNING|general protection|Out of memory|oom-killer|page allocation failure' || true",
-    );
+    b.case("dmesg", crate::e2e::KERNEL_LOG_TROUBLE);
     b.case("unload", "rmmod smudge && ! test -e /dev/smudge");
 
     b.check(

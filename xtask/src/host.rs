@@ -49,10 +49,10 @@ pub fn check_targets(kernel: bool) -> Result<()> {
     Ok(())
 }
 
-/// The shims' sizes, as issue "one core, thin shims" measures them: lines of Rust, and the lines
-/// that are neither blank nor comments (the `// SAFETY:` line of every `unsafe` block, the docs).
-/// The second count has a ceiling per shim (the Windows one besides the hand-written ntoskrnl
-/// declarations of `nt.rs`), so logic that both drivers need cannot creep back into them.
+/// The shims' sizes against issue #12's aim (600 lines of Rust for Linux, 900 for
+/// `windows-driver/src` besides the hand-written ntoskrnl declarations of `nt.rs`), reported in
+/// lines and in lines of code (neither blank nor a comment). Both are still above the aim in
+/// lines; the lines of code may not grow past it, so logic both drivers need cannot creep back.
 pub fn shim_sizes() -> Result<()> {
     let root = root();
     let windows: Vec<_> = std::fs::read_dir(root.join("windows-driver/src"))?
@@ -78,8 +78,9 @@ pub fn shim_sizes() -> Result<()> {
                 .filter(|l| !l.is_empty() && !l.starts_with("//"))
                 .count();
         }
+        let over = lines.saturating_sub(ceiling);
         step(&format!(
-            "{name}: {lines} lines, {code} of code (ceiling {ceiling})"
+            "{name}: {lines} lines (aim {ceiling}: {over} over), {code} of code (at most {ceiling})"
         ));
         anyhow::ensure!(
             code <= ceiling,

@@ -287,8 +287,7 @@ impl<O: Os> Session<O> {
                         continue;
                     };
                     count += r.reset(os, &mut |batch| {
-                        let o = vm.rearm_ring_pages(os, batch, &mut cache);
-                        owed = core::mem::replace(&mut owed, Invept::NONE).and(o);
+                        owed.add(vm.rearm_ring_pages(os, batch, &mut cache));
                     });
                 }
                 // The re-armed pages' cached translations go before any vCPU runs again.

@@ -759,19 +759,19 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
             vmcs.write(Field::VmxPreemptionTimerValue, PREEMPTION_QUANTUM),
         )?;
     }
-    // Every INVEPT an EPT change owes is paid before a vCPU runs again (`Ept::pay`, by the
-    // VM-level request that made the change, with every vCPU out of this loop; exit handling
-    // only widens entries). An EPT still owing one here is a core bug: entering would use stale
-    // translations (SDM 29.4.3.4), so the run fails instead. Once per run, not per entry.
-    if vm.with(|vm| vm.ept().needs_invept()).unwrap_or(false) {
-        return Err(HwError::Vmx {
-            step: "VM entry (an INVEPT is still owed: a smudge bug)",
-            fail: VmFail::Invalid,
-        });
-    }
     let pml = ctls.secondary & secondary::ENABLE_PML != 0;
     let kernel_gs_base = cpu.guest_state_in(&vcpu.fx, vcpu.kernel_gs_base);
     let result = loop {
+        // Every INVEPT an EPT change owes is paid before a vCPU runs again (`Ept::pay`, by the
+        // VM-level request that made the change, every vCPU out of this loop meanwhile). An EPT
+        // still owing one here is a core bug: entering would use stale translations (SDM
+        // 29.4.3.4), so the run fails instead.
+        if vm.with(|vm| vm.ept().needs_invept()).unwrap_or(false) {
+            break Err(HwError::Vmx {
+                step: "VM entry (an INVEPT is still owed: a smudge bug)",
+                fail: VmFail::Invalid,
+            });
+        }
         let flags = env.irq_save();
         // Last before the entry, with interrupts off (`spec`; KVM's vmx_vcpu_enter_exit).
         if duties.l1d_flush {

@@ -64,8 +64,8 @@ pub struct Machine<'a> {
     pub ram_mib: u32,
     /// Load the stub `kvm` module too.
     pub kvm: bool,
-    /// The command ends by crashing the kernel (`echo c > /proc/sysrq-trigger`): the boot ends
-    /// at the panic, and the kernel log up to it becomes the output's last case, `kernel-log`.
+    /// The boot ends by crashing the kernel (`echo c > /proc/sysrq-trigger`, once the command's
+    /// output is sent): the boot ends at the panic, and the kernel log up to it becomes the output's last case, `kernel-log`.
     pub crash: bool,
 }
 
@@ -127,6 +127,9 @@ while true; do
   prev=$cur
   i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done
 done
+# A crash boot panics only now, its output on ttyS1 sent: a panic stops the CPUs with bytes
+# still in the tty buffer.
+[ -e /crash ] && echo c > /proc/sysrq-trigger
 for c in S h u t d o w n; do printf $c | dd of=/dev/port bs=1 seek=$((0x8900)) count=1 2>/dev/null; done
 poweroff -f
 "#;
@@ -180,6 +183,9 @@ pub fn boot(
     write_exec(&stage.join("init"), INIT)?;
     write_exec(&stage.join("cmd.sh"), &format!("set -e\n{cmd}\n"))?;
     std::fs::copy(&a.module, stage.join("smudge.ko"))?;
+    if m.crash {
+        std::fs::write(stage.join("crash"), "")?;
+    }
     if m.kvm {
         std::fs::copy(&a.kvm_stub, stage.join("kvm.ko"))?;
         std::fs::write(stage.join("smudge.args"), "kvm=1")?;
@@ -344,9 +350,7 @@ pub fn boot(
     let mut output = std::fs::read_to_string(&com2).unwrap_or_default();
     let kernel_log = std::fs::read_to_string(&com1).unwrap_or_default();
     if m.crash && kernel_log.contains("---[ end Kernel panic") {
-        output = format!(
-            "{output}\n@@CASE kernel-log\n{kernel_log}\n@@RC kernel-log 0\n@@SMUDGE-EXIT 0\n"
-        );
+        output = format!("{output}\n@@CASE kernel-log\n{kernel_log}\n@@RC kernel-log 0\n");
     }
     let seconds = start.elapsed().as_secs_f64();
     if stream && output.len() > shown {
@@ -444,11 +448,7 @@ pub fn run_cli(a: BochsArgs) -> Result<()> {
         kvm: a.kvm,
         crash: a.crash,
     };
-    let mut cmd = a.cmd.join(" ");
-    if a.crash {
-        cmd.push_str("\nsync; echo c > /proc/sysrq-trigger\n");
-    }
-    let b = boot(&arts, &m, &a.files, &cmd, a.timeout, true)?;
+    let b = boot(&arts, &m, &a.files, &a.cmd.join(" "), a.timeout, true)?;
     step(&format!(
         "command exited with {} after {:.1} s",
         b.status, b.seconds

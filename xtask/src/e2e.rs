@@ -31,9 +31,6 @@ pub(crate) fn run_cases(
             "echo '@@CASE {name}'\n( {cmd} ) 2>&1\necho \"@@RC {name} $?\"\n"
         ));
     }
-    if m.crash {
-        script.push_str("sync; echo c > /proc/sysrq-trigger\n");
-    }
     let b = boot(a, m, files, &script, timeout, false)?;
     let raw = b.output;
     // `boot` drops lines starting with @@SMUDGE; our markers survive.

@@ -12,6 +12,7 @@
 #include <linux/fs.h>
 #include <linux/mm.h>
 #include <linux/slab.h>
+#include <linux/log2.h>
 #include <linux/gfp.h>
 #include <linux/smp.h>
 #include <linux/sched.h>
@@ -160,13 +161,11 @@ static struct miscdevice smudge_misc = {
 	/* Root only, like /dev/kvm before a distribution's udev rule opens it to a group (README). */
 	.mode = 0600,
 };
-int smudge_misc_register(void) { return misc_register(&smudge_misc); }
-void smudge_misc_deregister(void) { misc_deregister(&smudge_misc); }
 
 /*
  * The KVM personality (kvm=1): /dev/kvm, and KVM's anonymous-inode descriptors for a VM and its
  * vCPUs. Rust decodes and serves every request; when one makes a VM or a vCPU it hands back the
- * object (`made`, kind 1 VM, 2 vCPU) and this glue gives it a descriptor.
+ * object (`made`, and whether it is a VM) and this glue gives it a descriptor.
  */
 static bool kvm;
 module_param(kvm, bool, 0444);
@@ -177,30 +176,28 @@ MODULE_PARM_DESC(kvm_mode, "dirty tracking of KVM VMs: 0 the best available, 1 A
 bool smudge_kvm_param(void) { return kvm; }
 int smudge_kvm_mode(void) { return kvm_mode; }
 
-long smudge_rs_kvm_ioctl(void *obj, int kind, unsigned int cmd, unsigned long arg, void **made, int *made_kind);
-void smudge_rs_kvm_put(void *obj, int kind);
+long smudge_rs_kvm_ioctl(void *obj, unsigned int cmd, unsigned long arg, void **made, bool *made_vm);
+void smudge_rs_kvm_put(void *obj);
 long smudge_rs_kvm_mmap(void *vcpu, void *vma, unsigned long pgoff, unsigned long pages);
 static const struct file_operations smudge_kvm_vm_fops, smudge_kvm_vcpu_fops;
-static long smudge_kvm_ioctl_common(void *obj, int kind, unsigned int cmd, unsigned long arg)
+static long smudge_kvm_ioctl_common(void *obj, unsigned int cmd, unsigned long arg)
 {
 	void *made = NULL;
-	int made_kind = 0, fd;
-	long r = smudge_rs_kvm_ioctl(obj, kind, cmd, arg, &made, &made_kind);
+	bool vm = false;
+	int fd;
+	long r = smudge_rs_kvm_ioctl(obj, cmd, arg, &made, &vm);
 
 	if (r < 0 || !made)
 		return r;
-	fd = anon_inode_getfd(made_kind == 1 ? "kvm-vm" : "kvm-vcpu",
-			      made_kind == 1 ? &smudge_kvm_vm_fops : &smudge_kvm_vcpu_fops,
+	fd = anon_inode_getfd(vm ? "kvm-vm" : "kvm-vcpu", vm ? &smudge_kvm_vm_fops : &smudge_kvm_vcpu_fops,
 			      made, O_RDWR | O_CLOEXEC);
 	if (fd < 0)
-		smudge_rs_kvm_put(made, made_kind);
+		smudge_rs_kvm_put(made);
 	return fd;
 }
-static long smudge_kvm_dev_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(NULL, 0, cmd, arg); }
-static long smudge_kvm_vm_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(f->private_data, 1, cmd, arg); }
-static long smudge_kvm_vcpu_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(f->private_data, 2, cmd, arg); }
-static int smudge_kvm_vm_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data, 1); return 0; }
-static int smudge_kvm_vcpu_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data, 2); return 0; }
+static long smudge_kvm_dev_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(NULL, cmd, arg); }
+static long smudge_kvm_file_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(f->private_data, cmd, arg); }
+static int smudge_kvm_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data); return 0; }
 /* The kvm_run page, shared with the kernel: MAP_SHARED only, never executable. */
 static int smudge_kvm_vcpu_mmap(struct file *f, struct vm_area_struct *vma)
 {
@@ -211,14 +208,14 @@ static int smudge_kvm_vcpu_mmap(struct file *f, struct vm_area_struct *vma)
 }
 static const struct file_operations smudge_kvm_vm_fops = {
 	.owner = THIS_MODULE,
-	.release = smudge_kvm_vm_release,
-	.unlocked_ioctl = smudge_kvm_vm_ioctl,
+	.release = smudge_kvm_release,
+	.unlocked_ioctl = smudge_kvm_file_ioctl,
 	.llseek = noop_llseek,
 };
 static const struct file_operations smudge_kvm_vcpu_fops = {
 	.owner = THIS_MODULE,
-	.release = smudge_kvm_vcpu_release,
-	.unlocked_ioctl = smudge_kvm_vcpu_ioctl,
+	.release = smudge_kvm_release,
+	.unlocked_ioctl = smudge_kvm_file_ioctl,
 	.mmap = smudge_kvm_vcpu_mmap,
 	.llseek = noop_llseek,
 };
@@ -233,8 +230,6 @@ static struct miscdevice smudge_kvm_misc = {
 	.fops = &smudge_kvm_dev_fops,
 	.mode = 0600,
 };
-int smudge_kvm_register(void) { return misc_register(&smudge_kvm_misc); }
-void smudge_kvm_deregister(void) { misc_deregister(&smudge_kvm_misc); }
 unsigned long smudge_tsc_khz(void) { return tsc_khz; }
 /* KVM_SET_SIGNAL_MASK's mask inside KVM_RUN, as KVM's kvm_sigset_activate: the thread's own
  * mask goes to current->real_blocked, where complete_signal() looks before it turns a signal
@@ -301,7 +296,7 @@ static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *un
 }
 static struct notifier_block smudge_reboot_nb = { .notifier_call = smudge_reboot };
 static struct notifier_block smudge_panic_nb = { .notifier_call = smudge_reboot };
-void smudge_notifiers_register(void)
+static void smudge_notifiers_register(void)
 {
 	register_reboot_notifier(&smudge_reboot_nb);
 	atomic_notifier_chain_register(&panic_notifier_list, &smudge_panic_nb);
@@ -321,6 +316,32 @@ void smudge_notifiers_unregister(void)
 #endif
 	atomic_notifier_chain_unregister(&panic_notifier_list, &smudge_panic_nb);
 	unregister_reboot_notifier(&smudge_reboot_nb);
+}
+
+/* The notifiers, then /dev/smudge and (kvm=1) /dev/kvm. 0, or -errno with no device left (the
+ * notifiers stay until smudge_notifiers_unregister, after VMX operation has ended). */
+int smudge_register(void)
+{
+	int r;
+
+	smudge_notifiers_register();
+	r = misc_register(&smudge_misc);
+	if (r)
+		return r;
+	if (kvm) {
+		r = misc_register(&smudge_kvm_misc);
+		if (r) {
+			pr_err("smudge: cannot serve /dev/kvm: a device of that name exists (unload kvm_intel)\n");
+			misc_deregister(&smudge_misc);
+		}
+	}
+	return r;
+}
+void smudge_devices_unregister(void)
+{
+	if (kvm)
+		misc_deregister(&smudge_kvm_misc);
+	misc_deregister(&smudge_misc);
 }
 
 /*
@@ -394,7 +415,12 @@ u64 smudge_pa(void *va) { return __pa(va); }
  */
 #define SMUDGE_GFP (GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN)
 unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP); }
-void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
+/* The core's objects are 16-byte aligned: kmalloc aligns power-of-two sizes naturally, and larger
+ * allocations come from whole pages (the page allocator or vmalloc). */
+void *smudge_kvzalloc(unsigned long n)
+{
+	return kvzalloc(n <= KMALLOC_MAX_CACHE_SIZE ? roundup_pow_of_two(n) : n, SMUDGE_GFP);
+}
 void smudge_kvfree(void *p) { kvfree(p); }
 void smudge_free_page(unsigned long va) { free_page(va); }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).

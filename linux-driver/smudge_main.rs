@@ -12,16 +12,16 @@ use core::sync::atomic::AtomicU64;
 use kernel::prelude::*;
 use kernel::uaccess::UserSlice;
 use smudge_core::abi::{self, Op};
-use smudge_core::arch;
+use smudge_core::arch::{self, direct_map, DirectMap, RawAlloc, RawBox};
 use smudge_core::hostmem::{self, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
 use smudge_core::session;
 use smudge_core::session::load::{self, driver};
-use smudge_core::session::{Fail, HostMapping, Os, RunPolicy, Session};
+use smudge_core::session::{Fail, HostMapping, Os, RunPolicy, Session, SessionBox};
 use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission;
 use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
-use smudge_core::vmx::hw::{self, Hardware, HwVcpu};
+use smudge_core::vmx::hw::{self, Hardware};
 use smudge_core::vmx::root::{ControlRegs, Processors, ThisCpu, ROOT};
 
 module! {
@@ -44,13 +44,12 @@ extern "C" {
     fn smudge_reserve_pages() -> u64;
     fn smudge_totalram_pages() -> u64;
     fn smudge_mem_available() -> u64;
-    fn smudge_misc_register() -> i32;
-    fn smudge_misc_deregister();
-    fn smudge_notifiers_register();
     fn smudge_cpus_hold();
     fn smudge_cpus_release();
     fn smudge_hotplug_register() -> i32;
     fn smudge_hotplug_unregister();
+    fn smudge_register() -> i32;
+    fn smudge_devices_unregister();
     fn smudge_notifiers_unregister();
     fn smudge_irq_save() -> usize;
     fn smudge_irq_restore(flags: usize);
@@ -78,8 +77,6 @@ extern "C" {
     fn smudge_remap_page(vma: *mut c_void, index: usize, pfn: usize) -> i32;
     fn smudge_kvm_param() -> bool;
     fn smudge_kvm_mode() -> i32;
-    fn smudge_kvm_register() -> i32;
-    fn smudge_kvm_deregister();
     fn smudge_tsc_khz() -> u64;
     fn smudge_sigmask_enter(mask: u64);
     fn smudge_sigmask_leave();
@@ -135,18 +132,10 @@ impl Platform for LinuxOs {
         budget().free(|| os_free(hpa))
     }
     fn page(&self, hpa: u64) -> &PageWords {
-        // SAFETY: the core only passes addresses of pages it allocated (tables, bitmaps,
-        // backing pages); the direct map covers them, and AtomicU64 has no invalid values.
-        unsafe { &*(smudge_va(hpa) as *const PageWords) }
+        direct_map::page(self, hpa)
     }
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
-        // SAFETY: as in `page`, the direct map covers this 4 KiB-aligned page the core
-        // allocated, and u64 has no invalid values. The core lends a page only while nothing else
-        // reads or writes it (the trait's contract: every vCPU kicked out of VMX non-root
-        // operation, so no processor sets A/D flags in it, SDM 29.3.5; the EPT borrowed
-        // mutably), so this is the only reference in use until `f` returns.
-        let words = unsafe { &mut *(smudge_va(hpa) as *mut [u64; 512]) };
-        f(PageMut::Exclusive(words))
+        direct_map::with_page_mut(self, hpa, f)
     }
     fn pin_user_pages(&self, uaddr: u64, hpas: &mut [u64]) -> Result<usize, PinError> {
         // SAFETY: pins pages of the calling process's own memory; `hpas` holds that many.
@@ -163,29 +152,29 @@ impl Platform for LinuxOs {
     }
 }
 
-/// Zeroed quadwords from kvzalloc (helpers.c: under the flags of guest pages, which fail
+// SAFETY: the core's pages come from get_zeroed_page, which the direct map covers.
+unsafe impl DirectMap for LinuxOs {
+    fn va(&self, hpa: u64) -> *mut u8 {
+        // SAFETY: __va only computes the address.
+        unsafe { smudge_va(hpa).cast() }
+    }
+}
+
+/// kvzalloc for the core's objects (helpers.c: under the flags of guest pages, which fail
 /// instead of waking the OOM killer; the 6.12 Rust allocator flags lack __GFP_RETRY_MAYFAIL).
-struct KernWords(core::ptr::NonNull<u64>, usize);
+struct Kv;
 
-impl core::ops::Deref for KernWords {
-    type Target = [u64];
-    fn deref(&self) -> &[u64] {
-        // SAFETY: `.1` zeroed, 8-byte aligned quadwords owned by self.
-        unsafe { core::slice::from_raw_parts(self.0.as_ptr(), self.1) }
+// SAFETY: kvzalloc returns null or zeroed memory, 16-byte aligned (helpers.c asks kmalloc for a
+// power of two, which it aligns naturally, or whole pages); kvfree frees it in process context,
+// where every value holding it is dropped.
+unsafe impl RawAlloc for Kv {
+    fn alloc_zeroed(bytes: usize) -> *mut u8 {
+        // SAFETY: a plain allocation.
+        unsafe { smudge_kvzalloc(bytes).cast() }
     }
-}
-
-impl core::ops::DerefMut for KernWords {
-    fn deref_mut(&mut self) -> &mut [u64] {
-        // SAFETY: as above, borrowed exclusively.
-        unsafe { core::slice::from_raw_parts_mut(self.0.as_ptr(), self.1) }
-    }
-}
-
-impl Drop for KernWords {
-    fn drop(&mut self) {
-        // SAFETY: from kvzalloc in `words`, freed once.
-        unsafe { smudge_kvfree(self.0.as_ptr().cast()) }
+    unsafe fn free(p: *mut u8, _bytes: usize) {
+        // SAFETY: from kvzalloc, freed once (the caller's contract).
+        unsafe { smudge_kvfree(p.cast()) }
     }
 }
 
@@ -200,8 +189,7 @@ fn rdmsr_safe(msr: u32) -> MsrValue {
 }
 
 impl Os for LinuxOs {
-    type Words = KernWords;
-    type VcpuBox = KBox<HwVcpu>;
+    type Alloc = Kv;
     type Pin = ();
     type Cpu<'a> = Hardware<'a>;
     /// Back to user space only for a signal or a real exit; a reschedule is served in place.
@@ -210,17 +198,6 @@ impl Os for LinuxOs {
         slice_ns: None,
     };
 
-    fn words(&self, n: usize) -> Option<KernWords> {
-        // SAFETY: kvzalloc returns null or `n` zeroed quadwords, aligned to at least 8.
-        let p = unsafe { smudge_kvzalloc(n.checked_mul(8)?.max(1)) };
-        core::ptr::NonNull::new(p.cast()).map(|p| KernWords(p, n))
-    }
-    fn box_vcpu(&self, vcpu: HwVcpu) -> core::result::Result<KBox<HwVcpu>, HwVcpu> {
-        match KBox::new_uninit(GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
-            Ok(b) => Ok(KBox::write(b, vcpu)),
-            Err(_) => Err(vcpu),
-        }
-    }
     fn copy_from_user(&self, dst: &mut [u8], src: u64) -> core::result::Result<(), Fail> {
         let mut r = UserSlice::new(src as usize, dst.len()).reader();
         r.read_slice(dst).map_err(|_| Fail::Fault)
@@ -333,28 +310,20 @@ unsafe fn session<'a>(priv_: *mut c_void) -> Option<&'a LinuxSession> {
 /// open of `/dev/smudge`: a new session for the file's `private_data` (`out`), or -errno.
 #[no_mangle]
 pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
-    if driver().is_none() {
-        return ret(Err(Fail::Io));
-    }
-    match KBox::new(LinuxSession::new(), GFP_KERNEL_ACCOUNT | __GFP_NOWARN) {
-        Ok(b) => {
-            // SAFETY: `out` is the C caller's local.
-            unsafe { *out = KBox::into_raw(b) as *mut c_void };
-            0
-        }
-        Err(_) => ret(Err(Fail::NoMemory)),
-    }
+    ret(session::open::<LinuxOs>().map(|b| {
+        // SAFETY: `out` is the C caller's local.
+        unsafe { *out = RawBox::into_raw(b).cast() };
+        0
+    }))
 }
 
 /// Release of a `/dev/smudge` file: its session and everything it holds go.
 #[no_mangle]
 pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
-    if priv_.is_null() {
-        return;
+    // SAFETY: from RawBox::into_raw in open (or null); release is its last user.
+    if let Some(b) = unsafe { SessionBox::<LinuxOs>::from_raw(priv_.cast()) } {
+        session::close(&LinuxOs, b);
     }
-    // SAFETY: `priv_` came from KBox::into_raw in open; release is the last user.
-    let mut s = unsafe { KBox::from_raw(priv_ as *mut LinuxSession) };
-    s.release(&LinuxOs);
 }
 
 /// A file operation's return value: the answer, or -errno.
@@ -404,116 +373,45 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
     let Some(op) = Op::from_linux_ioctl(cmd) else {
         return ret(Err(Fail::NoSuchRequest));
     };
-    let mut buf = [0u8; 1024];
-    let r = (|| {
-        // The size the ioctl number encodes, in and out.
-        let buf = buf.get_mut(..op.buffer_size()).ok_or(Fail::Invalid)?;
-        LinuxOs.copy_from_user(
-            buf.get_mut(..op.request_size()).ok_or(Fail::Invalid)?,
-            arg as u64,
-        )?;
-        let len = s.request(&LinuxOs, &drv, op, buf)?;
-        LinuxOs.copy_to_user(arg as u64, buf.get(..len).ok_or(Fail::Invalid)?)
-    })();
-    ret(r.map(|()| 0))
+    ret(s.user_request(&LinuxOs, &drv, op, arg as u64).map(|_| 0))
 }
 
-type KvmVm = session::kvm::KvmVmFile<LinuxOs>;
+type KvmHandle = session::kvm::KvmHandle<LinuxOs>;
+type KvmHandleBox = session::kvm::KvmHandleBox<LinuxOs>;
 
-/// A KVM vCPU descriptor: its VM (one reference) and its index.
-struct KvmVcpuFile {
-    vm: *const KvmVm,
-    index: u32,
-}
-
-/// Drops one reference of `vm`; the last releases and frees the VM.
-///
-/// # Safety
-/// `vm` came from `KBox::into_raw` in `smudge_rs_kvm_ioctl` and holds this reference.
-unsafe fn kvm_vm_put(vm: *const KvmVm) {
-    // SAFETY: the caller's reference keeps it alive until here.
-    if unsafe { &*vm }.drop_ref() {
-        // SAFETY: the last reference: nothing else uses it.
-        let mut b = unsafe { KBox::from_raw(vm as *mut KvmVm) };
-        b.session.release(&LinuxOs);
-    }
-}
-
-/// A request on `/dev/kvm` (kind 0), a VM (1) or a vCPU (2) descriptor (the core's
-/// `session::kvm::request`). A new VM or vCPU goes back through `made` for its descriptor.
+/// A request on `/dev/kvm` (`obj` null) or on a VM or vCPU descriptor (`obj` its private data),
+/// answered by the core (`session::kvm::kvm_ioctl`). A new VM or vCPU goes back through `made`
+/// for its descriptor, with `made_vm` saying which.
 #[no_mangle]
 pub extern "C" fn smudge_rs_kvm_ioctl(
     obj: *mut c_void,
-    kind: i32,
     cmd: u32,
     arg: usize,
     made: *mut *mut c_void,
-    made_kind: *mut i32,
+    made_vm: *mut bool,
 ) -> c_long {
-    use session::kvm::{KvmAnswer, KvmFile};
     let Some(drv) = driver() else {
         return ret(Err(Fail::Io));
     };
-    // SAFETY: a VM descriptor holds a reference to its VM, a vCPU descriptor its file (and
-    // through it the VM), until release, which cannot run during an ioctl.
-    let file = unsafe {
-        match kind {
-            1 => KvmFile::Vm(&*(obj as *const KvmVm)),
-            2 => {
-                let v = &*(obj as *const KvmVcpuFile);
-                KvmFile::Vcpu(&*v.vm, v.index)
-            }
-            _ => KvmFile::System,
+    // SAFETY: null, or a descriptor's handle from `made`, which it holds until release (which
+    // cannot run during an ioctl); reads a module parameter.
+    let (handle, mode) = unsafe { ((obj as *const KvmHandle).as_ref(), smudge_kvm_mode()) };
+    let r = session::kvm::kvm_ioctl(&LinuxOs, &drv, handle, cmd, arg as u64, mode as u32);
+    ret(r.map(|(v, new)| {
+        if let Some(b) = new {
+            // SAFETY: the C caller's locals.
+            unsafe { (*made_vm, *made) = (b.is_vm(), KvmHandleBox::into_raw(b).cast()) };
         }
-    };
-    let vm = match file {
-        KvmFile::Vm(vm) => vm as *const KvmVm,
-        _ => core::ptr::null(),
-    };
-    // SAFETY: reads a module parameter.
-    let mode = unsafe { smudge_kvm_mode() } as u32;
-    let give = |o: *mut c_void, k: i32| {
-        // SAFETY: the C caller's locals.
-        unsafe { (*made, *made_kind) = (o, k) };
-        Ok(0)
-    };
-    let flags = GFP_KERNEL_ACCOUNT | __GFP_NOWARN;
-    let r = match session::kvm::request(&LinuxOs, &drv, file, cmd, arg as u64, mode) {
-        Ok(KvmAnswer::Value(v)) => Ok(v),
-        Ok(KvmAnswer::NewVm(mode)) => match KBox::new(KvmVm::new(), flags) {
-            Ok(mut b) => match b.create(&LinuxOs, &drv, mode) {
-                Ok(()) => give(KBox::into_raw(b) as *mut c_void, 1),
-                Err(e) => Err(e),
-            },
-            Err(_) => Err(Fail::NoMemory),
-        },
-        Ok(KvmAnswer::NewVcpu(index)) => match KBox::new(KvmVcpuFile { vm, index }, flags) {
-            Ok(b) => {
-                // SAFETY: `vm` is this VM descriptor's (CREATE_VCPU is a VM request).
-                unsafe { &*vm }.hold();
-                give(KBox::into_raw(b) as *mut c_void, 2)
-            }
-            Err(_) => Err(Fail::NoMemory),
-        },
-        Err(e) => Err(e),
-    };
-    ret(r)
+        v
+    }))
 }
 
-/// Release of a VM (kind 1) or vCPU (2) descriptor, or a descriptor that could not be made.
+/// Release of a KVM descriptor, or of a handle that got none.
 #[no_mangle]
-pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void, kind: i32) {
-    if obj.is_null() {
-        return;
-    }
-    if kind == 2 {
-        // SAFETY: from KBox::into_raw in smudge_rs_kvm_ioctl; release is its last user.
-        let v = unsafe { KBox::from_raw(obj as *mut KvmVcpuFile) };
-        // SAFETY: the vCPU file's reference.
-        unsafe { kvm_vm_put(v.vm) };
-    } else {
-        // SAFETY: the VM descriptor's reference.
-        unsafe { kvm_vm_put(obj as *const KvmVm) };
+pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void) {
+    // SAFETY: from `made` in smudge_rs_kvm_ioctl; release is its last user.
+    if let Some(b) = unsafe { KvmHandleBox::from_raw(obj.cast()) } {
+        session::kvm::kvm_put(&LinuxOs, b);
     }
 }
 
@@ -526,19 +424,12 @@ pub extern "C" fn smudge_rs_kvm_mmap(
     pgoff: usize,
     pages: usize,
 ) -> c_long {
-    // SAFETY: the descriptor holds its file, and through it the VM, until release, which
-    // cannot run during mmap.
-    let (v, vm) = unsafe {
-        let v = &*(obj as *const KvmVcpuFile);
-        (v, &*v.vm)
+    // SAFETY: the descriptor holds its handle until release, which cannot run during mmap.
+    let Some(h) = (unsafe { (obj as *const KvmHandle).as_ref() }) else {
+        return ret(Err(Fail::Invalid));
     };
-    let r = vm.session.kvm_map_vcpu(
-        &LinuxOs,
-        v.index,
-        pgoff as u64,
-        pages as u64,
-        &mut remap(vma),
-    );
+    let (pgoff, pages) = (pgoff as u64, pages as u64);
+    let r = session::kvm::kvm_mmap(&LinuxOs, h, pgoff, pages, &mut remap(vma));
     ret(r.map(|()| 0))
 }
 
@@ -671,17 +562,8 @@ pub extern "C" fn smudge_rs_cpu_offline(cpu: u32) -> bool {
 /// CPU that left VMX operation on the way down.
 #[no_mangle]
 pub extern "C" fn smudge_rs_emergency_report() {
-    for cpu in 0..LinuxCpus.bound() {
-        if let Some((off, cr4)) = ROOT.left_in_emergency(cpu) {
-            let vmxe = u8::from(cr4 & smudge_core::regs::CR4_VMXE != 0);
-            let how = if off { "VMXOFF" } else { "VMXOFF FAILED" };
-            pr_emerg!(
-                "CPU {} left VMX operation ({}, CR4.VMXE {})\n",
-                cpu,
-                how,
-                vmxe
-            );
-        }
+    for line in (0..LinuxCpus.bound()).filter_map(|cpu| ROOT.left_in_emergency(cpu)) {
+        pr_emerg!("{}\n", line.as_str());
     }
 }
 
@@ -726,25 +608,13 @@ impl kernel::Module for Smudge {
             pr_err!("cannot follow CPU hotplug ({})\n", hotplug);
             return Err(Error::from_errno(hotplug));
         }
-        // SAFETY: registers the notifiers and the misc device (C glue).
-        unsafe { smudge_notifiers_register() };
-        // SAFETY: C glue.
-        if unsafe { smudge_misc_register() } != 0 {
-            // SAFETY: C glue.
+        // SAFETY: C glue (helpers.c): on failure it leaves no device registered.
+        let r = unsafe { smudge_register() };
+        if r < 0 {
+            teardown();
+            // SAFETY: C glue, once VMX operation has ended.
             unsafe { smudge_notifiers_unregister() };
-            teardown();
-            return Err(EBUSY);
-        }
-        // SAFETY: C glue; a device named kvm (KVM's own) makes the registration fail.
-        if unsafe { smudge_kvm_param() && smudge_kvm_register() != 0 } {
-            pr_err!("cannot serve /dev/kvm: a device of that name exists (unload kvm_intel)\n");
-            // SAFETY: C glue.
-            unsafe {
-                smudge_misc_deregister();
-                smudge_notifiers_unregister();
-            }
-            teardown();
-            return Err(EBUSY);
+            return Err(Error::from_errno(r));
         }
         for line in loaded.report() {
             pr_info!("{}\n", line.as_str());
@@ -775,12 +645,7 @@ fn check_this_cpu() -> core::result::Result<admission::Admission, admission::Ref
 impl Drop for Smudge {
     fn drop(&mut self) {
         // SAFETY: C glue; open files pin the module, so no VM exists here.
-        unsafe {
-            if smudge_kvm_param() {
-                smudge_kvm_deregister();
-            }
-            smudge_misc_deregister();
-        }
+        unsafe { smudge_devices_unregister() };
         // VMX operation ends before the reboot and panic notifiers go.
         teardown();
         // SAFETY: C glue.

@@ -300,8 +300,10 @@ pub fn exit_event(
                 "exit: error: {message} (exit reason {r}, {})",
                 reason::name(*r)
             );
-            if *code != 0 {
-                s.push_str(&format!(", VM-instruction error {code}"));
+            match *code {
+                0 => {}
+                abi::VMFAIL_INVALID => s.push_str(", VMfailInvalid (no VM-instruction error)"),
+                code => s.push_str(&format!(", VM-instruction error {code}")),
             }
             s
         }
@@ -707,6 +709,22 @@ pub(crate) mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_vmfail_invalid_is_named_not_numbered() {
+        let human = |code| {
+            let end = End::Error {
+                reason: 0,
+                code,
+                message: "vmptrld failed: Invalid".into(),
+            };
+            exit_event(&end, "ad", 0, &abi::StatsResp::default(), &[]).1
+        };
+        let invalid = human(abi::VMFAIL_INVALID);
+        assert!(invalid.contains("VMfailInvalid"), "{invalid}");
+        assert!(!invalid.contains(&u64::MAX.to_string()), "{invalid}");
+        assert!(human(7).contains("VM-instruction error 7"));
     }
 
     #[test]

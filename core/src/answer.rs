@@ -35,7 +35,7 @@ pub fn fill_run(resp: &mut RunResp, result: Result<RunExit, HwError>, st: &mut V
             resp.kind = k::ERROR;
             resp.code = match fail {
                 VmFail::Valid(e) => e.into(),
-                VmFail::Invalid => u64::MAX,
+                VmFail::Invalid => crate::abi::VMFAIL_INVALID,
             };
             st.halted = true;
             let mut msg = Message::new();
@@ -345,7 +345,7 @@ mod tests {
             }),
             &mut st,
         );
-        assert_eq!(r.code, u64::MAX);
+        assert_eq!(r.code, crate::abi::VMFAIL_INVALID);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use smudge_core::arch::{FxArea, GuestGprs, HostState, VmFail};
+use smudge_core::arch::{FxArea, GuestGprs, HostState, RawAlloc, VmFail, RAW_ALIGN};
 use smudge_core::ept::EptFeatures;
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
@@ -30,7 +30,7 @@ use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::reason;
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_core::vmx::fields::Field;
-use smudge_core::vmx::hw::{HwVcpu, Processor};
+use smudge_core::vmx::hw::Processor;
 use smudge_core::vmx::root::{ControlRegs, Processors};
 use smudge_core::vmx::vmcs::{ctl, VmcsAccess, VmcsError, VmcsImage};
 
@@ -563,8 +563,6 @@ pub struct MockOs<const WINDOWS: bool> {
     pub m: Arc<ModelMachine>,
     /// Makes `signal_pending` true for every thread (to end Linux-policy RUNs).
     pub signal: AtomicBool,
-    /// Request buffers fail while this is non-zero (decremented per request buffer).
-    pub fail_buffers: AtomicUsize,
     start: Instant,
     /// KVM_SET_SIGNAL_MASK's masks in force (`Os::signal_mask_enter`), by thread.
     masks: Mutex<HashMap<std::thread::ThreadId, u64>>,
@@ -607,7 +605,6 @@ impl<const W: bool> MockOs<W> {
             p: MockPlatform::new(),
             m: Arc::new(m),
             signal: AtomicBool::new(false),
-            fail_buffers: AtomicUsize::new(0),
             start: Instant::now(),
             masks: Mutex::new(HashMap::new()),
             masked_stays: AtomicUsize::new(0),
@@ -656,9 +653,40 @@ impl<const W: bool> Platform for MockOs<W> {
     }
 }
 
+thread_local! {
+    /// Allocations of [`StdAlloc`] on this thread that still fail ([`fail_allocs`]).
+    static FAIL_ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the next `n` allocations of the core's objects on this thread fail (request buffers,
+/// vCPUs), as an OS short of memory would.
+pub fn fail_allocs(n: usize) {
+    FAIL_ALLOCS.with(|f| f.set(n));
+}
+
+/// std's allocator for the core's objects (the shims use kvzalloc or the nonpaged pool).
+pub struct StdAlloc;
+
+// SAFETY: std::alloc::alloc_zeroed with the size asked and RAW_ALIGN, freed with that layout.
+unsafe impl RawAlloc for StdAlloc {
+    fn alloc_zeroed(bytes: usize) -> *mut u8 {
+        let failing = FAIL_ALLOCS.with(|f| f.replace(f.get().saturating_sub(1)) > 0);
+        match std::alloc::Layout::from_size_align(bytes, RAW_ALIGN) {
+            // SAFETY: a nonzero size (the trait's contract).
+            Ok(l) if !failing => unsafe { std::alloc::alloc_zeroed(l) },
+            _ => std::ptr::null_mut(),
+        }
+    }
+    unsafe fn free(p: *mut u8, bytes: usize) {
+        if let Ok(l) = std::alloc::Layout::from_size_align(bytes, RAW_ALIGN) {
+            // SAFETY: allocated above with this layout (the caller's contract).
+            unsafe { std::alloc::dealloc(p, l) }
+        }
+    }
+}
+
 impl<const W: bool> Os for MockOs<W> {
-    type Words = Vec<u64>;
-    type VcpuBox = Box<HwVcpu>;
+    type Alloc = StdAlloc;
     type Pin = MockPin;
     type Cpu<'a> = ModelCpu<'a>;
     const POLICY: RunPolicy = if W {
@@ -673,16 +701,6 @@ impl<const W: bool> Os for MockOs<W> {
         }
     };
 
-    fn words(&self, n: usize) -> Option<Vec<u64>> {
-        let failing = self
-            .fail_buffers
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        (!failing).then(|| vec![0; n])
-    }
-    fn box_vcpu(&self, vcpu: HwVcpu) -> Result<Box<HwVcpu>, HwVcpu> {
-        Ok(Box::new(vcpu))
-    }
     /// User memory is this process's memory: `src` is an address the test owns (0..4096 is the
     /// "bad pointer" and faults).
     fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail> {

@@ -539,3 +539,69 @@ fn the_signal_mask_holds_only_inside_kvm_run() {
         assert_eq!(c.os.masked_stays(), before, "no mask once cleared");
     });
 }
+
+/// The descriptors' lifecycle as a shim drives it (`kvm_ioctl`, `kvm_mmap`, `kvm_put`):
+/// KVM_CREATE_VM on `/dev/kvm` makes a VM handle, KVM_CREATE_VCPU on it a vCPU handle that
+/// holds the VM too; the VM outlives its own descriptor while a vCPU's is open, and the last
+/// one to close frees every page. An allocation failure makes no handle and leaks nothing.
+#[test]
+fn descriptors_keep_their_vm_until_the_last_closes() {
+    let (d, os) = machine();
+    let before = os.p.live_pages();
+    smudge_tests::session_model::fail_allocs(1);
+    let refused = sk::kvm_ioctl(&os, &d, None, Ioctl::CreateVm.number(), 0, 0);
+    assert_eq!(refused.err(), Some(Fail::NoMemory));
+    assert_eq!(
+        os.p.live_pages(),
+        before,
+        "a failed KVM_CREATE_VM holds no page"
+    );
+
+    let (_, vm) = sk::kvm_ioctl(&os, &d, None, Ioctl::CreateVm.number(), 0, 0).expect("CREATE_VM");
+    let vm = vm.expect("a VM handle");
+    assert!(vm.is_vm());
+    let (_, vcpu) =
+        sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), 0, 0).expect("CREATE_VCPU");
+    let vcpu = vcpu.expect("a vCPU handle");
+    assert!(!vcpu.is_vm());
+    // A VM request on a vCPU's descriptor names nothing there; the VM's has no mapping.
+    let wrong = sk::kvm_ioctl(&os, &d, Some(&vcpu), Ioctl::CreateVcpu.number(), 1, 0);
+    assert_eq!(wrong.err(), Some(Fail::NoSuchRequest));
+    assert_eq!(
+        sk::kvm_mmap(&os, &vm, 0, 1, &mut |_, _| Ok(())),
+        Err(Fail::Invalid)
+    );
+    let with_vm = os.p.live_pages();
+    assert!(with_vm > before);
+
+    sk::kvm_put(&os, vm);
+    assert_eq!(
+        os.p.live_pages(),
+        with_vm,
+        "the vCPU's descriptor still holds the VM"
+    );
+    let regs = [0u8; 512];
+    sk::kvm_ioctl(
+        &os,
+        &d,
+        Some(&vcpu),
+        Ioctl::GetRegs.number(),
+        regs.as_ptr() as u64,
+        0,
+    )
+    .expect("GET_REGS after the VM's descriptor closed");
+    let mut frames = Vec::new();
+    sk::kvm_mmap(&os, &vcpu, 0, 1, &mut |i, f| {
+        frames.push((i, f));
+        Ok(())
+    })
+    .expect("mmap of kvm_run");
+    assert_eq!(frames.len(), 1);
+
+    sk::kvm_put(&os, vcpu);
+    assert_eq!(
+        os.p.live_pages(),
+        before,
+        "the last descriptor freed every page"
+    );
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use smudge_core::abi::{self, exit_kind, Op, Wire};
 use smudge_core::session::{Driver, Fail, Session};
-use smudge_tests::session_model::{MockOs, Step};
+use smudge_tests::session_model::{self, MockOs, Step};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM of the tests (the top 1 MiB is smudge's, below it the guests write).
@@ -35,7 +35,10 @@ impl<const W: bool> Client<'_, W> {
     fn call(&self, op: Op, req: &dyn Fn(&mut [u8])) -> Result<Vec<u8>, Fail> {
         let mut buf = vec![0u8; op.buffer_size()];
         req(&mut buf);
-        let n = self.s.request(self.os, self.d, op, &mut buf)?;
+        // In place at a user address, as the Linux shim passes an ioctl's argument.
+        let n = self
+            .s
+            .user_request(self.os, self.d, op, buf.as_mut_ptr() as u64)?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -373,7 +376,7 @@ fn every_request_in_every_state() {
     };
     assert_eq!(c.wire(Op::HarvestDirtyLog, &r).err(), Some(Fail::Fault));
     // An allocation failure, then the same request works.
-    os.fail_buffers.store(1, Ordering::SeqCst);
+    session_model::fail_allocs(1);
     assert_eq!(c.dirty_log(true).err(), Some(Fail::NoMemory));
     assert!(c.dirty_log(true).is_ok());
     // While vCPU 0 runs an endless writer: VM-level requests kick it and proceed; its own

@@ -7,27 +7,21 @@ use smudge_core::arch;
 /// DISPATCH_LEVEL.
 pub const DISPATCH_LEVEL: u8 = 2;
 
-/// Raises the IRQL to DISPATCH_LEVEL; returns the previous IRQL.
-///
-/// # Safety
-/// Called at IRQL <= DISPATCH_LEVEL, paired with [`lower_irql`] with the returned value.
-pub unsafe fn raise_to_dispatch() -> u8 {
-    // SAFETY: CPL 0; raising CR8 only masks interrupts of lower priority on this processor, and
-    // the caller pairs it with the lowering.
-    unsafe {
-        let old = arch::read_cr8();
-        arch::write_cr8(u64::from(DISPATCH_LEVEL));
-        old as u8
+/// Runs `f` at DISPATCH_LEVEL, where the thread is not preempted and so stays on its processor,
+/// then goes back to the caller's IRQL. Above DISPATCH_LEVEL, `f` runs where it is.
+pub fn at_dispatch<R>(f: impl FnOnce() -> R) -> R {
+    let old = irql();
+    if old >= DISPATCH_LEVEL {
+        return f();
     }
-}
-
-/// Lowers the IRQL back to what [`raise_to_dispatch`] returned.
-///
-/// # Safety
-/// `old` came from the matching `raise_to_dispatch` on this processor.
-pub unsafe fn lower_irql(old: u8) {
-    // SAFETY: restores the caller's IRQL; pending DPCs are delivered when the priority drops.
+    // SAFETY: CPL 0; raising CR8 from below DISPATCH_LEVEL only masks lower-priority interrupts
+    // on this processor, and the IRQL goes back below once `f` returns (pending DPCs are
+    // delivered then).
+    unsafe { arch::write_cr8(u64::from(DISPATCH_LEVEL)) };
+    let r = f();
+    // SAFETY: as above, back to the IRQL read on this same processor (no preemption between).
     unsafe { arch::write_cr8(u64::from(old)) };
+    r
 }
 
 /// The current IRQL.

@@ -27,19 +27,18 @@ mod usermem;
 use core::ffi::CStr;
 
 use smudge_core::abi::windows::{self as ioctl, *};
-use smudge_core::arch;
-use smudge_core::session::load::{self, driver};
+use smudge_core::arch::{self, RawBox};
+use smudge_core::session::load;
 use smudge_core::spec::Duties;
 use smudge_core::vmx::admission;
 use smudge_core::vmx::caps::CpuidRegs;
 
 use nt::{DeviceObject, DriverObject, Irp};
 use platform::NtPlatform;
-use pool::PoolBox;
 use processors::NtProcessors;
-use smudge_core::session::Session;
+use smudge_core::session::{self, Fail, Session, SessionBox};
 
-/// One open of the device.
+/// One open of the device (FILE_OBJECT.FsContext).
 type NtSession = Session<NtPlatform>;
 
 const DEVICE_PATH: &str = r"\Device\Smudge";
@@ -277,17 +276,14 @@ unsafe fn file_object(irp: *mut Irp) -> *mut nt::FileObject {
 unsafe extern "system" fn dispatch_create(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
     // SAFETY: the I/O manager passes a valid IRP whose stack location names the file object.
     let file = unsafe { file_object(irp) };
-    if file.is_null() || driver().is_none() {
-        // SAFETY: the IRP is ours until completed.
-        return unsafe { complete(irp, STATUS_INVALID_DEVICE_STATE, 0) };
-    }
-    let status = match PoolBox::new(NtSession::new()) {
-        Ok(b) => {
+    let status = match session::open::<NtPlatform>() {
+        Ok(b) if !file.is_null() => {
             // SAFETY: the file object is being opened on our device; FsContext is ours.
-            unsafe { (*file).fs_context = b.into_raw().cast() };
+            unsafe { (*file).fs_context = RawBox::into_raw(b).cast() };
             STATUS_SUCCESS
         }
-        Err(_) => STATUS_INSUFFICIENT_RESOURCES,
+        Ok(_) | Err(Fail::Io) => STATUS_INVALID_DEVICE_STATE,
+        Err(f) => ioctl::from_fail(f),
     };
     // SAFETY: the IRP is ours until completed.
     unsafe { complete(irp, status, 0) }
@@ -301,10 +297,9 @@ unsafe extern "system" fn dispatch_close(_device: *mut DeviceObject, irp: *mut I
     if !file.is_null() {
         // SAFETY: FsContext was set by dispatch_create (or is null) and is cleared here once.
         let ctx = unsafe { core::mem::replace(&mut (*file).fs_context, core::ptr::null_mut()) };
-        if !ctx.is_null() {
-            // SAFETY: `ctx` came from PoolBox::into_raw in dispatch_create; nobody else owns it.
-            let mut s = unsafe { PoolBox::from_raw(ctx.cast::<NtSession>()) };
-            s.release(&NtPlatform);
+        // SAFETY: `ctx` came from RawBox::into_raw in dispatch_create; nobody else owns it.
+        if let Some(b) = unsafe { SessionBox::<NtPlatform>::from_raw(ctx.cast()) } {
+            session::close(&NtPlatform, b);
         }
     }
     // SAFETY: the IRP is ours until completed.

@@ -3,13 +3,14 @@
 //! Windows means (pool, user buffers, processor affinity, IRQL, extended state, interrupt time).
 
 use smudge_core::abi::windows as budget;
+use smudge_core::arch::{self, RawWords};
+use smudge_core::hostpt;
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
-use smudge_core::vmx::hw::{self, Hardware, HwVcpu};
+use smudge_core::vmx::hw::{self, Hardware};
 use smudge_core::vmx::root::Processors;
-use smudge_core::{arch, hostpt};
 
 use crate::platform::{self, NtPlatform};
-use crate::pool::{PoolBox, PoolBuf};
+use crate::pool::Pool;
 use crate::processors::{self, NtProcessors};
 use crate::usermem::{copy_from_user, copy_to_user};
 use crate::{cpu, nt};
@@ -22,18 +23,11 @@ fn interrupt_time() -> u64 {
 }
 
 impl Os for NtPlatform {
-    type Words = PoolBuf;
-    type VcpuBox = PoolBox<HwVcpu>;
+    type Alloc = Pool;
     type Pin = processors::Pinned;
     type Cpu<'a> = Hardware<'a>;
     const POLICY: RunPolicy = budget::POLICY;
 
-    fn words(&self, n: usize) -> Option<PoolBuf> {
-        PoolBuf::zeroed(n.checked_mul(8)?)
-    }
-    fn box_vcpu(&self, vcpu: HwVcpu) -> Result<PoolBox<HwVcpu>, HwVcpu> {
-        PoolBox::new(vcpu)
-    }
     fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail> {
         copy_from_user(dst, src).map_err(|_| Fail::Fault)
     }
@@ -57,14 +51,11 @@ impl Os for NtPlatform {
         }
         // SAFETY: IA32_DEBUGCTL is architectural on every Intel 64 processor; CPL 0.
         let debugctl = || Some(unsafe { arch::rdmsr(arch::IA32_DEBUGCTL) });
-        // SAFETY: from PASSIVE_LEVEL to DISPATCH_LEVEL and back: no preemption in between, so
-        // the thread stays on this processor, with the legacy FPU state saved around it.
-        let r = unsafe {
-            let old_irql = cpu::raise_to_dispatch();
-            let r = hw::on_guest_cpu(processors::current(), debugctl, f);
-            cpu::lower_irql(old_irql);
-            r.ok_or(Fail::Io)
-        };
+        // SAFETY: at DISPATCH_LEVEL the thread is not preempted, so it stays on this processor,
+        // with the legacy FPU state saved around it.
+        let r =
+            cpu::at_dispatch(|| unsafe { hw::on_guest_cpu(processors::current(), debugctl, f) })
+                .ok_or(Fail::Io);
         // SAFETY: pairs with the save above, at the same IRQL.
         unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
         r
@@ -121,7 +112,7 @@ fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
     if va == 0 {
         return None;
     }
-    let mut cell = PoolBuf::zeroed(8)?;
+    let mut cell = RawWords::<Pool>::zeroed(1)?;
     // SAFETY: CPL 0 reads of CR3 and CR4.
     let (cr3, cr4) = unsafe { (arch::read_cr3(), arch::read_cr4()) };
     let la57 = cr4 & smudge_core::regs::CR4_LA57 != 0;

@@ -13,16 +13,13 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use smudge_core::arch::{direct_map, DirectMap};
 use smudge_core::hostmem::{self, DeferredFree, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 
 use crate::nt;
 
 const PAGE: usize = 4096;
-
-/// Returned by [`NtPlatform::page`] for an address that is not one of ours (a core bug): writes
-/// land here instead of at a null or foreign address. Never handed out on a correct path.
-static SCRATCH: PageWords = [const { AtomicU64::new(0) }; 512];
 
 /// Pages held by every VM (the STATS answer's `driver_pages`), deferred frees included; VMXON
 /// regions are not counted.
@@ -93,6 +90,14 @@ impl NtPlatform {
     }
 }
 
+// SAFETY: the core's pages are nonpaged contiguous allocations (`os_alloc`), mapped in system
+// space at the address MmGetVirtualForPhysical gives until they are freed.
+unsafe impl DirectMap for NtPlatform {
+    fn va(&self, hpa: u64) -> *mut u8 {
+        Self::virt(hpa).cast()
+    }
+}
+
 impl NtPlatform {
     /// A zeroed page, uncounted (VMXON regions belong to the driver). IRQL <= DISPATCH_LEVEL.
     pub fn os_alloc() -> Option<u64> {
@@ -146,28 +151,10 @@ impl Platform for NtPlatform {
     }
 
     fn page(&self, hpa: u64) -> &PageWords {
-        let va = Self::virt(hpa);
-        if va.is_null() {
-            return &SCRATCH;
-        }
-        // SAFETY: `hpa` is a page from `alloc_page` the caller still owns (trait contract), so `va`
-        // maps 4096 bytes of nonpaged, 8-byte aligned memory that stays valid while borrowed.
-        // AtomicU64 has the layout of u64, and every access to the page goes through the atomics
-        // or, while it is lent by `with_page_mut`, through that one `&mut`.
-        unsafe { &*va.cast::<PageWords>() }
+        direct_map::page(self, hpa)
     }
 
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
-        let va = Self::virt(hpa);
-        if va.is_null() {
-            // Not mapped: the scratch page of `page`, through the atomics.
-            return f(PageMut::Shared(self.page(hpa)));
-        }
-        // SAFETY: `hpa` is a page from `alloc_page` the caller still owns (trait contract), so
-        // `va` maps 4096 bytes of nonpaged, 8-byte aligned memory valid while borrowed; u64 has
-        // no invalid values. The core lends a page only while nothing else reads or writes it
-        // (every vCPU kicked out of VMX non-root operation, so no processor sets A/D flags in it,
-        // SDM 29.3.5; the EPT borrowed mutably), so this is the only reference until `f` returns.
-        f(PageMut::Exclusive(unsafe { &mut *va.cast::<[u64; 512]>() }))
+        direct_map::with_page_mut(self, hpa, f)
     }
 }

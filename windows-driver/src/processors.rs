@@ -61,14 +61,8 @@ pub fn pin(index: u32) -> Result<Pinned, NtStatus> {
 
 /// Runs `f` on processor `index` at DISPATCH_LEVEL (call at PASSIVE_LEVEL).
 pub fn on_processor<R>(index: u32, f: impl FnOnce() -> R) -> Result<R, NtStatus> {
-    let pinned = pin(index)?;
-    // SAFETY: at PASSIVE_LEVEL (caller); lowered right after `f`.
-    let old = unsafe { cpu::raise_to_dispatch() };
-    let r = f();
-    // SAFETY: pairs with the raise above.
-    unsafe { cpu::lower_irql(old) };
-    drop(pinned);
-    Ok(r)
+    let _pinned = pin(index)?;
+    Ok(cpu::at_dispatch(f))
 }
 
 /// The active processors, reached by a group-affinity switch at DISPATCH_LEVEL with

@@ -30,7 +30,7 @@ fn probe_limit() -> u64 {
 }
 
 /// Copies `dst.len()` bytes from user address `src` into `dst`, which must be nonpaged (a
-/// [`PoolBuf`]). Call at PASSIVE_LEVEL in the requesting process.
+/// request buffer in the pool). Call at PASSIVE_LEVEL in the requesting process.
 pub fn copy_from_user(dst: &mut [u8], src: u64) -> Result<(), NtStatus> {
     if !user_range_ok(src, dst.len() as u64, probe_limit()) {
         return Err(STATUS_ACCESS_VIOLATION);

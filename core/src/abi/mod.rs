@@ -59,6 +59,18 @@ pub enum Op {
     SetRegs = 16,
 }
 
+/// The largest [`Op::buffer_size`]: what a request answered in place needs.
+pub const MAX_BUFFER: usize = {
+    let (mut max, mut i) = (0, 0);
+    while i < Op::ALL.len() {
+        if Op::ALL[i].buffer_size() > max {
+            max = Op::ALL[i].buffer_size();
+        }
+        i += 1;
+    }
+    max
+};
+
 impl Op {
     /// All requests.
     pub const ALL: [Op; 16] = [
@@ -352,6 +364,10 @@ pub mod exit_kind {
 /// Bytes of the message in [`RunResp`].
 pub const MESSAGE_LEN: usize = 480;
 
+/// [`RunResp::code`] of a VMX instruction that failed with VMfailInvalid, which has no
+/// VM-instruction error number (no current VMCS, SDM 31.2).
+pub const VMFAIL_INVALID: u64 = u64::MAX;
+
 /// The exit record of a run.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -360,7 +376,8 @@ pub struct RunResp {
     pub kind: u32,
     /// Basic VM-exit reason that ended the run.
     pub reason: u32,
-    /// Exit code (EXIT) or VM-instruction error (ERROR).
+    /// Exit code (EXIT) or VM-instruction error (ERROR; [`VMFAIL_INVALID`] when the failure
+    /// had none).
     pub code: u64,
     /// MMIO address.
     pub gpa: u64,

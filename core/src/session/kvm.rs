@@ -5,6 +5,7 @@
 //! 6.12's `virt/kvm/kvm_main.c` and `arch/x86/kvm` do, with the errno they give.
 
 use crate::abi::Wire;
+use crate::arch::{RawBox, Shared};
 use crate::dirty::Mode;
 use crate::kvm::abi::{
     self as k, cap, exit, mp_state, run as r, ClearDirtyLog, Cpuid2, DirtyLog, EnableCap, Ioctl,
@@ -464,7 +465,7 @@ impl<O: Os> Session<O> {
             v.free_pages(os);
             return Err(Fail::from(e));
         }
-        let hw = os.box_vcpu(v).map_err(|mut hw| {
+        let hw = RawBox::new(v).map_err(|mut hw| {
             hw.free_pages(os);
             Fail::NoMemory
         })?;
@@ -871,54 +872,36 @@ impl<O: Os> Session<O> {
     }
 }
 
-/// A KVM VM descriptor's object: the VM's session, shared by its descriptor and its vCPUs'
-/// (each holds a reference; the last one gone releases the VM). The shim allocates it and keeps
-/// it behind the descriptors.
+/// A KVM VM: its session, shared by its descriptor and its vCPUs' ([`KvmHandle`]); the last
+/// of them to go releases it.
 pub struct KvmVmFile<O: Os> {
     /// The VM.
     pub session: Session<O>,
-    refs: core::sync::atomic::AtomicU32,
 }
 
-impl<O: Os> Default for KvmVmFile<O> {
-    fn default() -> Self {
-        Self::new()
-    }
+/// What a KVM descriptor's private data holds (`/dev/kvm` holds nothing): a reference to the
+/// VM, and for a vCPU its index.
+pub enum KvmHandle<O: Os> {
+    /// A VM's descriptor.
+    Vm(SharedVm<O>),
+    /// A vCPU's descriptor.
+    Vcpu(SharedVm<O>, u32),
 }
 
-impl<O: Os> KvmVmFile<O> {
-    /// A VM not made yet ([`KvmVmFile::create`]), held by its descriptor.
-    pub fn new() -> Self {
-        KvmVmFile {
-            session: Session::new(),
-            refs: core::sync::atomic::AtomicU32::new(1),
-        }
-    }
+/// A reference to a KVM VM.
+pub type SharedVm<O> = Shared<KvmVmFile<O>, <O as Os>::Alloc>;
+/// A [`KvmHandle`] in OS memory, for a descriptor's private data (`RawBox::into_raw`).
+pub type KvmHandleBox<O> = RawBox<KvmHandle<O>, <O as Os>::Alloc>;
 
-    /// Makes the VM ([`Session::kvm_create`]); on failure it is released again.
-    pub fn create(&mut self, os: &O, drv: &Driver, mode: Option<Mode>) -> Result<(), Fail> {
-        let r = self.session.kvm_create(os, drv, mode);
-        if r.is_err() {
-            self.session.release(os);
-        }
-        r
-    }
-
-    /// One more reference: a vCPU descriptor.
-    pub fn hold(&self) {
-        self.refs.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// Drops a reference; true when it was the last: the caller releases the session
-    /// ([`Session::release`]) and frees the object.
-    #[must_use]
-    pub fn drop_ref(&self) -> bool {
-        self.refs.fetch_sub(1, core::sync::atomic::Ordering::AcqRel) == 1
+impl<O: Os> KvmHandle<O> {
+    /// A VM's descriptor (else a vCPU's).
+    pub fn is_vm(&self) -> bool {
+        matches!(self, KvmHandle::Vm(_))
     }
 }
 
 /// A KVM descriptor as a request sees it.
-pub enum KvmFile<'a, O: Os> {
+enum KvmFile<'a, O: Os> {
     /// `/dev/kvm`.
     System,
     /// A VM's.
@@ -927,22 +910,91 @@ pub enum KvmFile<'a, O: Os> {
     Vcpu(&'a KvmVmFile<O>, u32),
 }
 
-/// What a KVM request answers: a value for user space, or a descriptor the shim makes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvmAnswer {
+/// What a KVM request answers: a value for user space, or a descriptor to make.
+enum KvmAnswer {
     /// The ioctl's return value.
     Value(u64),
-    /// KVM_CREATE_VM: a new [`KvmVmFile`], then [`KvmVmFile::create`] with this mode, and its
-    /// descriptor.
+    /// KVM_CREATE_VM with this dirty mode.
     NewVm(Option<Mode>),
-    /// KVM_CREATE_VCPU: a descriptor for vCPU `index` of the VM (holding a reference).
+    /// KVM_CREATE_VCPU: vCPU `index` of the VM.
     NewVcpu(u32),
 }
 
+/// An ioctl on a KVM descriptor whose private data is `handle` (None: `/dev/kvm`). Answers the
+/// ioctl's value, and for KVM_CREATE_VM and KVM_CREATE_VCPU the new descriptor's handle (the
+/// value is then the shim's: the descriptor's number), which the shim gives a descriptor or
+/// returns to [`kvm_put`]. `kvm_mode` is the driver's dirty mode for KVM VMs (`abi::mode_of`
+/// numbers; 0 the driver's own).
+pub fn kvm_ioctl<O: Os>(
+    os: &O,
+    drv: &Driver,
+    handle: Option<&KvmHandle<O>>,
+    cmd: u32,
+    arg: u64,
+    kvm_mode: u32,
+) -> Result<(u64, Option<KvmHandleBox<O>>), Fail> {
+    let file = match handle {
+        None => KvmFile::System,
+        Some(KvmHandle::Vm(vm)) => KvmFile::Vm(vm),
+        Some(KvmHandle::Vcpu(vm, index)) => KvmFile::Vcpu(vm, *index),
+    };
+    let made = match request(os, drv, file, cmd, arg, kvm_mode)? {
+        KvmAnswer::Value(v) => return Ok((v, None)),
+        KvmAnswer::NewVm(mode) => {
+            let vm = KvmVmFile {
+                session: Session::new(),
+            };
+            let mut vm = SharedVm::<O>::new(vm).map_err(|_| Fail::NoMemory)?;
+            let session = &mut vm.get_mut().ok_or(Fail::Invalid)?.session;
+            if let Err(e) = session.kvm_create(os, drv, mode) {
+                session.release(os);
+                return Err(e);
+            }
+            KvmHandle::Vm(vm)
+        }
+        // Only a VM's descriptor creates vCPUs: each holds a reference to it.
+        KvmAnswer::NewVcpu(index) => match handle {
+            Some(KvmHandle::Vm(vm)) => KvmHandle::Vcpu(vm.share(), index),
+            _ => return Err(Fail::Invalid),
+        },
+    };
+    match KvmHandleBox::<O>::new(made) {
+        Ok(b) => Ok((0, Some(b))),
+        Err(h) => {
+            drop_handle(os, h);
+            Err(Fail::NoMemory)
+        }
+    }
+}
+
+/// Release of a KVM descriptor (or of one that could not be made): its reference to the VM
+/// goes, and the last one releases the VM.
+pub fn kvm_put<O: Os>(os: &O, handle: KvmHandleBox<O>) {
+    drop_handle(os, RawBox::into_inner(handle));
+}
+
+fn drop_handle<O: Os>(os: &O, handle: KvmHandle<O>) {
+    let (KvmHandle::Vm(vm) | KvmHandle::Vcpu(vm, _)) = handle;
+    vm.release(|vm| vm.session.release(os));
+}
+
+/// mmap of a vCPU descriptor: its `kvm_run` page and ring ([`Session::kvm_map_vcpu`]).
+pub fn kvm_mmap<O: Os>(
+    os: &O,
+    handle: &KvmHandle<O>,
+    pgoff: u64,
+    count: u64,
+    map: &mut dyn FnMut(u64, u64) -> Result<(), Fail>,
+) -> Result<(), Fail> {
+    match handle {
+        KvmHandle::Vcpu(vm, index) => vm.session.kvm_map_vcpu(os, *index, pgoff, count, map),
+        KvmHandle::Vm(_) => Err(Fail::Invalid),
+    }
+}
+
 /// One request on a KVM descriptor: `cmd` decoded for the descriptor's scope (ENOTTY when it
-/// names no request there) and answered. `kvm_mode` is the driver's dirty mode for KVM VMs
-/// (`abi::mode_of` numbers; 0 the driver's own).
-pub fn request<O: Os>(
+/// names no request there) and answered.
+fn request<O: Os>(
     os: &O,
     drv: &Driver,
     file: KvmFile<'_, O>,

@@ -20,6 +20,7 @@ use spin::Mutex;
 
 use crate::abi::{self, Op, Request, Wire};
 use crate::answer;
+use crate::arch::RawBox;
 use crate::dirty::Mode;
 use crate::ept::Invept;
 use crate::vcpu::VcpuPages;
@@ -61,13 +62,16 @@ struct Slot<B> {
     hw: Mutex<Option<B>>,
 }
 
+/// A vCPU in OS memory; the session keeps it until the vCPU is freed.
+type VcpuBox<O> = RawBox<HwVcpu, <O as Os>::Alloc>;
+
 /// One VM session.
 pub struct Session<O: Os> {
     share: Share,
     /// SETUP finished: the VM exists until release.
     ready: AtomicBool,
     vm: Mutex<VmState>,
-    slots: [Slot<O::VcpuBox>; MAX_VCPUS],
+    slots: [Slot<VcpuBox<O>>; MAX_VCPUS],
     /// vCPUs created; slot `i` is published before this counts it.
     nr_vcpus: AtomicU32,
 }
@@ -165,6 +169,22 @@ fn bad_vmcs_override(hook: u32, caps: &VmxCaps) -> Option<(Field, u64, bool)> {
     }
 }
 
+/// A session in OS memory: what one open of the device holds.
+pub type SessionBox<O> = RawBox<Session<O>, <O as Os>::Alloc>;
+
+/// An open of the device: a new session (Io while no driver is loaded).
+pub fn open<O: Os>() -> Result<SessionBox<O>, Fail> {
+    if load::driver().is_none() {
+        return Err(Fail::Io);
+    }
+    SessionBox::<O>::new(Session::new()).map_err(|_| Fail::NoMemory)
+}
+
+/// The last close of an open: the session and everything it holds go.
+pub fn close<O: Os>(os: &O, mut session: SessionBox<O>) {
+    session.release(os);
+}
+
 impl<O: Os> Session<O> {
     /// A session without a VM (before SETUP).
     pub fn new() -> Session<O> {
@@ -185,7 +205,7 @@ impl<O: Os> Session<O> {
     }
 
     /// vCPU `index`, once created.
-    fn slot(&self, index: u32) -> Result<&Slot<O::VcpuBox>, Fail> {
+    fn slot(&self, index: u32) -> Result<&Slot<VcpuBox<O>>, Fail> {
         if index >= self.nr_vcpus.load(Ordering::Acquire) {
             return Err(Fail::Invalid);
         }
@@ -193,9 +213,24 @@ impl<O: Os> Session<O> {
     }
 
     /// The vCPUs created so far.
-    fn created(&self) -> impl Iterator<Item = &Slot<O::VcpuBox>> {
+    fn created(&self) -> impl Iterator<Item = &Slot<VcpuBox<O>>> {
         let n = self.nr_vcpus.load(Ordering::Acquire) as usize;
         self.slots.iter().take(n)
+    }
+
+    /// Serves the request at user address `uaddr` in place (Linux's ioctls: the ioctl number
+    /// encodes the sizes): copies `op.request_size()` bytes in, the answer back out; returns the
+    /// answer's length.
+    pub fn user_request(&self, os: &O, drv: &Driver, op: Op, uaddr: u64) -> Result<usize, Fail> {
+        let mut buf = [0u8; abi::MAX_BUFFER];
+        let buf = buf.get_mut(..op.buffer_size()).ok_or(Fail::Invalid)?;
+        os.copy_from_user(
+            buf.get_mut(..op.request_size()).ok_or(Fail::Invalid)?,
+            uaddr,
+        )?;
+        let len = self.request(os, drv, op, buf)?;
+        os.copy_to_user(uaddr, buf.get(..len).ok_or(Fail::Invalid)?)?;
+        Ok(len)
     }
 
     /// Serves one request. `buf` holds the request's bytes (at least `op.request_size()`) and
@@ -294,12 +329,10 @@ impl<O: Os> Session<O> {
         let slot = self.slots.get(index as usize).ok_or(Fail::NoSpace)?;
         let (rip, rsp) = answer::vcpu_entry(vm, index)?;
         let pages = VcpuPages::alloc(os, &drv.caps)?;
-        let hw = os
-            .box_vcpu(HwVcpu::new(index, pages, rip, rsp))
-            .map_err(|mut hw| {
-                hw.free_pages(os);
-                Fail::NoMemory
-            })?;
+        let hw = RawBox::new(HwVcpu::new(index, pages, rip, rsp)).map_err(|mut hw| {
+            hw.free_pages(os);
+            Fail::NoMemory
+        })?;
         *slot.hw.lock() = Some(hw);
         self.nr_vcpus.store(index + 1, Ordering::Release);
         Ok(index)

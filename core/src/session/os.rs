@@ -3,9 +3,10 @@
 //! the OSes differ is a value ([`RunPolicy`]), not a loop the shim writes.
 
 use crate::abi::AbiError;
+use crate::arch::{RawAlloc, RawWords};
 use crate::platform::Platform;
 use crate::vcpu::VcpuPages;
-use crate::vmx::hw::{HwVcpu, Processor};
+use crate::vmx::hw::Processor;
 use crate::vmx::root::{self, Processors};
 
 /// Why a request failed, decided once for both OSes; each shim maps it to its error codes
@@ -101,13 +102,13 @@ pub struct RunPolicy {
 }
 
 /// A zeroed buffer of `len` bytes for one request (copied-in images, bitmaps, masks, guest
-/// memory copies), in the OS's quadwords ([`Os::Words`]), freed on drop.
-pub struct Buffer<W> {
-    words: W,
+/// memory copies), in quadwords of the OS's allocator, freed on drop.
+pub struct Buffer<A: RawAlloc> {
+    words: RawWords<A>,
     len: usize,
 }
 
-impl<W: core::ops::DerefMut<Target = [u64]>> Buffer<W> {
+impl<A: RawAlloc> Buffer<A> {
     /// Its `len` bytes.
     pub fn bytes(&self) -> &[u8] {
         crate::arch::bytes_of(&self.words)
@@ -142,10 +143,8 @@ pub struct HostMapping {
 /// What an operating system supplies to a session. Pages come through the [`Platform`]
 /// supertrait (allocated under core's `hostmem` policy).
 pub trait Os: Platform + Sync {
-    /// Zeroed OS memory for a request [`Buffer`], as quadwords (8-byte aligned).
-    type Words: core::ops::DerefMut<Target = [u64]>;
-    /// Storage for one vCPU (the shim's box); the session keeps it until the vCPU is freed.
-    type VcpuBox: core::ops::DerefMut<Target = HwVcpu> + Send;
+    /// The OS's allocator of the core's own objects: request buffers, vCPUs, sessions.
+    type Alloc: RawAlloc;
     /// What [`Os::pin`] returns: the thread stays on its CPU until it is dropped.
     type Pin;
     /// The processor a guest stays on (`vmx::hw::Hardware`; the host tests' SDM model).
@@ -153,15 +152,11 @@ pub trait Os: Platform + Sync {
     /// How RUN gives the CPU back.
     const POLICY: RunPolicy;
 
-    /// `n` zeroed quadwords, or None when memory is short (never waking an OOM killer).
-    fn words(&self, n: usize) -> Option<Self::Words>;
     /// `len` zeroed bytes, or None when memory is short.
-    fn buffer(&self, len: usize) -> Option<Buffer<Self::Words>> {
-        let words = self.words(len.div_ceil(8))?;
+    fn buffer(&self, len: usize) -> Option<Buffer<Self::Alloc>> {
+        let words = RawWords::zeroed(len.div_ceil(8))?;
         Some(Buffer { words, len })
     }
-    /// Moves a new vCPU into OS memory; gives it back when memory is short.
-    fn box_vcpu(&self, vcpu: HwVcpu) -> Result<Self::VcpuBox, HwVcpu>;
     /// Copies user memory at `src` into `dst`.
     fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail>;
     /// Copies `src` to user memory at `dst`.

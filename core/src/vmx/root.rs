@@ -5,6 +5,7 @@
 //! emergency paths (reboot, panic, crash, bug check) call [`VmxRoot::emergency_here`] on the CPU they run on. Part of
 //! the arch layer: it executes VMXON and VMXOFF.
 
+use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::arch::{self, VmFail};
@@ -259,11 +260,22 @@ impl<const N: usize> VmxRoot<N> {
         }
     }
 
-    /// Whether VMXOFF succeeded and CR4 after it, on CPU `cpu`, if it left VMX operation in an
-    /// emergency ([`VmxRoot::emergency_here`]).
-    pub fn left_in_emergency(&self, cpu: u32) -> Option<(bool, u64)> {
+    /// The line that says CPU `cpu` left VMX operation in an emergency
+    /// ([`VmxRoot::emergency_here`]): whether VMXOFF succeeded, and CR4.VMXE after it.
+    pub fn left_in_emergency(&self, cpu: u32) -> Option<crate::msg::MsgBuf> {
         let v = self.left.get(cpu as usize)?.load(Ordering::Acquire);
-        (v != 0).then_some((v & 1 << 62 != 0, v & !(3 << 62)))
+        if v == 0 {
+            return None;
+        }
+        let how = if v & 1 << 62 != 0 {
+            "VMXOFF"
+        } else {
+            "VMXOFF FAILED"
+        };
+        let vmxe = u8::from(v & CR4_VMXE != 0);
+        let mut m = crate::msg::MsgBuf::new();
+        let _ = write!(m, "CPU {cpu} left VMX operation ({how}, CR4.VMXE {vmxe})");
+        Some(m)
     }
 
     /// CPU `cpu`'s epoch of VMX operation (see the field; 0 beyond the table).

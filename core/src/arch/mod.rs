@@ -8,6 +8,11 @@
 
 use core::arch::{asm, global_asm};
 
+mod alloc;
+pub mod direct_map;
+pub use alloc::{RawAlloc, RawBox, RawWords, Shared, RAW_ALIGN};
+pub use direct_map::DirectMap;
+
 /// How a VMX instruction failed (SDM 31.2 "Conventions").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmFail {

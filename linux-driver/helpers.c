@@ -12,7 +12,6 @@
 #include <linux/fs.h>
 #include <linux/mm.h>
 #include <linux/slab.h>
-#include <linux/log2.h>
 #include <linux/gfp.h>
 #include <linux/smp.h>
 #include <linux/sched.h>
@@ -296,7 +295,7 @@ static int smudge_reboot(struct notifier_block *nb, unsigned long code, void *un
 }
 static struct notifier_block smudge_reboot_nb = { .notifier_call = smudge_reboot };
 static struct notifier_block smudge_panic_nb = { .notifier_call = smudge_reboot };
-static void smudge_notifiers_register(void)
+void smudge_notifiers_register(void)
 {
 	register_reboot_notifier(&smudge_reboot_nb);
 	atomic_notifier_chain_register(&panic_notifier_list, &smudge_panic_nb);
@@ -318,23 +317,22 @@ void smudge_notifiers_unregister(void)
 	unregister_reboot_notifier(&smudge_reboot_nb);
 }
 
-/* The notifiers, then /dev/smudge and (kvm=1) /dev/kvm. 0, or -errno with no device left (the
- * notifiers stay until smudge_notifiers_unregister, after VMX operation has ended). */
+/* (kvm=1) /dev/kvm, which fails when KVM's own exists, then /dev/smudge, so that nothing can open
+ * a device of a module whose init fails. 0, or -errno with no device left. */
 int smudge_register(void)
 {
 	int r;
 
-	smudge_notifiers_register();
-	r = misc_register(&smudge_misc);
-	if (r)
-		return r;
 	if (kvm) {
 		r = misc_register(&smudge_kvm_misc);
 		if (r) {
 			pr_err("smudge: cannot serve /dev/kvm: a device of that name exists (unload kvm_intel)\n");
-			misc_deregister(&smudge_misc);
+			return r;
 		}
 	}
+	r = misc_register(&smudge_misc);
+	if (r && kvm)
+		misc_deregister(&smudge_kvm_misc);
 	return r;
 }
 void smudge_devices_unregister(void)
@@ -415,12 +413,7 @@ u64 smudge_pa(void *va) { return __pa(va); }
  */
 #define SMUDGE_GFP (GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN)
 unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP); }
-/* The core's objects are 16-byte aligned: kmalloc aligns power-of-two sizes naturally, and larger
- * allocations come from whole pages (the page allocator or vmalloc). */
-void *smudge_kvzalloc(unsigned long n)
-{
-	return kvzalloc(n <= KMALLOC_MAX_CACHE_SIZE ? roundup_pow_of_two(n) : n, SMUDGE_GFP);
-}
+void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
 void smudge_kvfree(void *p) { kvfree(p); }
 void smudge_free_page(unsigned long va) { free_page(va); }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).

@@ -48,6 +48,7 @@ extern "C" {
     fn smudge_cpus_release();
     fn smudge_hotplug_register() -> i32;
     fn smudge_hotplug_unregister();
+    fn smudge_notifiers_register();
     fn smudge_register() -> i32;
     fn smudge_devices_unregister();
     fn smudge_notifiers_unregister();
@@ -132,10 +133,12 @@ impl Platform for LinuxOs {
         budget().free(|| os_free(hpa))
     }
     fn page(&self, hpa: u64) -> &PageWords {
-        direct_map::page(self, hpa)
+        // SAFETY: the core passes only pages of alloc_page it still holds (the trait's contract).
+        unsafe { direct_map::page(self, hpa) }
     }
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
-        direct_map::with_page_mut(self, hpa, f)
+        // SAFETY: as in `page`, lent only while nothing else uses it (the trait's contract).
+        unsafe { direct_map::with_page_mut(self, hpa, f) }
     }
     fn pin_user_pages(&self, uaddr: u64, hpas: &mut [u64]) -> Result<usize, PinError> {
         // SAFETY: pins pages of the calling process's own memory; `hpas` holds that many.
@@ -164,9 +167,9 @@ unsafe impl DirectMap for LinuxOs {
 /// instead of waking the OOM killer; the 6.12 Rust allocator flags lack __GFP_RETRY_MAYFAIL).
 struct Kv;
 
-// SAFETY: kvzalloc returns null or zeroed memory, 16-byte aligned (helpers.c asks kmalloc for a
-// power of two, which it aligns naturally, or whole pages); kvfree frees it in process context,
-// where every value holding it is dropped.
+// SAFETY: kvzalloc returns null or zeroed memory; kmalloc aligns a size to its largest
+// power-of-two divisor (slab.h), at least 16 here, and vmalloc to a page. kvfree frees it in
+// process context, where every value holding it is dropped.
 unsafe impl RawAlloc for Kv {
     fn alloc_zeroed(bytes: usize) -> *mut u8 {
         // SAFETY: a plain allocation.
@@ -588,6 +591,9 @@ impl kernel::Module for Smudge {
             };
             (duties, smudge_probe_host())
         };
+        // SAFETY: C glue: the reboot and panic notifiers and the emergency callback, first, so
+        // that no CPU stays in VMX operation through a reboot or crash from here on.
+        unsafe { smudge_notifiers_register() };
         // SAFETY: the CPU-hotplug lock, held from the load to the hotplug registration (or, when
         // that fails, to the unload), so no CPU comes or goes in between; then released.
         let (loaded, hotplug) = unsafe {
@@ -600,23 +606,25 @@ impl kernel::Module for Smudge {
             smudge_cpus_release();
             (r, hotplug)
         };
-        let loaded = loaded.map_err(|f| {
-            pr_err!("{}\n", f.message().as_str());
-            Error::from_errno(-f.errno())
-        })?;
-        if hotplug < 0 {
-            pr_err!("cannot follow CPU hotplug ({})\n", hotplug);
-            return Err(Error::from_errno(hotplug));
-        }
-        // SAFETY: C glue (helpers.c): on failure it leaves no device registered.
-        let r = unsafe { smudge_register() };
+        let r = match (&loaded, hotplug) {
+            (Err(f), _) => {
+                pr_err!("{}\n", f.message().as_str());
+                -f.errno()
+            }
+            (Ok(_), h) if h < 0 => {
+                pr_err!("cannot follow CPU hotplug ({})\n", h);
+                h
+            }
+            // SAFETY: C glue (helpers.c): on failure it leaves no device registered.
+            (Ok(_), _) => unsafe { smudge_register() },
+        };
         if r < 0 {
             teardown();
             // SAFETY: C glue, once VMX operation has ended.
             unsafe { smudge_notifiers_unregister() };
             return Err(Error::from_errno(r));
         }
-        for line in loaded.report() {
+        for line in loaded.iter().flat_map(|l| l.report()) {
             pr_info!("{}\n", line.as_str());
         }
         Ok(Smudge)

@@ -654,14 +654,35 @@ impl<const W: bool> Platform for MockOs<W> {
 }
 
 thread_local! {
-    /// Allocations of [`StdAlloc`] on this thread that still fail ([`fail_allocs`]).
-    static FAIL_ALLOCS: Cell<usize> = const { Cell::new(0) };
+    /// Allocations of [`StdAlloc`] on this thread that still succeed, then those that fail
+    /// ([`fail_allocs`], [`fail_alloc_after`]).
+    static FAIL_ALLOCS: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
 }
 
 /// Makes the next `n` allocations of the core's objects on this thread fail (request buffers,
-/// vCPUs), as an OS short of memory would.
+/// vCPUs, sessions, KVM handles), as an OS short of memory would.
 pub fn fail_allocs(n: usize) {
-    FAIL_ALLOCS.with(|f| f.set(n));
+    FAIL_ALLOCS.with(|f| f.set((0, n)));
+}
+
+/// Makes the allocation after the next `skip` on this thread fail.
+pub fn fail_alloc_after(skip: usize) {
+    FAIL_ALLOCS.with(|f| f.set((skip, 1)));
+}
+
+/// Whether the next allocation fails (and counts it).
+fn next_alloc_fails() -> bool {
+    FAIL_ALLOCS.with(|f| match f.get() {
+        (0, 0) => false,
+        (0, n) => {
+            f.set((0, n - 1));
+            true
+        }
+        (skip, n) => {
+            f.set((skip - 1, n));
+            false
+        }
+    })
 }
 
 /// std's allocator for the core's objects (the shims use kvzalloc or the nonpaged pool).
@@ -670,7 +691,7 @@ pub struct StdAlloc;
 // SAFETY: std::alloc::alloc_zeroed with the size asked and RAW_ALIGN, freed with that layout.
 unsafe impl RawAlloc for StdAlloc {
     fn alloc_zeroed(bytes: usize) -> *mut u8 {
-        let failing = FAIL_ALLOCS.with(|f| f.replace(f.get().saturating_sub(1)) > 0);
+        let failing = next_alloc_fails();
         match std::alloc::Layout::from_size_align(bytes, RAW_ALIGN) {
             // SAFETY: a nonzero size (the trait's contract).
             Ok(l) if !failing => unsafe { std::alloc::alloc_zeroed(l) },

@@ -546,23 +546,37 @@ fn the_signal_mask_holds_only_inside_kvm_run() {
 /// one to close frees every page. An allocation failure makes no handle and leaks nothing.
 #[test]
 fn descriptors_keep_their_vm_until_the_last_closes() {
+    use smudge_tests::session_model::{fail_alloc_after, fail_allocs};
     let (d, os) = machine();
     let before = os.p.live_pages();
-    smudge_tests::session_model::fail_allocs(1);
-    let refused = sk::kvm_ioctl(&os, &d, None, Ioctl::CreateVm.number(), 0, 0);
-    assert_eq!(refused.err(), Some(Fail::NoMemory));
-    assert_eq!(
-        os.p.live_pages(),
-        before,
-        "a failed KVM_CREATE_VM holds no page"
-    );
-
-    let (_, vm) = sk::kvm_ioctl(&os, &d, None, Ioctl::CreateVm.number(), 0, 0).expect("CREATE_VM");
-    let vm = vm.expect("a VM handle");
+    // Each of KVM_CREATE_VM's allocations fails in turn (the VM, what it makes, the handle):
+    // NoMemory, and no page held.
+    let mut failures = 0;
+    let vm = loop {
+        fail_alloc_after(failures);
+        match sk::kvm_ioctl(&os, &d, None, Ioctl::CreateVm.number(), 0, 0) {
+            Err(e) => assert_eq!((e, os.p.live_pages()), (Fail::NoMemory, before)),
+            Ok((_, vm)) => break vm.expect("a VM handle"),
+        }
+        failures += 1;
+    };
+    fail_allocs(0);
+    assert!(failures >= 2, "the VM and its handle are allocations");
     assert!(vm.is_vm());
-    let (_, vcpu) =
-        sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), 0, 0).expect("CREATE_VCPU");
-    let vcpu = vcpu.expect("a vCPU handle");
+    // Each of KVM_CREATE_VCPU's: NoMemory (a vCPU made before its handle failed stays in the VM,
+    // freed with it, and its id is then taken), then a vCPU handle.
+    let (mut failures, mut id) = (0, 0);
+    let vcpu = loop {
+        fail_alloc_after(failures);
+        match sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), id, 0) {
+            Err(Fail::NoMemory) => failures += 1,
+            Err(Fail::Exists) => id += 1,
+            Err(e) => panic!("CREATE_VCPU: {e:?}"),
+            Ok((_, vcpu)) => break vcpu.expect("a vCPU handle"),
+        }
+    };
+    fail_allocs(0);
+    assert!(failures >= 2, "the vCPU and its handle are allocations");
     assert!(!vcpu.is_vm());
     // A VM request on a vCPU's descriptor names nothing there; the VM's has no mapping.
     let wrong = sk::kvm_ioctl(&os, &d, Some(&vcpu), Ioctl::CreateVcpu.number(), 1, 0);

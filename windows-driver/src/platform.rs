@@ -151,10 +151,12 @@ impl Platform for NtPlatform {
     }
 
     fn page(&self, hpa: u64) -> &PageWords {
-        direct_map::page(self, hpa)
+        // SAFETY: the core passes only pages of alloc_page it still holds (the trait's contract).
+        unsafe { direct_map::page(self, hpa) }
     }
 
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
-        direct_map::with_page_mut(self, hpa, f)
+        // SAFETY: as in `page`, lent only while nothing else uses it (the trait's contract).
+        unsafe { direct_map::with_page_mut(self, hpa, f) }
     }
 }

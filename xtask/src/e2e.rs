@@ -21,7 +21,7 @@ pub(crate) struct Case {
 /// has sent all it was given (its count stops moving), as init does before the power-off.
 const SENT: &str = "set +e
 tx() { sed -n 's/^1:.* tx:\\([0-9]*\\).*/\\1/p' /proc/tty/driver/serial; }
-sent() { p=; c=$(tx); while [ \"$c\" != \"$p\" ]; do p=$c; i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; c=$(tx); done; echo $c; }
+sent() { p=; c=$(tx); while [ \"$c\" != \"$p\" ]; do p=$c; i=0; while [ $i -lt 500 ]; do i=$((i+1)); done; c=$(tx); done; echo $c; }
 ";
 
 /// The emulated serial line (ttyS1) has been seen to drop one transmit FIFO load (16 bytes) in
@@ -41,7 +41,7 @@ impl std::error::Error for ConsoleLoss {}
 /// Each case's status line also says how many bytes the serial line sent for it (ttyS1's
 /// transmit count, read once all is sent), so that output lost on the way out is told apart
 /// from output never written ([`ConsoleLoss`]). The cases write to the terminal itself, as a
-/// user's would.
+/// user's would; a case leaves no background process writing to it.
 pub(crate) fn run_cases(
     a: &Artifacts,
     m: &Machine,
@@ -53,7 +53,7 @@ pub(crate) fn run_cases(
     for (name, cmd) in cases {
         script.push_str(&format!(
             "echo '@@CASE {name}'\na=$(sent)\n( {cmd} ) 2>&1\nrc=$?\necho\nb=$(sent)\n\
-             echo \"@@RC {name} $rc $((b - a))\"\n"
+             echo \"@@RC {name} $rc ${{a:+${{b:+$((b - a))}}}}\"\n"
         ));
     }
     let b = boot(a, m, files, &script, timeout, false)?;
@@ -62,7 +62,11 @@ pub(crate) fn run_cases(
     let mut out = Vec::new();
     let mut cur: Option<Case> = None;
     let mut arrived = 0usize;
-    for line in raw.lines() {
+    for seg in raw.split_inclusive('\n') {
+        // The terminal sent each newline as CR LF (ONLCR): the line is what came before them.
+        let line = seg
+            .strip_suffix('\n')
+            .map_or(seg, |l| l.strip_suffix('\r').unwrap_or(l));
         if let Some(n) = line.strip_prefix("@@CASE ") {
             cur = Some(Case {
                 name: n.to_string(),
@@ -90,8 +94,7 @@ pub(crate) fn run_cases(
         } else if let Some(c) = cur.as_mut() {
             c.out.push_str(line);
             c.out.push('\n');
-            // The terminal sent each newline as CR LF (ONLCR).
-            arrived += line.len() + 2;
+            arrived += seg.len();
         }
     }
     for (name, _) in cases {

@@ -11,38 +11,46 @@ use crate::platform::{PageMut, PageWords};
 ///
 /// # Safety
 /// For a page `hpa` the shim's `Platform::alloc_page` gave and that is not freed yet, `va(hpa)`
-/// is the 4 KiB-aligned address of a writable mapping of it, valid until it is freed; for any
-/// other address, null or such a mapping.
+/// is null or the 4 KiB-aligned address of a writable mapping of it, valid until it is freed.
 pub unsafe trait DirectMap {
     /// The address where the kernel maps page `hpa`, or null.
     fn va(&self, hpa: u64) -> *mut u8;
 }
 
-/// What an address no mapping covers reads as (a core bug): writes land here instead of at
-/// null or a foreign address. Never used on a correct path.
+/// What a page without a mapping reads as (a shim's bug): writes land here instead of at null.
 static SCRATCH: PageWords = [const { AtomicU64::new(0) }; 512];
 
 /// `Platform::page` through the direct map.
-pub fn page<M: DirectMap + ?Sized>(m: &M, hpa: u64) -> &PageWords {
+///
+/// # Safety
+/// `hpa` is a page of `m`'s `Platform::alloc_page`, not freed while the reference lives.
+pub unsafe fn page<M: DirectMap + ?Sized>(m: &M, hpa: u64) -> &PageWords {
     let va = m.va(hpa);
     if va.is_null() || !va.addr().is_multiple_of(4096) {
         return &SCRATCH;
     }
-    // SAFETY: a live, aligned mapping of the 4 KiB page (DirectMap). AtomicU64 has the layout
+    // SAFETY: a live, aligned mapping of the 4 KiB page (DirectMap, the caller's page). AtomicU64 has the layout
     // of u64 and no invalid values, and every access to the page goes through the atomics or,
     // while `with_page_mut` lends it, through that one `&mut`.
     unsafe { &*va.cast::<PageWords>() }
 }
 
 /// `Platform::with_page_mut` through the direct map: the page as plain memory.
-pub fn with_page_mut<M: DirectMap + ?Sized>(m: &M, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
+///
+/// # Safety
+/// As for [`page`], and nothing else reads or writes the page until `f` returns (the contract
+/// of `Platform::with_page_mut`).
+pub unsafe fn with_page_mut<M: DirectMap + ?Sized>(
+    m: &M,
+    hpa: u64,
+    f: &mut dyn FnMut(PageMut<'_>),
+) {
     let va = m.va(hpa);
     if va.is_null() || !va.addr().is_multiple_of(4096) {
         return f(PageMut::Shared(&SCRATCH));
     }
-    // SAFETY: as in `page`; u64 has no invalid values. The core lends a page only while nothing
-    // else reads or writes it (the Platform contract: every vCPU kicked out of VMX non-root
-    // operation, so no processor sets A/D flags in it, SDM 29.3.5; the EPT borrowed mutably),
-    // so this is the only reference in use until `f` returns.
+    // SAFETY: as in `page`; u64 has no invalid values. Nothing else reads or writes the page
+    // until `f` returns (the caller's contract: every vCPU kicked out of VMX non-root operation,
+    // so no processor sets A/D flags in it, SDM 29.3.5; the EPT borrowed mutably).
     f(PageMut::Exclusive(unsafe { &mut *va.cast::<[u64; 512]>() }))
 }

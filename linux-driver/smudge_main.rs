@@ -231,14 +231,6 @@ impl Os for LinuxOs {
             r.ok_or(Fail::Io)
         }
     }
-    fn irq_save(&self) -> usize {
-        // SAFETY: local_irq_save.
-        unsafe { smudge_irq_save() }
-    }
-    fn irq_restore(&self, flags: usize) {
-        // SAFETY: restores what irq_save returned.
-        unsafe { smudge_irq_restore(flags) }
-    }
     fn signal_pending(&self) -> bool {
         kernel::current!().signal_pending()
     }
@@ -502,6 +494,14 @@ unsafe impl Processors for LinuxCpus {
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         &LinuxCr
     }
+    fn irq_save(&self) -> usize {
+        // SAFETY: local_irq_save.
+        unsafe { smudge_irq_save() }
+    }
+    fn irq_restore(&self, flags: usize) {
+        // SAFETY: restores what irq_save returned.
+        unsafe { smudge_irq_restore(flags) }
+    }
     fn alloc_region(&self) -> Option<u64> {
         // VMXON regions belong to the driver, not to a VM: outside `pages_held` and its cap.
         os_alloc()
@@ -520,31 +520,15 @@ pub extern "C" fn smudge_rs_emergency_vmxoff() {
     ROOT.emergency_here(unsafe { smudge_cpu() } as u32, &LinuxCr);
 }
 
-/// The calling CPU alone, reached without an IPI, interrupts off through the kernel.
-///
-/// # Safety
-/// The caller runs on `cpu`: the hotplug thread bound to it, or the sleep path with interrupts
-/// off there.
-unsafe fn this_cpu(cpu: u32) -> ThisCpu<'static> {
-    // SAFETY: local_irq_save and local_irq_restore of what it returned (the caller's contract
-    // for the rest).
-    unsafe {
-        ThisCpu::new(
-            &LinuxCpus,
-            cpu,
-            || smudge_irq_save(),
-            |f| smudge_irq_restore(f),
-        )
-    }
-}
-
 /// `cpu` came online (CPU hotplug), or woke from a system sleep (the boot CPU, interrupts off):
 /// run on it. 1 when it entered VMX operation, 0 when there was nothing to do, or -errno (the
 /// CPU then does not come online).
 #[no_mangle]
 pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
-    // SAFETY: the C callers run on `cpu`.
-    match load::cpu_online(&unsafe { this_cpu(cpu) }, &LinuxOs, cpu, &check_this_cpu) {
+    // SAFETY: the C callers run on `cpu` (the hotplug thread bound to it, or the sleep path with
+    // interrupts off there).
+    let here = unsafe { ThisCpu::new(&LinuxCpus, cpu) };
+    match load::cpu_online(&here, &LinuxOs, cpu, &check_this_cpu) {
         Ok(entered) => i32::from(entered),
         Err(f) => {
             pr_err!("{}\n", f.message().as_str());
@@ -557,8 +541,8 @@ pub extern "C" fn smudge_rs_cpu_online(cpu: u32) -> i32 {
 /// online, interrupts off): run on it. True if it left VMX operation.
 #[no_mangle]
 pub extern "C" fn smudge_rs_cpu_offline(cpu: u32) -> bool {
-    // SAFETY: the C callers run on `cpu`.
-    load::cpu_offline(&unsafe { this_cpu(cpu) }, cpu)
+    // SAFETY: as in smudge_rs_cpu_online.
+    load::cpu_offline(&unsafe { ThisCpu::new(&LinuxCpus, cpu) }, cpu)
 }
 
 /// Called by the reboot and panic notifiers after [`smudge_rs_emergency_vmxoff`]: one line per

@@ -810,10 +810,6 @@ impl<const W: bool> Os for MockOs<W> {
         flag.store(false, Ordering::Release);
         Ok(r)
     }
-    fn irq_save(&self) -> usize {
-        0
-    }
-    fn irq_restore(&self, _flags: usize) {}
     fn signal_pending(&self) -> bool {
         self.signal.load(Ordering::SeqCst)
     }
@@ -888,6 +884,10 @@ unsafe impl Processors for NoVmx {
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         self
     }
+    fn irq_save(&self) -> usize {
+        0
+    }
+    fn irq_restore(&self, _flags: usize) {}
     fn alloc_region(&self) -> Option<u64> {
         None
     }

@@ -45,6 +45,10 @@ unsafe impl Processors for Taken<'_> {
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         self
     }
+    fn irq_save(&self) -> usize {
+        0
+    }
+    fn irq_restore(&self, _flags: usize) {}
     fn alloc_region(&self) -> Option<u64> {
         smudge_core::platform::Platform::alloc_page(self.0).ok()
     }

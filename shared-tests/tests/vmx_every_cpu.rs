@@ -4,14 +4,14 @@
 //! instruction (another VMM's CR4.VMXE, a CR0 outside the fixed bits, no page for a region);
 //! VMXON itself runs under Bochs.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use smudge_core::platform::Platform;
 use smudge_core::regs::CR4_VMXE;
 use smudge_core::vmx::admission::{self, Admission, Refusal};
 use smudge_core::vmx::caps::VmxCaps;
-use smudge_core::vmx::root::{ControlRegs, CrMismatch, Processors, VmxRoot, VmxonFailure};
+use smudge_core::vmx::root::{ControlRegs, CrMismatch, Processors, ThisCpu, VmxRoot, VmxonFailure};
 use smudge_tests::MockPlatform;
 
 /// A Windows x64 CR0 (PG, AM, WP, NE, ET, MP, PE) and a CR4 inside every fixture's FIXED1.
@@ -29,6 +29,8 @@ struct Fake {
     /// Regions the fake hands out before it has no page left.
     pages_left: AtomicU32,
     ran: Mutex<Vec<u32>>,
+    /// Interrupts are off (the OS's `irq_save` ran and its `irq_restore` did not yet).
+    irqs_off: AtomicBool,
 }
 
 impl Fake {
@@ -42,6 +44,7 @@ impl Fake {
             current: AtomicU32::new(u32::MAX),
             pages_left: AtomicU32::new(4),
             ran: Mutex::new(Vec::new()),
+            irqs_off: AtomicBool::new(false),
         }
     }
     fn here(&self) -> usize {
@@ -90,6 +93,12 @@ unsafe impl Processors for Fake {
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         self
+    }
+    fn irq_save(&self) -> usize {
+        usize::from(self.irqs_off.swap(true, Ordering::SeqCst))
+    }
+    fn irq_restore(&self, flags: usize) {
+        self.irqs_off.store(flags != 0, Ordering::SeqCst);
     }
     fn alloc_region(&self) -> Option<u64> {
         let left = self.pages_left.load(Ordering::SeqCst);
@@ -264,6 +273,10 @@ unsafe impl Processors for Beyond {
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         unreachable!("no processor is reached")
     }
+    fn irq_save(&self) -> usize {
+        unreachable!("no processor is reached")
+    }
+    fn irq_restore(&self, _flags: usize) {}
     fn alloc_region(&self) -> Option<u64> {
         None
     }
@@ -366,5 +379,28 @@ fn a_failed_load_leaves_nothing_behind() {
     assert_eq!(
         spec.as_str(),
         "speculation barriers before each VM entry: none"
+    );
+}
+
+/// The CPU-hotplug and sleep paths (`ThisCpu`): they reach only the processor they run on,
+/// without asking the OS for a cross-processor call, with interrupts off the OS's way.
+#[test]
+fn this_cpu_reaches_only_itself_with_interrupts_off() {
+    let f = Fake::new();
+    // SAFETY: the fake's processor 2 is this thread's for the test.
+    let here = unsafe { ThisCpu::new(&f, 2) };
+    assert_eq!((here.bound(), here.current()), (4, 2));
+    assert!(here.present(2) && !here.present(1));
+    let mut off = None;
+    assert!(here.on(2, &mut || off = Some(f.irqs_off.load(Ordering::SeqCst))));
+    assert_eq!(off, Some(true), "f ran with interrupts on");
+    assert!(!f.irqs_off.load(Ordering::SeqCst), "interrupts left off");
+    assert!(!here.on(1, &mut || panic!("ran on another processor")));
+    let hits = Mutex::new(Vec::new());
+    here.on_all(&|i| hits.lock().unwrap().push(i));
+    assert_eq!(*hits.lock().unwrap(), [2]);
+    assert!(
+        f.ran.lock().unwrap().is_empty(),
+        "the OS was asked for a cross-processor call"
     );
 }

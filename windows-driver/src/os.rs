@@ -60,14 +60,6 @@ impl Os for NtPlatform {
         unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
         r
     }
-    fn irq_save(&self) -> usize {
-        // SAFETY: CPL 0; the core pairs it with irq_restore on this processor.
-        unsafe { arch::irq_save() as usize }
-    }
-    fn irq_restore(&self, flags: usize) {
-        // SAFETY: what irq_save returned on this processor.
-        unsafe { arch::irq_restore(flags as u64) }
-    }
     fn pause(&self, waited_ns: u64) {
         match budget::pause(waited_ns) {
             budget::Pause::Spin => core::hint::spin_loop(),

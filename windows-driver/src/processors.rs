@@ -83,17 +83,23 @@ unsafe impl Processors for NtProcessors {
     }
     fn on(&self, i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
         on_processor(i, || {
-            // SAFETY: CPL 0, at DISPATCH_LEVEL on processor `i`; paired just below.
-            let flags = unsafe { arch::irq_save() };
+            let flags = self.irq_save();
             f();
-            // SAFETY: the flags irq_save took on this processor.
-            unsafe { arch::irq_restore(flags) };
+            self.irq_restore(flags);
         })
         .is_ok()
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         // Windows keeps no shadow of CR4: the register is the truth.
         &RawCr
+    }
+    fn irq_save(&self) -> usize {
+        // SAFETY: CPL 0; the callers pair it with irq_restore on this processor.
+        unsafe { arch::irq_save() as usize }
+    }
+    fn irq_restore(&self, flags: usize) {
+        // SAFETY: what irq_save returned on this processor.
+        unsafe { arch::irq_restore(flags as u64) }
     }
     fn alloc_region(&self) -> Option<u64> {
         // VMXON regions belong to the driver, not to a VM: out of the page count and its cap.

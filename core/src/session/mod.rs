@@ -135,10 +135,10 @@ struct Env<'a, O: Os> {
 
 impl<O: Os> RunEnv for Env<'_, O> {
     fn irq_save(&self) -> usize {
-        self.os.irq_save()
+        self.os.processors().irq_save()
     }
     fn irq_restore(&self, flags: usize) {
-        self.os.irq_restore(flags)
+        self.os.processors().irq_restore(flags)
     }
     fn should_return(&self) -> bool {
         self.share.kicked()

@@ -193,10 +193,6 @@ pub trait Os: Platform + Sync {
     /// `vmx::hw::GuestContext`); `Err(Fail::Io)` when VMX is not on in this CPU. The state is
     /// restored before this returns.
     fn with_guest_context<R>(&self, f: impl FnOnce(&mut Self::Cpu<'_>) -> R) -> Result<R, Fail>;
-    /// Interrupts off on this CPU; returns the previous state.
-    fn irq_save(&self) -> usize;
-    /// Restores what [`Os::irq_save`] returned.
-    fn irq_restore(&self, flags: usize);
 
     /// A signal (or the OS's equivalent) asks the thread back to user space. The default: an
     /// OS without signals for a thread in a driver (Windows), whose [`RunPolicy::slice_ns`]

@@ -126,6 +126,11 @@ pub unsafe trait Processors {
     /// The control registers of the processor that calls them (the same value serves every
     /// processor: it reads and writes whichever one runs it).
     fn cr(&self) -> &(dyn ControlRegs + Sync);
+    /// Interrupts off on the calling processor, the OS's way (Linux's lockdep must see it);
+    /// returns what [`Processors::irq_restore`] takes back.
+    fn irq_save(&self) -> usize;
+    /// Interrupts back as [`Processors::irq_save`] found them.
+    fn irq_restore(&self, flags: usize);
     /// A zeroed page for a VMXON region: the driver's, outside the VMs' page budget.
     fn alloc_region(&self) -> Option<u64>;
     /// Returns a page of [`Processors::alloc_region`].
@@ -138,35 +143,21 @@ pub unsafe trait Processors {
 pub struct ThisCpu<'a> {
     procs: &'a dyn Processors,
     cpu: u32,
-    irq_save: fn() -> usize,
-    irq_restore: fn(usize),
 }
 
 impl<'a> ThisCpu<'a> {
-    /// Processor `cpu`, the caller's, of `procs`; `irq_save` and `irq_restore` turn its
-    /// interrupts off and back the OS's way (Linux's lockdep must see it).
+    /// Processor `cpu`, the caller's, of `procs`.
     ///
     /// # Safety
     /// The caller runs on processor `cpu` and stays there while the value lives (preemption or
-    /// interrupts off, or a thread bound to it); `irq_save` disables interrupts on it and
-    /// returns what `irq_restore` takes back.
-    pub unsafe fn new(
-        procs: &'a dyn Processors,
-        cpu: u32,
-        irq_save: fn() -> usize,
-        irq_restore: fn(usize),
-    ) -> ThisCpu<'a> {
-        ThisCpu {
-            procs,
-            cpu,
-            irq_save,
-            irq_restore,
-        }
+    /// interrupts off, or a thread bound to it).
+    pub unsafe fn new(procs: &'a dyn Processors, cpu: u32) -> ThisCpu<'a> {
+        ThisCpu { procs, cpu }
     }
 }
 
-// SAFETY: `on` runs `f` only on `cpu`, where the caller stays, with interrupts off by the OS's
-// `irq_save` (`ThisCpu::new`'s contract), and returns after it.
+// SAFETY: `on` runs `f` only on `cpu`, where the caller stays (`ThisCpu::new`'s contract), with
+// interrupts off by the OS's `irq_save`, and returns after it.
 unsafe impl Processors for ThisCpu<'_> {
     fn bound(&self) -> u32 {
         self.procs.bound()
@@ -181,13 +172,19 @@ unsafe impl Processors for ThisCpu<'_> {
         if i != self.cpu {
             return false;
         }
-        let flags = (self.irq_save)();
+        let flags = self.procs.irq_save();
         f();
-        (self.irq_restore)(flags);
+        self.procs.irq_restore(flags);
         true
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         self.procs.cr()
+    }
+    fn irq_save(&self) -> usize {
+        self.procs.irq_save()
+    }
+    fn irq_restore(&self, flags: usize) {
+        self.procs.irq_restore(flags)
     }
     fn alloc_region(&self) -> Option<u64> {
         self.procs.alloc_region()

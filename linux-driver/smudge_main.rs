@@ -251,10 +251,8 @@ impl Os for LinuxOs {
         kernel::time::Ktime::ktime_get().to_ns() as u64
     }
     fn host_mapping(&self, hpa: u64) -> Option<HostMapping> {
-        let mut level = 0u32;
+        let (va, mut level) = (self.va(hpa) as u64, 0u32);
         // SAFETY: the direct-map address of a page the VM owns; lookup_address only reads.
-        let va = unsafe { smudge_va(hpa) } as u64;
-        // SAFETY: as above.
         let pte = unsafe { smudge_host_pte(va as usize, &mut level) };
         Some(HostMapping { va, pte, level })
     }
@@ -291,16 +289,8 @@ impl Os for LinuxOs {
     }
 }
 
+/// A file's `private_data`: its session, from smudge_rs_open until release.
 type LinuxSession = Session<LinuxOs>;
-
-/// The session of a file (`private_data`).
-///
-/// # Safety
-/// `priv_` came from `smudge_rs_open` and the file is still open.
-unsafe fn session<'a>(priv_: *mut c_void) -> Option<&'a LinuxSession> {
-    // SAFETY: the caller's contract; release cannot run during another file operation.
-    unsafe { (priv_ as *const LinuxSession).as_ref() }
-}
 
 /// open of `/dev/smudge`: a new session for the file's `private_data` (`out`), or -errno.
 #[no_mangle]
@@ -350,7 +340,7 @@ pub extern "C" fn smudge_rs_mmap(
     pages: usize,
 ) -> c_long {
     // SAFETY: the file holds the session until release, which cannot run during mmap.
-    let Some(s) = (unsafe { session(priv_) }) else {
+    let Some(s) = (unsafe { (priv_ as *const LinuxSession).as_ref() }) else {
         return ret(Err(Fail::Invalid));
     };
     ret(s
@@ -362,7 +352,8 @@ pub extern "C" fn smudge_rs_mmap(
 #[no_mangle]
 pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c_long {
     // SAFETY: the file holds the session until release, which cannot run during an ioctl.
-    let (Some(s), Some(drv)) = (unsafe { session(priv_) }, driver()) else {
+    let s = unsafe { (priv_ as *const LinuxSession).as_ref() };
+    let (Some(s), Some(drv)) = (s, driver()) else {
         return ret(Err(Fail::Invalid));
     };
     let Some(op) = Op::from_linux_ioctl(cmd) else {

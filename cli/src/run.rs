@@ -296,16 +296,19 @@ pub fn exit_event(
             code,
             message,
         } => {
-            let mut s = format!(
-                "exit: error: {message} (exit reason {r}, {})",
-                reason::name(*r)
-            );
+            let mut s = match *r {
+                abi::NO_VM_EXIT => format!("exit: error: {message} (no VM exit"),
+                r => format!(
+                    "exit: error: {message} (exit reason {r}, {}",
+                    reason::name(r)
+                ),
+            };
             match *code {
                 0 => {}
                 abi::VMFAIL_INVALID => s.push_str(", VMfailInvalid (no VM-instruction error)"),
                 code => s.push_str(&format!(", VM-instruction error {code}")),
             }
-            s
+            s + ")"
         }
         End::Timeout => "exit: timeout".to_string(),
     };
@@ -318,7 +321,13 @@ pub fn exit_event(
         } => {
             json = json
                 .with("message", message.as_str())
-                .with("exit_reason", reason::name(*r))
+                .with(
+                    "exit_reason",
+                    match *r {
+                        abi::NO_VM_EXIT => "none",
+                        r => reason::name(r),
+                    },
+                )
                 .with("exit_reason_number", *r)
                 .with("error_code", *code)
         }
@@ -715,7 +724,7 @@ pub(crate) mod tests {
     fn a_vmfail_invalid_is_named_not_numbered() {
         let human = |code| {
             let end = End::Error {
-                reason: 0,
+                reason: abi::NO_VM_EXIT,
                 code,
                 message: "vmptrld failed: Invalid".into(),
             };
@@ -723,6 +732,7 @@ pub(crate) mod tests {
         };
         let invalid = human(abi::VMFAIL_INVALID);
         assert!(invalid.contains("VMfailInvalid"), "{invalid}");
+        assert!(invalid.contains("(no VM exit, "), "{invalid}");
         assert!(!invalid.contains(&u64::MAX.to_string()), "{invalid}");
         assert!(human(7).contains("VM-instruction error 7"));
     }

@@ -33,6 +33,7 @@ pub fn fill_run(resp: &mut RunResp, result: Result<RunExit, HwError>, st: &mut V
         Ok(x) => fill_exit(resp, x),
         Err(HwError::Vmx { step, fail }) => {
             resp.kind = k::ERROR;
+            resp.reason = crate::abi::NO_VM_EXIT;
             resp.code = match fail {
                 VmFail::Valid(e) => e.into(),
                 VmFail::Invalid => crate::abi::VMFAIL_INVALID,
@@ -333,7 +334,10 @@ mod tests {
             }),
             &mut st,
         );
-        assert_eq!((r.kind, r.code), (k::ERROR, 7));
+        assert_eq!(
+            (r.kind, r.code, r.reason),
+            (k::ERROR, 7, crate::abi::NO_VM_EXIT)
+        );
         assert_eq!(message(&r), "vmlaunch failed: Valid(7)");
         assert!(st.halted);
         let mut r = RunResp::default();

@@ -368,13 +368,17 @@ pub const MESSAGE_LEN: usize = 480;
 /// VM-instruction error number (no current VMCS, SDM 31.2).
 pub const VMFAIL_INVALID: u64 = u64::MAX;
 
+/// [`RunResp::reason`] of a run that ended without a VM exit (a VMX instruction of smudge's
+/// own failed before or instead of one).
+pub const NO_VM_EXIT: u32 = u32::MAX;
+
 /// The exit record of a run.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunResp {
     /// One of [`exit_kind`].
     pub kind: u32,
-    /// Basic VM-exit reason that ended the run.
+    /// Basic VM-exit reason that ended the run ([`NO_VM_EXIT`] when none did).
     pub reason: u32,
     /// Exit code (EXIT) or VM-instruction error (ERROR; [`VMFAIL_INVALID`] when the failure
     /// had none).

@@ -276,13 +276,14 @@ unsafe fn file_object(irp: *mut Irp) -> *mut nt::FileObject {
 unsafe extern "system" fn dispatch_create(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
     // SAFETY: the I/O manager passes a valid IRP whose stack location names the file object.
     let file = unsafe { file_object(irp) };
-    let status = match session::open::<NtPlatform>() {
-        Ok(b) if !file.is_null() => {
+    let opened = (!file.is_null()).then(session::open::<NtPlatform>);
+    let status = match opened.unwrap_or(Err(Fail::Io)) {
+        Ok(b) => {
             // SAFETY: the file object is being opened on our device; FsContext is ours.
             unsafe { (*file).fs_context = RawBox::into_raw(b).cast() };
             STATUS_SUCCESS
         }
-        Ok(_) | Err(Fail::Io) => STATUS_INVALID_DEVICE_STATE,
+        Err(Fail::Io) => STATUS_INVALID_DEVICE_STATE,
         Err(f) => ioctl::from_fail(f),
     };
     // SAFETY: the IRP is ours until completed.

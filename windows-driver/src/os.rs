@@ -3,7 +3,7 @@
 //! Windows means (pool, user buffers, processor affinity, IRQL, extended state, interrupt time).
 
 use smudge_core::abi::windows as budget;
-use smudge_core::arch::{self, RawWords};
+use smudge_core::arch::{self, DirectMap, RawWords};
 use smudge_core::hostpt;
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::vmx::hw::{self, Hardware};
@@ -75,8 +75,7 @@ impl Os for NtPlatform {
         interrupt_time().saturating_mul(100)
     }
     fn host_mapping(&self, hpa: u64) -> Option<HostMapping> {
-        // SAFETY: MmGetVirtualForPhysical only looks the address up.
-        let va = unsafe { nt::MmGetVirtualForPhysical(hpa as i64) } as u64;
+        let va = self.va(hpa) as u64;
         let leaf = host_pte(va)?;
         Some(HostMapping {
             va,

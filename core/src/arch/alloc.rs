@@ -123,6 +123,18 @@ impl<T, A: RawAlloc> RawBox<T, A> {
         p
     }
 
+    /// Moves the `T` out and frees its memory.
+    pub fn into_inner(b: RawBox<T, A>) -> T {
+        let p = RawBox::into_raw(b);
+        // SAFETY: `p` holds an initialised T owned by `b`, read once; its memory (of `BYTES`)
+        // is then freed once, without dropping the T again.
+        unsafe {
+            let value = p.read();
+            A::free(p.cast(), Self::BYTES.unwrap_or(0));
+            value
+        }
+    }
+
     /// Takes back what [`RawBox::into_raw`] gave up (None for null).
     ///
     /// # Safety
@@ -157,20 +169,6 @@ impl<T, A: RawAlloc> Drop for RawBox<T, A> {
         unsafe {
             core::ptr::drop_in_place(self.ptr.as_ptr());
             A::free(self.ptr.as_ptr().cast(), Self::BYTES.unwrap_or(0));
-        }
-    }
-}
-
-impl<T, A: RawAlloc> RawBox<T, A> {
-    /// Moves the `T` out and frees its memory.
-    pub fn into_inner(b: RawBox<T, A>) -> T {
-        let p = RawBox::into_raw(b);
-        // SAFETY: `p` holds an initialised T owned by `b`, read once; its memory (of `BYTES`)
-        // is then freed once, without dropping the T again.
-        unsafe {
-            let value = p.read();
-            A::free(p.cast(), Self::BYTES.unwrap_or(0));
-            value
         }
     }
 }

@@ -229,7 +229,6 @@ static struct miscdevice smudge_kvm_misc = {
 	.fops = &smudge_kvm_dev_fops,
 	.mode = 0600,
 };
-unsigned long smudge_tsc_khz(void) { return tsc_khz; }
 /* KVM_SET_SIGNAL_MASK's mask inside KVM_RUN, as KVM's kvm_sigset_activate: the thread's own
  * mask goes to current->real_blocked, where complete_signal() looks before it turns a signal
  * with a fatal default action into a group exit; a signal the thread blocks outside KVM_RUN
@@ -351,8 +350,6 @@ void smudge_devices_unregister(void)
 static int smudge_hp_state = -1;
 static int smudge_cpu_up(unsigned int cpu) { return min(smudge_rs_cpu_online(cpu), 0); }
 static int smudge_cpu_down(unsigned int cpu) { smudge_rs_cpu_offline(cpu); return 0; }
-void smudge_cpus_hold(void) { cpus_read_lock(); }
-void smudge_cpus_release(void) { cpus_read_unlock(); }
 /*
  * A system sleep (suspend to RAM, hibernation) takes every CPU but the boot CPU offline first
  * (the callbacks above), then runs the syscore callbacks on the boot CPU with interrupts off:
@@ -387,7 +384,7 @@ int smudge_hotplug_register(void)
 	register_syscore(&smudge_syscore);
 	return 0;
 }
-/* With smudge_cpus_hold held. */
+/* With cpus_read_lock held. */
 void smudge_hotplug_unregister(void)
 {
 	if (smudge_hp_state >= 0) {
@@ -400,8 +397,6 @@ void smudge_hotplug_unregister(void)
 unsigned long smudge_irq_save(void) { unsigned long f; local_irq_save(f); return f; }
 void smudge_irq_restore(unsigned long f) { local_irq_restore(f); }
 /* CR4 through the kernel's shadow (a raw mov to CR4 would be undone by the next cr4 update). */
-void smudge_cr4_set_vmxe(void) { cr4_set_bits(X86_CR4_VMXE); }
-void smudge_cr4_clear_vmxe(void) { cr4_clear_bits(X86_CR4_VMXE); }
 int smudge_rdmsr_safe(u32 msr, u64 *val) { return rdmsrl_safe(msr, val); }
 void *smudge_va(u64 pa) { return __va(pa); }
 u64 smudge_pa(void *va) { return __pa(va); }
@@ -414,20 +409,15 @@ u64 smudge_pa(void *va) { return __pa(va); }
 #define SMUDGE_GFP (GFP_KERNEL_ACCOUNT | __GFP_RETRY_MAYFAIL | __GFP_NOWARN)
 unsigned long smudge_get_zeroed_page(void) { return get_zeroed_page(SMUDGE_GFP); }
 void *smudge_kvzalloc(unsigned long n) { return kvzalloc(n, SMUDGE_GFP); }
-void smudge_kvfree(void *p) { kvfree(p); }
-void smudge_free_page(unsigned long va) { free_page(va); }
 /* A VM exit leaves the TR limit at 0x67 (SDM 28.5.2); Linux's TSS is longer (the I/O bitmap).
  * The kernel's own helper reloads TR lazily before a task with an I/O bitmap needs it. */
 void smudge_invalidate_tss_limit(void) { invalidate_tss_limit(); }
 void smudge_fpu_begin(void) { kernel_fpu_begin(); }
 void smudge_fpu_end(void) { kernel_fpu_end(); }
 int smudge_cpu(void) { return smp_processor_id(); }
-int smudge_nr_cpu_ids(void) { return nr_cpu_ids; }
 bool smudge_cpu_online(int cpu) { return cpu_online(cpu); }
 int smudge_need_resched(void) { return need_resched(); }
 void smudge_cond_resched(void) { cond_resched(); }
-void smudge_on_each_cpu(void (*fn)(void *), void *info) { on_each_cpu(fn, info, 1); }
-int smudge_on_cpu(int cpu, void (*fn)(void *), void *info) { return smp_call_function_single(cpu, fn, info, 1); }
 /* The calling process's page-table entry for a user address in a PFN mapping (our mmap):
  * the flag bits (A = 5, D = 6) and the frame, as follow_pfnmap reports them. */
 u64 smudge_user_pte(unsigned long va, unsigned int *level)

@@ -9,18 +9,20 @@
 use core::ffi::{c_long, c_void};
 use core::sync::atomic::AtomicU64;
 
+use kernel::bindings;
 use kernel::prelude::*;
 use kernel::uaccess::UserSlice;
 use smudge_core::abi::{self, Op};
 use smudge_core::arch::{self, direct_map, DirectMap, RawAlloc, RawBox};
 use smudge_core::hostmem::{self, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, PinError, Platform};
+use smudge_core::regs::CR4_VMXE;
 use smudge_core::session;
 use smudge_core::session::load::{self, driver};
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy, Session, SessionBox};
 use smudge_core::spec::{Duties, KernelChoices};
 use smudge_core::vmx::admission;
-use smudge_core::vmx::caps::{CpuidRegs, MsrValue};
+use smudge_core::vmx::caps::MsrValue;
 use smudge_core::vmx::hw::{self, Hardware};
 use smudge_core::vmx::root::{ControlRegs, Processors, ThisCpu, ROOT};
 
@@ -44,8 +46,6 @@ extern "C" {
     fn smudge_reserve_pages() -> u64;
     fn smudge_totalram_pages() -> u64;
     fn smudge_mem_available() -> u64;
-    fn smudge_cpus_hold();
-    fn smudge_cpus_release();
     fn smudge_hotplug_register() -> i32;
     fn smudge_hotplug_unregister();
     fn smudge_notifiers_register();
@@ -54,31 +54,23 @@ extern "C" {
     fn smudge_notifiers_unregister();
     fn smudge_irq_save() -> usize;
     fn smudge_irq_restore(flags: usize);
-    fn smudge_cr4_set_vmxe();
-    fn smudge_cr4_clear_vmxe();
     fn smudge_rdmsr_safe(msr: u32, val: *mut u64) -> i32;
     fn smudge_va(pa: u64) -> *mut c_void;
     fn smudge_pa(va: *const c_void) -> u64;
     fn smudge_get_zeroed_page() -> usize;
     fn smudge_kvzalloc(n: usize) -> *mut c_void;
-    fn smudge_kvfree(p: *mut c_void);
-    fn smudge_free_page(va: usize);
     fn smudge_fpu_begin();
     fn smudge_invalidate_tss_limit();
     fn smudge_fpu_end();
     fn smudge_cpu() -> i32;
-    fn smudge_nr_cpu_ids() -> i32;
     fn smudge_cpu_online(cpu: i32) -> bool;
-    fn smudge_on_each_cpu(f: extern "C" fn(*mut c_void), info: *mut c_void);
     fn smudge_need_resched() -> i32;
     fn smudge_cond_resched();
-    fn smudge_on_cpu(cpu: i32, f: extern "C" fn(*mut c_void), info: *mut c_void) -> i32;
     fn smudge_host_pte(va: usize, level: *mut u32) -> u64;
     fn smudge_user_pte(va: usize, level: *mut u32) -> u64;
     fn smudge_remap_page(vma: *mut c_void, index: usize, pfn: usize) -> i32;
     fn smudge_kvm_param() -> bool;
     fn smudge_kvm_mode() -> i32;
-    fn smudge_tsc_khz() -> u64;
     fn smudge_sigmask_enter(mask: u64);
     fn smudge_sigmask_leave();
     fn smudge_pin_user_pages(uaddr: usize, n: usize, hpas: *mut u64) -> isize;
@@ -117,7 +109,7 @@ fn os_alloc() -> Option<u64> {
 
 fn os_free(hpa: u64) {
     // SAFETY: `hpa` came from os_alloc, so its direct-map address is a page we own.
-    unsafe { smudge_free_page(smudge_va(hpa) as usize) }
+    unsafe { bindings::free_pages(smudge_va(hpa) as usize, 0) }
 }
 
 /// Linux for the core: pages through the direct map (counted by [`budget`]), the rest of the
@@ -177,7 +169,7 @@ unsafe impl RawAlloc for Kv {
     }
     unsafe fn free(p: *mut u8, _bytes: usize) {
         // SAFETY: from kvzalloc, freed once (the caller's contract).
-        unsafe { smudge_kvfree(p.cast()) }
+        unsafe { bindings::kvfree(p.cast()) }
     }
 }
 
@@ -274,7 +266,7 @@ impl Os for LinuxOs {
     }
     fn tsc_khz(&self) -> u64 {
         // SAFETY: reads the kernel's tsc_khz.
-        unsafe { smudge_tsc_khz() }
+        u64::from(unsafe { bindings::tsc_khz })
     }
     fn signal_mask_enter(&self, mask: u64) {
         // SAFETY: sigprocmask of the calling thread, its own mask kept in real_blocked.
@@ -295,7 +287,7 @@ type LinuxSession = Session<LinuxOs>;
 /// open of `/dev/smudge`: a new session for the file's `private_data` (`out`), or -errno.
 #[no_mangle]
 pub extern "C" fn smudge_rs_open(out: *mut *mut c_void) -> c_long {
-    ret(session::open::<LinuxOs>().map(|b| {
+    Fail::ret(session::open::<LinuxOs>().map(|b| {
         // SAFETY: `out` is the C caller's local.
         unsafe { *out = RawBox::into_raw(b).cast() };
         0
@@ -308,14 +300,6 @@ pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
     // SAFETY: from RawBox::into_raw in open (or null); release is its last user.
     if let Some(b) = unsafe { SessionBox::<LinuxOs>::from_raw(priv_.cast()) } {
         session::close(&LinuxOs, b);
-    }
-}
-
-/// A file operation's return value: the answer, or -errno.
-fn ret(r: core::result::Result<u64, Fail>) -> c_long {
-    match r {
-        Ok(v) => v as c_long,
-        Err(e) => -(e.errno() as c_long),
     }
 }
 
@@ -341,11 +325,12 @@ pub extern "C" fn smudge_rs_mmap(
 ) -> c_long {
     // SAFETY: the file holds the session until release, which cannot run during mmap.
     let Some(s) = (unsafe { (priv_ as *const LinuxSession).as_ref() }) else {
-        return ret(Err(Fail::Invalid));
+        return Fail::ret(Err(Fail::Invalid));
     };
-    ret(s
-        .map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut remap(vma))
-        .map(|()| 0))
+    Fail::ret(
+        s.map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut remap(vma))
+            .map(|()| 0),
+    )
 }
 
 /// An ioctl of `/dev/smudge`: the request at `arg`, answered in place. 0 or -errno.
@@ -354,12 +339,12 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
     // SAFETY: the file holds the session until release, which cannot run during an ioctl.
     let s = unsafe { (priv_ as *const LinuxSession).as_ref() };
     let (Some(s), Some(drv)) = (s, driver()) else {
-        return ret(Err(Fail::Invalid));
+        return Fail::ret(Err(Fail::Invalid));
     };
     let Some(op) = Op::from_linux_ioctl(cmd) else {
-        return ret(Err(Fail::NoSuchRequest));
+        return Fail::ret(Err(Fail::NoSuchRequest));
     };
-    ret(s.user_request(&LinuxOs, &drv, op, arg as u64).map(|_| 0))
+    Fail::ret(s.user_request(&LinuxOs, &drv, op, arg as u64).map(|_| 0))
 }
 
 type KvmHandle = session::kvm::KvmHandle<LinuxOs>;
@@ -377,13 +362,13 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
     made_vm: *mut bool,
 ) -> c_long {
     let Some(drv) = driver() else {
-        return ret(Err(Fail::Io));
+        return Fail::ret(Err(Fail::Io));
     };
     // SAFETY: null, or a descriptor's handle from `made`, which it holds until release (which
     // cannot run during an ioctl); reads a module parameter.
     let (handle, mode) = unsafe { ((obj as *const KvmHandle).as_ref(), smudge_kvm_mode()) };
     let r = session::kvm::kvm_ioctl(&LinuxOs, &drv, handle, cmd, arg as u64, mode as u32);
-    ret(r.map(|(v, new)| {
+    Fail::ret(r.map(|(v, new)| {
         if let Some(b) = new {
             // SAFETY: the C caller's locals.
             unsafe { (*made_vm, *made) = (b.is_vm(), KvmHandleBox::into_raw(b).cast()) };
@@ -412,11 +397,11 @@ pub extern "C" fn smudge_rs_kvm_mmap(
 ) -> c_long {
     // SAFETY: the descriptor holds its handle until release, which cannot run during mmap.
     let Some(h) = (unsafe { (obj as *const KvmHandle).as_ref() }) else {
-        return ret(Err(Fail::Invalid));
+        return Fail::ret(Err(Fail::Invalid));
     };
     let (pgoff, pages) = (pgoff as u64, pages as u64);
     let r = session::kvm::kvm_mmap(&LinuxOs, h, pgoff, pages, &mut remap(vma));
-    ret(r.map(|()| 0))
+    Fail::ret(r.map(|()| 0))
 }
 
 /// CR0 and CR4 through the kernel (a raw write to CR4 would be undone by the next update of the
@@ -425,14 +410,9 @@ struct LinuxCr;
 
 impl ControlRegs for LinuxCr {
     fn set_vmxe(&self, on: bool) {
-        // SAFETY: cr4_set_bits/cr4_clear_bits with interrupts off (IPI context or the callers').
-        unsafe {
-            if on {
-                smudge_cr4_set_vmxe()
-            } else {
-                smudge_cr4_clear_vmxe()
-            }
-        }
+        let (set, clear) = if on { (CR4_VMXE, 0) } else { (0, CR4_VMXE) };
+        // SAFETY: with interrupts off (IPI context or the callers'), as cr4_set_bits calls it.
+        unsafe { bindings::cr4_update_irqsoff(set as usize, clear as usize) }
     }
 }
 
@@ -460,7 +440,7 @@ extern "C" fn call_fn_here(info: *mut c_void) {
 unsafe impl Processors for LinuxCpus {
     fn bound(&self) -> u32 {
         // SAFETY: reads the CPU count.
-        unsafe { smudge_nr_cpu_ids() as u32 }
+        unsafe { bindings::nr_cpu_ids }
     }
     fn present(&self, i: u32) -> bool {
         // SAFETY: reads the online mask.
@@ -474,13 +454,14 @@ unsafe impl Processors for LinuxCpus {
         let info = &mut f as *mut &mut (dyn FnMut() + Send) as *mut c_void;
         // SAFETY: smp_call_function_single waits for `call_fn_mut` (interrupts off there, also
         // when `i` is this CPU), so `info` outlives it.
-        unsafe { smudge_on_cpu(i as i32, call_fn_mut, info) == 0 }
+        unsafe { bindings::smp_call_function_single(i as i32, Some(call_fn_mut), info, 1) == 0 }
     }
     fn on_all(&self, f: &(dyn Fn(u32) + Sync)) {
         let info = &f as *const &(dyn Fn(u32) + Sync) as *mut c_void;
+        let online = &raw const bindings::__cpu_online_mask;
         // SAFETY: on_each_cpu runs `call_fn_here` on every online CPU with interrupts off and
         // waits for all, so `info` outlives them; `f` is Sync.
-        unsafe { smudge_on_each_cpu(call_fn_here, info) };
+        unsafe { bindings::on_each_cpu_cond_mask(None, Some(call_fn_here), info, true, online) };
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {
         &LinuxCr
@@ -572,13 +553,13 @@ impl kernel::Module for Smudge {
         // SAFETY: the CPU-hotplug lock, held from the load to the hotplug registration (or, when
         // that fails, to the unload), so no CPU comes or goes in between; then released.
         let (loaded, hotplug) = unsafe {
-            smudge_cpus_hold();
+            bindings::cpus_read_lock();
             let r = load::load(&LinuxCpus, &LinuxOs, &check_this_cpu, duties, probe);
             let hotplug = r.as_ref().map_or(0, |_| smudge_hotplug_register());
             if hotplug < 0 {
                 load::unload(&LinuxCpus);
             }
-            smudge_cpus_release();
+            bindings::cpus_read_unlock();
             (r, hotplug)
         };
         let r = match (&loaded, hotplug) {
@@ -612,17 +593,16 @@ fn teardown() {
     // SAFETY: C glue: the lock, the removal of the hotplug state (nothing when not registered)
     // under it, and the release.
     unsafe {
-        smudge_cpus_hold();
+        bindings::cpus_read_lock();
         smudge_hotplug_unregister();
         load::unload(&LinuxCpus);
-        smudge_cpus_release();
+        bindings::cpus_read_unlock();
     }
 }
 
 /// The admission check on the CPU that runs it (at load, on every CPU; on a CPU coming online).
 fn check_this_cpu() -> core::result::Result<admission::Admission, admission::Refusal> {
-    let rdmsr = |m: u32| rdmsr_safe(m).value().unwrap_or(0);
-    admission::check(&CpuidRegs::of_this_cpu, LinuxCr.cr4(), &rdmsr)
+    admission::check_here(&LinuxCr, &|m| rdmsr_safe(m).value().unwrap_or(0))
 }
 
 impl Drop for Smudge {

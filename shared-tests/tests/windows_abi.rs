@@ -173,12 +173,68 @@ mod security {
         assert_eq!(sid_len(&SID_ADMINISTRATORS), SID_ADMINISTRATORS.len());
     }
 
+    fn u16_at(b: &[u8], o: usize) -> usize {
+        usize::from(u16::from_le_bytes([b[o], b[o + 1]]))
+    }
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+    }
+
+    /// Reads the device's descriptor back as the kernel's SeCaptureSecurityDescriptor would
+    /// (MS-DTYP 2.4.6 self-relative SECURITY_DESCRIPTOR, 2.4.5 ACL, 2.4.4.2 ACCESS_ALLOWED_ACE)
+    /// and lists its DACL as (SID, mask) pairs.
     #[test]
-    fn dacl_fits_both_aces() {
-        // 8 + (8 + 12) + (8 + 16).
-        assert_eq!(DACL_LEN, 52);
-        // RtlCreateAcl wants a multiple of 4 (ACLs are DWORD aligned).
-        assert_eq!(DACL_LEN % 4, 0);
+    fn the_device_descriptor_allows_only_system_and_administrators() {
+        let sd = &DEVICE_SECURITY.0;
+        assert!(
+            std::mem::align_of_val(&DEVICE_SECURITY) >= 4,
+            "DWORD aligned"
+        );
+        assert_eq!(sd[0], 1, "SECURITY_DESCRIPTOR_REVISION");
+        // SE_DACL_PRESENT (0x0004) and SE_SELF_RELATIVE (0x8000), nothing else: no
+        // inheritance flags, not SE_DACL_DEFAULTED.
+        assert_eq!(u16_at(sd, 2), 0x8004);
+        let (owner, group, sacl, dacl) =
+            (u32_at(sd, 4), u32_at(sd, 8), u32_at(sd, 12), u32_at(sd, 16));
+        assert_eq!((owner, group, sacl), (0, 0, 0), "only the DACL is set");
+        let acl = &sd[dacl as usize..];
+        assert_eq!(dacl % 4, 0);
+        assert_eq!((acl[0], acl[1]), (2, 0), "ACL_REVISION, Sbz1");
+        assert_eq!(
+            u16_at(acl, 2),
+            acl.len(),
+            "AclSize covers the ACEs and no more"
+        );
+        assert_eq!(u16_at(acl, 6), 0, "Sbz2");
+        let mut aces = Vec::new();
+        let mut o = 8;
+        for _ in 0..u16_at(acl, 4) {
+            let size = u16_at(acl, o + 2);
+            assert_eq!(
+                (acl[o], acl[o + 1]),
+                (0, 0),
+                "ACCESS_ALLOWED_ACE_TYPE, no flags"
+            );
+            assert_eq!(size % 4, 0, "ACEs are DWORD aligned");
+            let sid = &acl[o + 8..o + size];
+            assert_eq!(
+                8 + 4 * usize::from(sid[1]),
+                sid.len(),
+                "AceSize fits the SID"
+            );
+            aces.push((sid_string(sid), u32_at(acl, o + 4)));
+            o += size;
+        }
+        assert_eq!(o, acl.len(), "AceCount names every ACE");
+        // FILE_ALL_ACCESS = STANDARD_RIGHTS_REQUIRED (0xF0000) | SYNCHRONIZE (0x100000) | 0x1FF.
+        let all = 0xF_0000 | 0x10_0000 | 0x1FF;
+        assert_eq!(
+            aces,
+            [
+                ("S-1-5-18".to_string(), all),
+                ("S-1-5-32-544".to_string(), all)
+            ]
+        );
     }
 }
 

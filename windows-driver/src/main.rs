@@ -15,11 +15,9 @@
     clippy::indexing_slicing
 )]
 
-mod cpu;
 mod nt;
 mod os;
 mod platform;
-mod pool;
 mod power;
 mod processors;
 mod usermem;
@@ -31,7 +29,7 @@ use smudge_core::arch::{self, RawBox};
 use smudge_core::session::load;
 use smudge_core::spec::Duties;
 use smudge_core::vmx::admission;
-use smudge_core::vmx::caps::CpuidRegs;
+use smudge_core::vmx::root::RawCr;
 
 use nt::{DeviceObject, DriverObject, Irp};
 use platform::NtPlatform;
@@ -41,19 +39,19 @@ use smudge_core::session::{self, Fail, Session, SessionBox};
 /// One open of the device (FILE_OBJECT.FsContext).
 type NtSession = Session<NtPlatform>;
 
-const DEVICE_PATH: &str = r"\Device\Smudge";
-const DOS_PATH: &str = r"\DosDevices\Smudge";
-static DEVICE_PATH_UTF16: [u16; DEVICE_PATH.len()] = nt::utf16(DEVICE_PATH);
-static DOS_PATH_UTF16: [u16; DOS_PATH.len()] = nt::utf16(DOS_PATH);
-/// The device's names as constant UNICODE_STRINGs (RTL_CONSTANT_STRING).
-static DEVICE_NAME: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&DEVICE_PATH_UTF16);
-static DOS_NAME: nt::StaticUnicodeString = nt::StaticUnicodeString::new(&DOS_PATH_UTF16);
+nt::unicode_string!(DEVICE_NAME, r"\Device\Smudge");
+nt::unicode_string!(DOS_NAME, r"\DosDevices\Smudge");
 
 /// The MSVC toolchain's marker that floating point is in use; ntoskrnl provides no CRT.
 #[no_mangle]
 #[used]
 #[allow(non_upper_case_globals)]
 static _fltused: i32 = 0;
+
+/// An error line, printed by default.
+fn error(msg: &CStr) {
+    log(nt::DPFLTR_ERROR_LEVEL, msg)
+}
 
 fn log(level: u32, msg: &CStr) {
     // SAFETY: "%s" with a NUL-terminated string, printable at any IRQL.
@@ -76,24 +74,15 @@ pub unsafe extern "system" fn DriverEntry(
     driver: *mut DriverObject,
     _registry_path: *mut nt::UnicodeString,
 ) -> NtStatus {
-    match platform::total_ram_pages() {
-        Some(pages) => platform::set_cap(pages),
-        None => {
-            log(
-                nt::DPFLTR_ERROR_LEVEL,
-                c"MmGetPhysicalMemoryRanges failed: cannot size the page cap",
-            );
-            return STATUS_INSUFFICIENT_RESOURCES;
-        }
-    }
+    let Some(pages) = platform::total_ram_pages() else {
+        error(c"MmGetPhysicalMemoryRanges failed: cannot size the page cap");
+        return STATUS_INSUFFICIENT_RESOURCES;
+    };
+    platform::set_cap(pages);
     // SAFETY (rdmsr): given this processor's real CPUID, VmxCaps::from_reader reads only MSRs
     // whose existence the SDM guarantees (the admission module's comment; tested on every
-    // fixture dump); CPL 0 reads of CR4 and the MSRs.
-    let here = || unsafe {
-        admission::check(&CpuidRegs::of_this_cpu, arch::read_cr4(), &|m| {
-            arch::rdmsr(m)
-        })
-    };
+    // fixture dump); CPL 0.
+    let here = || admission::check_here(&RawCr, &|m| unsafe { arch::rdmsr(m) });
     // Windows documents no interface to its own mitigation choices for a third-party
     // hypervisor: the barriers follow what the processor enumerates (core `spec`).
     // SAFETY: IA32_ARCH_CAPABILITIES is read only where CPUID enumerates it; CPL 0.
@@ -101,7 +90,7 @@ pub unsafe extern "system" fn DriverEntry(
     let loaded = match load::load(&NtProcessors, &NtPlatform, &here, duties, false) {
         Ok(l) => l,
         Err(f) => {
-            log(nt::DPFLTR_ERROR_LEVEL, f.message().as_cstr());
+            error(f.message().as_cstr());
             platform::drain_deferred();
             return from_load(f);
         }
@@ -125,16 +114,13 @@ pub unsafe extern "system" fn DriverEntry(
         )
     };
     if status < 0 {
-        log(
-            nt::DPFLTR_ERROR_LEVEL,
-            c"IoCreateDevice(\\Device\\Smudge) failed",
-        );
+        error(c"IoCreateDevice(\\Device\\Smudge) failed");
         leave_vmx();
         return status;
     }
     // The device exists but is not yet reachable: a failure now deletes it again.
     let undo = |status: NtStatus, msg: &CStr| {
-        log(nt::DPFLTR_ERROR_LEVEL, msg);
+        error(msg);
         // SAFETY: `device` was created above and nothing else references it yet.
         unsafe { nt::IoDeleteDevice(device) };
         leave_vmx();
@@ -144,7 +130,7 @@ pub unsafe extern "system" fn DriverEntry(
     if status < 0 {
         return undo(
             status,
-            c"cannot set the device's DACL (SYSTEM and Administrators only)",
+            c"cannot restrict the device to SYSTEM and Administrators",
         );
     }
     // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
@@ -152,7 +138,7 @@ pub unsafe extern "system" fn DriverEntry(
     if let Err(status) = power::register(device) {
         return undo(
             status,
-            c"cannot register the bug-check, shutdown and power-state callbacks",
+            c"cannot register the bug-check, shutdown or power callbacks",
         );
     }
     // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
@@ -173,46 +159,20 @@ pub unsafe extern "system" fn DriverEntry(
     STATUS_SUCCESS
 }
 
-/// Replaces the device's DACL with one that admits only LocalSystem and Administrators (the
-/// default DACL lets every user open a device), built with the Rtl security functions:
-/// IoCreateDeviceSecure would do the same but lives in wdmsec.lib, not ntoskrnl.
+/// Replaces the device's DACL (the default lets every user open a device) with core's
+/// `DEVICE_SECURITY`: LocalSystem and Administrators only.
 fn restrict_to_administrators(device: *mut DeviceObject) -> NtStatus {
-    use smudge_core::abi::windows as s;
-    // u64 arrays: the descriptor holds pointers and the ACL must be DWORD aligned.
-    let mut sd = [0u64; s::SECURITY_DESCRIPTOR_LEN / 8];
-    let mut acl = [0u64; s::DACL_LEN.div_ceil(8)];
-    let sd_ptr = sd.as_mut_ptr().cast::<core::ffi::c_void>();
-    let acl_ptr = acl.as_mut_ptr().cast::<core::ffi::c_void>();
-    // SAFETY: each buffer is as large as the call needs (sizes in `security`, host-tested) and
-    // outlives ZwSetSecurityObject, which copies the descriptor into the object; the SIDs are
-    // static, well-formed SIDs; the handle is a kernel handle closed before returning.
+    let mut sd = ioctl::DEVICE_SECURITY;
+    let mut handle = core::ptr::null_mut();
+    // SAFETY: `device` is our device object; `handle` is a valid out pointer, and the kernel
+    // handle it receives is closed before returning; ZwSetSecurityObject copies the descriptor
+    // (a well-formed self-relative one, host-tested), which outlives the call.
     unsafe {
-        let mut status = nt::RtlCreateSecurityDescriptor(sd_ptr, s::SECURITY_DESCRIPTOR_REVISION);
-        if status >= 0 {
-            status = nt::RtlCreateAcl(acl_ptr, s::DACL_LEN as u32, s::ACL_REVISION);
-        }
-        for sid in [&s::SID_LOCAL_SYSTEM[..], &s::SID_ADMINISTRATORS[..]] {
-            if status >= 0 {
-                status = nt::RtlAddAccessAllowedAce(
-                    acl_ptr,
-                    s::ACL_REVISION,
-                    s::FILE_ALL_ACCESS,
-                    sid.as_ptr().cast(),
-                );
-            }
-        }
-        if status >= 0 {
-            status = nt::RtlSetDaclSecurityDescriptor(sd_ptr, 1, acl_ptr, 0);
-        }
-        if status < 0 {
-            return status;
-        }
-        let mut handle = core::ptr::null_mut();
-        status = nt::ObOpenObjectByPointer(
+        let status = nt::ObOpenObjectByPointer(
             device.cast(),
-            s::OBJ_KERNEL_HANDLE,
+            ioctl::OBJ_KERNEL_HANDLE,
             core::ptr::null_mut(),
-            s::WRITE_DAC,
+            ioctl::WRITE_DAC,
             core::ptr::null_mut(),
             nt::KERNEL_MODE,
             &mut handle,
@@ -220,7 +180,8 @@ fn restrict_to_administrators(device: *mut DeviceObject) -> NtStatus {
         if status < 0 {
             return status;
         }
-        status = nt::ZwSetSecurityObject(handle, s::DACL_SECURITY_INFORMATION, sd_ptr);
+        let info = ioctl::DACL_SECURITY_INFORMATION;
+        let status = nt::ZwSetSecurityObject(handle, info, (&raw mut sd).cast());
         nt::ZwClose(handle);
         status
     }

@@ -45,6 +45,17 @@ impl StaticUnicodeString {
     }
 }
 
+/// `static $name: StaticUnicodeString` over the ASCII literal `$text` (RTL_CONSTANT_STRING).
+macro_rules! unicode_string {
+    ($name:ident, $text:expr) => {
+        static $name: $crate::nt::StaticUnicodeString = {
+            static UTF16: [u16; $text.len()] = $crate::nt::utf16($text);
+            $crate::nt::StaticUnicodeString::new(&UTF16)
+        };
+    };
+}
+pub(crate) use unicode_string;
+
 /// ASCII to UTF-16 at compile time (for the device names). Only called in `static`
 /// initialisers, so an out-of-range index is a compile error, never a runtime panic.
 #[allow(clippy::indexing_slicing)]
@@ -246,8 +257,6 @@ pub const XSTATE_MASK_LEGACY: u64 = 0x3;
 pub const NON_PAGED_POOL_NX: u32 = 512;
 /// MM_COPY_MEMORY_PHYSICAL: MmCopyMemory's source is a physical address.
 pub const MM_COPY_MEMORY_PHYSICAL: u32 = 0x1;
-/// MM_COPY_MEMORY_VIRTUAL: MmCopyMemory's source is a virtual address.
-pub const MM_COPY_MEMORY_VIRTUAL: u32 = 0x2;
 /// FILE_DEVICE_SECURE_OPEN: apply the device's ACL to opens of names below it too.
 pub const FILE_DEVICE_SECURE_OPEN: u32 = 0x100;
 /// KernelMode (KPROCESSOR_MODE): a wait that user-mode APCs do not interrupt.
@@ -276,6 +285,22 @@ pub struct BugCheckCallbackRecord {
     pub component: *const u8,
     pub checksum: usize,
     pub state: u8,
+}
+
+impl BugCheckCallbackRecord {
+    /// The record before KeRegisterBugCheckCallback fills it.
+    pub const ZEROED: Self = BugCheckCallbackRecord {
+        entry: ListEntry {
+            flink: core::ptr::null_mut(),
+            blink: core::ptr::null_mut(),
+        },
+        callback_routine: None,
+        buffer: core::ptr::null_mut(),
+        length: 0,
+        component: core::ptr::null(),
+        checksum: 0,
+        state: 0,
+    };
 }
 
 /// KBUGCHECK_CALLBACK_ROUTINE: runs at HIGH_LEVEL on the processor that bug-checks.
@@ -387,21 +412,6 @@ extern "system" {
     /// The physical memory ranges, ended by an all-zero entry; a nonpaged pool allocation the
     /// caller frees with ExFreePool (ExFreePoolWithTag with tag 0). Null on failure.
     pub fn MmGetPhysicalMemoryRanges() -> *mut PhysicalMemoryRange;
-    /// An absolute security descriptor in `sd` (at least SECURITY_DESCRIPTOR_MIN_LENGTH bytes).
-    pub fn RtlCreateSecurityDescriptor(sd: *mut c_void, revision: u32) -> NtStatus;
-    pub fn RtlCreateAcl(acl: *mut c_void, len: u32, revision: u32) -> NtStatus;
-    pub fn RtlAddAccessAllowedAce(
-        acl: *mut c_void,
-        revision: u32,
-        mask: u32,
-        sid: *const c_void,
-    ) -> NtStatus;
-    pub fn RtlSetDaclSecurityDescriptor(
-        sd: *mut c_void,
-        present: u8,
-        dacl: *mut c_void,
-        defaulted: u8,
-    ) -> NtStatus;
     /// A kernel handle to `object` with `access` (object type null: any type).
     pub fn ObOpenObjectByPointer(
         object: *mut c_void,

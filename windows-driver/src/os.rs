@@ -9,18 +9,9 @@ use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::vmx::hw::{self, Hardware};
 use smudge_core::vmx::root::Processors;
 
-use crate::platform::{self, NtPlatform};
-use crate::pool::Pool;
+use crate::platform::{self, NtPlatform, Pool};
 use crate::processors::{self, NtProcessors};
-use crate::usermem::{copy_from_user, copy_to_user};
-use crate::{cpu, nt};
-
-/// Interrupt time, 100 ns units.
-fn interrupt_time() -> u64 {
-    let mut qpc = 0u64;
-    // SAFETY: a valid out pointer; callable at any IRQL.
-    unsafe { nt::KeQueryInterruptTimePrecise(&mut qpc) }
-}
+use crate::{nt, usermem};
 
 impl Os for NtPlatform {
     type Alloc = Pool;
@@ -29,16 +20,16 @@ impl Os for NtPlatform {
     const POLICY: RunPolicy = budget::POLICY;
 
     fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail> {
-        copy_from_user(dst, src).map_err(|_| Fail::Fault)
+        usermem::copy_from_user(dst, src)
     }
     fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail> {
-        copy_to_user(dst, src).map_err(|_| Fail::Fault)
+        usermem::copy_to_user(dst, src)
     }
     fn processors(&self) -> &dyn Processors {
         &NtProcessors
     }
     fn pin(&self, cpu: u32) -> Result<processors::Pinned, Fail> {
-        processors::pin(cpu).map_err(|_| Fail::Io)
+        processors::pin(cpu).ok_or(Fail::Io)
     }
     fn with_guest_context<R>(&self, f: impl FnOnce(&mut Hardware<'_>) -> R) -> Result<R, Fail> {
         let mut xsave = nt::XStateSave::new();
@@ -53,9 +44,10 @@ impl Os for NtPlatform {
         let debugctl = || Some(unsafe { arch::rdmsr(arch::IA32_DEBUGCTL) });
         // SAFETY: at DISPATCH_LEVEL the thread is not preempted, so it stays on this processor,
         // with the legacy FPU state saved around it.
-        let r =
-            cpu::at_dispatch(|| unsafe { hw::on_guest_cpu(processors::current(), debugctl, f) })
-                .ok_or(Fail::Io);
+        let r = processors::at_dispatch(|| unsafe {
+            hw::on_guest_cpu(NtProcessors.current(), debugctl, f)
+        })
+        .ok_or(Fail::Io);
         // SAFETY: pairs with the save above, at the same IRQL.
         unsafe { nt::KeRestoreExtendedProcessorState(&mut xsave) };
         r
@@ -72,7 +64,9 @@ impl Os for NtPlatform {
         }
     }
     fn now_ns(&self) -> u64 {
-        interrupt_time().saturating_mul(100)
+        let mut qpc = 0u64;
+        // SAFETY: a valid out pointer; callable at any IRQL. Interrupt time is in 100 ns units.
+        unsafe { nt::KeQueryInterruptTimePrecise(&mut qpc) }.saturating_mul(100)
     }
     fn host_mapping(&self, hpa: u64) -> Option<HostMapping> {
         let va = self.va(hpa) as u64;

@@ -9,11 +9,14 @@
 //! tables after an INVEPT), but MmFreeContiguousMemory requires IRQL <= APC_LEVEL. A page freed
 //! above APC_LEVEL is therefore pushed on a lock-free list threaded through the pages themselves
 //! and really freed by [`drain_deferred`] at PASSIVE_LEVEL.
+//!
+//! Request buffers, vCPUs and sessions come from the nonpaged pool ([`Pool`]), not from the
+//! 24 KiB kernel stack (frames above 4 KiB would also need `__chkstk`, which is not linked).
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use smudge_core::arch::{direct_map, DirectMap};
+use smudge_core::arch::{direct_map, DirectMap, RawAlloc};
 use smudge_core::hostmem::{self, DeferredFree, PageBudget};
 use smudge_core::platform::{AllocError, PageMut, PageWords, Platform};
 
@@ -53,17 +56,13 @@ pub fn total_ram_pages() -> Option<u64> {
     if ranges.is_null() {
         return None;
     }
-    let mut bytes = 0u64;
-    let mut i = 0;
-    loop {
+    let bytes = (0..)
         // SAFETY: entries up to and including the all-zero terminator are readable.
-        let r = unsafe { ranges.add(i).read() };
-        if r.base_address == 0 && r.number_of_bytes == 0 {
-            break;
-        }
-        bytes = bytes.saturating_add(r.number_of_bytes.max(0) as u64);
-        i += 1;
-    }
+        .map(|i| unsafe { ranges.add(i).read() })
+        .take_while(|r| r.base_address != 0 || r.number_of_bytes != 0)
+        .fold(0u64, |n, r| {
+            n.saturating_add(r.number_of_bytes.max(0) as u64)
+        });
     // SAFETY: the array is a pool allocation the caller frees (ExFreePool = tag 0), once.
     unsafe { nt::ExFreePoolWithTag(ranges.cast::<c_void>(), 0) };
     Some(bytes / PAGE as u64)
@@ -79,22 +78,16 @@ pub fn drain_deferred() {
 /// The Windows implementation of the core's platform seam.
 pub struct NtPlatform;
 
-impl NtPlatform {
-    fn virt(hpa: u64) -> *mut c_void {
+// SAFETY: the core's pages are nonpaged contiguous allocations (`os_alloc`), mapped in system
+// space at the address MmGetVirtualForPhysical gives until they are freed.
+unsafe impl DirectMap for NtPlatform {
+    fn va(&self, hpa: u64) -> *mut u8 {
         if !hpa.is_multiple_of(PAGE as u64) || hpa > i64::MAX as u64 {
             return core::ptr::null_mut();
         }
         // SAFETY: MmGetVirtualForPhysical only looks the address up (any IRQL); it returns null
         // when no system-space mapping exists.
-        unsafe { nt::MmGetVirtualForPhysical(hpa as i64) }
-    }
-}
-
-// SAFETY: the core's pages are nonpaged contiguous allocations (`os_alloc`), mapped in system
-// space at the address MmGetVirtualForPhysical gives until they are freed.
-unsafe impl DirectMap for NtPlatform {
-    fn va(&self, hpa: u64) -> *mut u8 {
-        Self::virt(hpa).cast()
+        unsafe { nt::MmGetVirtualForPhysical(hpa as i64).cast() }
     }
 }
 
@@ -122,10 +115,10 @@ impl NtPlatform {
 
     /// Frees a page from [`NtPlatform::os_alloc`] at IRQL <= APC_LEVEL, uncounted.
     pub fn os_free(hpa: u64) {
-        let va = Self::virt(hpa);
+        let va = NtPlatform.va(hpa);
         if !va.is_null() {
             // SAFETY: `hpa` came from os_alloc; `va` is that allocation's base, freed once.
-            unsafe { nt::MmFreeContiguousMemory(va) };
+            unsafe { nt::MmFreeContiguousMemory(va.cast()) };
         }
     }
 }
@@ -138,16 +131,16 @@ impl Platform for NtPlatform {
 
     /// At IRQL <= APC_LEVEL frees at once (MmFreeContiguousMemory's rule), above it defers.
     fn free_page(&self, hpa: u64) {
-        let va = Self::virt(hpa);
+        let va = self.va(hpa);
         if va.is_null() {
             return;
         }
-        if crate::cpu::irql() > 1 {
+        if crate::processors::irql() > 1 {
             return DEFERRED.push(self, hpa);
         }
         // SAFETY: the core returns only addresses from `alloc_page`, each once (trait contract);
         // `va` is that allocation's base address.
-        budget().free(|| unsafe { nt::MmFreeContiguousMemory(va) });
+        budget().free(|| unsafe { nt::MmFreeContiguousMemory(va.cast()) });
     }
 
     fn page(&self, hpa: u64) -> &PageWords {
@@ -158,5 +151,30 @@ impl Platform for NtPlatform {
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
         // SAFETY: as in `page`, lent only while nothing else uses it (the trait's contract).
         unsafe { direct_map::with_page_mut(self, hpa, f) }
+    }
+}
+
+/// Pool tag "Smdg" (shows as `gdmS` in pool dumps, as tags do).
+pub const TAG: u32 = u32::from_le_bytes(*b"Smdg");
+
+/// NonPagedPoolNx with [`TAG`].
+pub struct Pool;
+
+// SAFETY: x64 pool allocations are 16-byte aligned; the memory is zeroed before it is returned
+// and freed with the same tag. Callable at IRQL <= DISPATCH_LEVEL, where the core allocates and
+// drops these values.
+unsafe impl RawAlloc for Pool {
+    fn alloc_zeroed(bytes: usize) -> *mut u8 {
+        // SAFETY: plain arguments; returns null on failure.
+        let p = unsafe { nt::ExAllocatePoolWithTag(nt::NON_PAGED_POOL_NX, bytes, TAG) };
+        if !p.is_null() {
+            // SAFETY: a fresh allocation of `bytes` writable bytes.
+            unsafe { core::ptr::write_bytes(p.cast::<u8>(), 0, bytes) };
+        }
+        p.cast()
+    }
+    unsafe fn free(p: *mut u8, _bytes: usize) {
+        // SAFETY: allocated above with TAG, freed once (the caller's contract).
+        unsafe { nt::ExFreePoolWithTag(p.cast::<c_void>(), TAG) };
     }
 }

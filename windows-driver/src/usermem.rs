@@ -3,80 +3,58 @@
 //! The METHOD_BUFFERED system buffer holds only the fixed request; the pointers inside it are
 //! addresses in the calling process, which this driver reaches directly because a top-level
 //! device's IRP_MJ_DEVICE_CONTROL runs in the caller's thread at PASSIVE_LEVEL. A C driver
-//! would wrap ProbeForRead/ProbeForWrite and the copy in `__try`; Rust has no SEH. So:
-//!
-//! * both directions first check the range against `MmUserProbeAddress`
-//!   (`smudge_core::abi::windows::user_range_ok`), the range half of ProbeForRead/Write;
-//! * **in** (user -> kernel): `MmCopyMemory(MM_COPY_MEMORY_VIRTUAL)`, documented (ntddk.h,
-//!   Windows 8.1+) to accept "a buffer in the user address space of the current process" and to
-//!   fail, "not crash the system", on an invalid one. It wants a nonpaged target.
-//! * **out** (kernel -> user): no documented routine copies *to* user memory without raising an
-//!   exception, so `smudge_copy_to_user` below is what `__try { RtlCopyMemory } __except(1)`
-//!   compiles to: a leaf routine whose unwind data names ntoskrnl's `__C_specific_handler`
-//!   with a one-entry scope table around the copy loop. A fault on the user address (unmapped,
-//!   read-only, freed by another thread) is dispatched to that handler, which unwinds to the
-//!   recovery label; the routine returns STATUS_ACCESS_VIOLATION instead of bug-checking.
+//! would wrap ProbeForRead/ProbeForWrite and the copy in `__try`; Rust has no SEH. So each
+//! copy first checks the range against `MmUserProbeAddress` (`abi::windows::user_range_ok`,
+//! the range half of ProbeForRead/Write), then runs `smudge_copy_user` below, which is what
+//! `__try { RtlCopyMemory } __except(1)` compiles to: a leaf routine whose unwind data names
+//! ntoskrnl's `__C_specific_handler` with a one-entry scope table around the copy loop. A fault
+//! on the user address (unmapped, read-only, freed by another thread) is dispatched to that
+//! handler, which unwinds to the recovery label; the routine returns STATUS_ACCESS_VIOLATION
+//! instead of bug-checking.
 
 use core::arch::global_asm;
-use core::ffi::c_void;
 
-use smudge_core::abi::windows::*;
+use smudge_core::abi::windows::user_range_ok;
+use smudge_core::session::Fail;
 
 use crate::nt;
 
-fn probe_limit() -> u64 {
+/// Copies `len` bytes from `src` to `dst`, one of them the user range `user`.
+fn copy(user: u64, dst: *mut u8, src: *const u8, len: usize) -> Result<(), Fail> {
     // SAFETY: an ntoskrnl variable set at boot and never written afterwards.
-    unsafe { nt::MmUserProbeAddress as u64 }
-}
-
-/// Copies `dst.len()` bytes from user address `src` into `dst`, which must be nonpaged (a
-/// request buffer in the pool). Call at PASSIVE_LEVEL in the requesting process.
-pub fn copy_from_user(dst: &mut [u8], src: u64) -> Result<(), NtStatus> {
-    if !user_range_ok(src, dst.len() as u64, probe_limit()) {
-        return Err(STATUS_ACCESS_VIOLATION);
-    }
-    let mut copied = 0usize;
-    // SAFETY: `dst` is a writable nonpaged buffer of dst.len() bytes; the source is a user
-    // range, which MmCopyMemory reads without faulting (it returns an error instead).
-    let status = unsafe {
-        nt::MmCopyMemory(
-            dst.as_mut_ptr().cast::<c_void>(),
-            src,
-            dst.len(),
-            nt::MM_COPY_MEMORY_VIRTUAL,
-            &mut copied,
-        )
-    };
-    if status < 0 || copied != dst.len() {
-        return Err(STATUS_ACCESS_VIOLATION);
-    }
-    Ok(())
-}
-
-/// Copies `src` to user address `dst`. Call at PASSIVE_LEVEL in the requesting process.
-pub fn copy_to_user(dst: u64, src: &[u8]) -> Result<(), NtStatus> {
-    if !user_range_ok(dst, src.len() as u64, probe_limit()) {
-        return Err(STATUS_ACCESS_VIOLATION);
+    let limit = unsafe { nt::MmUserProbeAddress } as u64;
+    if !user_range_ok(user, len as u64, limit) {
+        return Err(Fail::Fault);
     }
     // CR4.SMAP: supervisor accesses to user pages fault unless RFLAGS.AC is set.
     // SAFETY: CPL 0 read of CR4.
-    let smap =
-        u64::from(unsafe { smudge_core::arch::read_cr4() } & smudge_core::regs::CR4_SMAP != 0);
-    // SAFETY: the destination range lies in user space (checked above), so the routine can
-    // only fault, never corrupt kernel memory; a fault is caught by its SEH scope.
-    let status = unsafe { smudge_copy_to_user(dst, src.as_ptr(), src.len(), smap) };
-    if status < 0 {
-        return Err(status);
+    let smap = unsafe { smudge_core::arch::read_cr4() } & smudge_core::regs::CR4_SMAP != 0;
+    // SAFETY: the kernel side is a buffer of `len` bytes (the callers' slice); the user side lies
+    // in user space (checked above), so the routine can only fault there, never corrupt kernel
+    // memory, and a fault is caught by its SEH scope.
+    match unsafe { smudge_copy_user(dst, src, len, u64::from(smap)) } {
+        0 => Ok(()),
+        _ => Err(Fail::Fault),
     }
-    Ok(())
+}
+
+/// Copies `dst.len()` bytes from user address `src` into `dst`. PASSIVE_LEVEL, in the
+/// requesting process.
+pub fn copy_from_user(dst: &mut [u8], src: u64) -> Result<(), Fail> {
+    copy(src, dst.as_mut_ptr(), src as *const u8, dst.len())
+}
+
+/// Copies `src` to user address `dst`. PASSIVE_LEVEL, in the requesting process.
+pub fn copy_to_user(dst: u64, src: &[u8]) -> Result<(), Fail> {
+    copy(dst, dst as *mut u8, src.as_ptr(), src.len())
 }
 
 extern "system" {
-    /// Returns 0, or STATUS_ACCESS_VIOLATION when a store to `dst` faulted.
-    fn smudge_copy_to_user(dst: u64, src: *const u8, len: usize, smap: u64) -> NtStatus;
+    /// Returns 0, or STATUS_ACCESS_VIOLATION when an access faulted.
+    fn smudge_copy_user(dst: *mut u8, src: *const u8, len: usize, smap: u64) -> nt::NtStatus;
 }
 
-// Win64 convention: RCX = user destination, RDX = kernel source, R8 = length, R9 = 1 when
+// Win64 convention: RCX = destination, RDX = source, R8 = length, R9 = 1 when
 // CR4.SMAP is on (then STAC/CLAC bracket the user accesses). Uses only volatile registers and
 // no stack, so the prologue is empty and the unwind data needs no unwind codes.
 //
@@ -88,13 +66,13 @@ extern "system" {
 global_asm!(
     ".text",
     ".p2align 4",
-    ".def smudge_copy_to_user",
+    ".def smudge_copy_user",
     ".scl 2",
     ".type 32",
     ".endef",
-    ".globl smudge_copy_to_user",
-    "smudge_copy_to_user:",
-    ".seh_proc smudge_copy_to_user",
+    ".globl smudge_copy_user",
+    "smudge_copy_user:",
+    ".seh_proc smudge_copy_user",
     ".seh_handler __C_specific_handler, %except",
     ".seh_endprologue",
     "    test r9, r9",

@@ -344,9 +344,9 @@ pub const fn user_range_ok(ptr: u64, len: u64, probe: u64) -> bool {
 
 // ---- Who may open the device ----
 // Who may open `\\.\Smudge`: LocalSystem and the Administrators group, nobody else (like the
-// Linux module's root-only /dev/smudge). The driver builds the DACL with the Rtl security
-// functions from the SIDs and the sizes here (MS-DTYP 2.4.2.2 SID, 2.4.4.2 ACCESS_ALLOWED_ACE,
-// 2.4.5 ACL) and sets it on the device object.
+// Linux module's root-only /dev/smudge). The core writes the device's security descriptor out
+// in self-relative form (MS-DTYP 2.4.6), which the driver sets on the device object with
+// ZwSetSecurityObject; IoCreateDeviceSecure would do the same but lives in wdmsec.lib.
 
 /// `S-1-5-18`, LocalSystem: revision 1, one sub-authority, identifier authority 5 (NT,
 /// big-endian 48-bit), sub-authority 18 (little-endian).
@@ -357,17 +357,23 @@ pub const SID_ADMINISTRATORS: [u8; 16] = [1, 2, 0, 0, 0, 0, 0, 5, 32, 0, 0, 0, 0
 /// FILE_ALL_ACCESS: every right on the device (STANDARD_RIGHTS_REQUIRED | SYNCHRONIZE | 0x1FF).
 pub const FILE_ALL_ACCESS: u32 = 0x001F_01FF;
 /// ACL_REVISION.
-pub const ACL_REVISION: u32 = 2;
+pub const ACL_REVISION: u8 = 2;
 /// SECURITY_DESCRIPTOR_REVISION.
-pub const SECURITY_DESCRIPTOR_REVISION: u32 = 1;
+pub const SECURITY_DESCRIPTOR_REVISION: u8 = 1;
+/// SECURITY_DESCRIPTOR_CONTROL: SE_DACL_PRESENT | SE_SELF_RELATIVE (MS-DTYP 2.4.6).
+pub const SD_CONTROL: u16 = 0x0004 | 0x8000;
+/// ACCESS_ALLOWED_ACE_TYPE.
+pub const ACCESS_ALLOWED_ACE_TYPE: u8 = 0;
 /// DACL_SECURITY_INFORMATION.
 pub const DACL_SECURITY_INFORMATION: u32 = 4;
 /// WRITE_DAC, the right to set the DACL through a handle.
 pub const WRITE_DAC: u32 = 0x0004_0000;
 /// OBJ_KERNEL_HANDLE.
 pub const OBJ_KERNEL_HANDLE: u32 = 0x200;
-/// SECURITY_DESCRIPTOR_MIN_LENGTH on x64 (absolute form: 4 bytes of header, 4 pointers).
-pub const SECURITY_DESCRIPTOR_LEN: usize = 40;
+
+/// The self-relative header: revision, Sbz1, control, and the offsets of owner, group, SACL
+/// and DACL (0: absent).
+const SD_HEADER_LEN: usize = 20;
 
 /// Bytes of an ACL holding one ACCESS_ALLOWED_ACE per SID: the 8-byte ACL header, and per ACE
 /// its 4-byte header, 4-byte mask and the SID.
@@ -387,6 +393,48 @@ pub const DACL_LEN: usize = acl_len(&[SID_LOCAL_SYSTEM.len(), SID_ADMINISTRATORS
 /// The length a SID's bytes declare (RtlLengthSid: 8 + 4 per sub-authority).
 pub const fn sid_len(sid: &[u8]) -> usize {
     8 + 4 * sid[1] as usize
+}
+
+/// A self-relative security descriptor, DWORD aligned as the kernel wants it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct SecurityDescriptor(pub [u8; SD_HEADER_LEN + DACL_LEN]);
+
+/// The device's security descriptor: no owner, group or SACL; a DACL that allows
+/// FILE_ALL_ACCESS to LocalSystem and to Administrators and nothing to anyone else.
+pub const DEVICE_SECURITY: SecurityDescriptor = device_security();
+
+#[allow(clippy::indexing_slicing)] // const evaluation: an index out of range fails the build
+const fn device_security() -> SecurityDescriptor {
+    const fn put(b: &mut [u8], at: usize, v: &[u8]) -> usize {
+        let mut i = 0;
+        while i < v.len() {
+            b[at + i] = v[i];
+            i += 1;
+        }
+        at + v.len()
+    }
+    let mut b = [0u8; SD_HEADER_LEN + DACL_LEN];
+    let mut at = put(&mut b, 0, &[SECURITY_DESCRIPTOR_REVISION, 0]);
+    at = put(&mut b, at, &SD_CONTROL.to_le_bytes());
+    at = put(&mut b, at + 12, &(SD_HEADER_LEN as u32).to_le_bytes());
+    // ACL (MS-DTYP 2.4.5): revision, Sbz1, AclSize, AceCount, Sbz2.
+    at = put(&mut b, at, &[ACL_REVISION, 0]);
+    at = put(&mut b, at, &(DACL_LEN as u16).to_le_bytes());
+    at = put(&mut b, at, &2u16.to_le_bytes());
+    at += 2;
+    // ACCESS_ALLOWED_ACE (2.4.4.2): type, flags, AceSize, mask, SID.
+    let sids: [&[u8]; 2] = [&SID_LOCAL_SYSTEM, &SID_ADMINISTRATORS];
+    let mut i = 0;
+    while i < sids.len() {
+        at = put(&mut b, at, &[ACCESS_ALLOWED_ACE_TYPE, 0]);
+        at = put(&mut b, at, &((8 + sids[i].len()) as u16).to_le_bytes());
+        at = put(&mut b, at, &FILE_ALL_ACCESS.to_le_bytes());
+        at = put(&mut b, at, sids[i]);
+        i += 1;
+    }
+    assert!(at == b.len());
+    SecurityDescriptor(b)
 }
 
 // ---- Windows's values for the core's run loop and its waiters ----

@@ -50,6 +50,14 @@ pub enum Fail {
 }
 
 impl Fail {
+    /// A Linux file operation's return value: the answer, or -errno.
+    pub const fn ret(r: Result<u64, Fail>) -> i64 {
+        match r {
+            Ok(v) => v as i64,
+            Err(e) => -(e.errno() as i64),
+        }
+    }
+
     /// The Linux errno (positive).
     pub const fn errno(self) -> i32 {
         match self {

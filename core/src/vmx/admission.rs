@@ -120,6 +120,15 @@ pub fn check(
     Ok(Admission { caps, mode })
 }
 
+/// [`check`] on the processor that calls it: its own CPUID, `cr`'s CR4, and `rdmsr` (called
+/// only for MSRs that exist).
+pub fn check_here(
+    cr: &dyn crate::vmx::root::ControlRegs,
+    rdmsr: &dyn Fn(u32) -> u64,
+) -> Result<Admission, Refusal> {
+    check(&CpuidRegs::of_this_cpu, cr.cr4(), rdmsr)
+}
+
 /// `check_here` (this module's [`check`] with the processor's own CPUID, CR4 and MSRs) on
 /// every present processor, run there: all must pass, with the capabilities of the first. Returns
 /// the first one's verdict, or the processor that failed and why (None: it could not be reached,

@@ -108,8 +108,11 @@ pub static ROOT: VmxRoot<MAX_CPUS> = VmxRoot::new();
 pub unsafe trait Processors {
     /// Processor numbers run from 0 to this bound (exclusive).
     fn bound(&self) -> u32;
-    /// False for a number without a processor to use (Linux: an offline CPU).
-    fn present(&self, i: u32) -> bool;
+    /// False for a number without a processor to use (Linux: an offline CPU). By default every
+    /// number below the bound has one (Windows counts active processors only).
+    fn present(&self, i: u32) -> bool {
+        i < self.bound()
+    }
     /// The number of the processor that calls it (only a hint unless preemption is off).
     fn current(&self) -> u32;
     /// Runs `f` on processor `i` with interrupts off, and returns when it is done; false when
@@ -124,13 +127,22 @@ pub unsafe trait Processors {
         }
     }
     /// The control registers of the processor that calls them (the same value serves every
-    /// processor: it reads and writes whichever one runs it).
-    fn cr(&self) -> &(dyn ControlRegs + Sync);
+    /// processor: it reads and writes whichever one runs it). By default the registers
+    /// themselves, for an OS that keeps no shadow of CR4.
+    fn cr(&self) -> &(dyn ControlRegs + Sync) {
+        &RawCr
+    }
     /// Interrupts off on the calling processor, the OS's way (Linux's lockdep must see it);
-    /// returns what [`Processors::irq_restore`] takes back.
-    fn irq_save(&self) -> usize;
+    /// returns what [`Processors::irq_restore`] takes back. By default RFLAGS.IF itself.
+    fn irq_save(&self) -> usize {
+        // SAFETY: a driver runs at ring 0; the caller pairs it with irq_restore here.
+        unsafe { arch::irq_save() as usize }
+    }
     /// Interrupts back as [`Processors::irq_save`] found them.
-    fn irq_restore(&self, flags: usize);
+    fn irq_restore(&self, flags: usize) {
+        // SAFETY: what irq_save returned on this processor.
+        unsafe { arch::irq_restore(flags as u64) }
+    }
     /// A zeroed page for a VMXON region: the driver's, outside the VMs' page budget.
     fn alloc_region(&self) -> Option<u64>;
     /// Returns a page of [`Processors::alloc_region`].

@@ -133,13 +133,13 @@ static long smudge_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { 
  * are refused: a user write would bypass the EPT and the dirty log. The open file (held by the
  * vma) keeps the VM and its pages alive until munmap. Pages not backed yet are left unmapped.
  */
-long smudge_rs_mmap(void *priv, void *vma, unsigned long pgoff, unsigned long pages);
+long smudge_rs_mmap(void *obj, void *vma, unsigned long pgoff, unsigned long pages, bool kvm);
 static int smudge_mmap(struct file *f, struct vm_area_struct *vma)
 {
 	if (vma->vm_flags & (VM_WRITE | VM_EXEC))
 		return -EPERM;
 	vm_flags_clear(vma, VM_MAYWRITE | VM_MAYEXEC);
-	return smudge_rs_mmap(f->private_data, vma, vma->vm_pgoff, vma_pages(vma));
+	return smudge_rs_mmap(f->private_data, vma, vma->vm_pgoff, vma_pages(vma), false);
 }
 int smudge_remap_page(struct vm_area_struct *vma, unsigned long i, unsigned long pfn)
 {
@@ -177,7 +177,6 @@ int smudge_kvm_mode(void) { return kvm_mode; }
 
 long smudge_rs_kvm_ioctl(void *obj, unsigned int cmd, unsigned long arg, void **made, bool *made_vm);
 void smudge_rs_kvm_put(void *obj);
-long smudge_rs_kvm_mmap(void *vcpu, void *vma, unsigned long pgoff, unsigned long pages);
 static const struct file_operations smudge_kvm_vm_fops, smudge_kvm_vcpu_fops;
 static long smudge_kvm_ioctl_common(void *obj, unsigned int cmd, unsigned long arg)
 {
@@ -203,7 +202,7 @@ static int smudge_kvm_vcpu_mmap(struct file *f, struct vm_area_struct *vma)
 	if (!(vma->vm_flags & VM_SHARED) || (vma->vm_flags & VM_EXEC))
 		return -EINVAL;
 	vm_flags_clear(vma, VM_MAYEXEC);
-	return smudge_rs_kvm_mmap(f->private_data, vma, vma->vm_pgoff, vma_pages(vma));
+	return smudge_rs_mmap(f->private_data, vma, vma->vm_pgoff, vma_pages(vma), true);
 }
 static const struct file_operations smudge_kvm_vm_fops = {
 	.owner = THIS_MODULE,

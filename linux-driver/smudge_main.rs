@@ -303,34 +303,38 @@ pub extern "C" fn smudge_rs_release(priv_: *mut c_void) {
     }
 }
 
-/// Maps frame `pfn` at page `i` of the mapping `vma` being set up.
-fn remap(vma: *mut c_void) -> impl FnMut(u64, u64) -> core::result::Result<(), Fail> {
-    move |i, pfn| {
-        // SAFETY: `vma` is the mapping being set up, `i` within its pages (the callers').
+/// mmap of `/dev/smudge` (`kvm` false; `obj` its session: the backed pages of guest RAM from
+/// page `pgoff`, read-only) or of a vCPU descriptor (`obj` its handle: the `kvm_run` page at
+/// offset 0, the dirty ring further on) into `vma`; helpers.c checked the flags. 0 or -errno.
+#[no_mangle]
+pub extern "C" fn smudge_rs_mmap(
+    obj: *mut c_void,
+    vma: *mut c_void,
+    pgoff: usize,
+    pages: usize,
+    kvm: bool,
+) -> c_long {
+    let (pgoff, pages) = (pgoff as u64, pages as u64);
+    let mut remap = |i: u64, pfn: u64| {
+        // SAFETY: `vma` is the mapping being set up, page `i` within it (core checks `pages`).
         match unsafe { smudge_remap_page(vma, i as usize, pfn as usize) } {
             0 => Ok(()),
             _ => Err(Fail::NoMemory),
         }
-    }
-}
-
-/// mmap of the VM: maps the backed pages of guest RAM from page `pgoff` read-only into `vma`
-/// (helpers.c checked the flags). Returns 0 or -errno.
-#[no_mangle]
-pub extern "C" fn smudge_rs_mmap(
-    priv_: *mut c_void,
-    vma: *mut c_void,
-    pgoff: usize,
-    pages: usize,
-) -> c_long {
-    // SAFETY: the file holds the session until release, which cannot run during mmap.
-    let Some(s) = (unsafe { (priv_ as *const LinuxSession).as_ref() }) else {
-        return Fail::ret(Err(Fail::Invalid));
     };
-    Fail::ret(
-        s.map_guest(&LinuxOs, pgoff as u64, pages as u64, &mut remap(vma))
-            .map(|()| 0),
-    )
+    // SAFETY: the file holds its session or handle until release, which cannot run during mmap.
+    let (session, handle) = unsafe {
+        match kvm {
+            false => ((obj as *const LinuxSession).as_ref(), None),
+            true => (None, (obj as *const KvmHandle).as_ref()),
+        }
+    };
+    let r = match (session, handle) {
+        (Some(s), _) => s.map_guest(&LinuxOs, pgoff, pages, &mut remap),
+        (_, Some(h)) => session::kvm::kvm_mmap(&LinuxOs, h, pgoff, pages, &mut remap),
+        _ => Err(Fail::Invalid),
+    };
+    Fail::ret(r.map(|()| 0))
 }
 
 /// An ioctl of `/dev/smudge`: the request at `arg`, answered in place. 0 or -errno.
@@ -348,7 +352,6 @@ pub extern "C" fn smudge_rs_ioctl(priv_: *mut c_void, cmd: u32, arg: usize) -> c
 }
 
 type KvmHandle = session::kvm::KvmHandle<LinuxOs>;
-type KvmHandleBox = session::kvm::KvmHandleBox<LinuxOs>;
 
 /// A request on `/dev/kvm` (`obj` null) or on a VM or vCPU descriptor (`obj` its private data),
 /// answered by the core (`session::kvm::kvm_ioctl`). A new VM or vCPU goes back through `made`
@@ -371,7 +374,7 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
     Fail::ret(r.map(|(v, new)| {
         if let Some(b) = new {
             // SAFETY: the C caller's locals.
-            unsafe { (*made_vm, *made) = (b.is_vm(), KvmHandleBox::into_raw(b).cast()) };
+            unsafe { (*made_vm, *made) = (b.is_vm(), RawBox::into_raw(b).cast()) };
         }
         v
     }))
@@ -381,27 +384,9 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
 #[no_mangle]
 pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void) {
     // SAFETY: from `made` in smudge_rs_kvm_ioctl; release is its last user.
-    if let Some(b) = unsafe { KvmHandleBox::from_raw(obj.cast()) } {
+    if let Some(b) = unsafe { RawBox::<KvmHandle, Kv>::from_raw(obj.cast()) } {
         session::kvm::kvm_put(&LinuxOs, b);
     }
-}
-
-/// mmap of a vCPU descriptor: its `kvm_run` page at offset 0, its ring further on (helpers.c
-/// checked the flags).
-#[no_mangle]
-pub extern "C" fn smudge_rs_kvm_mmap(
-    obj: *mut c_void,
-    vma: *mut c_void,
-    pgoff: usize,
-    pages: usize,
-) -> c_long {
-    // SAFETY: the descriptor holds its handle until release, which cannot run during mmap.
-    let Some(h) = (unsafe { (obj as *const KvmHandle).as_ref() }) else {
-        return Fail::ret(Err(Fail::Invalid));
-    };
-    let (pgoff, pages) = (pgoff as u64, pages as u64);
-    let r = session::kvm::kvm_mmap(&LinuxOs, h, pgoff, pages, &mut remap(vma));
-    Fail::ret(r.map(|()| 0))
 }
 
 /// CR0 and CR4 through the kernel (a raw write to CR4 would be undone by the next update of the
@@ -576,8 +561,6 @@ impl kernel::Module for Smudge {
         };
         if r < 0 {
             teardown();
-            // SAFETY: C glue, once VMX operation has ended.
-            unsafe { smudge_notifiers_unregister() };
             return Err(Error::from_errno(r));
         }
         for line in loaded.iter().flat_map(|l| l.report()) {
@@ -588,15 +571,17 @@ impl kernel::Module for Smudge {
 }
 
 /// Undoes the load: under the CPU-hotplug lock, so no CPU goes offline (in VMX operation)
-/// between the end of the hotplug callbacks and the unload.
+/// between the end of the hotplug callbacks and the unload; then, with VMX operation ended, the
+/// reboot and panic notifiers go.
 fn teardown() {
     // SAFETY: C glue: the lock, the removal of the hotplug state (nothing when not registered)
-    // under it, and the release.
+    // under it, the release, and the notifiers' removal.
     unsafe {
         bindings::cpus_read_lock();
         smudge_hotplug_unregister();
         load::unload(&LinuxCpus);
         bindings::cpus_read_unlock();
+        smudge_notifiers_unregister();
     }
 }
 
@@ -609,10 +594,7 @@ impl Drop for Smudge {
     fn drop(&mut self) {
         // SAFETY: C glue; open files pin the module, so no VM exists here.
         unsafe { smudge_devices_unregister() };
-        // VMX operation ends before the reboot and panic notifiers go.
         teardown();
-        // SAFETY: C glue.
-        unsafe { smudge_notifiers_unregister() };
         pr_info!("unloaded, {} pages held\n", budget().held());
     }
 }

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * The few kernel facilities Linux 6.12 offers to C only (macros, inlines, or structs missing
- * from the Rust bindings): the misc device, IRQ/preemption control, CR4 updates through the
- * kernel's shadow, __va/__pa, time, cross-CPU calls, the host page-table lookup, module
- * parameters and the reboot/panic notifiers. Each function is one line of policy-free glue;
- * everything else is Rust.
+ * from the Rust bindings): the misc device, IRQ/preemption control, __va/__pa, the host
+ * page-table lookup, module parameters and the reboot/panic notifiers. What the bindings have
+ * (cross-CPU calls, cr4_update_irqsoff, cpus_read_lock, free_pages, kvfree) Rust calls
+ * itself. Each function is one line of policy-free glue; everything else is Rust.
  */
 #include <linux/module.h>
 #include <linux/moduleparam.h>
@@ -59,7 +59,6 @@ module_param(reserve_pages, ulong, 0644);
 MODULE_PARM_DESC(reserve_pages, "refuse VM pages while MemAvailable is below this (0: 1/64 of RAM, at least 16 MiB)");
 unsigned long smudge_reserve_pages(void) { return READ_ONCE(reserve_pages); }
 unsigned long smudge_totalram_pages(void) { return totalram_pages(); }
-unsigned long smudge_mem_available(void) { return si_mem_available(); }
 
 int smudge_fault_inject(void)
 {

@@ -45,7 +45,6 @@ extern "C" {
     fn smudge_max_pages() -> u64;
     fn smudge_reserve_pages() -> u64;
     fn smudge_totalram_pages() -> u64;
-    fn smudge_mem_available() -> u64;
     fn smudge_hotplug_register() -> i32;
     fn smudge_hotplug_unregister();
     fn smudge_notifiers_register();
@@ -95,7 +94,7 @@ fn os_alloc() -> Option<u64> {
     // SAFETY: plain C calls; the page is zeroed by get_zeroed_page.
     unsafe {
         let room = hostmem::above_reserve(
-            smudge_mem_available(),
+            bindings::si_mem_available() as u64,
             smudge_reserve_pages(),
             smudge_totalram_pages(),
         );
@@ -118,7 +117,7 @@ fn os_free(hpa: u64) {
 struct LinuxOs;
 
 impl Platform for LinuxOs {
-    fn alloc_page(&self) -> core::result::Result<u64, AllocError> {
+    fn alloc_page(&self) -> Result<u64, AllocError> {
         budget().alloc(os_alloc)
     }
     fn free_page(&self, hpa: u64) {
@@ -193,24 +192,21 @@ impl Os for LinuxOs {
         slice_ns: None,
     };
 
-    fn copy_from_user(&self, dst: &mut [u8], src: u64) -> core::result::Result<(), Fail> {
+    fn copy_from_user(&self, dst: &mut [u8], src: u64) -> Result<(), Fail> {
         let mut r = UserSlice::new(src as usize, dst.len()).reader();
         r.read_slice(dst).map_err(|_| Fail::Fault)
     }
-    fn copy_to_user(&self, dst: u64, src: &[u8]) -> core::result::Result<(), Fail> {
+    fn copy_to_user(&self, dst: u64, src: &[u8]) -> Result<(), Fail> {
         let mut w = UserSlice::new(dst as usize, src.len()).writer();
         w.write_slice(src).map_err(|_| Fail::Fault)
     }
     fn processors(&self) -> &dyn Processors {
         &LinuxCpus
     }
-    fn pin(&self, _cpu: u32) -> core::result::Result<(), Fail> {
+    fn pin(&self, _cpu: u32) -> Result<(), Fail> {
         Ok(())
     }
-    fn with_guest_context<R>(
-        &self,
-        f: impl FnOnce(&mut Hardware<'_>) -> R,
-    ) -> core::result::Result<R, Fail> {
+    fn with_guest_context<R>(&self, f: impl FnOnce(&mut Hardware<'_>) -> R) -> Result<R, Fail> {
         let debugctl = || rdmsr_safe(arch::IA32_DEBUGCTL).value();
         // SAFETY: kernel_fpu_begin disables preemption and saves the task's FPU state until
         // kernel_fpu_end; the TSS limit is marked stale while still on the CPU of the VM exits,
@@ -586,7 +582,7 @@ fn teardown() {
 }
 
 /// The admission check on the CPU that runs it (at load, on every CPU; on a CPU coming online).
-fn check_this_cpu() -> core::result::Result<admission::Admission, admission::Refusal> {
+fn check_this_cpu() -> Result<admission::Admission, admission::Refusal> {
     admission::check_here(&LinuxCr, &|m| rdmsr_safe(m).value().unwrap_or(0))
 }
 

@@ -1,10 +1,7 @@
-//! smudge.sys: the Windows kernel driver of smudge.
-//!
-//! DriverEntry loads the core (`session::load`: every processor admitted, the page seam
-//! checked, VMX operation on every processor), then creates `\Device\Smudge` (`\\.\Smudge` for
-//! user space). Each open is one VM session of the core (`smudge_core::session`), the same as on
-//! Linux; `os` supplies Windows to it. DriverUnload leaves VMX operation and removes both
-//! names. Nothing here panics: every kernel call's failure is a returned NTSTATUS.
+//! smudge.sys: the Windows kernel driver of smudge. DriverEntry loads the core (`session::load`:
+//! every processor admitted, VMX operation on every processor), then creates `\Device\Smudge`
+//! (`\\.\Smudge`). Each open is one VM session of the core, as on Linux; `os` supplies Windows
+//! to it. DriverUnload leaves VMX operation. Nothing here panics: failures are NTSTATUS values.
 #![no_std]
 #![no_main]
 #![deny(
@@ -31,13 +28,10 @@ use smudge_core::spec::Duties;
 use smudge_core::vmx::admission;
 use smudge_core::vmx::root::RawCr;
 
-use nt::{DeviceObject, DriverObject, Irp};
+use nt::{DeviceObject, DriverObject, Irp, DPFLTR_ERROR_LEVEL as ERROR, DPFLTR_INFO_LEVEL as INFO};
 use platform::NtPlatform;
 use processors::NtProcessors;
 use smudge_core::session::{self, Fail, Session, SessionBox};
-
-/// One open of the device (FILE_OBJECT.FsContext).
-type NtSession = Session<NtPlatform>;
 
 nt::unicode_string!(DEVICE_NAME, r"\Device\Smudge");
 nt::unicode_string!(DOS_NAME, r"\DosDevices\Smudge");
@@ -48,21 +42,11 @@ nt::unicode_string!(DOS_NAME, r"\DosDevices\Smudge");
 #[allow(non_upper_case_globals)]
 static _fltused: i32 = 0;
 
-/// An error line, printed by default.
-fn error(msg: &CStr) {
-    log(nt::DPFLTR_ERROR_LEVEL, msg)
-}
-
+/// A line of kernel debug output: ERROR is printed by default, INFO when the filter allows it.
 fn log(level: u32, msg: &CStr) {
+    let (id, format) = (nt::DPFLTR_IHVDRIVER_ID, c"smudge: %s\n".as_ptr());
     // SAFETY: "%s" with a NUL-terminated string, printable at any IRQL.
-    unsafe {
-        nt::DbgPrintEx(
-            nt::DPFLTR_IHVDRIVER_ID,
-            level,
-            c"smudge: %s\n".as_ptr(),
-            msg.as_ptr(),
-        )
-    };
+    unsafe { nt::DbgPrintEx(id, level, format, msg.as_ptr()) };
 }
 
 /// The driver's entry point (`/ENTRY:DriverEntry`).
@@ -74,14 +58,15 @@ pub unsafe extern "system" fn DriverEntry(
     driver: *mut DriverObject,
     _registry_path: *mut nt::UnicodeString,
 ) -> NtStatus {
-    let Some(pages) = platform::total_ram_pages() else {
-        error(c"MmGetPhysicalMemoryRanges failed: cannot size the page cap");
+    if !platform::set_cap() {
+        log(
+            ERROR,
+            c"no physical memory ranges: cannot size the page cap",
+        );
         return STATUS_INSUFFICIENT_RESOURCES;
-    };
-    platform::set_cap(pages);
-    // SAFETY (rdmsr): given this processor's real CPUID, VmxCaps::from_reader reads only MSRs
-    // whose existence the SDM guarantees (the admission module's comment; tested on every
-    // fixture dump); CPL 0.
+    }
+    // SAFETY (rdmsr): given the real CPUID, the admission check reads only MSRs the SDM says
+    // exist (tested on every fixture dump); CPL 0.
     let here = || admission::check_here(&RawCr, &|m| unsafe { arch::rdmsr(m) });
     // Windows documents no interface to its own mitigation choices for a third-party
     // hypervisor: the barriers follow what the processor enumerates (core `spec`).
@@ -90,18 +75,44 @@ pub unsafe extern "system" fn DriverEntry(
     let loaded = match load::load(&NtProcessors, &NtPlatform, &here, duties, false) {
         Ok(l) => l,
         Err(f) => {
-            error(f.message().as_cstr());
+            log(ERROR, f.message().as_cstr());
             platform::drain_deferred();
             return from_load(f);
         }
     };
     for line in loaded.report() {
-        log(nt::DPFLTR_INFO_LEVEL, line.as_cstr());
+        log(INFO, line.as_cstr());
     }
 
+    // SAFETY: DriverEntry owns the DRIVER_OBJECT until it returns.
+    let status = unsafe { create_device(driver) };
+    if status < 0 {
+        leave_vmx();
+        return status;
+    }
+    log(INFO, c"loaded: \\\\.\\Smudge is ready");
+    STATUS_SUCCESS
+}
+
+/// Sets the dispatch table, creates `\Device\Smudge` for SYSTEM and Administrators only,
+/// registers the shutdown, bug-check and power callbacks on it and names it `\\.\Smudge`; a
+/// failure undoes it all.
+///
+/// # Safety
+/// `driver` is this driver's DRIVER_OBJECT, in DriverEntry.
+unsafe fn create_device(driver: *mut DriverObject) -> NtStatus {
+    // SAFETY: the caller's DRIVER_OBJECT, whose dispatch table is DriverEntry's to set.
+    unsafe {
+        let d = &mut *driver;
+        d.major_function[nt::IRP_MJ_CREATE] = Some(dispatch_create);
+        d.major_function[nt::IRP_MJ_CLOSE] = Some(dispatch_close);
+        d.major_function[nt::IRP_MJ_DEVICE_CONTROL] = Some(dispatch_ioctl);
+        d.major_function[nt::IRP_MJ_SHUTDOWN] = Some(power::on_shutdown);
+        d.driver_unload = Some(driver_unload);
+    }
     let mut device: *mut DeviceObject = core::ptr::null_mut();
-    // SAFETY: `driver` is the valid DRIVER_OBJECT the I/O manager passes to DriverEntry; the name
-    // is a valid UNICODE_STRING that IoCreateDevice only reads; `device` is a valid out pointer.
+    // SAFETY: the caller's DRIVER_OBJECT; the name is a valid UNICODE_STRING that IoCreateDevice
+    // only reads; `device` is a valid out pointer.
     let status = unsafe {
         nt::IoCreateDevice(
             driver,
@@ -114,49 +125,26 @@ pub unsafe extern "system" fn DriverEntry(
         )
     };
     if status < 0 {
-        error(c"IoCreateDevice(\\Device\\Smudge) failed");
-        leave_vmx();
+        log(ERROR, c"IoCreateDevice(\\Device\\Smudge) failed");
         return status;
     }
-    // The device exists but is not yet reachable: a failure now deletes it again.
-    let undo = |status: NtStatus, msg: &CStr| {
-        error(msg);
-        // SAFETY: `device` was created above and nothing else references it yet.
-        unsafe { nt::IoDeleteDevice(device) };
-        leave_vmx();
-        status
-    };
-    let status = restrict_to_administrators(device);
-    if status < 0 {
-        return undo(
-            status,
-            c"cannot restrict the device to SYSTEM and Administrators",
-        );
+    let (mut status, mut what) = (restrict_to_administrators(device), c"cannot set the DACL");
+    if status >= 0 {
+        status = power::register(device);
+        what = c"cannot register the power callbacks";
     }
-    // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
-    unsafe { (*driver).major_function[nt::IRP_MJ_SHUTDOWN] = Some(power::dispatch_shutdown) };
-    if let Err(status) = power::register(device) {
-        return undo(
-            status,
-            c"cannot register the bug-check, shutdown or power callbacks",
-        );
+    if status >= 0 {
+        // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
+        status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
+        what = c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed";
     }
-    // SAFETY: both names are valid UNICODE_STRINGs that the call only reads.
-    let status = unsafe { nt::IoCreateSymbolicLink(DOS_NAME.as_ptr(), DEVICE_NAME.as_ptr()) };
     if status < 0 {
+        log(ERROR, what);
         power::unregister(device);
-        return undo(status, c"IoCreateSymbolicLink(\\DosDevices\\Smudge) failed");
+        // SAFETY: created above and not yet reachable by name: nothing else references it.
+        unsafe { nt::IoDeleteDevice(device) };
     }
-    // SAFETY: DriverEntry owns the DRIVER_OBJECT's dispatch table until it returns.
-    unsafe {
-        let d = &mut *driver;
-        d.major_function[nt::IRP_MJ_CREATE] = Some(dispatch_create);
-        d.major_function[nt::IRP_MJ_CLOSE] = Some(dispatch_close);
-        d.major_function[nt::IRP_MJ_DEVICE_CONTROL] = Some(dispatch_device_control);
-        d.driver_unload = Some(driver_unload);
-    }
-    log(nt::DPFLTR_INFO_LEVEL, c"loaded: \\\\.\\Smudge is ready");
-    STATUS_SUCCESS
+    status
 }
 
 /// Replaces the device's DACL (the default lets every user open a device) with core's
@@ -207,7 +195,7 @@ unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
         }
     }
     leave_vmx();
-    log(nt::DPFLTR_INFO_LEVEL, c"unloaded");
+    log(INFO, c"unloaded");
 }
 
 /// Sets the IRP's result and completes it. The IRP must not be touched afterwards.
@@ -271,10 +259,7 @@ unsafe extern "system" fn dispatch_close(_device: *mut DeviceObject, irp: *mut I
 /// IRP_MJ_DEVICE_CONTROL: the version query, or a VM request of the handle's session
 /// (`abi::windows::device_control`). METHOD_BUFFERED only: the system buffer holds the request
 /// on the way in and the answer on the way out.
-unsafe extern "system" fn dispatch_device_control(
-    _device: *mut DeviceObject,
-    irp: *mut Irp,
-) -> NtStatus {
+unsafe extern "system" fn dispatch_ioctl(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
     // SAFETY: for IRP_MJ_DEVICE_CONTROL the I/O manager passes a valid IRP whose current stack
     // location holds the DeviceIoControl parameters.
     let (code, input_len, output_len, buffer, file) = unsafe {
@@ -300,7 +285,7 @@ unsafe extern "system" fn dispatch_device_control(
     // between concurrent requests itself).
     let session = unsafe {
         file.as_ref()
-            .and_then(|f| f.fs_context.cast::<NtSession>().as_ref())
+            .and_then(|f| f.fs_context.cast::<Session<NtPlatform>>().as_ref())
     };
     let version = [
         env!("CARGO_PKG_VERSION_MAJOR"),

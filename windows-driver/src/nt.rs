@@ -267,6 +267,10 @@ pub const IO_NO_INCREMENT: i8 = 0;
 pub const ALL_PROCESSOR_GROUPS: u16 = 0xffff;
 /// MmCached (MEMORY_CACHING_TYPE).
 pub const MM_CACHED: u32 = 1;
+/// PASSIVE_LEVEL, APC_LEVEL and DISPATCH_LEVEL (wdm.h): IRQLs, the values of CR8 on x64.
+pub const PASSIVE_LEVEL: u8 = 0;
+pub const APC_LEVEL: u8 = 1;
+pub const DISPATCH_LEVEL: u8 = 2;
 /// DPFLTR_IHVDRIVER_ID: the component id for third-party drivers.
 pub const DPFLTR_IHVDRIVER_ID: u32 = 77;
 /// DPFLTR_ERROR_LEVEL: printed by default.

@@ -5,6 +5,7 @@
 use smudge_core::abi::windows as budget;
 use smudge_core::arch::{self, DirectMap, RawWords};
 use smudge_core::hostpt;
+use smudge_core::regs::CR4_LA57;
 use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::vmx::hw::{self, Hardware};
 use smudge_core::vmx::root::Processors;
@@ -68,14 +69,22 @@ impl Os for NtPlatform {
         // SAFETY: a valid out pointer; callable at any IRQL. Interrupt time is in 100 ns units.
         unsafe { nt::KeQueryInterruptTimePrecise(&mut qpc) }.saturating_mul(100)
     }
+    /// Walks this processor's page tables from CR3, reading them with MmCopyMemory of
+    /// physical memory, which fails instead of faulting.
     fn host_mapping(&self, hpa: u64) -> Option<HostMapping> {
         let va = self.va(hpa) as u64;
-        let leaf = host_pte(va)?;
-        Some(HostMapping {
-            va,
-            pte: leaf.entry,
-            level: leaf.level,
-        })
+        let mut cell = RawWords::<Pool>::zeroed(1).filter(|_| va != 0)?;
+        // SAFETY: CPL 0 reads of CR3 and CR4.
+        let (cr3, cr4) = unsafe { (arch::read_cr3(), arch::read_cr4()) };
+        let mut read = |pa: u64| -> Option<u64> {
+            let (mut copied, phys) = (0usize, nt::MM_COPY_MEMORY_PHYSICAL);
+            // SAFETY: an 8-byte nonpaged target; a physical source that MmCopyMemory validates.
+            let s = unsafe { nt::MmCopyMemory(cell.as_mut_ptr().cast(), pa, 8, phys, &mut copied) };
+            cell.first().copied().filter(|_| s >= 0 && copied == 8)
+        };
+        let leaf = hostpt::walk(cr3, va, cr4 & CR4_LA57 != 0, &mut read)?;
+        let (pte, level) = (leaf.entry, leaf.level);
+        Some(HostMapping { va, pte, level })
     }
     fn rdmsr(&self, msr: u32) -> Option<u64> {
         // SAFETY: Windows has no #GP-safe RDMSR: `answer::caps_resp` asks only for MSRs that
@@ -84,40 +93,9 @@ impl Os for NtPlatform {
         Some(unsafe { arch::rdmsr(msr) })
     }
     fn driver_pages(&self) -> u64 {
-        platform::pages_held()
+        platform::budget().held()
     }
     fn after_free(&self) {
         platform::drain_deferred();
     }
-}
-
-/// The host PTE that maps `va`, through a walk from this processor's CR3 whose table reads
-/// cannot fault (MmCopyMemory of physical memory).
-fn host_pte(va: u64) -> Option<hostpt::HostLeaf> {
-    if va == 0 {
-        return None;
-    }
-    let mut cell = RawWords::<Pool>::zeroed(1)?;
-    // SAFETY: CPL 0 reads of CR3 and CR4.
-    let (cr3, cr4) = unsafe { (arch::read_cr3(), arch::read_cr4()) };
-    let la57 = cr4 & smudge_core::regs::CR4_LA57 != 0;
-    let mut read = |pa: u64| -> Option<u64> {
-        let mut copied = 0usize;
-        // SAFETY: an 8-byte nonpaged target; a physical source that MmCopyMemory validates
-        // (it fails instead of faulting).
-        let s = unsafe {
-            nt::MmCopyMemory(
-                cell.as_mut_ptr().cast(),
-                pa,
-                8,
-                nt::MM_COPY_MEMORY_PHYSICAL,
-                &mut copied,
-            )
-        };
-        if s < 0 || copied != 8 {
-            return None;
-        }
-        cell.first().copied()
-    };
-    hostpt::walk(cr3, va, la57, &mut read)
 }

@@ -1,17 +1,11 @@
-//! `smudge_core::Platform` on Windows: the same core as on Linux, with ntoskrnl's allocator.
+//! Memory for the core: pages (`Platform`, `DirectMap`) and objects (`RawAlloc`).
 //!
-//! Pages come from MmAllocateContiguousMemorySpecifyCache (nonpaged, cached, physically
-//! contiguous, hence 4 KiB aligned in both address spaces). The core names a page by its physical
-//! address; MmGetVirtualForPhysical maps it back to the system-space address.
-//!
-//! The run loop does not allocate at DISPATCH_LEVEL: it backs guest memory from the vCPU's page
-//! cache, which the core's run loop refills at PASSIVE_LEVEL. It may free there (the core frees EPT
-//! tables after an INVEPT), but MmFreeContiguousMemory requires IRQL <= APC_LEVEL. A page freed
-//! above APC_LEVEL is therefore pushed on a lock-free list threaded through the pages themselves
-//! and really freed by [`drain_deferred`] at PASSIVE_LEVEL.
-//!
-//! Request buffers, vCPUs and sessions come from the nonpaged pool ([`Pool`]), not from the
-//! 24 KiB kernel stack (frames above 4 KiB would also need `__chkstk`, which is not linked).
+//! Pages come from MmAllocateContiguousMemorySpecifyCache (nonpaged, cached, 4 KiB aligned);
+//! MmGetVirtualForPhysical maps a page's physical address back. The run loop allocates nothing
+//! at DISPATCH_LEVEL (the vCPU's page cache), but may free there, and MmFreeContiguousMemory
+//! needs IRQL <= APC_LEVEL: such a page waits on a list threaded through the pages themselves
+//! until [`drain_deferred`] at PASSIVE_LEVEL. Request buffers, vCPUs and sessions come from the
+//! nonpaged pool ([`Pool`]), not the 24 KiB stack (frames above 4 KiB would need `__chkstk`).
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -24,37 +18,28 @@ use crate::nt;
 
 const PAGE: usize = 4096;
 
-/// Pages held by every VM (the STATS answer's `driver_pages`), deferred frees included; VMXON
-/// regions are not counted.
+/// Pages held by every VM, deferred frees included; not the VMXON regions.
 static PAGES: AtomicU64 = AtomicU64::new(0);
-/// The driver-wide cap on [`PAGES`] ([`set_cap`]; none until DriverEntry sets it).
+/// The driver-wide cap on [`PAGES`] (none until DriverEntry calls [`set_cap`]).
 static CAP: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Pages freed above APC_LEVEL, freed at PASSIVE_LEVEL by [`drain_deferred`].
 static DEFERRED: DeferredFree = DeferredFree::new();
 
-fn budget() -> PageBudget<'static> {
+/// The driver's page count (the STATS answer's `driver_pages`) and cap.
+pub fn budget() -> PageBudget<'static> {
     PageBudget {
         held: &PAGES,
         cap: CAP.load(Ordering::Relaxed),
     }
 }
 
-/// Pages currently held (allocated and not yet freed, deferred frees included).
-pub fn pages_held() -> u64 {
-    budget().held()
-}
-
-/// Sets the cap to core's default for a machine of `total_ram_pages` (half of RAM).
-pub fn set_cap(total_ram_pages: u64) {
-    CAP.store(hostmem::cap_pages(0, total_ram_pages), Ordering::Relaxed);
-}
-
-/// The pages of RAM the memory manager reports (MmGetPhysicalMemoryRanges), or None.
-pub fn total_ram_pages() -> Option<u64> {
+/// Sets the cap to core's default: half of the RAM that MmGetPhysicalMemoryRanges reports.
+/// False when it reports none.
+pub fn set_cap() -> bool {
     // SAFETY: no arguments; returns null or an array ended by an all-zero entry, which we own.
     let ranges = unsafe { nt::MmGetPhysicalMemoryRanges() };
     if ranges.is_null() {
-        return None;
+        return false;
     }
     let bytes = (0..)
         // SAFETY: entries up to and including the all-zero terminator are readable.
@@ -65,7 +50,9 @@ pub fn total_ram_pages() -> Option<u64> {
         });
     // SAFETY: the array is a pool allocation the caller frees (ExFreePool = tag 0), once.
     unsafe { nt::ExFreePoolWithTag(ranges.cast::<c_void>(), 0) };
-    Some(bytes / PAGE as u64)
+    let cap = hostmem::cap_pages(0, bytes / PAGE as u64);
+    CAP.store(cap, Ordering::Relaxed);
+    true
 }
 
 /// Frees the pages freed above APC_LEVEL. Call at PASSIVE_LEVEL.
@@ -113,7 +100,8 @@ impl NtPlatform {
         Some(pa)
     }
 
-    /// Frees a page from [`NtPlatform::os_alloc`] at IRQL <= APC_LEVEL, uncounted.
+    /// Frees a page from [`NtPlatform::os_alloc`] at IRQL <= APC_LEVEL, uncounted (the core
+    /// frees only pages it allocated, each once).
     pub fn os_free(hpa: u64) {
         let va = NtPlatform.va(hpa);
         if !va.is_null() {
@@ -128,26 +116,17 @@ impl Platform for NtPlatform {
     fn alloc_page(&self) -> Result<u64, AllocError> {
         budget().alloc(Self::os_alloc)
     }
-
     /// At IRQL <= APC_LEVEL frees at once (MmFreeContiguousMemory's rule), above it defers.
     fn free_page(&self, hpa: u64) {
-        let va = self.va(hpa);
-        if va.is_null() {
-            return;
-        }
-        if crate::processors::irql() > 1 {
+        if crate::processors::irql() > nt::APC_LEVEL {
             return DEFERRED.push(self, hpa);
         }
-        // SAFETY: the core returns only addresses from `alloc_page`, each once (trait contract);
-        // `va` is that allocation's base address.
-        budget().free(|| unsafe { nt::MmFreeContiguousMemory(va.cast()) });
+        budget().free(|| Self::os_free(hpa));
     }
-
     fn page(&self, hpa: u64) -> &PageWords {
         // SAFETY: the core passes only pages of alloc_page it still holds (the trait's contract).
         unsafe { direct_map::page(self, hpa) }
     }
-
     fn with_page_mut(&self, hpa: u64, f: &mut dyn FnMut(PageMut<'_>)) {
         // SAFETY: as in `page`, lent only while nothing else uses it (the trait's contract).
         unsafe { direct_map::with_page_mut(self, hpa, f) }
@@ -160,9 +139,8 @@ pub const TAG: u32 = u32::from_le_bytes(*b"Smdg");
 /// NonPagedPoolNx with [`TAG`].
 pub struct Pool;
 
-// SAFETY: x64 pool allocations are 16-byte aligned; the memory is zeroed before it is returned
-// and freed with the same tag. Callable at IRQL <= DISPATCH_LEVEL, where the core allocates and
-// drops these values.
+// SAFETY: x64 pool allocations are 16-byte aligned, zeroed here and freed with the same tag, at
+// IRQL <= DISPATCH_LEVEL, where the core allocates and drops these values.
 unsafe impl RawAlloc for Pool {
     fn alloc_zeroed(bytes: usize) -> *mut u8 {
         // SAFETY: plain arguments; returns null on failure.

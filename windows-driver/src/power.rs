@@ -1,15 +1,9 @@
-//! Leaving VMX operation on the way down, and around a sleep. INIT is blocked in VMX root
-//! operation (SDM 25.8), and a sleep loses each processor's VMX state while Windows restores
-//! the CR4 it saved, VMXE included.
-//!
-//! - A bug check runs its callbacks at HIGH_LEVEL on one processor with the others frozen, after
-//!   the crash dump is written: that processor VMCLEARs the VMCS it loaded last and leaves VMX
-//!   operation (core's `VmxRoot::emergency_here`), so the reset that follows is not blocked
-//!   there.
-//! - Shutdown (IRP_MJ_SHUTDOWN, PASSIVE_LEVEL): every processor leaves VMX operation and the
-//!   driver unloads its core (`session::load::unload`); later requests fail.
-//! - The power-state callback (PASSIVE_LEVEL): before a sleep every processor leaves VMX
-//!   operation, after it enters it again (`session::load::{suspend, resume}`).
+//! Leaving VMX operation on the way down (INIT is blocked in VMX root operation, SDM 25.8) and
+//! around a sleep (which loses VMX state while Windows restores CR4.VMXE):
+//! - a bug check (HIGH_LEVEL, the other processors frozen): this processor only, through
+//!   `VmxRoot::emergency_here`;
+//! - shutdown (IRP_MJ_SHUTDOWN): every processor, and the core unloads (`load::unload`);
+//! - the power-state callback: out before a sleep, in after it (`load::{suspend, resume}`).
 
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
@@ -22,8 +16,8 @@ use crate::nt::{self, DeviceObject, Irp, NtStatus};
 use crate::platform::NtPlatform;
 use crate::processors::NtProcessors;
 
-/// What the registrations need to live in: the bug-check record (nonpaged, in the image) and the
-/// power-state callback's object and registration.
+/// The bug-check record (nonpaged, in the image) and the power-state callback's object and
+/// registration.
 struct Registrations {
     bug_check: UnsafeCell<nt::BugCheckCallbackRecord>,
     power: UnsafeCell<(*mut c_void, *mut c_void)>,
@@ -39,34 +33,33 @@ static REG: Registrations = Registrations {
 };
 
 nt::unicode_string!(POWER_STATE, r"\Callback\PowerState");
+
 unsafe extern "system" fn on_bug_check(_buffer: *mut c_void, _length: u32) {
     ROOT.emergency_here(NtProcessors.current(), &RawCr);
 }
 
 unsafe extern "system" fn on_power_state(_ctx: *mut c_void, arg1: *mut c_void, arg2: *mut c_void) {
     // Reaching every processor needs PASSIVE_LEVEL, where Windows calls this callback.
-    if arg1 as usize != nt::PO_CB_SYSTEM_STATE_LOCK || crate::processors::irql() != 0 {
+    let passive = crate::processors::irql() == nt::PASSIVE_LEVEL;
+    if arg1 as usize != nt::PO_CB_SYSTEM_STATE_LOCK || !passive {
         return;
     }
     if arg2.is_null() {
         load::suspend(&NtProcessors);
     } else if let Err(f) = load::resume(&NtProcessors, &NtPlatform) {
-        crate::error(f.message().as_cstr());
+        crate::log(nt::DPFLTR_ERROR_LEVEL, f.message().as_cstr());
     }
 }
 
 /// IRP_MJ_SHUTDOWN.
-pub unsafe extern "system" fn dispatch_shutdown(
-    _device: *mut DeviceObject,
-    irp: *mut Irp,
-) -> NtStatus {
+pub unsafe extern "system" fn on_shutdown(_device: *mut DeviceObject, irp: *mut Irp) -> NtStatus {
     crate::leave_vmx();
     // SAFETY: the IRP is ours until completed.
     unsafe { crate::complete(irp, 0, 0) }
 }
 
 /// Registers the three; a failure leaves none registered.
-pub fn register(device: *mut DeviceObject) -> Result<(), NtStatus> {
+pub fn register(device: *mut DeviceObject) -> NtStatus {
     let mut attrs = nt::ObjectAttributes {
         length: core::mem::size_of::<nt::ObjectAttributes>() as u32,
         root_directory: null_mut(),
@@ -104,10 +97,9 @@ pub fn register(device: *mut DeviceObject) -> Result<(), NtStatus> {
         }
         if s < 0 {
             unregister(device);
-            return Err(s);
         }
+        s
     }
-    Ok(())
 }
 
 /// Undoes [`register`], or what of it succeeded.

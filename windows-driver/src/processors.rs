@@ -9,7 +9,7 @@ use smudge_core::vmx::root::Processors;
 use crate::platform::NtPlatform;
 use smudge_core::arch;
 
-use crate::nt;
+use crate::nt::{self, DISPATCH_LEVEL};
 
 /// The thread is bound to one processor until this is dropped (LIFO with other pins).
 pub struct Pinned {
@@ -64,11 +64,7 @@ unsafe impl Processors for NtProcessors {
         let Some(_pinned) = pin(i) else {
             return false;
         };
-        at_dispatch(|| {
-            let flags = self.irq_save();
-            f();
-            self.irq_restore(flags);
-        });
+        at_dispatch(|| self.with_irqs_off(f));
         true
     }
     fn alloc_region(&self) -> Option<u64> {
@@ -79,9 +75,6 @@ unsafe impl Processors for NtProcessors {
         NtPlatform::os_free(pa)
     }
 }
-
-/// DISPATCH_LEVEL.
-pub const DISPATCH_LEVEL: u8 = 2;
 
 /// Runs `f` at DISPATCH_LEVEL, where the thread is not preempted and so stays on its processor,
 /// then goes back to the caller's IRQL. Above DISPATCH_LEVEL, `f` runs where it is.

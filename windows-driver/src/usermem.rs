@@ -1,16 +1,10 @@
-//! User memory named inside requests (guest images, dirty bitmaps, guest-memory buffers).
-//!
-//! The METHOD_BUFFERED system buffer holds only the fixed request; the pointers inside it are
-//! addresses in the calling process, which this driver reaches directly because a top-level
-//! device's IRP_MJ_DEVICE_CONTROL runs in the caller's thread at PASSIVE_LEVEL. A C driver
-//! would wrap ProbeForRead/ProbeForWrite and the copy in `__try`; Rust has no SEH. So each
-//! copy first checks the range against `MmUserProbeAddress` (`abi::windows::user_range_ok`,
-//! the range half of ProbeForRead/Write), then runs `smudge_copy_user` below, which is what
-//! `__try { RtlCopyMemory } __except(1)` compiles to: a leaf routine whose unwind data names
-//! ntoskrnl's `__C_specific_handler` with a one-entry scope table around the copy loop. A fault
-//! on the user address (unmapped, read-only, freed by another thread) is dispatched to that
-//! handler, which unwinds to the recovery label; the routine returns STATUS_ACCESS_VIOLATION
-//! instead of bug-checking.
+//! User memory named inside requests (guest images, dirty bitmaps, guest-memory buffers), in
+//! the calling process: a top-level device's IRP_MJ_DEVICE_CONTROL runs in the caller's thread
+//! at PASSIVE_LEVEL. A C driver would wrap ProbeForRead/Write and the copy in `__try`; Rust has
+//! no SEH. So a copy checks the range against `MmUserProbeAddress` (`user_range_ok`), then runs
+//! `smudge_copy_user`, which is what `__try { RtlCopyMemory } __except(1)` compiles to: a fault
+//! on the user address (unmapped, read-only, freed by another thread) unwinds to its recovery
+//! label, which returns STATUS_ACCESS_VIOLATION instead of a bug check.
 
 use core::arch::global_asm;
 
@@ -54,22 +48,15 @@ extern "system" {
     fn smudge_copy_user(dst: *mut u8, src: *const u8, len: usize, smap: u64) -> nt::NtStatus;
 }
 
-// Win64 convention: RCX = destination, RDX = source, R8 = length, R9 = 1 when
-// CR4.SMAP is on (then STAC/CLAC bracket the user accesses). Uses only volatile registers and
-// no stack, so the prologue is empty and the unwind data needs no unwind codes.
-//
-// The unwind info carries UNW_FLAG_EHANDLER with __C_specific_handler and its scope table:
-// { count = 1, { begin, end, filter = 1 (EXCEPTION_EXECUTE_HANDLER), target } }, all RVAs
-// (ADDR32NB). On a fault in [begin, end) the handler unwinds to `target` in this frame with
-// RSP as at entry, so `ret` returns to the caller. RFLAGS comes from the faulting context, so
-// AC may still be set there: clear it if so (AC can only be set after a successful STAC).
+// Win64: RCX = destination, RDX = source, R8 = length, R9 = 1 when CR4.SMAP is on (STAC/CLAC
+// bracket the user accesses). Volatile registers only and no stack: no unwind codes. The unwind
+// info names __C_specific_handler with one scope { begin, end, filter 1 (EXECUTE_HANDLER),
+// target }, RVAs: a fault in [begin, end) unwinds to `target` with RSP as at entry, so `ret`
+// returns to the caller. RFLAGS is the faulting context's: clear AC if a STAC set it.
 global_asm!(
     ".text",
     ".p2align 4",
-    ".def smudge_copy_user",
-    ".scl 2",
-    ".type 32",
-    ".endef",
+    ".def smudge_copy_user; .scl 2; .type 32; .endef",
     ".globl smudge_copy_user",
     "smudge_copy_user:",
     ".seh_proc smudge_copy_user",

@@ -49,10 +49,11 @@ pub fn check_targets(kernel: bool) -> Result<()> {
     Ok(())
 }
 
-/// The shims' sizes against issue #12's aim (600 lines of Rust for Linux, 900 for
-/// `windows-driver/src` besides the hand-written ntoskrnl declarations of `nt.rs`), reported in
-/// lines and in lines of code (neither blank nor a comment). Both are still above the aim in
-/// lines; the lines of code may not grow past it, so logic both drivers need cannot creep back.
+/// The shims' sizes against issue #12's ceilings: 600 lines of Rust for Linux (besides the C
+/// helper), 900 for `windows-driver/src` besides the hand-written ntoskrnl declarations of
+/// `nt.rs`. Every line counts, blank and comment lines too; lines of code (neither blank nor a
+/// comment) are reported beside them. Above a ceiling the build fails, so logic both drivers need
+/// cannot creep back into a shim.
 pub fn shim_sizes() -> Result<()> {
     let root = root();
     let windows: Vec<_> = std::fs::read_dir(root.join("windows-driver/src"))?
@@ -78,13 +79,12 @@ pub fn shim_sizes() -> Result<()> {
                 .filter(|l| !l.is_empty() && !l.starts_with("//"))
                 .count();
         }
-        let over = lines.saturating_sub(ceiling);
         step(&format!(
-            "{name}: {lines} lines (aim {ceiling}: {over} over), {code} of code (at most {ceiling})"
+            "{name}: {lines} lines (at most {ceiling}), {code} of them code"
         ));
         anyhow::ensure!(
-            code <= ceiling,
-            "{name} holds {code} lines of code, above its ceiling of {ceiling}: move what is not \
+            lines <= ceiling,
+            "{name} holds {lines} lines, above its ceiling of {ceiling}: move what is not \
              OS-specific into core"
         );
     }

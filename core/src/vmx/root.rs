@@ -143,6 +143,13 @@ pub unsafe trait Processors {
         // SAFETY: what irq_save returned on this processor.
         unsafe { arch::irq_restore(flags as u64) }
     }
+    /// Runs `f` on the calling processor between [`Processors::irq_save`] and
+    /// [`Processors::irq_restore`].
+    fn with_irqs_off(&self, f: &mut dyn FnMut()) {
+        let flags = self.irq_save();
+        f();
+        self.irq_restore(flags);
+    }
     /// A zeroed page for a VMXON region: the driver's, outside the VMs' page budget.
     fn alloc_region(&self) -> Option<u64>;
     /// Returns a page of [`Processors::alloc_region`].
@@ -184,9 +191,7 @@ unsafe impl Processors for ThisCpu<'_> {
         if i != self.cpu {
             return false;
         }
-        let flags = self.procs.irq_save();
-        f();
-        self.procs.irq_restore(flags);
+        self.procs.with_irqs_off(f);
         true
     }
     fn cr(&self) -> &(dyn ControlRegs + Sync) {

@@ -185,6 +185,7 @@ fn verify(p: &Paths) -> Result<()> {
     let map =
         std::fs::read_to_string(&p.map).with_context(|| format!("reading {}", p.map.display()))?;
     let entry = pe::map_symbol(&map, "DriverEntry")?;
+    let copy = pe::map_symbol(&map, "smudge_copy_user")?;
 
     step("windows driver: verifying the unsigned image (lld-link output)");
     let unsigned = std::fs::read(&p.built)?;
@@ -193,6 +194,7 @@ fn verify(p: &Paths) -> Result<()> {
     step("windows driver: verifying the signed image");
     let signed = std::fs::read(p.sys())?;
     let mut props = pe::verify_image(&signed, &allowed, &entry).context("signed smudge.sys")?;
+    props.push(pe::check_seh(&signed, &copy)?);
     props.push(pe::verify_signed_layout(&signed, &unsigned)?);
     report(&props);
 
@@ -236,6 +238,15 @@ fn verify(p: &Paths) -> Result<()> {
     );
     report(&[format!(
         "a copy with one .text byte flipped (file offset {at:#x}, checksum fixed up) fails: digest MISMATCH"
+    )]);
+    let mut bytes = signed.clone();
+    let flags = pe::unwind_info_offset(&bytes, &copy)?;
+    bytes[flags] &= 0x07;
+    let why = pe::check_seh(&bytes, &copy)
+        .err()
+        .context("the exception check ACCEPTED a copy whose user copy has no exception handler")?;
+    report(&[format!(
+        "a copy with UNW_FLAG_EHANDLER cleared fails: {why}"
     )]);
     step("windows driver: all checks passed");
     Ok(())
@@ -616,6 +627,146 @@ mod pe {
             seen.len(),
             libs.into_iter().collect::<Vec<_>>().join(", ")
         ))
+    }
+
+    /// The user copy's exception data (`usermem.rs`), which turns a fault on a user address into
+    /// STATUS_ACCESS_VIOLATION instead of a bug check: a .pdata entry (RUNTIME_FUNCTION) that
+    /// starts at `smudge_copy_user`; its UNWIND_INFO of version 1 with UNW_FLAG_EHANDLER, no
+    /// prologue, unwind codes or frame register; as handler `__C_specific_handler`, a jump
+    /// through the IAT slot that the import table names ntoskrnl.exe!__C_specific_handler; and
+    /// its scope table: one scope [begin, end) inside the routine, filter 1
+    /// (EXCEPTION_EXECUTE_HANDLER), target inside the routine and outside the scope.
+    pub fn check_seh(data: &[u8], copy: &MapSymbol) -> Result<String> {
+        let pe = Pe::parse(data).context("not a PE32+ image")?;
+        let sections = pe.section_table();
+        let at = |rva: u32, len: usize| -> Result<&[u8]> {
+            sections
+                .pe_data_at(data, rva)
+                .and_then(|d| d.get(..len))
+                .with_context(|| format!("RVA {rva:#x} (+{len}) is outside the file"))
+        };
+        let u32_at = |rva: u32| -> Result<u32> { Ok(u32::from_le_bytes(at(rva, 4)?.try_into()?)) };
+        let dir = pe
+            .data_directory(ipe::IMAGE_DIRECTORY_ENTRY_EXCEPTION)
+            .context("no exception directory (.pdata)")?;
+        let (pdata, size) = (dir.virtual_address.get(LE), dir.size.get(LE));
+        let (begin, end, unwind) = (0..size / 12)
+            .map(|i| -> Result<_> {
+                let e = pdata + 12 * i;
+                Ok((u32_at(e)?, u32_at(e + 4)?, u32_at(e + 8)?))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .find(|&(b, _, _)| b == copy.rva)
+            .with_context(|| {
+                format!(
+                    "no .pdata entry starts at smudge_copy_user (RVA {:#x})",
+                    copy.rva
+                )
+            })?;
+        let info = at(unwind, 4)?;
+        let (version, flags) = (info[0] & 7, info[0] >> 3);
+        ensure!(version == 1, "UNWIND_INFO version {version}, expected 1");
+        ensure!(
+            flags == 1,
+            "UNWIND_INFO flags {flags:#x}, expected UNW_FLAG_EHANDLER (1) alone"
+        );
+        ensure!(
+            info[1..] == [0, 0, 0],
+            "the routine has a prologue, unwind codes or a frame register: {:02x?}",
+            &info[1..]
+        );
+        let handler = u32_at(unwind + 4)?;
+        let jmp = at(handler, 6)?;
+        ensure!(
+            jmp[..2] == [0xff, 0x25],
+            "the handler at RVA {handler:#x} is not a jump through an IAT slot"
+        );
+        let slot = handler
+            .wrapping_add(6)
+            .wrapping_add(u32::from_le_bytes(jmp[2..6].try_into()?));
+        let table = pe.import_table()?.context("no import table")?;
+        let mut named = None;
+        let mut descriptors = table.descriptors()?;
+        while let Some(d) = descriptors.next()? {
+            let mut thunks = table.thunks(d.original_first_thunk.get(LE))?;
+            let mut i = 0;
+            while let Some(t) = thunks.next::<object::pe::ImageNtHeaders64>()? {
+                if d.first_thunk.get(LE) + 8 * i == slot {
+                    let lib = table.name(d.name.get(LE))?;
+                    if let object::read::pe::Import::Name(_, name) =
+                        table.import::<object::pe::ImageNtHeaders64>(t)?
+                    {
+                        named = Some(format!(
+                            "{}!{}",
+                            String::from_utf8_lossy(lib),
+                            String::from_utf8_lossy(name)
+                        ));
+                    }
+                }
+                i += 1;
+            }
+        }
+        ensure!(
+            named.as_deref() == Some("ntoskrnl.exe!__C_specific_handler"),
+            "the handler jumps through IAT slot {slot:#x}, which imports {}",
+            named.as_deref().unwrap_or("nothing by name")
+        );
+        ensure!(
+            u32_at(unwind + 8)? == 1,
+            "the scope table holds {} scopes, expected 1",
+            u32_at(unwind + 8)?
+        );
+        let scope = unwind + 12;
+        let (s_begin, s_end, filter, target) = (
+            u32_at(scope)?,
+            u32_at(scope + 4)?,
+            u32_at(scope + 8)?,
+            u32_at(scope + 12)?,
+        );
+        ensure!(
+            begin <= s_begin && s_begin < s_end && s_end <= end,
+            "the scope [{s_begin:#x}, {s_end:#x}) is not inside the routine [{begin:#x}, {end:#x})"
+        );
+        ensure!(
+            filter == 1,
+            "scope filter {filter:#x}, expected 1 (EXCEPTION_EXECUTE_HANDLER)"
+        );
+        ensure!(
+            (begin..end).contains(&target) && !(s_begin..s_end).contains(&target),
+            "the scope's target {target:#x} is not a recovery point of the routine"
+        );
+        Ok(format!(
+            "smudge_copy_user's faults are caught: scope [{s_begin:#x}, {s_end:#x}) of \
+             [{begin:#x}, {end:#x}), filter EXECUTE_HANDLER, target {target:#x}, handler \
+             ntoskrnl.exe!__C_specific_handler"
+        ))
+    }
+
+    /// The file offset of the UNWIND_INFO of the routine that starts at `f`.
+    pub fn unwind_info_offset(data: &[u8], f: &MapSymbol) -> Result<usize> {
+        let pe = Pe::parse(data).context("not a PE32+ image")?;
+        let sections = pe.section_table();
+        let dir = pe
+            .data_directory(ipe::IMAGE_DIRECTORY_ENTRY_EXCEPTION)
+            .context("no exception directory (.pdata)")?;
+        let pdata = sections
+            .pe_data_at(data, dir.virtual_address.get(LE))
+            .context("the .pdata is outside the file")?;
+        let words: Vec<u32> = pdata
+            .chunks_exact(4)
+            .take(dir.size.get(LE) as usize / 4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let unwind = words
+            .chunks_exact(3)
+            .find(|e| e[0] == f.rva)
+            .map(|e| e[2])
+            .context("no .pdata entry for the routine")?;
+        let (offset, _) = sections
+            .pe_file_range_at(unwind)
+            .context("the UNWIND_INFO is outside the file")?;
+        Ok(offset as usize)
     }
 
     /// Every property above, in order; the first failure is the error.

@@ -175,7 +175,7 @@ bool smudge_kvm_param(void) { return kvm; }
 int smudge_kvm_mode(void) { return kvm_mode; }
 
 long smudge_rs_kvm_ioctl(void *obj, unsigned int cmd, unsigned long arg, void **made, bool *made_vm);
-void smudge_rs_kvm_put(void *obj);
+void smudge_rs_kvm_put(void *obj, bool made);
 static const struct file_operations smudge_kvm_vm_fops, smudge_kvm_vcpu_fops;
 static long smudge_kvm_ioctl_common(void *obj, unsigned int cmd, unsigned long arg)
 {
@@ -189,12 +189,12 @@ static long smudge_kvm_ioctl_common(void *obj, unsigned int cmd, unsigned long a
 	fd = anon_inode_getfd(vm ? "kvm-vm" : "kvm-vcpu", vm ? &smudge_kvm_vm_fops : &smudge_kvm_vcpu_fops,
 			      made, O_RDWR | O_CLOEXEC);
 	if (fd < 0)
-		smudge_rs_kvm_put(made);
+		smudge_rs_kvm_put(made, false);
 	return fd;
 }
 static long smudge_kvm_dev_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(NULL, cmd, arg); }
 static long smudge_kvm_file_ioctl(struct file *f, unsigned int cmd, unsigned long arg) { return smudge_kvm_ioctl_common(f->private_data, cmd, arg); }
-static int smudge_kvm_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data); return 0; }
+static int smudge_kvm_release(struct inode *i, struct file *f) { smudge_rs_kvm_put(f->private_data, true); return 0; }
 /* The kvm_run page, shared with the kernel: MAP_SHARED only, never executable. */
 static int smudge_kvm_vcpu_mmap(struct file *f, struct vm_area_struct *vma)
 {

@@ -376,12 +376,12 @@ pub extern "C" fn smudge_rs_kvm_ioctl(
     }))
 }
 
-/// Release of a KVM descriptor, or of a handle that got none.
+/// Release of a KVM descriptor (`made`), or of a handle that got none.
 #[no_mangle]
-pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void) {
+pub extern "C" fn smudge_rs_kvm_put(obj: *mut c_void, made: bool) {
     // SAFETY: from `made` in smudge_rs_kvm_ioctl; release is its last user.
     if let Some(b) = unsafe { RawBox::<KvmHandle, Kv>::from_raw(obj.cast()) } {
-        session::kvm::kvm_put(&LinuxOs, b);
+        session::kvm::kvm_put(&LinuxOs, b, made);
     }
 }
 

@@ -563,20 +563,37 @@ fn descriptors_keep_their_vm_until_the_last_closes() {
     fail_allocs(0);
     assert!(failures >= 2, "the VM and its handle are allocations");
     assert!(vm.is_vm());
-    // Each of KVM_CREATE_VCPU's: NoMemory (a vCPU made before its handle failed stays in the VM,
-    // freed with it, and its id is then taken), then a vCPU handle.
-    let (mut failures, mut id) = (0, 0);
+    // Each of KVM_CREATE_VCPU's: NoMemory, and only the VM's pages held; a vCPU made before its
+    // handle failed goes again (as KVM destroys a vCPU whose descriptor it cannot make), so
+    // its id is free. Then a vCPU handle.
+    let vm_pages = os.p.live_pages();
+    let mut failures = 0;
     let vcpu = loop {
         fail_alloc_after(failures);
-        match sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), id, 0) {
-            Err(Fail::NoMemory) => failures += 1,
-            Err(Fail::Exists) => id += 1,
-            Err(e) => panic!("CREATE_VCPU: {e:?}"),
+        match sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), 0, 0) {
+            Err(e) => assert_eq!((e, os.p.live_pages()), (Fail::NoMemory, vm_pages)),
             Ok((_, vcpu)) => break vcpu.expect("a vCPU handle"),
         }
+        failures += 1;
     };
     fail_allocs(0);
     assert!(failures >= 2, "the vCPU and its handle are allocations");
+    // The shim could not make a descriptor for it (no file, no descriptor number): it goes too,
+    // and the same id is created again.
+    sk::kvm_put(&os, vcpu, false);
+    assert_eq!(
+        os.p.live_pages(),
+        vm_pages,
+        "the vCPU without a descriptor is gone"
+    );
+    let (_, vcpu) = sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), 0, 0)
+        .expect("vCPU 0 again, after its first descriptor could not be made");
+    let vcpu = vcpu.expect("a vCPU handle");
+    assert_eq!(
+        sk::kvm_ioctl(&os, &d, Some(&vm), Ioctl::CreateVcpu.number(), 0, 0).err(),
+        Some(Fail::Exists),
+        "a vCPU with a descriptor keeps its id"
+    );
     assert!(!vcpu.is_vm());
     // A VM request on a vCPU's descriptor names nothing there; the VM's has no mapping.
     let wrong = sk::kvm_ioctl(&os, &d, Some(&vcpu), Ioctl::CreateVcpu.number(), 1, 0);
@@ -588,7 +605,7 @@ fn descriptors_keep_their_vm_until_the_last_closes() {
     let with_vm = os.p.live_pages();
     assert!(with_vm > before);
 
-    sk::kvm_put(&os, vm);
+    sk::kvm_put(&os, vm, true);
     assert_eq!(
         os.p.live_pages(),
         with_vm,
@@ -612,7 +629,7 @@ fn descriptors_keep_their_vm_until_the_last_closes() {
     .expect("mmap of kvm_run");
     assert_eq!(frames.len(), 1);
 
-    sk::kvm_put(&os, vcpu);
+    sk::kvm_put(&os, vcpu, true);
     assert_eq!(
         os.p.live_pages(),
         before,

@@ -475,6 +475,31 @@ impl<O: Os> Session<O> {
         Ok(index)
     }
 
+    /// Undoes KVM_CREATE_VCPU of vCPU `index` when no descriptor could be made for it, as KVM
+    /// destroys such a vCPU: it goes, pages and all, so that its id can be created again. Only
+    /// the last vCPU created can go (the index of the others stays theirs); an earlier one, made
+    /// while another creation raced ahead, stays until the VM goes.
+    fn kvm_unmake_vcpu(&self, os: &O, index: u32) {
+        let _claim = loop {
+            if let Some(c) = self.share.vm_request(true, waiter(os)) {
+                break c;
+            }
+            os.pause(0);
+        };
+        let _st = self.vm.lock();
+        let last = self.nr_vcpus.load(core::sync::atomic::Ordering::Acquire);
+        let Some(slot) = self.slots.get(index as usize).filter(|_| last == index + 1) else {
+            return;
+        };
+        if let Some(mut hw) = slot.hw.lock().take() {
+            // Never run (it had no descriptor), so its VMCS is active nowhere.
+            hw.free_pages(os);
+        }
+        self.nr_vcpus
+            .store(index, core::sync::atomic::Ordering::Release);
+        os.after_free();
+    }
+
     /// A request on vCPU `index`'s descriptor.
     pub fn kvm_vcpu_request(
         &self,
@@ -961,19 +986,23 @@ pub fn kvm_ioctl<O: Os>(
     match KvmHandleBox::<O>::new(made) {
         Ok(b) => Ok((0, Some(b))),
         Err(h) => {
-            drop_handle(os, h);
+            drop_handle(os, h, false);
             Err(Fail::NoMemory)
         }
     }
 }
 
-/// Release of a KVM descriptor (or of one that could not be made): its reference to the VM
-/// goes, and the last one releases the VM.
-pub fn kvm_put<O: Os>(os: &O, handle: KvmHandleBox<O>) {
-    drop_handle(os, RawBox::into_inner(handle));
+/// Release of a KVM descriptor (`made`), or of a handle [`kvm_ioctl`] gave for which the shim
+/// could make none: its reference to the VM goes, and the last one releases the VM. A vCPU
+/// without a descriptor goes from its VM too, as in KVM.
+pub fn kvm_put<O: Os>(os: &O, handle: KvmHandleBox<O>, made: bool) {
+    drop_handle(os, RawBox::into_inner(handle), made);
 }
 
-fn drop_handle<O: Os>(os: &O, handle: KvmHandle<O>) {
+fn drop_handle<O: Os>(os: &O, handle: KvmHandle<O>, made: bool) {
+    if let (KvmHandle::Vcpu(vm, index), false) = (&handle, made) {
+        vm.session.kvm_unmake_vcpu(os, *index);
+    }
     let (KvmHandle::Vm(vm) | KvmHandle::Vcpu(vm, _)) = handle;
     vm.release(|vm| vm.session.release(os));
 }

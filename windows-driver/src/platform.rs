@@ -118,6 +118,9 @@ impl Platform for NtPlatform {
     }
     /// At IRQL <= APC_LEVEL frees at once (MmFreeContiguousMemory's rule), above it defers.
     fn free_page(&self, hpa: u64) {
+        if self.va(hpa).is_null() {
+            return; // not a page of ours: neither freed nor uncounted
+        }
         if crate::processors::irql() > nt::APC_LEVEL {
             return DEFERRED.push(self, hpa);
         }

@@ -732,12 +732,20 @@ mod pe {
             filter == 1,
             "scope filter {filter:#x}, expected 1 (EXCEPTION_EXECUTE_HANDLER)"
         );
+        // The user accesses themselves: `mov al, [rdx]` (8A 02) and `mov [rcx], al` (88 01).
+        let guarded = at(s_begin, (s_end - s_begin) as usize)?;
+        for (what, bytes) in [("load", [0x8a, 0x02]), ("store", [0x88, 0x01])] {
+            ensure!(
+                guarded.windows(2).any(|w| w == bytes),
+                "the copy's {what} ({bytes:02x?}) is not inside the scope"
+            );
+        }
         ensure!(
             (begin..end).contains(&target) && !(s_begin..s_end).contains(&target),
             "the scope's target {target:#x} is not a recovery point of the routine"
         );
         Ok(format!(
-            "smudge_copy_user's faults are caught: scope [{s_begin:#x}, {s_end:#x}) of \
+            "smudge_copy_user's faults are caught: its load and store in scope [{s_begin:#x}, {s_end:#x}) of \
              [{begin:#x}, {end:#x}), filter EXECUTE_HANDLER, target {target:#x}, handler \
              ntoskrnl.exe!__C_specific_handler"
         ))

@@ -205,7 +205,7 @@ impl DirtyLog {
         base: u64,
         pages: u64,
     ) -> Result<DirtyLog, Error> {
-        if base % PAGE_SIZE != 0 {
+        if !base.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         if pages == 0 || base.checked_add(pages.saturating_mul(PAGE_SIZE)).is_none() {
@@ -381,7 +381,10 @@ impl DirtyLog {
         mask: &[u64],
     ) -> Result<Invept, Error> {
         let end = first.checked_add(num).ok_or(Error::InvalidDirtyLogRange)?;
-        if first % 64 != 0 || end > self.pages || (num % 64 != 0 && end != self.pages) {
+        if !first.is_multiple_of(64)
+            || end > self.pages
+            || (!num.is_multiple_of(64) && end != self.pages)
+        {
             return Err(Error::InvalidDirtyLogRange);
         }
         if (mask.len() as u64) < num.div_ceil(64) {
@@ -456,7 +459,7 @@ impl DirtyLog {
                 for (i, &m) in masks.iter().enumerate().filter(|(_, &m)| m != 0) {
                     let leaves = start + i * 64..start + i * 64 + 64;
                     any |= match page {
-                        PageMut::Shared(ref t) => t.get(leaves).is_some_and(|mut c| c.rearm(m, wp)),
+                        PageMut::Shared(t) => t.get(leaves).is_some_and(|mut c| c.rearm(m, wp)),
                         PageMut::Exclusive(ref mut t) => {
                             t.get_mut(leaves).is_some_and(|mut c| c.rearm(m, wp))
                         }

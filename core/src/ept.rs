@@ -528,12 +528,12 @@ impl Ept {
         self.free_retired(p);
     }
 
-    fn table<'a, P: Platform + ?Sized>(p: &'a P, hpa: u64) -> &'a PageWords {
+    fn table<P: Platform + ?Sized>(p: &P, hpa: u64) -> &PageWords {
         p.page(hpa)
     }
 
     fn check_range(&self, gpa: u64, len: u64) -> Result<u64, Error> {
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         let end = gpa.checked_add(len).ok_or(Error::EmptyOrWrappingRange)?;
@@ -572,7 +572,7 @@ impl Ept {
         allow_large: bool,
     ) -> Result<(), Error> {
         let end = self.check_range(gpa, len)?;
-        if hpa % PAGE_SIZE != 0 {
+        if !hpa.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         let hpa_end = hpa.checked_add(len).ok_or(Error::EmptyOrWrappingRange)?;
@@ -606,15 +606,15 @@ impl Ept {
     fn leaf_level_for(&self, gpa: u64, hpa: u64, rem: u64, allow_large: bool) -> u8 {
         if allow_large {
             if self.features.large_1g
-                && gpa % PAGE_SIZE_1G == 0
-                && hpa % PAGE_SIZE_1G == 0
+                && gpa.is_multiple_of(PAGE_SIZE_1G)
+                && hpa.is_multiple_of(PAGE_SIZE_1G)
                 && rem >= PAGE_SIZE_1G
             {
                 return 3;
             }
             if self.features.large_2m
-                && gpa % PAGE_SIZE_2M == 0
-                && hpa % PAGE_SIZE_2M == 0
+                && gpa.is_multiple_of(PAGE_SIZE_2M)
+                && hpa.is_multiple_of(PAGE_SIZE_2M)
                 && rem >= PAGE_SIZE_2M
             {
                 return 2;

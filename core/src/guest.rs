@@ -62,7 +62,7 @@ pub struct Layout {
 impl Layout {
     /// Layout for `mem_size` bytes of RAM (a multiple of 2 MiB, at least 4 MiB, at most 4 GiB).
     pub fn new(mem_size: u64) -> Result<Layout, Error> {
-        if mem_size % (2 << 20) != 0 {
+        if !mem_size.is_multiple_of(2 << 20) {
             return Err(Error::Misaligned);
         }
         if !(4 << 20..=4 << 30).contains(&mem_size) {

@@ -129,7 +129,7 @@ pub fn write_bytes<P: Platform + ?Sized>(p: &P, hpa: u64, offset: usize, src: &[
     while i < src.len() && off < 4096 {
         let word = &page[off / 8];
         let shift = (off % 8) * 8;
-        if off % 8 == 0 && src.len() - i >= 8 {
+        if off.is_multiple_of(8) && src.len() - i >= 8 {
             let mut b = [0u8; 8];
             b.copy_from_slice(&src[i..i + 8]);
             word.store(u64::from_le_bytes(b), Relaxed);

@@ -280,7 +280,7 @@ impl Vm {
         uaddr: u64,
         logging: bool,
     ) -> Result<(usize, Invept), Error> {
-        if uaddr % PAGE_SIZE != 0 {
+        if !uaddr.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         let idx = self.new_slot(p, base, size, Backing::User { uaddr })?;
@@ -374,7 +374,7 @@ impl Vm {
         size: u64,
         backing: Backing,
     ) -> Result<usize, Error> {
-        if base % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !base.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         let end = base.checked_add(size).ok_or(Error::EmptyOrWrappingRange)?;

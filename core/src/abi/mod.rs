@@ -559,7 +559,7 @@ pub struct MemReq {
 
 /// The live VMX capability MSRs (for `smudge caps`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CapsResp {
     /// (MSR, value) pairs; `present` bit i says pair i was readable.
     pub msrs: [[u64; 2]; 24],
@@ -567,16 +567,6 @@ pub struct CapsResp {
     pub present: u32,
     /// The mode the driver would choose (1 ad, 2 pml, 3 wp, 0 none).
     pub mode: u32,
-}
-
-impl Default for CapsResp {
-    fn default() -> Self {
-        CapsResp {
-            msrs: [[0; 2]; 24],
-            present: 0,
-            mode: 0,
-        }
-    }
 }
 
 /// Why a request was refused.

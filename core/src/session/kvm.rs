@@ -307,13 +307,13 @@ impl<O: Os> Session<O> {
             return Err(Fail::Invalid);
         }
         let (as_id, id) = (m.slot >> 16, m.slot & 0xffff);
-        let size_ok = m.memory_size % 4096 == 0;
-        let user_ok = m.userspace_addr % 4096 == 0
+        let size_ok = m.memory_size.is_multiple_of(4096);
+        let user_ok = m.userspace_addr.is_multiple_of(4096)
             && m.userspace_addr
                 .checked_add(m.memory_size)
                 .is_some_and(|e| e <= USER_END);
         if !size_ok
-            || m.guest_phys_addr % 4096 != 0
+            || !m.guest_phys_addr.is_multiple_of(4096)
             || !user_ok
             || as_id != 0
             || id >= KVM_USER_MEM_SLOTS

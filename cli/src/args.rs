@@ -122,6 +122,10 @@ pub struct RunArgs {
     /// vCPUs (this build runs exactly 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub vcpus: u32,
+    /// After checkpoint N's harvest, say "paused" and wait for a line on stdin before running
+    /// on (one vCPU): the VM stays as it is meanwhile, for a look from outside or a host event.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pause_at: Option<u64>,
 }
 
 /// `smudge explain`.

@@ -262,6 +262,7 @@ mod tests {
             vcpus: 1,
             json: true,
             explain: Some(None),
+            pause_at: None,
         };
         let (r, out, _) = run_captured(&mut vmm, &cfg, &|| false);
         assert_eq!(r.unwrap(), 0);

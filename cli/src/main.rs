@@ -26,8 +26,8 @@ use run::{status, RunConfig, Streams};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => guest_cmd(&a.guest, a.vcpus, None),
-        Cmd::Explain(a) => guest_cmd(&a.guest, 1, Some(a.limit)),
+        Cmd::Run(a) => guest_cmd(&a.guest, a.vcpus, None, a.pause_at),
+        Cmd::Explain(a) => guest_cmd(&a.guest, 1, Some(a.limit), None),
         Cmd::Caps(a) => caps_cmd(&a),
         Cmd::Stats(a) => stats_cmd(&a),
     };
@@ -41,7 +41,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn guest_cmd(g: &GuestArgs, vcpus: u32, explain: Option<Option<usize>>) -> anyhow::Result<i32> {
+fn guest_cmd(
+    g: &GuestArgs,
+    vcpus: u32,
+    explain: Option<Option<usize>>,
+    pause_at: Option<u64>,
+) -> anyhow::Result<i32> {
     let image =
         std::fs::read(&g.guest).with_context(|| format!("cannot read {}", g.guest.display()))?;
     let cfg = RunConfig {
@@ -50,9 +55,13 @@ fn guest_cmd(g: &GuestArgs, vcpus: u32, explain: Option<Option<usize>>) -> anyho
         vcpus,
         json: g.json,
         explain,
+        pause_at,
     };
     if vcpus != 1 && explain.is_some() {
         anyhow::bail!("explain runs one vCPU (drop --vcpus)");
+    }
+    if vcpus != 1 && pause_at.is_some() {
+        anyhow::bail!("--pause-at runs one vCPU (drop --vcpus)");
     }
     run::check_image(&image, cfg.mem_bytes).with_context(|| g.guest.display().to_string())?;
     let mut dev = os::Device::open()?;
@@ -65,7 +74,9 @@ fn guest_cmd(g: &GuestArgs, vcpus: u32, explain: Option<Option<usize>>) -> anyho
     };
     let timed_out = || g.timeout.is_some_and(|t| start.elapsed() >= t);
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+    let mut stdin = std::io::stdin().lock();
     let mut streams = Streams::new(&mut stdout, &mut stderr);
+    streams.stdin = Some(&mut stdin);
     if vcpus == 1 {
         return run::run_guest(&mut dev, &image, &cfg, &mut streams, &timed_out);
     }

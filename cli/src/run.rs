@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub json: bool,
     /// `Some(limit)`: explain the dirty pages at the first checkpoint and at the end.
     pub explain: Option<Option<usize>>,
+    /// Wait for a line of input after this checkpoint (`--pause-at`).
+    pub pause_at: Option<u64>,
 }
 
 /// Where output goes. Every write is followed by a flush of that stream, so the order of console
@@ -54,6 +56,8 @@ pub struct Streams<'a> {
     pub stdout: &'a mut dyn Write,
     /// Standard error.
     pub stderr: &'a mut dyn Write,
+    /// Standard input, for `--pause-at` (None: a pause does not wait).
+    pub stdin: Option<&'a mut dyn std::io::BufRead>,
     /// The console output so far does not end with a newline.
     console_mid_line: bool,
 }
@@ -64,8 +68,21 @@ impl<'a> Streams<'a> {
         Streams {
             stdout,
             stderr,
+            stdin: None,
             console_mid_line: false,
         }
+    }
+
+    /// The pause of `--pause-at` after checkpoint `seq`: an event, then one line of input (or
+    /// its end).
+    pub fn pause(&mut self, json: bool, seq: u64) -> std::io::Result<()> {
+        let event = Json::object().with("event", "paused").with("seq", seq);
+        let human = format!("paused after checkpoint {seq}: a line on stdin runs the guest on");
+        self.event(json, &event, &human)?;
+        if let Some(input) = self.stdin.as_mut() {
+            input.read_line(&mut String::new())?;
+        }
+        Ok(())
     }
 
     fn console_stream(&mut self, json: bool) -> &mut dyn Write {
@@ -450,6 +467,9 @@ pub fn run_prepared(
                     .map_err(|e| anyhow!("cannot read the VM statistics: {}", e.err))?;
                 let (json, human) = checkpoint_event(seq, mode, &exit_counts(&stats.exits), &gfns);
                 out.event(cfg.json, &json, &human)?;
+                if cfg.pause_at == Some(seq) {
+                    out.pause(cfg.json, seq)?;
+                }
             }
             exit_kind::HLT => break End::Hlt,
             exit_kind::EXIT => break End::Exit(resp.code),
@@ -602,6 +622,7 @@ pub(crate) mod tests {
             vcpus: 1,
             json,
             explain: None,
+            pause_at: None,
         }
     }
 
@@ -705,6 +726,44 @@ pub(crate) mod tests {
             serde_json::json!({"ept_violation":7,"vmcall":3,"io":20})
         );
         assert_eq!(ev[2]["dirty_gfns"], serde_json::json!([0x1000]));
+    }
+
+    #[test]
+    fn a_pause_after_a_checkpoint_waits_for_one_line() {
+        let mut vmm = FakeVmm {
+            runs: [
+                resp(exit_kind::CHECKPOINT, ""),
+                resp(exit_kind::CHECKPOINT, ""),
+                resp(exit_kind::EXIT, ""),
+            ]
+            .into(),
+            logs: [vec![], vec![], vec![]].into(),
+            ..FakeVmm::default()
+        };
+        let cfg = RunConfig {
+            pause_at: Some(1),
+            ..cfg(true)
+        };
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let mut input = std::io::Cursor::new(b"go\nrest\n".to_vec());
+        let mut streams = Streams::new(&mut o, &mut e);
+        streams.stdin = Some(&mut input);
+        let r = run_guest(&mut vmm, &tiny_elf(), &cfg, &mut streams, &|| false);
+        assert_eq!(r.unwrap(), 0);
+        let events: Vec<String> = json_lines(&String::from_utf8(o).unwrap())
+            .iter()
+            .map(|e| format!("{} {}", e["event"], e["seq"]))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "\"checkpoint\" 1",
+                "\"paused\" 1",
+                "\"checkpoint\" 2",
+                "\"exit\" null"
+            ]
+        );
+        assert_eq!(input.position(), 3, "one line read, the rest left");
     }
 
     /// Both streams into one buffer, as with `2>&1`.

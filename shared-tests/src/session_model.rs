@@ -28,6 +28,7 @@ use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::spec::Duties;
 use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::reason;
+use smudge_core::vmx::active::Held;
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_core::vmx::fields::Field;
 use smudge_core::vmx::hw::Processor;
@@ -90,6 +91,9 @@ pub struct Write {
 struct VmcsState {
     image: VmcsImage,
     active_on: Option<u32>,
+    /// The CPU that left VMX operation while this VMCS was active there, without a VMCLEAR:
+    /// its data is gone.
+    lost_on: Option<u32>,
     launched: bool,
     running_on: Option<u32>,
     /// The CPU of the last VM entry.
@@ -221,6 +225,36 @@ impl ModelMachine {
         lock(&self.violations).push(what);
     }
 
+    /// CPU `cpu` leaves VMX operation as the driver does (`VmxRoot::vmxoff_here`): VMCLEAR of
+    /// every VMCS active there first. Returns how many there were.
+    pub fn leave_vmx(&self, cpu: u32) -> usize {
+        let active: Vec<u64> = lock(&self.vmcs)
+            .iter()
+            .filter(|(_, st)| st.active_on == Some(cpu))
+            .map(|(&pa, _)| pa)
+            .collect();
+        for &pa in &active {
+            self.vmclear(cpu, pa);
+        }
+        active.len()
+    }
+
+    /// CPU `cpu` loses VMX operation without the driver (no VMCLEAR): the VMCSs active there
+    /// are lost. Returns how many there were.
+    pub fn lose_vmx(&self, cpu: u32) -> usize {
+        let mut n = 0;
+        for st in lock(&self.vmcs).values_mut() {
+            if st.active_on == Some(cpu) {
+                (st.active_on, st.lost_on, st.launched) = (None, Some(cpu), false);
+                n += 1;
+            }
+        }
+        if let Some(c) = self.cpus.get(cpu as usize) {
+            lock(c).current = None;
+        }
+        n
+    }
+
     /// VMCLEAR on `cpu` (SDM 25.11.3).
     fn vmclear(&self, cpu: u32, pa: u64) {
         let mut all = lock(&self.vmcs);
@@ -233,6 +267,7 @@ impl ModelMachine {
         if st.running_on.is_some() {
             self.violation(format!("VMCLEAR of VMCS {pa:#x} while a guest runs on it"));
         }
+        // A lost VMCS stays lost: VMCLEAR initializes the launch state, not the data.
         st.active_on = None;
         st.launched = false;
         // Lock order: a CPU's state, then the VMCS table (as a stay takes them).
@@ -422,6 +457,13 @@ impl<'a> Processor for ModelCpu<'a> {
         self.m.vmclear(self.cpu, pages.vmcs);
         Ok(())
     }
+    fn held(&self, cpu: u32, vmcs: u64) -> Held {
+        match lock(&self.m.vmcs).get(&vmcs) {
+            Some(st) if st.lost_on == Some(cpu) => Held::Lost,
+            Some(st) if st.active_on == Some(cpu) => Held::Active,
+            _ => Held::Clear,
+        }
+    }
     fn load(&mut self, pages: &VcpuPages) -> Result<(ModelVmcs<'a>, bool), VmFail> {
         let pa = pages.vmcs;
         let mut all = lock(&self.m.vmcs);
@@ -430,6 +472,11 @@ impl<'a> Processor for ModelCpu<'a> {
             self.m.violation(format!(
                 "VMPTRLD of VMCS {pa:#x} on CPU {} while it is active on CPU {other} (SDM 25.11.1)",
                 self.cpu
+            ));
+        }
+        if let Some(other) = st.lost_on {
+            self.m.violation(format!(
+                "VMPTRLD of VMCS {pa:#x}, lost when CPU {other} left VMX operation without a VMCLEAR"
             ));
         }
         st.active_on = Some(self.cpu);

@@ -1,66 +1,17 @@
-//! A CPU that leaves VMX operation and enters it again (a host sleep: `session::load::suspend`
-//! and `resume`; a CPU taken offline and back: `cpu_offline`, `cpu_online`) starts a new epoch
-//! there. A vCPU whose VMCS was active on it cannot run again (VMXOFF does not write an active
-//! VMCS back, and the processor's copy is lost with its power, SDM 25.11.1): its RUN says so
-//! instead of making the stale region current, on that CPU or another. A VM made after runs.
-//! Its own test binary: it changes the driver-wide `vmx::root::ROOT`.
-
+//! A CPU that leaves VMX operation (a host sleep: `session::load::suspend`; a CPU taken offline:
+//! `cpu_offline`) VMCLEARs the VMCSs active on it first (`vmx::active`), so their vCPUs run on,
+//! there or elsewhere, with VMLAUNCH (the launch state is clear, SDM 25.11.3). One that lost VMX
+//! operation without those VMCLEARs lost its VMCSs' data: their vCPUs stop with an error that
+//! says so, on any CPU, and the model CPU (which refuses a VMPTRLD of a lost VMCS) shows that
+//! none is made current again. A VM made after runs.
 use smudge_core::abi::{self, exit_kind, Op, Wire};
-use smudge_core::regs::CR4_VMXE;
 use smudge_core::session::{Driver, Session};
-use smudge_core::vmx::root::{ControlRegs, Processors, VmxonFailure, ROOT};
 use smudge_tests::session_model::{MockOs, Step};
-
-/// Two processors whose VMX operation another VMM holds (CR4.VMXE set): a VMXON there is
-/// refused before the instruction, after the driver started a new epoch on it, as a wake or a
-/// CPU coming online does. (The VMXON itself runs under Bochs.)
-struct Taken<'a>(&'a smudge_tests::MockPlatform);
-
-impl ControlRegs for Taken<'_> {
-    fn cr0(&self) -> u64 {
-        0x8005_0033
-    }
-    fn cr4(&self) -> u64 {
-        0x6f8 | CR4_VMXE
-    }
-    fn set_vmxe(&self, _on: bool) {}
-}
-
-// SAFETY: `on` runs `f` in place and returns after it; this driver never enters VMX operation
-// on these processors (VMXON is refused before the instruction), so no proof is handed out.
-unsafe impl Processors for Taken<'_> {
-    fn bound(&self) -> u32 {
-        2
-    }
-    fn present(&self, _i: u32) -> bool {
-        true
-    }
-    fn current(&self) -> u32 {
-        0
-    }
-    fn on(&self, _i: u32, f: &mut (dyn FnMut() + Send)) -> bool {
-        f();
-        true
-    }
-    fn cr(&self) -> &(dyn ControlRegs + Sync) {
-        self
-    }
-    fn irq_save(&self) -> usize {
-        0
-    }
-    fn irq_restore(&self, _flags: usize) {}
-    fn alloc_region(&self) -> Option<u64> {
-        smudge_core::platform::Platform::alloc_page(self.0).ok()
-    }
-    fn free_region(&self, pa: u64) {
-        smudge_core::platform::Platform::free_page(self.0, pa)
-    }
-}
 
 /// SETUP with one vCPU, then RUN of vCPU 0 with the model guest `steps`.
 fn run(
-    s: &Session<MockOs<false>>,
-    os: &MockOs<false>,
+    s: &Session<MockOs<true>>,
+    os: &MockOs<true>,
     d: &Driver,
     steps: Option<Vec<Step>>,
 ) -> abi::RunResp {
@@ -88,48 +39,65 @@ fn run(
 }
 
 #[test]
-fn a_vcpu_whose_cpu_left_vmx_operation_stops_on_any_cpu_and_new_vms_run() {
-    let (d, os) = smudge_tests::session_model::skylake::<false>(2);
-    let mut s = Session::new();
-    let mut t = Session::new();
-    os.migrate_to(0);
-    let steps = vec![Step::Write(0x20_0000), Step::Checkpoint, Step::Exit(0)];
-    assert_eq!(
-        run(&s, &os, &d, Some(steps.clone())).kind,
-        exit_kind::CHECKPOINT
-    );
-    assert_eq!(run(&t, &os, &d, Some(steps)).kind, exit_kind::CHECKPOINT);
-
-    // Both CPUs enter VMX operation again (a wake; a CPU back online): a new epoch on each.
-    let before = [ROOT.epoch(0), ROOT.epoch(1)];
-    let procs = Taken(&os.p);
-    for cpu in 0..2 {
-        let r = ROOT.vmxon_one(&procs, &os.p, &d.caps, cpu);
-        assert_eq!(r, Err(Some(VmxonFailure::InUse)));
-    }
-    ROOT.vmxoff_all(&procs);
-    assert_eq!(
-        [ROOT.epoch(0), ROOT.epoch(1)],
-        [before[0] + 1, before[1] + 1]
-    );
-
-    // On the CPU it ran on, and on another one (where the session first VMCLEARs it on its old
-    // CPU): the programmed VMCS is not made current again.
+fn vcpus_run_on_after_their_cpus_left_vmx_operation_and_stop_where_it_was_lost() {
+    let (d, os) = smudge_tests::session_model::skylake::<true>(2);
+    // Windows' personality: a RUN stays on the CPU it starts on, so each VMCS is where the
+    // test put it.
+    let steps = vec![
+        Step::Write(0x20_0000),
+        Step::Checkpoint,
+        Step::Write(0x20_1000),
+        Step::Checkpoint,
+        Step::Exit(0),
+    ];
+    let (s, t) = (Session::new(), Session::new());
+    // A vCPU on each CPU, each stopped at its first checkpoint with its VMCS active there.
     for (session, cpu) in [(&s, 0), (&t, 1)] {
+        os.migrate_to(cpu);
+        let r = run(session, &os, &d, Some(steps.clone()));
+        assert_eq!(r.kind, exit_kind::CHECKPOINT, "CPU {cpu}");
+    }
+    // Both CPUs leave VMX operation as the driver does: one VMCLEAR each.
+    assert_eq!((os.m.leave_vmx(0), os.m.leave_vmx(1)), (1, 1));
+    // Both vCPUs run on from their checkpoint, on CPU 0: its own (VMRESUME would now fail with
+    // VM-instruction error 5) and the other's (no cross-CPU VMCLEAR is owed to CPU 1).
+    // (The model's scripts go by vCPU index: each vCPU 0 gets the rest of the script anew.)
+    os.migrate_to(0);
+    for session in [&s, &t] {
+        os.m.program(0, steps[2..].to_vec());
+        assert_eq!(run(session, &os, &d, None).kind, exit_kind::CHECKPOINT);
+        assert_eq!(run(session, &os, &d, None).kind, exit_kind::EXIT);
+    }
+    assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
+
+    // A CPU that loses VMX operation without the VMCLEARs: each vCPU stops, on that CPU and on
+    // another, and stays stopped.
+    let (u, w) = (Session::new(), Session::new());
+    os.migrate_to(1);
+    for session in [&u, &w] {
+        assert_eq!(
+            run(session, &os, &d, Some(steps.clone())).kind,
+            exit_kind::CHECKPOINT
+        );
+    }
+    assert_eq!(os.m.lose_vmx(1), 2);
+    for (session, cpu) in [(&u, 1), (&w, 0)] {
         os.migrate_to(cpu);
         let r = run(session, &os, &d, None);
         let msg = String::from_utf8_lossy(&r.message);
         assert_eq!(r.kind, exit_kind::ERROR, "CPU {cpu}: {msg}");
         assert!(msg.contains("VMCS lost"), "{msg}");
-        // The vCPU stays stopped.
         assert_eq!(run(session, &os, &d, None).kind, exit_kind::HLT);
     }
-    s.release(&os);
-    t.release(&os);
+    assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
+    let (mut s, mut t, mut u, mut w) = (s, t, u, w);
+    for session in [&mut s, &mut t, &mut u, &mut w] {
+        session.release(&os);
+    }
 
-    let mut u = Session::new();
+    let mut v = Session::new();
     let steps = vec![Step::Write(0x20_0000), Step::Exit(0)];
-    assert_eq!(run(&u, &os, &d, Some(steps)).kind, exit_kind::EXIT);
-    u.release(&os);
+    assert_eq!(run(&v, &os, &d, Some(steps)).kind, exit_kind::EXIT);
+    v.release(&os);
     os.p.assert_all_freed();
 }

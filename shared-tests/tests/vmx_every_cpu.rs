@@ -202,12 +202,10 @@ fn vmxon_stops_at_a_processor_that_cannot_enter_and_returns_every_region() {
     let kept = f.p.alloc_page().expect("page");
     assert!(root.set_region(0, kept, &f.p, &caps));
     f.pages_left.store(0, Ordering::SeqCst);
-    let epoch = root.epoch(0);
     assert_eq!(
         root.vmxon_all(&f, &f.p, &caps),
         Err((0, Some(VmxonFailure::InUse)))
     );
-    assert_eq!(root.epoch(0), epoch + 1, "a new epoch on processor 0");
     f.p.assert_all_freed();
     // CR0 without NE breaks the fixed bits: named, CR4.VMXE never set, the region returned.
     let mut g = Fake::new();

@@ -751,20 +751,25 @@ fn smp_boot() -> Boot {
         "echo 0 > /sys/devices/system/cpu/cpu1/online && echo 1 > /sys/devices/system/cpu/cpu1/online \
          && cat /sys/devices/system/cpu/online && smudge run --json --vcpus 2 --mode ad /guests/smpwriter",
     );
-    // A system sleep, with a guest running across it: hibernation as far as the syscore
-    // callbacks (pm_test "core": CPU 1 offline, then CPU 0 with interrupts off; 5 s; back),
-    // without writing an image. smudge leaves VMX operation on each CPU as it goes and enters
-    // it again as it comes back; the guest's VMCS does not survive that, so its next RUN stops
-    // with an error, and new guests run on both CPUs.
+    // A system sleep in the middle of a guest: hibernation as far as the syscore callbacks
+    // (pm_test "core": CPU 1 offline, then CPU 0 with interrupts off; 5 s; back), without
+    // writing an image, while the pagewriter waits after its 4th checkpoint (`--pause-at`) with
+    // its VMCS active on the CPU it ran on. smudge VMCLEARs the VMCSs active on each CPU, leaves
+    // VMX operation as the CPU goes and enters it again as it comes back; the guest then runs
+    // its last 4 rounds, each checkpoint's dirty log against its own report. Then new guests
+    // run on both CPUs.
     b.case(
         "smp-sleep",
-        "smudge run /guests/hostile_spin >/files/spin.out 2>&1 & S=$!; \
-         i=0; until grep -q spinning /files/spin.out || [ $i -gt 2000 ]; do i=$((i+1)); done; \
+        "mkfifo /files/go; smudge run --json --mode pml --pause-at 4 /guests/pagewriter \
+         </files/go >/files/pw.out 2>&1 & S=$!; exec 3>/files/go; \
+         i=0; until grep -q '\"paused\"' /files/pw.out || [ $i -gt 20000 ]; do i=$((i+1)); done; \
          echo core > /sys/power/pm_test && echo disk > /sys/power/state; echo sleep-rc=$?; \
-         sleep 1; kill $S 2>/dev/null || true; R=0; wait $S || R=$?; echo spin-rc=$R; \
-         cat /files/spin.out; \
-         dmesg | grep 'smudge: CPU .* system sleep'; cat /sys/devices/system/cpu/online; \
-         smudge run --json --vcpus 2 --mode pml /guests/smpwriter",
+         echo go >&3; exec 3>&-; R=0; wait $S || R=$?; echo pw-rc=$R; cat /files/pw.out; \
+         dmesg | grep 'smudge: CPU .* system sleep'; cat /sys/devices/system/cpu/online",
+    );
+    b.case(
+        "smp-after-sleep",
+        "smudge run --json --vcpus 2 --mode pml /guests/smpwriter",
     );
     b.case("smp-dmesg", KERNEL_LOG_TROUBLE);
     b.case(
@@ -801,10 +806,11 @@ fn smp_boot() -> Boot {
         let (written, harvested, n) = union_check(c)?;
         Ok(format!("CPU 1 offline and back (it left VMX operation and entered it again), then 2 vCPUs: {n} harvests, {written} pages written, {harvested} harvested, 0 lost"))
     });
-    b.check("a system sleep with a guest running", move |res, _| {
+    b.check("a system sleep in the middle of a guest", move |res, _| {
         let c = case(res, "smp-sleep")?;
         let out = &c.out;
-        if c.rc != 0 || !out.contains("sleep-rc=0") || !out.lines().any(|l| l.trim() == "0-1") {
+        let online = out.lines().any(|l| l.trim() == "0-1");
+        if c.rc != 0 || !out.contains("sleep-rc=0") || !out.contains("pw-rc=0") || !online {
             bail!("rc {}:\n{out}", c.rc);
         }
         for want in [
@@ -815,17 +821,23 @@ fn smp_boot() -> Boot {
                 bail!("no '{want}':\n{out}");
             }
         }
-        // Both CPUs left VMX operation, so the guest's VMCS is gone: its next RUN must say so
-        // (a guest running on would mean a CPU never left).
-        if !out.contains("VMCS lost") {
-            bail!("the guest across the sleep did not stop with 'VMCS lost':\n{out}");
+        // The guest paused across the sleep, then ran its last rounds on (from the VMCS data its
+        // CPU wrote back before leaving VMX operation), each dirty log equal to its report.
+        let paused = json_lines(out).iter().any(|e| e["event"] == "paused" && e["seq"] == 4);
+        let (checkpoints, pages) = check_pagewriter(c, "pml")?;
+        if !paused || checkpoints != 8 || exit_event(c)?["code"] != 0 {
+            bail!("the guest did not pause after checkpoint 4 and run to its end:\n{out}");
         }
         let dmesg = case(res, "smp-dmesg")?;
         if !dmesg.out.trim().is_empty() {
             bail!("kernel log: {}", dmesg.out);
         }
-        let (written, harvested, n) = union_check(c)?;
-        Ok(format!("hibernation to its syscore callbacks and back: CPU 1 left VMX operation going offline, CPU 0 in syscore suspend, both entered it again; the guest's next RUN stopped with \"VMCS lost\"; kernel log clean; then 2 vCPUs: {n} harvests, {written} pages written, {harvested} harvested, 0 lost"))
+        let after = case(res, "smp-after-sleep")?;
+        if after.rc != 0 {
+            bail!("rc {} after the sleep:\n{}", after.rc, after.out);
+        }
+        let (written, harvested, n) = union_check(after)?;
+        Ok(format!("hibernation to its syscore callbacks and back, the pagewriter paused after checkpoint 4: CPU 1 left VMX operation going offline, CPU 0 in syscore suspend, both entered it again; the guest ran on to its end ({checkpoints} checkpoints, {pages} pages, each dirty log = its report); kernel log clean; then 2 vCPUs: {n} harvests, {written} pages written, {harvested} harvested, 0 lost"))
     });
     b.check("2 vCPUs: pages back to zero, unload", move |res, _| {
         let held = case(res, "smp-pages-held")?.out.trim().to_string();

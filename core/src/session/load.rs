@@ -180,9 +180,8 @@ pub fn unload(procs: &dyn Processors) {
 
 /// The host is about to sleep (Windows's power-state callback, at PASSIVE_LEVEL): every
 /// processor leaves VMX operation, so that the OS saves and restores a CR4 without VMXE, and
-/// its VMXON region stays for [`resume`]. A vCPU that ran before cannot run again: the
-/// processor's copy of an active VMCS is lost with its power (`vmx::hw::run` stops it with a
-/// VMX error that says so, on any CPU). VMs made after the wake run.
+/// its VMXON region stays for [`resume`]. Each VMCLEARs the VMCSs active on it first (the
+/// processor's copy would be lost with its power), so the vCPUs run on after the wake.
 pub fn suspend(procs: &dyn Processors) {
     let _one = LIFECYCLE.lock();
     if loaded().is_some() {
@@ -236,8 +235,8 @@ pub fn cpu_online<P: Platform + ?Sized>(
 }
 
 /// CPU `cpu` goes offline (run on it while it still is online): it leaves VMX operation, so that
-/// the INIT that brings it back is not blocked (SDM 25.8). A vCPU whose VMCS was active there
-/// stops at its next RUN (`vmx::hw::HwVcpu::vmcs_lost`). True if it was in VMX operation.
+/// the INIT that brings it back is not blocked (SDM 25.8), after VMCLEARs of the VMCSs active
+/// there, whose vCPUs run on elsewhere (`vmx::active`). True if it was in VMX operation.
 pub fn cpu_offline(procs: &dyn Processors, cpu: u32) -> bool {
     let _one = LIFECYCLE.lock();
     ROOT.vmxoff_one(procs, cpu)

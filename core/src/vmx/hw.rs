@@ -8,6 +8,7 @@ use crate::platform::Platform;
 use crate::spec::Duties;
 use crate::vcpu::{Cached, PageCache, VcpuPages};
 use crate::vm::{reason, Action, ExitInfo, RunExit, VcpuState, Vm};
+use crate::vmx::active::{self, Held};
 use crate::vmx::caps::{pin, secondary, Controls, VmxCaps};
 use crate::vmx::checks::{self, Violation};
 use crate::vmx::fields::Field;
@@ -116,21 +117,21 @@ fn note_clear(cpu: u32, vmcs: u64) {
     }
 }
 
-/// VMCLEAR of the VMCS CPU `cpu` loaded last, if [`LOADED`] knows one: its data reaches memory
-/// (SDM 25.11.1), where a crash dump finds that guest's state. For the emergency paths, right
-/// before VMXOFF (KVM clears every VMCS loaded on the CPU there).
+/// Before VMXOFF on CPU `cpu`: VMCLEAR of every VMCS active there ([`active`]), so that their
+/// data reaches memory (SDM 25.11.1): their vCPUs run on later, and a crash dump finds their
+/// guests' state. Then no VMCS is current there.
 ///
 /// # Safety
 /// The caller runs on CPU `cpu`, which is in VMX operation, with interrupts off.
-pub unsafe fn clear_last_loaded(cpu: u32) {
-    if let Some(l) = LOADED.get(cpu as usize) {
-        let vmcs = l.swap(0, Ordering::Relaxed);
-        if vmcs != 0 {
+pub unsafe fn clear_all_active(cpu: u32) {
+    if let Some(list) = active::list(cpu) {
+        active::clear_all(list, &mut |vmcs| {
             // SAFETY: VMX operation on this CPU (the caller's contract); `vmcs` is a VMCS region
-            // of the core's that this CPU made current.
+            // of the core's that this CPU made active.
             let _ = unsafe { arch::vmclear(vmcs) };
-        }
+        });
     }
+    forget_loaded(cpu);
 }
 
 /// Forgets CPU `cpu`'s last VMPTRLD: it left VMX operation, where no VMCS is current.
@@ -174,7 +175,11 @@ impl VmxCpu {
         note_clear(self.cpu, pages.vmcs);
         // SAFETY: VMX root operation (the proof); `pages.vmcs` is a VMCS region the core
         // allocated with the revision id.
-        unsafe { arch::vmclear(pages.vmcs) }
+        let r = unsafe { arch::vmclear(pages.vmcs) };
+        if let Some(list) = active::list(self.cpu) {
+            active::delist(list, pages.vmcs);
+        }
+        r
     }
 
     /// INVEPT all-context here (SDM 29.4.3.4): no translation cached from any EPT survives.
@@ -216,6 +221,8 @@ pub trait Processor {
     fn cpu(&self) -> u32;
     /// VMCLEAR of `pages`' VMCS here.
     fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail>;
+    /// Where VMCS `vmcs` stands on CPU `cpu` ([`active`]).
+    fn held(&self, cpu: u32, vmcs: u64) -> Held;
     /// VMPTRLD: makes `pages`' VMCS current here; returns access to it, and whether this CPU
     /// loaded another VMCS (or none) last.
     fn load(&mut self, pages: &VcpuPages) -> Result<(Self::Vmcs, bool), VmFail>;
@@ -297,11 +304,28 @@ impl Processor for Hardware<'_> {
     fn vmclear(&mut self, pages: &VcpuPages) -> Result<(), VmFail> {
         self.ctx.vmx().vmclear(pages)
     }
+    fn held(&self, cpu: u32, vmcs: u64) -> Held {
+        active::list(cpu).map_or(Held::Clear, |list| active::held(list, vmcs))
+    }
     fn load(&mut self, pages: &VcpuPages) -> Result<(HwVmcs, bool), VmFail> {
         // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that
         // `run` made clear or active here first.
         unsafe { arch::vmptrld(pages.vmcs) }?;
         let switched = note_load(self.cpu(), pages.vmcs);
+        let here = self.cpu();
+        let listed = active::list(here).is_some_and(|list| {
+            active::enlist(list, pages.vmcs, &mut |other| {
+                note_clear(here, other);
+                // SAFETY: VMX root operation here (`ctx`); `other` is a VMCS region of the
+                // core's active here, not the current one (just loaded).
+                let _ = unsafe { arch::vmclear(other) };
+            })
+        });
+        if !listed {
+            // Untracked, it would be lost when this CPU leaves VMX operation.
+            self.ctx.vmx().vmclear(pages)?;
+            return Err(VmFail::Invalid);
+        }
         // SAFETY: VMX root operation (`ctx`), and the VMCS just loaded is current.
         Ok((unsafe { HwVmcs::current() }, switched))
     }
@@ -422,13 +446,9 @@ pub struct HwVcpu {
     pub fx: FxArea,
     /// VMLAUNCH done since the last VMCLEAR.
     pub launched: bool,
-    /// The CPU whose VMCS cache may hold this VMCS (None: clear everywhere), or that held it
-    /// when it left VMX operation (then [`HwVcpu::vmcs_lost`]).
+    /// The CPU this VMCS was made active on last (None: clear everywhere). It may have been
+    /// VMCLEARed there since ([`active`] says).
     pub cpu: Option<u32>,
-    /// The epoch of VMX operation of `cpu` (`vmx::root::VmxRoot::epoch`) when the VMCS became
-    /// active there: if that CPU left VMX operation since (a host sleep, the CPU taken offline),
-    /// the VMCS is lost.
-    pub epoch: u32,
     /// The guest-state area was written.
     pub programmed: bool,
     /// Guest RIP, RSP and RFLAGS between runs (they live in the VMCS, which only the CPU that
@@ -468,7 +488,6 @@ impl HwVcpu {
             fx: FxArea::reset(),
             launched: false,
             cpu: None,
-            epoch: 0,
             programmed: false,
             rip: entry,
             rsp: stack_top,
@@ -480,27 +499,11 @@ impl HwVcpu {
         }
     }
 
-    /// True when the CPU this programmed VMCS was active on left VMX operation since (see
-    /// `epoch`): its data is gone and it cannot be made current again (SDM 25.11.1). (One never
-    /// programmed is written whole before its first entry.)
-    pub fn vmcs_lost(&self) -> bool {
-        self.programmed
-            && self
-                .cpu
-                .is_some_and(|c| crate::vmx::root::ROOT.epoch(c) != self.epoch)
-    }
-
     /// Before a run on CPU `here`: a VMCS active on another CPU is VMCLEARed there (`vmclear`,
-    /// SDM 25.11.1) and then active nowhere, unless that CPU left VMX operation meanwhile (then
-    /// it stays recorded there, and [`HwVcpu::vmcs_lost`] says so).
+    /// SDM 25.11.1); the run's own checks ([`run`]) then find it clear there.
     pub fn leave_cpu(&mut self, here: u32, vmclear: impl FnOnce(u32)) {
         if let Some(old) = self.cpu.filter(|&c| c != here) {
-            if !self.vmcs_lost() {
-                vmclear(old);
-            }
-            if !self.vmcs_lost() {
-                self.cpu = None;
-            }
+            vmclear(old);
         }
     }
 
@@ -586,6 +589,9 @@ impl HwVcpu {
     /// CPU (VMCLEAR) before.
     pub fn free_pages<P: Platform + ?Sized>(&mut self, p: &P) {
         self.cache.free_all(p);
+        // No list keeps the address of a freed VMCS (a VMCLEAR there would write to memory
+        // that is someone else's by then).
+        active::forget(self.pages.vmcs);
         self.pages.free(p);
         if let Some(k) = self.state.kvm.as_mut() {
             for page in [&mut k.run_page, &mut k.cpuid.page] {
@@ -631,19 +637,16 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
     }
     let here = cpu.cpu();
     let lost = HwError::Vmx {
-        step: "vmptrld (VMCS lost: its CPU left VMX operation while it was active: a host sleep or the CPU taken offline)",
+        step: "vmptrld (VMCS lost: its CPU left VMX operation without a VMCLEAR of it)",
         fail: VmFail::Invalid,
     };
-    if vcpu.vmcs_lost() {
-        return Err(lost);
-    }
-    if !vcpu.programmed
-        && vcpu
-            .cpu
-            .is_some_and(|c| crate::vmx::root::ROOT.epoch(c) != vcpu.epoch)
-    {
-        // Never programmed: nothing to lose; cleared again here before its first VMPTRLD.
-        vcpu.cpu = None;
+    let vmcs = vcpu.pages.vmcs;
+    match vcpu.cpu.map(|c| cpu.held(c, vmcs)) {
+        Some(Held::Lost) => return Err(lost),
+        // VMCLEARed where it was active (that CPU made room for another VMCS, or left VMX
+        // operation): its data is in memory, its launch state clear (SDM 25.11.3).
+        Some(Held::Clear) => vcpu.cpu = None,
+        Some(Held::Active) | None => {}
     }
     if vcpu.cpu != Some(here) {
         match vcpu.cpu {
@@ -651,12 +654,20 @@ pub fn run<P: Platform + ?Sized, S: SharedVm, C: Processor>(
             // A VMCS is cleared before its first VMPTRLD (SDM 25.11.3).
             None => step("vmclear", cpu.vmclear(&vcpu.pages))?,
         }
-        // Its old CPU may have left VMX operation before the VMCLEAR reached it.
-        if vcpu.vmcs_lost() {
-            return Err(lost);
+        // Made active on two CPUs at once, a VMCS would be corrupted: it must be clear on its
+        // old one now (which may have left VMX operation before the VMCLEAR reached it).
+        match vcpu.cpu.map(|c| cpu.held(c, vmcs)) {
+            Some(Held::Lost) => return Err(lost),
+            Some(Held::Active) => {
+                return Err(HwError::Vmx {
+                    step: "vmclear on the VMCS's last CPU (not reached)",
+                    fail: VmFail::Invalid,
+                })
+            }
+            Some(Held::Clear) | None => {}
         }
         vcpu.launched = false;
-        (vcpu.cpu, vcpu.epoch) = (Some(here), crate::vmx::root::ROOT.epoch(here));
+        vcpu.cpu = Some(here);
     }
     let started = vm.with(|vm| {
         if !vcpu.programmed {

@@ -1,6 +1,7 @@
 //! VMX: the admission check, capabilities and controls, VMX operation on every CPU, the VMCS,
 //! the software VM-entry checker, the run loop.
 
+pub mod active;
 pub mod admission;
 pub mod caps;
 pub mod checks;

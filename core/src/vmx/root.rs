@@ -6,7 +6,7 @@
 //! the arch layer: it executes VMXON and VMXOFF.
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::arch::{self, VmFail};
 use crate::platform::Platform;
@@ -247,10 +247,6 @@ pub enum VmxonFailure {
 pub struct VmxRoot<const N: usize> {
     region: [AtomicU64; N],
     on: [AtomicBool; N],
-    /// Per CPU, how many times it left VMX operation or this driver tried to enter it: a VMCS
-    /// made active on it in an earlier epoch did not survive (VMXOFF does not write an active
-    /// VMCS back, and a sleep or an offline CPU loses the processor's copy, SDM 25.11.1).
-    epoch: [AtomicU32; N],
     /// Per CPU, how it left VMX operation in an emergency (0: it did not): bit 63 set, bit 62
     /// when VMXOFF succeeded, CR4 after it below. What the CPU that panics reports for the
     /// others, whose own messages Linux drops then.
@@ -269,7 +265,6 @@ impl<const N: usize> VmxRoot<N> {
         VmxRoot {
             region: [const { AtomicU64::new(0) }; N],
             on: [const { AtomicBool::new(false) }; N],
-            epoch: [const { AtomicU32::new(0) }; N],
             left: [const { AtomicU64::new(0) }; N],
         }
     }
@@ -290,19 +285,6 @@ impl<const N: usize> VmxRoot<N> {
         let mut m = crate::msg::MsgBuf::new();
         let _ = write!(m, "CPU {cpu} left VMX operation ({how}, CR4.VMXE {vmxe})");
         Some(m)
-    }
-
-    /// CPU `cpu`'s epoch of VMX operation (see the field; 0 beyond the table).
-    pub fn epoch(&self, cpu: u32) -> u32 {
-        self.epoch
-            .get(cpu as usize)
-            .map_or(0, |e| e.load(Ordering::Acquire))
-    }
-
-    fn next_epoch(&self, cpu: u32) {
-        if let Some(e) = self.epoch.get(cpu as usize) {
-            e.fetch_add(1, Ordering::AcqRel);
-        }
     }
 
     /// Makes the page at `pa` (4 KiB, zeroed, the driver's) CPU `cpu`'s VMXON region: it starts
@@ -414,9 +396,9 @@ impl<const N: usize> VmxRoot<N> {
 
     /// VMX operation on processor `i` (a CPU coming online, or one of [`VmxRoot::vmxon_all`]): a
     /// region (the one it kept from before, or a new one), then VMXON there with interrupts off
-    /// ([`VmxRoot::vmxon_here`]), in a new epoch. A processor flagged in VMX operation is left
-    /// so if CR4.VMXE is still set there; otherwise it lost VMX operation without this driver
-    /// (a sleep VMXOFF could not reach it before) and the flag was stale. On failure the region
+    /// ([`VmxRoot::vmxon_here`]). A processor flagged in VMX operation is left so if CR4.VMXE
+    /// is still set there; otherwise it lost VMX operation without this driver (a sleep VMXOFF
+    /// could not reach it before), the flag was stale, and the VMCSs active there are lost. On failure the region
     /// stays (`vmxoff_all`, at a failed load or at unload, returns it); None: the processor could
     /// not be reached. Ok(true): VMXON was executed; Ok(false): it already was in VMX operation.
     pub fn vmxon_one<P: Platform + ?Sized>(
@@ -433,9 +415,12 @@ impl<const N: usize> VmxRoot<N> {
             if still {
                 return Ok(false);
             }
-            // The new epoch first: a run elsewhere that sees the flag off must not see the old
-            // epoch, or it would make a VMCS current whose data went with the old one.
-            self.left_vmx(i);
+            // Its VMCSs are marked lost first: a run elsewhere that sees the flag off must not
+            // take them for clear, or it would make one current whose data went with the CPU.
+            if let Some(list) = crate::vmx::active::list(i) {
+                crate::vmx::active::mark_lost(list);
+            }
+            crate::vmx::hw::forget_loaded(i);
             if let Some(f) = self.on.get(i as usize) {
                 f.store(false, Ordering::Release);
             }
@@ -447,7 +432,6 @@ impl<const N: usize> VmxRoot<N> {
             .filter(|&r| r != 0);
         match kept.or_else(|| procs.alloc_region()) {
             Some(pa) if self.set_region(i, pa, p, caps) => {
-                self.next_epoch(i);
                 let mut r = Err(None);
                 if procs.on(i, &mut || r = self.vmxon_here(i, caps, cr).map_err(Some)) {
                     r.map(|()| true)
@@ -487,25 +471,18 @@ impl<const N: usize> VmxRoot<N> {
         }
     }
 
-    /// VMXOFF on the current CPU, number `cpu`, if this driver did VMXON here; clears CR4.VMXE.
-    /// True if it was on. Call with interrupts off.
+    /// VMCLEAR of every VMCS active on the current CPU, number `cpu`, then VMXOFF, if this
+    /// driver did VMXON here; clears CR4.VMXE. True if it was on. Call with interrupts off.
     pub fn vmxoff_here(&self, cpu: u32, cr: &dyn ControlRegs) -> bool {
         self.leave_here(cpu, cr, false)
     }
 
     /// What the emergency paths (reboot, panic, crash, bug check) call on the CPU they run on:
-    /// VMCLEAR of the VMCS it loaded last, so that a crash dump holds that guest's state, then
-    /// [`VmxRoot::vmxoff_here`]. INIT is blocked in VMX root operation (SDM 25.8): a CPU left
+    /// [`VmxRoot::vmxoff_here`], whose VMCLEARs put the guests' state where a crash dump finds
+    /// it, and a record for [`VmxRoot::left_in_emergency`]. INIT is blocked in VMX root operation (SDM 25.8): a CPU left
     /// in it hangs a reboot and keeps a crash kernel from starting it.
     pub fn emergency_here(&self, cpu: u32, cr: &dyn ControlRegs) -> bool {
         self.leave_here(cpu, cr, true)
-    }
-
-    /// Processor `cpu` is out of VMX operation: no VMCS is current there, and the VMCSs that
-    /// were active there are lost (a new epoch, `HwVcpu::vmcs_lost`).
-    fn left_vmx(&self, cpu: u32) {
-        self.next_epoch(cpu);
-        crate::vmx::hw::forget_loaded(cpu);
     }
 
     fn leave_here(&self, cpu: u32, cr: &dyn ControlRegs, clear: bool) -> bool {
@@ -515,14 +492,12 @@ impl<const N: usize> VmxRoot<N> {
             .is_some_and(|f| f.swap(false, Ordering::AcqRel));
         if was_on {
             // SAFETY: this driver did VMXON on this CPU (the flag), so it is in VMX operation,
-            // and the caller runs here with interrupts off.
+            // and the caller runs here with interrupts off. Every VMCS active here is VMCLEARed
+            // first, so none is lost (`vmx::active`).
             let off = unsafe {
-                if clear {
-                    crate::vmx::hw::clear_last_loaded(cpu);
-                }
+                crate::vmx::hw::clear_all_active(cpu);
                 arch::vmxoff()
             };
-            self.left_vmx(cpu);
             cr.set_vmxe(false);
             if let Some(l) = self.left.get(cpu as usize).filter(|_| clear) {
                 let ok = u64::from(off.is_ok()) << 62;

@@ -313,6 +313,11 @@ impl Processor for Hardware<'_> {
         unsafe { arch::vmptrld(pages.vmcs) }?;
         let switched = note_load(self.cpu(), pages.vmcs);
         let here = self.cpu();
+        // Interrupts off: a cross-CPU VMCLEAR (`VmxCpu::vmclear`, an IPI) must not come in
+        // between the choice of an entry to evict and its VMCLEAR, or that VMCLEAR would reach
+        // a VMCS active on another CPU by then, or freed.
+        // SAFETY: CPL 0; restored right after, on this CPU (preemption is off, `ctx`).
+        let flags = unsafe { arch::irq_save() };
         let listed = active::list(here).is_some_and(|list| {
             active::enlist(list, pages.vmcs, &mut |other| {
                 note_clear(here, other);
@@ -321,6 +326,8 @@ impl Processor for Hardware<'_> {
                 let _ = unsafe { arch::vmclear(other) };
             })
         });
+        // SAFETY: as above.
+        unsafe { arch::irq_restore(flags) };
         if !listed {
             // Untracked, it would be lost when this CPU leaves VMX operation.
             self.ctx.vmx().vmclear(pages)?;

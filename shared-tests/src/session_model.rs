@@ -28,7 +28,7 @@ use smudge_core::session::{Fail, HostMapping, Os, RunPolicy};
 use smudge_core::spec::Duties;
 use smudge_core::vcpu::VcpuPages;
 use smudge_core::vm::reason;
-use smudge_core::vmx::active::Held;
+use smudge_core::vmx::active::{self, Held};
 use smudge_core::vmx::caps::VmxCaps;
 use smudge_core::vmx::fields::Field;
 use smudge_core::vmx::hw::Processor;
@@ -124,6 +124,9 @@ pub struct ModelMachine {
     /// A stay in guest mode holds its CPU (as preemption off does).
     occupied: Vec<AtomicBool>,
     vmcs: Mutex<HashMap<u64, VmcsState>>,
+    /// Per CPU, the core's own list of the VMCSs active there (`vmx::active`), kept by the model
+    /// CPU as the real one keeps the driver's: the model's VMCS states judge it.
+    lists: Vec<active::List>,
     programs: Mutex<HashMap<u32, Program>>,
     seq: AtomicU64,
     writes: Mutex<Vec<Write>>,
@@ -162,6 +165,9 @@ impl ModelMachine {
                 .collect(),
             occupied: (0..ncpus).map(|_| AtomicBool::new(false)).collect(),
             vmcs: Mutex::new(HashMap::new()),
+            lists: (0..ncpus)
+                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
+                .collect(),
             programs: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             writes: Mutex::new(Vec::new()),
@@ -226,22 +232,22 @@ impl ModelMachine {
     }
 
     /// CPU `cpu` leaves VMX operation as the driver does (`VmxRoot::vmxoff_here`): VMCLEAR of
-    /// every VMCS active there first. Returns how many there were.
+    /// every VMCS its list holds (`active::clear_all`). Returns how many there were; a VMCS the
+    /// list missed stays active in the model, and its next VMPTRLD elsewhere is a violation.
     pub fn leave_vmx(&self, cpu: u32) -> usize {
-        let active: Vec<u64> = lock(&self.vmcs)
-            .iter()
-            .filter(|(_, st)| st.active_on == Some(cpu))
-            .map(|(&pa, _)| pa)
-            .collect();
-        for &pa in &active {
+        let mut n = 0;
+        active::clear_all(&self.lists[cpu as usize], &mut |pa| {
             self.vmclear(cpu, pa);
-        }
-        active.len()
+            n += 1;
+        });
+        n
     }
 
     /// CPU `cpu` loses VMX operation without the driver (no VMCLEAR): the VMCSs active there
-    /// are lost. Returns how many there were.
+    /// are lost, and the driver marks its list so (`active::mark_lost`, as `vmxon_one` does
+    /// for a stale flag). Returns how many there were.
     pub fn lose_vmx(&self, cpu: u32) -> usize {
+        active::mark_lost(&self.lists[cpu as usize]);
         let mut n = 0;
         for st in lock(&self.vmcs).values_mut() {
             if st.active_on == Some(cpu) {
@@ -272,6 +278,10 @@ impl ModelMachine {
         st.launched = false;
         // Lock order: a CPU's state, then the VMCS table (as a stay takes them).
         drop(all);
+        // As `VmxCpu::vmclear` after the instruction.
+        if let Some(list) = self.lists.get(cpu as usize) {
+            active::delist(list, pa);
+        }
         if let Some(c) = self.cpus.get(cpu as usize) {
             let mut c = lock(c);
             if c.current == Some(pa) {
@@ -458,11 +468,10 @@ impl<'a> Processor for ModelCpu<'a> {
         Ok(())
     }
     fn held(&self, cpu: u32, vmcs: u64) -> Held {
-        match lock(&self.m.vmcs).get(&vmcs) {
-            Some(st) if st.lost_on == Some(cpu) => Held::Lost,
-            Some(st) if st.active_on == Some(cpu) => Held::Active,
-            _ => Held::Clear,
-        }
+        self.m
+            .lists
+            .get(cpu as usize)
+            .map_or(Held::Clear, |list| active::held(list, vmcs))
     }
     fn load(&mut self, pages: &VcpuPages) -> Result<(ModelVmcs<'a>, bool), VmFail> {
         let pa = pages.vmcs;
@@ -481,6 +490,14 @@ impl<'a> Processor for ModelCpu<'a> {
         }
         st.active_on = Some(self.cpu);
         drop(all);
+        // As `Hardware::load`: listed, a full list making room with a VMCLEAR here first.
+        let cpu = self.cpu;
+        if !active::enlist(&self.m.lists[cpu as usize], pa, &mut |v| {
+            self.m.vmclear(cpu, v)
+        }) {
+            self.m.vmclear(cpu, pa);
+            return Err(VmFail::Invalid);
+        }
         let switched = self.state().current.replace(pa) != Some(pa);
         Ok((ModelVmcs { m: self.m, pa }, switched))
     }

@@ -101,3 +101,62 @@ fn vcpus_run_on_after_their_cpus_left_vmx_operation_and_stop_where_it_was_lost()
     v.release(&os);
     os.p.assert_all_freed();
 }
+
+/// More vCPUs on one CPU than its list of active VMCSs holds (`vmx::active::PER_CPU`): each
+/// VMPTRLD past the limit VMCLEARs another VMCS there first, and that vCPU VMLAUNCHes again at
+/// its next run (the model CPU fails a VMRESUME of a clear VMCS with VM-instruction error 5).
+#[test]
+fn a_cpu_makes_room_for_more_vcpus_than_it_lists() {
+    use smudge_core::vmx::active::PER_CPU;
+    let (d, os) = smudge_tests::session_model::skylake::<true>(2);
+    let n = PER_CPU + 3;
+    // The model's scripts go by vCPU index: every vCPU 0 takes its next two steps from one.
+    let mut steps: Vec<Step> = (0..3 * n as u64)
+        .flat_map(|i| [Step::Write(0x20_0000 + (i % 64) * 0x1000), Step::Checkpoint])
+        .collect();
+    steps.push(Step::Exit(0));
+    os.migrate_to(0);
+    let sessions: Vec<Session<MockOs<true>>> = (0..n).map(|_| Session::new()).collect();
+    for (i, session) in sessions.iter().enumerate() {
+        let script = (i == 0).then(|| steps.clone());
+        let setup_only = i > 0;
+        let r = if setup_only {
+            run_setup_then(session, &os, &d)
+        } else {
+            run(session, &os, &d, script)
+        };
+        assert_eq!(r.kind, exit_kind::CHECKPOINT, "vCPU of session {i}");
+    }
+    // Twice round: every vCPU was pushed out of the list by the later ones at least once.
+    for round in 0..2 {
+        for (i, session) in sessions.iter().enumerate() {
+            let r = run(session, &os, &d, None);
+            let msg = String::from_utf8_lossy(&r.message);
+            assert_eq!(
+                r.kind,
+                exit_kind::CHECKPOINT,
+                "round {round}, session {i}: {msg}"
+            );
+        }
+    }
+    assert!(os.m.violations().is_empty(), "{:?}", os.m.violations());
+    for mut session in sessions {
+        session.release(&os);
+    }
+    os.p.assert_all_freed();
+}
+
+/// SETUP with one vCPU (the script already set), then RUN of vCPU 0.
+fn run_setup_then(s: &Session<MockOs<true>>, os: &MockOs<true>, d: &Driver) -> abi::RunResp {
+    let setup = abi::SetupReq {
+        version: abi::VERSION,
+        mode: 0,
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        page_limit: 0,
+    };
+    let mut buf = vec![0u8; Op::Setup.buffer_size()];
+    setup.to_bytes(&mut buf).expect("fits");
+    s.request(os, d, Op::Setup, &mut buf).expect("SETUP");
+    run(s, os, d, None)
+}

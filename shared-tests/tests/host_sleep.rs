@@ -8,7 +8,21 @@ use smudge_core::abi::{self, exit_kind, Op, Wire};
 use smudge_core::session::{Driver, Session};
 use smudge_tests::session_model::{MockOs, Step};
 
-/// SETUP with one vCPU, then RUN of vCPU 0 with the model guest `steps`.
+/// SETUP with one vCPU.
+fn setup(s: &Session<MockOs<true>>, os: &MockOs<true>, d: &Driver) {
+    let setup = abi::SetupReq {
+        version: abi::VERSION,
+        mode: 0,
+        mem_bytes: 16 << 20,
+        vcpus: 1,
+        page_limit: 0,
+    };
+    let mut buf = vec![0u8; Op::Setup.buffer_size()];
+    setup.to_bytes(&mut buf).expect("fits");
+    s.request(os, d, Op::Setup, &mut buf).expect("SETUP");
+}
+
+/// With `steps`: SETUP and the model guest `steps` for vCPU 0. Then RUN of vCPU 0.
 fn run(
     s: &Session<MockOs<true>>,
     os: &MockOs<true>,
@@ -16,16 +30,7 @@ fn run(
     steps: Option<Vec<Step>>,
 ) -> abi::RunResp {
     if let Some(steps) = steps {
-        let setup = abi::SetupReq {
-            version: abi::VERSION,
-            mode: 0,
-            mem_bytes: 16 << 20,
-            vcpus: 1,
-            page_limit: 0,
-        };
-        let mut buf = vec![0u8; Op::Setup.buffer_size()];
-        setup.to_bytes(&mut buf).expect("fits");
-        s.request(os, d, Op::Setup, &mut buf).expect("SETUP");
+        setup(s, os, d);
         os.m.program(0, steps);
     }
     let mut buf = vec![0u8; Op::Run.buffer_size()];
@@ -118,13 +123,11 @@ fn a_cpu_makes_room_for_more_vcpus_than_it_lists() {
     os.migrate_to(0);
     let sessions: Vec<Session<MockOs<true>>> = (0..n).map(|_| Session::new()).collect();
     for (i, session) in sessions.iter().enumerate() {
-        let script = (i == 0).then(|| steps.clone());
-        let setup_only = i > 0;
-        let r = if setup_only {
-            run_setup_then(session, &os, &d)
-        } else {
-            run(session, &os, &d, script)
-        };
+        // The script once, for the first; the others share it.
+        if i > 0 {
+            setup(session, &os, &d);
+        }
+        let r = run(session, &os, &d, (i == 0).then(|| steps.clone()));
         assert_eq!(r.kind, exit_kind::CHECKPOINT, "vCPU of session {i}");
     }
     // Twice round: every vCPU was pushed out of the list by the later ones at least once.
@@ -144,19 +147,4 @@ fn a_cpu_makes_room_for_more_vcpus_than_it_lists() {
         session.release(&os);
     }
     os.p.assert_all_freed();
-}
-
-/// SETUP with one vCPU (the script already set), then RUN of vCPU 0.
-fn run_setup_then(s: &Session<MockOs<true>>, os: &MockOs<true>, d: &Driver) -> abi::RunResp {
-    let setup = abi::SetupReq {
-        version: abi::VERSION,
-        mode: 0,
-        mem_bytes: 16 << 20,
-        vcpus: 1,
-        page_limit: 0,
-    };
-    let mut buf = vec![0u8; Op::Setup.buffer_size()];
-    setup.to_bytes(&mut buf).expect("fits");
-    s.request(os, d, Op::Setup, &mut buf).expect("SETUP");
-    run(s, os, d, None)
 }

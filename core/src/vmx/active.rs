@@ -4,8 +4,9 @@
 //! VMCLEARs every VMCS it lists (KVM's `loaded_vmcss_on_cpu`), and their vCPUs run on, there
 //! later or on another CPU, from the data in memory.
 //!
-//! An entry goes only after its VMCLEAR on its CPU. So a VMCS that no CPU lists is active
-//! nowhere and its data is in memory, with the launch state clear (SDM 25.11.3). A CPU that lost
+//! An entry comes just before the VMPTRLD there and goes only after a VMCLEAR there (or a
+//! VMPTRLD that failed). So a VMCS that no CPU lists is active nowhere and its data is in memory,
+//! with the launch state clear (SDM 25.11.3). A CPU that lost
 //! VMX operation without those VMCLEARs (a sleep the driver could not reach it before) marks
 //! its entries lost: their data is gone.
 
@@ -55,7 +56,7 @@ pub fn held(list: &List, vmcs: u64) -> Held {
     held
 }
 
-/// Lists `vmcs`, just made active by VMPTRLD on the CPU of `list`, which runs this with
+/// Lists `vmcs`, about to be made active by VMPTRLD on the CPU of `list`, which runs this with
 /// interrupts off (a cross-CPU VMCLEAR of the entry it evicts must not come in between its
 /// choice and its VMCLEAR). When the list is full, `vmclear` VMCLEARs another entry there
 /// first, which then makes room. False when every entry is a lost one (nothing can be VMCLEARed to make

@@ -308,21 +308,19 @@ impl Processor for Hardware<'_> {
         active::list(cpu).map_or(Held::Clear, |list| active::held(list, vmcs))
     }
     fn load(&mut self, pages: &VcpuPages) -> Result<(HwVmcs, bool), VmFail> {
-        // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that
-        // `run` made clear or active here first.
-        unsafe { arch::vmptrld(pages.vmcs) }?;
-        let switched = note_load(self.cpu(), pages.vmcs);
         let here = self.cpu();
-        // Interrupts off: a cross-CPU VMCLEAR (`VmxCpu::vmclear`, an IPI) must not come in
-        // between the choice of an entry to evict and its VMCLEAR, or that VMCLEAR would reach
-        // a VMCS active on another CPU by then, or freed.
+        // Listed before it becomes active, so that every VMCS active here is listed, also for
+        // an NMI that leaves VMX operation in between (`clear_all_active`). Interrupts off: a
+        // cross-CPU VMCLEAR (`VmxCpu::vmclear`, an IPI) must not come in between the choice of
+        // an entry to evict and its VMCLEAR, or that VMCLEAR would reach a VMCS active on
+        // another CPU by then, or freed.
         // SAFETY: CPL 0; restored right after, on this CPU (preemption is off, `ctx`).
         let flags = unsafe { arch::irq_save() };
         let listed = active::list(here).is_some_and(|list| {
             active::enlist(list, pages.vmcs, &mut |other| {
                 note_clear(here, other);
                 // SAFETY: VMX root operation here (`ctx`); `other` is a VMCS region of the
-                // core's active here, not the current one (just loaded).
+                // core's active here (possibly the current one, which the VMPTRLD below replaces).
                 let _ = unsafe { arch::vmclear(other) };
             })
         });
@@ -330,9 +328,18 @@ impl Processor for Hardware<'_> {
         unsafe { arch::irq_restore(flags) };
         if !listed {
             // Untracked, it would be lost when this CPU leaves VMX operation.
-            self.ctx.vmx().vmclear(pages)?;
             return Err(VmFail::Invalid);
         }
+        // SAFETY: VMX root operation on this CPU (`ctx`), and a VMCS region of the core's that
+        // `run` made clear or active here first.
+        if let Err(f) = unsafe { arch::vmptrld(pages.vmcs) } {
+            // Never made active here: the entry goes without a VMCLEAR.
+            if let Some(list) = active::list(here) {
+                active::delist(list, pages.vmcs);
+            }
+            return Err(f);
+        }
+        let switched = note_load(here, pages.vmcs);
         // SAFETY: VMX root operation (`ctx`), and the VMCS just loaded is current.
         Ok((unsafe { HwVmcs::current() }, switched))
     }

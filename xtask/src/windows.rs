@@ -646,24 +646,8 @@ mod pe {
                 .with_context(|| format!("RVA {rva:#x} (+{len}) is outside the file"))
         };
         let u32_at = |rva: u32| -> Result<u32> { Ok(u32::from_le_bytes(at(rva, 4)?.try_into()?)) };
-        let dir = pe
-            .data_directory(ipe::IMAGE_DIRECTORY_ENTRY_EXCEPTION)
-            .context("no exception directory (.pdata)")?;
-        let (pdata, size) = (dir.virtual_address.get(LE), dir.size.get(LE));
-        let (begin, end, unwind) = (0..size / 12)
-            .map(|i| -> Result<_> {
-                let e = pdata + 12 * i;
-                Ok((u32_at(e)?, u32_at(e + 4)?, u32_at(e + 8)?))
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .find(|&(b, _, _)| b == copy.rva)
-            .with_context(|| {
-                format!(
-                    "no .pdata entry starts at smudge_copy_user (RVA {:#x})",
-                    copy.rva
-                )
-            })?;
+        let (begin, end, unwind) =
+            runtime_function(&pe, data, copy.rva).context("smudge_copy_user")?;
         let info = at(unwind, 4)?;
         let (version, flags) = (info[0] & 7, info[0] >> 3);
         ensure!(version == 1, "UNWIND_INFO version {version}, expected 1");
@@ -751,14 +735,14 @@ mod pe {
         ))
     }
 
-    /// The file offset of the UNWIND_INFO of the routine that starts at `f`.
-    pub fn unwind_info_offset(data: &[u8], f: &MapSymbol) -> Result<usize> {
-        let pe = Pe::parse(data).context("not a PE32+ image")?;
-        let sections = pe.section_table();
+    /// The .pdata entry (RUNTIME_FUNCTION: begin, end, UNWIND_INFO, all RVAs) of the routine
+    /// that starts at RVA `rva`.
+    fn runtime_function(pe: &Pe, data: &[u8], rva: u32) -> Result<(u32, u32, u32)> {
         let dir = pe
             .data_directory(ipe::IMAGE_DIRECTORY_ENTRY_EXCEPTION)
             .context("no exception directory (.pdata)")?;
-        let pdata = sections
+        let pdata = pe
+            .section_table()
             .pe_data_at(data, dir.virtual_address.get(LE))
             .context("the .pdata is outside the file")?;
         let words: Vec<u32> = pdata
@@ -766,12 +750,19 @@ mod pe {
             .take(dir.size.get(LE) as usize / 4)
             .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect();
-        let unwind = words
+        words
             .chunks_exact(3)
-            .find(|e| e[0] == f.rva)
-            .map(|e| e[2])
-            .context("no .pdata entry for the routine")?;
-        let (offset, _) = sections
+            .find(|e| e[0] == rva)
+            .map(|e| (e[0], e[1], e[2]))
+            .with_context(|| format!("no .pdata entry starts at RVA {rva:#x}"))
+    }
+
+    /// The file offset of the UNWIND_INFO of the routine that starts at `f`.
+    pub fn unwind_info_offset(data: &[u8], f: &MapSymbol) -> Result<usize> {
+        let pe = Pe::parse(data).context("not a PE32+ image")?;
+        let (_, _, unwind) = runtime_function(&pe, data, f.rva)?;
+        let (offset, _) = pe
+            .section_table()
             .pe_file_range_at(unwind)
             .context("the UNWIND_INFO is outside the file")?;
         Ok(offset as usize)

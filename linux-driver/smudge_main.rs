@@ -320,9 +320,10 @@ pub extern "C" fn smudge_rs_mmap(
     };
     // SAFETY: the file holds its session or handle until release, which cannot run during mmap.
     let (session, handle) = unsafe {
-        match kvm {
-            false => ((obj as *const LinuxSession).as_ref(), None),
-            true => (None, (obj as *const KvmHandle).as_ref()),
+        if kvm {
+            (None, (obj as *const KvmHandle).as_ref())
+        } else {
+            ((obj as *const LinuxSession).as_ref(), None)
         }
     };
     let r = match (session, handle) {

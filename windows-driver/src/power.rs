@@ -58,7 +58,7 @@ pub unsafe extern "system" fn on_shutdown(_device: *mut DeviceObject, irp: *mut 
     unsafe { crate::complete(irp, 0, 0) }
 }
 
-/// Registers the three; a failure leaves none registered.
+/// Registers the three; on a failure the caller's [`unregister`] undoes what succeeded.
 pub fn register(device: *mut DeviceObject) -> NtStatus {
     let mut attrs = nt::ObjectAttributes {
         length: core::mem::size_of::<nt::ObjectAttributes>() as u32,
@@ -70,7 +70,7 @@ pub fn register(device: *mut DeviceObject) -> NtStatus {
     };
     // SAFETY: `device` is the driver's device; the record lives in the image (nonpaged) and
     // stays until `unregister`; the component name is a NUL-terminated static; `attrs` and the
-    // power slots are valid for the calls. `unregister` undoes what succeeded.
+    // power slots are valid for the calls.
     unsafe {
         let mut s = nt::IoRegisterShutdownNotification(device);
         let record = REG.bug_check.get();
@@ -94,9 +94,6 @@ pub fn register(device: *mut DeviceObject) -> NtStatus {
             if registration.is_null() {
                 s = smudge_core::abi::windows::STATUS_INSUFFICIENT_RESOURCES;
             }
-        }
-        if s < 0 {
-            unregister(device);
         }
         s
     }

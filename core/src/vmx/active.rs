@@ -5,10 +5,10 @@
 //! later or on another CPU, from the data in memory.
 //!
 //! An entry comes just before the VMPTRLD there and goes only after a VMCLEAR there (or a
-//! VMPTRLD that failed). So a VMCS that no CPU lists is active nowhere and its data is in memory,
-//! with the launch state clear (SDM 25.11.3). A CPU that lost
-//! VMX operation without those VMCLEARs (a sleep the driver could not reach it before) marks
-//! its entries lost: their data is gone.
+//! VMPTRLD that failed). So a VMCS that no CPU lists is active nowhere and its data is in
+//! memory, with the launch state clear (SDM 25.11.3). A CPU that lost VMX operation without
+//! those VMCLEARs (a sleep the driver could not reach it before) marks its entries lost: their
+//! data is gone.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -59,19 +59,16 @@ pub fn held(list: &List, vmcs: u64) -> Held {
 /// Lists `vmcs`, about to be made active by VMPTRLD on the CPU of `list`, which runs this with
 /// interrupts off (a cross-CPU VMCLEAR of the entry it evicts must not come in between its
 /// choice and its VMCLEAR). When the list is full, `vmclear` VMCLEARs another entry there
-/// first, which then makes room. False when every entry is a lost one (nothing can be VMCLEARed to make
-/// room): the caller stops instead of running a VMCS it cannot track.
+/// first, which then makes room. False when every entry is a lost one (nothing can be
+/// VMCLEARed to make room): the caller stops instead of running a VMCS it cannot track.
 pub fn enlist(list: &List, vmcs: u64, vmclear: &mut dyn FnMut(u64)) -> bool {
     loop {
         if list.iter().any(|e| e.load(Ordering::Acquire) == vmcs) {
             return true;
         }
-        let free = list.iter().find_map(|e| {
-            let v = e.load(Ordering::Acquire);
-            (v == 0).then_some((e, v))
-        });
-        if let Some((e, v)) = free {
-            if e.compare_exchange(v, vmcs, Ordering::AcqRel, Ordering::Acquire)
+        // (A failed exchange: `forget` of another CPU took an entry meanwhile; look again.)
+        if let Some(e) = list.iter().find(|e| e.load(Ordering::Acquire) == 0) {
+            if e.compare_exchange(0, vmcs, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
                 return true;

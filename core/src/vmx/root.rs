@@ -398,9 +398,9 @@ impl<const N: usize> VmxRoot<N> {
     /// region (the one it kept from before, or a new one), then VMXON there with interrupts off
     /// ([`VmxRoot::vmxon_here`]). A processor flagged in VMX operation is left so if CR4.VMXE
     /// is still set there; otherwise it lost VMX operation without this driver (a sleep VMXOFF
-    /// could not reach it before), the flag was stale, and the VMCSs active there are lost. On failure the region
-    /// stays (`vmxoff_all`, at a failed load or at unload, returns it); None: the processor could
-    /// not be reached. Ok(true): VMXON was executed; Ok(false): it already was in VMX operation.
+    /// could not reach it before), the flag was stale, and the VMCSs active there are lost. On
+    /// failure the region stays (`vmxoff_all`, at a failed load or at unload, returns it);
+    /// None: the processor could not be reached. Ok(true): VMXON was executed; Ok(false): it already was in VMX operation.
     pub fn vmxon_one<P: Platform + ?Sized>(
         &self,
         procs: &dyn Processors,
@@ -479,13 +479,14 @@ impl<const N: usize> VmxRoot<N> {
 
     /// What the emergency paths (reboot, panic, crash, bug check) call on the CPU they run on:
     /// [`VmxRoot::vmxoff_here`], whose VMCLEARs put the guests' state where a crash dump finds
-    /// it, and a record for [`VmxRoot::left_in_emergency`]. INIT is blocked in VMX root operation (SDM 25.8): a CPU left
-    /// in it hangs a reboot and keeps a crash kernel from starting it.
+    /// it, and a record for [`VmxRoot::left_in_emergency`]. INIT is blocked in VMX root
+    /// operation (SDM 25.8): a CPU left in it hangs a reboot and keeps a crash kernel from
+    /// starting it.
     pub fn emergency_here(&self, cpu: u32, cr: &dyn ControlRegs) -> bool {
         self.leave_here(cpu, cr, true)
     }
 
-    fn leave_here(&self, cpu: u32, cr: &dyn ControlRegs, clear: bool) -> bool {
+    fn leave_here(&self, cpu: u32, cr: &dyn ControlRegs, emergency: bool) -> bool {
         let was_on = self
             .on
             .get(cpu as usize)
@@ -499,7 +500,7 @@ impl<const N: usize> VmxRoot<N> {
                 arch::vmxoff()
             };
             cr.set_vmxe(false);
-            if let Some(l) = self.left.get(cpu as usize).filter(|_| clear) {
+            if let Some(l) = self.left.get(cpu as usize).filter(|_| emergency) {
                 let ok = u64::from(off.is_ok()) << 62;
                 l.store(cr.cr4() | ok | 1 << 63, Ordering::Release);
             }

@@ -157,13 +157,7 @@ impl<O: Os> Session<O> {
             }
             _ => {}
         }
-        // KVM serializes a VM's requests (kvm->lock, slots_lock): wait for the one in progress.
-        let _claim = loop {
-            if let Some(c) = self.share.vm_request(true, waiter(os)) {
-                break c;
-            }
-            os.pause(0);
-        };
+        let _claim = self.kvm_claim(os);
         let mut st = self.vm.lock();
         let r = self.kvm_vm_locked(os, drv, &mut st, ioctl, arg);
         super::pay_after_failure(os, st.vm.as_mut(), &r);
@@ -475,17 +469,23 @@ impl<O: Os> Session<O> {
         Ok(index)
     }
 
+    /// The VM for a VM-level KVM request, its vCPUs kicked out of the run loop. KVM serializes a
+    /// VM's requests (kvm->lock, slots_lock): this waits for the one in progress.
+    fn kvm_claim(&self, os: &O) -> super::share::VmRequest<'_> {
+        loop {
+            if let Some(c) = self.share.vm_request(true, waiter(os)) {
+                break c;
+            }
+            os.pause(0);
+        }
+    }
+
     /// Undoes KVM_CREATE_VCPU of vCPU `index` when no descriptor could be made for it, as KVM
     /// destroys such a vCPU: it goes, pages and all, so that its id can be created again. Only
     /// the last vCPU created can go (the index of the others stays theirs); an earlier one, made
     /// while another creation raced ahead, stays until the VM goes.
     fn kvm_unmake_vcpu(&self, os: &O, index: u32) {
-        let _claim = loop {
-            if let Some(c) = self.share.vm_request(true, waiter(os)) {
-                break c;
-            }
-            os.pause(0);
-        };
+        let _claim = self.kvm_claim(os);
         let _st = self.vm.lock();
         let last = self.nr_vcpus.load(core::sync::atomic::Ordering::Acquire);
         let Some(slot) = self.slots.get(index as usize).filter(|_| last == index + 1) else {

@@ -375,20 +375,23 @@ pub const OBJ_KERNEL_HANDLE: u32 = 0x200;
 /// and DACL (0: absent).
 const SD_HEADER_LEN: usize = 20;
 
+/// Who may open the device: one ACCESS_ALLOWED_ACE each, in this order.
+const DEVICE_SIDS: [&[u8]; 2] = [&SID_LOCAL_SYSTEM, &SID_ADMINISTRATORS];
+
 /// Bytes of an ACL holding one ACCESS_ALLOWED_ACE per SID: the 8-byte ACL header, and per ACE
 /// its 4-byte header, 4-byte mask and the SID.
-pub const fn acl_len(sid_lens: &[usize]) -> usize {
+pub const fn acl_len(sids: &[&[u8]]) -> usize {
     let mut n = 8;
     let mut i = 0;
-    while i < sid_lens.len() {
-        n += 8 + sid_lens[i];
+    while i < sids.len() {
+        n += 8 + sids[i].len();
         i += 1;
     }
     n
 }
 
 /// The DACL of the device, in bytes.
-pub const DACL_LEN: usize = acl_len(&[SID_LOCAL_SYSTEM.len(), SID_ADMINISTRATORS.len()]);
+pub const DACL_LEN: usize = acl_len(&DEVICE_SIDS);
 
 /// The length a SID's bytes declare (RtlLengthSid: 8 + 4 per sub-authority).
 pub const fn sid_len(sid: &[u8]) -> usize {
@@ -421,16 +424,16 @@ const fn device_security() -> SecurityDescriptor {
     // ACL (MS-DTYP 2.4.5): revision, Sbz1, AclSize, AceCount, Sbz2.
     at = put(&mut b, at, &[ACL_REVISION, 0]);
     at = put(&mut b, at, &(DACL_LEN as u16).to_le_bytes());
-    at = put(&mut b, at, &2u16.to_le_bytes());
+    at = put(&mut b, at, &(DEVICE_SIDS.len() as u16).to_le_bytes());
     at += 2;
     // ACCESS_ALLOWED_ACE (2.4.4.2): type, flags, AceSize, mask, SID.
-    let sids: [&[u8]; 2] = [&SID_LOCAL_SYSTEM, &SID_ADMINISTRATORS];
     let mut i = 0;
-    while i < sids.len() {
+    while i < DEVICE_SIDS.len() {
+        let sid = DEVICE_SIDS[i];
         at = put(&mut b, at, &[ACCESS_ALLOWED_ACE_TYPE, 0]);
-        at = put(&mut b, at, &((8 + sids[i].len()) as u16).to_le_bytes());
+        at = put(&mut b, at, &((8 + sid.len()) as u16).to_le_bytes());
         at = put(&mut b, at, &FILE_ALL_ACCESS.to_le_bytes());
-        at = put(&mut b, at, sids[i]);
+        at = put(&mut b, at, sid);
         i += 1;
     }
     assert!(at == b.len());
